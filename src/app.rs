@@ -1,0 +1,181 @@
+//! Wiring: `App::build` creates every part from `Settings` (binding the HTTP port, port 0
+//! allowed) and `App::run` runs them until cancelled, then joins them all. Tests drive the
+//! very same `App` that `outbox-relay run` does.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tokio::time::sleep;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::config::Settings;
+use crate::relay::{Backoff, Relay};
+use crate::store::{self, Store, StoreError};
+use crate::telemetry::{self, Health};
+use crate::wake;
+
+pub struct App {
+    settings: Settings,
+    store: Store,
+    relay: Relay,
+    health: Arc<Health>,
+    wake: Arc<Notify>,
+    metrics: PrometheusHandle,
+    http_listener: TcpListener,
+    http_addr: SocketAddr,
+}
+
+impl App {
+    pub async fn build(settings: Settings) -> anyhow::Result<App> {
+        let metrics = telemetry::prometheus()
+            .map_err(anyhow::Error::msg)
+            .context("Failed to install the Prometheus recorder")?;
+        let pool = store::connect_lazy(&settings.database)
+            .context("Failed to configure the database connection from database.url")?;
+        let store = Store::new(pool);
+        let health = Arc::new(Health::default());
+        let wake = Arc::new(Notify::new());
+        let relay = Relay::new(store.clone(), &settings, health.clone(), wake.clone())
+            .context("Failed to build the Kafka producer")?;
+        let http_listener = TcpListener::bind(settings.http.listen)
+            .await
+            .with_context(|| format!("Failed to bind http.listen = {}", settings.http.listen))?;
+        let http_addr = http_listener.local_addr()?;
+        Ok(App {
+            settings,
+            store,
+            relay,
+            health,
+            wake,
+            metrics,
+            http_listener,
+            http_addr,
+        })
+    }
+
+    /// Where `/metrics`, `/healthz` and `/readyz` answer.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    pub fn health(&self) -> Arc<Health> {
+        self.health.clone()
+    }
+
+    /// Runs until `cancel`: waits for the database (the schema must exist), then relays.
+    /// On cancel the relay drains its batch; every task is joined before returning.
+    pub async fn run(self, cancel: CancellationToken) -> anyhow::Result<()> {
+        let App {
+            settings,
+            store,
+            relay,
+            health,
+            wake,
+            metrics,
+            http_listener,
+            http_addr,
+        } = self;
+        let tasks_cancel = cancel.child_token();
+        let http = tokio::spawn(crate::http::serve(
+            http_listener,
+            metrics,
+            health.clone(),
+            tasks_cancel.clone(),
+        ));
+        info!(%http_addr, "serving /metrics, /healthz and /readyz");
+
+        let outcome = async {
+            wait_for_schema(&store, &health, &cancel).await?;
+            let listener = settings.database.listen.then(|| {
+                tokio::spawn(wake::listen(
+                    store.pool().clone(),
+                    settings.database.listen_channel.clone(),
+                    wake.clone(),
+                    tasks_cancel.clone(),
+                ))
+            });
+            let stats = tokio::spawn(refresh_backlog_gauges(
+                store.clone(),
+                settings.relay.stats_interval,
+                tasks_cancel.clone(),
+            ));
+            health.set_started();
+            info!(
+                mode = ?settings.relay.mode,
+                batch_size = settings.relay.batch_size,
+                topic_template = %settings.relay.topic_template,
+                "relaying the outbox to Kafka"
+            );
+            let relayed = relay.run(cancel.clone()).await;
+            tasks_cancel.cancel();
+            if let Some(listener) = listener {
+                let _ = listener.await;
+            }
+            let _ = stats.await;
+            relayed.context("The relay stopped")
+        }
+        .await;
+
+        tasks_cancel.cancel();
+        match http.await {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => warn!(error = %err, "HTTP server failed"),
+            Err(err) => warn!(error = %err, "HTTP task panicked"),
+        }
+        store.pool().close().await;
+        outcome
+    }
+}
+
+/// Retries until the database answers; fails at once if the outbox table is missing.
+async fn wait_for_schema(
+    store: &Store,
+    health: &Health,
+    cancel: &CancellationToken,
+) -> anyhow::Result<()> {
+    let mut backoff = Backoff::new(Duration::from_secs(10));
+    loop {
+        match store.verify_schema().await {
+            Ok(version) => {
+                info!(%version, "connected to PostgreSQL");
+                health.set_database_ok(true);
+                return Ok(());
+            }
+            Err(err) if err.is_retriable() => {
+                telemetry::database_error(err.kind());
+                let delay = backoff.next_delay();
+                warn!(error = %err, retry_in = ?delay, "waiting for the database");
+                tokio::select! {
+                    _ = sleep(delay) => {}
+                    _ = cancel.cancelled() => return Ok(()),
+                }
+            }
+            Err(err @ StoreError::Schema(_)) => {
+                return Err(err).context("The outbox schema is not in place");
+            }
+            Err(err) => return Err(err).context("Failed to use the outbox table"),
+        }
+    }
+}
+
+async fn refresh_backlog_gauges(store: Store, every: Duration, cancel: CancellationToken) {
+    loop {
+        match store.backlog_stats().await {
+            Ok(stats) => telemetry::backlog(&stats),
+            Err(err) => {
+                telemetry::database_error(err.kind());
+                debug!(error = %err, "could not refresh backlog gauges");
+            }
+        }
+        tokio::select! {
+            _ = sleep(every) => {}
+            _ = cancel.cancelled() => return,
+        }
+    }
+}

@@ -1,0 +1,104 @@
+//! One classification of every Kafka error the relay meets into what the relay does about
+//! it, with a bounded `kind` label for metrics. Database errors are classified by
+//! [`crate::store::StoreError`].
+
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+
+/// What an error means for the relay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// librdkafka retries in order; the relay waits (stall alarm after a threshold).
+    Retriable,
+    /// The producer is unusable: rebuild it and resend every unmarked row.
+    FatalProducer,
+    /// This row can never be published: park it with the reason.
+    PermanentRow,
+    /// Nothing can be published (authorization, authentication): stop, readiness false.
+    PermanentGlobal,
+    /// The message was purged from the queue because the producer was torn down or a
+    /// gap-less failure: resend it.
+    Purged,
+}
+
+/// The class and bounded metric label of a produce or delivery error.
+pub fn classify(err: &KafkaError) -> (ErrorClass, &'static str) {
+    let code = match err {
+        KafkaError::MessageProduction(code) => *code,
+        KafkaError::Global(code) => *code,
+        _ => return (ErrorClass::Retriable, "other"),
+    };
+    classify_code(code)
+}
+
+pub fn classify_code(code: RDKafkaErrorCode) -> (ErrorClass, &'static str) {
+    use RDKafkaErrorCode as C;
+    match code {
+        C::QueueFull => (ErrorClass::Retriable, "queue_full"),
+        C::MessageSizeTooLarge | C::InvalidMessageSize | C::MessageBatchTooLarge => {
+            (ErrorClass::PermanentRow, "message_too_large")
+        }
+        C::InvalidRecord | C::InvalidMessage | C::BadMessage | C::InvalidTimestamp => {
+            (ErrorClass::PermanentRow, "invalid_record")
+        }
+        C::InvalidTopic => (ErrorClass::PermanentRow, "invalid_topic"),
+        C::UnknownTopic | C::UnknownTopicOrPartition | C::UnknownPartition => {
+            (ErrorClass::PermanentRow, "unknown_topic")
+        }
+        C::TopicAuthorizationFailed | C::ClusterAuthorizationFailed => {
+            (ErrorClass::PermanentGlobal, "authorization_failed")
+        }
+        C::Authentication | C::SaslAuthenticationFailed => {
+            (ErrorClass::PermanentGlobal, "authentication_failed")
+        }
+        C::Fatal
+        | C::OutOfOrderSequenceNumber
+        | C::UnknownProducerId
+        | C::InvalidProducerEpoch
+        | C::ProducerFenced
+        | C::InvalidProducerIdMapping
+        | C::DuplicateSequenceNumber
+        | C::Fenced
+        | C::Inconsistent => (ErrorClass::FatalProducer, "fatal_producer"),
+        C::PurgeQueue | C::PurgeInflight => (ErrorClass::Purged, "purged"),
+        C::MessageTimedOut | C::RequestTimedOut | C::OperationTimedOut | C::TimedOutQueue => {
+            (ErrorClass::Retriable, "timeout")
+        }
+        C::NotEnoughReplicas | C::NotEnoughReplicasAfterAppend => {
+            (ErrorClass::Retriable, "not_enough_replicas")
+        }
+        C::NotLeaderForPartition | C::LeaderNotAvailable => {
+            (ErrorClass::Retriable, "leader_change")
+        }
+        C::BrokerTransportFailure | C::AllBrokersDown | C::NetworkException => {
+            (ErrorClass::Retriable, "transport")
+        }
+        _ => (ErrorClass::Retriable, "other"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classes_of_known_codes() {
+        use RDKafkaErrorCode as C;
+        let class = |c| classify_code(c).0;
+        assert_eq!(class(C::MessageSizeTooLarge), ErrorClass::PermanentRow);
+        assert_eq!(
+            class(C::TopicAuthorizationFailed),
+            ErrorClass::PermanentGlobal
+        );
+        assert_eq!(
+            class(C::OutOfOrderSequenceNumber),
+            ErrorClass::FatalProducer
+        );
+        assert_eq!(class(C::Fatal), ErrorClass::FatalProducer);
+        assert_eq!(class(C::NotEnoughReplicas), ErrorClass::Retriable);
+        assert_eq!(class(C::PurgeInflight), ErrorClass::Purged);
+        assert_eq!(
+            classify(&KafkaError::MessageProduction(C::QueueFull)),
+            (ErrorClass::Retriable, "queue_full")
+        );
+    }
+}

@@ -1,0 +1,226 @@
+//! The command line: `run`, `migrate` and `check`. Exit codes: 0 success, 1 runtime
+//! failure, 2 bad configuration (named key, nothing connected).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
+
+use crate::config::{ConfigError, DEFAULT_CONFIG_PATH, Settings, redact_url};
+use crate::produce::RowProducer;
+use crate::store::{self, Store};
+use crate::{App, telemetry};
+
+/// Exit code for a configuration the relay refuses.
+pub const EXIT_CONFIG: u8 = 2;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "outbox-relay",
+    version,
+    about = "Relays a PostgreSQL outbox table to Kafka: acks=all, idempotent, marked only after the ack."
+)]
+pub struct Cli {
+    /// TOML configuration file; environment variables OUTBOX_RELAY_<SECTION>__<KEY> override it.
+    #[arg(long, short, global = true, value_name = "PATH", help = format!("TOML configuration file [default: {DEFAULT_CONFIG_PATH}, if present]"))]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the relay until SIGTERM or SIGINT, then drain: stop reading, wait for
+    /// outstanding acks up to relay.drain_timeout, mark them, exit 0.
+    Run,
+    /// Create or upgrade the outbox table (the SQL in migrations/).
+    Migrate {
+        /// Install (`on`) or remove (`off`) the statement-level NOTIFY trigger that wakes
+        /// the relay at once. It costs a database-wide lock at each inserting commit.
+        #[arg(long, value_name = "on|off")]
+        notify_trigger: Option<Toggle>,
+    },
+    /// Validate the configuration, connect to PostgreSQL and Kafka, and say what the relay
+    /// would do (secrets redacted). Exits non-zero if anything is wrong.
+    Check {
+        /// How long to wait for each side to answer.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum Toggle {
+    On,
+    Off,
+}
+
+/// Parses the command line, runs the command, returns the process exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let settings = match Settings::load(cli.config.as_deref()) {
+        Ok(settings) => settings,
+        Err(err) => return config_failure(&err),
+    };
+    telemetry::init_logging(&settings.log);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: Failed to start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Run => run(settings).await,
+            Command::Migrate { notify_trigger } => migrate(settings, notify_trigger).await,
+            Command::Check { timeout } => check(settings, timeout).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            error!("{err:#}");
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn config_failure(err: &ConfigError) -> ExitCode {
+    eprintln!("error: {err}");
+    ExitCode::from(EXIT_CONFIG)
+}
+
+async fn run(settings: Settings) -> anyhow::Result<()> {
+    let app = App::build(settings).await?;
+    let cancel = CancellationToken::new();
+    let signals = tokio::spawn(cancel_on_signal(cancel.clone()));
+    let result = app.run(cancel).await;
+    signals.abort();
+    result
+}
+
+async fn cancel_on_signal(cancel: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        error!("cannot install signal handlers; stop the relay with SIGKILL");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM received; draining"),
+        _ = int.recv() => info!("SIGINT received; draining"),
+    }
+    cancel.cancel();
+}
+
+async fn migrate(settings: Settings, notify_trigger: Option<Toggle>) -> anyhow::Result<()> {
+    let pool = store::connect_lazy(&settings.database)
+        .context("Failed to configure the database connection from database.url")?;
+    let store = Store::new(pool);
+    store
+        .migrate()
+        .await
+        .context("Failed to apply the migrations")?;
+    println!("outbox schema is up to date");
+    if let Some(toggle) = notify_trigger {
+        let enabled = matches!(toggle, Toggle::On);
+        store
+            .set_notify_trigger(enabled)
+            .await
+            .context("Failed to change the notify trigger")?;
+        println!(
+            "notify trigger {}",
+            if enabled { "installed" } else { "removed" }
+        );
+    }
+    store.pool().close().await;
+    Ok(())
+}
+
+async fn check(settings: Settings, timeout: Duration) -> anyhow::Result<()> {
+    println!("configuration is valid:\n");
+    println!("{}", settings.redacted());
+    let mut failures = Vec::new();
+
+    let mut database = settings.database.clone();
+    database.connect_timeout = timeout;
+    let pool = store::connect_lazy(&database)
+        .context("Failed to configure the database connection from database.url")?;
+    let store = Store::new(pool);
+    let url = redact_url(settings.database.url.expose());
+    match store.verify_schema().await {
+        Ok(version) => {
+            println!("PostgreSQL {version} at {url}: outbox table present");
+            match store.backlog_stats().await {
+                Ok(stats) => println!(
+                    "  pending rows: {}, oldest pending: {}, parked rows: {}",
+                    stats.pending_rows,
+                    stats
+                        .oldest_pending_age
+                        .map_or("none".to_string(), |d| format!(
+                            "{:.1}s ago",
+                            d.as_secs_f64()
+                        )),
+                    stats.parked_rows
+                ),
+                Err(err) => failures.push(format!("database: {err}")),
+            }
+        }
+        Err(err) => failures.push(format!("database at {url}: {err}")),
+    }
+    store.pool().close().await;
+
+    let properties = settings.producer_properties();
+    let bootstrap = settings.kafka.bootstrap_servers.clone();
+    let cluster = tokio::task::spawn_blocking(move || {
+        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+        let producer = RowProducer::build(&properties, 0, tx)?;
+        producer.describe_cluster(timeout)
+    })
+    .await
+    .context("Kafka check panicked")?;
+    match cluster {
+        Ok(summary) => {
+            println!(
+                "Kafka at {bootstrap}: brokers {}",
+                summary.brokers.join(", ")
+            );
+            println!("  {} topics visible", summary.topics.len());
+        }
+        Err(err) => failures.push(format!(
+            "Kafka at {bootstrap}: {err}; check kafka.bootstrap_servers and network access"
+        )),
+    }
+
+    println!(
+        "\nwould publish pending rows in batches of {} to `{}` (or each row's topic column), \
+         {} rows after the broker's ack, acks=all, idempotent, {} compression",
+        settings.relay.batch_size,
+        settings.relay.topic_template,
+        match settings.relay.mode {
+            crate::config::Mode::Mark => "marking",
+            crate::config::Mode::Delete => "deleting",
+        },
+        settings.kafka.compression,
+    );
+    if failures.is_empty() {
+        println!("check passed");
+        Ok(())
+    } else {
+        for failure in &failures {
+            eprintln!("FAILED: {failure}");
+        }
+        anyhow::bail!("{} check(s) failed", failures.len())
+    }
+}

@@ -1,0 +1,690 @@
+//! Settings: built-in defaults, then a TOML file, then `OUTBOX_RELAY_` environment
+//! variables. Loading either yields settings that keep the contract (acks=all, idempotence,
+//! no message timeout) or a [`ConfigError`] that names the key and the fix.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+use crate::encode::TopicTemplate;
+
+/// Where the configuration file is looked for when `--config` is not given.
+pub const DEFAULT_CONFIG_PATH: &str = "config/outbox-relay.toml";
+/// Prefix of the environment variables that override the file.
+pub const ENV_PREFIX: &str = "OUTBOX_RELAY_";
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    pub database: DatabaseSettings,
+    pub kafka: KafkaSettings,
+    pub relay: RelaySettings,
+    pub http: HttpSettings,
+    pub log: LogSettings,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseSettings {
+    /// PostgreSQL connection URL. Required.
+    pub url: Secret,
+    /// Connections in the relay's pool (reads, marks and metrics share it).
+    pub max_connections: u32,
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// `statement_timeout` set on every connection; zero disables it.
+    #[serde(with = "humantime_serde")]
+    pub statement_timeout: Duration,
+    /// LISTEN for the doorbell NOTIFY; polling always runs as well.
+    pub listen: bool,
+    /// Channel the doorbell trigger notifies.
+    pub listen_channel: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaSettings {
+    /// Comma-separated `host:port` list.
+    pub bootstrap_servers: String,
+    /// `none`, `gzip`, `snappy`, `lz4` or `zstd`.
+    pub compression: String,
+    /// How long librdkafka waits to fill a batch.
+    #[serde(with = "humantime_serde")]
+    pub linger: Duration,
+    /// Any librdkafka producer property, passed through as is. Properties that would
+    /// weaken the contract, or that one of the typed keys above already sets, are refused.
+    pub properties: BTreeMap<String, PropertyValue>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Set `sent_at`, partition and offset on acknowledged rows.
+    Mark,
+    /// Delete acknowledged rows.
+    Delete,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ParkPolicy {
+    /// Later rows of a parked row's aggregate wait until it is replayed or discarded.
+    Hold,
+    /// Later rows of a parked row's aggregate are published anyway.
+    Skip,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RelaySettings {
+    pub mode: Mode,
+    /// Rows read, produced and marked together.
+    pub batch_size: u32,
+    /// How long an idle relay waits before polling again (a doorbell wakes it sooner).
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// Topic of a row whose `topic` column is NULL. Placeholders: `{aggregate_type}`,
+    /// `{event_type}`.
+    pub topic_template: String,
+    /// Largest record (key + value + headers) the relay hands to the producer; larger rows
+    /// are parked. Keep it at or below the broker's and topic's limits.
+    pub max_message_bytes: usize,
+    pub on_park: ParkPolicy,
+    /// On SIGTERM, how long to wait for outstanding acknowledgements before exiting.
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
+    /// Acks missing for this long raise the stall alarm (readiness false).
+    #[serde(with = "humantime_serde")]
+    pub stall_after: Duration,
+    /// How often pending-row gauges are refreshed.
+    #[serde(with = "humantime_serde")]
+    pub stats_interval: Duration,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpSettings {
+    /// Address of `/metrics`, `/healthz` and `/readyz`; port 0 picks a free port.
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Text on a terminal, JSON otherwise (systemd journal, Kubernetes).
+    Auto,
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    /// A `tracing` filter such as `info` or `outbox_relay=debug,info`; `RUST_LOG` wins.
+    pub level: String,
+}
+
+impl Default for DatabaseSettings {
+    fn default() -> Self {
+        Self {
+            url: Secret(String::new()),
+            max_connections: 4,
+            connect_timeout: Duration::from_secs(10),
+            statement_timeout: Duration::from_secs(30),
+            listen: true,
+            listen_channel: "outbox_relay".into(),
+        }
+    }
+}
+
+impl Default for KafkaSettings {
+    fn default() -> Self {
+        Self {
+            bootstrap_servers: "localhost:9092".into(),
+            compression: "lz4".into(),
+            linger: Duration::from_millis(5),
+            properties: BTreeMap::new(),
+        }
+    }
+}
+
+impl Default for RelaySettings {
+    fn default() -> Self {
+        Self {
+            mode: Mode::Mark,
+            batch_size: 1000,
+            poll_interval: Duration::from_millis(500),
+            topic_template: "outbox.event.{aggregate_type}".into(),
+            max_message_bytes: 1_000_000,
+            on_park: ParkPolicy::Hold,
+            drain_timeout: Duration::from_secs(10),
+            stall_after: Duration::from_secs(30),
+            stats_interval: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 9090)),
+        }
+    }
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Auto,
+            level: "info".into(),
+        }
+    }
+}
+
+/// A librdkafka property value as TOML or the environment spells it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum PropertyValue {
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    Text(String),
+}
+
+impl fmt::Display for PropertyValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PropertyValue::Bool(v) => write!(f, "{v}"),
+            PropertyValue::Int(v) => write!(f, "{v}"),
+            PropertyValue::Float(v) => write!(f, "{v}"),
+            PropertyValue::Text(v) => f.write_str(v),
+        }
+    }
+}
+
+/// A value that never appears in `Debug` output, logs or errors.
+#[derive(Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+/// A configuration problem: the key it concerns and what is wrong with it.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: `{key}`{source_note}: {message}")]
+pub struct ConfigError {
+    pub key: String,
+    pub message: String,
+    source_note: String,
+}
+
+impl ConfigError {
+    pub fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            key: key.into(),
+            message: message.into(),
+            source_note: String::new(),
+        }
+    }
+
+    fn with_source(mut self, source: Option<String>) -> Self {
+        if let Some(source) = source {
+            self.source_note = format!(" (from {source})");
+        }
+        self
+    }
+}
+
+/// librdkafka properties that the relay sets itself because the contract depends on them.
+const CONTRACT_PROPERTIES: &[(&str, &str)] = &[
+    ("enable.idempotence", "the relay always enables idempotence"),
+    ("acks", "the relay always uses acks=all"),
+    ("request.required.acks", "the relay always uses acks=all"),
+    (
+        "message.timeout.ms",
+        "the relay sets 0 (retry until delivered) and raises a stall alarm instead; a finite timeout lets later rows of a partition land before an earlier one",
+    ),
+    (
+        "delivery.timeout.ms",
+        "alias of message.timeout.ms, which the relay sets to 0",
+    ),
+    (
+        "enable.gapless.guarantee",
+        "the relay keeps it on so that a row refused by the broker cannot be overtaken by later rows",
+    ),
+    ("dr_msg_cb", "the relay installs its own delivery callback"),
+];
+
+/// librdkafka properties that a typed key of `[kafka]` already sets.
+const TYPED_PROPERTIES: &[(&str, &str)] = &[
+    ("bootstrap.servers", "kafka.bootstrap_servers"),
+    ("metadata.broker.list", "kafka.bootstrap_servers"),
+    ("compression.type", "kafka.compression"),
+    ("compression.codec", "kafka.compression"),
+    ("linger.ms", "kafka.linger"),
+    ("queue.buffering.max.ms", "kafka.linger"),
+];
+
+/// Substrings of property names whose values are secrets.
+const SECRET_PROPERTY_MARKERS: &[&str] = &["password", "secret", "sasl.oauthbearer.config"];
+
+impl Settings {
+    /// Loads defaults, then `path` (which must exist unless it is the default path), then
+    /// the environment, and validates the result.
+    pub fn load(path: Option<&Path>) -> Result<Settings, ConfigError> {
+        let (path, explicit) = match path {
+            Some(p) => (p.to_path_buf(), true),
+            None => (PathBuf::from(DEFAULT_CONFIG_PATH), false),
+        };
+        if explicit && !path.exists() {
+            return Err(ConfigError::new(
+                "--config",
+                format!(
+                    "file {} does not exist; pass an existing TOML file or omit --config",
+                    path.display()
+                ),
+            ));
+        }
+        let figment = Figment::from(Serialized::defaults(Settings::default()))
+            .merge(Toml::file(&path))
+            .merge(Env::prefixed(ENV_PREFIX).split("__"));
+        Self::from_figment(figment)
+    }
+
+    /// Extracts and validates settings from any figment (tests build their own).
+    pub fn from_figment(figment: Figment) -> Result<Settings, ConfigError> {
+        let mut settings: Settings = figment.extract().map_err(from_figment_error)?;
+        settings.normalize();
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Environment variables cannot carry dots, so `sasl_username` means `sasl.username`.
+    fn normalize(&mut self) {
+        let properties = std::mem::take(&mut self.kafka.properties);
+        self.kafka.properties = properties
+            .into_iter()
+            .map(|(k, v)| (k.replace('_', "."), v))
+            .collect();
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.database.url.expose().trim().is_empty() {
+            return Err(ConfigError::new(
+                "database.url",
+                "is required: set it in the config file or OUTBOX_RELAY_DATABASE__URL, e.g. postgres://relay@db.internal/app",
+            ));
+        }
+        let url = url::Url::parse(self.database.url.expose()).map_err(|e| {
+            ConfigError::new(
+                "database.url",
+                format!("is not a valid URL ({e}); expected postgres://user@host:port/database"),
+            )
+        })?;
+        if !matches!(url.scheme(), "postgres" | "postgresql") {
+            return Err(ConfigError::new(
+                "database.url",
+                format!(
+                    "has scheme `{}`; expected postgres:// or postgresql://",
+                    url.scheme()
+                ),
+            ));
+        }
+        if self.database.max_connections < 2 {
+            return Err(ConfigError::new(
+                "database.max_connections",
+                "must be at least 2 (the relay reads and marks on one, refreshes metrics on another)",
+            ));
+        }
+        if self.database.listen_channel.is_empty() {
+            return Err(ConfigError::new(
+                "database.listen_channel",
+                "must not be empty",
+            ));
+        }
+        if self.kafka.bootstrap_servers.trim().is_empty() {
+            return Err(ConfigError::new(
+                "kafka.bootstrap_servers",
+                "is required, e.g. kafka-1:9092,kafka-2:9092",
+            ));
+        }
+        if !matches!(
+            self.kafka.compression.as_str(),
+            "none" | "gzip" | "snappy" | "lz4" | "zstd"
+        ) {
+            return Err(ConfigError::new(
+                "kafka.compression",
+                format!(
+                    "`{}` is not one of none, gzip, snappy, lz4, zstd",
+                    self.kafka.compression
+                ),
+            ));
+        }
+        for (name, value) in &self.kafka.properties {
+            let key = format!("kafka.properties.\"{name}\"");
+            if let Some((_, why)) = CONTRACT_PROPERTIES.iter().find(|(p, _)| p == name) {
+                if !is_contract_value(name, value) {
+                    return Err(ConfigError::new(
+                        key,
+                        format!("cannot be changed: {why}; remove it"),
+                    ));
+                }
+            }
+            if let Some((_, typed)) = TYPED_PROPERTIES.iter().find(|(p, _)| p == name) {
+                return Err(ConfigError::new(
+                    key,
+                    format!("is set by `{typed}`; set that key instead and remove this one"),
+                ));
+            }
+        }
+        if self.relay.batch_size == 0 || self.relay.batch_size > 100_000 {
+            return Err(ConfigError::new(
+                "relay.batch_size",
+                format!(
+                    "{} is out of range; use 1 to 100000 (1000 is a good start)",
+                    self.relay.batch_size
+                ),
+            ));
+        }
+        if self.relay.poll_interval.is_zero() {
+            return Err(ConfigError::new(
+                "relay.poll_interval",
+                "must be greater than zero, e.g. \"500ms\"",
+            ));
+        }
+        TopicTemplate::parse(&self.relay.topic_template)
+            .map_err(|e| ConfigError::new("relay.topic_template", e.to_string()))?;
+        if self.relay.max_message_bytes < 1024 {
+            return Err(ConfigError::new(
+                "relay.max_message_bytes",
+                "must be at least 1024",
+            ));
+        }
+        if self.relay.stall_after.is_zero() {
+            return Err(ConfigError::new(
+                "relay.stall_after",
+                "must be greater than zero, e.g. \"30s\"",
+            ));
+        }
+        if self.relay.stats_interval.is_zero() {
+            return Err(ConfigError::new(
+                "relay.stats_interval",
+                "must be greater than zero, e.g. \"10s\"",
+            ));
+        }
+        tracing_subscriber::EnvFilter::try_new(&self.log.level).map_err(|e| {
+            ConfigError::new(
+                "log.level",
+                format!("`{}` is not a tracing filter ({e})", self.log.level),
+            )
+        })?;
+        Ok(())
+    }
+
+    /// The librdkafka producer properties, safety settings last so nothing overrides them.
+    pub fn producer_properties(&self) -> Vec<(String, String)> {
+        let mut props: Vec<(String, String)> = self
+            .kafka
+            .properties
+            .iter()
+            .map(|(k, v)| (k.clone(), v.to_string()))
+            .collect();
+        let fixed = [
+            ("bootstrap.servers", self.kafka.bootstrap_servers.clone()),
+            ("compression.type", self.kafka.compression.clone()),
+            ("linger.ms", self.kafka.linger.as_millis().to_string()),
+            ("enable.idempotence", "true".into()),
+            ("acks", "all".into()),
+            ("message.timeout.ms", "0".into()),
+            ("enable.gapless.guarantee", "true".into()),
+            ("message.max.bytes", self.message_max_bytes().to_string()),
+        ];
+        for (k, v) in fixed {
+            props.retain(|(name, _)| name != k);
+            props.push((k.to_string(), v));
+        }
+        if !props.iter().any(|(k, _)| k == "partitioner") {
+            props.push(("partitioner".into(), "murmur2_random".into()));
+        }
+        if !props.iter().any(|(k, _)| k == "client.id") {
+            props.push(("client.id".into(), "outbox-relay".into()));
+        }
+        props
+    }
+
+    /// librdkafka's `message.max.bytes` must leave room for the framing around the
+    /// largest record the relay hands it.
+    fn message_max_bytes(&self) -> usize {
+        let passed = self
+            .kafka
+            .properties
+            .get("message.max.bytes")
+            .and_then(|v| v.to_string().parse::<usize>().ok());
+        passed.unwrap_or(0).max(self.relay.max_message_bytes + 4096)
+    }
+
+    /// The settings as TOML with every secret replaced, for `check` and logs.
+    pub fn redacted(&self) -> String {
+        let mut copy = self.clone();
+        copy.database.url = Secret(redact_url(self.database.url.expose()));
+        for (k, v) in copy.kafka.properties.iter_mut() {
+            if is_secret_property(k) {
+                *v = PropertyValue::Text("[redacted]".into());
+            }
+        }
+        toml_string(&copy)
+    }
+}
+
+fn toml_string(settings: &Settings) -> String {
+    // Durations through humantime serialize as strings, so TOML can always represent this.
+    let value = serde_json::to_value(settings).unwrap_or_default();
+    let mut out = String::new();
+    if let serde_json::Value::Object(sections) = value {
+        for (section, body) in sections {
+            out.push_str(&format!("[{section}]\n"));
+            if let serde_json::Value::Object(fields) = body {
+                for (k, v) in fields {
+                    match v {
+                        serde_json::Value::Object(map) => {
+                            for (pk, pv) in map {
+                                out.push_str(&format!("{k}.\"{pk}\" = {pv}\n"));
+                            }
+                        }
+                        other => out.push_str(&format!("{k} = {other}\n")),
+                    }
+                }
+            }
+            out.push('\n');
+        }
+    }
+    out
+}
+
+pub fn is_secret_property(name: &str) -> bool {
+    SECRET_PROPERTY_MARKERS.iter().any(|m| name.contains(m))
+}
+
+/// `postgres://user:pw@host/db` → `postgres://user:[redacted]@host/db`.
+pub fn redact_url(raw: &str) -> String {
+    match url::Url::parse(raw) {
+        Ok(mut url) => {
+            if url.password().is_some() {
+                let _ = url.set_password(Some("[redacted]"));
+            }
+            let pairs: Vec<(String, String)> = url
+                .query_pairs()
+                .map(|(k, v)| {
+                    if k.contains("password") {
+                        (k.into_owned(), "[redacted]".to_string())
+                    } else {
+                        (k.into_owned(), v.into_owned())
+                    }
+                })
+                .collect();
+            if !pairs.is_empty() {
+                url.query_pairs_mut().clear().extend_pairs(pairs);
+            }
+            url.to_string()
+        }
+        Err(_) => "[unparseable URL redacted]".into(),
+    }
+}
+
+fn is_contract_value(name: &str, value: &PropertyValue) -> bool {
+    let v = value.to_string().to_ascii_lowercase();
+    match name {
+        "enable.idempotence" | "enable.gapless.guarantee" => v == "true",
+        "acks" | "request.required.acks" => v == "all" || v == "-1",
+        "message.timeout.ms" | "delivery.timeout.ms" => v == "0",
+        _ => false,
+    }
+}
+
+fn from_figment_error(err: figment::Error) -> ConfigError {
+    use figment::error::Kind;
+    let mut path = err.path.clone();
+    let message = match &err.kind {
+        Kind::UnknownField(field, expected) => {
+            if path.last() != Some(field) {
+                path.push(field.clone());
+            }
+            format!(
+                "is not a known key; known keys here: {}",
+                expected.join(", ")
+            )
+        }
+        Kind::MissingField(field) => {
+            if path.last().map(String::as_str) != Some(field.as_ref()) {
+                path.push(field.to_string());
+            }
+            "is required".to_string()
+        }
+        other => format!("{other}"),
+    };
+    let source = err.metadata.as_ref().map(|m| {
+        let name = m.interpolate(&err.profile.clone().unwrap_or_default(), &path);
+        match &m.source {
+            Some(figment::Source::File(file)) => format!("{} in {}", name, file.display()),
+            _ => format!("{} {}", m.name, name),
+        }
+    });
+    let key = if path.is_empty() {
+        "<root>".to_string()
+    } else {
+        path.join(".")
+    };
+    ConfigError::new(key, message).with_source(source)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use figment::providers::Toml;
+
+    fn from_toml(text: &str) -> Result<Settings, ConfigError> {
+        Settings::from_figment(
+            Figment::from(Serialized::defaults(Settings::default())).merge(Toml::string(text)),
+        )
+    }
+
+    const BASE: &str = "[database]\nurl = \"postgres://relay:hunter2@db/app\"\n";
+
+    #[test]
+    fn defaults_with_a_url_are_valid_and_keep_the_contract() {
+        let s = from_toml(BASE).expect("valid");
+        let props = s.producer_properties();
+        let get = |k: &str| props.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+        assert_eq!(get("acks"), Some("all"));
+        assert_eq!(get("enable.idempotence"), Some("true"));
+        assert_eq!(get("message.timeout.ms"), Some("0"));
+        assert_eq!(get("partitioner"), Some("murmur2_random"));
+        assert_eq!(get("compression.type"), Some("lz4"));
+        assert_eq!(get("linger.ms"), Some("5"));
+        assert_eq!(s.relay.topic_template, "outbox.event.{aggregate_type}");
+    }
+
+    #[test]
+    fn missing_url_names_the_key() {
+        let err = from_toml("").unwrap_err();
+        assert_eq!(err.key, "database.url");
+    }
+
+    #[test]
+    fn unknown_key_is_an_error_naming_it() {
+        let err = from_toml(&format!("{BASE}[relay]\nbatch_sise = 5\n")).unwrap_err();
+        assert_eq!(err.key, "relay.batch_sise");
+        assert!(err.to_string().contains("batch_size"), "{err}");
+    }
+
+    #[test]
+    fn invalid_value_names_the_key() {
+        let err = from_toml(&format!("{BASE}[relay]\nbatch_size = \"many\"\n")).unwrap_err();
+        assert_eq!(err.key, "relay.batch_size");
+        let err = from_toml(&format!("{BASE}[relay]\nmode = \"archive\"\n")).unwrap_err();
+        assert_eq!(err.key, "relay.mode");
+        let err = from_toml(&format!("{BASE}[relay]\npoll_interval = \"soon\"\n")).unwrap_err();
+        assert_eq!(err.key, "relay.poll_interval");
+    }
+
+    #[test]
+    fn weakening_the_contract_is_refused() {
+        for (prop, value) in [
+            ("acks", "\"1\""),
+            ("enable.idempotence", "false"),
+            ("message.timeout.ms", "30000"),
+            ("delivery.timeout.ms", "30000"),
+            ("enable.gapless.guarantee", "false"),
+        ] {
+            let text = format!("{BASE}[kafka.properties]\n\"{prop}\" = {value}\n");
+            let err = from_toml(&text).unwrap_err();
+            assert_eq!(err.key, format!("kafka.properties.\"{prop}\""), "{err}");
+        }
+        // Restating the contract's own value is harmless.
+        from_toml(&format!("{BASE}[kafka.properties]\n\"acks\" = \"all\"\n")).expect("ok");
+    }
+
+    #[test]
+    fn passthrough_colliding_with_a_typed_key_names_both() {
+        let text = format!("{BASE}[kafka.properties]\n\"linger.ms\" = 20\n");
+        let err = from_toml(&text).unwrap_err();
+        assert!(err.to_string().contains("kafka.linger"), "{err}");
+    }
+
+    #[test]
+    fn bad_topic_template_is_refused() {
+        let err =
+            from_toml(&format!("{BASE}[relay]\ntopic_template = \"x.{{nope}}\"\n")).unwrap_err();
+        assert_eq!(err.key, "relay.topic_template");
+    }
+
+    #[test]
+    fn secrets_are_redacted() {
+        let text = format!("{BASE}[kafka.properties]\n\"sasl.password\" = \"s3cr3t-kafka\"\n");
+        let s = from_toml(&text).unwrap();
+        let shown = s.redacted();
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(!shown.contains("s3cr3t-kafka"), "{shown}");
+        assert!(!format!("{s:?}").contains("hunter2"));
+    }
+}

@@ -1,0 +1,387 @@
+//! Row → Kafka record: topic, key, value and headers. Encoding is pure and total: a row
+//! either becomes a record or a [`ParkReason`] saying why it never can, decided before
+//! anything is produced.
+
+use std::collections::HashMap;
+use std::fmt;
+
+use crate::store::OutboxRow;
+
+/// Header names the relay writes itself; a row's own headers may not reuse them.
+pub const HEADER_EVENT_ID: &str = "id";
+pub const HEADER_EVENT_TYPE: &str = "event_type";
+pub const HEADER_AGGREGATE_TYPE: &str = "aggregate_type";
+const RESERVED_HEADERS: [&str; 3] = [HEADER_EVENT_ID, HEADER_EVENT_TYPE, HEADER_AGGREGATE_TYPE];
+
+/// Kafka's own limit on topic name length.
+const MAX_TOPIC_LEN: usize = 249;
+/// Rough per-record framing overhead (lengths, varints, attributes) in the record batch.
+const RECORD_OVERHEAD_BYTES: usize = 64;
+
+/// A topic name with `{aggregate_type}` and `{event_type}` placeholders.
+#[derive(Debug, Clone)]
+pub struct TopicTemplate {
+    parts: Vec<Part>,
+}
+
+#[derive(Debug, Clone)]
+enum Part {
+    Literal(String),
+    AggregateType,
+    EventType,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum TemplateError {
+    #[error("unknown placeholder `{{{0}}}`; use {{aggregate_type}} or {{event_type}}")]
+    UnknownPlaceholder(String),
+    #[error("unclosed `{{` in the template")]
+    Unclosed,
+    #[error("the template is empty")]
+    Empty,
+    #[error("`{0}` is not allowed in a Kafka topic name (use letters, digits, '.', '_', '-')")]
+    BadCharacter(char),
+}
+
+impl TopicTemplate {
+    pub fn parse(template: &str) -> Result<Self, TemplateError> {
+        if template.is_empty() {
+            return Err(TemplateError::Empty);
+        }
+        let mut parts = Vec::new();
+        let mut rest = template;
+        while let Some(start) = rest.find('{') {
+            if start > 0 {
+                parts.push(Part::Literal(rest[..start].to_string()));
+            }
+            let end = rest[start..].find('}').ok_or(TemplateError::Unclosed)? + start;
+            parts.push(match &rest[start + 1..end] {
+                "aggregate_type" => Part::AggregateType,
+                "event_type" => Part::EventType,
+                other => return Err(TemplateError::UnknownPlaceholder(other.to_string())),
+            });
+            rest = &rest[end + 1..];
+        }
+        if !rest.is_empty() {
+            parts.push(Part::Literal(rest.to_string()));
+        }
+        for part in &parts {
+            if let Part::Literal(text) = part {
+                if let Some(c) = text.chars().find(|c| !is_topic_char(*c)) {
+                    return Err(TemplateError::BadCharacter(c));
+                }
+            }
+        }
+        Ok(Self { parts })
+    }
+
+    pub fn render(&self, aggregate_type: &str, event_type: &str) -> String {
+        let mut out = String::with_capacity(64);
+        for part in &self.parts {
+            match part {
+                Part::Literal(text) => out.push_str(text),
+                Part::AggregateType => out.push_str(aggregate_type),
+                Part::EventType => out.push_str(event_type),
+            }
+        }
+        out
+    }
+}
+
+fn is_topic_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')
+}
+
+/// Why a row can never be published as it stands. The label values are bounded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ParkReason {
+    TooLarge { bytes: usize, limit: usize },
+    InvalidTopic(String),
+    BadHeaders(String),
+    Rejected(String),
+}
+
+impl ParkReason {
+    /// Bounded label for metrics and the `park_reason` column.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ParkReason::TooLarge { .. } => "too_large",
+            ParkReason::InvalidTopic(_) => "invalid_topic",
+            ParkReason::BadHeaders(_) => "bad_headers",
+            ParkReason::Rejected(_) => "rejected_by_broker",
+        }
+    }
+}
+
+impl fmt::Display for ParkReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ParkReason::TooLarge { bytes, limit } => write!(
+                f,
+                "record of {bytes} bytes exceeds relay.max_message_bytes = {limit}"
+            ),
+            ParkReason::InvalidTopic(why) => write!(f, "invalid topic: {why}"),
+            ParkReason::BadHeaders(why) => write!(f, "bad headers: {why}"),
+            ParkReason::Rejected(why) => write!(f, "rejected by the broker: {why}"),
+        }
+    }
+}
+
+/// Everything needed to produce one row.
+#[derive(Debug, Clone)]
+pub struct EncodedRecord {
+    pub topic: String,
+    pub key: String,
+    pub value: Option<Vec<u8>>,
+    pub headers: Vec<(String, String)>,
+}
+
+/// Encodes rows for one relay; caches rendered topics per (aggregate type, event type).
+pub struct Encoder {
+    template: TopicTemplate,
+    max_message_bytes: usize,
+    topic_cache: HashMap<(String, String), Result<String, ParkReason>>,
+}
+
+impl Encoder {
+    pub fn new(template: TopicTemplate, max_message_bytes: usize) -> Self {
+        Self {
+            template,
+            max_message_bytes,
+            topic_cache: HashMap::new(),
+        }
+    }
+
+    pub fn encode(&mut self, row: &OutboxRow) -> Result<EncodedRecord, ParkReason> {
+        let topic = match &row.topic {
+            Some(topic) => {
+                validate_topic(topic)?;
+                topic.clone()
+            }
+            None => self.template_topic(&row.aggregate_type, &row.event_type)?,
+        };
+        let value = match (&row.payload_json, &row.payload_bytes) {
+            (Some(json), _) => Some(json.as_bytes().to_vec()),
+            (None, Some(bytes)) => Some(bytes.clone()),
+            (None, None) => None,
+        };
+        let mut headers = vec![
+            (HEADER_EVENT_ID.to_string(), row.event_id.to_string()),
+            (HEADER_EVENT_TYPE.to_string(), row.event_type.clone()),
+            (
+                HEADER_AGGREGATE_TYPE.to_string(),
+                row.aggregate_type.clone(),
+            ),
+        ];
+        if let Some(raw) = &row.headers_json {
+            append_row_headers(raw, &mut headers)?;
+        }
+        let bytes = RECORD_OVERHEAD_BYTES
+            + row.aggregate_id.len()
+            + value.as_ref().map_or(0, Vec::len)
+            + headers
+                .iter()
+                .map(|(k, v)| k.len() + v.len() + 8)
+                .sum::<usize>();
+        if bytes > self.max_message_bytes {
+            return Err(ParkReason::TooLarge {
+                bytes,
+                limit: self.max_message_bytes,
+            });
+        }
+        Ok(EncodedRecord {
+            topic,
+            key: row.aggregate_id.clone(),
+            value,
+            headers,
+        })
+    }
+
+    fn template_topic(
+        &mut self,
+        aggregate_type: &str,
+        event_type: &str,
+    ) -> Result<String, ParkReason> {
+        let cache_key = (aggregate_type.to_string(), event_type.to_string());
+        if let Some(hit) = self.topic_cache.get(&cache_key) {
+            return hit.clone();
+        }
+        let topic = self.template.render(aggregate_type, event_type);
+        let result = validate_topic(&topic).map(|()| topic);
+        if self.topic_cache.len() > 10_000 {
+            self.topic_cache.clear();
+        }
+        self.topic_cache.insert(cache_key, result.clone());
+        result
+    }
+}
+
+fn validate_topic(topic: &str) -> Result<(), ParkReason> {
+    if topic.is_empty() {
+        return Err(ParkReason::InvalidTopic("the topic is empty".into()));
+    }
+    if topic == "." || topic == ".." {
+        return Err(ParkReason::InvalidTopic(format!("`{topic}` is reserved")));
+    }
+    if topic.len() > MAX_TOPIC_LEN {
+        return Err(ParkReason::InvalidTopic(format!(
+            "{} characters, Kafka allows {MAX_TOPIC_LEN}",
+            topic.len()
+        )));
+    }
+    if let Some(c) = topic.chars().find(|c| !is_topic_char(*c)) {
+        return Err(ParkReason::InvalidTopic(format!(
+            "`{topic}` contains {c:?}; topic names use letters, digits, '.', '_' and '-'"
+        )));
+    }
+    Ok(())
+}
+
+fn append_row_headers(raw: &str, headers: &mut Vec<(String, String)>) -> Result<(), ParkReason> {
+    let value: serde_json::Value =
+        serde_json::from_str(raw).map_err(|e| ParkReason::BadHeaders(format!("not JSON: {e}")))?;
+    let object = match value {
+        serde_json::Value::Null => return Ok(()),
+        serde_json::Value::Object(object) => object,
+        other => {
+            return Err(ParkReason::BadHeaders(format!(
+                "expected a JSON object of strings, found {}",
+                json_kind(&other)
+            )));
+        }
+    };
+    for (name, value) in object {
+        if RESERVED_HEADERS.contains(&name.as_str()) {
+            return Err(ParkReason::BadHeaders(format!(
+                "header `{name}` is reserved for the relay"
+            )));
+        }
+        match value {
+            serde_json::Value::String(text) => headers.push((name, text)),
+            other => {
+                return Err(ParkReason::BadHeaders(format!(
+                    "header `{name}` is {}, expected a string",
+                    json_kind(&other)
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn json_kind(value: &serde_json::Value) -> &'static str {
+    match value {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row() -> OutboxRow {
+        OutboxRow {
+            id: 7,
+            aggregate_type: "order".into(),
+            aggregate_id: "o-1".into(),
+            event_type: "OrderPlaced".into(),
+            payload_json: Some(r#"{"total": 5}"#.into()),
+            payload_bytes: None,
+            headers_json: Some(r#"{"traceparent": "00-abc-def-01"}"#.into()),
+            topic: None,
+            event_id: uuid::Uuid::nil(),
+            created_at: chrono::Utc::now(),
+        }
+    }
+
+    fn encoder() -> Encoder {
+        Encoder::new(
+            TopicTemplate::parse("outbox.event.{aggregate_type}").unwrap(),
+            1_000_000,
+        )
+    }
+
+    #[test]
+    fn encodes_topic_key_value_and_headers() {
+        let rec = encoder().encode(&row()).unwrap();
+        assert_eq!(rec.topic, "outbox.event.order");
+        assert_eq!(rec.key, "o-1");
+        assert_eq!(rec.value.as_deref(), Some(br#"{"total": 5}"#.as_slice()));
+        assert_eq!(
+            rec.headers,
+            vec![
+                ("id".into(), uuid::Uuid::nil().to_string()),
+                ("event_type".into(), "OrderPlaced".into()),
+                ("aggregate_type".into(), "order".into()),
+                ("traceparent".into(), "00-abc-def-01".into()),
+            ]
+        );
+    }
+
+    #[test]
+    fn row_topic_overrides_the_template() {
+        let mut r = row();
+        r.topic = Some("billing.custom".into());
+        assert_eq!(encoder().encode(&r).unwrap().topic, "billing.custom");
+    }
+
+    #[test]
+    fn template_placeholders() {
+        let t = TopicTemplate::parse("{aggregate_type}-{event_type}.v1").unwrap();
+        assert_eq!(t.render("order", "Placed"), "order-Placed.v1");
+        assert_eq!(
+            TopicTemplate::parse("x.{id}").unwrap_err(),
+            TemplateError::UnknownPlaceholder("id".into())
+        );
+        assert_eq!(
+            TopicTemplate::parse("x.{").unwrap_err(),
+            TemplateError::Unclosed
+        );
+        assert_eq!(
+            TopicTemplate::parse("a b").unwrap_err(),
+            TemplateError::BadCharacter(' ')
+        );
+    }
+
+    #[test]
+    fn unpublishable_rows_get_a_reason() {
+        let mut r = row();
+        r.topic = Some("bad topic!".into());
+        assert_eq!(encoder().encode(&r).unwrap_err().kind(), "invalid_topic");
+
+        let mut r = row();
+        r.aggregate_type = "has space".into();
+        assert_eq!(encoder().encode(&r).unwrap_err().kind(), "invalid_topic");
+
+        for bad in [r#"{"n": 1}"#, "[1]", r#""x""#, r#"{"id": "mine"}"#] {
+            let mut r = row();
+            r.headers_json = Some(bad.into());
+            assert_eq!(
+                encoder().encode(&r).unwrap_err().kind(),
+                "bad_headers",
+                "{bad}"
+            );
+        }
+
+        let mut r = row();
+        r.payload_json = Some(format!("\"{}\"", "x".repeat(2_000_000)));
+        assert_eq!(encoder().encode(&r).unwrap_err().kind(), "too_large");
+    }
+
+    #[test]
+    fn null_payload_is_a_tombstone_and_bytes_pass_as_is() {
+        let mut r = row();
+        r.payload_json = None;
+        assert_eq!(encoder().encode(&r).unwrap().value, None);
+        r.payload_bytes = Some(vec![0, 159, 146, 150]);
+        assert_eq!(
+            encoder().encode(&r).unwrap().value,
+            Some(vec![0, 159, 146, 150])
+        );
+    }
+}

@@ -1,0 +1,154 @@
+//! The Kafka producer: idempotent, acks=all, no message timeout. Each row is one message
+//! whose delivery report (row id, result) arrives on a channel, tagged with the producer's
+//! generation so reports from a torn-down producer are never mistaken for current ones.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+use rdkafka::ClientContext;
+use rdkafka::error::{KafkaError, KafkaResult};
+use rdkafka::message::{Header, Message, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use tokio::sync::mpsc;
+
+use crate::encode::EncodedRecord;
+
+/// What the producer reports back to the relay.
+#[derive(Debug)]
+pub enum ProducerEvent {
+    /// One row's delivery report.
+    Delivered {
+        generation: u64,
+        row_id: i64,
+        result: Result<(i32, i64), KafkaError>,
+    },
+    /// librdkafka raised a fatal error: the producer must be rebuilt.
+    Fatal { generation: u64, reason: String },
+}
+
+pub type EventSender = mpsc::UnboundedSender<ProducerEvent>;
+pub type EventReceiver = mpsc::UnboundedReceiver<ProducerEvent>;
+
+/// librdkafka callbacks, run on the producer's polling thread.
+pub struct RelayContext {
+    generation: u64,
+    events: EventSender,
+}
+
+impl ClientContext for RelayContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if matches!(
+            error.rdkafka_error_code(),
+            Some(rdkafka::types::RDKafkaErrorCode::Fatal)
+        ) {
+            let _ = self.events.send(ProducerEvent::Fatal {
+                generation: self.generation,
+                reason: reason.to_string(),
+            });
+        }
+        tracing::warn!(target: "librdkafka", error = %error, "{reason}");
+    }
+}
+
+impl ProducerContext for RelayContext {
+    /// The row id (ids are positive, so it fits; a usize opaque costs no allocation).
+    type DeliveryOpaque = usize;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, row_id: usize) {
+        let result = match result {
+            Ok(message) => Ok((message.partition(), message.offset())),
+            Err((error, _)) => Err(error.clone()),
+        };
+        let _ = self.events.send(ProducerEvent::Delivered {
+            generation: self.generation,
+            row_id: row_id as i64,
+            result,
+        });
+    }
+}
+
+/// A producer of one generation.
+pub struct RowProducer {
+    inner: ThreadedProducer<RelayContext>,
+    generation: u64,
+}
+
+impl RowProducer {
+    /// Builds a producer from `properties`; reports go to `events`.
+    pub fn build(
+        properties: &[(String, String)],
+        generation: u64,
+        events: EventSender,
+    ) -> KafkaResult<Self> {
+        let mut config = ClientConfig::new();
+        for (key, value) in properties {
+            config.set(key, value);
+        }
+        let inner: ThreadedProducer<RelayContext> =
+            config.create_with_context(RelayContext { generation, events })?;
+        Ok(Self { inner, generation })
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Hands one row to librdkafka. On error the row was not queued.
+    pub fn send(&self, row_id: i64, record: &EncodedRecord) -> Result<(), KafkaError> {
+        let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
+        for (key, value) in &record.headers {
+            headers = headers.insert(Header {
+                key,
+                value: Some(value.as_bytes()),
+            });
+        }
+        let mut message = BaseRecord::with_opaque_to(&record.topic, row_id as usize)
+            .key(record.key.as_bytes())
+            .headers(headers);
+        if let Some(value) = &record.value {
+            message = message.payload(value.as_slice());
+        }
+        self.inner.send(message).map_err(|(error, _)| error)
+    }
+
+    /// librdkafka's fatal error, if one was raised.
+    pub fn fatal_error(&self) -> Option<String> {
+        self.inner
+            .client()
+            .fatal_error()
+            .map(|(code, reason)| format!("{code:?}: {reason}"))
+    }
+
+    pub fn in_flight(&self) -> i32 {
+        self.inner.in_flight_count()
+    }
+
+    /// Lists the cluster's brokers and topics, as `check` and readiness need. Blocking:
+    /// call it off the async runtime.
+    pub fn describe_cluster(&self, timeout: Duration) -> KafkaResult<ClusterSummary> {
+        let metadata = self.inner.client().fetch_metadata(None, timeout)?;
+        Ok(ClusterSummary {
+            brokers: metadata
+                .brokers()
+                .iter()
+                .map(|b| format!("{}:{} (id {})", b.host(), b.port(), b.id()))
+                .collect(),
+            topics: metadata
+                .topics()
+                .iter()
+                .map(|t| t.name().to_string())
+                .collect(),
+        })
+    }
+}
+
+/// What a metadata request said about the cluster.
+#[derive(Debug, Clone)]
+pub struct ClusterSummary {
+    pub brokers: Vec<String>,
+    pub topics: Vec<String>,
+}
+
+/// A producer that can be replaced, shared between the relay and `check`.
+pub type SharedProducer = Arc<RowProducer>;

@@ -1,0 +1,508 @@
+//! The path of a row: read a batch of pending rows in id order, encode, produce, collect
+//! acks, then mark the batch in one statement. A row is marked only after its ack, and
+//! only when every earlier row of its aggregate in the batch was acked (or parked under
+//! `skip`), so a resend never lets a later row's first occurrence precede an earlier one.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use tokio::sync::{Notify, mpsc};
+use tokio::time::{Instant, sleep, sleep_until};
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, error, info, warn};
+
+use crate::classify::{ErrorClass, classify};
+use crate::config::{Mode, ParkPolicy, RelaySettings, Settings};
+use crate::encode::{Encoder, ParkReason, TopicTemplate};
+use crate::produce::{EventReceiver, EventSender, ProducerEvent, RowProducer};
+use crate::store::{Ack, OutboxRow, Parking, Store, StoreError};
+use crate::telemetry::{self, BatchReport, Health};
+
+/// How long to wait before retrying a send that librdkafka refused with a full queue.
+const QUEUE_FULL_WAIT: Duration = Duration::from_millis(5);
+/// While stalled, how often to re-check (fatal errors, drain deadline).
+const STALLED_RECHECK: Duration = Duration::from_secs(1);
+
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot build the Kafka producer: {0}; check the [kafka] settings")]
+    Producer(#[source] rdkafka::error::KafkaError),
+}
+
+impl RelayError {
+    pub fn is_retriable(&self) -> bool {
+        match self {
+            RelayError::Store(e) => e.is_retriable(),
+            RelayError::Producer(_) => false,
+        }
+    }
+}
+
+/// What one tick did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tick {
+    /// Nothing was pending.
+    Idle,
+    /// A batch was read and processed.
+    Batch {
+        read: usize,
+        marked: u64,
+        parked: u64,
+        /// The batch was full: more rows are probably waiting.
+        full: bool,
+    },
+    /// Shutdown was requested before the batch was produced.
+    Stopped,
+}
+
+#[derive(Debug, Clone)]
+enum Outcome {
+    /// Not handed to the producer (held behind an earlier failure, or after a fatal error).
+    NotSent,
+    InFlight,
+    Acked {
+        partition: i32,
+        offset: i64,
+    },
+    Failed,
+    Parked,
+}
+
+/// Delay that doubles from 100 ms up to a cap, reset after a success.
+#[derive(Debug)]
+pub struct Backoff {
+    next: Duration,
+    cap: Duration,
+}
+
+impl Backoff {
+    pub fn new(cap: Duration) -> Self {
+        Self {
+            next: Duration::from_millis(100),
+            cap,
+        }
+    }
+    pub fn next_delay(&mut self) -> Duration {
+        let delay = self.next;
+        self.next = (self.next * 2).min(self.cap);
+        delay
+    }
+    pub fn reset(&mut self) {
+        self.next = Duration::from_millis(100);
+    }
+}
+
+/// One replica's relay loop.
+pub struct Relay {
+    store: Store,
+    settings: RelaySettings,
+    producer_properties: Vec<(String, String)>,
+    producer: RowProducer,
+    events_tx: EventSender,
+    events: EventReceiver,
+    encoder: Encoder,
+    health: Arc<Health>,
+    wake: Arc<Notify>,
+}
+
+impl Relay {
+    pub fn new(
+        store: Store,
+        settings: &Settings,
+        health: Arc<Health>,
+        wake: Arc<Notify>,
+    ) -> Result<Self, RelayError> {
+        let (events_tx, events) = mpsc::unbounded_channel();
+        let producer_properties = settings.producer_properties();
+        let producer = RowProducer::build(&producer_properties, 1, events_tx.clone())
+            .map_err(RelayError::Producer)?;
+        let template = TopicTemplate::parse(&settings.relay.topic_template)
+            .expect("validated with the settings");
+        health.set_producer_ok(true);
+        Ok(Self {
+            store,
+            settings: settings.relay.clone(),
+            producer_properties,
+            producer,
+            events_tx,
+            events,
+            encoder: Encoder::new(template, settings.relay.max_message_bytes),
+            health,
+            wake,
+        })
+    }
+
+    /// Runs until `cancel`, then drains the batch in flight and returns. Database errors
+    /// are retried with backoff; readiness is false meanwhile.
+    pub async fn run(mut self, cancel: CancellationToken) -> Result<(), RelayError> {
+        let mut backoff = Backoff::new(Duration::from_secs(30));
+        while !cancel.is_cancelled() {
+            match self.tick(&cancel).await {
+                Ok(Tick::Batch { full: true, .. }) => backoff.reset(),
+                Ok(Tick::Batch { .. } | Tick::Idle) => {
+                    backoff.reset();
+                    tokio::select! {
+                        _ = self.wake.notified() => {}
+                        _ = sleep(self.settings.poll_interval) => {}
+                        _ = cancel.cancelled() => {}
+                    }
+                }
+                Ok(Tick::Stopped) => break,
+                Err(err) if err.is_retriable() => {
+                    let delay = backoff.next_delay();
+                    warn!(error = %err, retry_in = ?delay, "database unavailable; retrying");
+                    tokio::select! {
+                        _ = sleep(delay) => {}
+                        _ = cancel.cancelled() => {}
+                    }
+                }
+                Err(err) => return Err(err),
+            }
+        }
+        info!("relay stopped");
+        Ok(())
+    }
+
+    /// Reads, publishes and marks one batch. Tests call it to drain deterministically.
+    pub async fn tick(&mut self, cancel: &CancellationToken) -> Result<Tick, RelayError> {
+        let started = Instant::now();
+        let rows = self
+            .store
+            .read_pending(self.settings.batch_size, self.settings.on_park)
+            .await
+            .inspect_err(|e| self.database_failed(e))?;
+        self.health.set_database_ok(true);
+        if rows.is_empty() {
+            return Ok(Tick::Idle);
+        }
+        if cancel.is_cancelled() {
+            return Ok(Tick::Stopped);
+        }
+        let span = tracing::info_span!(
+            "batch",
+            rows = rows.len(),
+            first_id = rows[0].id,
+            last_id = rows[rows.len() - 1].id
+        );
+        self.process_batch(rows, started, cancel)
+            .instrument(span)
+            .await
+    }
+
+    async fn process_batch(
+        &mut self,
+        rows: Vec<OutboxRow>,
+        started: Instant,
+        cancel: &CancellationToken,
+    ) -> Result<Tick, RelayError> {
+        let full = rows.len() == self.settings.batch_size as usize;
+        let hold = self.settings.on_park == ParkPolicy::Hold;
+        let mut outcomes = vec![Outcome::NotSent; rows.len()];
+        let mut topics: Vec<Option<String>> = vec![None; rows.len()];
+        let mut parkings: Vec<Parking> = Vec::new();
+        let mut error_kinds: HashMap<&'static str, u64> = HashMap::new();
+        let mut held: HashSet<&str> = HashSet::new();
+        let mut fatal = false;
+        let mut produced = 0u64;
+
+        for (i, row) in rows.iter().enumerate() {
+            if fatal {
+                break;
+            }
+            if held.contains(row.aggregate_id.as_str()) {
+                continue;
+            }
+            let record = match self.encoder.encode(row) {
+                Ok(record) => record,
+                Err(reason) => {
+                    outcomes[i] = Outcome::Parked;
+                    parkings.push(parking(row.id, &reason));
+                    if hold {
+                        held.insert(&row.aggregate_id);
+                    }
+                    continue;
+                }
+            };
+            loop {
+                match self.producer.send(row.id, &record) {
+                    Ok(()) => {
+                        outcomes[i] = Outcome::InFlight;
+                        produced += 1;
+                        break;
+                    }
+                    Err(err) => {
+                        let (class, kind) = classify(&err);
+                        if kind == "queue_full" {
+                            sleep(QUEUE_FULL_WAIT).await;
+                            continue;
+                        }
+                        *error_kinds.entry(kind).or_default() += 1;
+                        match class {
+                            ErrorClass::PermanentRow => {
+                                outcomes[i] = Outcome::Parked;
+                                parkings
+                                    .push(parking(row.id, &ParkReason::Rejected(err.to_string())));
+                                if hold {
+                                    held.insert(&row.aggregate_id);
+                                }
+                            }
+                            ErrorClass::FatalProducer => fatal = true,
+                            _ => {
+                                warn!(error = %err, kind, "produce refused; the row will be retried");
+                                held.insert(&row.aggregate_id);
+                            }
+                        }
+                        break;
+                    }
+                }
+            }
+            topics[i] = Some(record.topic);
+        }
+
+        fatal |= self
+            .collect_acks(
+                &rows,
+                &mut outcomes,
+                &mut parkings,
+                &mut error_kinds,
+                produced,
+                cancel,
+            )
+            .await;
+
+        // Decide what may be marked: an acked row whose earlier rows of the same aggregate
+        // in this batch were all acked (or parked under `skip`).
+        let mut broken: HashSet<&str> = HashSet::new();
+        let mut acks: Vec<Ack> = Vec::with_capacity(rows.len());
+        let mut published_by_topic: HashMap<String, u64> = HashMap::new();
+        let mut latencies = Vec::with_capacity(rows.len());
+        let now = Utc::now();
+        for (i, row) in rows.iter().enumerate() {
+            match outcomes[i] {
+                Outcome::Acked { partition, offset } => {
+                    if let Some(topic) = &topics[i] {
+                        *published_by_topic.entry(topic.clone()).or_default() += 1;
+                    }
+                    latencies.push((now - row.created_at).to_std().unwrap_or_default());
+                    if !broken.contains(row.aggregate_id.as_str()) {
+                        acks.push(Ack {
+                            id: row.id,
+                            partition,
+                            offset,
+                        });
+                    }
+                }
+                Outcome::Parked if !hold => {}
+                Outcome::Parked | Outcome::NotSent | Outcome::InFlight | Outcome::Failed => {
+                    broken.insert(&row.aggregate_id);
+                }
+            }
+        }
+
+        let (parked, marked) = self.write_results(&parkings, &acks, cancel).await?;
+
+        telemetry::publish_errors(&error_kinds);
+        telemetry::batch_finished(&BatchReport {
+            read: rows.len(),
+            published_by_topic: &published_by_topic,
+            marked,
+            mode: match self.settings.mode {
+                Mode::Mark => "mark",
+                Mode::Delete => "delete",
+            },
+            latencies: &latencies,
+            duration: started.elapsed(),
+        });
+        self.health.batch_done();
+        debug!(read = rows.len(), marked, parked, "batch done");
+
+        if fatal {
+            self.rebuild_producer().await?;
+        }
+        Ok(Tick::Batch {
+            read: rows.len(),
+            marked,
+            parked,
+            full,
+        })
+    }
+
+    /// Waits for the delivery reports of the rows in flight. Returns whether the producer
+    /// hit a fatal error. On shutdown, waits at most `drain_timeout` more.
+    async fn collect_acks(
+        &mut self,
+        rows: &[OutboxRow],
+        outcomes: &mut [Outcome],
+        parkings: &mut Vec<Parking>,
+        error_kinds: &mut HashMap<&'static str, u64>,
+        produced: u64,
+        cancel: &CancellationToken,
+    ) -> bool {
+        let generation = self.producer.generation();
+        let mut outstanding = produced;
+        let mut fatal = false;
+        let mut last_progress = Instant::now();
+        let mut drain_deadline: Option<Instant> = None;
+        self.health.set_in_flight(outstanding);
+
+        while outstanding > 0 && !fatal {
+            let mut wake_at = if self.health.stalled() {
+                Instant::now() + STALLED_RECHECK
+            } else {
+                last_progress + self.settings.stall_after
+            };
+            if let Some(deadline) = drain_deadline {
+                wake_at = wake_at.min(deadline);
+            }
+            tokio::select! {
+                event = self.events.recv() => match event {
+                    Some(ProducerEvent::Delivered { generation: g, row_id, result }) if g == generation => {
+                        let Ok(pos) = rows.binary_search_by_key(&row_id, |r| r.id) else { continue };
+                        if !matches!(outcomes[pos], Outcome::InFlight) {
+                            continue;
+                        }
+                        outstanding -= 1;
+                        last_progress = Instant::now();
+                        self.health.set_stalled(false);
+                        outcomes[pos] = match result {
+                            Ok((partition, offset)) => Outcome::Acked { partition, offset },
+                            Err(err) => {
+                                let (class, kind) = classify(&err);
+                                *error_kinds.entry(kind).or_default() += 1;
+                                match class {
+                                    ErrorClass::PermanentRow => {
+                                        warn!(row_id, error = %err, "broker refused the row; parking it");
+                                        parkings.push(parking(row_id, &ParkReason::Rejected(err.to_string())));
+                                        Outcome::Parked
+                                    }
+                                    ErrorClass::FatalProducer => {
+                                        fatal = true;
+                                        Outcome::Failed
+                                    }
+                                    _ => Outcome::Failed,
+                                }
+                            }
+                        };
+                    }
+                    Some(ProducerEvent::Fatal { generation: g, reason }) if g == generation => {
+                        error!(%reason, "fatal producer error; rebuilding the producer");
+                        fatal = true;
+                    }
+                    Some(_) => {} // a report from a producer already torn down
+                    None => fatal = true,
+                },
+                _ = cancel.cancelled(), if drain_deadline.is_none() => {
+                    info!(outstanding, timeout = ?self.settings.drain_timeout, "draining: waiting for acknowledgements");
+                    drain_deadline = Some(Instant::now() + self.settings.drain_timeout);
+                }
+                _ = sleep_until(wake_at) => {
+                    if drain_deadline.is_some_and(|d| Instant::now() >= d) {
+                        warn!(outstanding, "drain deadline passed; unacknowledged rows stay pending and will be sent again");
+                        break;
+                    }
+                    if let Some(reason) = self.producer.fatal_error() {
+                        error!(%reason, "fatal producer error; rebuilding the producer");
+                        fatal = true;
+                    } else if last_progress.elapsed() >= self.settings.stall_after && !self.health.stalled() {
+                        warn!(outstanding, waited = ?last_progress.elapsed(), "stalled: the broker has not acknowledged anything; librdkafka keeps retrying");
+                        self.health.set_stalled(true);
+                    }
+                }
+            }
+            self.health.set_in_flight(outstanding);
+        }
+        self.health.set_in_flight(0);
+        fatal
+    }
+
+    /// Parks and marks (or deletes) one batch, retrying while the database is away. If
+    /// shutdown interrupts the retries, the acked rows stay pending and are sent again.
+    async fn write_results(
+        &mut self,
+        parkings: &[Parking],
+        acks: &[Ack],
+        cancel: &CancellationToken,
+    ) -> Result<(u64, u64), RelayError> {
+        let mut backoff = Backoff::new(Duration::from_secs(5));
+        let mut parked = None;
+        let give_up_at = Instant::now() + self.settings.drain_timeout;
+        loop {
+            let result = async {
+                if parked.is_none() {
+                    parked = Some(self.store.park(parkings).await?);
+                }
+                match self.settings.mode {
+                    Mode::Mark => self.store.mark_sent(acks).await,
+                    Mode::Delete => self.store.delete_sent(acks).await,
+                }
+            }
+            .await;
+            match result {
+                Ok(marked) => {
+                    self.health.set_database_ok(true);
+                    let parked = parked.unwrap_or(0);
+                    if parked > 0 {
+                        for p in parkings {
+                            telemetry::rows_parked(p.reason, 1);
+                            warn!(row_id = p.id, reason = p.reason, error = %p.error, "row parked");
+                        }
+                    }
+                    return Ok((parked, marked));
+                }
+                Err(err) if err.is_retriable() => {
+                    self.database_failed(&err);
+                    if cancel.is_cancelled() && Instant::now() >= give_up_at {
+                        return Err(err.into());
+                    }
+                    let delay = backoff.next_delay();
+                    warn!(error = %err, rows = acks.len(), retry_in = ?delay, "marking failed; retrying");
+                    sleep(delay).await;
+                }
+                Err(err) => {
+                    self.database_failed(&err);
+                    return Err(err.into());
+                }
+            }
+        }
+    }
+
+    async fn rebuild_producer(&mut self) -> Result<(), RelayError> {
+        self.health.set_producer_ok(false);
+        let generation = self.producer.generation() + 1;
+        let replacement = RowProducer::build(
+            &self.producer_properties,
+            generation,
+            self.events_tx.clone(),
+        )
+        .map_err(RelayError::Producer)?;
+        let old = std::mem::replace(&mut self.producer, replacement);
+        // Dropping purges and briefly flushes: keep that off the async threads.
+        let _ = tokio::task::spawn_blocking(move || drop(old)).await;
+        telemetry::producer_rebuilt();
+        self.health.set_producer_ok(true);
+        warn!(
+            generation,
+            "producer rebuilt; unmarked rows will be sent again"
+        );
+        Ok(())
+    }
+
+    fn database_failed(&self, err: &StoreError) {
+        telemetry::database_error(err.kind());
+        if err.is_retriable() {
+            self.health.set_database_ok(false);
+        }
+    }
+}
+
+fn parking(id: i64, reason: &ParkReason) -> Parking {
+    Parking {
+        id,
+        reason: reason.kind(),
+        error: reason.to_string(),
+    }
+}

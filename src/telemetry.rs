@@ -1,0 +1,255 @@
+//! Metrics, logs and health. Every metric the relay exports is named here, emitted per
+//! batch (never per row in a loop of `counter!` calls), with bounded labels and no ids.
+
+use std::collections::HashMap;
+use std::io::IsTerminal;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::config::{LogFormat, LogSettings};
+use crate::store::BacklogStats;
+
+pub const ROWS_PUBLISHED: &str = "outbox_relay_rows_published_total";
+pub const ROWS_MARKED: &str = "outbox_relay_rows_marked_total";
+pub const ROWS_PARKED: &str = "outbox_relay_rows_parked_total";
+pub const PUBLISH_ERRORS: &str = "outbox_relay_publish_errors_total";
+pub const DATABASE_ERRORS: &str = "outbox_relay_database_errors_total";
+pub const PRODUCER_REBUILDS: &str = "outbox_relay_producer_rebuilds_total";
+pub const DOORBELLS: &str = "outbox_relay_doorbell_notifications_total";
+pub const BATCH_SIZE: &str = "outbox_relay_batch_size_rows";
+pub const BATCH_DURATION: &str = "outbox_relay_batch_duration_seconds";
+pub const END_TO_END_LATENCY: &str = "outbox_relay_end_to_end_latency_seconds";
+pub const PENDING_ROWS: &str = "outbox_relay_pending_rows";
+pub const PARKED_ROWS: &str = "outbox_relay_parked_rows";
+pub const OLDEST_PENDING_AGE: &str = "outbox_relay_oldest_pending_age_seconds";
+pub const IN_FLIGHT_ROWS: &str = "outbox_relay_in_flight_rows";
+pub const STALLED: &str = "outbox_relay_stalled";
+pub const READY: &str = "outbox_relay_ready";
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    300.0, 900.0, 3600.0,
+];
+const BATCH_SIZE_BUCKETS: &[f64] = &[
+    1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0,
+];
+
+static PROMETHEUS: OnceLock<Result<PrometheusHandle, String>> = OnceLock::new();
+
+/// Installs the process-wide Prometheus recorder once and returns its handle.
+pub fn prometheus() -> Result<PrometheusHandle, String> {
+    PROMETHEUS
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Full(END_TO_END_LATENCY.into()), LATENCY_BUCKETS)
+                .and_then(|b| {
+                    b.set_buckets_for_metric(Matcher::Full(BATCH_DURATION.into()), LATENCY_BUCKETS)
+                })
+                .and_then(|b| {
+                    b.set_buckets_for_metric(Matcher::Full(BATCH_SIZE.into()), BATCH_SIZE_BUCKETS)
+                })
+                .map_err(|e| e.to_string())?
+                .build_recorder();
+            let handle = recorder.handle();
+            metrics::set_global_recorder(recorder).map_err(|e| e.to_string())?;
+            describe_all();
+            Ok(handle)
+        })
+        .clone()
+}
+
+fn describe_all() {
+    describe_counter!(ROWS_PUBLISHED, "Rows acknowledged by the broker, by topic.");
+    describe_counter!(
+        ROWS_MARKED,
+        "Acknowledged rows marked sent or deleted, by mode."
+    );
+    describe_counter!(
+        ROWS_PARKED,
+        "Rows parked because they can never be published, by reason."
+    );
+    describe_counter!(PUBLISH_ERRORS, "Produce and delivery errors, by kind.");
+    describe_counter!(DATABASE_ERRORS, "Database errors, by kind.");
+    describe_counter!(
+        PRODUCER_REBUILDS,
+        "Producers torn down and rebuilt after a fatal error."
+    );
+    describe_counter!(DOORBELLS, "LISTEN doorbell notifications received.");
+    describe_histogram!(BATCH_SIZE, "Rows per batch read from the outbox.");
+    describe_histogram!(
+        BATCH_DURATION,
+        metrics::Unit::Seconds,
+        "Time from reading a batch to marking it."
+    );
+    describe_histogram!(
+        END_TO_END_LATENCY,
+        metrics::Unit::Seconds,
+        "Time from a row's created_at to its acknowledgement by the broker."
+    );
+    describe_gauge!(
+        PENDING_ROWS,
+        "Rows waiting to be published (parked rows excluded)."
+    );
+    describe_gauge!(PARKED_ROWS, "Rows parked and waiting for an operator.");
+    describe_gauge!(
+        OLDEST_PENDING_AGE,
+        metrics::Unit::Seconds,
+        "Age of the oldest pending row; 0 when none is pending."
+    );
+    describe_gauge!(
+        IN_FLIGHT_ROWS,
+        "Rows handed to the producer and not yet acknowledged."
+    );
+    describe_gauge!(
+        STALLED,
+        "1 while acknowledgements have stopped arriving for longer than relay.stall_after."
+    );
+    describe_gauge!(READY, "1 when /readyz answers ready.");
+}
+
+/// Sets up `tracing`: text on a terminal, JSON otherwise, `RUST_LOG` over `log.level`.
+pub fn init_logging(settings: &LogSettings) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&settings.level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let json = match settings.format {
+        LogFormat::Json => true,
+        LogFormat::Text => false,
+        LogFormat::Auto => !std::io::stderr().is_terminal(),
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = if json {
+        builder.json().flatten_event(true).try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
+/// Shared state behind `/readyz`, and what tests wait on instead of sleeping.
+#[derive(Debug, Default)]
+pub struct Health {
+    started: AtomicBool,
+    database_ok: AtomicBool,
+    producer_ok: AtomicBool,
+    stalled: AtomicBool,
+    in_flight: AtomicU64,
+    batches: AtomicU64,
+}
+
+impl Health {
+    pub fn set_started(&self) {
+        self.started.store(true, Ordering::SeqCst);
+        self.update_ready_gauge();
+    }
+    pub fn set_database_ok(&self, ok: bool) {
+        self.database_ok.store(ok, Ordering::SeqCst);
+        self.update_ready_gauge();
+    }
+    pub fn set_producer_ok(&self, ok: bool) {
+        self.producer_ok.store(ok, Ordering::SeqCst);
+        self.update_ready_gauge();
+    }
+    pub fn set_stalled(&self, stalled: bool) {
+        if self.stalled.swap(stalled, Ordering::SeqCst) != stalled {
+            gauge!(STALLED).set(if stalled { 1.0 } else { 0.0 });
+            self.update_ready_gauge();
+        }
+    }
+    pub fn set_in_flight(&self, rows: u64) {
+        self.in_flight.store(rows, Ordering::SeqCst);
+        gauge!(IN_FLIGHT_ROWS).set(rows as f64);
+    }
+    pub fn batch_done(&self) {
+        self.batches.fetch_add(1, Ordering::SeqCst);
+    }
+
+    pub fn stalled(&self) -> bool {
+        self.stalled.load(Ordering::SeqCst)
+    }
+    pub fn in_flight(&self) -> u64 {
+        self.in_flight.load(Ordering::SeqCst)
+    }
+    pub fn batches(&self) -> u64 {
+        self.batches.load(Ordering::SeqCst)
+    }
+
+    /// Why the relay is not ready, or `None` when it is.
+    pub fn not_ready_reason(&self) -> Option<&'static str> {
+        if !self.started.load(Ordering::SeqCst) {
+            Some("starting")
+        } else if !self.database_ok.load(Ordering::SeqCst) {
+            Some("database unreachable")
+        } else if !self.producer_ok.load(Ordering::SeqCst) {
+            Some("producer unhealthy")
+        } else if self.stalled.load(Ordering::SeqCst) {
+            Some("stalled: broker acknowledgements have stopped")
+        } else {
+            None
+        }
+    }
+
+    fn update_ready_gauge(&self) {
+        gauge!(READY).set(if self.not_ready_reason().is_none() {
+            1.0
+        } else {
+            0.0
+        });
+    }
+}
+
+/// One batch's outcome, reported as a handful of metric updates.
+pub struct BatchReport<'a> {
+    pub read: usize,
+    pub published_by_topic: &'a HashMap<String, u64>,
+    pub marked: u64,
+    pub mode: &'static str,
+    pub latencies: &'a [Duration],
+    pub duration: Duration,
+}
+
+pub fn batch_finished(report: &BatchReport<'_>) {
+    histogram!(BATCH_SIZE).record(report.read as f64);
+    histogram!(BATCH_DURATION).record(report.duration.as_secs_f64());
+    for (topic, rows) in report.published_by_topic {
+        counter!(ROWS_PUBLISHED, "topic" => topic.clone()).increment(*rows);
+    }
+    counter!(ROWS_MARKED, "mode" => report.mode).increment(report.marked);
+    let latency = histogram!(END_TO_END_LATENCY);
+    for d in report.latencies {
+        latency.record(d.as_secs_f64());
+    }
+}
+
+pub fn publish_errors(by_kind: &HashMap<&'static str, u64>) {
+    for (kind, n) in by_kind {
+        counter!(PUBLISH_ERRORS, "kind" => *kind).increment(*n);
+    }
+}
+
+pub fn rows_parked(reason: &'static str, rows: u64) {
+    counter!(ROWS_PARKED, "reason" => reason).increment(rows);
+}
+
+pub fn database_error(kind: &'static str) {
+    counter!(DATABASE_ERRORS, "kind" => kind).increment(1);
+}
+
+pub fn producer_rebuilt() {
+    counter!(PRODUCER_REBUILDS).increment(1);
+}
+
+pub fn doorbell() {
+    counter!(DOORBELLS).increment(1);
+}
+
+pub fn backlog(stats: &BacklogStats) {
+    gauge!(PENDING_ROWS).set(stats.pending_rows as f64);
+    gauge!(PARKED_ROWS).set(stats.parked_rows as f64);
+    gauge!(OLDEST_PENDING_AGE).set(stats.oldest_pending_age.map_or(0.0, |d| d.as_secs_f64()));
+}

@@ -1,0 +1,448 @@
+//! The relay end to end on one replica: real PostgreSQL, a real Kafka-protocol broker,
+//! every check made by reading Kafka back with a consumer and comparing with the database.
+
+mod support;
+
+use std::time::Duration;
+
+use support::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_row_arrives_once_with_key_value_and_headers() {
+    let db = TestDb::new().await;
+    let bootstrap = kafka_bootstrap();
+    let prefix = unique_prefix();
+    let topic = format!("{prefix}.order");
+    create_topic(&bootstrap, &topic, 3).await;
+
+    let mut rows = stream("order", 20, 300);
+    rows[0].headers = Some(
+        r#"{"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}"#.into(),
+    );
+    db.insert(&rows).await;
+    let relay = RunningRelay::start(settings(
+        &db,
+        &bootstrap,
+        &format!("[relay]\ntopic_template = \"{prefix}.{{aggregate_type}}\"\nbatch_size = 64\n"),
+    ))
+    .await;
+    wait_for("all rows marked", CONDITION_TIMEOUT, || async {
+        db.sent().await == 300
+    })
+    .await;
+    relay.stop().await;
+
+    let records = consume(&bootstrap, &topic, 300);
+    let db_rows = db.rows().await;
+    assert_eq!(
+        assert_contract(&db_rows, &records),
+        0,
+        "no duplicates when nothing fails"
+    );
+    assert_eq!(records.len(), 300);
+    for record in &records {
+        let row = db_rows
+            .iter()
+            .find(|r| Some(&r.event_id) == record.headers.get("id"))
+            .unwrap();
+        assert_eq!(
+            record.value, row.payload,
+            "value is the payload as JSON text"
+        );
+        assert_eq!(record.headers.get("event_type"), Some(&row.event_type));
+        assert_eq!(
+            record.headers.get("aggregate_type"),
+            Some(&row.aggregate_type)
+        );
+        assert_eq!(
+            (row.kafka_partition, row.kafka_offset),
+            (Some(record.partition), Some(record.offset)),
+            "the mark records where the broker stored the row"
+        );
+    }
+    let first = db_rows.first().unwrap();
+    let traced = records
+        .iter()
+        .find(|r| r.headers.get("id") == Some(&first.event_id))
+        .unwrap();
+    assert_eq!(
+        traced.headers.get("traceparent").map(String::as_str),
+        Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
+        "the row's own headers pass through"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_aggregate_order_over_10k_rows_and_150_aggregates() {
+    let db = TestDb::new().await;
+    let bootstrap = kafka_bootstrap();
+    let prefix = unique_prefix();
+    let topic = format!("{prefix}.account");
+    create_topic(&bootstrap, &topic, 3).await;
+
+    let relay = RunningRelay::start(settings(
+        &db,
+        &bootstrap,
+        &format!("[relay]\ntopic_template = \"{prefix}.{{aggregate_type}}\"\nbatch_size = 500\n"),
+    ))
+    .await;
+    // Insert while the relay runs, in many transactions, so batches interleave with inserts.
+    let rows = stream("account", 150, 10_000);
+    for chunk in rows.chunks(250) {
+        db.insert(chunk).await;
+    }
+    wait_for("all rows marked", CONDITION_TIMEOUT, || async {
+        db.sent().await == 10_000
+    })
+    .await;
+    relay.stop().await;
+
+    let records = consume(&bootstrap, &topic, 10_000);
+    let duplicates = assert_contract(&db.rows().await, &records);
+    assert_eq!(duplicates, 0);
+    let partitions: std::collections::HashSet<i32> = records.iter().map(|r| r.partition).collect();
+    assert_eq!(partitions.len(), 3, "150 keys spread over all 3 partitions");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lower_id_committed_late_is_still_delivered() {
+    let db = TestDb::new().await;
+    let bootstrap = kafka_bootstrap();
+    let prefix = unique_prefix();
+    let topic = format!("{prefix}.late");
+    create_topic(&bootstrap, &topic, 3).await;
+    let relay = RunningRelay::start(settings(
+        &db,
+        &bootstrap,
+        &format!("[relay]\ntopic_template = \"{prefix}.{{aggregate_type}}\"\n"),
+    ))
+    .await;
+
+    // Transaction A takes the lower id and stays open while B commits a higher one.
+    let mut tx_a = db.pool.begin().await.unwrap();
+    let id_a: i64 = sqlx::query_scalar(
+        "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) \
+         VALUES ('late', 'a', 'Created', '{}') RETURNING id",
+    )
+    .fetch_one(&mut *tx_a)
+    .await
+    .unwrap();
+    let id_b = db.insert(&[NewRow::new("late", "b", 1)]).await[0];
+    assert!(id_a < id_b);
+    wait_for("the higher id marked", CONDITION_TIMEOUT, || async {
+        db.count(&format!("id = {id_b} AND sent_at IS NOT NULL"))
+            .await
+            == 1
+    })
+    .await;
+    tx_a.commit().await.unwrap();
+    wait_for(
+        "the lower id marked after its commit",
+        CONDITION_TIMEOUT,
+        || async {
+            db.count(&format!("id = {id_a} AND sent_at IS NOT NULL"))
+                .await
+                == 1
+        },
+    )
+    .await;
+    relay.stop().await;
+
+    let records = consume(&bootstrap, &topic, 2);
+    assert_eq!(assert_contract(&db.rows().await, &records), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_is_marked_while_the_broker_is_frozen() {
+    let db = TestDb::new().await;
+    let broker = Tansu::start();
+    let prefix = unique_prefix();
+    let topic = format!("{prefix}.frozen");
+    create_topic(&broker.bootstrap, &topic, 3).await;
+
+    // Warm up: the producer knows the topic before the broker stops answering.
+    db.insert(&stream("frozen", 10, 50)).await;
+    let relay = RunningRelay::start(settings(
+        &db,
+        &broker.bootstrap,
+        &format!(
+            "[relay]\ntopic_template = \"{prefix}.{{aggregate_type}}\"\nbatch_size = 200\nstall_after = \"1s\"\n"
+        ),
+    ))
+    .await;
+    wait_for("warm-up rows marked", CONDITION_TIMEOUT, || async {
+        db.sent().await == 50
+    })
+    .await;
+
+    broker.freeze();
+    db.insert(&stream("frozen", 10, 1000)).await;
+    let health = relay.health.clone();
+    wait_for("rows in flight", CONDITION_TIMEOUT, || async {
+        health.in_flight() > 0
+    })
+    .await;
+    wait_for("the stall alarm", CONDITION_TIMEOUT, || async {
+        health.stalled()
+    })
+    .await;
+    let (status, body) = http_get(relay.http_addr, "/readyz").await;
+    assert_eq!(status, 503, "not ready while stalled: {body}");
+    assert_eq!(
+        db.sent().await,
+        50,
+        "nothing marked while the broker cannot acknowledge"
+    );
+
+    broker.thaw();
+    wait_for(
+        "all rows marked after recovery",
+        CONDITION_TIMEOUT,
+        || async { db.sent().await == 1050 },
+    )
+    .await;
+    wait_for("the stall alarm clears", CONDITION_TIMEOUT, || async {
+        !health.stalled()
+    })
+    .await;
+    relay.stop().await;
+
+    let records = consume(&broker.bootstrap, &topic, 1050);
+    let duplicates = assert_contract(&db.rows().await, &records);
+    assert!(
+        duplicates <= 200,
+        "duplicates bounded by one batch, got {duplicates}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_relay_resumes_without_loss() {
+    let db = TestDb::new().await;
+    let bootstrap = kafka_bootstrap();
+    let prefix = unique_prefix();
+    let topic = format!("{prefix}.resume");
+    create_topic(&bootstrap, &topic, 3).await;
+    let config =
+        format!("[relay]\ntopic_template = \"{prefix}.{{aggregate_type}}\"\nbatch_size = 100\n");
+
+    db.insert(&stream("resume", 40, 3000)).await;
+    let first = RunningRelay::start(settings(&db, &bootstrap, &config)).await;
+    wait_for("some rows marked", CONDITION_TIMEOUT, || async {
+        db.sent().await >= 500
+    })
+    .await;
+    first.stop().await;
+    let sent_by_first = db.sent().await;
+    assert!(sent_by_first < 3000, "the first relay stopped part-way");
+
+    db.insert(&stream("resume", 40, 1000)).await;
+    let second = RunningRelay::start(settings(&db, &bootstrap, &config)).await;
+    wait_for("all rows marked", CONDITION_TIMEOUT, || async {
+        db.sent().await == 4000
+    })
+    .await;
+    second.stop().await;
+
+    let records = consume(&bootstrap, &topic, 4000);
+    let duplicates = assert_contract(&db.rows().await, &records);
+    assert_eq!(duplicates, 0, "a clean stop marks everything it published");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_mode_deletes_acknowledged_rows() {
+    let db = TestDb::new().await;
+    let bootstrap = kafka_bootstrap();
+    let prefix = unique_prefix();
+    let topic = format!("{prefix}.gone");
+    create_topic(&bootstrap, &topic, 3).await;
+    db.insert(&stream("gone", 25, 500)).await;
+    let before = db.rows().await;
+    let relay = RunningRelay::start(settings(
+        &db,
+        &bootstrap,
+        &format!("[relay]\nmode = \"delete\"\ntopic_template = \"{prefix}.{{aggregate_type}}\"\n"),
+    ))
+    .await;
+    wait_for("all rows deleted", CONDITION_TIMEOUT, || async {
+        db.count("true").await == 0
+    })
+    .await;
+    relay.stop().await;
+    let records = consume(&bootstrap, &topic, 500);
+    assert_eq!(assert_contract(&before, &records), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topic_template_and_per_row_topic() {
+    let db = TestDb::new().await;
+    let bootstrap = kafka_bootstrap();
+    let prefix = unique_prefix();
+    let (orders, payments, custom) = (
+        format!("{prefix}-order-v1"),
+        format!("{prefix}-payment-v1"),
+        format!("{prefix}.custom"),
+    );
+    for topic in [&orders, &payments, &custom] {
+        create_topic(&bootstrap, topic, 3).await;
+    }
+    let mut rows = stream("order", 5, 30);
+    rows.extend(stream("payment", 5, 20));
+    let mut overridden = NewRow::new("order", "agg-0", 999);
+    overridden.topic = Some(custom.clone());
+    rows.push(overridden);
+    db.insert(&rows).await;
+
+    let relay = RunningRelay::start(settings(
+        &db,
+        &bootstrap,
+        &format!("[relay]\ntopic_template = \"{prefix}-{{aggregate_type}}-v1\"\n"),
+    ))
+    .await;
+    wait_for("all rows marked", CONDITION_TIMEOUT, || async {
+        db.sent().await == 51
+    })
+    .await;
+    relay.stop().await;
+
+    let db_rows = db.rows().await;
+    let mut records = consume(&bootstrap, &orders, 30);
+    assert_eq!(records.len(), 30);
+    let from_payments = consume(&bootstrap, &payments, 20);
+    assert_eq!(from_payments.len(), 20);
+    let from_custom = consume(&bootstrap, &custom, 1);
+    assert_eq!(from_custom.len(), 1);
+    assert_eq!(
+        from_custom[0]
+            .headers
+            .get("aggregate_type")
+            .map(String::as_str),
+        Some("order")
+    );
+    records.extend(from_payments);
+    records.extend(from_custom);
+    assert_eq!(assert_contract(&db_rows, &records), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unpublishable_rows_are_parked_and_hold_their_aggregate_only() {
+    let db = TestDb::new().await;
+    let bootstrap = kafka_bootstrap();
+    let prefix = unique_prefix();
+    let topic = format!("{prefix}.mixed");
+    create_topic(&bootstrap, &topic, 3).await;
+    let mut rows = stream("mixed", 10, 100);
+    // agg-3's row gets headers that are not an object of strings.
+    let bad = rows.iter().position(|r| r.aggregate_id == "agg-3").unwrap();
+    rows[bad].headers = Some(r#"{"retries": 3}"#.into());
+    db.insert(&rows).await;
+    let agg3_rows = rows.iter().filter(|r| r.aggregate_id == "agg-3").count() as i64;
+
+    let relay = RunningRelay::start(settings(
+        &db,
+        &bootstrap,
+        &format!("[relay]\ntopic_template = \"{prefix}.{{aggregate_type}}\"\n"),
+    ))
+    .await;
+    let expected_sent = 100 - agg3_rows;
+    wait_for(
+        "every other aggregate marked",
+        CONDITION_TIMEOUT,
+        || async { db.sent().await == expected_sent },
+    )
+    .await;
+    assert_eq!(
+        db.count("parked_at IS NOT NULL AND park_reason = 'bad_headers'")
+            .await,
+        1
+    );
+    let (_, metrics) = http_get(relay.http_addr, "/metrics").await;
+    assert!(
+        metrics.contains("outbox_relay_rows_parked_total{reason=\"bad_headers\"}"),
+        "{metrics}"
+    );
+    relay.stop().await;
+    assert_eq!(
+        db.pending().await,
+        agg3_rows - 1,
+        "later rows of agg-3 wait behind the parked one"
+    );
+
+    let records = consume(&bootstrap, &topic, expected_sent as usize);
+    assert_eq!(records.len() as i64, expected_sent);
+    assert!(records.iter().all(|r| r.key.as_deref() != Some("agg-3")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_doorbell_wakes_an_idle_relay() {
+    let db = TestDb::new().await;
+    let bootstrap = kafka_bootstrap();
+    let prefix = unique_prefix();
+    let topic = format!("{prefix}.bell");
+    create_topic(&bootstrap, &topic, 3).await;
+    sqlx::query("SELECT outbox_enable_notify(true)")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    // The poll interval is far longer than the wait below: only the doorbell can deliver.
+    let relay = RunningRelay::start(settings(
+        &db,
+        &bootstrap,
+        &format!(
+            "[relay]\ntopic_template = \"{prefix}.{{aggregate_type}}\"\npoll_interval = \"1h\"\n"
+        ),
+    ))
+    .await;
+    let health = relay.health.clone();
+    wait_for("relay ready", CONDITION_TIMEOUT, || async {
+        http_get(relay.http_addr, "/readyz").await.0 == 200
+    })
+    .await;
+    let idle_batches = health.batches();
+    db.insert(&[NewRow::new("bell", "a", 1)]).await;
+    wait_for(
+        "the row marked by a doorbell wake-up",
+        Duration::from_secs(20),
+        || async { db.sent().await == 1 },
+    )
+    .await;
+    assert!(health.batches() > idle_batches);
+    relay.stop().await;
+    assert_eq!(consume(&bootstrap, &topic, 1).len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_endpoints_report_health_and_metrics() {
+    let db = TestDb::new().await;
+    let bootstrap = kafka_bootstrap();
+    let prefix = unique_prefix();
+    create_topic(&bootstrap, &format!("{prefix}.m"), 3).await;
+    db.insert(&stream("m", 3, 30)).await;
+    let relay = RunningRelay::start(settings(
+        &db,
+        &bootstrap,
+        &format!("[relay]\ntopic_template = \"{prefix}.{{aggregate_type}}\"\n"),
+    ))
+    .await;
+    wait_for("all rows marked", CONDITION_TIMEOUT, || async {
+        db.sent().await == 30
+    })
+    .await;
+    assert_eq!(http_get(relay.http_addr, "/healthz").await.0, 200);
+    assert_eq!(http_get(relay.http_addr, "/readyz").await.0, 200);
+    let (status, metrics) = http_get(relay.http_addr, "/metrics").await;
+    assert_eq!(status, 200);
+    for name in [
+        "outbox_relay_rows_published_total{topic=",
+        "outbox_relay_batch_size_rows_bucket",
+        "outbox_relay_end_to_end_latency_seconds_bucket",
+        "outbox_relay_pending_rows",
+        "outbox_relay_oldest_pending_age_seconds",
+        "outbox_relay_rows_marked_total{mode=\"mark\"}",
+    ] {
+        assert!(
+            metrics.contains(name),
+            "{name} missing from /metrics:\n{metrics}"
+        );
+    }
+    relay.stop().await;
+}

@@ -1,0 +1,743 @@
+//! Test harness: a throwaway PostgreSQL cluster and a tansu broker, each started once per
+//! test binary on free loopback ports (or taken from `DATABASE_URL` / `KAFKA_BOOTSTRAP`),
+//! a fresh database and fresh topics per test, and a real Kafka consumer to read back.
+//! Child processes die with the test binary (PR_SET_PDEATHSIG from a thread that lives as
+//! long as the process).
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::net::TcpListener as StdTcpListener;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::sync::mpsc as std_mpsc;
+use std::time::{Duration, Instant};
+
+use figment::Figment;
+use figment::providers::{Format, Serialized, Toml};
+use outbox_relay::{App, Settings};
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::{Offset, TopicPartitionList};
+use sqlx::postgres::PgPoolOptions;
+use sqlx::{PgPool, Row};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// How long any condition may take before a test fails.
+pub const CONDITION_TIMEOUT: Duration = Duration::from_secs(60);
+
+// ---------------------------------------------------------------------------------------
+// Processes
+
+/// Spawns `command` so that it is killed when the test process exits, even if the test
+/// panics: PR_SET_PDEATHSIG is tied to the spawning thread, so spawn from a thread that
+/// never exits.
+fn spawn_tied_to_process(mut command: Command, run_as: Option<(u32, u32)>) -> Child {
+    static SPAWNER: OnceLock<std::sync::Mutex<std_mpsc::Sender<SpawnRequest>>> = OnceLock::new();
+    type SpawnRequest = (
+        Command,
+        Option<(u32, u32)>,
+        std_mpsc::Sender<std::io::Result<Child>>,
+    );
+    let spawner = SPAWNER.get_or_init(|| {
+        let (tx, rx) = std_mpsc::channel::<SpawnRequest>();
+        std::thread::spawn(move || {
+            for (mut command, run_as, reply) in rx {
+                unsafe {
+                    command.pre_exec(move || {
+                        if let Some((uid, gid)) = run_as {
+                            if libc::setgid(gid) != 0 || libc::setuid(uid) != 0 {
+                                return Err(std::io::Error::last_os_error());
+                            }
+                        }
+                        // After setuid: a credential change clears the death signal.
+                        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                        Ok(())
+                    });
+                }
+                let _ = reply.send(command.spawn());
+            }
+            // The channel lives in a static, so this thread (and the death signal's
+            // anchor) lasts as long as the process.
+        });
+        std::sync::Mutex::new(tx)
+    });
+    let (reply_tx, reply_rx) = std_mpsc::channel();
+    command.stdin(Stdio::null());
+    spawner
+        .lock()
+        .unwrap()
+        .send((command, run_as, reply_tx))
+        .unwrap();
+    reply_rx.recv().unwrap().expect("spawn service process")
+}
+
+pub fn free_port() -> u16 {
+    StdTcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Waits for `condition` to hold, checking every 50 ms, failing after `timeout`.
+pub async fn wait_for<F, Fut>(what: &str, timeout: Duration, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if condition().await {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// PostgreSQL
+
+struct Postgres {
+    /// URL of the maintenance database; tests get their own databases beside it.
+    admin_url: String,
+    _child: Option<Child>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+fn postgres_bin_dir() -> PathBuf {
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .expect(
+            "PostgreSQL is not installed: run scripts/test.sh (it installs it) or set DATABASE_URL",
+        )
+        .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+        .filter(|p| p.join("postgres").exists())
+        .collect();
+    dirs.sort_by_key(|p| {
+        p.parent()
+            .and_then(|v| v.file_name())
+            .and_then(|v| v.to_str())
+            .and_then(|v| v.parse::<u32>().ok())
+            .unwrap_or(0)
+    });
+    dirs.pop()
+        .expect("no PostgreSQL server binaries under /usr/lib/postgresql/*/bin")
+}
+
+fn postgres_user() -> Option<(u32, u32)> {
+    if unsafe { libc::geteuid() } != 0 {
+        return None;
+    }
+    let name = std::ffi::CString::new("postgres").unwrap();
+    let pw = unsafe { libc::getpwnam(name.as_ptr()) };
+    assert!(
+        !pw.is_null(),
+        "running as root needs the `postgres` user (apt-get install postgresql creates it)"
+    );
+    Some(unsafe { ((*pw).pw_uid, (*pw).pw_gid) })
+}
+
+fn start_postgres() -> Postgres {
+    if let Ok(url) = std::env::var("DATABASE_URL") {
+        return Postgres {
+            admin_url: url,
+            _child: None,
+            _dir: None,
+        };
+    }
+    let bin = postgres_bin_dir();
+    let dir = tempfile::Builder::new()
+        .prefix("outbox-relay-pg-")
+        .tempdir()
+        .unwrap();
+    let run_as = postgres_user();
+    if let Some((uid, gid)) = run_as {
+        std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid)).unwrap();
+    }
+    let data = dir.path().join("data");
+    let mut initdb = Command::new(bin.join("initdb"));
+    initdb
+        .arg("-D")
+        .arg(&data)
+        .args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let status = spawn_tied_to_process(initdb, run_as)
+        .wait_with_output()
+        .unwrap();
+    assert!(
+        status.status.success(),
+        "initdb failed: {}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    let port = free_port();
+    let log = std::fs::File::create(dir.path().join("postgres.log")).unwrap();
+    if let Some((uid, gid)) = run_as {
+        std::os::unix::fs::chown(dir.path().join("postgres.log"), Some(uid), Some(gid)).unwrap();
+    }
+    let mut server = Command::new(bin.join("postgres"));
+    server
+        .arg("-D")
+        .arg(&data)
+        .args(["-p", &port.to_string(), "-k"])
+        .arg(dir.path())
+        .args([
+            "-c",
+            "listen_addresses=127.0.0.1",
+            "-c",
+            "max_connections=400",
+            "-c",
+            "fsync=off",
+            "-c",
+            "full_page_writes=off",
+            "-c",
+            "shared_buffers=256MB",
+        ])
+        .stdout(Stdio::null())
+        .stderr(log);
+    let child = spawn_tied_to_process(server, run_as);
+    let admin_url = format!("postgres://postgres@127.0.0.1:{port}/postgres");
+    let deadline = Instant::now() + CONDITION_TIMEOUT;
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "PostgreSQL did not start; see {}",
+            dir.path().display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Postgres {
+        admin_url,
+        _child: Some(child),
+        _dir: Some(dir),
+    }
+}
+
+fn postgres() -> &'static Postgres {
+    static PG: OnceLock<Postgres> = OnceLock::new();
+    PG.get_or_init(start_postgres)
+}
+
+/// A fresh, migrated database for one test.
+pub struct TestDb {
+    pub url: String,
+    pub pool: PgPool,
+}
+
+impl TestDb {
+    pub async fn new() -> TestDb {
+        let admin_url = &postgres().admin_url;
+        let name = format!("t_{}", uuid::Uuid::new_v4().simple());
+        let deadline = Instant::now() + CONDITION_TIMEOUT;
+        let admin = loop {
+            match PgPoolOptions::new()
+                .max_connections(1)
+                .connect(admin_url)
+                .await
+            {
+                Ok(pool) => break pool,
+                Err(err) => {
+                    assert!(Instant::now() < deadline, "PostgreSQL unreachable: {err}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        };
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&admin)
+            .await
+            .unwrap();
+        admin.close().await;
+        let mut url = url::Url::parse(admin_url).unwrap();
+        url.set_path(&name);
+        let url = url.to_string();
+        let pool = PgPoolOptions::new()
+            .max_connections(8)
+            .connect(&url)
+            .await
+            .unwrap();
+        outbox_relay::store::MIGRATOR.run(&pool).await.unwrap();
+        TestDb { url, pool }
+    }
+
+    pub async fn count(&self, sql_where: &str) -> i64 {
+        sqlx::query_scalar(&format!("SELECT count(*) FROM outbox WHERE {sql_where}"))
+            .fetch_one(&self.pool)
+            .await
+            .unwrap()
+    }
+
+    pub async fn pending(&self) -> i64 {
+        self.count("sent_at IS NULL AND parked_at IS NULL").await
+    }
+
+    pub async fn sent(&self) -> i64 {
+        self.count("sent_at IS NOT NULL").await
+    }
+
+    /// Inserts `rows` in one statement and returns their ids, in order.
+    pub async fn insert(&self, rows: &[NewRow]) -> Vec<i64> {
+        let mut ids = Vec::with_capacity(rows.len());
+        for chunk in rows.chunks(5000) {
+            let types: Vec<&str> = chunk.iter().map(|r| r.aggregate_type.as_str()).collect();
+            let aggs: Vec<&str> = chunk.iter().map(|r| r.aggregate_id.as_str()).collect();
+            let events: Vec<&str> = chunk.iter().map(|r| r.event_type.as_str()).collect();
+            let payloads: Vec<Option<String>> = chunk.iter().map(|r| r.payload.clone()).collect();
+            let headers: Vec<Option<String>> = chunk.iter().map(|r| r.headers.clone()).collect();
+            let topics: Vec<Option<String>> = chunk.iter().map(|r| r.topic.clone()).collect();
+            let rows = sqlx::query(
+                "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload, headers, topic) \
+                 SELECT t, a, e, p::jsonb, h::jsonb, tp \
+                 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[]) \
+                      WITH ORDINALITY AS x(t, a, e, p, h, tp, n) \
+                 ORDER BY n RETURNING id",
+            )
+            .bind(&types)
+            .bind(&aggs)
+            .bind(&events)
+            .bind(&payloads)
+            .bind(&headers)
+            .bind(&topics)
+            .fetch_all(&self.pool)
+            .await
+            .unwrap();
+            ids.extend(rows.iter().map(|r| r.get::<i64, _>("id")));
+        }
+        ids
+    }
+
+    /// Event ids of rows by id, to compare with the `id` header read back.
+    pub async fn rows(&self) -> Vec<DbRow> {
+        sqlx::query(
+            "SELECT id, aggregate_type, aggregate_id, event_type, payload::text AS payload, \
+                    event_id::text AS event_id, sent_at IS NOT NULL AS sent, \
+                    kafka_partition, kafka_offset \
+             FROM outbox ORDER BY id",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| DbRow {
+            id: r.get("id"),
+            aggregate_type: r.get("aggregate_type"),
+            aggregate_id: r.get("aggregate_id"),
+            event_type: r.get("event_type"),
+            payload: r.get("payload"),
+            event_id: r.get("event_id"),
+            sent: r.get("sent"),
+            kafka_partition: r.get("kafka_partition"),
+            kafka_offset: r.get("kafka_offset"),
+        })
+        .collect()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct DbRow {
+    pub id: i64,
+    pub aggregate_type: String,
+    pub aggregate_id: String,
+    pub event_type: String,
+    pub payload: Option<String>,
+    pub event_id: String,
+    pub sent: bool,
+    pub kafka_partition: Option<i32>,
+    pub kafka_offset: Option<i64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewRow {
+    pub aggregate_type: String,
+    pub aggregate_id: String,
+    pub event_type: String,
+    pub payload: Option<String>,
+    pub headers: Option<String>,
+    pub topic: Option<String>,
+}
+
+impl NewRow {
+    pub fn new(aggregate_type: &str, aggregate_id: &str, seq: usize) -> Self {
+        Self {
+            aggregate_type: aggregate_type.into(),
+            aggregate_id: aggregate_id.into(),
+            event_type: "Updated".into(),
+            payload: Some(format!(
+                r#"{{"aggregate": "{aggregate_id}", "seq": {seq}}}"#
+            )),
+            headers: None,
+            topic: None,
+        }
+    }
+}
+
+/// `rows` rows spread round-robin over `aggregates` aggregates of one type; each payload
+/// carries its per-aggregate sequence number.
+pub fn stream(aggregate_type: &str, aggregates: usize, rows: usize) -> Vec<NewRow> {
+    let mut seq = vec![0usize; aggregates];
+    (0..rows)
+        .map(|i| {
+            let a = (i * 7919) % aggregates;
+            seq[a] += 1;
+            NewRow::new(aggregate_type, &format!("agg-{a}"), seq[a])
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------
+// Kafka
+
+pub fn tansu_bin() -> PathBuf {
+    if let Ok(path) = std::env::var("TANSU_BIN") {
+        return PathBuf::from(path);
+    }
+    let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
+    let path = Path::new(&home).join(".cache/outbox-relay/tansu-0.6.0/bin/tansu");
+    assert!(
+        path.exists(),
+        "tansu 0.6.0 not found at {}: run scripts/test.sh (it installs it), set TANSU_BIN, or set KAFKA_BOOTSTRAP",
+        path.display()
+    );
+    path
+}
+
+/// A tansu broker process.
+pub struct Tansu {
+    pub bootstrap: String,
+    child: Child,
+}
+
+impl Tansu {
+    /// Starts a broker that belongs to the caller (for tests that freeze or kill it).
+    pub fn start() -> Tansu {
+        let port = free_port();
+        let url = format!("tcp://127.0.0.1:{port}");
+        let mut command = Command::new(tansu_bin());
+        command
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
+            .args(["--storage-engine", "memory://tansu/"])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let child = spawn_tied_to_process(command, None);
+        let deadline = Instant::now() + CONDITION_TIMEOUT;
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "tansu did not start on port {port}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Tansu {
+            bootstrap: format!("127.0.0.1:{port}"),
+            child,
+        }
+    }
+
+    pub fn freeze(&self) {
+        signal(self.child.id(), libc::SIGSTOP);
+    }
+
+    pub fn thaw(&self) {
+        signal(self.child.id(), libc::SIGCONT);
+    }
+}
+
+impl Drop for Tansu {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn signal(pid: u32, sig: i32) {
+    let rc = unsafe { libc::kill(pid as i32, sig) };
+    assert_eq!(rc, 0, "kill({pid}, {sig}) failed");
+}
+
+/// The broker shared by the tests of this binary.
+pub fn kafka_bootstrap() -> String {
+    static SHARED: OnceLock<(String, Option<Tansu>)> = OnceLock::new();
+    SHARED
+        .get_or_init(|| match std::env::var("KAFKA_BOOTSTRAP") {
+            Ok(bootstrap) => (bootstrap, None),
+            Err(_) => {
+                let tansu = Tansu::start();
+                (tansu.bootstrap.clone(), Some(tansu))
+            }
+        })
+        .0
+        .clone()
+}
+
+/// A topic-name prefix unique to one test.
+pub fn unique_prefix() -> String {
+    format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
+}
+
+pub async fn create_topic(bootstrap: &str, name: &str, partitions: i32) {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .unwrap();
+    let results = admin
+        .create_topics(
+            &[NewTopic::new(name, partitions, TopicReplication::Fixed(1))],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+        )
+        .await
+        .expect("create_topics request");
+    for result in results {
+        result.unwrap_or_else(|(topic, err)| panic!("create topic {topic}: {err:?}"));
+    }
+}
+
+/// A record read back from Kafka.
+#[derive(Debug, Clone)]
+pub struct Consumed {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<String>,
+    pub value: Option<String>,
+    pub headers: HashMap<String, String>,
+}
+
+/// Reads `topic` from the beginning of every partition until `expected` records arrived
+/// (plus a short quiet period to catch duplicates), failing after CONDITION_TIMEOUT.
+pub fn consume(bootstrap: &str, topic: &str, expected: usize) -> Vec<Consumed> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", format!("verify-{}", uuid::Uuid::new_v4()))
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false")
+        .create()
+        .unwrap();
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .unwrap();
+    let partitions = metadata.topics()[0].partitions().len() as i32;
+    assert!(partitions > 0, "topic {topic} has no partitions");
+    let mut assignment = TopicPartitionList::new();
+    for p in 0..partitions {
+        assignment
+            .add_partition_offset(topic, p, Offset::Beginning)
+            .unwrap();
+    }
+    consumer.assign(&assignment).unwrap();
+    let mut out = Vec::new();
+    let deadline = Instant::now() + CONDITION_TIMEOUT;
+    // Once the expected count is reached, keep reading briefly so that duplicates beyond
+    // it would be seen.
+    let mut quiet_until: Option<Instant> = None;
+    loop {
+        if let Some(until) = quiet_until {
+            if Instant::now() >= until {
+                break;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "read {} of {expected} records from {topic} before timing out",
+            out.len()
+        );
+        if let Some(result) = consumer.poll(Duration::from_millis(100)) {
+            let message = result.expect("consume");
+            let headers = message
+                .headers()
+                .map(|h| {
+                    h.iter()
+                        .map(|h| {
+                            (
+                                h.key.to_string(),
+                                String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            out.push(Consumed {
+                topic: message.topic().to_string(),
+                partition: message.partition(),
+                offset: message.offset(),
+                key: message
+                    .key()
+                    .map(|k| String::from_utf8_lossy(k).into_owned()),
+                value: message
+                    .payload()
+                    .map(|v| String::from_utf8_lossy(v).into_owned()),
+                headers,
+            });
+            if out.len() >= expected && quiet_until.is_none() {
+                quiet_until = Some(Instant::now() + Duration::from_millis(500));
+            }
+        }
+    }
+    out
+}
+
+/// Checks the contract on what was read back against the database: every row present
+/// (by event id), first occurrences in outbox order per aggregate, each aggregate on one
+/// partition. Returns the number of duplicates.
+pub fn assert_contract(rows: &[DbRow], records: &[Consumed]) -> usize {
+    let by_event: HashMap<&str, &DbRow> = rows.iter().map(|r| (r.event_id.as_str(), r)).collect();
+    let mut first_seen: HashMap<&str, i64> = HashMap::new();
+    let mut last_first_id: HashMap<(String, String), i64> = HashMap::new();
+    let mut partition_of: HashMap<(String, String), i32> = HashMap::new();
+    let mut duplicates = 0;
+    // Kafka orders within a partition, so walk each partition in offset order.
+    let mut ordered: Vec<&Consumed> = records.iter().collect();
+    ordered.sort_by_key(|r| (r.topic.clone(), r.partition, r.offset));
+    for record in ordered {
+        let event_id = record
+            .headers
+            .get("id")
+            .expect("every record has an id header");
+        let row = by_event
+            .get(event_id.as_str())
+            .unwrap_or_else(|| panic!("record with unknown event id {event_id}"));
+        assert_eq!(
+            record.key.as_deref(),
+            Some(row.aggregate_id.as_str()),
+            "key"
+        );
+        let aggregate = (record.topic.clone(), row.aggregate_id.clone());
+        let p = *partition_of
+            .entry(aggregate.clone())
+            .or_insert(record.partition);
+        assert_eq!(
+            p, record.partition,
+            "aggregate {aggregate:?} spans partitions"
+        );
+        if first_seen.contains_key(event_id.as_str()) {
+            duplicates += 1;
+            continue;
+        }
+        first_seen.insert(&row.event_id, row.id);
+        let previous = last_first_id.insert(aggregate.clone(), row.id);
+        if let Some(previous) = previous {
+            assert!(
+                previous < row.id,
+                "aggregate {aggregate:?}: row {} arrived after row {previous} (reordered)",
+                row.id
+            );
+        }
+    }
+    let missing: Vec<i64> = rows
+        .iter()
+        .filter(|r| !first_seen.contains_key(r.event_id.as_str()))
+        .map(|r| r.id)
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} rows never reached Kafka, first ids {:?}",
+        missing.len(),
+        &missing[..missing.len().min(10)]
+    );
+    duplicates
+}
+
+// ---------------------------------------------------------------------------------------
+// The relay
+
+/// Settings for a relay on `db` and `bootstrap`, with `extra` TOML merged over them.
+pub fn settings(db: &TestDb, bootstrap: &str, extra: &str) -> Settings {
+    let base = format!(
+        r#"
+[database]
+url = "{url}"
+[kafka]
+bootstrap_servers = "{bootstrap}"
+[http]
+listen = "127.0.0.1:0"
+[relay]
+poll_interval = "100ms"
+stats_interval = "200ms"
+"#,
+        url = db.url
+    );
+    Settings::from_figment(
+        Figment::from(Serialized::defaults(Settings::default()))
+            .merge(Toml::string(&base))
+            .merge(Toml::string(extra)),
+    )
+    .expect("test settings are valid")
+}
+
+/// A relay running in this process.
+pub struct RunningRelay {
+    pub cancel: CancellationToken,
+    pub handle: JoinHandle<anyhow::Result<()>>,
+    pub http_addr: std::net::SocketAddr,
+    pub health: std::sync::Arc<outbox_relay::telemetry::Health>,
+}
+
+impl RunningRelay {
+    pub async fn start(settings: Settings) -> RunningRelay {
+        if std::env::var("TEST_LOG").is_ok() {
+            outbox_relay::telemetry::init_logging(&settings.log);
+        }
+        let app = App::build(settings).await.expect("build the relay");
+        let http_addr = app.http_addr();
+        let health = app.health();
+        let cancel = CancellationToken::new();
+        let handle = tokio::spawn(app.run(cancel.clone()));
+        RunningRelay {
+            cancel,
+            handle,
+            http_addr,
+            health,
+        }
+    }
+
+    pub async fn stop(self) {
+        self.cancel.cancel();
+        self.handle
+            .await
+            .expect("relay task")
+            .expect("relay stopped cleanly");
+    }
+}
+
+/// A minimal HTTP/1.0 GET against the relay, returning (status, body).
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: relay\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// Path of the built relay binary, for tests that need a real process.
+pub fn relay_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_outbox-relay"))
+}
