@@ -1,0 +1,48 @@
+# Shared by scripts/test.sh and scripts/demo.sh: installs what they need, once.
+# shellcheck shell=bash
+
+OUTBOX_RELAY_CACHE="${OUTBOX_RELAY_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/outbox-relay}"
+TANSU_VERSION="0.6.0"
+TANSU_BIN="${TANSU_BIN:-$OUTBOX_RELAY_CACHE/tansu-$TANSU_VERSION/bin/tansu}"
+
+log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+# PostgreSQL server binaries (initdb, postgres) from Debian's packages.
+ensure_postgres() {
+    if compgen -G "/usr/lib/postgresql/*/bin/postgres" >/dev/null; then
+        return
+    fi
+    log "installing PostgreSQL (apt-get install postgresql)"
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+}
+
+postgres_bin() {
+    local dir
+    dir=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
+    echo "$dir"
+}
+
+# The pinned tansu broker, built once into a cache outside the checkout (~10 minutes).
+ensure_tansu() {
+    if [ -x "$TANSU_BIN" ]; then
+        return
+    fi
+    mkdir -p "$OUTBOX_RELAY_CACHE"
+    log "building tansu $TANSU_VERSION into $OUTBOX_RELAY_CACHE (once; about 10 minutes on 2 cores)"
+    (
+        flock 9
+        if [ ! -x "$TANSU_BIN" ]; then
+            cargo install tansu --version "$TANSU_VERSION" --locked --features dynostore \
+                --root "$OUTBOX_RELAY_CACHE/tansu-$TANSU_VERSION"
+        fi
+    ) 9>"$OUTBOX_RELAY_CACHE/tansu.lock"
+}
+
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Runs the whole test suite on a fresh machine: installs PostgreSQL and the pinned tansu
+# broker where missing, then `cargo test`. The tests start their own throwaway PostgreSQL
+# and tansu on free loopback ports (or use DATABASE_URL / KAFKA_BOOTSTRAP when set).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/lib.sh
+
+ensure_postgres
+ensure_tansu
+export TANSU_BIN
+log "cargo test"
+cargo test --locked "$@"
