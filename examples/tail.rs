@@ -27,7 +27,10 @@ fn main() -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut seen = 0;
     while seen < count {
-        anyhow::ensure!(Instant::now() < deadline, "only {seen} of {count} records arrived");
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "only {seen} of {count} records arrived"
+        );
         let Some(message) = consumer.poll(Duration::from_millis(200)) else {
             continue;
         };
@@ -37,7 +40,11 @@ fn main() -> anyhow::Result<()> {
             .map(|h| {
                 h.iter()
                     .map(|h| {
-                        format!("{}={}", h.key, String::from_utf8_lossy(h.value.unwrap_or_default()))
+                        format!(
+                            "{}={}",
+                            h.key,
+                            String::from_utf8_lossy(h.value.unwrap_or_default())
+                        )
                     })
                     .collect()
             })

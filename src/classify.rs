@@ -41,8 +41,10 @@ pub fn classify_code(code: RDKafkaErrorCode) -> (ErrorClass, &'static str) {
             (ErrorClass::PermanentRow, "invalid_record")
         }
         C::InvalidTopic => (ErrorClass::PermanentRow, "invalid_topic"),
+        // Global for a template topic (the relay waits for it to be created); the relay
+        // parks instead when the topic came from the row's own `topic` column.
         C::UnknownTopic | C::UnknownTopicOrPartition | C::UnknownPartition => {
-            (ErrorClass::PermanentRow, "unknown_topic")
+            (ErrorClass::PermanentGlobal, "unknown_topic")
         }
         C::TopicAuthorizationFailed | C::ClusterAuthorizationFailed => {
             (ErrorClass::PermanentGlobal, "authorization_failed")

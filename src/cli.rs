@@ -77,6 +77,7 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let is_daemon = matches!(cli.command, Command::Run);
     let result = runtime.block_on(async {
         match cli.command {
             Command::Run => run(settings).await,
@@ -87,8 +88,12 @@ pub fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            error!("{err:#}");
-            eprintln!("error: {err:#}");
+            // The daemon logs (journal, Kubernetes); one-shot commands talk to a person.
+            if is_daemon {
+                error!("{err:#}");
+            } else {
+                eprintln!("error: {err:#}");
+            }
             ExitCode::FAILURE
         }
     }
@@ -159,7 +164,17 @@ async fn check(settings: Settings, timeout: Duration) -> anyhow::Result<()> {
         .context("Failed to configure the database connection from database.url")?;
     let store = Store::new(pool);
     let url = redact_url(settings.database.url.expose());
-    match store.verify_schema().await {
+    // A direct connection first: the pool would only say that it timed out.
+    let reachable = match tokio::time::timeout(timeout, store::probe(&settings.database)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(err)) => Err(err.to_string()),
+        Err(_) => Err(format!("no answer within {timeout:?}")),
+    };
+    let schema = match reachable {
+        Ok(()) => store.verify_schema().await.map_err(|e| e.to_string()),
+        Err(err) => Err(err),
+    };
+    match schema {
         Ok(version) => {
             println!("PostgreSQL {version} at {url}: outbox table present");
             match store.backlog_stats().await {
@@ -177,7 +192,9 @@ async fn check(settings: Settings, timeout: Duration) -> anyhow::Result<()> {
                 Err(err) => failures.push(format!("database: {err}")),
             }
         }
-        Err(err) => failures.push(format!("database at {url}: {err}")),
+        Err(err) => failures.push(format!(
+            "database at {url}: {err}; check database.url and that PostgreSQL accepts connections"
+        )),
     }
     store.pool().close().await;
 

@@ -530,13 +530,13 @@ pub fn redact_url(raw: &str) -> String {
     match url::Url::parse(raw) {
         Ok(mut url) => {
             if url.password().is_some() {
-                let _ = url.set_password(Some("[redacted]"));
+                let _ = url.set_password(Some("redacted"));
             }
             let pairs: Vec<(String, String)> = url
                 .query_pairs()
                 .map(|(k, v)| {
                     if k.contains("password") {
-                        (k.into_owned(), "[redacted]".to_string())
+                        (k.into_owned(), "redacted".to_string())
                     } else {
                         (k.into_owned(), v.into_owned())
                     }
@@ -582,12 +582,13 @@ fn from_figment_error(err: figment::Error) -> ConfigError {
         }
         other => format!("{other}"),
     };
-    let source = err.metadata.as_ref().map(|m| {
-        let name = m.interpolate(&err.profile.clone().unwrap_or_default(), &path);
-        match &m.source {
-            Some(figment::Source::File(file)) => format!("{} in {}", name, file.display()),
-            _ => format!("{} {}", m.name, name),
-        }
+    let source = err.metadata.as_ref().map(|m| match &m.source {
+        Some(figment::Source::File(file)) => file.display().to_string(),
+        _ if m.name.contains("environment") => format!(
+            "environment variable {ENV_PREFIX}{}",
+            path.join("__").to_uppercase()
+        ),
+        _ => m.name.to_string(),
     });
     let key = if path.is_empty() {
         "<root>".to_string()

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use rdkafka::ClientConfig;
 use rdkafka::ClientContext;
+use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
@@ -37,17 +38,45 @@ pub struct RelayContext {
 }
 
 impl ClientContext for RelayContext {
+    fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+        // librdkafka calls the gap-less guarantee experimental each time a producer is
+        // built; the relay turns it on deliberately, so this is not worth a warning.
+        if facility == "CONFWARN" && message.contains("enable.gapless.guarantee") {
+            tracing::debug!(target: "librdkafka", "{facility} {message}");
+            return;
+        }
+        match level {
+            RDKafkaLogLevel::Emerg
+            | RDKafkaLogLevel::Alert
+            | RDKafkaLogLevel::Critical
+            | RDKafkaLogLevel::Error => {
+                tracing::error!(target: "librdkafka", "{facility} {message}")
+            }
+            RDKafkaLogLevel::Warning => {
+                tracing::warn!(target: "librdkafka", "{facility} {message}")
+            }
+            RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
+                tracing::info!(target: "librdkafka", "{facility} {message}")
+            }
+            RDKafkaLogLevel::Debug => tracing::debug!(target: "librdkafka", "{facility} {message}"),
+        }
+    }
+
     fn error(&self, error: KafkaError, reason: &str) {
         if matches!(
             error.rdkafka_error_code(),
             Some(rdkafka::types::RDKafkaErrorCode::Fatal)
         ) {
+            tracing::error!(target: "librdkafka", error = %error, "{reason}");
             let _ = self.events.send(ProducerEvent::Fatal {
                 generation: self.generation,
                 reason: reason.to_string(),
             });
+        } else {
+            // Connection trouble also reaches `log` (with librdkafka's own suppression of
+            // repeats); logging it here again would flood the log while a broker is down.
+            tracing::debug!(target: "librdkafka", error = %error, "{reason}");
         }
-        tracing::warn!(target: "librdkafka", error = %error, "{reason}");
     }
 }
 

@@ -54,6 +54,8 @@ pub enum Tick {
         parked: u64,
         /// The batch was full: more rows are probably waiting.
         full: bool,
+        /// A permanent global error (unknown topic, authorization) held rows back.
+        blocked: bool,
     },
     /// Shutdown was requested before the batch was produced.
     Stopped,
@@ -70,6 +72,53 @@ enum Outcome {
     },
     Failed,
     Parked,
+}
+
+/// What happened to each row of one batch, and to the producer while it was in flight.
+struct Batch {
+    outcomes: Vec<Outcome>,
+    topics: Vec<Option<String>>,
+    parkings: Vec<Parking>,
+    error_kinds: HashMap<&'static str, u64>,
+    /// A permanent global error held rows back (unknown topic, authorization).
+    blocked: Option<String>,
+    /// The producer hit a fatal error: rebuild it after this batch.
+    fatal: bool,
+    produced: u64,
+}
+
+impl Batch {
+    fn new(rows: usize) -> Self {
+        Self {
+            outcomes: vec![Outcome::NotSent; rows],
+            topics: vec![None; rows],
+            parkings: Vec::new(),
+            error_kinds: HashMap::new(),
+            blocked: None,
+            fatal: false,
+            produced: 0,
+        }
+    }
+
+    fn park(&mut self, pos: usize, row_id: i64, reason: &ParkReason) {
+        self.outcomes[pos] = Outcome::Parked;
+        self.parkings.push(parking(row_id, reason));
+    }
+
+    fn delivery_failed(&mut self, pos: usize, row: &OutboxRow, err: &rdkafka::error::KafkaError) {
+        let (class, kind) = classify(err);
+        *self.error_kinds.entry(kind).or_default() += 1;
+        self.outcomes[pos] = Outcome::Failed;
+        match row_class(class, row) {
+            ErrorClass::PermanentRow => {
+                warn!(row_id = row.id, error = %err, "broker refused the row; parking it");
+                self.park(pos, row.id, &ParkReason::Rejected(err.to_string()));
+            }
+            ErrorClass::PermanentGlobal => self.blocked = Some(err.to_string()),
+            ErrorClass::FatalProducer => self.fatal = true,
+            ErrorClass::Retriable | ErrorClass::Purged => {}
+        }
+    }
 }
 
 /// Delay that doubles from 100 ms up to a cap, reset after a success.
@@ -140,11 +189,23 @@ impl Relay {
     /// are retried with backoff; readiness is false meanwhile.
     pub async fn run(mut self, cancel: CancellationToken) -> Result<(), RelayError> {
         let mut backoff = Backoff::new(Duration::from_secs(30));
+        let mut blocked_backoff = Backoff::new(Duration::from_secs(60));
         while !cancel.is_cancelled() {
             match self.tick(&cancel).await {
-                Ok(Tick::Batch { full: true, .. }) => backoff.reset(),
+                Ok(Tick::Batch { blocked: true, .. }) => {
+                    let delay = blocked_backoff.next_delay();
+                    tokio::select! {
+                        _ = sleep(delay) => {}
+                        _ = cancel.cancelled() => {}
+                    }
+                }
+                Ok(Tick::Batch { full: true, .. }) => {
+                    backoff.reset();
+                    blocked_backoff.reset();
+                }
                 Ok(Tick::Batch { .. } | Tick::Idle) => {
                     backoff.reset();
+                    blocked_backoff.reset();
                     tokio::select! {
                         _ = self.wake.notified() => {}
                         _ = sleep(self.settings.poll_interval) => {}
@@ -201,78 +262,9 @@ impl Relay {
     ) -> Result<Tick, RelayError> {
         let full = rows.len() == self.settings.batch_size as usize;
         let hold = self.settings.on_park == ParkPolicy::Hold;
-        let mut outcomes = vec![Outcome::NotSent; rows.len()];
-        let mut topics: Vec<Option<String>> = vec![None; rows.len()];
-        let mut parkings: Vec<Parking> = Vec::new();
-        let mut error_kinds: HashMap<&'static str, u64> = HashMap::new();
-        let mut held: HashSet<&str> = HashSet::new();
-        let mut fatal = false;
-        let mut produced = 0u64;
-
-        for (i, row) in rows.iter().enumerate() {
-            if fatal {
-                break;
-            }
-            if held.contains(row.aggregate_id.as_str()) {
-                continue;
-            }
-            let record = match self.encoder.encode(row) {
-                Ok(record) => record,
-                Err(reason) => {
-                    outcomes[i] = Outcome::Parked;
-                    parkings.push(parking(row.id, &reason));
-                    if hold {
-                        held.insert(&row.aggregate_id);
-                    }
-                    continue;
-                }
-            };
-            loop {
-                match self.producer.send(row.id, &record) {
-                    Ok(()) => {
-                        outcomes[i] = Outcome::InFlight;
-                        produced += 1;
-                        break;
-                    }
-                    Err(err) => {
-                        let (class, kind) = classify(&err);
-                        if kind == "queue_full" {
-                            sleep(QUEUE_FULL_WAIT).await;
-                            continue;
-                        }
-                        *error_kinds.entry(kind).or_default() += 1;
-                        match class {
-                            ErrorClass::PermanentRow => {
-                                outcomes[i] = Outcome::Parked;
-                                parkings
-                                    .push(parking(row.id, &ParkReason::Rejected(err.to_string())));
-                                if hold {
-                                    held.insert(&row.aggregate_id);
-                                }
-                            }
-                            ErrorClass::FatalProducer => fatal = true,
-                            _ => {
-                                warn!(error = %err, kind, "produce refused; the row will be retried");
-                                held.insert(&row.aggregate_id);
-                            }
-                        }
-                        break;
-                    }
-                }
-            }
-            topics[i] = Some(record.topic);
-        }
-
-        fatal |= self
-            .collect_acks(
-                &rows,
-                &mut outcomes,
-                &mut parkings,
-                &mut error_kinds,
-                produced,
-                cancel,
-            )
-            .await;
+        let mut batch = Batch::new(rows.len());
+        self.produce_batch(&rows, &mut batch).await;
+        self.collect_acks(&rows, &mut batch, cancel).await;
 
         // Decide what may be marked: an acked row whose earlier rows of the same aggregate
         // in this batch were all acked (or parked under `skip`).
@@ -282,9 +274,9 @@ impl Relay {
         let mut latencies = Vec::with_capacity(rows.len());
         let now = Utc::now();
         for (i, row) in rows.iter().enumerate() {
-            match outcomes[i] {
+            match batch.outcomes[i] {
                 Outcome::Acked { partition, offset } => {
-                    if let Some(topic) = &topics[i] {
+                    if let Some(topic) = &batch.topics[i] {
                         *published_by_topic.entry(topic.clone()).or_default() += 1;
                     }
                     latencies.push((now - row.created_at).to_std().unwrap_or_default());
@@ -303,9 +295,9 @@ impl Relay {
             }
         }
 
-        let (parked, marked) = self.write_results(&parkings, &acks, cancel).await?;
+        let (parked, marked) = self.write_results(&batch.parkings, &acks, cancel).await?;
 
-        telemetry::publish_errors(&error_kinds);
+        telemetry::publish_errors(&batch.error_kinds);
         telemetry::batch_finished(&BatchReport {
             read: rows.len(),
             published_by_topic: &published_by_topic,
@@ -320,7 +312,15 @@ impl Relay {
         self.health.batch_done();
         debug!(read = rows.len(), marked, parked, "batch done");
 
-        if fatal {
+        match &batch.blocked {
+            Some(reason) => {
+                error!(%reason, "publishing blocked by a permanent broker error; create the topic or fix the grants, the relay retries slowly");
+                self.health.set_blocked(true);
+            }
+            None if !acks.is_empty() => self.health.set_blocked(false),
+            None => {}
+        }
+        if batch.fatal {
             self.rebuild_producer().await?;
         }
         Ok(Tick::Batch {
@@ -328,28 +328,87 @@ impl Relay {
             marked,
             parked,
             full,
+            blocked: batch.blocked.is_some(),
         })
     }
 
-    /// Waits for the delivery reports of the rows in flight. Returns whether the producer
-    /// hit a fatal error. On shutdown, waits at most `drain_timeout` more.
+    /// Encodes and hands the rows to the producer in id order. A row that cannot be
+    /// encoded is parked; a row refused for a reason that may pass holds the rest of its
+    /// aggregate back to the next batch.
+    async fn produce_batch(&mut self, rows: &[OutboxRow], batch: &mut Batch) {
+        let hold = self.settings.on_park == ParkPolicy::Hold;
+        let mut held: HashSet<&str> = HashSet::new();
+        for (i, row) in rows.iter().enumerate() {
+            if batch.fatal {
+                break;
+            }
+            if held.contains(row.aggregate_id.as_str()) {
+                continue;
+            }
+            let record = match self.encoder.encode(row) {
+                Ok(record) => record,
+                Err(reason) => {
+                    batch.park(i, row.id, &reason);
+                    if hold {
+                        held.insert(&row.aggregate_id);
+                    }
+                    continue;
+                }
+            };
+            loop {
+                match self.producer.send(row.id, &record) {
+                    Ok(()) => {
+                        batch.outcomes[i] = Outcome::InFlight;
+                        batch.produced += 1;
+                        break;
+                    }
+                    Err(err) => {
+                        let (class, kind) = classify(&err);
+                        if kind == "queue_full" {
+                            sleep(QUEUE_FULL_WAIT).await;
+                            continue;
+                        }
+                        *batch.error_kinds.entry(kind).or_default() += 1;
+                        match row_class(class, row) {
+                            ErrorClass::PermanentRow => {
+                                batch.park(i, row.id, &ParkReason::Rejected(err.to_string()));
+                                if hold {
+                                    held.insert(&row.aggregate_id);
+                                }
+                            }
+                            ErrorClass::FatalProducer => batch.fatal = true,
+                            ErrorClass::PermanentGlobal => {
+                                batch.blocked = Some(err.to_string());
+                                held.insert(&row.aggregate_id);
+                            }
+                            ErrorClass::Retriable | ErrorClass::Purged => {
+                                warn!(error = %err, kind, "produce refused; the row will be retried");
+                                held.insert(&row.aggregate_id);
+                            }
+                        }
+                        break;
+                    }
+                }
+            }
+            batch.topics[i] = Some(record.topic);
+        }
+    }
+
+    /// Waits for the delivery reports of the rows in flight, until all arrived or the
+    /// producer hit a fatal error. On shutdown, waits at most `drain_timeout` more.
     async fn collect_acks(
         &mut self,
         rows: &[OutboxRow],
-        outcomes: &mut [Outcome],
-        parkings: &mut Vec<Parking>,
-        error_kinds: &mut HashMap<&'static str, u64>,
-        produced: u64,
+        batch: &mut Batch,
         cancel: &CancellationToken,
-    ) -> bool {
+    ) {
         let generation = self.producer.generation();
-        let mut outstanding = produced;
-        let mut fatal = false;
+        let mut outstanding = batch.produced;
         let mut last_progress = Instant::now();
         let mut drain_deadline: Option<Instant> = None;
         self.health.set_in_flight(outstanding);
 
-        while outstanding > 0 && !fatal {
+        while outstanding > 0 && !batch.fatal {
             let mut wake_at = if self.health.stalled() {
                 Instant::now() + STALLED_RECHECK
             } else {
@@ -362,38 +421,25 @@ impl Relay {
                 event = self.events.recv() => match event {
                     Some(ProducerEvent::Delivered { generation: g, row_id, result }) if g == generation => {
                         let Ok(pos) = rows.binary_search_by_key(&row_id, |r| r.id) else { continue };
-                        if !matches!(outcomes[pos], Outcome::InFlight) {
+                        if !matches!(batch.outcomes[pos], Outcome::InFlight) {
                             continue;
                         }
                         outstanding -= 1;
                         last_progress = Instant::now();
                         self.health.set_stalled(false);
-                        outcomes[pos] = match result {
-                            Ok((partition, offset)) => Outcome::Acked { partition, offset },
-                            Err(err) => {
-                                let (class, kind) = classify(&err);
-                                *error_kinds.entry(kind).or_default() += 1;
-                                match class {
-                                    ErrorClass::PermanentRow => {
-                                        warn!(row_id, error = %err, "broker refused the row; parking it");
-                                        parkings.push(parking(row_id, &ParkReason::Rejected(err.to_string())));
-                                        Outcome::Parked
-                                    }
-                                    ErrorClass::FatalProducer => {
-                                        fatal = true;
-                                        Outcome::Failed
-                                    }
-                                    _ => Outcome::Failed,
-                                }
+                        match result {
+                            Ok((partition, offset)) => {
+                                batch.outcomes[pos] = Outcome::Acked { partition, offset };
                             }
-                        };
+                            Err(err) => batch.delivery_failed(pos, &rows[pos], &err),
+                        }
                     }
                     Some(ProducerEvent::Fatal { generation: g, reason }) if g == generation => {
                         error!(%reason, "fatal producer error; rebuilding the producer");
-                        fatal = true;
+                        batch.fatal = true;
                     }
                     Some(_) => {} // a report from a producer already torn down
-                    None => fatal = true,
+                    None => batch.fatal = true,
                 },
                 _ = cancel.cancelled(), if drain_deadline.is_none() => {
                     info!(outstanding, timeout = ?self.settings.drain_timeout, "draining: waiting for acknowledgements");
@@ -406,7 +452,7 @@ impl Relay {
                     }
                     if let Some(reason) = self.producer.fatal_error() {
                         error!(%reason, "fatal producer error; rebuilding the producer");
-                        fatal = true;
+                        batch.fatal = true;
                     } else if last_progress.elapsed() >= self.settings.stall_after && !self.health.stalled() {
                         warn!(outstanding, waited = ?last_progress.elapsed(), "stalled: the broker has not acknowledged anything; librdkafka keeps retrying");
                         self.health.set_stalled(true);
@@ -416,7 +462,6 @@ impl Relay {
             self.health.set_in_flight(outstanding);
         }
         self.health.set_in_flight(0);
-        fatal
     }
 
     /// Parks and marks (or deletes) one batch, retrying while the database is away. If
@@ -496,6 +541,15 @@ impl Relay {
         if err.is_retriable() {
             self.health.set_database_ok(false);
         }
+    }
+}
+
+/// A missing topic is the row's own problem when the row named it, everyone's otherwise.
+fn row_class(class: ErrorClass, row: &OutboxRow) -> ErrorClass {
+    if class == ErrorClass::PermanentGlobal && row.topic.is_some() {
+        ErrorClass::PermanentRow
+    } else {
+        class
     }
 }
 

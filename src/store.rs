@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
-use sqlx::{ConnectOptions, Row};
+use sqlx::{ConnectOptions, Connection, Row};
 
 use crate::config::{DatabaseSettings, ParkPolicy};
 
@@ -130,9 +130,7 @@ impl From<sqlx::Error> for StoreError {
     }
 }
 
-/// Builds the pool. Connections are opened lazily so a relay can start while the database
-/// is still coming up; the first statement says whether it is reachable.
-pub fn connect_lazy(settings: &DatabaseSettings) -> Result<PgPool, sqlx::Error> {
+fn connect_options(settings: &DatabaseSettings) -> Result<PgConnectOptions, sqlx::Error> {
     let mut options: PgConnectOptions = settings.url.expose().parse()?;
     options = options
         .application_name("outbox-relay")
@@ -144,6 +142,20 @@ pub fn connect_lazy(settings: &DatabaseSettings) -> Result<PgPool, sqlx::Error> 
             settings.statement_timeout.as_millis().to_string(),
         )]);
     }
+    Ok(options)
+}
+
+/// Opens and closes one connection, so that the error says why it failed.
+pub async fn probe(settings: &DatabaseSettings) -> Result<(), StoreError> {
+    let connection = connect_options(settings)?.connect().await?;
+    connection.close().await?;
+    Ok(())
+}
+
+/// Builds the pool. Connections are opened lazily so a relay can start while the database
+/// is still coming up; the first statement says whether it is reachable.
+pub fn connect_lazy(settings: &DatabaseSettings) -> Result<PgPool, sqlx::Error> {
+    let options = connect_options(settings)?;
     Ok(PgPoolOptions::new()
         .max_connections(settings.max_connections)
         .acquire_timeout(settings.connect_timeout)

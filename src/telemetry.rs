@@ -138,6 +138,7 @@ pub struct Health {
     database_ok: AtomicBool,
     producer_ok: AtomicBool,
     stalled: AtomicBool,
+    blocked: AtomicBool,
     in_flight: AtomicU64,
     batches: AtomicU64,
 }
@@ -158,6 +159,12 @@ impl Health {
     pub fn set_stalled(&self, stalled: bool) {
         if self.stalled.swap(stalled, Ordering::SeqCst) != stalled {
             gauge!(STALLED).set(if stalled { 1.0 } else { 0.0 });
+            self.update_ready_gauge();
+        }
+    }
+    /// A permanent global error (unknown topic, authorization) stops publishing.
+    pub fn set_blocked(&self, blocked: bool) {
+        if self.blocked.swap(blocked, Ordering::SeqCst) != blocked {
             self.update_ready_gauge();
         }
     }
@@ -187,6 +194,10 @@ impl Health {
             Some("database unreachable")
         } else if !self.producer_ok.load(Ordering::SeqCst) {
             Some("producer unhealthy")
+        } else if self.blocked.load(Ordering::SeqCst) {
+            Some(
+                "publishing blocked by a permanent broker error (unknown topic, authorization); see the logs",
+            )
         } else if self.stalled.load(Ordering::SeqCst) {
             Some("stalled: broker acknowledgements have stopped")
         } else {

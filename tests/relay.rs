@@ -446,3 +446,51 @@ async fn http_endpoints_report_health_and_metrics() {
     }
     relay.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_template_topic_blocks_publishing_without_parking() {
+    let db = TestDb::new().await;
+    let bootstrap = kafka_bootstrap();
+    let prefix = unique_prefix();
+    let topic = format!("{prefix}.missing");
+    db.insert(&stream("missing", 5, 40)).await;
+    let relay = RunningRelay::start(settings(
+        &db,
+        &bootstrap,
+        &format!(
+            "[relay]\ntopic_template = \"{prefix}.{{aggregate_type}}\"\n\
+             [kafka.properties]\n\"topic.metadata.propagation.max.ms\" = 500\n"
+        ),
+    ))
+    .await;
+    wait_for(
+        "readiness false while the topic is missing",
+        CONDITION_TIMEOUT,
+        || async {
+            let (status, body) = http_get(relay.http_addr, "/readyz").await;
+            status == 503 && body.contains("blocked")
+        },
+    )
+    .await;
+    assert_eq!(
+        db.count("parked_at IS NOT NULL").await,
+        0,
+        "a missing topic parks nothing"
+    );
+    assert_eq!(db.sent().await, 0);
+
+    create_topic(&bootstrap, &topic, 3).await;
+    wait_for(
+        "all rows marked once the topic exists",
+        CONDITION_TIMEOUT,
+        || async { db.sent().await == 40 },
+    )
+    .await;
+    wait_for("ready again", CONDITION_TIMEOUT, || async {
+        http_get(relay.http_addr, "/readyz").await.0 == 200
+    })
+    .await;
+    relay.stop().await;
+    let records = consume(&bootstrap, &topic, 40);
+    assert_contract(&db.rows().await, &records);
+}

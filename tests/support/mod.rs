@@ -236,7 +236,15 @@ pub struct TestDb {
 }
 
 impl TestDb {
+    /// A fresh database with the outbox migrations applied.
     pub async fn new() -> TestDb {
+        let db = TestDb::empty().await;
+        outbox_relay::store::MIGRATOR.run(&db.pool).await.unwrap();
+        db
+    }
+
+    /// A fresh database without the outbox table.
+    pub async fn empty() -> TestDb {
         let admin_url = &postgres().admin_url;
         let name = format!("t_{}", uuid::Uuid::new_v4().simple());
         let deadline = Instant::now() + CONDITION_TIMEOUT;
@@ -266,7 +274,6 @@ impl TestDb {
             .connect(&url)
             .await
             .unwrap();
-        outbox_relay::store::MIGRATOR.run(&pool).await.unwrap();
         TestDb { url, pool }
     }
 

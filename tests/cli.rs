@@ -1,0 +1,349 @@
+//! The `outbox-relay` binary as an operator runs it: exit codes, messages that name the
+//! key, `migrate`, `check`, SIGTERM draining and a kill -9 in mid-stream.
+
+mod support;
+
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use support::*;
+
+fn relay_command(db_url: &str, bootstrap: &str) -> Command {
+    let mut command = Command::new(relay_bin());
+    command
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("OUTBOX_RELAY_DATABASE__URL", db_url)
+        .env("OUTBOX_RELAY_KAFKA__BOOTSTRAP_SERVERS", bootstrap)
+        .env("OUTBOX_RELAY_HTTP__LISTEN", "127.0.0.1:0")
+        .env("OUTBOX_RELAY_LOG__FORMAT", "text")
+        .stdin(Stdio::null());
+    command
+}
+
+fn output_text(output: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+/// Waits for a child to exit, failing the test after `timeout`.
+fn wait_exit(child: &mut Child, timeout: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            panic!("the relay did not exit within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn bad_configuration_exits_2_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases: Vec<(&str, Vec<(&str, &str)>, &str, &str)> = vec![
+        (
+            "[relay]\nbatch_sise = 10\n",
+            vec![],
+            "relay.batch_sise",
+            "unknown key in the file",
+        ),
+        (
+            "",
+            vec![("OUTBOX_RELAY_RELAY__BATCH_SIZE", "lots")],
+            "relay.batch_size",
+            "invalid value from the environment",
+        ),
+        (
+            "",
+            vec![("OUTBOX_RELAY_RELAY__BATCH_SIZE", "0")],
+            "relay.batch_size",
+            "out of range",
+        ),
+        (
+            "[relay]\nmode = \"archive\"\n",
+            vec![],
+            "relay.mode",
+            "unknown mode",
+        ),
+        (
+            "[kafka.properties]\n\"acks\" = \"1\"\n",
+            vec![],
+            "acks",
+            "weaker acks",
+        ),
+        (
+            "[kafka.properties]\n\"enable.idempotence\" = false\n",
+            vec![],
+            "enable.idempotence",
+            "idempotence off",
+        ),
+        (
+            "[kafka.properties]\n\"message.timeout.ms\" = 30000\n",
+            vec![],
+            "message.timeout.ms",
+            "finite message timeout",
+        ),
+        (
+            "[relay]\ntopic_template = \"events.{tenant}\"\n",
+            vec![],
+            "relay.topic_template",
+            "unknown placeholder",
+        ),
+        (
+            "[database]\nurl = \"mysql://x\"\n",
+            vec![("OUTBOX_RELAY_DATABASE__URL", "mysql://x")],
+            "database.url",
+            "wrong scheme",
+        ),
+        (
+            "",
+            vec![("OUTBOX_RELAY_NONSENSE", "1")],
+            "nonsense",
+            "unknown environment key",
+        ),
+    ];
+    for (i, (file, env, key, what)) in cases.into_iter().enumerate() {
+        let path = dir.path().join(format!("case{i}.toml"));
+        std::fs::write(&path, file).unwrap();
+        let mut command = relay_command("postgres://relay:hunter2@127.0.0.1:1/app", "127.0.0.1:1");
+        command.arg("--config").arg(&path).arg("run");
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        let output = command.output().unwrap();
+        let text = output_text(&output);
+        assert_eq!(
+            output.status.code(),
+            Some(2),
+            "{what}: expected exit 2, got {text}"
+        );
+        assert!(
+            text.contains(key),
+            "{what}: message does not name `{key}`: {text}"
+        );
+        assert!(
+            !text.contains("hunter2"),
+            "{what}: the password leaked: {text}"
+        );
+    }
+
+    // A missing database.url and a --config that does not exist.
+    let empty = dir.path().join("empty.toml");
+    std::fs::write(&empty, "").unwrap();
+    let output = Command::new(relay_bin())
+        .env_clear()
+        .arg("--config")
+        .arg(&empty)
+        .arg("check")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert!(output_text(&output).contains("database.url"));
+    let output = Command::new(relay_bin())
+        .env_clear()
+        .env("OUTBOX_RELAY_KAFKA__BOOTSTRAP_SERVERS", "127.0.0.1:1")
+        .args(["--config", "/nonexistent/relay.toml", "run"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert!(output_text(&output).contains("/nonexistent/relay.toml"));
+}
+
+#[test]
+fn every_subcommand_has_help() {
+    for args in [
+        vec!["--help"],
+        vec!["run", "--help"],
+        vec!["migrate", "--help"],
+        vec!["check", "--help"],
+    ] {
+        let output = Command::new(relay_bin()).args(&args).output().unwrap();
+        assert!(output.status.success(), "{args:?}");
+        assert!(
+            String::from_utf8_lossy(&output.stdout).contains("Usage"),
+            "{args:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_creates_the_table_and_check_reports_both_sides() {
+    let db = TestDb::empty().await;
+    let bootstrap = kafka_bootstrap();
+    // A password in the URL (trust authentication ignores it) must never be printed.
+    let url = db.url.replace("postgres@", "postgres:hunter2@");
+
+    let output = relay_command(&url, &bootstrap)
+        .args(["migrate", "--notify-trigger", "on"])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", output_text(&output));
+    let triggers: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_trigger WHERE tgname = 'outbox_notify' AND NOT tgisinternal",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(triggers, 1);
+    // Applying the migrations again is a no-op.
+    let output = relay_command(&url, &bootstrap)
+        .arg("migrate")
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", output_text(&output));
+
+    let output = relay_command(&url, &bootstrap)
+        .arg("check")
+        .output()
+        .unwrap();
+    let text = output_text(&output);
+    assert!(output.status.success(), "{text}");
+    assert!(text.contains("outbox table present"), "{text}");
+    assert!(text.contains("brokers"), "{text}");
+    assert!(
+        !text.contains("hunter2"),
+        "password printed by check: {text}"
+    );
+
+    // An unreachable broker fails the check, naming what to fix.
+    let output = relay_command(&url, &format!("127.0.0.1:{}", free_port()))
+        .args(["check", "--timeout", "2s"])
+        .output()
+        .unwrap();
+    let text = output_text(&output);
+    assert_eq!(output.status.code(), Some(1), "{text}");
+    assert!(text.contains("kafka.bootstrap_servers"), "{text}");
+    assert!(!text.contains("hunter2"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_without_the_table_fails_clearly() {
+    let db = TestDb::empty().await;
+    let output = relay_command(&db.url, &kafka_bootstrap())
+        .arg("run")
+        .output()
+        .unwrap();
+    let text = output_text(&output);
+    assert_eq!(output.status.code(), Some(1), "{text}");
+    assert!(text.contains("outbox-relay migrate"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_what_is_in_flight_and_exits_0() {
+    let db = TestDb::new().await;
+    let bootstrap = kafka_bootstrap();
+    let prefix = unique_prefix();
+    let topic = format!("{prefix}.drain");
+    create_topic(&bootstrap, &topic, 3).await;
+    db.insert(&stream("drain", 100, 20_000)).await;
+
+    let mut child = relay_command(&db.url, &bootstrap)
+        .env(
+            "OUTBOX_RELAY_RELAY__TOPIC_TEMPLATE",
+            format!("{prefix}.{{aggregate_type}}"),
+        )
+        .env("OUTBOX_RELAY_RELAY__BATCH_SIZE", "2000")
+        .arg("run")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for("the relay to start marking", CONDITION_TIMEOUT, || async {
+        db.sent().await > 0
+    })
+    .await;
+    signal(child.id(), libc::SIGTERM);
+    let status = wait_exit(&mut child, Duration::from_secs(30));
+    assert_eq!(status.code(), Some(0), "SIGTERM exits 0");
+
+    // Everything published before the exit was marked: Kafka holds exactly the marked rows.
+    let marked = db.sent().await as usize;
+    assert!(marked < 20_000, "stopped part-way ({marked} marked)");
+    let records = consume(&bootstrap, &topic, marked);
+    assert_eq!(
+        records.len(),
+        marked,
+        "every published row was marked before exiting"
+    );
+
+    // A new relay finishes the job with no duplicates.
+    let mut child = relay_command(&db.url, &bootstrap)
+        .env(
+            "OUTBOX_RELAY_RELAY__TOPIC_TEMPLATE",
+            format!("{prefix}.{{aggregate_type}}"),
+        )
+        .arg("run")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for("all rows marked", CONDITION_TIMEOUT, || async {
+        db.sent().await == 20_000
+    })
+    .await;
+    signal(child.id(), libc::SIGTERM);
+    assert_eq!(
+        wait_exit(&mut child, Duration::from_secs(30)).code(),
+        Some(0)
+    );
+    let records = consume(&bootstrap, &topic, 20_000);
+    assert_eq!(assert_contract(&db.rows().await, &records), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_stream_loses_nothing_and_duplicates_stay_within_a_batch() {
+    let db = TestDb::new().await;
+    let bootstrap = kafka_bootstrap();
+    let prefix = unique_prefix();
+    let topic = format!("{prefix}.crash");
+    create_topic(&bootstrap, &topic, 3).await;
+    db.insert(&stream("crash", 200, 20_000)).await;
+    let start = || {
+        relay_command(&db.url, &bootstrap)
+            .env(
+                "OUTBOX_RELAY_RELAY__TOPIC_TEMPLATE",
+                format!("{prefix}.{{aggregate_type}}"),
+            )
+            .env("OUTBOX_RELAY_RELAY__BATCH_SIZE", "500")
+            .arg("run")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut kills = 0;
+    for threshold in [2_000, 8_000, 14_000] {
+        let mut child = start();
+        wait_for("progress before the kill", CONDITION_TIMEOUT, || async {
+            db.sent().await >= threshold
+        })
+        .await;
+        child.kill().unwrap();
+        child.wait().unwrap();
+        kills += 1;
+    }
+    let mut child = start();
+    wait_for("all rows marked", CONDITION_TIMEOUT, || async {
+        db.sent().await == 20_000
+    })
+    .await;
+    signal(child.id(), libc::SIGTERM);
+    assert_eq!(
+        wait_exit(&mut child, Duration::from_secs(30)).code(),
+        Some(0)
+    );
+
+    let records = consume(&bootstrap, &topic, 20_000);
+    let duplicates = assert_contract(&db.rows().await, &records);
+    assert!(
+        duplicates <= kills * 500,
+        "{duplicates} duplicates from {kills} kills with batches of 500"
+    );
+}
