@@ -47,7 +47,14 @@ fn wait_exit(child: &mut Child, timeout: Duration) -> std::process::ExitStatus {
 #[test]
 fn bad_configuration_exits_2_naming_the_key() {
     let dir = tempfile::tempdir().unwrap();
-    let cases: Vec<(&str, Vec<(&str, &str)>, &str, &str)> = vec![
+    /// (config file, environment, key the message must name, what the case is)
+    type Case = (
+        &'static str,
+        Vec<(&'static str, &'static str)>,
+        &'static str,
+        &'static str,
+    );
+    let cases: Vec<Case> = vec![
         (
             "[relay]\nbatch_sise = 10\n",
             vec![],
