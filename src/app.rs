@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::config::Settings;
+use crate::lease::{LeaseKeeper, LeaseTiming, Ownership};
 use crate::relay::{Backoff, Relay};
 use crate::store::{self, Store, StoreError};
 use crate::telemetry::{self, Health};
@@ -26,6 +27,7 @@ pub struct App {
     relay: Relay,
     health: Arc<Health>,
     wake: Arc<Notify>,
+    ownership: Arc<Ownership>,
     metrics: PrometheusHandle,
     http_listener: TcpListener,
     http_addr: SocketAddr,
@@ -41,8 +43,15 @@ impl App {
         let store = Store::new(pool);
         let health = Arc::new(Health::default());
         let wake = Arc::new(Notify::new());
-        let relay = Relay::new(store.clone(), &settings, health.clone(), wake.clone())
-            .context("Failed to build the Kafka producer")?;
+        let ownership = Arc::new(Ownership::default());
+        let relay = Relay::new(
+            store.clone(),
+            &settings,
+            health.clone(),
+            wake.clone(),
+            ownership.clone(),
+        )
+        .context("Failed to build the Kafka producer")?;
         let http_listener = TcpListener::bind(settings.http.listen)
             .await
             .with_context(|| format!("Failed to bind http.listen = {}", settings.http.listen))?;
@@ -53,6 +62,7 @@ impl App {
             relay,
             health,
             wake,
+            ownership,
             metrics,
             http_listener,
             http_addr,
@@ -77,10 +87,12 @@ impl App {
             relay,
             health,
             wake,
+            ownership,
             metrics,
             http_listener,
             http_addr,
         } = self;
+        let replica_id = settings.replica_id();
         let tasks_cancel = cancel.child_token();
         let http = tokio::spawn(crate::http::serve(
             http_listener,
@@ -100,6 +112,21 @@ impl App {
                     tasks_cancel.clone(),
                 ))
             });
+            let keeper = tokio::spawn(
+                LeaseKeeper {
+                    store: store.clone(),
+                    replica_id: replica_id.clone(),
+                    timing: LeaseTiming {
+                        ttl: settings.relay.lease_ttl,
+                        renew_interval: settings.relay.lease_renew_interval,
+                        margin: settings.lease_margin(),
+                    },
+                    ownership: ownership.clone(),
+                    health: health.clone(),
+                    wake_relay: wake.clone(),
+                }
+                .run(tasks_cancel.clone()),
+            );
             let stats = tokio::spawn(refresh_backlog_gauges(
                 store.clone(),
                 settings.relay.stats_interval,
@@ -107,6 +134,7 @@ impl App {
             ));
             health.set_started();
             info!(
+                replica = %replica_id,
                 mode = ?settings.relay.mode,
                 batch_size = settings.relay.batch_size,
                 topic_template = %settings.relay.topic_template,
@@ -118,6 +146,8 @@ impl App {
                 let _ = listener.await;
             }
             let _ = stats.await;
+            let _ = keeper.await;
+            hand_over(&store, &replica_id, &ownership).await;
             relayed.context("The relay stopped")
         }
         .await;
@@ -130,6 +160,19 @@ impl App {
         }
         store.pool().close().await;
         outcome
+    }
+}
+
+/// On a clean stop, gives every shard up and leaves the live set, so the other replicas
+/// take over at their next heartbeat instead of waiting for the leases to expire.
+async fn hand_over(store: &Store, replica_id: &str, ownership: &Ownership) {
+    let held = ownership.take_all();
+    match store.release_leases(replica_id, &held).await {
+        Ok(released) => info!(shards = released, "shards handed over"),
+        Err(err) => warn!(error = %err, "could not release the leases; they expire by themselves"),
+    }
+    if let Err(err) = store.deregister(replica_id).await {
+        warn!(error = %err, "could not leave the replica list; the entry expires by itself");
     }
 }
 

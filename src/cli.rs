@@ -44,6 +44,13 @@ pub enum Command {
         #[arg(long, value_name = "on|off")]
         notify_trigger: Option<Toggle>,
     },
+    /// Show the backlog and the replicas sharing it: pending and parked rows, the oldest
+    /// pending row's age, each replica's shards and lease ages.
+    Status {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Validate the configuration, connect to PostgreSQL and Kafka, and say what the relay
     /// would do (secrets redacted). Exits non-zero if anything is wrong.
     Check {
@@ -83,6 +90,7 @@ pub fn main() -> ExitCode {
             Command::Run => run(settings).await,
             Command::Migrate { notify_trigger } => migrate(settings, notify_trigger).await,
             Command::Check { timeout } => check(settings, timeout).await,
+            Command::Status { json } => status(settings, json).await,
         }
     });
     match result {
@@ -150,6 +158,75 @@ async fn migrate(settings: Settings, notify_trigger: Option<Toggle>) -> anyhow::
         );
     }
     store.pool().close().await;
+    Ok(())
+}
+
+#[derive(serde::Serialize)]
+struct StatusReport {
+    pending_rows: i64,
+    oldest_pending_age_seconds: Option<f64>,
+    parked_rows: i64,
+    shard_count: i16,
+    shards_unowned: i64,
+    replicas: Vec<crate::store::ReplicaStatus>,
+}
+
+async fn status(settings: Settings, json: bool) -> anyhow::Result<()> {
+    let pool = store::connect_lazy(&settings.database)
+        .context("Failed to configure the database connection from database.url")?;
+    let store = Store::new(pool);
+    let backlog = store
+        .backlog_stats()
+        .await
+        .context("Failed to read the outbox")?;
+    let (replicas, unowned) = store
+        .replica_status()
+        .await
+        .context("Failed to read the lease table")?;
+    store.pool().close().await;
+    let report = StatusReport {
+        pending_rows: backlog.pending_rows,
+        oldest_pending_age_seconds: backlog.oldest_pending_age.map(|d| d.as_secs_f64()),
+        parked_rows: backlog.parked_rows,
+        shard_count: crate::lease::SHARD_COUNT,
+        shards_unowned: unowned,
+        replicas,
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    let age = |s: Option<f64>| s.map_or("-".to_string(), |s| format!("{s:.1}s"));
+    println!("pending rows     {}", report.pending_rows);
+    println!(
+        "oldest pending   {}",
+        age(report.oldest_pending_age_seconds)
+    );
+    println!("parked rows      {}", report.parked_rows);
+    println!(
+        "unowned shards   {} of {}",
+        report.shards_unowned, report.shard_count
+    );
+    println!();
+    println!(
+        "{:<32} {:>5} {:>7} {:>10} {:>14}  started",
+        "replica", "live", "shards", "heartbeat", "lease renewed"
+    );
+    for r in &report.replicas {
+        println!(
+            "{:<32} {:>5} {:>7} {:>10} {:>14}  {}",
+            r.replica_id,
+            if r.live { "yes" } else { "no" },
+            r.shards,
+            format!("{:.1}s ago", r.heartbeat_age_seconds),
+            r.oldest_lease_renewal_seconds
+                .map_or("-".to_string(), |s| format!("{s:.1}s ago")),
+            r.started_at.format("%Y-%m-%d %H:%M:%S UTC"),
+        );
+    }
+    if report.replicas.is_empty() {
+        println!("(no replica has registered)");
+    }
     Ok(())
 }
 

@@ -45,6 +45,9 @@ pub struct DatabaseSettings {
     pub listen: bool,
     /// Channel the doorbell trigger notifies.
     pub listen_channel: String,
+    /// Prepared statements cached per connection; 0 behind PgBouncer without prepared
+    /// statement support.
+    pub statement_cache_capacity: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -105,6 +108,16 @@ pub struct RelaySettings {
     /// How often pending-row gauges are refreshed.
     #[serde(with = "humantime_serde")]
     pub stats_interval: Duration,
+    /// This replica's name in the lease table; empty means `<hostname>-<pid>`. Give each
+    /// replica a different one.
+    pub replica_id: String,
+    /// A shard lease lasts this long unless renewed; a replica that dies loses its shards
+    /// to the others within it.
+    #[serde(with = "humantime_serde")]
+    pub lease_ttl: Duration,
+    /// How often leases are renewed and membership is checked.
+    #[serde(with = "humantime_serde")]
+    pub lease_renew_interval: Duration,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -140,6 +153,7 @@ impl Default for DatabaseSettings {
             statement_timeout: Duration::from_secs(30),
             listen: true,
             listen_channel: "outbox_relay".into(),
+            statement_cache_capacity: 100,
         }
     }
 }
@@ -167,6 +181,9 @@ impl Default for RelaySettings {
             drain_timeout: Duration::from_secs(10),
             stall_after: Duration::from_secs(30),
             stats_interval: Duration::from_secs(10),
+            replica_id: String::new(),
+            lease_ttl: Duration::from_secs(10),
+            lease_renew_interval: Duration::from_secs(2),
         }
     }
 }
@@ -397,6 +414,29 @@ impl Settings {
                 ));
             }
         }
+        // librdkafka itself says whether each property exists and takes that value.
+        let mut native = rdkafka::ClientConfig::new();
+        for (name, value) in &self.kafka.properties {
+            native.set(name, value.to_string());
+        }
+        if let Err(err) = native.create_native_config() {
+            let name = self
+                .kafka
+                .properties
+                .keys()
+                .find(|name| err.to_string().contains(name.as_str()))
+                .cloned()
+                .unwrap_or_default();
+            let shown = if is_secret_property(&name) {
+                "a librdkafka property is invalid".to_string()
+            } else {
+                err.to_string()
+            };
+            return Err(ConfigError::new(
+                format!("kafka.properties.\"{name}\""),
+                format!("{shown}; see librdkafka's CONFIGURATION.md for producer properties"),
+            ));
+        }
         if self.relay.batch_size == 0 || self.relay.batch_size > 100_000 {
             return Err(ConfigError::new(
                 "relay.batch_size",
@@ -432,6 +472,23 @@ impl Settings {
                 "must be greater than zero, e.g. \"10s\"",
             ));
         }
+        if self.relay.lease_ttl < Duration::from_secs(1) {
+            return Err(ConfigError::new(
+                "relay.lease_ttl",
+                "must be at least 1s (10s is the default)",
+            ));
+        }
+        if self.relay.lease_renew_interval.is_zero()
+            || self.relay.lease_renew_interval * 2 > self.relay.lease_ttl - self.lease_margin()
+        {
+            return Err(ConfigError::new(
+                "relay.lease_renew_interval",
+                format!(
+                    "must be greater than zero and at most half of relay.lease_ttl minus its safety margin ({:?}), so that one failed renewal does not lose the leases",
+                    self.relay.lease_ttl - self.lease_margin()
+                ),
+            ));
+        }
         tracing_subscriber::EnvFilter::try_new(&self.log.level).map_err(|e| {
             ConfigError::new(
                 "log.level",
@@ -439,6 +496,29 @@ impl Settings {
             )
         })?;
         Ok(())
+    }
+
+    /// How much sooner than the database a replica considers its lease gone: covers clock
+    /// drift and the time a renewal takes to return.
+    pub fn lease_margin(&self) -> Duration {
+        self.relay.lease_ttl / 5
+    }
+
+    /// `relay.replica_id`, or `<hostname>-<pid>`.
+    pub fn replica_id(&self) -> String {
+        if !self.relay.replica_id.is_empty() {
+            return self.relay.replica_id.clone();
+        }
+        let host = std::env::var("HOSTNAME")
+            .ok()
+            .filter(|h| !h.is_empty())
+            .or_else(|| {
+                std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .ok()
+                    .map(|h| h.trim().to_string())
+            })
+            .unwrap_or_else(|| "relay".into());
+        format!("{host}-{}", std::process::id())
     }
 
     /// The librdkafka producer properties, safety settings last so nothing overrides them.
@@ -670,6 +750,21 @@ mod tests {
         let text = format!("{BASE}[kafka.properties]\n\"linger.ms\" = 20\n");
         let err = from_toml(&text).unwrap_err();
         assert!(err.to_string().contains("kafka.linger"), "{err}");
+    }
+
+    #[test]
+    fn unknown_or_invalid_librdkafka_properties_are_refused() {
+        let err = from_toml(&format!("{BASE}[kafka.properties]\n\"lingr.ms\" = 5\n")).unwrap_err();
+        assert_eq!(err.key, "kafka.properties.\"lingr.ms\"", "{err}");
+        let err = from_toml(&format!(
+            "{BASE}[kafka.properties]\n\"batch.num.messages\" = \"many\"\n"
+        ))
+        .unwrap_err();
+        assert_eq!(err.key, "kafka.properties.\"batch.num.messages\"", "{err}");
+        from_toml(&format!(
+            "{BASE}[kafka.properties]\n\"batch.num.messages\" = 5000\n"
+        ))
+        .expect("a valid property passes");
     }
 
     #[test]

@@ -296,6 +296,7 @@ mod tests {
             topic: None,
             event_id: uuid::Uuid::nil(),
             created_at: chrono::Utc::now(),
+            shard: 0,
         }
     }
 

@@ -7,6 +7,7 @@ pub mod cli;
 pub mod config;
 pub mod encode;
 pub mod http;
+pub mod lease;
 pub mod produce;
 pub mod relay;
 pub mod store;

@@ -16,6 +16,7 @@ use tracing::{Instrument, debug, error, info, warn};
 use crate::classify::{ErrorClass, classify};
 use crate::config::{Mode, ParkPolicy, RelaySettings, Settings};
 use crate::encode::{Encoder, ParkReason, TopicTemplate};
+use crate::lease::{Ownership, Snapshot};
 use crate::produce::{EventReceiver, EventSender, ProducerEvent, RowProducer};
 use crate::store::{Ack, OutboxRow, Parking, Store, StoreError};
 use crate::telemetry::{self, BatchReport, Health};
@@ -31,13 +32,15 @@ pub enum RelayError {
     Store(#[from] StoreError),
     #[error("cannot build the Kafka producer: {0}; check the [kafka] settings")]
     Producer(#[source] rdkafka::error::KafkaError),
+    #[error("relay.topic_template: {0}")]
+    Template(#[from] crate::encode::TemplateError),
 }
 
 impl RelayError {
     pub fn is_retriable(&self) -> bool {
         match self {
             RelayError::Store(e) => e.is_retriable(),
-            RelayError::Producer(_) => false,
+            RelayError::Producer(_) | RelayError::Template(_) => false,
         }
     }
 }
@@ -78,6 +81,8 @@ enum Outcome {
 struct Batch {
     outcomes: Vec<Outcome>,
     topics: Vec<Option<String>>,
+    /// The lease epoch each produced row was read under; marks are fenced by it.
+    epochs: Vec<i64>,
     parkings: Vec<Parking>,
     error_kinds: HashMap<&'static str, u64>,
     /// A permanent global error held rows back (unknown topic, authorization).
@@ -92,6 +97,7 @@ impl Batch {
         Self {
             outcomes: vec![Outcome::NotSent; rows],
             topics: vec![None; rows],
+            epochs: vec![0; rows],
             parkings: Vec::new(),
             error_kinds: HashMap::new(),
             blocked: None,
@@ -156,6 +162,8 @@ pub struct Relay {
     encoder: Encoder,
     health: Arc<Health>,
     wake: Arc<Notify>,
+    ownership: Arc<Ownership>,
+    replica_id: String,
 }
 
 impl Relay {
@@ -164,13 +172,13 @@ impl Relay {
         settings: &Settings,
         health: Arc<Health>,
         wake: Arc<Notify>,
+        ownership: Arc<Ownership>,
     ) -> Result<Self, RelayError> {
         let (events_tx, events) = mpsc::unbounded_channel();
         let producer_properties = settings.producer_properties();
         let producer = RowProducer::build(&producer_properties, 1, events_tx.clone())
             .map_err(RelayError::Producer)?;
-        let template = TopicTemplate::parse(&settings.relay.topic_template)
-            .expect("validated with the settings");
+        let template = TopicTemplate::parse(&settings.relay.topic_template)?;
         health.set_producer_ok(true);
         Ok(Self {
             store,
@@ -182,6 +190,8 @@ impl Relay {
             encoder: Encoder::new(template, settings.relay.max_message_bytes),
             health,
             wake,
+            ownership,
+            replica_id: settings.replica_id(),
         })
     }
 
@@ -231,9 +241,28 @@ impl Relay {
     /// Reads, publishes and marks one batch. Tests call it to drain deterministically.
     pub async fn tick(&mut self, cancel: &CancellationToken) -> Result<Tick, RelayError> {
         let started = Instant::now();
+        // Between batches nothing is in flight: the safe moment to hand shards over.
+        let releases = self.ownership.take_releases();
+        if !releases.is_empty() {
+            let released = self
+                .store
+                .release_leases(&self.replica_id, &releases)
+                .await
+                .inspect_err(|e| self.database_failed(e))?;
+            info!(shards = released, "released shards to other replicas");
+        }
+        let snapshot = self.ownership.snapshot();
+        if snapshot.is_empty() {
+            return Ok(Tick::Idle);
+        }
+        let filter = snapshot.shard_filter();
         let rows = self
             .store
-            .read_pending(self.settings.batch_size, self.settings.on_park)
+            .read_pending(
+                self.settings.batch_size,
+                self.settings.on_park,
+                filter.as_deref(),
+            )
             .await
             .inspect_err(|e| self.database_failed(e))?;
         self.health.set_database_ok(true);
@@ -249,7 +278,7 @@ impl Relay {
             first_id = rows[0].id,
             last_id = rows[rows.len() - 1].id
         );
-        self.process_batch(rows, started, cancel)
+        self.process_batch(rows, &snapshot, started, cancel)
             .instrument(span)
             .await
     }
@@ -257,13 +286,14 @@ impl Relay {
     async fn process_batch(
         &mut self,
         rows: Vec<OutboxRow>,
+        snapshot: &Snapshot,
         started: Instant,
         cancel: &CancellationToken,
     ) -> Result<Tick, RelayError> {
         let full = rows.len() == self.settings.batch_size as usize;
         let hold = self.settings.on_park == ParkPolicy::Hold;
         let mut batch = Batch::new(rows.len());
-        self.produce_batch(&rows, &mut batch).await;
+        self.produce_batch(&rows, snapshot, &mut batch).await;
         self.collect_acks(&rows, &mut batch, cancel).await;
 
         // Decide what may be marked: an acked row whose earlier rows of the same aggregate
@@ -285,6 +315,8 @@ impl Relay {
                             id: row.id,
                             partition,
                             offset,
+                            shard: row.shard,
+                            epoch: batch.epochs[i],
                         });
                     }
                 }
@@ -335,7 +367,7 @@ impl Relay {
     /// Encodes and hands the rows to the producer in id order. A row that cannot be
     /// encoded is parked; a row refused for a reason that may pass holds the rest of its
     /// aggregate back to the next batch.
-    async fn produce_batch(&mut self, rows: &[OutboxRow], batch: &mut Batch) {
+    async fn produce_batch(&mut self, rows: &[OutboxRow], snapshot: &Snapshot, batch: &mut Batch) {
         let hold = self.settings.on_park == ParkPolicy::Hold;
         let mut held: HashSet<&str> = HashSet::new();
         for (i, row) in rows.iter().enumerate() {
@@ -345,6 +377,12 @@ impl Relay {
             if held.contains(row.aggregate_id.as_str()) {
                 continue;
             }
+            // Stop producing for a shard before its lease can expire in the database.
+            let Some(epoch) = snapshot.producible(row.shard, Instant::now()) else {
+                held.insert(&row.aggregate_id);
+                continue;
+            };
+            batch.epochs[i] = epoch;
             let record = match self.encoder.encode(row) {
                 Ok(record) => record,
                 Err(reason) => {
@@ -481,14 +519,22 @@ impl Relay {
                     parked = Some(self.store.park(parkings).await?);
                 }
                 match self.settings.mode {
-                    Mode::Mark => self.store.mark_sent(acks).await,
-                    Mode::Delete => self.store.delete_sent(acks).await,
+                    Mode::Mark => self.store.mark_sent(&self.replica_id, acks).await,
+                    Mode::Delete => self.store.delete_sent(&self.replica_id, acks).await,
                 }
             }
             .await;
             match result {
                 Ok(marked) => {
                     self.health.set_database_ok(true);
+                    let fenced = acks.len() as u64 - marked.min(acks.len() as u64);
+                    if fenced > 0 {
+                        telemetry::rows_fenced(fenced);
+                        warn!(
+                            fenced,
+                            "acknowledged rows not marked: their shard moved to another replica, which sends them again"
+                        );
+                    }
                     let parked = parked.unwrap_or(0);
                     if parked > 0 {
                         for p in parkings {
@@ -527,7 +573,7 @@ impl Relay {
         let old = std::mem::replace(&mut self.producer, replacement);
         // Dropping purges and briefly flushes: keep that off the async threads.
         let _ = tokio::task::spawn_blocking(move || drop(old)).await;
-        telemetry::producer_rebuilt();
+        self.health.producer_rebuilt();
         self.health.set_producer_ok(true);
         warn!(
             generation,

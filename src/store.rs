@@ -28,14 +28,30 @@ pub struct OutboxRow {
     pub topic: Option<String>,
     pub event_id: uuid::Uuid,
     pub created_at: DateTime<Utc>,
+    /// Stable hash of `aggregate_id`, computed by the database.
+    pub shard: i16,
 }
 
-/// Where the broker stored an acknowledged row.
+/// Where the broker stored an acknowledged row, and the lease epoch it was read under.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Ack {
     pub id: i64,
     pub partition: i32,
     pub offset: i64,
+    pub shard: i16,
+    pub epoch: i64,
+}
+
+/// A replica as `status` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ReplicaStatus {
+    pub replica_id: String,
+    pub live: bool,
+    pub started_at: DateTime<Utc>,
+    pub heartbeat_age_seconds: f64,
+    pub shards: i64,
+    /// Age of the least recently renewed of its leases.
+    pub oldest_lease_renewal_seconds: Option<f64>,
 }
 
 /// A row to park, with its bounded reason kind and the full explanation.
@@ -134,6 +150,7 @@ fn connect_options(settings: &DatabaseSettings) -> Result<PgConnectOptions, sqlx
     let mut options: PgConnectOptions = settings.url.expose().parse()?;
     options = options
         .application_name("outbox-relay")
+        .statement_cache_capacity(settings.statement_cache_capacity)
         .log_statements(tracing::log::LevelFilter::Debug)
         .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(2));
     if !settings.statement_timeout.is_zero() {
@@ -150,6 +167,14 @@ pub async fn probe(settings: &DatabaseSettings) -> Result<(), StoreError> {
     let connection = connect_options(settings)?.connect().await?;
     connection.close().await?;
     Ok(())
+}
+
+/// The distinct (shard, epoch) pairs a batch of acks was read under.
+fn fence_of(acks: &[Ack]) -> (Vec<i16>, Vec<i64>) {
+    let mut pairs: Vec<(i16, i64)> = acks.iter().map(|a| (a.shard, a.epoch)).collect();
+    pairs.sort_unstable();
+    pairs.dedup();
+    pairs.into_iter().unzip()
 }
 
 /// Builds the pool. Connections are opened lazily so a relay can start while the database
@@ -196,13 +221,16 @@ impl Store {
         &self,
         limit: u32,
         policy: ParkPolicy,
+        shards: Option<&[i16]>,
     ) -> Result<Vec<OutboxRow>, StoreError> {
         let rows = sqlx::query(
             "SELECT o.id, o.aggregate_type, o.aggregate_id, o.event_type, \
                     o.payload::text AS payload_json, o.payload_bytes, \
-                    o.headers::text AS headers_json, o.topic, o.event_id, o.created_at \
+                    o.headers::text AS headers_json, o.topic, o.event_id, o.created_at, \
+                    o.shard \
              FROM outbox o \
              WHERE o.sent_at IS NULL AND o.parked_at IS NULL \
+               AND ($3::smallint[] IS NULL OR o.shard = ANY($3)) \
                AND ($2 OR NOT EXISTS ( \
                      SELECT 1 FROM outbox p \
                      WHERE p.parked_at IS NOT NULL AND p.sent_at IS NULL \
@@ -212,6 +240,7 @@ impl Store {
         )
         .bind(i64::from(limit))
         .bind(policy == ParkPolicy::Skip)
+        .bind(shards)
         .fetch_all(&self.pool)
         .await?;
         rows.iter()
@@ -227,44 +256,72 @@ impl Store {
                     topic: r.try_get("topic")?,
                     event_id: r.try_get("event_id")?,
                     created_at: r.try_get("created_at")?,
+                    shard: r.try_get("shard")?,
                 })
             })
             .collect::<Result<Vec<_>, sqlx::Error>>()
             .map_err(StoreError::from)
     }
 
-    /// Marks acknowledged rows sent with where the broker put them. Returns rows changed.
-    pub async fn mark_sent(&self, acks: &[Ack]) -> Result<u64, StoreError> {
+    /// Marks acknowledged rows sent with where the broker put them, but only rows of
+    /// shards `replica` still holds under the epoch they were read with (the lease rows are
+    /// share-locked, so a takeover waits for this statement or fences it). Returns rows
+    /// changed.
+    pub async fn mark_sent(&self, replica: &str, acks: &[Ack]) -> Result<u64, StoreError> {
         if acks.is_empty() {
             return Ok(0);
         }
         let ids: Vec<i64> = acks.iter().map(|a| a.id).collect();
         let partitions: Vec<i32> = acks.iter().map(|a| a.partition).collect();
         let offsets: Vec<i64> = acks.iter().map(|a| a.offset).collect();
+        let (shards, epochs) = fence_of(acks);
         let done = sqlx::query(
-            "UPDATE outbox o \
+            "WITH fence AS ( \
+                 SELECT l.shard FROM outbox_shard_lease l \
+                 JOIN unnest($4::smallint[], $5::bigint[]) AS f(shard, epoch) \
+                   ON l.shard = f.shard AND l.epoch = f.epoch \
+                 WHERE l.owner = $6 \
+                 FOR SHARE OF l) \
+             UPDATE outbox o \
              SET sent_at = now(), kafka_partition = a.partition, kafka_offset = a.kafka_offset \
              FROM unnest($1::bigint[], $2::int[], $3::bigint[]) AS a(id, partition, kafka_offset) \
-             WHERE o.id = a.id AND o.sent_at IS NULL",
+             WHERE o.id = a.id AND o.sent_at IS NULL \
+               AND o.shard IN (SELECT shard FROM fence)",
         )
         .bind(&ids)
         .bind(&partitions)
         .bind(&offsets)
+        .bind(&shards)
+        .bind(&epochs)
+        .bind(replica)
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected())
     }
 
-    /// Deletes acknowledged rows (delete mode). Returns rows deleted.
-    pub async fn delete_sent(&self, acks: &[Ack]) -> Result<u64, StoreError> {
+    /// Deletes acknowledged rows (delete mode), fenced like [`Store::mark_sent`].
+    pub async fn delete_sent(&self, replica: &str, acks: &[Ack]) -> Result<u64, StoreError> {
         if acks.is_empty() {
             return Ok(0);
         }
         let ids: Vec<i64> = acks.iter().map(|a| a.id).collect();
-        let done = sqlx::query("DELETE FROM outbox WHERE id = ANY($1::bigint[])")
-            .bind(&ids)
-            .execute(&self.pool)
-            .await?;
+        let (shards, epochs) = fence_of(acks);
+        let done = sqlx::query(
+            "WITH fence AS ( \
+                 SELECT l.shard FROM outbox_shard_lease l \
+                 JOIN unnest($2::smallint[], $3::bigint[]) AS f(shard, epoch) \
+                   ON l.shard = f.shard AND l.epoch = f.epoch \
+                 WHERE l.owner = $4 \
+                 FOR SHARE OF l) \
+             DELETE FROM outbox o \
+             WHERE o.id = ANY($1::bigint[]) AND o.shard IN (SELECT shard FROM fence)",
+        )
+        .bind(&ids)
+        .bind(&shards)
+        .bind(&epochs)
+        .bind(replica)
+        .execute(&self.pool)
+        .await?;
         Ok(done.rows_affected())
     }
 
@@ -310,6 +367,167 @@ impl Store {
         })
     }
 
+    /// Records that `replica` is alive for `ttl` and returns the live replicas, sorted.
+    pub async fn heartbeat(&self, replica: &str, ttl: Duration) -> Result<Vec<String>, StoreError> {
+        let live: Vec<String> = sqlx::query_scalar(
+            "WITH me AS ( \
+                 INSERT INTO outbox_replica (replica_id, heartbeat_at, expires_at) \
+                 VALUES ($1, now(), now() + make_interval(secs => $2)) \
+                 ON CONFLICT (replica_id) DO UPDATE \
+                 SET heartbeat_at = now(), expires_at = now() + make_interval(secs => $2) \
+                 RETURNING replica_id) \
+             SELECT replica_id FROM outbox_replica WHERE expires_at > now() AND replica_id <> $1 \
+             UNION SELECT replica_id FROM me \
+             ORDER BY 1",
+        )
+        .bind(replica)
+        .bind(ttl.as_secs_f64())
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(live)
+    }
+
+    /// Extends the leases `replica` holds under the given epochs; returns those renewed.
+    pub async fn renew_leases(
+        &self,
+        replica: &str,
+        held: &[(i16, i64)],
+        ttl: Duration,
+    ) -> Result<Vec<(i16, i64)>, StoreError> {
+        if held.is_empty() {
+            return Ok(Vec::new());
+        }
+        let shards: Vec<i16> = held.iter().map(|h| h.0).collect();
+        let epochs: Vec<i64> = held.iter().map(|h| h.1).collect();
+        let rows = sqlx::query(
+            "UPDATE outbox_shard_lease l \
+             SET expires_at = now() + make_interval(secs => $4), renewed_at = now() \
+             FROM unnest($2::smallint[], $3::bigint[]) AS h(shard, epoch) \
+             WHERE l.shard = h.shard AND l.epoch = h.epoch AND l.owner = $1 \
+             RETURNING l.shard, l.epoch",
+        )
+        .bind(replica)
+        .bind(&shards)
+        .bind(&epochs)
+        .bind(ttl.as_secs_f64())
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get("shard")?, r.try_get("epoch")?)))
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(StoreError::from)
+    }
+
+    /// Takes the wanted shards that nobody holds (or whose lease expired), each under a
+    /// new epoch; returns those taken.
+    pub async fn acquire_leases(
+        &self,
+        replica: &str,
+        wanted: &[i16],
+        ttl: Duration,
+    ) -> Result<Vec<(i16, i64)>, StoreError> {
+        let rows = sqlx::query(
+            "UPDATE outbox_shard_lease \
+             SET owner = $1, epoch = epoch + 1, expires_at = now() + make_interval(secs => $3), \
+                 acquired_at = now(), renewed_at = now() \
+             WHERE shard = ANY($2::smallint[]) \
+               AND (owner IS NULL OR expires_at IS NULL OR expires_at <= now()) \
+             RETURNING shard, epoch",
+        )
+        .bind(replica)
+        .bind(wanted)
+        .bind(ttl.as_secs_f64())
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get("shard")?, r.try_get("epoch")?)))
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(StoreError::from)
+    }
+
+    /// Gives shards up at once, so another replica can take them without waiting.
+    pub async fn release_leases(
+        &self,
+        replica: &str,
+        leases: &[(i16, i64)],
+    ) -> Result<u64, StoreError> {
+        if leases.is_empty() {
+            return Ok(0);
+        }
+        let shards: Vec<i16> = leases.iter().map(|h| h.0).collect();
+        let epochs: Vec<i64> = leases.iter().map(|h| h.1).collect();
+        let done = sqlx::query(
+            "UPDATE outbox_shard_lease l SET owner = NULL, expires_at = NULL \
+             FROM unnest($2::smallint[], $3::bigint[]) AS h(shard, epoch) \
+             WHERE l.shard = h.shard AND l.epoch = h.epoch AND l.owner = $1",
+        )
+        .bind(replica)
+        .bind(&shards)
+        .bind(&epochs)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    /// Removes `replica` from the live set (clean shutdown).
+    pub async fn deregister(&self, replica: &str) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM outbox_replica WHERE replica_id = $1")
+            .bind(replica)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// How long until the first of these shards' current leases expires.
+    pub async fn next_lease_expiry(&self, shards: &[i16]) -> Result<Option<Duration>, StoreError> {
+        let seconds: Option<f64> = sqlx::query_scalar(
+            "SELECT EXTRACT(EPOCH FROM (min(expires_at) - now()))::float8 \
+             FROM outbox_shard_lease \
+             WHERE shard = ANY($1::smallint[]) AND expires_at > now()",
+        )
+        .bind(shards)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(seconds.map(|s| Duration::from_secs_f64(s.max(0.0))))
+    }
+
+    /// Replicas known to the outbox and how many shards each holds.
+    pub async fn replica_status(&self) -> Result<(Vec<ReplicaStatus>, i64), StoreError> {
+        let rows = sqlx::query(
+            "SELECT r.replica_id, r.expires_at > now() AS live, r.started_at, \
+                    EXTRACT(EPOCH FROM (now() - r.heartbeat_at))::float8 AS heartbeat_age, \
+                    count(l.shard) AS shards, \
+                    EXTRACT(EPOCH FROM (now() - min(l.renewed_at)))::float8 AS oldest_renewal \
+             FROM outbox_replica r \
+             LEFT JOIN outbox_shard_lease l \
+               ON l.owner = r.replica_id AND l.expires_at > now() \
+             GROUP BY r.replica_id, r.expires_at, r.started_at, r.heartbeat_at \
+             ORDER BY r.replica_id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let replicas = rows
+            .iter()
+            .map(|r| {
+                Ok(ReplicaStatus {
+                    replica_id: r.try_get("replica_id")?,
+                    live: r.try_get("live")?,
+                    started_at: r.try_get("started_at")?,
+                    heartbeat_age_seconds: r.try_get("heartbeat_age")?,
+                    shards: r.try_get("shards")?,
+                    oldest_lease_renewal_seconds: r.try_get("oldest_renewal")?,
+                })
+            })
+            .collect::<Result<Vec<_>, sqlx::Error>>()?;
+        let unowned: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM outbox_shard_lease \
+             WHERE owner IS NULL OR expires_at IS NULL OR expires_at <= now()",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        Ok((replicas, unowned))
+    }
+
     /// Confirms the database answers and the outbox table has the relay's columns.
     pub async fn verify_schema(&self) -> Result<String, StoreError> {
         let version: String = sqlx::query_scalar("SHOW server_version")
@@ -318,11 +536,14 @@ impl Store {
         sqlx::query(
             "SELECT id, aggregate_type, aggregate_id, event_type, payload, payload_bytes, \
                     headers, topic, event_id, created_at, sent_at, kafka_partition, \
-                    kafka_offset, parked_at, park_reason, park_error \
+                    kafka_offset, parked_at, park_reason, park_error, shard \
              FROM outbox LIMIT 0",
         )
         .execute(&self.pool)
         .await?;
+        sqlx::query("SELECT shard, owner, epoch, expires_at FROM outbox_shard_lease LIMIT 0")
+            .execute(&self.pool)
+            .await?;
         Ok(version)
     }
 }

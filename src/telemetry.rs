@@ -29,6 +29,11 @@ pub const OLDEST_PENDING_AGE: &str = "outbox_relay_oldest_pending_age_seconds";
 pub const IN_FLIGHT_ROWS: &str = "outbox_relay_in_flight_rows";
 pub const STALLED: &str = "outbox_relay_stalled";
 pub const READY: &str = "outbox_relay_ready";
+pub const SHARDS_OWNED: &str = "outbox_relay_shards_owned";
+pub const LEASE_RENEWALS: &str = "outbox_relay_lease_renewals_total";
+pub const LEASE_RENEWAL_FAILURES: &str = "outbox_relay_lease_renewal_failures_total";
+pub const REBALANCES: &str = "outbox_relay_rebalances_total";
+pub const ROWS_FENCED: &str = "outbox_relay_rows_fenced_total";
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
@@ -109,6 +114,14 @@ fn describe_all() {
         "1 while acknowledgements have stopped arriving for longer than relay.stall_after."
     );
     describe_gauge!(READY, "1 when /readyz answers ready.");
+    describe_gauge!(SHARDS_OWNED, "Shards this replica holds a valid lease on.");
+    describe_counter!(LEASE_RENEWALS, "Shard leases renewed.");
+    describe_counter!(LEASE_RENEWAL_FAILURES, "Lease renewal rounds that failed.");
+    describe_counter!(REBALANCES, "Times this replica's share of shards changed.");
+    describe_counter!(
+        ROWS_FENCED,
+        "Acknowledged rows not marked because their shard's lease moved to another replica."
+    );
 }
 
 /// Sets up `tracing`: text on a terminal, JSON otherwise, `RUST_LOG` over `log.level`.
@@ -141,6 +154,8 @@ pub struct Health {
     blocked: AtomicBool,
     in_flight: AtomicU64,
     batches: AtomicU64,
+    producer_rebuilds: AtomicU64,
+    shards_owned: AtomicU64,
 }
 
 impl Health {
@@ -171,6 +186,19 @@ impl Health {
     pub fn set_in_flight(&self, rows: u64) {
         self.in_flight.store(rows, Ordering::SeqCst);
         gauge!(IN_FLIGHT_ROWS).set(rows as f64);
+    }
+    pub fn producer_rebuilt(&self) {
+        self.producer_rebuilds.fetch_add(1, Ordering::SeqCst);
+        counter!(PRODUCER_REBUILDS).increment(1);
+    }
+    pub fn set_shards_owned(&self, shards: usize) {
+        self.shards_owned.store(shards as u64, Ordering::SeqCst);
+    }
+    pub fn shards_owned(&self) -> u64 {
+        self.shards_owned.load(Ordering::SeqCst)
+    }
+    pub fn producer_rebuilds(&self) -> u64 {
+        self.producer_rebuilds.load(Ordering::SeqCst)
     }
     pub fn batch_done(&self) {
         self.batches.fetch_add(1, Ordering::SeqCst);
@@ -251,10 +279,6 @@ pub fn database_error(kind: &'static str) {
     counter!(DATABASE_ERRORS, "kind" => kind).increment(1);
 }
 
-pub fn producer_rebuilt() {
-    counter!(PRODUCER_REBUILDS).increment(1);
-}
-
 pub fn doorbell() {
     counter!(DOORBELLS).increment(1);
 }
@@ -263,4 +287,24 @@ pub fn backlog(stats: &BacklogStats) {
     gauge!(PENDING_ROWS).set(stats.pending_rows as f64);
     gauge!(PARKED_ROWS).set(stats.parked_rows as f64);
     gauge!(OLDEST_PENDING_AGE).set(stats.oldest_pending_age.map_or(0.0, |d| d.as_secs_f64()));
+}
+
+pub fn shards_owned(shards: usize) {
+    gauge!(SHARDS_OWNED).set(shards as f64);
+}
+
+pub fn lease_renewed(leases: usize) {
+    counter!(LEASE_RENEWALS).increment(leases as u64);
+}
+
+pub fn lease_renewal_failed() {
+    counter!(LEASE_RENEWAL_FAILURES).increment(1);
+}
+
+pub fn rebalanced() {
+    counter!(REBALANCES).increment(1);
+}
+
+pub fn rows_fenced(rows: u64) {
+    counter!(ROWS_FENCED).increment(rows);
 }

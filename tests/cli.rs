@@ -319,6 +319,9 @@ async fn kill_9_mid_stream_loses_nothing_and_duplicates_stay_within_a_batch() {
                 format!("{prefix}.{{aggregate_type}}"),
             )
             .env("OUTBOX_RELAY_RELAY__BATCH_SIZE", "500")
+            // A killed replica's leases expire after the TTL; keep the test short.
+            .env("OUTBOX_RELAY_RELAY__LEASE_TTL", "2s")
+            .env("OUTBOX_RELAY_RELAY__LEASE_RENEW_INTERVAL", "400ms")
             .arg("run")
             .stdout(Stdio::null())
             .stderr(Stdio::null())

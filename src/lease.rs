@@ -1,0 +1,334 @@
+//! Shard leases: which shards this replica may publish, under which epoch, and until when.
+//! A replica trusts a lease only until the time *before* its last successful renewal plus
+//! the TTL minus a safety margin, so it stops producing for a shard before the database
+//! can hand the shard to another replica; marks are fenced by the epoch in the database.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio::time::{Instant, sleep};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::relay::Backoff;
+use crate::store::{Store, StoreError};
+use crate::telemetry::{self, Health};
+
+/// Shards are fixed by the migration: `hashtextextended(aggregate_id, 0) & 255`.
+pub const SHARD_COUNT: i16 = 256;
+
+/// A lease this replica holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lease {
+    pub epoch: i64,
+    /// After this instant the replica must not produce for the shard.
+    pub valid_until: Instant,
+}
+
+/// The shards this replica holds, shared between the lease keeper and the relay.
+#[derive(Debug, Default)]
+pub struct Ownership {
+    state: Mutex<OwnershipState>,
+}
+
+#[derive(Debug, Default)]
+struct OwnershipState {
+    leases: BTreeMap<i16, Lease>,
+    /// Held shards another replica should have; the relay releases them between batches.
+    to_release: BTreeSet<i16>,
+}
+
+/// The leases usable for one batch.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    pub leases: BTreeMap<i16, Lease>,
+}
+
+impl Snapshot {
+    /// `None` when every shard is held: the read needs no shard filter.
+    pub fn shard_filter(&self) -> Option<Vec<i16>> {
+        if self.leases.len() == SHARD_COUNT as usize {
+            None
+        } else {
+            Some(self.leases.keys().copied().collect())
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.leases.is_empty()
+    }
+
+    /// The epoch to fence a mark with, if the shard may still be produced to.
+    pub fn producible(&self, shard: i16, now: Instant) -> Option<i64> {
+        self.leases
+            .get(&shard)
+            .filter(|lease| lease.valid_until > now)
+            .map(|lease| lease.epoch)
+    }
+}
+
+impl Ownership {
+    /// Leases valid now and not being released.
+    pub fn snapshot(&self) -> Snapshot {
+        let state = self.state.lock().expect("ownership lock");
+        let now = Instant::now();
+        Snapshot {
+            leases: state
+                .leases
+                .iter()
+                .filter(|(shard, lease)| {
+                    lease.valid_until > now && !state.to_release.contains(shard)
+                })
+                .map(|(shard, lease)| (*shard, *lease))
+                .collect(),
+        }
+    }
+
+    pub fn owned_count(&self) -> usize {
+        let now = Instant::now();
+        let state = self.state.lock().expect("ownership lock");
+        state
+            .leases
+            .values()
+            .filter(|l| l.valid_until > now)
+            .count()
+    }
+
+    /// Shards to give up, taken by the relay when nothing of theirs is in flight.
+    pub fn take_releases(&self) -> Vec<(i16, i64)> {
+        let mut state = self.state.lock().expect("ownership lock");
+        let shards: Vec<i16> = std::mem::take(&mut state.to_release).into_iter().collect();
+        shards
+            .into_iter()
+            .filter_map(|shard| state.leases.remove(&shard).map(|l| (shard, l.epoch)))
+            .collect()
+    }
+
+    /// Every held shard, for the final release on shutdown.
+    pub fn take_all(&self) -> Vec<(i16, i64)> {
+        let mut state = self.state.lock().expect("ownership lock");
+        state.to_release.clear();
+        std::mem::take(&mut state.leases)
+            .into_iter()
+            .map(|(shard, lease)| (shard, lease.epoch))
+            .collect()
+    }
+
+    fn held(&self) -> Vec<(i16, i64)> {
+        let state = self.state.lock().expect("ownership lock");
+        state
+            .leases
+            .iter()
+            .map(|(shard, lease)| (*shard, lease.epoch))
+            .collect()
+    }
+
+    fn apply_renewal(
+        &self,
+        renewed: &[(i16, i64)],
+        attempted: &[(i16, i64)],
+        valid_until: Instant,
+    ) {
+        let mut state = self.state.lock().expect("ownership lock");
+        let mut lost = Vec::new();
+        for (shard, epoch) in attempted {
+            if !renewed.contains(&(*shard, *epoch)) {
+                if state.leases.remove(shard).is_some() {
+                    lost.push(*shard);
+                }
+                state.to_release.remove(shard);
+            }
+        }
+        if !lost.is_empty() {
+            warn!(
+                shards = lost.len(),
+                first = lost[0],
+                "leases lost: another replica holds these shards now"
+            );
+        }
+        for (shard, epoch) in renewed {
+            state.leases.insert(
+                *shard,
+                Lease {
+                    epoch: *epoch,
+                    valid_until,
+                },
+            );
+        }
+    }
+
+    fn add(&self, acquired: &[(i16, i64)], valid_until: Instant) {
+        let mut state = self.state.lock().expect("ownership lock");
+        for (shard, epoch) in acquired {
+            state.leases.insert(
+                *shard,
+                Lease {
+                    epoch: *epoch,
+                    valid_until,
+                },
+            );
+        }
+    }
+
+    fn request_release(&self, shards: &BTreeSet<i16>) {
+        let mut state = self.state.lock().expect("ownership lock");
+        for shard in shards {
+            if state.leases.contains_key(shard) {
+                state.to_release.insert(*shard);
+            }
+        }
+    }
+}
+
+/// The shards replica `me` should hold when `live` (sorted) are the live replicas: shard
+/// `s` goes to `live[s % live.len()]`, an exactly balanced share.
+pub fn desired_shards(me: &str, live: &[String]) -> BTreeSet<i16> {
+    let Some(rank) = live.iter().position(|r| r == me) else {
+        return BTreeSet::new();
+    };
+    (0..SHARD_COUNT)
+        .filter(|s| *s as usize % live.len() == rank)
+        .collect()
+}
+
+/// Lease timing.
+#[derive(Debug, Clone)]
+pub struct LeaseTiming {
+    pub ttl: Duration,
+    pub renew_interval: Duration,
+    /// Subtracted from the TTL: clock drift and the time a renewal takes to return.
+    pub margin: Duration,
+}
+
+/// Heartbeats, renews held leases, acquires this replica's share, asks the relay to
+/// release the rest. Runs until `cancel`.
+pub struct LeaseKeeper {
+    pub store: Store,
+    pub replica_id: String,
+    pub timing: LeaseTiming,
+    pub ownership: Arc<Ownership>,
+    pub health: Arc<Health>,
+    /// Woken when a held shard should be released, so an idle relay does it at once.
+    pub wake_relay: Arc<Notify>,
+}
+
+impl LeaseKeeper {
+    pub async fn run(self, cancel: CancellationToken) {
+        let mut backoff = Backoff::new(self.timing.renew_interval);
+        let mut last_desired: Option<BTreeSet<i16>> = None;
+        while !cancel.is_cancelled() {
+            let next = match self.round(&mut last_desired).await {
+                Ok(next) => {
+                    backoff.reset();
+                    next
+                }
+                Err(err) => {
+                    telemetry::database_error(err.kind());
+                    telemetry::lease_renewal_failed();
+                    warn!(error = %err, "lease renewal failed; shards are given up when their leases run out");
+                    backoff.next_delay()
+                }
+            };
+            telemetry::shards_owned(self.ownership.owned_count());
+            tokio::select! {
+                _ = sleep(next) => {}
+                _ = cancel.cancelled() => {}
+            }
+        }
+    }
+
+    /// One heartbeat. Returns how long to wait before the next.
+    async fn round(
+        &self,
+        last_desired: &mut Option<BTreeSet<i16>>,
+    ) -> Result<Duration, StoreError> {
+        let started = Instant::now();
+        let valid_until = started + self.timing.ttl.saturating_sub(self.timing.margin);
+        let live = self
+            .store
+            .heartbeat(&self.replica_id, self.timing.ttl)
+            .await?;
+        let desired = desired_shards(&self.replica_id, &live);
+        if last_desired.as_ref() != Some(&desired) {
+            info!(
+                replicas = live.len(),
+                shards = desired.len(),
+                "rebalancing shards"
+            );
+            telemetry::rebalanced();
+            *last_desired = Some(desired.clone());
+        }
+
+        let held = self.ownership.held();
+        let renewed = self
+            .store
+            .renew_leases(&self.replica_id, &held, self.timing.ttl)
+            .await?;
+        telemetry::lease_renewed(renewed.len());
+        self.ownership.apply_renewal(&renewed, &held, valid_until);
+
+        let held: BTreeSet<i16> = renewed.iter().map(|(shard, _)| *shard).collect();
+        let surplus: BTreeSet<i16> = held.difference(&desired).copied().collect();
+        if !surplus.is_empty() {
+            self.ownership.request_release(&surplus);
+            self.wake_relay.notify_one();
+        }
+        let wanted: Vec<i16> = desired.difference(&held).copied().collect();
+        let mut next = self.timing.renew_interval;
+        if !wanted.is_empty() {
+            let acquired = self
+                .store
+                .acquire_leases(&self.replica_id, &wanted, self.timing.ttl)
+                .await?;
+            if !acquired.is_empty() {
+                info!(shards = acquired.len(), "leases acquired");
+                self.ownership.add(&acquired, valid_until);
+                self.wake_relay.notify_one();
+            }
+            if acquired.len() < wanted.len() {
+                // Come back when the first of the others' leases runs out.
+                if let Some(wait) = self.store.next_lease_expiry(&wanted).await? {
+                    next = next.min(wait + Duration::from_millis(50));
+                }
+            }
+        }
+        self.health.set_shards_owned(self.ownership.owned_count());
+        Ok(next)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn desired_shares_are_balanced_and_disjoint() {
+        let live: Vec<String> = ["a", "b", "c"].iter().map(|s| s.to_string()).collect();
+        let shares: Vec<BTreeSet<i16>> = live.iter().map(|r| desired_shards(r, &live)).collect();
+        let total: usize = shares.iter().map(BTreeSet::len).sum();
+        assert_eq!(total, SHARD_COUNT as usize);
+        for share in &shares {
+            assert!((85..=86).contains(&share.len()), "{}", share.len());
+        }
+        assert!(shares[0].is_disjoint(&shares[1]) && shares[1].is_disjoint(&shares[2]));
+        assert!(desired_shards("z", &live).is_empty());
+        assert_eq!(desired_shards("a", &live[..1]).len(), SHARD_COUNT as usize);
+    }
+
+    #[test]
+    fn snapshot_filters_expired_and_released_leases() {
+        let ownership = Ownership::default();
+        let now = Instant::now();
+        ownership.add(&[(1, 5), (2, 7)], now + Duration::from_secs(5));
+        ownership.add(&[(3, 1)], now - Duration::from_millis(1));
+        let snap = ownership.snapshot();
+        assert_eq!(snap.leases.keys().copied().collect::<Vec<_>>(), vec![1, 2]);
+        assert_eq!(snap.producible(2, now), Some(7));
+        assert_eq!(snap.producible(3, now), None);
+        ownership.request_release(&BTreeSet::from([2]));
+        assert_eq!(ownership.snapshot().leases.len(), 1);
+        assert_eq!(ownership.take_releases(), vec![(2, 7)]);
+    }
+}

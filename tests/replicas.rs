@@ -1,0 +1,310 @@
+//! Several replicas on one outbox: balanced shard leases, handover on a clean stop,
+//! takeover after kill -9, fencing of a paused replica, and per-aggregate order through all
+//! of it, read back from Kafka with a consumer.
+
+mod support;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use outbox_relay::store::{Ack, Store};
+use rand::{Rng, SeedableRng};
+use support::*;
+
+/// Short leases so the faults below resolve in seconds.
+const LEASES: &str = "lease_ttl = \"3s\"\nlease_renew_interval = \"500ms\"\n";
+
+fn replica_settings(
+    db: &TestDb,
+    bootstrap: &str,
+    prefix: &str,
+    id: &str,
+) -> outbox_relay::Settings {
+    settings(
+        db,
+        bootstrap,
+        &format!(
+            "[relay]\nreplica_id = \"{id}\"\ntopic_template = \"{prefix}.{{aggregate_type}}\"\nbatch_size = 200\n{LEASES}"
+        ),
+    )
+}
+
+async fn owned_by(db: &TestDb, replica: &str) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM outbox_shard_lease WHERE owner = $1 AND expires_at > now()",
+    )
+    .bind(replica)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shares_rebalance_as_replicas_join_and_leave() {
+    let db = TestDb::new().await;
+    let bootstrap = kafka_bootstrap();
+    let prefix = unique_prefix();
+    let topic = format!("{prefix}.acct");
+    create_topic(&bootstrap, &topic, 3).await;
+
+    let a = RunningRelay::start(replica_settings(&db, &bootstrap, &prefix, "a")).await;
+    wait_for("a owns every shard", CONDITION_TIMEOUT, || async {
+        owned_by(&db, "a").await == 256
+    })
+    .await;
+    db.insert(&stream("acct", 300, 3000)).await;
+
+    let b = RunningRelay::start(replica_settings(&db, &bootstrap, &prefix, "b")).await;
+    wait_for(
+        "a and b share the shards evenly",
+        CONDITION_TIMEOUT,
+        || async { owned_by(&db, "a").await == 128 && owned_by(&db, "b").await == 128 },
+    )
+    .await;
+    db.insert(&stream("acct", 300, 3000)).await;
+
+    let c = RunningRelay::start(replica_settings(&db, &bootstrap, &prefix, "c")).await;
+    wait_for("three even shares", CONDITION_TIMEOUT, || async {
+        let shares = [
+            owned_by(&db, "a").await,
+            owned_by(&db, "b").await,
+            owned_by(&db, "c").await,
+        ];
+        shares.iter().sum::<i64>() == 256 && shares.iter().all(|s| (85..=86).contains(s))
+    })
+    .await;
+    db.insert(&stream("acct", 300, 3000)).await;
+
+    // A clean stop hands the shards over at once, well before its leases would expire.
+    let stopped_at = Instant::now();
+    b.stop().await;
+    wait_for("a and c take b's shards", CONDITION_TIMEOUT, || async {
+        owned_by(&db, "a").await == 128 && owned_by(&db, "c").await == 128
+    })
+    .await;
+    assert!(
+        stopped_at.elapsed() < Duration::from_secs(3),
+        "handover took {:?}, longer than the lease TTL",
+        stopped_at.elapsed()
+    );
+    db.insert(&stream("acct", 300, 3000)).await;
+    wait_for("all rows marked", CONDITION_TIMEOUT, || async {
+        db.sent().await == 12_000
+    })
+    .await;
+    a.stop().await;
+    c.stop().await;
+
+    let records = consume(&bootstrap, &topic, 12_000);
+    let duplicates = assert_contract(&db.rows().await, &records);
+    assert_eq!(duplicates, 0, "clean handovers publish nothing twice");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_lost_its_lease_cannot_mark() {
+    let db = TestDb::new().await;
+    let store = Store::new(db.pool.clone());
+    let ttl = Duration::from_secs(30);
+    db.insert(&stream("fence", 1, 3)).await;
+    let shard: i16 = sqlx::query_scalar("SELECT shard FROM outbox LIMIT 1")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    let taken = store.acquire_leases("old", &[shard], ttl).await.unwrap();
+    assert_eq!(taken.len(), 1);
+    let old_epoch = taken[0].1;
+    // Another replica cannot take a live lease...
+    assert!(
+        store
+            .acquire_leases("new", &[shard], ttl)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // ...but takes it once it has expired, under a new epoch.
+    sqlx::query(
+        "UPDATE outbox_shard_lease SET expires_at = now() - interval '1 second' WHERE shard = $1",
+    )
+    .bind(shard)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let taken = store.acquire_leases("new", &[shard], ttl).await.unwrap();
+    assert_eq!(taken, vec![(shard, old_epoch + 1)]);
+
+    let ids: Vec<i64> = sqlx::query_scalar("SELECT id FROM outbox ORDER BY id")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+    let acks = |epoch| -> Vec<Ack> {
+        ids.iter()
+            .map(|&id| Ack {
+                id,
+                partition: 0,
+                offset: id,
+                shard,
+                epoch,
+            })
+            .collect()
+    };
+    assert_eq!(
+        store.mark_sent("old", &acks(old_epoch)).await.unwrap(),
+        0,
+        "fenced by owner and epoch"
+    );
+    assert_eq!(
+        store.mark_sent("new", &acks(old_epoch)).await.unwrap(),
+        0,
+        "fenced by epoch"
+    );
+    assert_eq!(store.delete_sent("old", &acks(old_epoch)).await.unwrap(), 0);
+    assert_eq!(db.sent().await, 0);
+    assert_eq!(
+        store.mark_sent("new", &acks(old_epoch + 1)).await.unwrap(),
+        3
+    );
+    assert_eq!(
+        store
+            .renew_leases("old", &[(shard, old_epoch)], ttl)
+            .await
+            .unwrap(),
+        vec![]
+    );
+}
+
+struct Replica {
+    id: String,
+    child: Child,
+}
+
+fn spawn_replica(db: &TestDb, bootstrap: &str, prefix: &str, id: &str) -> Replica {
+    let child = Command::new(relay_bin())
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("OUTBOX_RELAY_DATABASE__URL", &db.url)
+        .env("OUTBOX_RELAY_KAFKA__BOOTSTRAP_SERVERS", bootstrap)
+        .env("OUTBOX_RELAY_HTTP__LISTEN", "127.0.0.1:0")
+        .env("OUTBOX_RELAY_RELAY__REPLICA_ID", id)
+        .env(
+            "OUTBOX_RELAY_RELAY__TOPIC_TEMPLATE",
+            format!("{prefix}.{{aggregate_type}}"),
+        )
+        .env("OUTBOX_RELAY_RELAY__BATCH_SIZE", "500")
+        .env("OUTBOX_RELAY_RELAY__POLL_INTERVAL", "100ms")
+        .env("OUTBOX_RELAY_RELAY__LEASE_TTL", "3s")
+        .env("OUTBOX_RELAY_RELAY__LEASE_RENEW_INTERVAL", "500ms")
+        .arg("run")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(std::env::temp_dir().join(format!("outbox-relay-{prefix}-{id}.log")))
+                .unwrap(),
+        )
+        .spawn()
+        .unwrap();
+    Replica {
+        id: id.to_string(),
+        child,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_keep_the_contract_through_kill_9_and_sigstop() {
+    let db = TestDb::new().await;
+    let bootstrap = kafka_bootstrap();
+    let prefix = unique_prefix();
+    let topic = format!("{prefix}.chaos");
+    create_topic(&bootstrap, &topic, 3).await;
+    let seed: u64 = rand::rng().random();
+    println!("chaos seed {seed}");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+
+    let mut killed = spawn_replica(&db, &bootstrap, &prefix, "r-kill");
+    let paused = spawn_replica(&db, &bootstrap, &prefix, "r-pause");
+    let mut steady = spawn_replica(&db, &bootstrap, &prefix, "r-steady");
+
+    const TOTAL: usize = 50_000;
+    let rows = stream("chaos", 500, TOTAL);
+    let mut inserted = 0;
+    let mut faults = 0;
+    for round in 0..5 {
+        // Keep rows flowing while the faults happen.
+        let chunk = TOTAL / 5;
+        db.insert(&rows[inserted..inserted + chunk / 2]).await;
+        inserted += chunk / 2;
+
+        // kill -9 at a random moment while that backlog drains, restart after a pause.
+        tokio::time::sleep(Duration::from_millis(rng.random_range(0..300))).await;
+        killed.child.kill().unwrap();
+        killed.child.wait().unwrap();
+        faults += 1;
+        db.insert(&rows[inserted..inserted + chunk / 4]).await;
+        inserted += chunk / 4;
+        tokio::time::sleep(Duration::from_millis(rng.random_range(100..1500))).await;
+        killed = spawn_replica(&db, &bootstrap, &prefix, "r-kill");
+
+        // SIGSTOP past the lease TTL while a backlog drains: the others take its shards;
+        // then it resumes and must not mark what they now own.
+        if round % 2 == 0 {
+            db.insert(&rows[inserted..inserted + chunk / 8]).await;
+            inserted += chunk / 8;
+            tokio::time::sleep(Duration::from_millis(rng.random_range(0..200))).await;
+            signal(paused.child.id(), libc::SIGSTOP);
+            faults += 1;
+            wait_for(
+                "the paused replica's shards taken over",
+                CONDITION_TIMEOUT,
+                || async {
+                    owned_by(&db, &paused.id).await == 0
+                        && sqlx::query_scalar::<_, i64>(
+                            "SELECT count(*) FROM outbox_shard_lease WHERE expires_at > now()",
+                        )
+                        .fetch_one(&db.pool)
+                        .await
+                        .unwrap()
+                            == 256
+                },
+            )
+            .await;
+            signal(paused.child.id(), libc::SIGCONT);
+        }
+        let rest = (round + 1) * chunk - inserted;
+        db.insert(&rows[inserted..inserted + rest]).await;
+        inserted += rest;
+    }
+    assert_eq!(inserted, TOTAL);
+
+    wait_for("every row marked", Duration::from_secs(120), || async {
+        db.sent().await == TOTAL as i64
+    })
+    .await;
+    wait_for(
+        "all three replicas hold shards again",
+        CONDITION_TIMEOUT,
+        || async {
+            owned_by(&db, "r-kill").await > 0
+                && owned_by(&db, "r-pause").await > 0
+                && owned_by(&db, "r-steady").await > 0
+        },
+    )
+    .await;
+    let mut paused = paused;
+    for replica in [&mut killed, &mut paused, &mut steady] {
+        signal(replica.child.id(), libc::SIGTERM);
+    }
+    for replica in [&mut killed, &mut paused, &mut steady] {
+        let status = replica.child.wait().unwrap();
+        assert_eq!(status.code(), Some(0), "{} exits 0 on SIGTERM", replica.id);
+    }
+
+    let records = consume(&bootstrap, &topic, TOTAL);
+    let duplicates = assert_contract(&db.rows().await, &records);
+    println!("{duplicates} duplicates over {faults} faults");
+    assert!(
+        duplicates <= faults * 500,
+        "{duplicates} duplicates exceed one batch (500) per fault ({faults} faults)"
+    );
+}
