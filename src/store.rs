@@ -285,8 +285,8 @@ impl Store {
              UPDATE outbox o \
              SET sent_at = now(), kafka_partition = a.partition, kafka_offset = a.kafka_offset \
              FROM unnest($1::bigint[], $2::int[], $3::bigint[]) AS a(id, partition, kafka_offset) \
-             WHERE o.id = a.id AND o.sent_at IS NULL \
-               AND o.shard IN (SELECT shard FROM fence)",
+             WHERE o.id = ANY($1::bigint[]) AND o.id = a.id AND o.sent_at IS NULL \
+               AND o.shard = ANY(ARRAY(SELECT shard FROM fence))",
         )
         .bind(&ids)
         .bind(&partitions)
@@ -314,7 +314,7 @@ impl Store {
                  WHERE l.owner = $4 \
                  FOR SHARE OF l) \
              DELETE FROM outbox o \
-             WHERE o.id = ANY($1::bigint[]) AND o.shard IN (SELECT shard FROM fence)",
+             WHERE o.id = ANY($1::bigint[]) AND o.shard = ANY(ARRAY(SELECT shard FROM fence))",
         )
         .bind(&ids)
         .bind(&shards)
@@ -337,7 +337,8 @@ impl Store {
             "UPDATE outbox o \
              SET parked_at = now(), park_reason = p.reason, park_error = p.error \
              FROM unnest($1::bigint[], $2::text[], $3::text[]) AS p(id, reason, error) \
-             WHERE o.id = p.id AND o.sent_at IS NULL AND o.parked_at IS NULL",
+             WHERE o.id = ANY($1::bigint[]) AND o.id = p.id \
+               AND o.sent_at IS NULL AND o.parked_at IS NULL",
         )
         .bind(&ids)
         .bind(&reasons)

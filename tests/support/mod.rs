@@ -203,6 +203,12 @@ fn start_postgres() -> Postgres {
             "full_page_writes=off",
             "-c",
             "shared_buffers=256MB",
+            "-c",
+            "log_lock_waits=on",
+            "-c",
+            "deadlock_timeout=200ms",
+            "-c",
+            "log_min_duration_statement=1000",
         ])
         .stdout(Stdio::null())
         .stderr(log);
