@@ -21,6 +21,16 @@ ensure_postgres() {
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
 }
 
+# PgBouncer, for the test that runs replicas through it in transaction mode.
+ensure_pgbouncer() {
+    if [ -x /usr/sbin/pgbouncer ] || command -v pgbouncer >/dev/null; then
+        return
+    fi
+    log "installing PgBouncer (apt-get install pgbouncer)"
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pgbouncer >/dev/null
+}
+
 postgres_bin() {
     local dir
     dir=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)

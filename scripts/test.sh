@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 source scripts/lib.sh
 
 ensure_postgres
+ensure_pgbouncer
 ensure_tansu
 export TANSU_BIN
 log "cargo test"

@@ -17,7 +17,7 @@ use tracing::{debug, info, warn};
 use crate::config::Settings;
 use crate::lease::{LeaseKeeper, LeaseTiming, Ownership};
 use crate::relay::{Backoff, Relay};
-use crate::store::{self, Store, StoreError};
+use crate::store::{Store, StoreError};
 use crate::telemetry::{self, Health};
 use crate::wake;
 
@@ -38,9 +38,8 @@ impl App {
         let metrics = telemetry::prometheus()
             .map_err(anyhow::Error::msg)
             .context("Failed to install the Prometheus recorder")?;
-        let pool = store::connect_lazy(&settings.database)
+        let store = Store::connect(&settings.database)
             .context("Failed to configure the database connection from database.url")?;
-        let store = Store::new(pool);
         let health = Arc::new(Health::default());
         let wake = Arc::new(Notify::new());
         let ownership = Arc::new(Ownership::default());

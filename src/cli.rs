@@ -138,9 +138,8 @@ async fn cancel_on_signal(cancel: CancellationToken) {
 }
 
 async fn migrate(settings: Settings, notify_trigger: Option<Toggle>) -> anyhow::Result<()> {
-    let pool = store::connect_lazy(&settings.database)
+    let store = Store::connect(&settings.database)
         .context("Failed to configure the database connection from database.url")?;
-    let store = Store::new(pool);
     store
         .migrate()
         .await
@@ -172,9 +171,8 @@ struct StatusReport {
 }
 
 async fn status(settings: Settings, json: bool) -> anyhow::Result<()> {
-    let pool = store::connect_lazy(&settings.database)
+    let store = Store::connect(&settings.database)
         .context("Failed to configure the database connection from database.url")?;
-    let store = Store::new(pool);
     let backlog = store
         .backlog_stats()
         .await
@@ -237,9 +235,8 @@ async fn check(settings: Settings, timeout: Duration) -> anyhow::Result<()> {
 
     let mut database = settings.database.clone();
     database.connect_timeout = timeout;
-    let pool = store::connect_lazy(&database)
+    let store = Store::connect(&database)
         .context("Failed to configure the database connection from database.url")?;
-    let store = Store::new(pool);
     let url = redact_url(settings.database.url.expose());
     // A direct connection first: the pool would only say that it timed out.
     let reachable = match tokio::time::timeout(timeout, store::probe(&settings.database)).await {

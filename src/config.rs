@@ -45,9 +45,12 @@ pub struct DatabaseSettings {
     pub listen: bool,
     /// Channel the doorbell trigger notifies.
     pub listen_channel: String,
-    /// Prepared statements cached per connection; 0 behind PgBouncer without prepared
-    /// statement support.
+    /// Prepared statements cached per connection.
     pub statement_cache_capacity: usize,
+    /// Connected through PgBouncer (or another pooler) in transaction mode: every
+    /// statement runs in its own explicit transaction with unnamed prepared statements and
+    /// no session state. Needs `listen = false`.
+    pub transaction_pooler: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -154,6 +157,7 @@ impl Default for DatabaseSettings {
             listen: true,
             listen_channel: "outbox_relay".into(),
             statement_cache_capacity: 100,
+            transaction_pooler: false,
         }
     }
 }
@@ -371,6 +375,12 @@ impl Settings {
             return Err(ConfigError::new(
                 "database.max_connections",
                 "must be at least 2 (the relay reads and marks on one, refreshes metrics on another)",
+            ));
+        }
+        if self.database.transaction_pooler && self.database.listen {
+            return Err(ConfigError::new(
+                "database.listen",
+                "LISTEN needs a session of its own, which a transaction-mode pooler does not keep; set database.listen = false when database.transaction_pooler = true (polling still wakes the relay)",
             ));
         }
         if self.database.listen_channel.is_empty() {

@@ -5,8 +5,11 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use sqlx::pool::PoolConnection;
+use sqlx::postgres::{PgArguments, PgConnection, PgRow};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
-use sqlx::{ConnectOptions, Connection, Row};
+use sqlx::query::{Query, QueryScalar};
+use sqlx::{ConnectOptions, Connection, FromRow, Postgres, Row, Transaction};
 
 use crate::config::{DatabaseSettings, ParkPolicy};
 
@@ -153,7 +156,9 @@ fn connect_options(settings: &DatabaseSettings) -> Result<PgConnectOptions, sqlx
         .statement_cache_capacity(settings.statement_cache_capacity)
         .log_statements(tracing::log::LevelFilter::Debug)
         .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(2));
-    if !settings.statement_timeout.is_zero() {
+    // A transaction-mode pooler refuses the `options` startup parameter: set the timeout
+    // on the role there (ALTER ROLE ... SET statement_timeout).
+    if !settings.statement_timeout.is_zero() && !settings.transaction_pooler {
         options = options.options([(
             "statement_timeout",
             settings.statement_timeout.as_millis().to_string(),
@@ -191,11 +196,78 @@ pub fn connect_lazy(settings: &DatabaseSettings) -> Result<PgPool, sqlx::Error> 
 #[derive(Clone)]
 pub struct Store {
     pool: PgPool,
+    /// Behind a transaction-mode pooler (PgBouncer): every statement runs in its own
+    /// explicit transaction with unnamed prepared statements, so the statement and its
+    /// execution stay on one server connection and nothing outlives it.
+    transaction_pooler: bool,
+}
+
+/// One connection for one store call: a plain pooled connection, or an explicit
+/// transaction behind a transaction-mode pooler.
+enum Session {
+    Plain(PoolConnection<Postgres>),
+    Transaction(Transaction<'static, Postgres>),
+}
+
+impl Session {
+    fn conn(&mut self) -> &mut PgConnection {
+        match self {
+            Session::Plain(conn) => conn,
+            Session::Transaction(tx) => tx,
+        }
+    }
+
+    /// Commits after success; dropping the transaction after a failure rolls it back.
+    async fn finish<T>(self, result: Result<T, StoreError>) -> Result<T, StoreError> {
+        let value = result?;
+        if let Session::Transaction(tx) = self {
+            tx.commit().await?;
+        }
+        Ok(value)
+    }
 }
 
 impl Store {
     pub fn new(pool: PgPool) -> Self {
-        Self { pool }
+        Self {
+            pool,
+            transaction_pooler: false,
+        }
+    }
+
+    /// A store for a database reached through a transaction-mode pooler.
+    pub fn behind_transaction_pooler(pool: PgPool, transaction_pooler: bool) -> Self {
+        Self {
+            pool,
+            transaction_pooler,
+        }
+    }
+
+    /// The store for `settings`: a lazily connecting pool, pooler-aware.
+    pub fn connect(settings: &DatabaseSettings) -> Result<Self, sqlx::Error> {
+        Ok(Self::behind_transaction_pooler(
+            connect_lazy(settings)?,
+            settings.transaction_pooler,
+        ))
+    }
+
+    async fn session(&self) -> Result<Session, StoreError> {
+        Ok(if self.transaction_pooler {
+            Session::Transaction(self.pool.begin().await?)
+        } else {
+            Session::Plain(self.pool.acquire().await?)
+        })
+    }
+
+    fn query<'q>(&self, sql: &'q str) -> Query<'q, Postgres, PgArguments> {
+        sqlx::query(sql).persistent(!self.transaction_pooler)
+    }
+
+    fn query_scalar<'q, O>(&self, sql: &'q str) -> QueryScalar<'q, Postgres, O, PgArguments>
+    where
+        (O,): for<'r> FromRow<'r, PgRow>,
+    {
+        sqlx::query_scalar(sql).persistent(!self.transaction_pooler)
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -208,11 +280,16 @@ impl Store {
 
     /// Installs or removes the optional statement-level doorbell trigger.
     pub async fn set_notify_trigger(&self, enabled: bool) -> Result<(), StoreError> {
-        sqlx::query("SELECT outbox_enable_notify($1)")
-            .bind(enabled)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
+        let mut s = self.session().await?;
+        let result: Result<_, StoreError> = async {
+            self.query("SELECT outbox_enable_notify($1)")
+                .bind(enabled)
+                .execute(s.conn())
+                .await?;
+            Ok(())
+        }
+        .await;
+        s.finish(result).await
     }
 
     /// The next pending rows in id order. A row whose aggregate has an earlier parked row
@@ -223,44 +300,50 @@ impl Store {
         policy: ParkPolicy,
         shards: Option<&[i16]>,
     ) -> Result<Vec<OutboxRow>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT o.id, o.aggregate_type, o.aggregate_id, o.event_type, \
-                    o.payload::text AS payload_json, o.payload_bytes, \
-                    o.headers::text AS headers_json, o.topic, o.event_id, o.created_at, \
-                    o.shard \
-             FROM outbox o \
-             WHERE o.sent_at IS NULL AND o.parked_at IS NULL \
-               AND ($3::smallint[] IS NULL OR o.shard = ANY($3)) \
-               AND ($2 OR NOT EXISTS ( \
-                     SELECT 1 FROM outbox p \
-                     WHERE p.parked_at IS NOT NULL AND p.sent_at IS NULL \
-                       AND p.aggregate_id = o.aggregate_id AND p.id < o.id)) \
-             ORDER BY o.id \
-             LIMIT $1",
-        )
-        .bind(i64::from(limit))
-        .bind(policy == ParkPolicy::Skip)
-        .bind(shards)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(OutboxRow {
-                    id: r.try_get("id")?,
-                    aggregate_type: r.try_get("aggregate_type")?,
-                    aggregate_id: r.try_get("aggregate_id")?,
-                    event_type: r.try_get("event_type")?,
-                    payload_json: r.try_get("payload_json")?,
-                    payload_bytes: r.try_get("payload_bytes")?,
-                    headers_json: r.try_get("headers_json")?,
-                    topic: r.try_get("topic")?,
-                    event_id: r.try_get("event_id")?,
-                    created_at: r.try_get("created_at")?,
-                    shard: r.try_get("shard")?,
+        let mut s = self.session().await?;
+        let result: Result<_, StoreError> = async {
+            let rows = self
+                .query(
+                    "SELECT o.id, o.aggregate_type, o.aggregate_id, o.event_type, \
+                        o.payload::text AS payload_json, o.payload_bytes, \
+                        o.headers::text AS headers_json, o.topic, o.event_id, o.created_at, \
+                        o.shard \
+                 FROM outbox o \
+                 WHERE o.sent_at IS NULL AND o.parked_at IS NULL \
+                   AND ($3::smallint[] IS NULL OR o.shard = ANY($3)) \
+                   AND ($2 OR NOT EXISTS ( \
+                         SELECT 1 FROM outbox p \
+                         WHERE p.parked_at IS NOT NULL AND p.sent_at IS NULL \
+                           AND p.aggregate_id = o.aggregate_id AND p.id < o.id)) \
+                 ORDER BY o.id \
+                 LIMIT $1",
+                )
+                .bind(i64::from(limit))
+                .bind(policy == ParkPolicy::Skip)
+                .bind(shards)
+                .fetch_all(s.conn())
+                .await?;
+            rows.iter()
+                .map(|r| {
+                    Ok(OutboxRow {
+                        id: r.try_get("id")?,
+                        aggregate_type: r.try_get("aggregate_type")?,
+                        aggregate_id: r.try_get("aggregate_id")?,
+                        event_type: r.try_get("event_type")?,
+                        payload_json: r.try_get("payload_json")?,
+                        payload_bytes: r.try_get("payload_bytes")?,
+                        headers_json: r.try_get("headers_json")?,
+                        topic: r.try_get("topic")?,
+                        event_id: r.try_get("event_id")?,
+                        created_at: r.try_get("created_at")?,
+                        shard: r.try_get("shard")?,
+                    })
                 })
-            })
-            .collect::<Result<Vec<_>, sqlx::Error>>()
-            .map_err(StoreError::from)
+                .collect::<Result<Vec<_>, sqlx::Error>>()
+                .map_err(StoreError::from)
+        }
+        .await;
+        s.finish(result).await
     }
 
     /// Marks acknowledged rows sent with where the broker put them, but only rows of
@@ -271,32 +354,37 @@ impl Store {
         if acks.is_empty() {
             return Ok(0);
         }
-        let ids: Vec<i64> = acks.iter().map(|a| a.id).collect();
-        let partitions: Vec<i32> = acks.iter().map(|a| a.partition).collect();
-        let offsets: Vec<i64> = acks.iter().map(|a| a.offset).collect();
-        let (shards, epochs) = fence_of(acks);
-        let done = sqlx::query(
-            "WITH fence AS ( \
-                 SELECT l.shard FROM outbox_shard_lease l \
-                 JOIN unnest($4::smallint[], $5::bigint[]) AS f(shard, epoch) \
-                   ON l.shard = f.shard AND l.epoch = f.epoch \
-                 WHERE l.owner = $6 \
-                 FOR SHARE OF l) \
-             UPDATE outbox o \
-             SET sent_at = now(), kafka_partition = a.partition, kafka_offset = a.kafka_offset \
-             FROM unnest($1::bigint[], $2::int[], $3::bigint[]) AS a(id, partition, kafka_offset) \
-             WHERE o.id = ANY($1::bigint[]) AND o.id = a.id AND o.sent_at IS NULL \
-               AND o.shard = ANY(ARRAY(SELECT shard FROM fence))",
-        )
-        .bind(&ids)
-        .bind(&partitions)
-        .bind(&offsets)
-        .bind(&shards)
-        .bind(&epochs)
-        .bind(replica)
-        .execute(&self.pool)
-        .await?;
-        Ok(done.rows_affected())
+        let mut s = self.session().await?;
+        let result: Result<_, StoreError> = async {
+            let ids: Vec<i64> = acks.iter().map(|a| a.id).collect();
+            let partitions: Vec<i32> = acks.iter().map(|a| a.partition).collect();
+            let offsets: Vec<i64> = acks.iter().map(|a| a.offset).collect();
+            let (shards, epochs) = fence_of(acks);
+            let done = self.query(
+                "WITH fence AS ( \
+                     SELECT l.shard FROM outbox_shard_lease l \
+                     JOIN unnest($4::smallint[], $5::bigint[]) AS f(shard, epoch) \
+                       ON l.shard = f.shard AND l.epoch = f.epoch \
+                     WHERE l.owner = $6 \
+                     FOR SHARE OF l) \
+                 UPDATE outbox o \
+                 SET sent_at = now(), kafka_partition = a.partition, kafka_offset = a.kafka_offset \
+                 FROM unnest($1::bigint[], $2::int[], $3::bigint[]) AS a(id, partition, kafka_offset) \
+                 WHERE o.id = ANY($1::bigint[]) AND o.id = a.id AND o.sent_at IS NULL \
+                   AND o.shard = ANY(ARRAY(SELECT shard FROM fence))",
+            )
+            .bind(&ids)
+            .bind(&partitions)
+            .bind(&offsets)
+            .bind(&shards)
+            .bind(&epochs)
+            .bind(replica)
+            .execute(s.conn())
+            .await?;
+            Ok(done.rows_affected())
+        }
+        .await;
+        s.finish(result).await
     }
 
     /// Deletes acknowledged rows (delete mode), fenced like [`Store::mark_sent`].
@@ -304,25 +392,31 @@ impl Store {
         if acks.is_empty() {
             return Ok(0);
         }
-        let ids: Vec<i64> = acks.iter().map(|a| a.id).collect();
-        let (shards, epochs) = fence_of(acks);
-        let done = sqlx::query(
-            "WITH fence AS ( \
-                 SELECT l.shard FROM outbox_shard_lease l \
-                 JOIN unnest($2::smallint[], $3::bigint[]) AS f(shard, epoch) \
-                   ON l.shard = f.shard AND l.epoch = f.epoch \
-                 WHERE l.owner = $4 \
-                 FOR SHARE OF l) \
-             DELETE FROM outbox o \
-             WHERE o.id = ANY($1::bigint[]) AND o.shard = ANY(ARRAY(SELECT shard FROM fence))",
-        )
-        .bind(&ids)
-        .bind(&shards)
-        .bind(&epochs)
-        .bind(replica)
-        .execute(&self.pool)
-        .await?;
-        Ok(done.rows_affected())
+        let mut s = self.session().await?;
+        let result: Result<_, StoreError> = async {
+            let ids: Vec<i64> = acks.iter().map(|a| a.id).collect();
+            let (shards, epochs) = fence_of(acks);
+            let done = self
+                .query(
+                    "WITH fence AS ( \
+                     SELECT l.shard FROM outbox_shard_lease l \
+                     JOIN unnest($2::smallint[], $3::bigint[]) AS f(shard, epoch) \
+                       ON l.shard = f.shard AND l.epoch = f.epoch \
+                     WHERE l.owner = $4 \
+                     FOR SHARE OF l) \
+                 DELETE FROM outbox o \
+                 WHERE o.id = ANY($1::bigint[]) AND o.shard = ANY(ARRAY(SELECT shard FROM fence))",
+                )
+                .bind(&ids)
+                .bind(&shards)
+                .bind(&epochs)
+                .bind(replica)
+                .execute(s.conn())
+                .await?;
+            Ok(done.rows_affected())
+        }
+        .await;
+        s.finish(result).await
     }
 
     /// Parks rows that can never be published, with their reasons.
@@ -330,62 +424,78 @@ impl Store {
         if parked.is_empty() {
             return Ok(0);
         }
-        let ids: Vec<i64> = parked.iter().map(|p| p.id).collect();
-        let reasons: Vec<&str> = parked.iter().map(|p| p.reason).collect();
-        let errors: Vec<&str> = parked.iter().map(|p| p.error.as_str()).collect();
-        let done = sqlx::query(
-            "UPDATE outbox o \
-             SET parked_at = now(), park_reason = p.reason, park_error = p.error \
-             FROM unnest($1::bigint[], $2::text[], $3::text[]) AS p(id, reason, error) \
-             WHERE o.id = ANY($1::bigint[]) AND o.id = p.id \
-               AND o.sent_at IS NULL AND o.parked_at IS NULL",
-        )
-        .bind(&ids)
-        .bind(&reasons)
-        .bind(&errors)
-        .execute(&self.pool)
-        .await?;
-        Ok(done.rows_affected())
+        let mut s = self.session().await?;
+        let result: Result<_, StoreError> = async {
+            let ids: Vec<i64> = parked.iter().map(|p| p.id).collect();
+            let reasons: Vec<&str> = parked.iter().map(|p| p.reason).collect();
+            let errors: Vec<&str> = parked.iter().map(|p| p.error.as_str()).collect();
+            let done = self
+                .query(
+                    "UPDATE outbox o \
+                 SET parked_at = now(), park_reason = p.reason, park_error = p.error \
+                 FROM unnest($1::bigint[], $2::text[], $3::text[]) AS p(id, reason, error) \
+                 WHERE o.id = ANY($1::bigint[]) AND o.id = p.id \
+                   AND o.sent_at IS NULL AND o.parked_at IS NULL",
+                )
+                .bind(&ids)
+                .bind(&reasons)
+                .bind(&errors)
+                .execute(s.conn())
+                .await?;
+            Ok(done.rows_affected())
+        }
+        .await;
+        s.finish(result).await
     }
 
     /// Pending and parked counts and the age of the oldest pending row.
     pub async fn backlog_stats(&self) -> Result<BacklogStats, StoreError> {
-        let row = sqlx::query(
-            "SELECT \
-               (SELECT count(*) FROM outbox WHERE sent_at IS NULL AND parked_at IS NULL) AS pending, \
-               (SELECT EXTRACT(EPOCH FROM (clock_timestamp() - created_at))::float8 \
-                  FROM outbox WHERE sent_at IS NULL AND parked_at IS NULL \
-                  ORDER BY id LIMIT 1) AS oldest_age, \
-               (SELECT count(*) FROM outbox WHERE parked_at IS NOT NULL AND sent_at IS NULL) AS parked",
-        )
-        .fetch_one(&self.pool)
-        .await?;
-        let oldest: Option<f64> = row.try_get("oldest_age")?;
-        Ok(BacklogStats {
-            pending_rows: row.try_get("pending")?,
-            oldest_pending_age: oldest.map(|s| Duration::from_secs_f64(s.max(0.0))),
-            parked_rows: row.try_get("parked")?,
-        })
+        let mut s = self.session().await?;
+        let result: Result<_, StoreError> = async {
+            let row = self.query(
+                "SELECT \
+                   (SELECT count(*) FROM outbox WHERE sent_at IS NULL AND parked_at IS NULL) AS pending, \
+                   (SELECT EXTRACT(EPOCH FROM (clock_timestamp() - created_at))::float8 \
+                      FROM outbox WHERE sent_at IS NULL AND parked_at IS NULL \
+                      ORDER BY id LIMIT 1) AS oldest_age, \
+                   (SELECT count(*) FROM outbox WHERE parked_at IS NOT NULL AND sent_at IS NULL) AS parked",
+            )
+            .fetch_one(s.conn())
+            .await?;
+            let oldest: Option<f64> = row.try_get("oldest_age")?;
+            Ok(BacklogStats {
+                pending_rows: row.try_get("pending")?,
+                oldest_pending_age: oldest.map(|s| Duration::from_secs_f64(s.max(0.0))),
+                parked_rows: row.try_get("parked")?,
+            })
+        }
+        .await;
+        s.finish(result).await
     }
 
     /// Records that `replica` is alive for `ttl` and returns the live replicas, sorted.
     pub async fn heartbeat(&self, replica: &str, ttl: Duration) -> Result<Vec<String>, StoreError> {
-        let live: Vec<String> = sqlx::query_scalar(
-            "WITH me AS ( \
-                 INSERT INTO outbox_replica (replica_id, heartbeat_at, expires_at) \
-                 VALUES ($1, now(), now() + make_interval(secs => $2)) \
-                 ON CONFLICT (replica_id) DO UPDATE \
-                 SET heartbeat_at = now(), expires_at = now() + make_interval(secs => $2) \
-                 RETURNING replica_id) \
-             SELECT replica_id FROM outbox_replica WHERE expires_at > now() AND replica_id <> $1 \
-             UNION SELECT replica_id FROM me \
-             ORDER BY 1",
-        )
-        .bind(replica)
-        .bind(ttl.as_secs_f64())
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(live)
+        let mut s = self.session().await?;
+        let result: Result<_, StoreError> = async {
+            let live: Vec<String> = self.query_scalar(
+                "WITH me AS ( \
+                     INSERT INTO outbox_replica (replica_id, heartbeat_at, expires_at) \
+                     VALUES ($1, now(), now() + make_interval(secs => $2)) \
+                     ON CONFLICT (replica_id) DO UPDATE \
+                     SET heartbeat_at = now(), expires_at = now() + make_interval(secs => $2) \
+                     RETURNING replica_id) \
+                 SELECT replica_id FROM outbox_replica WHERE expires_at > now() AND replica_id <> $1 \
+                 UNION SELECT replica_id FROM me \
+                 ORDER BY 1",
+            )
+            .bind(replica)
+            .bind(ttl.as_secs_f64())
+            .fetch_all(s.conn())
+            .await?;
+            Ok(live)
+        }
+        .await;
+        s.finish(result).await
     }
 
     /// Extends the leases `replica` holds under the given epochs; returns those renewed.
@@ -398,25 +508,31 @@ impl Store {
         if held.is_empty() {
             return Ok(Vec::new());
         }
-        let shards: Vec<i16> = held.iter().map(|h| h.0).collect();
-        let epochs: Vec<i64> = held.iter().map(|h| h.1).collect();
-        let rows = sqlx::query(
-            "UPDATE outbox_shard_lease l \
-             SET expires_at = now() + make_interval(secs => $4), renewed_at = now() \
-             FROM unnest($2::smallint[], $3::bigint[]) AS h(shard, epoch) \
-             WHERE l.shard = h.shard AND l.epoch = h.epoch AND l.owner = $1 \
-             RETURNING l.shard, l.epoch",
-        )
-        .bind(replica)
-        .bind(&shards)
-        .bind(&epochs)
-        .bind(ttl.as_secs_f64())
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|r| Ok((r.try_get("shard")?, r.try_get("epoch")?)))
-            .collect::<Result<_, sqlx::Error>>()
-            .map_err(StoreError::from)
+        let mut s = self.session().await?;
+        let result: Result<_, StoreError> = async {
+            let shards: Vec<i16> = held.iter().map(|h| h.0).collect();
+            let epochs: Vec<i64> = held.iter().map(|h| h.1).collect();
+            let rows = self
+                .query(
+                    "UPDATE outbox_shard_lease l \
+                 SET expires_at = now() + make_interval(secs => $4), renewed_at = now() \
+                 FROM unnest($2::smallint[], $3::bigint[]) AS h(shard, epoch) \
+                 WHERE l.shard = h.shard AND l.epoch = h.epoch AND l.owner = $1 \
+                 RETURNING l.shard, l.epoch",
+                )
+                .bind(replica)
+                .bind(&shards)
+                .bind(&epochs)
+                .bind(ttl.as_secs_f64())
+                .fetch_all(s.conn())
+                .await?;
+            rows.iter()
+                .map(|r| Ok((r.try_get("shard")?, r.try_get("epoch")?)))
+                .collect::<Result<_, sqlx::Error>>()
+                .map_err(StoreError::from)
+        }
+        .await;
+        s.finish(result).await
     }
 
     /// Takes the wanted shards that nobody holds (or whose lease expired), each under a
@@ -427,23 +543,28 @@ impl Store {
         wanted: &[i16],
         ttl: Duration,
     ) -> Result<Vec<(i16, i64)>, StoreError> {
-        let rows = sqlx::query(
-            "UPDATE outbox_shard_lease \
-             SET owner = $1, epoch = epoch + 1, expires_at = now() + make_interval(secs => $3), \
-                 acquired_at = now(), renewed_at = now() \
-             WHERE shard = ANY($2::smallint[]) \
-               AND (owner IS NULL OR expires_at IS NULL OR expires_at <= now()) \
-             RETURNING shard, epoch",
-        )
-        .bind(replica)
-        .bind(wanted)
-        .bind(ttl.as_secs_f64())
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|r| Ok((r.try_get("shard")?, r.try_get("epoch")?)))
-            .collect::<Result<_, sqlx::Error>>()
-            .map_err(StoreError::from)
+        let mut s = self.session().await?;
+        let result: Result<_, StoreError> = async {
+            let rows = self.query(
+                "UPDATE outbox_shard_lease \
+                 SET owner = $1, epoch = epoch + 1, expires_at = now() + make_interval(secs => $3), \
+                     acquired_at = now(), renewed_at = now() \
+                 WHERE shard = ANY($2::smallint[]) \
+                   AND (owner IS NULL OR expires_at IS NULL OR expires_at <= now()) \
+                 RETURNING shard, epoch",
+            )
+            .bind(replica)
+            .bind(wanted)
+            .bind(ttl.as_secs_f64())
+            .fetch_all(s.conn())
+            .await?;
+            rows.iter()
+                .map(|r| Ok((r.try_get("shard")?, r.try_get("epoch")?)))
+                .collect::<Result<_, sqlx::Error>>()
+                .map_err(StoreError::from)
+        }
+        .await;
+        s.finish(result).await
     }
 
     /// Gives shards up at once, so another replica can take them without waiting.
@@ -455,96 +576,126 @@ impl Store {
         if leases.is_empty() {
             return Ok(0);
         }
-        let shards: Vec<i16> = leases.iter().map(|h| h.0).collect();
-        let epochs: Vec<i64> = leases.iter().map(|h| h.1).collect();
-        let done = sqlx::query(
-            "UPDATE outbox_shard_lease l SET owner = NULL, expires_at = NULL \
-             FROM unnest($2::smallint[], $3::bigint[]) AS h(shard, epoch) \
-             WHERE l.shard = h.shard AND l.epoch = h.epoch AND l.owner = $1",
-        )
-        .bind(replica)
-        .bind(&shards)
-        .bind(&epochs)
-        .execute(&self.pool)
-        .await?;
-        Ok(done.rows_affected())
+        let mut s = self.session().await?;
+        let result: Result<_, StoreError> = async {
+            let shards: Vec<i16> = leases.iter().map(|h| h.0).collect();
+            let epochs: Vec<i64> = leases.iter().map(|h| h.1).collect();
+            let done = self
+                .query(
+                    "UPDATE outbox_shard_lease l SET owner = NULL, expires_at = NULL \
+                 FROM unnest($2::smallint[], $3::bigint[]) AS h(shard, epoch) \
+                 WHERE l.shard = h.shard AND l.epoch = h.epoch AND l.owner = $1",
+                )
+                .bind(replica)
+                .bind(&shards)
+                .bind(&epochs)
+                .execute(s.conn())
+                .await?;
+            Ok(done.rows_affected())
+        }
+        .await;
+        s.finish(result).await
     }
 
     /// Removes `replica` from the live set (clean shutdown).
     pub async fn deregister(&self, replica: &str) -> Result<(), StoreError> {
-        sqlx::query("DELETE FROM outbox_replica WHERE replica_id = $1")
-            .bind(replica)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
+        let mut s = self.session().await?;
+        let result: Result<_, StoreError> = async {
+            self.query("DELETE FROM outbox_replica WHERE replica_id = $1")
+                .bind(replica)
+                .execute(s.conn())
+                .await?;
+            Ok(())
+        }
+        .await;
+        s.finish(result).await
     }
 
     /// How long until the first of these shards' current leases expires.
     pub async fn next_lease_expiry(&self, shards: &[i16]) -> Result<Option<Duration>, StoreError> {
-        let seconds: Option<f64> = sqlx::query_scalar(
-            "SELECT EXTRACT(EPOCH FROM (min(expires_at) - now()))::float8 \
-             FROM outbox_shard_lease \
-             WHERE shard = ANY($1::smallint[]) AND expires_at > now()",
-        )
-        .bind(shards)
-        .fetch_one(&self.pool)
-        .await?;
-        Ok(seconds.map(|s| Duration::from_secs_f64(s.max(0.0))))
+        let mut s = self.session().await?;
+        let result: Result<_, StoreError> = async {
+            let seconds: Option<f64> = self
+                .query_scalar(
+                    "SELECT EXTRACT(EPOCH FROM (min(expires_at) - now()))::float8 \
+                 FROM outbox_shard_lease \
+                 WHERE shard = ANY($1::smallint[]) AND expires_at > now()",
+                )
+                .bind(shards)
+                .fetch_one(s.conn())
+                .await?;
+            Ok(seconds.map(|s| Duration::from_secs_f64(s.max(0.0))))
+        }
+        .await;
+        s.finish(result).await
     }
 
     /// Replicas known to the outbox and how many shards each holds.
     pub async fn replica_status(&self) -> Result<(Vec<ReplicaStatus>, i64), StoreError> {
-        let rows = sqlx::query(
-            "SELECT r.replica_id, r.expires_at > now() AS live, r.started_at, \
-                    EXTRACT(EPOCH FROM (now() - r.heartbeat_at))::float8 AS heartbeat_age, \
-                    count(l.shard) AS shards, \
-                    EXTRACT(EPOCH FROM (now() - min(l.renewed_at)))::float8 AS oldest_renewal \
-             FROM outbox_replica r \
-             LEFT JOIN outbox_shard_lease l \
-               ON l.owner = r.replica_id AND l.expires_at > now() \
-             GROUP BY r.replica_id, r.expires_at, r.started_at, r.heartbeat_at \
-             ORDER BY r.replica_id",
-        )
-        .fetch_all(&self.pool)
-        .await?;
-        let replicas = rows
-            .iter()
-            .map(|r| {
-                Ok(ReplicaStatus {
-                    replica_id: r.try_get("replica_id")?,
-                    live: r.try_get("live")?,
-                    started_at: r.try_get("started_at")?,
-                    heartbeat_age_seconds: r.try_get("heartbeat_age")?,
-                    shards: r.try_get("shards")?,
-                    oldest_lease_renewal_seconds: r.try_get("oldest_renewal")?,
+        let mut s = self.session().await?;
+        let result: Result<_, StoreError> = async {
+            let rows = self
+                .query(
+                    "SELECT r.replica_id, r.expires_at > now() AS live, r.started_at, \
+                        EXTRACT(EPOCH FROM (now() - r.heartbeat_at))::float8 AS heartbeat_age, \
+                        count(l.shard) AS shards, \
+                        EXTRACT(EPOCH FROM (now() - min(l.renewed_at)))::float8 AS oldest_renewal \
+                 FROM outbox_replica r \
+                 LEFT JOIN outbox_shard_lease l \
+                   ON l.owner = r.replica_id AND l.expires_at > now() \
+                 GROUP BY r.replica_id, r.expires_at, r.started_at, r.heartbeat_at \
+                 ORDER BY r.replica_id",
+                )
+                .fetch_all(s.conn())
+                .await?;
+            let replicas = rows
+                .iter()
+                .map(|r| {
+                    Ok(ReplicaStatus {
+                        replica_id: r.try_get("replica_id")?,
+                        live: r.try_get("live")?,
+                        started_at: r.try_get("started_at")?,
+                        heartbeat_age_seconds: r.try_get("heartbeat_age")?,
+                        shards: r.try_get("shards")?,
+                        oldest_lease_renewal_seconds: r.try_get("oldest_renewal")?,
+                    })
                 })
-            })
-            .collect::<Result<Vec<_>, sqlx::Error>>()?;
-        let unowned: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM outbox_shard_lease \
-             WHERE owner IS NULL OR expires_at IS NULL OR expires_at <= now()",
-        )
-        .fetch_one(&self.pool)
-        .await?;
-        Ok((replicas, unowned))
+                .collect::<Result<Vec<_>, sqlx::Error>>()?;
+            let unowned: i64 = self
+                .query_scalar(
+                    "SELECT count(*) FROM outbox_shard_lease \
+                 WHERE owner IS NULL OR expires_at IS NULL OR expires_at <= now()",
+                )
+                .fetch_one(s.conn())
+                .await?;
+            Ok((replicas, unowned))
+        }
+        .await;
+        s.finish(result).await
     }
 
     /// Confirms the database answers and the outbox table has the relay's columns.
     pub async fn verify_schema(&self) -> Result<String, StoreError> {
-        let version: String = sqlx::query_scalar("SHOW server_version")
-            .fetch_one(&self.pool)
+        let mut s = self.session().await?;
+        let result: Result<_, StoreError> = async {
+            let version: String = self
+                .query_scalar("SHOW server_version")
+                .fetch_one(s.conn())
+                .await?;
+            self.query(
+                "SELECT id, aggregate_type, aggregate_id, event_type, payload, payload_bytes, \
+                        headers, topic, event_id, created_at, sent_at, kafka_partition, \
+                        kafka_offset, parked_at, park_reason, park_error, shard \
+                 FROM outbox LIMIT 0",
+            )
+            .execute(s.conn())
             .await?;
-        sqlx::query(
-            "SELECT id, aggregate_type, aggregate_id, event_type, payload, payload_bytes, \
-                    headers, topic, event_id, created_at, sent_at, kafka_partition, \
-                    kafka_offset, parked_at, park_reason, park_error, shard \
-             FROM outbox LIMIT 0",
-        )
-        .execute(&self.pool)
-        .await?;
-        sqlx::query("SELECT shard, owner, epoch, expires_at FROM outbox_shard_lease LIMIT 0")
-            .execute(&self.pool)
-            .await?;
-        Ok(version)
+            self.query("SELECT shard, owner, epoch, expires_at FROM outbox_shard_lease LIMIT 0")
+                .execute(s.conn())
+                .await?;
+            Ok(version)
+        }
+        .await;
+        s.finish(result).await
     }
 }

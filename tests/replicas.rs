@@ -75,6 +75,49 @@ async fn shares_rebalance_as_replicas_join_and_leave() {
     .await;
     db.insert(&stream("acct", 300, 3000)).await;
 
+    // `status` shows the three replicas and their shares.
+    let output = Command::new(relay_bin())
+        .env_clear()
+        .env("OUTBOX_RELAY_DATABASE__URL", &db.url)
+        .args(["status", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let status: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let replicas = status["replicas"].as_array().unwrap();
+    let shares: Vec<(String, i64)> = replicas
+        .iter()
+        .map(|r| {
+            (
+                r["replica_id"].as_str().unwrap().to_string(),
+                r["shards"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(shares.len(), 3, "{status}");
+    assert_eq!(shares.iter().map(|s| s.1).sum::<i64>(), 256, "{status}");
+    assert_eq!(status["shards_unowned"], 0, "{status}");
+    assert!(status["pending_rows"].as_i64().is_some(), "{status}");
+    let output = Command::new(relay_bin())
+        .env_clear()
+        .env("OUTBOX_RELAY_DATABASE__URL", &db.url)
+        .arg("status")
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success());
+    for replica in ["a", "b", "c"] {
+        assert!(
+            table.lines().any(|l| l.starts_with(&format!("{replica} "))),
+            "{table}"
+        );
+    }
+    assert!(table.contains("pending rows"), "{table}");
+
     // A clean stop hands the shards over at once, well before its leases would expire.
     let stopped_at = Instant::now();
     b.stop().await;
@@ -307,4 +350,55 @@ async fn three_replicas_keep_the_contract_through_kill_9_and_sigstop() {
         duplicates <= faults * 500,
         "{duplicates} duplicates exceed one batch (500) per fault ({faults} faults)"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_work_through_pgbouncer_in_transaction_mode() {
+    let db = TestDb::new().await;
+    let bootstrap = kafka_bootstrap();
+    let prefix = unique_prefix();
+    let topic = format!("{prefix}.pooled");
+    create_topic(&bootstrap, &topic, 3).await;
+    // Two server connections for two replicas' relay loops, lease keepers and gauges.
+    let bouncer = PgBouncer::start(2);
+    let pooled = bouncer.url_for(&db.url);
+    let replica = |id: &str| {
+        let mut settings = replica_settings(&db, &bootstrap, &prefix, id);
+        settings.database.url = outbox_relay::config::Secret::new(pooled.clone());
+        settings.database.transaction_pooler = true;
+        settings.database.listen = false;
+        settings.validate().expect("valid pooler settings");
+        settings
+    };
+    let a = RunningRelay::start(replica("pooled-a")).await;
+    let b = RunningRelay::start(replica("pooled-b")).await;
+    db.insert(&stream("pooled", 200, 6000)).await;
+    wait_for("both replicas hold shards", CONDITION_TIMEOUT, || async {
+        owned_by(&db, "pooled-a").await == 128 && owned_by(&db, "pooled-b").await == 128
+    })
+    .await;
+    db.insert(&stream("pooled", 200, 4000)).await;
+    wait_for("all rows marked", CONDITION_TIMEOUT, || async {
+        db.sent().await == 10_000
+    })
+    .await;
+
+    let output = Command::new(relay_bin())
+        .env_clear()
+        .env("OUTBOX_RELAY_DATABASE__URL", &pooled)
+        .env("OUTBOX_RELAY_DATABASE__TRANSACTION_POOLER", "true")
+        .env("OUTBOX_RELAY_DATABASE__LISTEN", "false")
+        .arg("status")
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    a.stop().await;
+    b.stop().await;
+
+    let records = consume(&bootstrap, &topic, 10_000);
+    assert_contract(&db.rows().await, &records);
 }

@@ -407,6 +407,95 @@ pub fn stream(aggregate_type: &str, aggregates: usize, rows: usize) -> Vec<NewRo
         .collect()
 }
 
+/// A PgBouncer in transaction mode in front of the test PostgreSQL, with a small server
+/// pool so that consecutive transactions of one client land on different connections.
+pub struct PgBouncer {
+    pub port: u16,
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl PgBouncer {
+    pub fn start(server_pool_size: u32) -> PgBouncer {
+        let admin = url::Url::parse(&postgres().admin_url).unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("outbox-relay-pgbouncer-")
+            .tempdir()
+            .unwrap();
+        let port = free_port();
+        let run_as = postgres_user();
+        std::fs::write(
+            dir.path().join("userlist.txt"),
+            format!("\"{}\" \"\"\n", admin.username()),
+        )
+        .unwrap();
+        let ini = dir.path().join("pgbouncer.ini");
+        std::fs::write(
+            &ini,
+            format!(
+                "[databases]\n* = host={host} port={pg_port}\n\
+                 [pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\n\
+                 unix_socket_dir =\nauth_type = trust\nauth_file = {users}\n\
+                 pool_mode = transaction\ndefault_pool_size = {server_pool_size}\n\
+                 max_client_conn = 200\nignore_startup_parameters = extra_float_digits\n\
+                 logfile = {log}\n",
+                host = admin.host_str().unwrap(),
+                pg_port = admin.port().unwrap_or(5432),
+                users = dir.path().join("userlist.txt").display(),
+                log = dir.path().join("pgbouncer.log").display(),
+            ),
+        )
+        .unwrap();
+        if let Some((uid, gid)) = run_as {
+            for path in [
+                dir.path().to_path_buf(),
+                ini.clone(),
+                dir.path().join("userlist.txt"),
+            ] {
+                std::os::unix::fs::chown(&path, Some(uid), Some(gid)).unwrap();
+            }
+        }
+        let binary = ["/usr/sbin/pgbouncer", "/usr/bin/pgbouncer"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .expect("pgbouncer is not installed: run scripts/test.sh (it installs it)");
+        let mut command = Command::new(binary);
+        command
+            .arg(&ini)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let child = spawn_tied_to_process(command, run_as);
+        let deadline = Instant::now() + CONDITION_TIMEOUT;
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "pgbouncer did not start on port {port}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        PgBouncer {
+            port,
+            child,
+            _dir: dir,
+        }
+    }
+
+    /// `url` rewritten to go through this PgBouncer.
+    pub fn url_for(&self, url: &str) -> String {
+        let mut url = url::Url::parse(url).unwrap();
+        url.set_host(Some("127.0.0.1")).unwrap();
+        url.set_port(Some(self.port)).unwrap();
+        url.to_string()
+    }
+}
+
+impl Drop for PgBouncer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // Kafka
 
