@@ -111,6 +111,9 @@ impl App {
                     tasks_cancel.clone(),
                 ))
             });
+            // The keeper renews leases until the relay has drained and marked: stopping it
+            // at SIGTERM would let the leases lapse mid-drain and the shards be republished.
+            let keeper_cancel = CancellationToken::new();
             let keeper = tokio::spawn(
                 LeaseKeeper {
                     store: store.clone(),
@@ -124,7 +127,7 @@ impl App {
                     health: health.clone(),
                     wake_relay: wake.clone(),
                 }
-                .run(tasks_cancel.clone()),
+                .run(keeper_cancel.clone()),
             );
             let stats = tokio::spawn(refresh_backlog_gauges(
                 store.clone(),
@@ -145,6 +148,7 @@ impl App {
                 let _ = listener.await;
             }
             let _ = stats.await;
+            keeper_cancel.cancel();
             let _ = keeper.await;
             hand_over(&store, &replica_id, &ownership).await;
             relayed.context("The relay stopped")

@@ -37,8 +37,14 @@ pub fn classify_code(code: RDKafkaErrorCode) -> (ErrorClass, &'static str) {
         C::MessageSizeTooLarge | C::InvalidMessageSize | C::MessageBatchTooLarge => {
             (ErrorClass::PermanentRow, "message_too_large")
         }
-        C::InvalidRecord | C::InvalidMessage | C::BadMessage | C::InvalidTimestamp => {
-            (ErrorClass::PermanentRow, "invalid_record")
+        C::InvalidRecord
+        | C::InvalidMessage
+        | C::BadMessage
+        | C::InvalidTimestamp
+        | C::PolicyViolation
+        | C::UnsupportedForMessageFormat => (ErrorClass::PermanentRow, "invalid_record"),
+        C::UnsupportedCompressionType | C::InvalidRequiredAcks | C::UnsupportedVersion => {
+            (ErrorClass::PermanentGlobal, "unsupported_by_broker")
         }
         C::InvalidTopic => (ErrorClass::PermanentRow, "invalid_topic"),
         // Global for a template topic (the relay waits for it to be created); the relay

@@ -148,7 +148,21 @@ impl Ownership {
                 "leases lost: another replica holds these shards now"
             );
         }
+        // Only refresh leases still held under the same epoch: a shard the relay released
+        // while this renewal was on its way must not come back.
         for (shard, epoch) in renewed {
+            if let Some(lease) = state.leases.get_mut(shard) {
+                if lease.epoch == *epoch {
+                    lease.valid_until = valid_until;
+                }
+            }
+        }
+    }
+
+    /// Puts back shards whose release failed; they stay marked for release.
+    pub fn restore_releases(&self, releases: &[(i16, i64)], valid_until: Instant) {
+        let mut state = self.state.lock().expect("ownership lock");
+        for (shard, epoch) in releases {
             state.leases.insert(
                 *shard,
                 Lease {
@@ -156,6 +170,16 @@ impl Ownership {
                     valid_until,
                 },
             );
+            state.to_release.insert(*shard);
+        }
+    }
+
+    /// Drops shards the database says this replica no longer holds (a fenced mark).
+    pub fn forget(&self, shards: &BTreeSet<i16>) {
+        let mut state = self.state.lock().expect("ownership lock");
+        for shard in shards {
+            state.leases.remove(shard);
+            state.to_release.remove(shard);
         }
     }
 
@@ -315,6 +339,21 @@ mod tests {
         assert!(shares[0].is_disjoint(&shares[1]) && shares[1].is_disjoint(&shares[2]));
         assert!(desired_shards("z", &live).is_empty());
         assert_eq!(desired_shards("a", &live[..1]).len(), SHARD_COUNT as usize);
+    }
+
+    #[test]
+    fn a_renewal_never_brings_back_a_released_shard() {
+        let ownership = Ownership::default();
+        let now = Instant::now();
+        ownership.add(&[(1, 5), (2, 7)], now + Duration::from_secs(5));
+        let attempted = ownership.held();
+        ownership.request_release(&BTreeSet::from([2]));
+        assert_eq!(ownership.take_releases(), vec![(2, 7)]);
+        // The renewal was sent before the release and still renewed shard 2.
+        ownership.apply_renewal(&attempted, &attempted, now + Duration::from_secs(9));
+        let snap = ownership.snapshot();
+        assert_eq!(snap.leases.keys().copied().collect::<Vec<_>>(), vec![1]);
+        assert_eq!(snap.leases[&1].valid_until, now + Duration::from_secs(9));
     }
 
     #[test]

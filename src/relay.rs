@@ -115,7 +115,7 @@ impl Batch {
         let (class, kind) = classify(err);
         *self.error_kinds.entry(kind).or_default() += 1;
         self.outcomes[pos] = Outcome::Failed;
-        match row_class(class, row) {
+        match row_class(class, kind, row) {
             ErrorClass::PermanentRow => {
                 warn!(row_id = row.id, error = %err, "broker refused the row; parking it");
                 self.park(pos, row.id, &ParkReason::Rejected(err.to_string()));
@@ -244,12 +244,16 @@ impl Relay {
         // Between batches nothing is in flight: the safe moment to hand shards over.
         let releases = self.ownership.take_releases();
         if !releases.is_empty() {
-            let released = self
-                .store
-                .release_leases(&self.replica_id, &releases)
-                .await
-                .inspect_err(|e| self.database_failed(e))?;
-            info!(shards = released, "released shards to other replicas");
+            match self.store.release_leases(&self.replica_id, &releases).await {
+                Ok(released) => info!(shards = released, "released shards to other replicas"),
+                Err(err) => {
+                    // Keep renewing them until a release goes through.
+                    self.ownership
+                        .restore_releases(&releases, Instant::now() + self.settings.lease_ttl / 2);
+                    self.database_failed(&err);
+                    return Err(err.into());
+                }
+            }
         }
         let snapshot = self.ownership.snapshot();
         if snapshot.is_empty() {
@@ -407,7 +411,7 @@ impl Relay {
                             continue;
                         }
                         *batch.error_kinds.entry(kind).or_default() += 1;
-                        match row_class(class, row) {
+                        match row_class(class, kind, row) {
                             ErrorClass::PermanentRow => {
                                 batch.park(i, row.id, &ParkReason::Rejected(err.to_string()));
                                 if hold {
@@ -534,6 +538,7 @@ impl Relay {
                             fenced,
                             "acknowledged rows not marked: their shard moved to another replica, which sends them again"
                         );
+                        self.forget_lost_shards(acks).await;
                     }
                     let parked = parked.unwrap_or(0);
                     if parked > 0 {
@@ -558,6 +563,34 @@ impl Relay {
                     return Err(err.into());
                 }
             }
+        }
+    }
+
+    /// After a fenced mark, stops producing for every shard of the batch the database no
+    /// longer gives this replica, instead of republishing until the next renewal notices.
+    async fn forget_lost_shards(&self, acks: &[Ack]) {
+        let held: Vec<(i16, i64)> = {
+            let mut pairs: Vec<(i16, i64)> = acks.iter().map(|a| (a.shard, a.epoch)).collect();
+            pairs.sort_unstable();
+            pairs.dedup();
+            pairs
+        };
+        match self.store.still_held(&self.replica_id, &held).await {
+            Ok(still) => {
+                let lost: std::collections::BTreeSet<i16> = held
+                    .iter()
+                    .filter(|pair| !still.contains(pair))
+                    .map(|(shard, _)| *shard)
+                    .collect();
+                if !lost.is_empty() {
+                    warn!(
+                        shards = lost.len(),
+                        "leases lost to another replica; no longer producing for them"
+                    );
+                    self.ownership.forget(&lost);
+                }
+            }
+            Err(err) => self.database_failed(&err),
         }
     }
 
@@ -590,9 +623,10 @@ impl Relay {
     }
 }
 
-/// A missing topic is the row's own problem when the row named it, everyone's otherwise.
-fn row_class(class: ErrorClass, row: &OutboxRow) -> ErrorClass {
-    if class == ErrorClass::PermanentGlobal && row.topic.is_some() {
+/// A missing topic is the row's own problem when the row named it, everyone's otherwise;
+/// authorization and authentication failures are everyone's whatever the row says.
+fn row_class(class: ErrorClass, kind: &str, row: &OutboxRow) -> ErrorClass {
+    if class == ErrorClass::PermanentGlobal && kind == "unknown_topic" && row.topic.is_some() {
         ErrorClass::PermanentRow
     } else {
         class

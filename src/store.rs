@@ -306,7 +306,9 @@ impl Store {
                 .query(
                     "SELECT o.id, o.aggregate_type, o.aggregate_id, o.event_type, \
                         o.payload::text AS payload_json, o.payload_bytes, \
-                        o.headers::text AS headers_json, o.topic, o.event_id, o.created_at, \
+                        o.headers::text AS headers_json, o.topic, o.event_id, \
+                    LEAST(GREATEST(o.created_at, '1970-01-01Z'::timestamptz), \
+                          '9999-12-31Z'::timestamptz) AS created_at, \
                         o.shard \
                  FROM outbox o \
                  WHERE o.sent_at IS NULL AND o.parked_at IS NULL \
@@ -366,6 +368,7 @@ impl Store {
                      JOIN unnest($4::smallint[], $5::bigint[]) AS f(shard, epoch) \
                        ON l.shard = f.shard AND l.epoch = f.epoch \
                      WHERE l.owner = $6 \
+                     ORDER BY l.shard \
                      FOR SHARE OF l) \
                  UPDATE outbox o \
                  SET sent_at = now(), kafka_partition = a.partition, kafka_offset = a.kafka_offset \
@@ -403,6 +406,7 @@ impl Store {
                      JOIN unnest($2::smallint[], $3::bigint[]) AS f(shard, epoch) \
                        ON l.shard = f.shard AND l.epoch = f.epoch \
                      WHERE l.owner = $4 \
+                     ORDER BY l.shard \
                      FOR SHARE OF l) \
                  DELETE FROM outbox o \
                  WHERE o.id = ANY($1::bigint[]) AND o.shard = ANY(ARRAY(SELECT shard FROM fence))",
@@ -465,7 +469,7 @@ impl Store {
             let oldest: Option<f64> = row.try_get("oldest_age")?;
             Ok(BacklogStats {
                 pending_rows: row.try_get("pending")?,
-                oldest_pending_age: oldest.map(|s| Duration::from_secs_f64(s.max(0.0))),
+                oldest_pending_age: oldest.map(|s| Duration::try_from_secs_f64(s).unwrap_or_default()),
                 parked_rows: row.try_get("parked")?,
             })
         }
@@ -514,11 +518,17 @@ impl Store {
             let epochs: Vec<i64> = held.iter().map(|h| h.1).collect();
             let rows = self
                 .query(
-                    "UPDATE outbox_shard_lease l \
-                 SET expires_at = now() + make_interval(secs => $4), renewed_at = now() \
-                 FROM unnest($2::smallint[], $3::bigint[]) AS h(shard, epoch) \
-                 WHERE l.shard = h.shard AND l.epoch = h.epoch AND l.owner = $1 \
-                 RETURNING l.shard, l.epoch",
+                    "WITH locked AS ( \
+                         SELECT l.shard FROM outbox_shard_lease l \
+                         JOIN unnest($2::smallint[], $3::bigint[]) AS h(shard, epoch) \
+                           ON l.shard = h.shard AND l.epoch = h.epoch \
+                         WHERE l.owner = $1 \
+                         ORDER BY l.shard \
+                         FOR NO KEY UPDATE OF l) \
+                     UPDATE outbox_shard_lease l \
+                     SET expires_at = now() + make_interval(secs => $4), renewed_at = now() \
+                     WHERE l.shard IN (SELECT shard FROM locked) \
+                     RETURNING l.shard, l.epoch",
                 )
                 .bind(replica)
                 .bind(&shards)
@@ -545,19 +555,26 @@ impl Store {
     ) -> Result<Vec<(i16, i64)>, StoreError> {
         let mut s = self.session().await?;
         let result: Result<_, StoreError> = async {
-            let rows = self.query(
-                "UPDATE outbox_shard_lease \
-                 SET owner = $1, epoch = epoch + 1, expires_at = now() + make_interval(secs => $3), \
-                     acquired_at = now(), renewed_at = now() \
-                 WHERE shard = ANY($2::smallint[]) \
-                   AND (owner IS NULL OR expires_at IS NULL OR expires_at <= now()) \
-                 RETURNING shard, epoch",
-            )
-            .bind(replica)
-            .bind(wanted)
-            .bind(ttl.as_secs_f64())
-            .fetch_all(s.conn())
-            .await?;
+            let rows = self
+                .query(
+                    "WITH free AS ( \
+                         SELECT shard FROM outbox_shard_lease \
+                         WHERE shard = ANY($2::smallint[]) \
+                           AND (owner IS NULL OR expires_at IS NULL OR expires_at <= now()) \
+                         ORDER BY shard \
+                         FOR NO KEY UPDATE SKIP LOCKED) \
+                     UPDATE outbox_shard_lease l \
+                     SET owner = $1, epoch = l.epoch + 1, \
+                         expires_at = now() + make_interval(secs => $3), \
+                         acquired_at = now(), renewed_at = now() \
+                     WHERE l.shard IN (SELECT shard FROM free) \
+                     RETURNING l.shard, l.epoch",
+                )
+                .bind(replica)
+                .bind(wanted)
+                .bind(ttl.as_secs_f64())
+                .fetch_all(s.conn())
+                .await?;
             rows.iter()
                 .map(|r| Ok((r.try_get("shard")?, r.try_get("epoch")?)))
                 .collect::<Result<_, sqlx::Error>>()
@@ -597,6 +614,37 @@ impl Store {
         s.finish(result).await
     }
 
+    /// Which of these (shard, epoch) leases `replica` still holds in the database.
+    pub async fn still_held(
+        &self,
+        replica: &str,
+        leases: &[(i16, i64)],
+    ) -> Result<Vec<(i16, i64)>, StoreError> {
+        let shards: Vec<i16> = leases.iter().map(|h| h.0).collect();
+        let epochs: Vec<i64> = leases.iter().map(|h| h.1).collect();
+        let mut s = self.session().await?;
+        let result: Result<_, StoreError> = async {
+            let rows = self
+                .query(
+                    "SELECT l.shard, l.epoch FROM outbox_shard_lease l \
+                     JOIN unnest($2::smallint[], $3::bigint[]) AS h(shard, epoch) \
+                       ON l.shard = h.shard AND l.epoch = h.epoch \
+                     WHERE l.owner = $1",
+                )
+                .bind(replica)
+                .bind(&shards)
+                .bind(&epochs)
+                .fetch_all(s.conn())
+                .await?;
+            rows.iter()
+                .map(|r| Ok((r.try_get("shard")?, r.try_get("epoch")?)))
+                .collect::<Result<Vec<_>, sqlx::Error>>()
+                .map_err(StoreError::from)
+        }
+        .await;
+        s.finish(result).await
+    }
+
     /// Removes `replica` from the live set (clean shutdown).
     pub async fn deregister(&self, replica: &str) -> Result<(), StoreError> {
         let mut s = self.session().await?;
@@ -624,7 +672,7 @@ impl Store {
                 .bind(shards)
                 .fetch_one(s.conn())
                 .await?;
-            Ok(seconds.map(|s| Duration::from_secs_f64(s.max(0.0))))
+            Ok(seconds.map(|s| Duration::try_from_secs_f64(s).unwrap_or_default()))
         }
         .await;
         s.finish(result).await

@@ -494,3 +494,56 @@ async fn a_missing_template_topic_blocks_publishing_without_parking() {
     let records = consume(&bootstrap, &topic, 40);
     assert_contract(&db.rows().await, &records);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn odd_but_legal_rows_are_published_without_crashing_the_relay() {
+    let db = TestDb::new().await;
+    let bootstrap = kafka_bootstrap();
+    let prefix = unique_prefix();
+    let topic = format!("{prefix}.odd");
+    create_topic(&bootstrap, &topic, 3).await;
+    // A service may write created_at itself, even 'infinity'; a NULL payload is a tombstone;
+    // bytea payloads pass through as they are.
+    sqlx::query(
+        "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload, created_at) VALUES \
+           ('odd', 'x', 'Far', '{\"a\": 1}', 'infinity'), \
+           ('odd', 'x', 'Past', '{\"a\": 2}', '-infinity'), \
+           ('odd', 'y', 'Deleted', NULL, now())",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload_bytes) \
+         VALUES ('odd', 'z', 'Avro', '\\x00010203ff')",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let relay = RunningRelay::start(settings(
+        &db,
+        &bootstrap,
+        &format!("[relay]\ntopic_template = \"{prefix}.{{aggregate_type}}\"\n"),
+    ))
+    .await;
+    wait_for("all rows marked", CONDITION_TIMEOUT, || async {
+        db.sent().await == 4
+    })
+    .await;
+    relay.stop().await;
+    let records = consume(&bootstrap, &topic, 4);
+    assert_eq!(assert_contract(&db.rows().await, &records), 0);
+    let tombstone = records
+        .iter()
+        .find(|r| r.key.as_deref() == Some("y"))
+        .unwrap();
+    assert_eq!(tombstone.value, None, "a NULL payload is a tombstone");
+    let bytes = records
+        .iter()
+        .find(|r| r.key.as_deref() == Some("z"))
+        .unwrap();
+    assert_eq!(
+        bytes.value_bytes.as_deref(),
+        Some([0u8, 1, 2, 3, 0xff].as_slice())
+    );
+}

@@ -618,6 +618,7 @@ pub struct Consumed {
     pub offset: i64,
     pub key: Option<String>,
     pub value: Option<String>,
+    pub value_bytes: Option<Vec<u8>>,
     pub headers: HashMap<String, String>,
 }
 
@@ -684,6 +685,7 @@ pub fn consume(bootstrap: &str, topic: &str, expected: usize) -> Vec<Consumed> {
                 value: message
                     .payload()
                     .map(|v| String::from_utf8_lossy(v).into_owned()),
+                value_bytes: message.payload().map(<[u8]>::to_vec),
                 headers,
             });
             if out.len() >= expected && quiet_until.is_none() {
