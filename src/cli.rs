@@ -44,6 +44,12 @@ pub enum Command {
         #[arg(long, value_name = "on|off")]
         notify_trigger: Option<Toggle>,
     },
+    /// Rows that can never be published as they stand: list them, put them back in the
+    /// queue once the cause is fixed, or give up on them (kept for audit).
+    Parked {
+        #[command(subcommand)]
+        command: ParkedCommand,
+    },
     /// Show the backlog and the replicas sharing it: pending and parked rows, the oldest
     /// pending row's age, each replica's shards and lease ages.
     Status {
@@ -58,6 +64,52 @@ pub enum Command {
         #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
         timeout: Duration,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ParkedCommand {
+    /// List parked rows, oldest first, with the reason and the error.
+    List {
+        /// Only this aggregate's rows.
+        #[arg(long, value_name = "AGGREGATE_ID")]
+        aggregate: Option<String>,
+        /// At most this many rows.
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put parked rows back in the queue; they are published in their original order,
+    /// ahead of the later rows of their aggregates that waited behind them.
+    Replay {
+        #[command(flatten)]
+        rows: ParkedSelection,
+    },
+    /// Give up on parked rows. They stay in the table with the reason, for audit, and stop
+    /// holding their aggregates back.
+    Discard {
+        #[command(flatten)]
+        rows: ParkedSelection,
+        /// Why, recorded with each row.
+        #[arg(long, required = true)]
+        reason: String,
+    },
+}
+
+/// Which parked rows an operation touches: exactly one of ids, an aggregate, or all.
+#[derive(Debug, clap::Args)]
+#[group(required = true, multiple = false)]
+pub struct ParkedSelection {
+    /// Row ids (the `id` column).
+    #[arg(value_name = "ID")]
+    ids: Vec<i64>,
+    /// Every parked row of this aggregate.
+    #[arg(long, value_name = "AGGREGATE_ID")]
+    aggregate: Option<String>,
+    /// Every parked row.
+    #[arg(long)]
+    all: bool,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -91,6 +143,7 @@ pub fn main() -> ExitCode {
             Command::Migrate { notify_trigger } => migrate(settings, notify_trigger).await,
             Command::Check { timeout } => check(settings, timeout).await,
             Command::Status { json } => status(settings, json).await,
+            Command::Parked { command } => parked(settings, command).await,
         }
     });
     match result {
@@ -158,6 +211,129 @@ async fn migrate(settings: Settings, notify_trigger: Option<Toggle>) -> anyhow::
     }
     store.pool().close().await;
     Ok(())
+}
+
+async fn parked(settings: Settings, command: ParkedCommand) -> anyhow::Result<()> {
+    let store = Store::connect(&settings.database)
+        .context("Failed to configure the database connection from database.url")?;
+    let result = match command {
+        ParkedCommand::List {
+            aggregate,
+            limit,
+            json,
+        } => list_parked(&store, aggregate.as_deref(), limit, json).await,
+        ParkedCommand::Replay { rows } => {
+            let ids = select_parked(&store, &rows).await?;
+            let done = in_chunks(&ids, "replaying", |chunk| {
+                let store = store.clone();
+                async move { store.replay_parked(&chunk).await }
+            })
+            .await?;
+            println!("{done} parked row(s) put back in the queue");
+            Ok(())
+        }
+        ParkedCommand::Discard { rows, reason } => {
+            let ids = select_parked(&store, &rows).await?;
+            let done = in_chunks(&ids, "discarding", |chunk| {
+                let store = store.clone();
+                let reason = reason.clone();
+                async move { store.discard_parked(&chunk, &reason).await }
+            })
+            .await?;
+            println!("{done} parked row(s) discarded (kept in the table for audit)");
+            Ok(())
+        }
+    };
+    store.pool().close().await;
+    result
+}
+
+async fn list_parked(
+    store: &Store,
+    aggregate: Option<&str>,
+    limit: i64,
+    json: bool,
+) -> anyhow::Result<()> {
+    let rows = store
+        .list_parked(aggregate, limit)
+        .await
+        .context("Failed to read parked rows")?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    if rows.is_empty() {
+        println!("no parked rows");
+        return Ok(());
+    }
+    println!(
+        "{:>10}  {:<16} {:<24} {:<20} {:<20}  error",
+        "id", "aggregate_type", "aggregate_id", "event_type", "reason"
+    );
+    for row in &rows {
+        println!(
+            "{:>10}  {:<16} {:<24} {:<20} {:<20}  {}",
+            row.id,
+            row.aggregate_type,
+            row.aggregate_id,
+            row.event_type,
+            row.park_reason.as_deref().unwrap_or("-"),
+            row.park_error.as_deref().unwrap_or("-"),
+        );
+    }
+    Ok(())
+}
+
+async fn select_parked(store: &Store, selection: &ParkedSelection) -> anyhow::Result<Vec<i64>> {
+    if !selection.ids.is_empty() {
+        let mut ids = selection.ids.clone();
+        ids.sort_unstable();
+        ids.dedup();
+        return Ok(ids);
+    }
+    let aggregate = if selection.all {
+        None
+    } else {
+        selection.aggregate.as_deref()
+    };
+    store
+        .parked_ids(aggregate)
+        .await
+        .context("Failed to read parked rows")
+}
+
+/// Runs `operation` over `ids` in id order, 1000 at a time, with a progress bar on a
+/// terminal when there are many. Returns the rows changed.
+async fn in_chunks<F, Fut>(ids: &[i64], verb: &str, mut operation: F) -> anyhow::Result<u64>
+where
+    F: FnMut(Vec<i64>) -> Fut,
+    Fut: std::future::Future<Output = Result<u64, crate::store::StoreError>>,
+{
+    const CHUNK: usize = 1000;
+    let progress = if ids.len() > CHUNK {
+        let bar = indicatif::ProgressBar::new(ids.len() as u64);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{msg} {bar:40} {pos}/{len} rows ({eta})")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar.set_message(verb.to_string());
+        Some(bar)
+    } else {
+        None
+    };
+    let mut done = 0;
+    for chunk in ids.chunks(CHUNK) {
+        done += operation(chunk.to_vec())
+            .await
+            .with_context(|| format!("Failed while {verb} parked rows ({done} done)"))?;
+        if let Some(bar) = &progress {
+            bar.inc(chunk.len() as u64);
+        }
+    }
+    if let Some(bar) = progress {
+        bar.finish_and_clear();
+    }
+    Ok(done)
 }
 
 #[derive(serde::Serialize)]

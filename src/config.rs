@@ -32,8 +32,13 @@ pub struct Settings {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DatabaseSettings {
-    /// PostgreSQL connection URL. Required.
+    /// PostgreSQL connection URL. Required, here or through `url_file`.
     pub url: Secret,
+    /// A file holding the whole connection URL (it replaces `url`). A relative path is
+    /// looked up in `$CREDENTIALS_DIRECTORY` when systemd sets it.
+    pub url_file: Option<PathBuf>,
+    /// A file holding the password, put into the URL.
+    pub password_file: Option<PathBuf>,
     /// Connections in the relay's pool (reads, marks and metrics share it).
     pub max_connections: u32,
     #[serde(with = "humantime_serde")]
@@ -53,7 +58,7 @@ pub struct DatabaseSettings {
     pub transaction_pooler: bool,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct KafkaSettings {
     /// Comma-separated `host:port` list.
@@ -66,6 +71,34 @@ pub struct KafkaSettings {
     /// Any librdkafka producer property, passed through as is. Properties that would
     /// weaken the contract, or that one of the typed keys above already sets, are refused.
     pub properties: BTreeMap<String, PropertyValue>,
+    /// librdkafka properties whose values are read from files (Kubernetes secret volumes,
+    /// systemd credentials), e.g. `"sasl.password" = "kafka-password"`. A relative path is
+    /// looked up in `$CREDENTIALS_DIRECTORY` when systemd sets it.
+    pub secret_files: BTreeMap<String, PathBuf>,
+}
+
+impl fmt::Debug for KafkaSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let properties: BTreeMap<&str, String> = self
+            .properties
+            .iter()
+            .map(|(k, v)| {
+                let shown = if is_secret_property(k) {
+                    "[redacted]".to_string()
+                } else {
+                    v.to_string()
+                };
+                (k.as_str(), shown)
+            })
+            .collect();
+        f.debug_struct("KafkaSettings")
+            .field("bootstrap_servers", &self.bootstrap_servers)
+            .field("compression", &self.compression)
+            .field("linger", &self.linger)
+            .field("properties", &properties)
+            .field("secret_files", &self.secret_files)
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -151,6 +184,8 @@ impl Default for DatabaseSettings {
     fn default() -> Self {
         Self {
             url: Secret(String::new()),
+            url_file: None,
+            password_file: None,
             max_connections: 4,
             connect_timeout: Duration::from_secs(10),
             statement_timeout: Duration::from_secs(30),
@@ -169,6 +204,7 @@ impl Default for KafkaSettings {
             compression: "lz4".into(),
             linger: Duration::from_millis(5),
             properties: BTreeMap::new(),
+            secret_files: BTreeMap::new(),
         }
     }
 }
@@ -307,7 +343,13 @@ const TYPED_PROPERTIES: &[(&str, &str)] = &[
 ];
 
 /// Substrings of property names whose values are secrets.
-const SECRET_PROPERTY_MARKERS: &[&str] = &["password", "secret", "sasl.oauthbearer.config"];
+const SECRET_PROPERTY_MARKERS: &[&str] = &[
+    "password",
+    "secret",
+    "sasl.oauthbearer.config",
+    "ssl.key",
+    "sasl.jaas",
+];
 
 impl Settings {
     /// Loads defaults, then `path` (which must exist unless it is the default path), then
@@ -336,7 +378,9 @@ impl Settings {
     pub fn from_figment(figment: Figment) -> Result<Settings, ConfigError> {
         let mut settings: Settings = figment.extract().map_err(from_figment_error)?;
         settings.normalize();
+        settings.read_secret_files()?;
         settings.validate()?;
+        settings.check_files()?;
         Ok(settings)
     }
 
@@ -347,6 +391,73 @@ impl Settings {
             .into_iter()
             .map(|(k, v)| (k.replace('_', "."), v))
             .collect();
+    }
+
+    /// Replaces `*_file` settings with the files' contents; a missing or unreadable file is
+    /// a configuration error naming the key (never the content).
+    fn read_secret_files(&mut self) -> Result<(), ConfigError> {
+        if let Some(path) = &self.database.url_file {
+            let url = read_secret_file("database.url_file", path)?;
+            self.database.url = Secret(url);
+        }
+        if let Some(path) = &self.database.password_file {
+            let password = read_secret_file("database.password_file", path)?;
+            let mut url = url::Url::parse(self.database.url.expose()).map_err(|e| {
+                ConfigError::new(
+                    "database.url",
+                    format!(
+                        "is not a valid URL ({e}), so database.password_file cannot be applied"
+                    ),
+                )
+            })?;
+            url.set_password(Some(&password)).map_err(|()| {
+                ConfigError::new(
+                    "database.password_file",
+                    "cannot be applied: database.url has no host",
+                )
+            })?;
+            self.database.url = Secret(url.to_string());
+        }
+        for (name, path) in &self.kafka.secret_files {
+            let key = format!("kafka.secret_files.\"{name}\"");
+            let value = read_secret_file(&key, path)?;
+            if self.kafka.properties.contains_key(name) {
+                return Err(ConfigError::new(
+                    key,
+                    format!("kafka.properties.\"{name}\" is set as well; keep one of the two"),
+                ));
+            }
+            self.kafka
+                .properties
+                .insert(name.clone(), PropertyValue::Text(value));
+        }
+        Ok(())
+    }
+
+    /// Files the relay will open later (TLS material) must exist and be readable now, so a
+    /// typo fails at start with the key named rather than at the first connection.
+    fn check_files(&self) -> Result<(), ConfigError> {
+        for (name, value) in &self.kafka.properties {
+            if name.ends_with(".location")
+                && !(name == "ssl.ca.location" && value.to_string() == "probe")
+            {
+                let path = PathBuf::from(value.to_string());
+                check_readable(&format!("kafka.properties.\"{name}\""), &path)?;
+            }
+        }
+        if let Ok(url) = url::Url::parse(self.database.url.expose()) {
+            for (param, value) in url.query_pairs() {
+                if matches!(param.as_ref(), "sslrootcert" | "sslcert" | "sslkey")
+                    && value != "system"
+                {
+                    check_readable(
+                        &format!("database.url ({param})"),
+                        Path::new(value.as_ref()),
+                    )?;
+                }
+            }
+        }
+        Ok(())
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -559,6 +670,10 @@ impl Settings {
         if !props.iter().any(|(k, _)| k == "client.id") {
             props.push(("client.id".into(), "outbox-relay".into()));
         }
+        // Client metrics push (KIP-714) is noise for brokers that do not support it.
+        if !props.iter().any(|(k, _)| k == "enable.metrics.push") {
+            props.push(("enable.metrics.push".into(), "false".into()));
+        }
         props
     }
 
@@ -609,6 +724,47 @@ fn toml_string(settings: &Settings) -> String {
         }
     }
     out
+}
+
+/// Resolves a relative secret path against systemd's `$CREDENTIALS_DIRECTORY`.
+fn credential_path(path: &Path) -> PathBuf {
+    match std::env::var_os("CREDENTIALS_DIRECTORY") {
+        Some(dir) if path.is_relative() => Path::new(&dir).join(path),
+        _ => path.to_path_buf(),
+    }
+}
+
+fn read_secret_file(key: &str, path: &Path) -> Result<String, ConfigError> {
+    let path = credential_path(path);
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        ConfigError::new(
+            key,
+            format!(
+                "cannot read {} ({e}); check the path, the file's permissions, or the systemd credential / Kubernetes secret that should provide it",
+                path.display()
+            ),
+        )
+    })?;
+    let value = text.trim_end_matches(['\n', '\r']).to_string();
+    if value.is_empty() {
+        return Err(ConfigError::new(
+            key,
+            format!("{} is empty", path.display()),
+        ));
+    }
+    Ok(value)
+}
+
+fn check_readable(key: &str, path: &Path) -> Result<(), ConfigError> {
+    std::fs::File::open(path).map(|_| ()).map_err(|e| {
+        ConfigError::new(
+            key,
+            format!(
+                "cannot read {} ({e}); point it at a readable file",
+                path.display()
+            ),
+        )
+    })
 }
 
 pub fn is_secret_property(name: &str) -> bool {
@@ -782,6 +938,42 @@ mod tests {
         let err =
             from_toml(&format!("{BASE}[relay]\ntopic_template = \"x.{{nope}}\"\n")).unwrap_err();
         assert_eq!(err.key, "relay.topic_template");
+    }
+
+    #[test]
+    fn secrets_come_from_files_and_missing_files_name_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("url"), "postgres://relay@db/app\n").unwrap();
+        std::fs::write(dir.path().join("pw"), "s3cret-pw\n").unwrap();
+        std::fs::write(dir.path().join("kafka"), "kafka-s3cret").unwrap();
+        let text = format!(
+            "[database]\nurl_file = \"{d}/url\"\npassword_file = \"{d}/pw\"\n\
+             [kafka.secret_files]\n\"sasl.password\" = \"{d}/kafka\"\n",
+            d = dir.path().display()
+        );
+        let s = from_toml(&text).expect("valid");
+        assert_eq!(s.database.url.expose(), "postgres://relay:s3cret-pw@db/app");
+        assert_eq!(
+            s.kafka.properties.get("sasl.password"),
+            Some(&PropertyValue::Text("kafka-s3cret".into()))
+        );
+        for shown in [s.redacted(), format!("{s:?}")] {
+            assert!(!shown.contains("s3cret"), "{shown}");
+        }
+
+        let err = from_toml("[database]\nurl_file = \"/nonexistent/url\"\n").unwrap_err();
+        assert_eq!(err.key, "database.url_file");
+        assert!(err.to_string().contains("/nonexistent/url"), "{err}");
+        let err = from_toml(&format!(
+            "{BASE}[kafka.properties]\n\"ssl.ca.location\" = \"/nonexistent/ca.pem\"\n"
+        ))
+        .unwrap_err();
+        assert_eq!(err.key, "kafka.properties.\"ssl.ca.location\"");
+        let err = from_toml(
+            "[database]\nurl = \"postgres://relay@db/app?sslmode=verify-full&sslrootcert=/nonexistent/root.crt\"\n",
+        )
+        .unwrap_err();
+        assert!(err.key.starts_with("database.url"), "{err}");
     }
 
     #[test]

@@ -246,9 +246,11 @@ impl LeaseKeeper {
             let next = match self.round(&mut last_desired).await {
                 Ok(next) => {
                     backoff.reset();
+                    self.health.set_leases_ok(true);
                     next
                 }
                 Err(err) => {
+                    self.health.set_leases_ok(false);
                     telemetry::database_error(err.kind());
                     telemetry::lease_renewal_failed();
                     warn!(error = %err, "lease renewal failed; shards are given up when their leases run out");

@@ -13,6 +13,7 @@ use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use tokio::sync::mpsc;
 
+use crate::classify::{ErrorClass, classify};
 use crate::encode::EncodedRecord;
 
 /// What the producer reports back to the relay.
@@ -26,6 +27,12 @@ pub enum ProducerEvent {
     },
     /// librdkafka raised a fatal error: the producer must be rebuilt.
     Fatal { generation: u64, reason: String },
+    /// Nothing can be published (authentication failed, for one): stop and retry slowly.
+    Global {
+        generation: u64,
+        kind: &'static str,
+        reason: String,
+    },
 }
 
 pub type EventSender = mpsc::UnboundedSender<ProducerEvent>;
@@ -71,6 +78,13 @@ impl ClientContext for RelayContext {
             let _ = self.events.send(ProducerEvent::Fatal {
                 generation: self.generation,
                 reason: reason.to_string(),
+            });
+        } else if let (ErrorClass::PermanentGlobal, kind) = classify(&error) {
+            tracing::error!(target: "librdkafka", error = %error, kind, "{reason}");
+            let _ = self.events.send(ProducerEvent::Global {
+                generation: self.generation,
+                kind,
+                reason: format!("{error}: {reason}"),
             });
         } else {
             // Connection trouble also reaches `log` (with librdkafka's own suppression of

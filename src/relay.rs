@@ -480,6 +480,13 @@ impl Relay {
                         error!(%reason, "fatal producer error; rebuilding the producer");
                         batch.fatal = true;
                     }
+                    Some(ProducerEvent::Global { generation: g, kind, reason }) if g == generation => {
+                        // Nothing will be acknowledged: drop this producer (purging its
+                        // queue) and try again later with a fresh one.
+                        *batch.error_kinds.entry(kind).or_default() += 1;
+                        batch.blocked = Some(reason);
+                        batch.fatal = true;
+                    }
                     Some(_) => {} // a report from a producer already torn down
                     None => batch.fatal = true,
                 },

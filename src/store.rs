@@ -65,6 +65,20 @@ pub struct Parking {
     pub error: String,
 }
 
+/// A parked row, as `parked list` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ParkedRow {
+    pub id: i64,
+    pub aggregate_type: String,
+    pub aggregate_id: String,
+    pub event_type: String,
+    pub event_id: uuid::Uuid,
+    pub created_at: DateTime<Utc>,
+    pub parked_at: DateTime<Utc>,
+    pub park_reason: Option<String>,
+    pub park_error: Option<String>,
+}
+
 /// Cheap figures about the backlog, for gauges and `check`.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct BacklogStats {
@@ -315,7 +329,8 @@ impl Store {
                    AND ($3::smallint[] IS NULL OR o.shard = ANY($3)) \
                    AND ($2 OR NOT EXISTS ( \
                          SELECT 1 FROM outbox p \
-                         WHERE p.parked_at IS NOT NULL AND p.sent_at IS NULL \
+                         WHERE p.parked_at IS NOT NULL AND p.discarded_at IS NULL \
+                           AND p.sent_at IS NULL \
                            AND p.aggregate_id = o.aggregate_id AND p.id < o.id)) \
                  ORDER BY o.id \
                  LIMIT $1",
@@ -462,7 +477,8 @@ impl Store {
                    (SELECT EXTRACT(EPOCH FROM (clock_timestamp() - created_at))::float8 \
                       FROM outbox WHERE sent_at IS NULL AND parked_at IS NULL \
                       ORDER BY id LIMIT 1) AS oldest_age, \
-                   (SELECT count(*) FROM outbox WHERE parked_at IS NOT NULL AND sent_at IS NULL) AS parked",
+                   (SELECT count(*) FROM outbox \
+                      WHERE parked_at IS NOT NULL AND discarded_at IS NULL AND sent_at IS NULL) AS parked",
             )
             .fetch_one(s.conn())
             .await?;
@@ -614,6 +630,110 @@ impl Store {
         s.finish(result).await
     }
 
+    /// Parked rows still waiting for an operator, oldest first.
+    pub async fn list_parked(
+        &self,
+        aggregate_id: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<ParkedRow>, StoreError> {
+        let mut s = self.session().await?;
+        let result: Result<_, StoreError> = async {
+            let rows = self
+                .query(
+                    "SELECT id, aggregate_type, aggregate_id, event_type, event_id, \
+                            LEAST(GREATEST(created_at, '1970-01-01Z'::timestamptz), \
+                                  '9999-12-31Z'::timestamptz) AS created_at, \
+                            parked_at, park_reason, park_error \
+                     FROM outbox \
+                     WHERE parked_at IS NOT NULL AND discarded_at IS NULL AND sent_at IS NULL \
+                       AND ($1::text IS NULL OR aggregate_id = $1) \
+                     ORDER BY id LIMIT $2",
+                )
+                .bind(aggregate_id)
+                .bind(limit)
+                .fetch_all(s.conn())
+                .await?;
+            rows.iter()
+                .map(|r| {
+                    Ok(ParkedRow {
+                        id: r.try_get("id")?,
+                        aggregate_type: r.try_get("aggregate_type")?,
+                        aggregate_id: r.try_get("aggregate_id")?,
+                        event_type: r.try_get("event_type")?,
+                        event_id: r.try_get("event_id")?,
+                        created_at: r.try_get("created_at")?,
+                        parked_at: r.try_get("parked_at")?,
+                        park_reason: r.try_get("park_reason")?,
+                        park_error: r.try_get("park_error")?,
+                    })
+                })
+                .collect::<Result<Vec<_>, sqlx::Error>>()
+                .map_err(StoreError::from)
+        }
+        .await;
+        s.finish(result).await
+    }
+
+    /// Ids of parked rows (all, or one aggregate's), in id order.
+    pub async fn parked_ids(&self, aggregate_id: Option<&str>) -> Result<Vec<i64>, StoreError> {
+        let mut s = self.session().await?;
+        let result: Result<_, StoreError> = async {
+            Ok(self
+                .query_scalar(
+                    "SELECT id FROM outbox \
+                     WHERE parked_at IS NOT NULL AND discarded_at IS NULL AND sent_at IS NULL \
+                       AND ($1::text IS NULL OR aggregate_id = $1) \
+                     ORDER BY id",
+                )
+                .bind(aggregate_id)
+                .fetch_all(s.conn())
+                .await?)
+        }
+        .await;
+        s.finish(result).await
+    }
+
+    /// Puts parked rows back in the queue. They keep their ids, so they are published in
+    /// their original order, ahead of the later rows of their aggregates that waited.
+    pub async fn replay_parked(&self, ids: &[i64]) -> Result<u64, StoreError> {
+        let mut s = self.session().await?;
+        let result: Result<_, StoreError> = async {
+            let done = self
+                .query(
+                    "UPDATE outbox SET parked_at = NULL, park_reason = NULL, park_error = NULL \
+                     WHERE id = ANY($1::bigint[]) AND parked_at IS NOT NULL \
+                       AND discarded_at IS NULL AND sent_at IS NULL",
+                )
+                .bind(ids)
+                .execute(s.conn())
+                .await?;
+            Ok(done.rows_affected())
+        }
+        .await;
+        s.finish(result).await
+    }
+
+    /// Gives up on parked rows: they stay in the table for audit, with the reason, and no
+    /// longer hold their aggregates back.
+    pub async fn discard_parked(&self, ids: &[i64], reason: &str) -> Result<u64, StoreError> {
+        let mut s = self.session().await?;
+        let result: Result<_, StoreError> = async {
+            let done = self
+                .query(
+                    "UPDATE outbox SET discarded_at = now(), discard_reason = $2 \
+                     WHERE id = ANY($1::bigint[]) AND parked_at IS NOT NULL \
+                       AND discarded_at IS NULL AND sent_at IS NULL",
+                )
+                .bind(ids)
+                .bind(reason)
+                .execute(s.conn())
+                .await?;
+            Ok(done.rows_affected())
+        }
+        .await;
+        s.finish(result).await
+    }
+
     /// Which of these (shard, epoch) leases `replica` still holds in the database.
     pub async fn still_held(
         &self,
@@ -733,7 +853,7 @@ impl Store {
             self.query(
                 "SELECT id, aggregate_type, aggregate_id, event_type, payload, payload_bytes, \
                         headers, topic, event_id, created_at, sent_at, kafka_partition, \
-                        kafka_offset, parked_at, park_reason, park_error, shard \
+                        kafka_offset, parked_at, park_reason, park_error, shard, discarded_at \
                  FROM outbox LIMIT 0",
             )
             .execute(s.conn())

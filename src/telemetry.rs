@@ -152,6 +152,7 @@ pub struct Health {
     producer_ok: AtomicBool,
     stalled: AtomicBool,
     blocked: AtomicBool,
+    leases_ok: AtomicBool,
     in_flight: AtomicU64,
     batches: AtomicU64,
     producer_rebuilds: AtomicU64,
@@ -174,6 +175,12 @@ impl Health {
     pub fn set_stalled(&self, stalled: bool) {
         if self.stalled.swap(stalled, Ordering::SeqCst) != stalled {
             gauge!(STALLED).set(if stalled { 1.0 } else { 0.0 });
+            self.update_ready_gauge();
+        }
+    }
+    /// Whether the last lease renewal round reached the database.
+    pub fn set_leases_ok(&self, ok: bool) {
+        if self.leases_ok.swap(ok, Ordering::SeqCst) != ok {
             self.update_ready_gauge();
         }
     }
@@ -219,7 +226,9 @@ impl Health {
         if !self.started.load(Ordering::SeqCst) {
             Some("starting")
         } else if !self.database_ok.load(Ordering::SeqCst) {
-            Some("database unreachable")
+            Some("database unreachable or refusing writes")
+        } else if !self.leases_ok.load(Ordering::SeqCst) {
+            Some("database unavailable for lease renewal")
         } else if !self.producer_ok.load(Ordering::SeqCst) {
             Some("producer unhealthy")
         } else if self.blocked.load(Ordering::SeqCst) {

@@ -305,13 +305,18 @@ async fn sigterm_drains_what_is_in_flight_and_exits_0() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill_9_mid_stream_loses_nothing_and_duplicates_stay_within_a_batch() {
+async fn killed_20_times_mid_stream_loses_nothing_and_duplicates_stay_within_a_batch() {
+    use rand::{Rng, SeedableRng};
     let db = TestDb::new().await;
     let bootstrap = kafka_bootstrap();
     let prefix = unique_prefix();
     let topic = format!("{prefix}.crash");
     create_topic(&bootstrap, &topic, 3).await;
-    db.insert(&stream("crash", 200, 20_000)).await;
+    const TOTAL: i64 = 50_000;
+    db.insert(&stream("crash", 300, TOTAL as usize)).await;
+    let seed: u64 = rand::rng().random();
+    println!("kill seed {seed}");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let start = || {
         relay_command(&db.url, &bootstrap)
             .env(
@@ -320,8 +325,8 @@ async fn kill_9_mid_stream_loses_nothing_and_duplicates_stay_within_a_batch() {
             )
             .env("OUTBOX_RELAY_RELAY__BATCH_SIZE", "500")
             // A killed replica's leases expire after the TTL; keep the test short.
-            .env("OUTBOX_RELAY_RELAY__LEASE_TTL", "2s")
-            .env("OUTBOX_RELAY_RELAY__LEASE_RENEW_INTERVAL", "400ms")
+            .env("OUTBOX_RELAY_RELAY__LEASE_TTL", "1s")
+            .env("OUTBOX_RELAY_RELAY__LEASE_RENEW_INTERVAL", "200ms")
             .arg("run")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -329,19 +334,22 @@ async fn kill_9_mid_stream_loses_nothing_and_duplicates_stay_within_a_batch() {
             .unwrap()
     };
     let mut kills = 0;
-    for threshold in [2_000, 8_000, 14_000] {
+    while kills < 20 {
         let mut child = start();
+        // Kill at a random point: after some progress, a random moment later.
+        let target = (db.sent().await + rng.random_range(200..2000)).min(TOTAL);
         wait_for("progress before the kill", CONDITION_TIMEOUT, || async {
-            db.sent().await >= threshold
+            db.sent().await >= target
         })
         .await;
+        tokio::time::sleep(Duration::from_millis(rng.random_range(0..100))).await;
         child.kill().unwrap();
         child.wait().unwrap();
         kills += 1;
     }
     let mut child = start();
     wait_for("all rows marked", CONDITION_TIMEOUT, || async {
-        db.sent().await == 20_000
+        db.sent().await == TOTAL
     })
     .await;
     signal(child.id(), libc::SIGTERM);
@@ -350,10 +358,134 @@ async fn kill_9_mid_stream_loses_nothing_and_duplicates_stay_within_a_batch() {
         Some(0)
     );
 
-    let records = consume(&bootstrap, &topic, 20_000);
+    let records = consume(&bootstrap, &topic, TOTAL as usize);
     let duplicates = assert_contract(&db.rows().await, &records);
+    println!("{duplicates} duplicates after {kills} kills");
     assert!(
         duplicates <= kills * 500,
         "{duplicates} duplicates from {kills} kills with batches of 500"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parked_rows_are_listed_replayed_in_order_and_discarded_for_audit() {
+    let db = TestDb::new().await;
+    let bootstrap = kafka_bootstrap();
+    let prefix = unique_prefix();
+    let topic = format!("{prefix}.ops");
+    create_topic(&bootstrap, &topic, 3).await;
+    let mut rows = Vec::new();
+    let mut bad_headers = NewRow::new("ops", "fixable", 1);
+    bad_headers.headers = Some(r#"{"attempt": 1}"#.into());
+    rows.push(bad_headers);
+    let mut bad_topic = NewRow::new("ops", "hopeless", 1);
+    bad_topic.topic = Some("no spaces allowed".into());
+    rows.push(bad_topic);
+    for seq in 2..=4 {
+        rows.push(NewRow::new("ops", "fixable", seq));
+        rows.push(NewRow::new("ops", "hopeless", seq));
+    }
+    rows.extend(stream("ops", 10, 100));
+    let ids = db.insert(&rows).await;
+    let (fixable_id, hopeless_id) = (ids[0], ids[1]);
+
+    let relay = RunningRelay::start(settings(
+        &db,
+        &bootstrap,
+        &format!("[relay]\ntopic_template = \"{prefix}.{{aggregate_type}}\"\n"),
+    ))
+    .await;
+    wait_for(
+        "the healthy aggregates marked",
+        CONDITION_TIMEOUT,
+        || async { db.sent().await == 100 },
+    )
+    .await;
+    assert_eq!(
+        db.pending().await,
+        6,
+        "later rows wait behind their parked rows"
+    );
+
+    let cli = |args: &[&str]| {
+        let output = relay_command(&db.url, &bootstrap)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{args:?}: {}",
+            output_text(&output)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    let listed: serde_json::Value =
+        serde_json::from_str(&cli(&["parked", "list", "--json"])).unwrap();
+    let listed = listed.as_array().unwrap();
+    assert_eq!(listed.len(), 2, "{listed:?}");
+    assert_eq!(listed[0]["id"], fixable_id);
+    assert_eq!(listed[0]["park_reason"], "bad_headers");
+    assert_eq!(listed[1]["park_reason"], "invalid_topic");
+    assert!(cli(&["parked", "list", "--aggregate", "hopeless"]).contains("invalid_topic"));
+
+    // The operator fixes the row, then replays it: it goes first, then the rows behind it.
+    sqlx::query("UPDATE outbox SET headers = NULL WHERE id = $1")
+        .bind(fixable_id)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    assert!(cli(&["parked", "replay", &fixable_id.to_string()]).contains("1 parked row"));
+    wait_for("the fixed aggregate marked", CONDITION_TIMEOUT, || async {
+        db.sent().await == 104
+    })
+    .await;
+
+    // The other is given up on: it stays for audit, and its aggregate flows again.
+    assert!(
+        cli(&[
+            "parked",
+            "discard",
+            "--aggregate",
+            "hopeless",
+            "--reason",
+            "bad topic name"
+        ])
+        .contains("1 parked row")
+    );
+    wait_for(
+        "the discarded row's aggregate marked",
+        CONDITION_TIMEOUT,
+        || async { db.sent().await == 107 },
+    )
+    .await;
+    relay.stop().await;
+    let (reason, sent): (Option<String>, bool) =
+        sqlx::query_as("SELECT discard_reason, sent_at IS NOT NULL FROM outbox WHERE id = $1")
+            .bind(hopeless_id)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!((reason.as_deref(), sent), (Some("bad topic name"), false));
+    assert!(cli(&["parked", "list"]).contains("no parked rows"));
+
+    // Selecting nothing, or two ways at once, is refused.
+    let output = relay_command(&db.url, &bootstrap)
+        .args(["parked", "replay"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let output = relay_command(&db.url, &bootstrap)
+        .args(["parked", "discard", "--all"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2), "--reason is required");
+
+    let db_rows: Vec<DbRow> = db
+        .rows()
+        .await
+        .into_iter()
+        .filter(|r| r.id != hopeless_id)
+        .collect();
+    let records = consume(&bootstrap, &topic, 107);
+    assert_eq!(assert_contract(&db_rows, &records), 0);
 }

@@ -547,3 +547,29 @@ async fn odd_but_legal_rows_are_published_without_crashing_the_relay() {
         Some([0u8, 1, 2, 3, 0xff].as_slice())
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_skip_policy_lets_an_aggregate_pass_its_parked_row() {
+    let db = TestDb::new().await;
+    let bootstrap = kafka_bootstrap();
+    let prefix = unique_prefix();
+    let topic = format!("{prefix}.skip");
+    create_topic(&bootstrap, &topic, 3).await;
+    let mut rows = stream("skip", 5, 50);
+    rows[0].headers = Some("[1, 2]".into());
+    db.insert(&rows).await;
+    let relay = RunningRelay::start(settings(
+        &db,
+        &bootstrap,
+        &format!("[relay]\ntopic_template = \"{prefix}.{{aggregate_type}}\"\non_park = \"skip\"\n"),
+    ))
+    .await;
+    wait_for("every other row marked", CONDITION_TIMEOUT, || async {
+        db.sent().await == 49
+    })
+    .await;
+    assert_eq!(db.count("parked_at IS NOT NULL").await, 1);
+    relay.stop().await;
+    let records = consume(&bootstrap, &topic, 49);
+    assert_eq!(records.len(), 49);
+}

@@ -109,13 +109,6 @@ where
 // ---------------------------------------------------------------------------------------
 // PostgreSQL
 
-struct Postgres {
-    /// URL of the maintenance database; tests get their own databases beside it.
-    admin_url: String,
-    _child: Option<Child>,
-    _dir: Option<tempfile::TempDir>,
-}
-
 fn postgres_bin_dir() -> PathBuf {
     let mut dirs: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
         .expect(
@@ -148,85 +141,153 @@ fn postgres_user() -> Option<(u32, u32)> {
     Some(unsafe { ((*pw).pw_uid, (*pw).pw_gid) })
 }
 
+/// A PostgreSQL cluster of the harness's own, which a test may stop and start again.
+pub struct PgCluster {
+    bin: PathBuf,
+    dir: tempfile::TempDir,
+    data: PathBuf,
+    pub port: u16,
+    run_as: Option<(u32, u32)>,
+    child: std::sync::Mutex<Option<Child>>,
+}
+
+impl PgCluster {
+    /// Runs initdb in a temporary directory and starts the server on a free port.
+    pub fn init() -> PgCluster {
+        let bin = postgres_bin_dir();
+        let dir = tempfile::Builder::new()
+            .prefix("outbox-relay-pg-")
+            .tempdir()
+            .unwrap();
+        let run_as = postgres_user();
+        if let Some((uid, gid)) = run_as {
+            std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid)).unwrap();
+        }
+        let data = dir.path().join("data");
+        let mut initdb = Command::new(bin.join("initdb"));
+        initdb
+            .arg("-D")
+            .arg(&data)
+            .args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let status = spawn_tied_to_process(initdb, run_as)
+            .wait_with_output()
+            .unwrap();
+        assert!(
+            status.status.success(),
+            "initdb failed: {}",
+            String::from_utf8_lossy(&status.stderr)
+        );
+        let cluster = PgCluster {
+            bin,
+            dir,
+            data,
+            port: free_port(),
+            run_as,
+            child: std::sync::Mutex::new(None),
+        };
+        cluster.start();
+        cluster
+    }
+
+    pub fn admin_url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// Starts the server and waits until it accepts connections.
+    pub fn start(&self) {
+        let log_path = self.dir.path().join("postgres.log");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .unwrap();
+        if let Some((uid, gid)) = self.run_as {
+            std::os::unix::fs::chown(&log_path, Some(uid), Some(gid)).unwrap();
+        }
+        let mut server = Command::new(self.bin.join("postgres"));
+        server
+            .arg("-D")
+            .arg(&self.data)
+            .args(["-p", &self.port.to_string(), "-k"])
+            .arg(self.dir.path())
+            .args([
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-c",
+                "max_connections=400",
+                "-c",
+                "fsync=off",
+                "-c",
+                "full_page_writes=off",
+                "-c",
+                "shared_buffers=256MB",
+                "-c",
+                "log_lock_waits=on",
+                "-c",
+                "deadlock_timeout=200ms",
+                "-c",
+                "log_min_duration_statement=1000",
+            ])
+            .stdout(Stdio::null())
+            .stderr(log);
+        let child = spawn_tied_to_process(server, self.run_as);
+        *self.child.lock().unwrap() = Some(child);
+        let deadline = Instant::now() + CONDITION_TIMEOUT;
+        while !self.accepts_connections() {
+            assert!(
+                Instant::now() < deadline,
+                "PostgreSQL did not start; see {}",
+                log_path.display()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn accepts_connections(&self) -> bool {
+        Command::new(self.bin.join("pg_isready"))
+            .args(["-q", "-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+    }
+
+    /// Fast shutdown (SIGINT): open sessions are cut off, as in a restart or failover.
+    pub fn stop(&self) {
+        if let Some(mut child) = self.child.lock().unwrap().take() {
+            signal(child.id(), libc::SIGINT);
+            child.wait().unwrap();
+        }
+    }
+}
+
+impl Drop for PgCluster {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.lock().unwrap().take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+struct Postgres {
+    /// URL of the maintenance database; tests get their own databases beside it.
+    admin_url: String,
+    _cluster: Option<PgCluster>,
+}
+
 fn start_postgres() -> Postgres {
     if let Ok(url) = std::env::var("DATABASE_URL") {
         return Postgres {
             admin_url: url,
-            _child: None,
-            _dir: None,
+            _cluster: None,
         };
     }
-    let bin = postgres_bin_dir();
-    let dir = tempfile::Builder::new()
-        .prefix("outbox-relay-pg-")
-        .tempdir()
-        .unwrap();
-    let run_as = postgres_user();
-    if let Some((uid, gid)) = run_as {
-        std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid)).unwrap();
-    }
-    let data = dir.path().join("data");
-    let mut initdb = Command::new(bin.join("initdb"));
-    initdb
-        .arg("-D")
-        .arg(&data)
-        .args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    let status = spawn_tied_to_process(initdb, run_as)
-        .wait_with_output()
-        .unwrap();
-    assert!(
-        status.status.success(),
-        "initdb failed: {}",
-        String::from_utf8_lossy(&status.stderr)
-    );
-    let port = free_port();
-    let log = std::fs::File::create(dir.path().join("postgres.log")).unwrap();
-    if let Some((uid, gid)) = run_as {
-        std::os::unix::fs::chown(dir.path().join("postgres.log"), Some(uid), Some(gid)).unwrap();
-    }
-    let mut server = Command::new(bin.join("postgres"));
-    server
-        .arg("-D")
-        .arg(&data)
-        .args(["-p", &port.to_string(), "-k"])
-        .arg(dir.path())
-        .args([
-            "-c",
-            "listen_addresses=127.0.0.1",
-            "-c",
-            "max_connections=400",
-            "-c",
-            "fsync=off",
-            "-c",
-            "full_page_writes=off",
-            "-c",
-            "shared_buffers=256MB",
-            "-c",
-            "log_lock_waits=on",
-            "-c",
-            "deadlock_timeout=200ms",
-            "-c",
-            "log_min_duration_statement=1000",
-        ])
-        .stdout(Stdio::null())
-        .stderr(log);
-    let child = spawn_tied_to_process(server, run_as);
-    let admin_url = format!("postgres://postgres@127.0.0.1:{port}/postgres");
-    let deadline = Instant::now() + CONDITION_TIMEOUT;
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "PostgreSQL did not start; see {}",
-            dir.path().display()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let cluster = PgCluster::init();
     Postgres {
-        admin_url,
-        _child: Some(child),
-        _dir: Some(dir),
+        admin_url: cluster.admin_url(),
+        _cluster: Some(cluster),
     }
 }
 
@@ -249,9 +310,19 @@ impl TestDb {
         db
     }
 
+    /// A fresh, migrated database on a cluster of the test's own.
+    pub async fn new_on(cluster: &PgCluster) -> TestDb {
+        let db = TestDb::create(&cluster.admin_url()).await;
+        outbox_relay::store::MIGRATOR.run(&db.pool).await.unwrap();
+        db
+    }
+
     /// A fresh database without the outbox table.
     pub async fn empty() -> TestDb {
-        let admin_url = &postgres().admin_url;
+        TestDb::create(&postgres().admin_url).await
+    }
+
+    async fn create(admin_url: &str) -> TestDb {
         let name = format!("t_{}", uuid::Uuid::new_v4().simple());
         let deadline = Instant::now() + CONDITION_TIMEOUT;
         let admin = loop {
@@ -655,11 +726,20 @@ pub fn consume(bootstrap: &str, topic: &str, expected: usize) -> Vec<Consumed> {
                 break;
             }
         }
-        assert!(
-            Instant::now() < deadline,
-            "read {} of {expected} records from {topic} before timing out",
-            out.len()
-        );
+        if Instant::now() >= deadline {
+            let mut per_partition: std::collections::BTreeMap<i32, (usize, i64)> =
+                std::collections::BTreeMap::new();
+            for record in &out {
+                let entry = per_partition.entry(record.partition).or_insert((0, -1));
+                entry.0 += 1;
+                entry.1 = entry.1.max(record.offset);
+            }
+            panic!(
+                "read {} of {expected} records from {topic} before timing out; \
+                 per partition (count, last offset): {per_partition:?}",
+                out.len()
+            );
+        }
         if let Some(result) = consumer.poll(Duration::from_millis(100)) {
             let message = result.expect("consume");
             let headers = message

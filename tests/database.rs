@@ -1,0 +1,288 @@
+//! Database faults: a PostgreSQL restart mid-stream, the LISTEN connection killed, a
+//! read-only primary after failover (SQLSTATE 25006), statement timeouts and a long open
+//! transaction. Each reads Kafka back: nothing marked is lost, nothing unmarked skipped.
+
+mod support;
+
+use std::time::Duration;
+
+use support::*;
+
+async fn terminate_relay_sessions(db: &TestDb) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+         WHERE application_name = 'outbox-relay' AND datname = current_database()",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_restart_mid_stream_loses_and_skips_nothing() {
+    let cluster = PgCluster::init();
+    let db = TestDb::new_on(&cluster).await;
+    let bootstrap = kafka_bootstrap();
+    let prefix = unique_prefix();
+    let topic = format!("{prefix}.restart");
+    create_topic(&bootstrap, &topic, 3).await;
+    db.insert(&stream("restart", 100, 20_000)).await;
+    let relay = RunningRelay::start(settings(
+        &db,
+        &bootstrap,
+        &format!("[relay]\ntopic_template = \"{prefix}.{{aggregate_type}}\"\nbatch_size = 500\n"),
+    ))
+    .await;
+    wait_for("some rows marked", CONDITION_TIMEOUT, || async {
+        db.sent().await >= 2000
+    })
+    .await;
+
+    cluster.stop();
+    wait_for(
+        "readiness false while the database is down",
+        CONDITION_TIMEOUT,
+        || async {
+            let (status, body) = http_get(relay.http_addr, "/readyz").await;
+            status == 503 && body.contains("database")
+        },
+    )
+    .await;
+    cluster.start();
+    // The test's own pool lost its connections too; it reconnects on demand.
+    wait_for(
+        "all rows marked after the restart",
+        CONDITION_TIMEOUT,
+        || async {
+            matches!(
+                sqlx::query_scalar::<_, i64>(
+                    "SELECT count(*) FROM outbox WHERE sent_at IS NOT NULL"
+                )
+                .fetch_one(&db.pool)
+                .await,
+                Ok(20_000)
+            )
+        },
+    )
+    .await;
+    wait_for("ready again", CONDITION_TIMEOUT, || async {
+        http_get(relay.http_addr, "/readyz").await.0 == 200
+    })
+    .await;
+    let (_, metrics) = http_get(relay.http_addr, "/metrics").await;
+    assert!(
+        metrics.contains("outbox_relay_database_errors_total"),
+        "{metrics}"
+    );
+    relay.stop().await;
+
+    let records = consume(&bootstrap, &topic, 20_000);
+    let duplicates = assert_contract(&db.rows().await, &records);
+    assert!(
+        duplicates <= 500,
+        "{duplicates} duplicates for one restart with batches of 500"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_listen_connection_reconnects() {
+    let db = TestDb::new().await;
+    let bootstrap = kafka_bootstrap();
+    let prefix = unique_prefix();
+    let topic = format!("{prefix}.bell");
+    create_topic(&bootstrap, &topic, 3).await;
+    sqlx::query("SELECT outbox_enable_notify(true)")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    // Polling is an hour away: only the doorbell can deliver within the waits below.
+    let relay = RunningRelay::start(settings(
+        &db,
+        &bootstrap,
+        &format!(
+            "[relay]\ntopic_template = \"{prefix}.{{aggregate_type}}\"\npoll_interval = \"1h\"\n"
+        ),
+    ))
+    .await;
+    let listening = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE application_name = 'outbox-relay' AND datname = current_database() \
+               AND query ILIKE 'LISTEN%'",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+    };
+    wait_for("the relay listening", CONDITION_TIMEOUT, || async {
+        listening().await == 1
+    })
+    .await;
+    db.insert(&[NewRow::new("bell", "a", 1)]).await;
+    wait_for(
+        "first row via the doorbell",
+        Duration::from_secs(20),
+        || async { db.sent().await == 1 },
+    )
+    .await;
+
+    let killed: i64 = sqlx::query_scalar(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+         WHERE application_name = 'outbox-relay' AND datname = current_database() \
+           AND query ILIKE 'LISTEN%'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(killed, 1);
+    wait_for("the relay listening again", CONDITION_TIMEOUT, || async {
+        listening().await == 1
+    })
+    .await;
+    db.insert(&[NewRow::new("bell", "a", 2)]).await;
+    wait_for(
+        "second row via the new doorbell",
+        Duration::from_secs(20),
+        || async { db.sent().await == 2 },
+    )
+    .await;
+    relay.stop().await;
+    let records = consume(&bootstrap, &topic, 2);
+    assert_eq!(assert_contract(&db.rows().await, &records), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_primary_is_waited_out() {
+    let db = TestDb::new().await;
+    let bootstrap = kafka_bootstrap();
+    let prefix = unique_prefix();
+    let topic = format!("{prefix}.ro");
+    create_topic(&bootstrap, &topic, 3).await;
+    db.insert(&stream("ro", 20, 1000)).await;
+    let database: String = sqlx::query_scalar("SELECT current_database()")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    // What a client sees after failing over onto a standby: writes fail with 25006.
+    sqlx::query(&format!(
+        "ALTER DATABASE {database} SET default_transaction_read_only = on"
+    ))
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let relay = RunningRelay::start(settings(
+        &db,
+        &bootstrap,
+        &format!("[relay]\ntopic_template = \"{prefix}.{{aggregate_type}}\"\n"),
+    ))
+    .await;
+    wait_for(
+        "readiness false: marks refused",
+        CONDITION_TIMEOUT,
+        || async {
+            let (status, body) = http_get(relay.http_addr, "/readyz").await;
+            status == 503 && body.contains("database")
+        },
+    )
+    .await;
+    assert_eq!(db.sent().await, 0, "nothing marked on a read-only primary");
+    let (_, metrics) = http_get(relay.http_addr, "/metrics").await;
+    assert!(metrics.contains("kind=\"read_only\""), "{metrics}");
+
+    sqlx::query(&format!(
+        "ALTER DATABASE {database} SET default_transaction_read_only = off"
+    ))
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    terminate_relay_sessions(&db).await;
+    wait_for(
+        "all rows marked once writable",
+        CONDITION_TIMEOUT,
+        || async { db.sent().await == 1000 },
+    )
+    .await;
+    relay.stop().await;
+    let records = consume(&bootstrap, &topic, 1000);
+    let duplicates = assert_contract(&db.rows().await, &records);
+    assert!(duplicates <= 1000, "{duplicates} duplicates");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statement_timeouts_are_retried() {
+    let db = TestDb::new().await;
+    let bootstrap = kafka_bootstrap();
+    let prefix = unique_prefix();
+    let topic = format!("{prefix}.slow");
+    create_topic(&bootstrap, &topic, 3).await;
+    db.insert(&stream("slow", 20, 500)).await;
+    // Hold a lock that lets reads through but blocks the relay's marks past its statement
+    // timeout.
+    let mut blocker = db.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE outbox IN EXCLUSIVE MODE")
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+    let relay = RunningRelay::start(settings(
+        &db,
+        &bootstrap,
+        &format!(
+            "[database]\nstatement_timeout = \"200ms\"\n[relay]\ntopic_template = \"{prefix}.{{aggregate_type}}\"\n"
+        ),
+    ))
+    .await;
+    wait_for("a statement timeout counted", CONDITION_TIMEOUT, || async {
+        let (_, metrics) = http_get(relay.http_addr, "/metrics").await;
+        metrics.contains("kind=\"statement_timeout\"")
+    })
+    .await;
+    assert_eq!(db.sent().await, 0, "nothing marked while marks time out");
+    blocker.commit().await.unwrap();
+    wait_for("all rows marked", CONDITION_TIMEOUT, || async {
+        db.sent().await == 500
+    })
+    .await;
+    relay.stop().await;
+    let records = consume(&bootstrap, &topic, 500);
+    assert_eq!(assert_contract(&db.rows().await, &records), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_flow_past_a_long_open_transaction() {
+    let db = TestDb::new().await;
+    let bootstrap = kafka_bootstrap();
+    let prefix = unique_prefix();
+    let topic = format!("{prefix}.long");
+    create_topic(&bootstrap, &topic, 3).await;
+    let relay = RunningRelay::start(settings(
+        &db,
+        &bootstrap,
+        &format!("[relay]\ntopic_template = \"{prefix}.{{aggregate_type}}\"\n"),
+    ))
+    .await;
+    let mut long = db.pool.begin().await.unwrap();
+    sqlx::query(
+        "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) \
+         VALUES ('long', 'held', 'Opened', '{}')",
+    )
+    .execute(&mut *long)
+    .await
+    .unwrap();
+    for chunk in stream("long", 50, 5000).chunks(500) {
+        db.insert(chunk).await;
+    }
+    wait_for("every committed row marked", CONDITION_TIMEOUT, || async {
+        db.sent().await == 5000
+    })
+    .await;
+    long.commit().await.unwrap();
+    wait_for(
+        "the long transaction's row marked",
+        CONDITION_TIMEOUT,
+        || async { db.sent().await == 5001 },
+    )
+    .await;
+    relay.stop().await;
+    let records = consume(&bootstrap, &topic, 5001);
+    assert_eq!(assert_contract(&db.rows().await, &records), 0);
+}
