@@ -715,7 +715,7 @@ pub fn consume(bootstrap: &str, topic: &str, expected: usize) -> Vec<Consumed> {
             .unwrap();
     }
     consumer.assign(&assignment).unwrap();
-    let mut out = Vec::new();
+    let mut out: Vec<Consumed> = Vec::new();
     let deadline = Instant::now() + CONDITION_TIMEOUT;
     // Once the expected count is reached, keep reading briefly so that duplicates beyond
     // it would be seen.
