@@ -573,3 +573,82 @@ async fn the_skip_policy_lets_an_aggregate_pass_its_parked_row() {
     let records = consume(&bootstrap, &topic, 49);
     assert_eq!(records.len(), 49);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_rows_mixed_into_a_normal_stream_are_parked_and_the_rest_flows() {
+    let db = TestDb::new().await;
+    let bootstrap = kafka_bootstrap();
+    let prefix = unique_prefix();
+    let topic = format!("{prefix}.mixed");
+    create_topic(&bootstrap, &topic, 3).await;
+    let mut rows = stream("mixed", 50, 2000);
+    // Every 200th row is bad in one of three ways; NULL payloads, headers and topics are
+    // fine and flow like any other row.
+    let mut bad = 0;
+    for (i, row) in rows.iter_mut().enumerate() {
+        match i % 200 {
+            10 => {
+                row.payload = Some(format!("{{\"blob\": \"{}\"}}", "x".repeat(1_100_000)));
+                bad += 1;
+            }
+            20 => {
+                row.headers = Some(r#"{"nested": {"a": "b"}}"#.into());
+                bad += 1;
+            }
+            30 => {
+                row.topic = Some("bad/topic".into());
+                bad += 1;
+            }
+            40 => row.payload = None,
+            _ => {}
+        }
+    }
+    db.insert(&rows).await;
+    let relay = RunningRelay::start(settings(
+        &db,
+        &bootstrap,
+        &format!("[relay]\ntopic_template = \"{prefix}.{{aggregate_type}}\"\non_park = \"skip\"\n"),
+    ))
+    .await;
+    let good = 2000 - bad;
+    wait_for("every good row marked", CONDITION_TIMEOUT, || async {
+        db.sent().await == good
+    })
+    .await;
+    for reason in ["too_large", "bad_headers", "invalid_topic"] {
+        assert_eq!(
+            db.count(&format!(
+                "parked_at IS NOT NULL AND park_reason = '{reason}'"
+            ))
+            .await,
+            bad / 3,
+            "{reason}"
+        );
+    }
+    let (_, metrics) = http_get(relay.http_addr, "/metrics").await;
+    for reason in ["too_large", "bad_headers", "invalid_topic"] {
+        assert!(
+            metrics.contains(&format!(
+                "outbox_relay_rows_parked_total{{reason=\"{reason}\"}}"
+            )),
+            "{metrics}"
+        );
+    }
+    relay.stop().await;
+
+    let parked: std::collections::HashSet<i64> =
+        sqlx::query_scalar("SELECT id FROM outbox WHERE parked_at IS NOT NULL")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap()
+            .into_iter()
+            .collect();
+    let published: Vec<DbRow> = db
+        .rows()
+        .await
+        .into_iter()
+        .filter(|r| !parked.contains(&r.id))
+        .collect();
+    let records = consume(&bootstrap, &topic, good as usize);
+    assert_eq!(assert_contract(&published, &records), 0);
+}
