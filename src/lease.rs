@@ -70,9 +70,17 @@ impl Snapshot {
 }
 
 impl Ownership {
+    /// The state is plain data that every holder leaves consistent, so a poisoned lock
+    /// (a holder panicked) is still safe to use and the relay never panics over it.
+    fn lock(&self) -> std::sync::MutexGuard<'_, OwnershipState> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// Leases valid now and not being released.
     pub fn snapshot(&self) -> Snapshot {
-        let state = self.state.lock().expect("ownership lock");
+        let state = self.lock();
         let now = Instant::now();
         Snapshot {
             leases: state
@@ -88,7 +96,7 @@ impl Ownership {
 
     pub fn owned_count(&self) -> usize {
         let now = Instant::now();
-        let state = self.state.lock().expect("ownership lock");
+        let state = self.lock();
         state
             .leases
             .values()
@@ -98,7 +106,7 @@ impl Ownership {
 
     /// Shards to give up, taken by the relay when nothing of theirs is in flight.
     pub fn take_releases(&self) -> Vec<(i16, i64)> {
-        let mut state = self.state.lock().expect("ownership lock");
+        let mut state = self.lock();
         let shards: Vec<i16> = std::mem::take(&mut state.to_release).into_iter().collect();
         shards
             .into_iter()
@@ -108,7 +116,7 @@ impl Ownership {
 
     /// Every held shard, for the final release on shutdown.
     pub fn take_all(&self) -> Vec<(i16, i64)> {
-        let mut state = self.state.lock().expect("ownership lock");
+        let mut state = self.lock();
         state.to_release.clear();
         std::mem::take(&mut state.leases)
             .into_iter()
@@ -117,7 +125,7 @@ impl Ownership {
     }
 
     fn held(&self) -> Vec<(i16, i64)> {
-        let state = self.state.lock().expect("ownership lock");
+        let state = self.lock();
         state
             .leases
             .iter()
@@ -131,7 +139,7 @@ impl Ownership {
         attempted: &[(i16, i64)],
         valid_until: Instant,
     ) {
-        let mut state = self.state.lock().expect("ownership lock");
+        let mut state = self.lock();
         let mut lost = Vec::new();
         for (shard, epoch) in attempted {
             if !renewed.contains(&(*shard, *epoch)) {
@@ -161,7 +169,7 @@ impl Ownership {
 
     /// Puts back shards whose release failed; they stay marked for release.
     pub fn restore_releases(&self, releases: &[(i16, i64)], valid_until: Instant) {
-        let mut state = self.state.lock().expect("ownership lock");
+        let mut state = self.lock();
         for (shard, epoch) in releases {
             state.leases.insert(
                 *shard,
@@ -176,7 +184,7 @@ impl Ownership {
 
     /// Drops shards the database says this replica no longer holds (a fenced mark).
     pub fn forget(&self, shards: &BTreeSet<i16>) {
-        let mut state = self.state.lock().expect("ownership lock");
+        let mut state = self.lock();
         for shard in shards {
             state.leases.remove(shard);
             state.to_release.remove(shard);
@@ -184,7 +192,7 @@ impl Ownership {
     }
 
     fn add(&self, acquired: &[(i16, i64)], valid_until: Instant) {
-        let mut state = self.state.lock().expect("ownership lock");
+        let mut state = self.lock();
         for (shard, epoch) in acquired {
             state.leases.insert(
                 *shard,
@@ -197,7 +205,7 @@ impl Ownership {
     }
 
     fn request_release(&self, shards: &BTreeSet<i16>) {
-        let mut state = self.state.lock().expect("ownership lock");
+        let mut state = self.lock();
         for shard in shards {
             if state.leases.contains_key(shard) {
                 state.to_release.insert(*shard);
