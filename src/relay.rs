@@ -576,12 +576,7 @@ impl Relay {
     /// After a fenced mark, stops producing for every shard of the batch the database no
     /// longer gives this replica, instead of republishing until the next renewal notices.
     async fn forget_lost_shards(&self, acks: &[Ack]) {
-        let held: Vec<(i16, i64)> = {
-            let mut pairs: Vec<(i16, i64)> = acks.iter().map(|a| (a.shard, a.epoch)).collect();
-            pairs.sort_unstable();
-            pairs.dedup();
-            pairs
-        };
+        let held = crate::store::leases_of(acks);
         match self.store.still_held(&self.replica_id, &held).await {
             Ok(still) => {
                 let lost: std::collections::BTreeSet<i16> = held

@@ -188,12 +188,25 @@ pub async fn probe(settings: &DatabaseSettings) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// The distinct (shard, epoch) pairs a batch of acks was read under.
-fn fence_of(acks: &[Ack]) -> (Vec<i16>, Vec<i64>) {
+/// The distinct (shard, epoch) leases a batch of acks was read under, sorted.
+pub fn leases_of(acks: &[Ack]) -> Vec<(i16, i64)> {
     let mut pairs: Vec<(i16, i64)> = acks.iter().map(|a| (a.shard, a.epoch)).collect();
     pairs.sort_unstable();
     pairs.dedup();
-    pairs.into_iter().unzip()
+    pairs
+}
+
+/// (shard, epoch) pairs as the two arrays the lease statements bind.
+fn split_leases(leases: &[(i16, i64)]) -> (Vec<i16>, Vec<i64>) {
+    leases.iter().copied().unzip()
+}
+
+/// Rows of `shard, epoch` as pairs.
+fn lease_pairs(rows: &[PgRow]) -> Result<Vec<(i16, i64)>, StoreError> {
+    rows.iter()
+        .map(|r| Ok((r.try_get("shard")?, r.try_get("epoch")?)))
+        .collect::<Result<_, sqlx::Error>>()
+        .map_err(StoreError::from)
 }
 
 /// Builds the pool. Connections are opened lazily so a relay can start while the database
@@ -376,7 +389,7 @@ impl Store {
             let ids: Vec<i64> = acks.iter().map(|a| a.id).collect();
             let partitions: Vec<i32> = acks.iter().map(|a| a.partition).collect();
             let offsets: Vec<i64> = acks.iter().map(|a| a.offset).collect();
-            let (shards, epochs) = fence_of(acks);
+            let (shards, epochs) = split_leases(&leases_of(acks));
             let done = self.query(
                 "WITH fence AS ( \
                      SELECT l.shard FROM outbox_shard_lease l \
@@ -413,7 +426,7 @@ impl Store {
         let mut s = self.session().await?;
         let result: Result<_, StoreError> = async {
             let ids: Vec<i64> = acks.iter().map(|a| a.id).collect();
-            let (shards, epochs) = fence_of(acks);
+            let (shards, epochs) = split_leases(&leases_of(acks));
             let done = self
                 .query(
                     "WITH fence AS ( \
@@ -530,8 +543,7 @@ impl Store {
         }
         let mut s = self.session().await?;
         let result: Result<_, StoreError> = async {
-            let shards: Vec<i16> = held.iter().map(|h| h.0).collect();
-            let epochs: Vec<i64> = held.iter().map(|h| h.1).collect();
+            let (shards, epochs) = split_leases(held);
             let rows = self
                 .query(
                     "WITH locked AS ( \
@@ -552,10 +564,7 @@ impl Store {
                 .bind(ttl.as_secs_f64())
                 .fetch_all(s.conn())
                 .await?;
-            rows.iter()
-                .map(|r| Ok((r.try_get("shard")?, r.try_get("epoch")?)))
-                .collect::<Result<_, sqlx::Error>>()
-                .map_err(StoreError::from)
+            lease_pairs(&rows)
         }
         .await;
         s.finish(result).await
@@ -591,10 +600,7 @@ impl Store {
                 .bind(ttl.as_secs_f64())
                 .fetch_all(s.conn())
                 .await?;
-            rows.iter()
-                .map(|r| Ok((r.try_get("shard")?, r.try_get("epoch")?)))
-                .collect::<Result<_, sqlx::Error>>()
-                .map_err(StoreError::from)
+            lease_pairs(&rows)
         }
         .await;
         s.finish(result).await
@@ -611,8 +617,7 @@ impl Store {
         }
         let mut s = self.session().await?;
         let result: Result<_, StoreError> = async {
-            let shards: Vec<i16> = leases.iter().map(|h| h.0).collect();
-            let epochs: Vec<i64> = leases.iter().map(|h| h.1).collect();
+            let (shards, epochs) = split_leases(leases);
             let done = self
                 .query(
                     "UPDATE outbox_shard_lease l SET owner = NULL, expires_at = NULL \
@@ -740,8 +745,7 @@ impl Store {
         replica: &str,
         leases: &[(i16, i64)],
     ) -> Result<Vec<(i16, i64)>, StoreError> {
-        let shards: Vec<i16> = leases.iter().map(|h| h.0).collect();
-        let epochs: Vec<i64> = leases.iter().map(|h| h.1).collect();
+        let (shards, epochs) = split_leases(leases);
         let mut s = self.session().await?;
         let result: Result<_, StoreError> = async {
             let rows = self
@@ -756,10 +760,7 @@ impl Store {
                 .bind(&epochs)
                 .fetch_all(s.conn())
                 .await?;
-            rows.iter()
-                .map(|r| Ok((r.try_get("shard")?, r.try_get("epoch")?)))
-                .collect::<Result<Vec<_>, sqlx::Error>>()
-                .map_err(StoreError::from)
+            lease_pairs(&rows)
         }
         .await;
         s.finish(result).await
