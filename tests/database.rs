@@ -189,12 +189,20 @@ async fn a_read_only_primary_is_waited_out() {
     let (_, metrics) = http_get(relay.http_addr, "/metrics").await;
     assert!(metrics.contains("kind=\"read_only\""), "{metrics}");
 
+    // The test's own pool may have opened read-only sessions meanwhile: make this one
+    // writable before turning the database back.
+    let mut conn = db.pool.acquire().await.unwrap();
+    sqlx::query("SET default_transaction_read_only = off")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
     sqlx::query(&format!(
         "ALTER DATABASE {database} SET default_transaction_read_only = off"
     ))
-    .execute(&db.pool)
+    .execute(&mut *conn)
     .await
     .unwrap();
+    drop(conn);
     terminate_relay_sessions(&db).await;
     wait_for(
         "all rows marked once writable",
