@@ -279,7 +279,8 @@ async fn three_replicas_keep_the_contract_through_kill_9_and_sigstop() {
         db.insert(&rows[inserted..inserted + chunk / 2]).await;
         inserted += chunk / 2;
 
-        // kill -9 at a random moment while that backlog drains, restart after a pause.
+        // Chaos schedule, not a wait for a condition: kill -9 at a random moment while that
+        // backlog drains, restart after a random pause.
         tokio::time::sleep(Duration::from_millis(rng.random_range(0..300))).await;
         killed.child.kill().unwrap();
         killed.child.wait().unwrap();

@@ -87,6 +87,22 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// The blocking twin of [`wait_for`], for starting services outside the async runtime.
+fn wait_for_blocking(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + CONDITION_TIMEOUT;
+    while !condition() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {CONDITION_TIMEOUT:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn port_open(port: u16) -> bool {
+    std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+}
+
 /// Waits for `condition` to hold, checking every 50 ms, failing after `timeout`.
 pub async fn wait_for<F, Fut>(what: &str, timeout: Duration, mut condition: F)
 where
@@ -234,15 +250,10 @@ impl PgCluster {
             .stderr(log);
         let child = spawn_tied_to_process(server, self.run_as);
         *self.child.lock().unwrap() = Some(child);
-        let deadline = Instant::now() + CONDITION_TIMEOUT;
-        while !self.accepts_connections() {
-            assert!(
-                Instant::now() < deadline,
-                "PostgreSQL did not start; see {}",
-                log_path.display()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_for_blocking(
+            &format!("PostgreSQL to start (log: {})", log_path.display()),
+            || self.accepts_connections(),
+        );
     }
 
     fn accepts_connections(&self) -> bool {
@@ -536,14 +547,9 @@ impl PgBouncer {
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         let child = spawn_tied_to_process(command, run_as);
-        let deadline = Instant::now() + CONDITION_TIMEOUT;
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "pgbouncer did not start on port {port}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_for_blocking(&format!("pgbouncer to listen on port {port}"), || {
+            port_open(port)
+        });
         PgBouncer {
             port,
             child,
@@ -609,14 +615,9 @@ impl Tansu {
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         let child = spawn_tied_to_process(command, None);
-        let deadline = Instant::now() + CONDITION_TIMEOUT;
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "tansu did not start on port {port}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_for_blocking(&format!("tansu to listen on port {port}"), || {
+            port_open(port)
+        });
         Tansu {
             bootstrap: format!("127.0.0.1:{port}"),
             child,
