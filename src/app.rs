@@ -38,6 +38,9 @@ impl App {
         let metrics = telemetry::prometheus()
             .map_err(anyhow::Error::msg)
             .context("Failed to install the Prometheus recorder")?;
+        for warning in settings.warnings() {
+            warn!("{warning}");
+        }
         let store = Store::connect(&settings.database)
             .context("Failed to configure the database connection from database.url")?;
         let health = Arc::new(Health::default());
@@ -135,6 +138,21 @@ impl App {
                 tasks_cancel.clone(),
             ));
             health.set_started();
+            crate::systemd::ready();
+            let watchdog = crate::systemd::watchdog_interval().map(|interval| {
+                tokio::spawn(crate::systemd::watchdog(
+                    interval,
+                    health.clone(),
+                    tasks_cancel.clone(),
+                ))
+            });
+            let announce_stop = tokio::spawn({
+                let cancel = cancel.clone();
+                async move {
+                    cancel.cancelled().await;
+                    crate::systemd::stopping();
+                }
+            });
             info!(
                 replica = %replica_id,
                 mode = ?settings.relay.mode,
@@ -143,7 +161,15 @@ impl App {
                 "relaying the outbox to Kafka"
             );
             let relayed = relay.run(cancel.clone()).await;
+            if cancel.is_cancelled() {
+                let _ = announce_stop.await;
+            } else {
+                announce_stop.abort();
+            }
             tasks_cancel.cancel();
+            if let Some(watchdog) = watchdog {
+                let _ = watchdog.await;
+            }
             if let Some(listener) = listener {
                 let _ = listener.await;
             }

@@ -20,6 +20,25 @@ pub enum ErrorClass {
     Purged,
 }
 
+/// Every `kind` label [`classify`] can return, so metrics can export each at zero.
+pub const KINDS: &[&str] = &[
+    "queue_full",
+    "message_too_large",
+    "invalid_record",
+    "unsupported_by_broker",
+    "invalid_topic",
+    "unknown_topic",
+    "authorization_failed",
+    "authentication_failed",
+    "fatal_producer",
+    "purged",
+    "timeout",
+    "not_enough_replicas",
+    "leader_change",
+    "transport",
+    "other",
+];
+
 /// The class and bounded metric label of a produce or delivery error.
 pub fn classify(err: &KafkaError) -> (ErrorClass, &'static str) {
     let code = match err {
@@ -108,5 +127,31 @@ mod tests {
             classify(&KafkaError::MessageProduction(C::QueueFull)),
             (ErrorClass::Retriable, "queue_full")
         );
+    }
+
+    #[test]
+    fn every_kind_is_a_declared_label() {
+        use RDKafkaErrorCode as C;
+        let codes = [
+            C::QueueFull,
+            C::MessageSizeTooLarge,
+            C::InvalidRecord,
+            C::UnsupportedCompressionType,
+            C::InvalidTopic,
+            C::UnknownTopicOrPartition,
+            C::TopicAuthorizationFailed,
+            C::SaslAuthenticationFailed,
+            C::Fatal,
+            C::PurgeQueue,
+            C::RequestTimedOut,
+            C::NotEnoughReplicas,
+            C::NotLeaderForPartition,
+            C::BrokerTransportFailure,
+            C::NoError,
+        ];
+        let kinds: std::collections::BTreeSet<&str> =
+            codes.iter().map(|c| classify_code(*c).1).collect();
+        let declared: std::collections::BTreeSet<&str> = KINDS.iter().copied().collect();
+        assert_eq!(kinds, declared);
     }
 }

@@ -56,6 +56,9 @@ pub struct DatabaseSettings {
     /// statement runs in its own explicit transaction with unnamed prepared statements and
     /// no session state. Needs `listen = false`.
     pub transaction_pooler: bool,
+    /// Accept a connection to a remote server that is not verified (`sslmode` disable,
+    /// allow, prefer or require). Refused by default: use `sslmode=verify-full`.
+    pub allow_unverified_tls: bool,
 }
 
 #[derive(Clone, Serialize, Deserialize)]
@@ -193,6 +196,7 @@ impl Default for DatabaseSettings {
             listen_channel: "outbox_relay".into(),
             statement_cache_capacity: 100,
             transaction_pooler: false,
+            allow_unverified_tls: false,
         }
     }
 }
@@ -482,6 +486,16 @@ impl Settings {
                 ),
             ));
         }
+        if let Some(sslmode) = unverified_remote_sslmode(&url) {
+            if !self.database.allow_unverified_tls {
+                return Err(ConfigError::new(
+                    "database.url",
+                    format!(
+                        "uses sslmode={sslmode} to a remote server, which does not verify who answers; use sslmode=verify-full with sslrootcert=/path/to/ca.crt, or set database.allow_unverified_tls = true to accept the risk"
+                    ),
+                ));
+            }
+        }
         if self.database.max_connections < 2 {
             return Err(ConfigError::new(
                 "database.max_connections",
@@ -619,6 +633,19 @@ impl Settings {
         Ok(())
     }
 
+    /// Settings the relay accepts but an operator should hear about at start.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        if let Ok(url) = url::Url::parse(self.database.url.expose()) {
+            if let Some(sslmode) = unverified_remote_sslmode(&url) {
+                warnings.push(format!(
+                    "database.url uses sslmode={sslmode}: the server is not verified (allowed by database.allow_unverified_tls)"
+                ));
+            }
+        }
+        warnings
+    }
+
     /// How much sooner than the database a replica considers its lease gone: covers clock
     /// drift and the time a renewal takes to return.
     pub fn lease_margin(&self) -> Duration {
@@ -670,6 +697,10 @@ impl Settings {
         if !props.iter().any(|(k, _)| k == "client.id") {
             props.push(("client.id".into(), "outbox-relay".into()));
         }
+        // Queue depth, round trip and batch size gauges come from these statistics.
+        if !props.iter().any(|(k, _)| k == "statistics.interval.ms") {
+            props.push(("statistics.interval.ms".into(), "15000".into()));
+        }
         // Client metrics push (KIP-714) is noise for brokers that do not support it.
         if !props.iter().any(|(k, _)| k == "enable.metrics.push") {
             props.push(("enable.metrics.push".into(), "false".into()));
@@ -699,6 +730,35 @@ impl Settings {
         }
         toml_string(&copy)
     }
+}
+
+/// The `sslmode` of a URL to a remote host when it does not verify the server (libpq's
+/// default is `prefer`). Loopback hosts and Unix sockets never leave the machine.
+fn unverified_remote_sslmode(url: &url::Url) -> Option<String> {
+    let sslmode = url
+        .query_pairs()
+        .find(|(k, _)| k == "sslmode")
+        .map_or_else(|| "prefer".to_string(), |(_, v)| v.into_owned());
+    if !matches!(sslmode.as_str(), "disable" | "allow" | "prefer" | "require") {
+        return None;
+    }
+    let socket_host = url
+        .query_pairs()
+        .any(|(k, v)| k == "host" && v.starts_with('/'));
+    let local = match url.host() {
+        None => true,
+        // postgres:// is not a special scheme, so the url crate leaves IPs as names.
+        Some(url::Host::Domain(name)) => {
+            name.is_empty()
+                || name == "localhost"
+                || name
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        }
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+    };
+    (!local && !socket_host).then_some(sslmode)
 }
 
 fn toml_string(settings: &Settings) -> String {
@@ -855,7 +915,8 @@ mod tests {
         )
     }
 
-    const BASE: &str = "[database]\nurl = \"postgres://relay:hunter2@db/app\"\n";
+    const BASE: &str =
+        "[database]\nurl = \"postgres://relay:hunter2@db/app?sslmode=verify-full\"\n";
 
     #[test]
     fn defaults_with_a_url_are_valid_and_keep_the_contract() {
@@ -943,7 +1004,7 @@ mod tests {
     #[test]
     fn secrets_come_from_files_and_missing_files_name_the_key() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("url"), "postgres://relay@db/app\n").unwrap();
+        std::fs::write(dir.path().join("url"), "postgres://relay@localhost/app\n").unwrap();
         std::fs::write(dir.path().join("pw"), "s3cret-pw\n").unwrap();
         std::fs::write(dir.path().join("kafka"), "kafka-s3cret").unwrap();
         let text = format!(
@@ -952,7 +1013,10 @@ mod tests {
             d = dir.path().display()
         );
         let s = from_toml(&text).expect("valid");
-        assert_eq!(s.database.url.expose(), "postgres://relay:s3cret-pw@db/app");
+        assert_eq!(
+            s.database.url.expose(),
+            "postgres://relay:s3cret-pw@localhost/app"
+        );
         assert_eq!(
             s.kafka.properties.get("sasl.password"),
             Some(&PropertyValue::Text("kafka-s3cret".into()))
@@ -984,5 +1048,32 @@ mod tests {
         assert!(!shown.contains("hunter2"), "{shown}");
         assert!(!shown.contains("s3cr3t-kafka"), "{shown}");
         assert!(!format!("{s:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn unverified_tls_to_a_remote_server_is_refused_unless_allowed() {
+        for url in [
+            "postgres://relay@db.internal/app",
+            "postgres://relay@db.internal/app?sslmode=prefer",
+            "postgres://relay@10.0.0.5/app?sslmode=require",
+        ] {
+            let err = from_toml(&format!("[database]\nurl = \"{url}\"\n")).unwrap_err();
+            assert_eq!(err.key, "database.url", "{url}");
+            assert!(err.to_string().contains("verify-full"), "{err}");
+            let allowed = from_toml(&format!(
+                "[database]\nurl = \"{url}\"\nallow_unverified_tls = true\n"
+            ))
+            .expect("allowed explicitly");
+            assert_eq!(allowed.warnings().len(), 1, "{url}");
+        }
+        for url in [
+            "postgres://relay@localhost/app",
+            "postgres://relay@127.0.0.1:5432/app?sslmode=disable",
+            "postgres://relay@db.internal/app?sslmode=verify-full",
+            "postgres://relay@db.internal/app?sslmode=verify-ca",
+        ] {
+            let s = from_toml(&format!("[database]\nurl = \"{url}\"\n")).expect(url);
+            assert!(s.warnings().is_empty(), "{url}");
+        }
     }
 }

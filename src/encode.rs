@@ -92,10 +92,23 @@ fn is_topic_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')
 }
 
+/// Every label [`ParkReason::kind`] can return.
+pub const PARK_REASONS: &[&str] = &[
+    "too_large",
+    "invalid_topic",
+    "bad_headers",
+    "rejected_by_broker",
+];
+
 /// Why a row can never be published as it stands. The label values are bounded.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ParkReason {
-    TooLarge { bytes: usize, limit: usize },
+    /// `limit_name` says whose limit: the relay's or the topic's.
+    TooLarge {
+        bytes: usize,
+        limit: usize,
+        limit_name: &'static str,
+    },
     InvalidTopic(String),
     BadHeaders(String),
     Rejected(String),
@@ -116,9 +129,13 @@ impl ParkReason {
 impl fmt::Display for ParkReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            ParkReason::TooLarge { bytes, limit } => write!(
+            ParkReason::TooLarge {
+                bytes,
+                limit,
+                limit_name,
+            } => write!(
                 f,
-                "record of {bytes} bytes exceeds relay.max_message_bytes = {limit}"
+                "record of {bytes} bytes (uncompressed) exceeds {limit_name} = {limit}"
             ),
             ParkReason::InvalidTopic(why) => write!(f, "invalid topic: {why}"),
             ParkReason::BadHeaders(why) => write!(f, "bad headers: {why}"),
@@ -134,6 +151,8 @@ pub struct EncodedRecord {
     pub key: String,
     pub value: Option<Vec<u8>>,
     pub headers: Vec<(String, String)>,
+    /// The record's uncompressed size as the broker counts it, framing included.
+    pub bytes: usize,
 }
 
 /// Encodes rows for one relay; caches rendered topics per (aggregate type, event type).
@@ -187,6 +206,7 @@ impl Encoder {
             return Err(ParkReason::TooLarge {
                 bytes,
                 limit: self.max_message_bytes,
+                limit_name: "relay.max_message_bytes",
             });
         }
         Ok(EncodedRecord {
@@ -194,6 +214,7 @@ impl Encoder {
             key: row.aggregate_id.clone(),
             value,
             headers,
+            bytes,
         })
     }
 

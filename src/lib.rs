@@ -11,7 +11,9 @@ pub mod lease;
 pub mod produce;
 pub mod relay;
 pub mod store;
+pub mod systemd;
 pub mod telemetry;
+pub mod topics;
 pub mod wake;
 
 pub use app::App;

@@ -11,10 +11,12 @@ use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::statistics::Statistics;
 use tokio::sync::mpsc;
 
 use crate::classify::{ErrorClass, classify};
 use crate::encode::EncodedRecord;
+use crate::telemetry;
 
 /// What the producer reports back to the relay.
 #[derive(Debug)]
@@ -67,6 +69,10 @@ impl ClientContext for RelayContext {
             }
             RDKafkaLogLevel::Debug => tracing::debug!(target: "librdkafka", "{facility} {message}"),
         }
+    }
+
+    fn stats(&self, statistics: Statistics) {
+        telemetry::producer_statistics(&statistics);
     }
 
     fn error(&self, error: KafkaError, reason: &str) {

@@ -15,15 +15,18 @@ use tracing::{Instrument, debug, error, info, warn};
 
 use crate::classify::{ErrorClass, classify};
 use crate::config::{Mode, ParkPolicy, RelaySettings, Settings};
-use crate::encode::{Encoder, ParkReason, TopicTemplate};
+use crate::encode::{EncodedRecord, Encoder, ParkReason, TopicTemplate};
 use crate::lease::{Ownership, Snapshot};
 use crate::produce::{EventReceiver, EventSender, ProducerEvent, RowProducer};
 use crate::store::{Ack, OutboxRow, Parking, Store, StoreError};
 use crate::telemetry::{self, BatchReport, Health};
+use crate::topics::TopicLimits;
 
 /// How long to wait before retrying a send that librdkafka refused with a full queue.
+/// Kafka's record batch header, which a lone record is wrapped in.
+const RECORD_BATCH_OVERHEAD_BYTES: usize = 61;
 const QUEUE_FULL_WAIT: Duration = Duration::from_millis(5);
-/// While stalled, how often to re-check (fatal errors, drain deadline).
+/// While waiting for acks, how often to re-check (fatal errors, stall, drain deadline).
 const STALLED_RECHECK: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
@@ -160,6 +163,7 @@ pub struct Relay {
     events_tx: EventSender,
     events: EventReceiver,
     encoder: Encoder,
+    topic_limits: TopicLimits,
     health: Arc<Health>,
     wake: Arc<Notify>,
     ownership: Arc<Ownership>,
@@ -183,6 +187,7 @@ impl Relay {
         Ok(Self {
             store,
             settings: settings.relay.clone(),
+            topic_limits: TopicLimits::new(&producer_properties),
             producer_properties,
             producer,
             events_tx,
@@ -201,7 +206,10 @@ impl Relay {
         let mut backoff = Backoff::new(Duration::from_secs(30));
         let mut blocked_backoff = Backoff::new(Duration::from_secs(60));
         while !cancel.is_cancelled() {
-            match self.tick(&cancel).await {
+            self.health.loop_progress();
+            let tick = self.tick(&cancel).await;
+            self.health.loop_waiting();
+            match tick {
                 Ok(Tick::Batch { blocked: true, .. }) => {
                     let delay = blocked_backoff.next_delay();
                     tokio::select! {
@@ -387,7 +395,11 @@ impl Relay {
                 continue;
             };
             batch.epochs[i] = epoch;
-            let record = match self.encoder.encode(row) {
+            let encoded = match self.encoder.encode(row) {
+                Ok(record) => self.check_topic_limit(record).await,
+                Err(reason) => Err(reason),
+            };
+            let record = match encoded {
                 Ok(record) => record,
                 Err(reason) => {
                     batch.park(i, row.id, &reason);
@@ -408,6 +420,7 @@ impl Relay {
                         let (class, kind) = classify(&err);
                         if kind == "queue_full" {
                             sleep(QUEUE_FULL_WAIT).await;
+                            self.health.loop_progress();
                             continue;
                         }
                         *batch.error_kinds.entry(kind).or_default() += 1;
@@ -436,6 +449,27 @@ impl Relay {
         }
     }
 
+    /// Refuses a record larger than its topic's `max.message.bytes`, which the broker
+    /// would otherwise reject together with every record batched with it.
+    async fn check_topic_limit(
+        &mut self,
+        record: EncodedRecord,
+    ) -> Result<EncodedRecord, ParkReason> {
+        let Some(limit) = self.topic_limits.limit(&record.topic).await else {
+            return Ok(record);
+        };
+        // The broker counts the record batch around a lone record too.
+        let bytes = record.bytes + RECORD_BATCH_OVERHEAD_BYTES;
+        if bytes > limit {
+            return Err(ParkReason::TooLarge {
+                bytes,
+                limit,
+                limit_name: "the topic's max.message.bytes",
+            });
+        }
+        Ok(record)
+    }
+
     /// Waits for the delivery reports of the rows in flight, until all arrived or the
     /// producer hit a fatal error. On shutdown, waits at most `drain_timeout` more.
     async fn collect_acks(
@@ -451,10 +485,14 @@ impl Relay {
         self.health.set_in_flight(outstanding);
 
         while outstanding > 0 && !batch.fatal {
+            // Waiting for acks wakes at least every STALLED_RECHECK: alive, not wedged.
+            self.health.loop_progress();
+            // Wake at least every STALLED_RECHECK: to check for a fatal error and so the
+            // watchdog sees a loop that waits, not one that is wedged.
             let mut wake_at = if self.health.stalled() {
                 Instant::now() + STALLED_RECHECK
             } else {
-                last_progress + self.settings.stall_after
+                (last_progress + self.settings.stall_after).min(Instant::now() + STALLED_RECHECK)
             };
             if let Some(deadline) = drain_deadline {
                 wake_at = wake_at.min(deadline);
@@ -564,6 +602,7 @@ impl Relay {
                     let delay = backoff.next_delay();
                     warn!(error = %err, rows = acks.len(), retry_in = ?delay, "marking failed; retrying");
                     sleep(delay).await;
+                    self.health.loop_progress();
                 }
                 Err(err) => {
                     self.database_failed(&err);

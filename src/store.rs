@@ -125,6 +125,7 @@ impl StoreError {
     }
 
     /// Bounded label for metrics.
+    /// Bounded label for metrics; one of [`ERROR_KINDS`].
     pub fn kind(&self) -> &'static str {
         match self {
             StoreError::Connection(_) => "connection",
@@ -138,6 +139,17 @@ impl StoreError {
         }
     }
 }
+
+/// Every label [`StoreError::kind`] can return.
+pub const ERROR_KINDS: &[&str] = &[
+    "connection",
+    "read_only",
+    "statement_timeout",
+    "server_shutdown",
+    "schema",
+    "statement",
+    "other",
+];
 
 impl From<sqlx::Error> for StoreError {
     fn from(err: sqlx::Error) -> Self {

@@ -34,6 +34,11 @@ pub const LEASE_RENEWALS: &str = "outbox_relay_lease_renewals_total";
 pub const LEASE_RENEWAL_FAILURES: &str = "outbox_relay_lease_renewal_failures_total";
 pub const REBALANCES: &str = "outbox_relay_rebalances_total";
 pub const ROWS_FENCED: &str = "outbox_relay_rows_fenced_total";
+pub const PRODUCER_QUEUE_MESSAGES: &str = "outbox_relay_producer_queue_messages";
+pub const PRODUCER_QUEUE_BYTES: &str = "outbox_relay_producer_queue_bytes";
+pub const BROKER_RTT: &str = "outbox_relay_broker_rtt_seconds";
+pub const PRODUCER_BATCH_SIZE: &str = "outbox_relay_producer_batch_size_bytes";
+pub const BUILD_INFO: &str = "outbox_relay_build_info";
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
@@ -62,6 +67,7 @@ pub fn prometheus() -> Result<PrometheusHandle, String> {
             let handle = recorder.handle();
             metrics::set_global_recorder(recorder).map_err(|e| e.to_string())?;
             describe_all();
+            register_all();
             Ok(handle)
         })
         .clone()
@@ -118,10 +124,87 @@ fn describe_all() {
     describe_counter!(LEASE_RENEWALS, "Shard leases renewed.");
     describe_counter!(LEASE_RENEWAL_FAILURES, "Lease renewal rounds that failed.");
     describe_counter!(REBALANCES, "Times this replica's share of shards changed.");
+    describe_gauge!(
+        PRODUCER_QUEUE_MESSAGES,
+        "Messages in the producer's queue, waiting to be sent or acknowledged (librdkafka statistics)."
+    );
+    describe_gauge!(
+        PRODUCER_QUEUE_BYTES,
+        metrics::Unit::Bytes,
+        "Bytes of the messages in the producer's queue (librdkafka statistics)."
+    );
+    describe_gauge!(
+        BROKER_RTT,
+        metrics::Unit::Seconds,
+        "Produce request round trip of the slowest broker over the last statistics window, by stat (avg, p99)."
+    );
+    describe_gauge!(
+        PRODUCER_BATCH_SIZE,
+        metrics::Unit::Bytes,
+        "Size of the record batches sent over the last statistics window, largest over topics, by stat (avg, p99)."
+    );
+    describe_gauge!(
+        BUILD_INFO,
+        "Always 1; the version label says which build runs."
+    );
     describe_counter!(
         ROWS_FENCED,
         "Acknowledged rows not marked because their shard's lease moved to another replica."
     );
+}
+
+/// Exports every unlabelled series and every bounded label value from the start, at
+/// zero, so that `rate()` and alerts see a series before the first event happens.
+fn register_all() {
+    for name in [
+        PRODUCER_REBUILDS,
+        DOORBELLS,
+        LEASE_RENEWALS,
+        LEASE_RENEWAL_FAILURES,
+        REBALANCES,
+        ROWS_FENCED,
+    ] {
+        counter!(name).absolute(0);
+    }
+    for kind in crate::classify::KINDS {
+        counter!(PUBLISH_ERRORS, "kind" => *kind).absolute(0);
+    }
+    for kind in crate::store::ERROR_KINDS {
+        counter!(DATABASE_ERRORS, "kind" => *kind).absolute(0);
+    }
+    for reason in crate::encode::PARK_REASONS {
+        counter!(ROWS_PARKED, "reason" => *reason).absolute(0);
+    }
+    for name in [
+        READY,
+        STALLED,
+        IN_FLIGHT_ROWS,
+        SHARDS_OWNED,
+        PRODUCER_QUEUE_MESSAGES,
+        PRODUCER_QUEUE_BYTES,
+    ] {
+        gauge!(name).set(0.0);
+    }
+    for stat in ["avg", "p99"] {
+        gauge!(BROKER_RTT, "stat" => stat).set(0.0);
+        gauge!(PRODUCER_BATCH_SIZE, "stat" => stat).set(0.0);
+    }
+    gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+}
+
+/// Turns librdkafka's periodic statistics into a few gauges.
+pub fn producer_statistics(stats: &rdkafka::statistics::Statistics) {
+    gauge!(PRODUCER_QUEUE_MESSAGES).set(stats.msg_cnt as f64);
+    gauge!(PRODUCER_QUEUE_BYTES).set(stats.msg_size as f64);
+    // Windows are in microseconds (rtt) and bytes (batchsize); empty windows are zero.
+    let rtt = stats.brokers.values().filter_map(|b| b.rtt.as_ref());
+    let (rtt_avg, rtt_p99) = rtt.fold((0, 0), |(a, p), w| (a.max(w.avg), p.max(w.p99)));
+    gauge!(BROKER_RTT, "stat" => "avg").set(rtt_avg as f64 / 1e6);
+    gauge!(BROKER_RTT, "stat" => "p99").set(rtt_p99 as f64 / 1e6);
+    let batches = stats.topics.values().map(|t| &t.batchsize);
+    let (size_avg, size_p99) = batches.fold((0, 0), |(a, p), w| (a.max(w.avg), p.max(w.p99)));
+    gauge!(PRODUCER_BATCH_SIZE, "stat" => "avg").set(size_avg as f64);
+    gauge!(PRODUCER_BATCH_SIZE, "stat" => "p99").set(size_p99 as f64);
 }
 
 /// Sets up `tracing`: text on a terminal, JSON otherwise, `RUST_LOG` over `log.level`.
@@ -157,6 +240,15 @@ pub struct Health {
     batches: AtomicU64,
     producer_rebuilds: AtomicU64,
     shards_owned: AtomicU64,
+    /// Milliseconds since [`process_clock`] at the relay loop's last sign of progress
+    /// inside a step; 0 while it waits between steps.
+    step_progress_ms: AtomicU64,
+}
+
+/// A monotonic clock shared by the whole process, for atomics that hold instants.
+fn process_clock() -> std::time::Instant {
+    static START: OnceLock<std::time::Instant> = OnceLock::new();
+    *START.get_or_init(std::time::Instant::now)
 }
 
 impl Health {
@@ -209,6 +301,27 @@ impl Health {
     }
     pub fn batch_done(&self) {
         self.batches.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// The relay loop is working on a step and has just made progress.
+    pub fn loop_progress(&self) {
+        let now = process_clock().elapsed().as_millis().max(1) as u64;
+        self.step_progress_ms.store(now, Ordering::Relaxed);
+    }
+    /// The relay loop finished a step and waits on purpose (poll interval, backoff).
+    pub fn loop_waiting(&self) {
+        self.step_progress_ms.store(0, Ordering::Relaxed);
+    }
+    /// How long the loop has been inside one step without progress, if it is in one.
+    pub fn loop_stuck_for(&self) -> Option<Duration> {
+        match self.step_progress_ms.load(Ordering::Relaxed) {
+            0 => None,
+            since => Some(
+                process_clock()
+                    .elapsed()
+                    .saturating_sub(Duration::from_millis(since)),
+            ),
+        }
     }
 
     pub fn stalled(&self) -> bool {

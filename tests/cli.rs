@@ -3,46 +3,10 @@
 
 mod support;
 
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use support::*;
-
-fn relay_command(db_url: &str, bootstrap: &str) -> Command {
-    let mut command = Command::new(relay_bin());
-    command
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("OUTBOX_RELAY_DATABASE__URL", db_url)
-        .env("OUTBOX_RELAY_KAFKA__BOOTSTRAP_SERVERS", bootstrap)
-        .env("OUTBOX_RELAY_HTTP__LISTEN", "127.0.0.1:0")
-        .env("OUTBOX_RELAY_LOG__FORMAT", "text")
-        .stdin(Stdio::null());
-    command
-}
-
-fn output_text(output: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
-}
-
-/// Waits for a child to exit, failing the test after `timeout`.
-fn wait_exit(child: &mut Child, timeout: Duration) -> std::process::ExitStatus {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            panic!("the relay did not exit within {timeout:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 #[test]
 fn bad_configuration_exits_2_naming_the_key() {

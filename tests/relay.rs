@@ -357,7 +357,10 @@ async fn unpublishable_rows_are_parked_and_hold_their_aggregate_only() {
     );
     let (_, metrics) = http_get(relay.http_addr, "/metrics").await;
     assert!(
-        metrics.contains("outbox_relay_rows_parked_total{reason=\"bad_headers\"}"),
+        metric_value(
+            &metrics,
+            "outbox_relay_rows_parked_total{reason=\"bad_headers\""
+        ) > 0.0,
         "{metrics}"
     );
     relay.stop().await;
@@ -432,15 +435,23 @@ async fn http_endpoints_report_health_and_metrics() {
     let (status, metrics) = http_get(relay.http_addr, "/metrics").await;
     assert_eq!(status, 200);
     for name in [
-        "outbox_relay_rows_published_total{topic=",
-        "outbox_relay_batch_size_rows_bucket",
-        "outbox_relay_end_to_end_latency_seconds_bucket",
-        "outbox_relay_pending_rows",
-        "outbox_relay_oldest_pending_age_seconds",
-        "outbox_relay_rows_marked_total{mode=\"mark\"}",
+        "outbox_relay_rows_published_total",
+        "outbox_relay_batch_size_rows_count",
+        "outbox_relay_end_to_end_latency_seconds_count",
+        "outbox_relay_rows_marked_total{mode=\"mark\"",
     ] {
         assert!(
-            metrics.contains(name),
+            metric_value(&metrics, name) > 0.0,
+            "{name} did not move:\n{metrics}"
+        );
+    }
+    for name in [
+        "outbox_relay_pending_rows",
+        "outbox_relay_oldest_pending_age_seconds",
+        "outbox_relay_build_info",
+    ] {
+        assert!(
+            metrics.contains(&format!("\n{name}")),
             "{name} missing from /metrics:\n{metrics}"
         );
     }
@@ -628,9 +639,10 @@ async fn bad_rows_mixed_into_a_normal_stream_are_parked_and_the_rest_flows() {
     let (_, metrics) = http_get(relay.http_addr, "/metrics").await;
     for reason in ["too_large", "bad_headers", "invalid_topic"] {
         assert!(
-            metrics.contains(&format!(
-                "outbox_relay_rows_parked_total{{reason=\"{reason}\"}}"
-            )),
+            metric_value(
+                &metrics,
+                &format!("outbox_relay_rows_parked_total{{reason=\"{reason}\""),
+            ) > 0.0,
             "{metrics}"
         );
     }
@@ -649,6 +661,52 @@ async fn bad_rows_mixed_into_a_normal_stream_are_parked_and_the_rest_flows() {
         .into_iter()
         .filter(|r| !parked.contains(&r.id))
         .collect();
+    let records = consume(&bootstrap, &topic, good as usize);
+    assert_eq!(assert_contract(&published, &records), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_over_the_topics_own_size_limit_are_parked_before_producing() {
+    let db = TestDb::new().await;
+    let bootstrap = kafka_bootstrap();
+    let prefix = unique_prefix();
+    let topic = format!("{prefix}.small");
+    // Far below the relay's own limit (1 MB), so only the topic's limit can catch them.
+    create_topic_with(&bootstrap, &topic, 3, &[("max.message.bytes", "20000")]).await;
+    let mut rows = stream("small", 20, 500);
+    let mut oversized = 0;
+    for row in rows.iter_mut().skip(7).step_by(50) {
+        row.payload = Some(format!("{{\"blob\": \"{}\"}}", "y".repeat(30_000)));
+        oversized += 1;
+    }
+    db.insert(&rows).await;
+    let relay = RunningRelay::start(settings(
+        &db,
+        &bootstrap,
+        &format!("[relay]\ntopic_template = \"{prefix}.{{aggregate_type}}\"\non_park = \"skip\"\n"),
+    ))
+    .await;
+    let good = 500 - oversized;
+    wait_for("every row marked or parked", CONDITION_TIMEOUT, || async {
+        db.sent().await == good && db.count("parked_at IS NOT NULL").await == oversized
+    })
+    .await;
+    let errors: Vec<String> = sqlx::query_scalar(
+        "SELECT park_error FROM outbox WHERE parked_at IS NOT NULL AND park_reason = 'too_large'",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(errors.len() as i64, oversized);
+    for error in &errors {
+        assert!(
+            error.contains("the topic's max.message.bytes = 20000"),
+            "{error}"
+        );
+    }
+    relay.stop().await;
+
+    let published: Vec<DbRow> = db.rows().await.into_iter().filter(|r| r.sent).collect();
     let records = consume(&bootstrap, &topic, good as usize);
     assert_eq!(assert_contract(&published, &records), 0);
 }

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::net::TcpListener as StdTcpListener;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::sync::mpsc as std_mpsc;
 use std::time::{Duration, Instant};
@@ -666,13 +666,27 @@ pub fn unique_prefix() -> String {
 }
 
 pub async fn create_topic(bootstrap: &str, name: &str, partitions: i32) {
+    create_topic_with(bootstrap, name, partitions, &[]).await;
+}
+
+/// Creates a topic with topic-level configs such as `max.message.bytes`.
+pub async fn create_topic_with(
+    bootstrap: &str,
+    name: &str,
+    partitions: i32,
+    configs: &[(&str, &str)],
+) {
+    let mut topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+    for (key, value) in configs {
+        topic = topic.set(key, value);
+    }
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .create()
         .unwrap();
     let results = admin
         .create_topics(
-            &[NewTopic::new(name, partitions, TopicReplication::Fixed(1))],
+            &[topic],
             &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
         )
         .await
@@ -923,6 +937,69 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
 }
 
 /// Path of the built relay binary, for tests that need a real process.
+/// Sum of every sample of `series` in Prometheus text: `series` is a metric name, or a
+/// name with a label selector fragment such as `name{kind="read_only"`. 0 when absent.
+pub fn metric_value(metrics: &str, series: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter(|line| {
+            line.strip_prefix(series).is_some_and(|rest| {
+                rest.starts_with(' ')
+                    || rest.starts_with('{')
+                    || rest.starts_with(',')
+                    || rest.starts_with('}')
+            })
+        })
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 pub fn relay_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_outbox-relay"))
+}
+
+/// The relay binary with a clean environment pointed at `db_url` and `bootstrap`.
+pub fn relay_command(db_url: &str, bootstrap: &str) -> Command {
+    relay_environment(Command::new(relay_bin()), db_url, bootstrap)
+}
+
+/// `sh` with the relay's environment, for a test that must wrap the relay (`exec`).
+pub fn relay_shell(db_url: &str, bootstrap: &str) -> Command {
+    relay_environment(Command::new("sh"), db_url, bootstrap)
+}
+
+fn relay_environment(mut command: Command, db_url: &str, bootstrap: &str) -> Command {
+    command
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("OUTBOX_RELAY_DATABASE__URL", db_url)
+        .env("OUTBOX_RELAY_KAFKA__BOOTSTRAP_SERVERS", bootstrap)
+        .env("OUTBOX_RELAY_HTTP__LISTEN", "127.0.0.1:0")
+        .env("OUTBOX_RELAY_LOG__FORMAT", "text")
+        .stdin(Stdio::null());
+    command
+}
+
+pub fn output_text(output: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+/// Waits for a child to exit, failing the test after `timeout`.
+pub fn wait_exit(child: &mut Child, timeout: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            panic!("the relay did not exit within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

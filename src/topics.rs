@@ -1,0 +1,110 @@
+//! What the broker says about each topic's record size limit (`max.message.bytes`), asked
+//! once per topic and again after an hour. A limit the broker does not report is unknown,
+//! and an unknown limit checks nothing: the producer's own limit still applies.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::error::KafkaResult;
+use tokio::time::Instant;
+use tracing::{debug, warn};
+
+/// How long an answer (or the lack of one) is trusted before asking again.
+const REFRESH_AFTER: Duration = Duration::from_secs(3600);
+/// How long one question may take; the batch waits for it once per topic per hour.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Producer-only settings an admin client must not inherit (it would start an
+/// idempotent session of its own).
+const PRODUCER_ONLY: &[&str] = &[
+    "enable.idempotence",
+    "enable.gapless.guarantee",
+    "statistics.interval.ms",
+    "transactional.id",
+];
+
+pub struct TopicLimits {
+    admin: Option<AdminClient<DefaultClientContext>>,
+    properties: Vec<(String, String)>,
+    known: HashMap<String, (Instant, Option<usize>)>,
+}
+
+impl TopicLimits {
+    /// The admin client is built on first use from the producer's connection settings.
+    pub fn new(producer_properties: &[(String, String)]) -> Self {
+        let properties = producer_properties
+            .iter()
+            .filter(|(k, _)| !PRODUCER_ONLY.contains(&k.as_str()))
+            .map(|(k, v)| {
+                if k == "client.id" {
+                    (k.clone(), format!("{v}-admin"))
+                } else {
+                    (k.clone(), v.clone())
+                }
+            })
+            .collect();
+        Self {
+            admin: None,
+            properties,
+            known: HashMap::new(),
+        }
+    }
+
+    /// The topic's `max.message.bytes`, when the broker reports it.
+    pub async fn limit(&mut self, topic: &str) -> Option<usize> {
+        if let Some((asked_at, limit)) = self.known.get(topic) {
+            if asked_at.elapsed() < REFRESH_AFTER {
+                return *limit;
+            }
+        }
+        let limit = match self.ask(topic).await {
+            Ok(limit) => limit,
+            Err(err) => {
+                debug!(topic, error = %err, "the broker did not report the topic's max.message.bytes");
+                None
+            }
+        };
+        if self.known.len() > 10_000 {
+            self.known.clear();
+        }
+        self.known
+            .insert(topic.to_string(), (Instant::now(), limit));
+        limit
+    }
+
+    async fn ask(&mut self, topic: &str) -> KafkaResult<Option<usize>> {
+        let admin = match &self.admin {
+            Some(admin) => admin,
+            None => {
+                let mut config = ClientConfig::new();
+                for (k, v) in &self.properties {
+                    config.set(k, v);
+                }
+                self.admin.insert(config.create()?)
+            }
+        };
+        let options = AdminOptions::new().request_timeout(Some(REQUEST_TIMEOUT));
+        let answers = admin
+            .describe_configs([&ResourceSpecifier::Topic(topic)], &options)
+            .await?;
+        let Some(Ok(resource)) = answers.into_iter().next() else {
+            return Ok(None);
+        };
+        let value = resource
+            .get("max.message.bytes")
+            .and_then(|entry| entry.value.as_deref());
+        Ok(match value.map(str::parse::<usize>) {
+            Some(Ok(limit)) => Some(limit),
+            Some(Err(_)) => {
+                warn!(
+                    topic,
+                    value, "the broker reported an unreadable max.message.bytes"
+                );
+                None
+            }
+            None => None,
+        })
+    }
+}

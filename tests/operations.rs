@@ -1,0 +1,206 @@
+//! What an operator relies on around the contract: systemd's notify protocol and watchdog,
+//! the Grafana dashboard's metrics on a live relay, and secrets that never get printed.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::os::unix::net::UnixDatagram;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use support::*;
+
+/// Collects systemd notifications sent to a socket of the test's own.
+struct NotifySocket {
+    socket: UnixDatagram,
+    path: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+    /// Every message received, with when it arrived.
+    received: Vec<(Instant, String)>,
+}
+
+impl NotifySocket {
+    fn bind() -> NotifySocket {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notify.sock");
+        let socket = UnixDatagram::bind(&path).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        NotifySocket {
+            socket,
+            path,
+            _dir: dir,
+            received: Vec::new(),
+        }
+    }
+
+    /// Reads what has arrived so far.
+    fn drain(&mut self) {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = self.socket.recv(&mut buf) {
+            let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+            self.received.push((Instant::now(), text));
+        }
+    }
+
+    /// Waits until a message equal to `state` arrives after `since`; returns when.
+    fn wait_for(&mut self, state: &str, since: Instant, timeout: Duration) -> Instant {
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.drain();
+            if let Some((at, _)) = self
+                .received
+                .iter()
+                .find(|(at, m)| *at >= since && m.lines().any(|l| l == state))
+            {
+                return *at;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {state} within {timeout:?}; received {:?}",
+                self.received
+            );
+        }
+    }
+
+    fn last(&self, state: &str) -> Option<Instant> {
+        self.received
+            .iter()
+            .rev()
+            .find(|(_, m)| m.lines().any(|l| l == state))
+            .map(|(at, _)| *at)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn systemd_hears_ready_watchdog_and_stopping_and_a_wedged_loop_loses_its_watchdog() {
+    let db = TestDb::new().await;
+    let bootstrap = kafka_bootstrap();
+    let prefix = unique_prefix();
+    create_topic(&bootstrap, &format!("{prefix}.sd"), 3).await;
+    let mut notify = NotifySocket::bind();
+    let started = Instant::now();
+    // WATCHDOG_PID must name the relay itself: `exec` keeps the shell's pid.
+    let mut child = relay_shell(&db.url, &bootstrap)
+        .env(
+            "OUTBOX_RELAY_RELAY__TOPIC_TEMPLATE",
+            format!("{prefix}.{{aggregate_type}}"),
+        )
+        .env("NOTIFY_SOCKET", &notify.path)
+        .env("WATCHDOG_USEC", "1000000")
+        .env("RELAY", relay_bin())
+        .args(["-c", "WATCHDOG_PID=$$ exec \"$RELAY\" run"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+
+    notify.wait_for("READY=1", started, CONDITION_TIMEOUT);
+    let first_ping = notify.wait_for("WATCHDOG=1", started, CONDITION_TIMEOUT);
+    notify.wait_for(
+        "WATCHDOG=1",
+        first_ping + Duration::from_millis(1),
+        CONDITION_TIMEOUT,
+    );
+    db.insert(&stream("sd", 5, 50)).await;
+    wait_for("rows marked", CONDITION_TIMEOUT, || async {
+        db.sent().await == 50
+    })
+    .await;
+
+    // Wedge the loop: its next read waits on a lock for longer than the watchdog interval.
+    let mut wedge = db.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE outbox IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *wedge)
+        .await
+        .unwrap();
+    let wedged_at = Instant::now();
+    let deadline = wedged_at + CONDITION_TIMEOUT;
+    loop {
+        notify.drain();
+        let last_ping = notify.last("WATCHDOG=1").unwrap_or(started);
+        if last_ping.elapsed() > Duration::from_millis(2500) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the watchdog kept being pinged while the loop was wedged"
+        );
+    }
+    wedge.rollback().await.unwrap();
+    let unwedged_at = Instant::now();
+    notify.wait_for("WATCHDOG=1", unwedged_at, CONDITION_TIMEOUT);
+
+    signal(child.id(), libc::SIGTERM);
+    notify.wait_for("STOPPING=1", unwedged_at, CONDITION_TIMEOUT);
+    assert_eq!(
+        wait_exit(&mut child, Duration::from_secs(30)).code(),
+        Some(0)
+    );
+}
+
+/// Every `outbox_relay_*` series a dashboard query names, from the dashboard JSON.
+fn dashboard_series(dashboard: &str) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    let bytes = dashboard.as_bytes();
+    let mut from = 0;
+    while let Some(at) = dashboard[from..].find("outbox_relay_") {
+        let start = from + at;
+        let end = bytes[start..]
+            .iter()
+            .position(|b| !(b.is_ascii_alphanumeric() || *b == b'_'))
+            .map_or(bytes.len(), |n| start + n);
+        names.insert(dashboard[start..end].to_string());
+        from = end;
+    }
+    names
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_metric_on_the_grafana_dashboard_is_exported_by_a_live_relay() {
+    let dashboard = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/grafana/outbox-relay.json"),
+    )
+    .expect("deploy/grafana/outbox-relay.json");
+    let wanted = dashboard_series(&dashboard);
+    assert!(wanted.len() >= 10, "the dashboard names only {wanted:?}");
+
+    let db = TestDb::new().await;
+    let bootstrap = kafka_bootstrap();
+    let prefix = unique_prefix();
+    create_topic(&bootstrap, &format!("{prefix}.dash"), 3).await;
+    db.insert(&stream("dash", 10, 200)).await;
+    let relay = RunningRelay::start(settings(
+        &db,
+        &bootstrap,
+        &format!(
+            "[relay]\ntopic_template = \"{prefix}.{{aggregate_type}}\"\nstats_interval = \"100ms\"\n[kafka.properties]\n\"statistics.interval.ms\" = 100\n"
+        ),
+    ))
+    .await;
+    wait_for("rows marked", CONDITION_TIMEOUT, || async {
+        db.sent().await == 200
+    })
+    .await;
+    // librdkafka statistics arrive on their own schedule: wait for the first.
+    wait_for("producer statistics", CONDITION_TIMEOUT, || async {
+        let (_, metrics) = http_get(relay.http_addr, "/metrics").await;
+        metric_value(&metrics, "outbox_relay_broker_rtt_seconds{stat=\"avg\"") > 0.0
+    })
+    .await;
+    let (_, metrics) = http_get(relay.http_addr, "/metrics").await;
+    relay.stop().await;
+
+    let exported: BTreeSet<String> = metrics
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .map(str::to_string)
+        .collect();
+    let missing: Vec<&String> = wanted.difference(&exported).collect();
+    assert!(
+        missing.is_empty(),
+        "dashboard metrics the relay does not export: {missing:?}\n{metrics}"
+    );
+}
