@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs the whole test suite on a fresh machine: installs PostgreSQL and the pinned tansu
-# broker where missing, then `cargo test`. The tests start their own throwaway PostgreSQL
+# broker where missing, checks the deployment files with their own tools
+# (scripts/check-deploy.sh), then `cargo test`. The tests start their own throwaway PostgreSQL
 # and tansu on free loopback ports (or use DATABASE_URL / KAFKA_BOOTSTRAP when set).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,5 +11,7 @@ ensure_postgres
 ensure_pgbouncer
 ensure_tansu
 export TANSU_BIN
+log "deployment and monitoring files (scripts/check-deploy.sh)"
+scripts/check-deploy.sh
 log "cargo test"
 cargo test --locked "$@"
