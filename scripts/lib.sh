@@ -31,6 +31,20 @@ ensure_pgbouncer() {
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pgbouncer >/dev/null
 }
 
+# socat terminates TLS in front of tansu for the Kafka TLS test; openssl makes its
+# throwaway certificates.
+ensure_tls_tools() {
+    local missing=()
+    command -v socat >/dev/null || missing+=(socat)
+    command -v openssl >/dev/null || missing+=(openssl)
+    if [ ${#missing[@]} -eq 0 ]; then
+        return
+    fi
+    log "installing ${missing[*]} (apt-get install)"
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+}
+
 postgres_bin() {
     local dir
     dir=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)

@@ -9,6 +9,7 @@ source scripts/lib.sh
 
 ensure_postgres
 ensure_pgbouncer
+ensure_tls_tools
 ensure_tansu
 export TANSU_BIN
 log "deployment and monitoring files (scripts/check-deploy.sh)"

@@ -388,10 +388,16 @@ impl Settings {
         Ok(settings)
     }
 
-    /// Environment variables cannot carry dots, so `sasl_username` means `sasl.username`.
+    /// Environment variables cannot carry dots, so `sasl_username` means `sasl.username`,
+    /// in `kafka.properties` and `kafka.secret_files` alike.
     fn normalize(&mut self) {
         let properties = std::mem::take(&mut self.kafka.properties);
         self.kafka.properties = properties
+            .into_iter()
+            .map(|(k, v)| (k.replace('_', "."), v))
+            .collect();
+        let secret_files = std::mem::take(&mut self.kafka.secret_files);
+        self.kafka.secret_files = secret_files
             .into_iter()
             .map(|(k, v)| (k.replace('_', "."), v))
             .collect();

@@ -99,7 +99,7 @@ fn wait_for_blocking(what: &str, mut condition: impl FnMut() -> bool) {
     }
 }
 
-fn port_open(port: u16) -> bool {
+pub fn port_open(port: u16) -> bool {
     std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
 }
 
@@ -165,11 +165,19 @@ pub struct PgCluster {
     pub port: u16,
     run_as: Option<(u32, u32)>,
     child: std::sync::Mutex<Option<Child>>,
+    /// Extra `-c name=value` server settings.
+    settings: Vec<String>,
 }
 
 impl PgCluster {
     /// Runs initdb in a temporary directory and starts the server on a free port.
     pub fn init() -> PgCluster {
+        PgCluster::init_with(|_| Vec::new())
+    }
+
+    /// Like [`PgCluster::init`], with extra server settings made from the cluster's own
+    /// directory (which the server's user owns), e.g. TLS files placed there.
+    pub fn init_with(settings: impl FnOnce(&Path) -> Vec<String>) -> PgCluster {
         let bin = postgres_bin_dir();
         let dir = tempfile::Builder::new()
             .prefix("outbox-relay-pg-")
@@ -195,6 +203,12 @@ impl PgCluster {
             "initdb failed: {}",
             String::from_utf8_lossy(&status.stderr)
         );
+        let settings = settings(dir.path());
+        if let Some((uid, gid)) = run_as {
+            for entry in std::fs::read_dir(dir.path()).unwrap() {
+                std::os::unix::fs::chown(entry.unwrap().path(), Some(uid), Some(gid)).unwrap();
+            }
+        }
         let cluster = PgCluster {
             bin,
             dir,
@@ -202,9 +216,15 @@ impl PgCluster {
             port: free_port(),
             run_as,
             child: std::sync::Mutex::new(None),
+            settings,
         };
         cluster.start();
         cluster
+    }
+
+    /// The cluster's own directory (beside its data directory).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
     }
 
     pub fn admin_url(&self) -> String {
@@ -246,6 +266,7 @@ impl PgCluster {
                 "-c",
                 "log_min_duration_statement=1000",
             ])
+            .args(self.settings.iter().flat_map(|s| ["-c", s.as_str()]))
             .stdout(Stdio::null())
             .stderr(log);
         let child = spawn_tied_to_process(server, self.run_as);
@@ -593,14 +614,22 @@ pub fn tansu_bin() -> PathBuf {
 /// A tansu broker process.
 pub struct Tansu {
     pub bootstrap: String,
+    pub port: u16,
     child: Child,
 }
 
 impl Tansu {
     /// Starts a broker that belongs to the caller (for tests that freeze or kill it).
     pub fn start() -> Tansu {
+        Tansu::start_with(&[], None)
+    }
+
+    /// A broker with extra arguments (`--authentication`), advertising `advertised_port`
+    /// instead of its own (where a TLS proxy listens in front of it).
+    pub fn start_with(extra_args: &[&str], advertised_port: Option<u16>) -> Tansu {
         let port = free_port();
         let url = format!("tcp://127.0.0.1:{port}");
+        let advertised = format!("tcp://127.0.0.1:{}", advertised_port.unwrap_or(port));
         let mut command = Command::new(tansu_bin());
         command
             .args([
@@ -608,9 +637,10 @@ impl Tansu {
                 "--listener-url",
                 &url,
                 "--advertised-listener-url",
-                &url,
+                &advertised,
             ])
             .args(["--storage-engine", "memory://tansu/"])
+            .args(extra_args)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::null());
@@ -620,6 +650,7 @@ impl Tansu {
         });
         Tansu {
             bootstrap: format!("127.0.0.1:{port}"),
+            port,
             child,
         }
     }
@@ -669,6 +700,31 @@ pub async fn create_topic(bootstrap: &str, name: &str, partitions: i32) {
     create_topic_with(bootstrap, name, partitions, &[]).await;
 }
 
+/// Creates a topic through a client with extra properties (TLS, SASL).
+pub async fn create_topic_with_client(
+    bootstrap: &str,
+    properties: &[(&str, &str)],
+    name: &str,
+    partitions: i32,
+) {
+    let mut config = ClientConfig::new();
+    for (key, value) in properties {
+        config.set(*key, *value);
+    }
+    let admin: AdminClient<DefaultClientContext> =
+        config.set("bootstrap.servers", bootstrap).create().unwrap();
+    let results = admin
+        .create_topics(
+            &[NewTopic::new(name, partitions, TopicReplication::Fixed(1))],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+        )
+        .await
+        .expect("create_topics request");
+    for result in results {
+        result.unwrap_or_else(|(topic, err)| panic!("create topic {topic}: {err:?}"));
+    }
+}
+
 /// Creates a topic with topic-level configs such as `max.message.bytes`.
 pub async fn create_topic_with(
     bootstrap: &str,
@@ -711,7 +767,21 @@ pub struct Consumed {
 /// Reads `topic` from the beginning of every partition until `expected` records arrived
 /// (plus a short quiet period to catch duplicates), failing after CONDITION_TIMEOUT.
 pub fn consume(bootstrap: &str, topic: &str, expected: usize) -> Vec<Consumed> {
-    let consumer: BaseConsumer = ClientConfig::new()
+    consume_with(bootstrap, &[], topic, expected)
+}
+
+/// [`consume`] with extra client properties (TLS, SASL).
+pub fn consume_with(
+    bootstrap: &str,
+    properties: &[(&str, &str)],
+    topic: &str,
+    expected: usize,
+) -> Vec<Consumed> {
+    let mut config = ClientConfig::new();
+    for (key, value) in properties {
+        config.set(*key, *value);
+    }
+    let consumer: BaseConsumer = config
         .set("bootstrap.servers", bootstrap)
         .set("group.id", format!("verify-{}", uuid::Uuid::new_v4()))
         .set("enable.auto.commit", "false")
@@ -1001,5 +1071,129 @@ pub fn wait_exit(child: &mut Child, timeout: Duration) -> std::process::ExitStat
             panic!("the relay did not exit within {timeout:?}");
         }
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A throwaway certificate authority and a server certificate for `localhost` and
+/// 127.0.0.1, made with the `openssl` command: `ca.crt`, `server.crt`, `server.key`, and
+/// `server.pem` (certificate and key in one file).
+pub struct Certs {
+    pub dir: PathBuf,
+}
+
+impl Certs {
+    pub fn generate(dir: &Path) -> Certs {
+        let run = |args: &[&str]| {
+            let output = Command::new("openssl")
+                .args(args)
+                .current_dir(dir)
+                .output()
+                .expect("the openssl command (apt-get install openssl)");
+            assert!(
+                output.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        };
+        let days = ["-days", "2"];
+        run(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+            "-subj",
+            "/CN=outbox-relay test CA",
+            days[0],
+            days[1],
+        ]);
+        run(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=localhost",
+        ]);
+        std::fs::write(
+            dir.join("san.cnf"),
+            "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
+        )
+        .unwrap();
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.crt",
+            "-extfile",
+            "san.cnf",
+            days[0],
+            days[1],
+        ]);
+        let pem = [
+            std::fs::read(dir.join("server.crt")).unwrap(),
+            std::fs::read(dir.join("server.key")).unwrap(),
+        ]
+        .concat();
+        std::fs::write(dir.join("server.pem"), pem).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        for key in ["server.key", "server.pem", "ca.key"] {
+            std::fs::set_permissions(dir.join(key), std::fs::Permissions::from_mode(0o600))
+                .unwrap();
+        }
+        Certs {
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    pub fn path(&self, name: &str) -> String {
+        self.dir.join(name).display().to_string()
+    }
+}
+
+/// TLS in front of a plaintext port (socat), for brokers that cannot serve TLS themselves.
+pub struct TlsProxy {
+    pub port: u16,
+    child: Child,
+}
+
+impl TlsProxy {
+    pub fn start(port: u16, target_port: u16, certs: &Certs) -> TlsProxy {
+        let mut command = Command::new("socat");
+        command
+            .arg(format!(
+                "openssl-listen:{port},bind=127.0.0.1,reuseaddr,fork,verify=0,cert={}",
+                certs.path("server.pem")
+            ))
+            .arg(format!("tcp:127.0.0.1:{target_port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let child = spawn_tied_to_process(command, None);
+        wait_for_blocking(&format!("socat to listen on port {port}"), || {
+            port_open(port)
+        });
+        TlsProxy { port, child }
+    }
+}
+
+impl Drop for TlsProxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

@@ -1,0 +1,261 @@
+//! Security as deployed: Kafka over TLS with the broker's certificate verified, SASL
+//! credentials refused by the broker (publishing stops, nothing is parked), PostgreSQL with
+//! `sslmode=verify-full` against a cluster with a certificate of the test's own CA, and the
+//! secrets never printed.
+
+mod support;
+
+use std::process::Stdio;
+
+use support::*;
+
+fn tls_properties(certs: &Certs) -> Vec<(&'static str, String)> {
+    vec![
+        ("security.protocol", "ssl".to_string()),
+        ("ssl.ca.location", certs.path("ca.crt")),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_over_tls_verifies_the_broker_and_keeps_the_contract() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = Certs::generate(dir.path());
+    // tansu 0.6.0 cannot be given both --cert and --key (its CLI puts them in one
+    // exclusive group), so TLS is terminated by a proxy the broker advertises.
+    let tls_port = free_port();
+    let tansu = Tansu::start_with(&[], Some(tls_port));
+    let _proxy = TlsProxy::start(tls_port, tansu.port, &certs);
+    let bootstrap = format!("127.0.0.1:{tls_port}");
+    let tls = tls_properties(&certs);
+    let tls_refs: Vec<(&str, &str)> = tls.iter().map(|(k, v)| (*k, v.as_str())).collect();
+
+    let db = TestDb::new().await;
+    let prefix = unique_prefix();
+    let topic = format!("{prefix}.tls");
+    create_topic_with_client(&bootstrap, &tls_refs, &topic, 3).await;
+    db.insert(&stream("tls", 20, 300)).await;
+    let relay = RunningRelay::start(settings(
+        &db,
+        &bootstrap,
+        &format!(
+            "[relay]\ntopic_template = \"{prefix}.{{aggregate_type}}\"\n[kafka.properties]\n\"security.protocol\" = \"ssl\"\n\"ssl.ca.location\" = \"{}\"\n",
+            certs.path("ca.crt")
+        ),
+    ))
+    .await;
+    wait_for("every row marked over TLS", CONDITION_TIMEOUT, || async {
+        db.sent().await == 300
+    })
+    .await;
+    relay.stop().await;
+    let records = consume_with(&bootstrap, &tls_refs, &topic, 300);
+    assert_eq!(assert_contract(&db.rows().await, &records), 0);
+
+    // A broker whose certificate the configured CA did not sign is refused, and `check`
+    // says why.
+    let other_dir = tempfile::tempdir().unwrap();
+    let other = Certs::generate(other_dir.path());
+    let output = relay_command(&db.url, &bootstrap)
+        .env("OUTBOX_RELAY_KAFKA__PROPERTIES__SECURITY_PROTOCOL", "ssl")
+        .env(
+            "OUTBOX_RELAY_KAFKA__PROPERTIES__SSL_CA_LOCATION",
+            other.path("ca.crt"),
+        )
+        .args(["check", "--timeout", "5s"])
+        .stderr(Stdio::piped())
+        .stdout(Stdio::piped())
+        .output()
+        .unwrap();
+    let text = output_text(&output);
+    assert_eq!(output.status.code(), Some(1), "{text}");
+    assert!(
+        text.to_lowercase().contains("certificate verify failed"),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_sasl_credentials_stop_publishing_park_nothing_and_never_print_the_password() {
+    let tansu = Tansu::start_with(&["--authentication"], None);
+    let dir = tempfile::tempdir().unwrap();
+    let password = "Kafka-Secret-7f3a9c";
+    std::fs::write(dir.path().join("kafka-password"), format!("{password}\n")).unwrap();
+
+    let db = TestDb::new().await;
+    let prefix = unique_prefix();
+    db.insert(&stream("sasl", 5, 50)).await;
+    let relay = RunningRelay::start(settings(
+        &db,
+        &tansu.bootstrap,
+        &format!(
+            "[relay]\ntopic_template = \"{prefix}.{{aggregate_type}}\"\n[kafka.properties]\n\"security.protocol\" = \"sasl_plaintext\"\n\"sasl.mechanisms\" = \"SCRAM-SHA-512\"\n\"sasl.username\" = \"relay\"\n[kafka.secret_files]\n\"sasl.password\" = \"{}\"\n",
+            dir.path().join("kafka-password").display()
+        ),
+    ))
+    .await;
+    wait_for(
+        "the authentication failure counted",
+        CONDITION_TIMEOUT,
+        || async {
+            let (_, metrics) = http_get(relay.http_addr, "/metrics").await;
+            metric_value(
+                &metrics,
+                "outbox_relay_publish_errors_total{kind=\"authentication_failed\"",
+            ) > 0.0
+        },
+    )
+    .await;
+    let (status, body) = http_get(relay.http_addr, "/readyz").await;
+    assert_eq!(status, 503, "{body}");
+    let (_, metrics) = http_get(relay.http_addr, "/metrics").await;
+    assert_eq!(db.sent().await, 0);
+    assert_eq!(db.count("parked_at IS NOT NULL").await, 0, "nothing parked");
+    relay.stop().await;
+    for text in [&body, &metrics] {
+        assert!(!text.contains(password), "the password leaked: {text}");
+    }
+
+    // The binary's own output, with the password in the environment and in a file.
+    let secret_file = dir.path().join("kafka-password").display().to_string();
+    let http_port = free_port();
+    let child = relay_command(&db.url, &tansu.bootstrap)
+        .env(
+            "OUTBOX_RELAY_HTTP__LISTEN",
+            format!("127.0.0.1:{http_port}"),
+        )
+        .env(
+            "OUTBOX_RELAY_KAFKA__PROPERTIES__SECURITY_PROTOCOL",
+            "sasl_plaintext",
+        )
+        .env(
+            "OUTBOX_RELAY_KAFKA__PROPERTIES__SASL_MECHANISMS",
+            "SCRAM-SHA-512",
+        )
+        .env("OUTBOX_RELAY_KAFKA__PROPERTIES__SASL_USERNAME", "relay")
+        .env(
+            "OUTBOX_RELAY_KAFKA__SECRET_FILES__SASL_PASSWORD",
+            &secret_file,
+        )
+        .env(
+            "OUTBOX_RELAY_RELAY__TOPIC_TEMPLATE",
+            format!("{prefix}.{{aggregate_type}}"),
+        )
+        .arg("run")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let http_addr: std::net::SocketAddr = format!("127.0.0.1:{http_port}").parse().unwrap();
+    wait_for(
+        "the binary to serve /metrics",
+        CONDITION_TIMEOUT,
+        || async { port_open(http_port) },
+    )
+    .await;
+    wait_for(
+        "the binary to count the authentication failure",
+        CONDITION_TIMEOUT,
+        || async {
+            let (_, metrics) = http_get(http_addr, "/metrics").await;
+            metric_value(
+                &metrics,
+                "outbox_relay_publish_errors_total{kind=\"authentication_failed\"",
+            ) > 0.0
+        },
+    )
+    .await;
+    signal(child.id(), libc::SIGTERM);
+    let run_output = child.wait_with_output().unwrap();
+    let run_text = output_text(&run_output);
+    assert!(
+        run_text.to_lowercase().contains("authentication"),
+        "the log names the failure: {run_text}"
+    );
+    let check = relay_command(&db.url, &tansu.bootstrap)
+        .env("OUTBOX_RELAY_KAFKA__PROPERTIES__SASL_PASSWORD", password)
+        .args(["check", "--timeout", "3s"])
+        .output()
+        .unwrap();
+    let help = relay_command(&db.url, &tansu.bootstrap)
+        .env("OUTBOX_RELAY_KAFKA__PROPERTIES__SASL_PASSWORD", password)
+        .arg("--help")
+        .output()
+        .unwrap();
+    let bad = relay_command(&format!("postgres://relay:{password}@127.0.0.1:1/x"), "")
+        .arg("run")
+        .output()
+        .unwrap();
+    for (what, text) in [
+        ("run", run_text),
+        ("check", output_text(&check)),
+        ("--help", output_text(&help)),
+        ("a configuration error", output_text(&bad)),
+    ] {
+        assert!(
+            !text.contains(password),
+            "{what} printed the password:\n{text}"
+        );
+    }
+    assert_eq!(bad.status.code(), Some(2), "{}", output_text(&bad));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_with_verify_full_connects_only_to_the_server_its_ca_signed() {
+    let cluster = PgCluster::init_with(|dir| {
+        let certs = Certs::generate(dir);
+        vec![
+            "ssl=on".into(),
+            format!("ssl_cert_file={}", certs.path("server.crt")),
+            format!("ssl_key_file={}", certs.path("server.key")),
+        ]
+    });
+    let ca = cluster_file(&cluster, "ca.crt");
+    let db = TestDb::new_on(&cluster).await;
+    let bootstrap = kafka_bootstrap();
+    let prefix = unique_prefix();
+    create_topic(&bootstrap, &format!("{prefix}.pgtls"), 3).await;
+    db.insert(&stream("pgtls", 5, 100)).await;
+
+    let mut tls_db = TestDb {
+        url: format!("{}?sslmode=verify-full&sslrootcert={ca}", db.url),
+        pool: db.pool.clone(),
+    };
+    let relay = RunningRelay::start(settings(
+        &tls_db,
+        &bootstrap,
+        &format!("[relay]\ntopic_template = \"{prefix}.{{aggregate_type}}\"\n"),
+    ))
+    .await;
+    wait_for("every row marked", CONDITION_TIMEOUT, || async {
+        db.sent().await == 100
+    })
+    .await;
+    let encrypted: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) WHERE s.ssl AND a.datname = current_database()",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert!(encrypted > 0, "the relay's sessions use TLS");
+    relay.stop().await;
+
+    // Another CA: `check` refuses the server and says so.
+    let other_dir = tempfile::tempdir().unwrap();
+    let other = Certs::generate(other_dir.path());
+    tls_db.url = format!(
+        "{}?sslmode=verify-full&sslrootcert={}",
+        db.url,
+        other.path("ca.crt")
+    );
+    let output = relay_command(&tls_db.url, &bootstrap)
+        .args(["check", "--timeout", "5s"])
+        .output()
+        .unwrap();
+    let text = output_text(&output);
+    assert_eq!(output.status.code(), Some(1), "{text}");
+    assert!(text.to_lowercase().contains("certificate"), "{text}");
+}
+
+fn cluster_file(cluster: &PgCluster, name: &str) -> String {
+    cluster.dir().join(name).display().to_string()
+}
