@@ -14,7 +14,7 @@ use tokio::time::sleep;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::config::Settings;
+use crate::config::{Mode, Settings};
 use crate::lease::{LeaseKeeper, LeaseTiming, Ownership};
 use crate::relay::{Backoff, Relay};
 use crate::store::{Store, StoreError};
@@ -105,7 +105,7 @@ impl App {
         info!(%http_addr, "serving /metrics, /healthz and /readyz");
 
         let outcome = async {
-            wait_for_schema(&store, &health, &cancel).await?;
+            wait_for_schema(&store, settings.relay.mode, &health, &cancel).await?;
             let listener = settings.database.listen.then(|| {
                 tokio::spawn(wake::listen(
                     store.pool().clone(),
@@ -205,9 +205,20 @@ async fn hand_over(store: &Store, replica_id: &str, ownership: &Ownership) {
     }
 }
 
-/// Retries until the database answers; fails at once if the outbox table is missing.
+/// The connected role lacks privileges `run` needs; restarting cannot help.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the database role lacks {}; grant {} (deploy/sql/least-privilege.sql grants exactly what the relay needs)",
+    .0.join(", "),
+    if .0.len() == 1 { "it" } else { "them" }
+)]
+pub struct MissingGrants(pub Vec<String>);
+
+/// Retries until the database answers; fails at once if the outbox table is missing or
+/// the role lacks a privilege.
 async fn wait_for_schema(
     store: &Store,
+    mode: Mode,
     health: &Health,
     cancel: &CancellationToken,
 ) -> anyhow::Result<()> {
@@ -216,6 +227,13 @@ async fn wait_for_schema(
         match store.verify_schema().await {
             Ok(version) => {
                 info!(%version, "connected to PostgreSQL");
+                let missing = store
+                    .missing_grants(mode)
+                    .await
+                    .context("Failed to check the role's privileges")?;
+                if !missing.is_empty() {
+                    return Err(MissingGrants(missing).into());
+                }
                 health.set_database_ok(true);
                 return Ok(());
             }

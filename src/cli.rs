@@ -155,7 +155,11 @@ pub fn main() -> ExitCode {
             } else {
                 eprintln!("error: {err:#}");
             }
-            ExitCode::FAILURE
+            if err.downcast_ref::<crate::app::MissingGrants>().is_some() {
+                ExitCode::from(EXIT_CONFIG)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }
@@ -427,6 +431,15 @@ async fn check(settings: Settings, timeout: Duration) -> anyhow::Result<()> {
     match schema {
         Ok(version) => {
             println!("PostgreSQL {version} at {url}: outbox table present");
+            match store.missing_grants(settings.relay.mode).await {
+                Ok(missing) if missing.is_empty() => {
+                    println!("  the role holds every privilege the relay needs")
+                }
+                Ok(missing) => {
+                    failures.push(format!("database: {}", crate::app::MissingGrants(missing)))
+                }
+                Err(err) => failures.push(format!("database: checking privileges: {err}")),
+            }
             match store.backlog_stats().await {
                 Ok(stats) => println!(
                     "  pending rows: {}, oldest pending: {}, parked rows: {}",

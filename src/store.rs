@@ -11,7 +11,7 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::query::{Query, QueryScalar};
 use sqlx::{ConnectOptions, Connection, FromRow, Postgres, Row, Transaction};
 
-use crate::config::{DatabaseSettings, ParkPolicy};
+use crate::config::{DatabaseSettings, Mode, ParkPolicy};
 
 /// The migrations in `migrations/`, embedded in the binary.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -87,21 +87,20 @@ pub struct BacklogStats {
     pub parked_rows: i64,
 }
 
-/// Database errors, each able to say whether retrying can help.
+/// Database errors, each able to say whether retrying can help. The display carries the
+/// database's own message once; there is no source chain to repeat it.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("database unreachable or connection lost: {0}")]
-    Connection(#[source] sqlx::Error),
-    #[error("database refused the statement (SQLSTATE {code}): {source}")]
-    Statement {
-        code: String,
-        #[source]
-        source: sqlx::Error,
-    },
-    #[error("the outbox table is missing or incomplete ({0}); run `outbox-relay migrate`")]
+    Connection(sqlx::Error),
+    #[error("database refused the statement (SQLSTATE {code}): {message}")]
+    Statement { code: String, message: String },
+    #[error(
+        "the outbox table is missing or incomplete ({0}); run `outbox-relay migrate`, or grant the relay's role USAGE on the schema and set its search_path"
+    )]
     Schema(String),
     #[error("database error: {0}")]
-    Other(#[source] sqlx::Error),
+    Other(sqlx::Error),
 }
 
 impl StoreError {
@@ -166,7 +165,7 @@ impl From<sqlx::Error> for StoreError {
                 }
                 Some(code) => StoreError::Statement {
                     code: code.into_owned(),
-                    source: err,
+                    message: db.message().to_string(),
                 },
                 None => StoreError::Other(err),
             },
@@ -856,6 +855,100 @@ impl Store {
     }
 
     /// Confirms the database answers and the outbox table has the relay's columns.
+    /// The privileges `run` needs in `mode` that the connected role lacks, each written
+    /// as a grant (`UPDATE (sent_at) ON outbox`). Checked at start: a relay that can
+    /// publish but not mark would resend its first batch on every restart.
+    pub async fn missing_grants(&self, mode: Mode) -> Result<Vec<String>, StoreError> {
+        let mut needed: Vec<(&str, &str, &str)> = Vec::new();
+        let mut need = |privilege, table, columns: &[&'static str]| {
+            if columns.is_empty() {
+                needed.push((table, "", privilege));
+            }
+            for column in columns {
+                needed.push((table, column, privilege));
+            }
+        };
+        need("SELECT", "outbox", &[]);
+        need(
+            "UPDATE",
+            "outbox",
+            &["parked_at", "park_reason", "park_error"],
+        );
+        match mode {
+            Mode::Mark => need(
+                "UPDATE",
+                "outbox",
+                &["sent_at", "kafka_partition", "kafka_offset"],
+            ),
+            Mode::Delete => need("DELETE", "outbox", &[]),
+        }
+        need("SELECT", "outbox_shard_lease", &[]);
+        need(
+            "UPDATE",
+            "outbox_shard_lease",
+            &["owner", "epoch", "expires_at", "acquired_at", "renewed_at"],
+        );
+        need("SELECT", "outbox_replica", &[]);
+        need(
+            "INSERT",
+            "outbox_replica",
+            &["replica_id", "heartbeat_at", "expires_at"],
+        );
+        need("UPDATE", "outbox_replica", &["heartbeat_at", "expires_at"]);
+        need("DELETE", "outbox_replica", &[]);
+        let (tables, rest): (Vec<&str>, Vec<(&str, &str)>) =
+            needed.iter().map(|(t, c, p)| (*t, (*c, *p))).unzip();
+        let (columns, privileges): (Vec<&str>, Vec<&str>) = rest.into_iter().unzip();
+        let mut s = self.session().await?;
+        let result: Result<Vec<(String, String, String)>, StoreError> = async {
+            let rows = self
+                .query(
+                    "SELECT t, c, p FROM unnest($1::text[], $2::text[], $3::text[])                          WITH ORDINALITY AS g(t, c, p, n)                      WHERE NOT CASE WHEN c = '' THEN has_table_privilege(t, p)                                     ELSE has_column_privilege(t, c, p) END                      ORDER BY n",
+                )
+                .bind(&tables)
+                .bind(&columns)
+                .bind(&privileges)
+                .fetch_all(s.conn())
+                .await?;
+            rows.iter()
+                .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)))
+                .collect::<Result<Vec<_>, sqlx::Error>>()
+                .map_err(StoreError::from)
+        }
+        .await;
+        let missing = s.finish(result).await?;
+        // One grant per privilege and table, its columns together.
+        let mut grants: Vec<(String, String, Vec<String>)> = Vec::new();
+        for (table, column, privilege) in missing {
+            match grants
+                .iter_mut()
+                .find(|(t, p, _)| *t == table && *p == privilege)
+            {
+                Some((_, _, cols)) if !column.is_empty() => cols.push(column),
+                Some(_) => {}
+                None => grants.push((
+                    table,
+                    privilege,
+                    if column.is_empty() {
+                        vec![]
+                    } else {
+                        vec![column]
+                    },
+                )),
+            }
+        }
+        Ok(grants
+            .into_iter()
+            .map(|(table, privilege, cols)| {
+                if cols.is_empty() {
+                    format!("{privilege} ON {table}")
+                } else {
+                    format!("{privilege} ({}) ON {table}", cols.join(", "))
+                }
+            })
+            .collect())
+    }
+
     pub async fn verify_schema(&self) -> Result<String, StoreError> {
         let mut s = self.session().await?;
         let result: Result<_, StoreError> = async {

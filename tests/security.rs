@@ -259,3 +259,79 @@ async fn postgres_with_verify_full_connects_only_to_the_server_its_ca_signed() {
 fn cluster_file(cluster: &PgCluster, name: &str) -> String {
     cluster.dir().join(name).display().to_string()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_runs_under_the_least_privilege_role_and_names_a_missing_grant() {
+    let db = TestDb::new().await;
+    let bootstrap = kafka_bootstrap();
+    let prefix = unique_prefix();
+    let topic = format!("{prefix}.grants");
+    create_topic(&bootstrap, &topic, 3).await;
+    let role = format!("relay_{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/sql/least-privilege.sql");
+    let psql = std::process::Command::new(postgres_bin_dir().join("psql"))
+        .arg(&db.url)
+        .args(["-q", "-v", "ON_ERROR_STOP=1", "-v"])
+        .arg(format!("relay_role={role}"))
+        .arg("-f")
+        .arg(&script)
+        .output()
+        .unwrap();
+    assert!(psql.status.success(), "{}", output_text(&psql));
+    let mut role_url = url::Url::parse(&db.url).unwrap();
+    role_url.set_username(&role).unwrap();
+    let role_url = role_url.to_string();
+    let template = format!("{prefix}.{{aggregate_type}}");
+
+    db.insert(&stream("grants", 10, 100)).await;
+    let child = relay_command(&role_url, &bootstrap)
+        .env("OUTBOX_RELAY_RELAY__TOPIC_TEMPLATE", &template)
+        .arg("run")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for(
+        "every row marked by the restricted role",
+        CONDITION_TIMEOUT,
+        || async { db.sent().await == 100 },
+    )
+    .await;
+    signal(child.id(), libc::SIGTERM);
+    let output = child.wait_with_output().unwrap();
+    assert_eq!(output.status.code(), Some(0), "{}", output_text(&output));
+    assert!(
+        !output_text(&output).contains("permission denied"),
+        "{}",
+        output_text(&output)
+    );
+
+    // Without one grant the relay refuses to start, naming it, before publishing anything.
+    sqlx::query(&format!("REVOKE UPDATE (sent_at) ON outbox FROM {role}"))
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    db.insert(&stream("grants", 1, 1)).await;
+    let output = relay_command(&role_url, &bootstrap)
+        .env("OUTBOX_RELAY_RELAY__TOPIC_TEMPLATE", &template)
+        .arg("run")
+        .output()
+        .unwrap();
+    let text = output_text(&output);
+    assert_eq!(output.status.code(), Some(2), "{text}");
+    assert!(text.contains("UPDATE (sent_at) ON outbox"), "{text}");
+    let check = relay_command(&role_url, &bootstrap)
+        .args(["check", "--timeout", "5s"])
+        .output()
+        .unwrap();
+    let check_text = output_text(&check);
+    assert_eq!(check.status.code(), Some(1), "{check_text}");
+    assert!(
+        check_text.contains("UPDATE (sent_at) ON outbox"),
+        "{check_text}"
+    );
+    let records = consume(&bootstrap, &topic, 100);
+    assert_eq!(records.len(), 100, "nothing published without the grant");
+    assert_eq!(assert_contract(&db.rows().await[..100], &records), 0);
+}

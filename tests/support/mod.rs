@@ -125,7 +125,7 @@ where
 // ---------------------------------------------------------------------------------------
 // PostgreSQL
 
-fn postgres_bin_dir() -> PathBuf {
+pub fn postgres_bin_dir() -> PathBuf {
     let mut dirs: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
         .expect(
             "PostgreSQL is not installed: run scripts/test.sh (it installs it) or set DATABASE_URL",
