@@ -1025,6 +1025,28 @@ pub fn metric_value(metrics: &str, series: &str) -> f64 {
         .sum()
 }
 
+/// Reads `topic` back and checks the contract against the rows marked sent (parked rows
+/// are left out): none missing, none extra, order kept. Returns how many were sent.
+pub async fn assert_sent_rows_in_kafka(db: &TestDb, bootstrap: &str, topic: &str) -> usize {
+    let sent: Vec<DbRow> = db.rows().await.into_iter().filter(|r| r.sent).collect();
+    let records = consume(bootstrap, topic, sent.len());
+    assert_eq!(
+        assert_contract(&sent, &records),
+        0,
+        "no duplicates expected"
+    );
+    sent.len()
+}
+
+/// Waits until `series` (see [`metric_value`]) on the relay at `addr` is above zero.
+pub async fn wait_for_metric(addr: std::net::SocketAddr, series: &str) {
+    wait_for(&format!("{series} above 0"), CONDITION_TIMEOUT, || async {
+        let (_, metrics) = http_get(addr, "/metrics").await;
+        metric_value(&metrics, series) > 0.0
+    })
+    .await;
+}
+
 pub fn relay_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_outbox-relay"))
 }
