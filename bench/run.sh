@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# The benchmark in one command, on a fresh clone: installs what is missing (PostgreSQL,
+# tansu, the peer's Python packages, a font for the plots), builds the relay and the bench
+# in release mode, starts a throwaway PostgreSQL on a free loopback port, runs
+# target/release/outbox-relay-bench (which starts a fresh tansu for every measurement and
+# the relay as `outbox-relay run` subprocesses) and removes everything afterwards.
+#
+#   bench/run.sh            the full run (about an hour on 2 cores; BENCH_BIG_ROWS=0 skips 10M)
+#   bench/run.sh --quick    a smoke run with 20k rows (a few minutes)
+#   bench/run.sh --steps drain,latency --sizes 200000   any option of the bench binary
+#
+# Results: bench/results/<time>.json, .md (the tables) and -latency.png, -throughput.png.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/lib.sh
+
+ensure_postgres
+ensure_tansu
+
+FONT=/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf
+if [ ! -r "$FONT" ]; then
+    log "installing fonts-dejavu-core (the plots' font)"
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fonts-dejavu-core >/dev/null
+fi
+
+VENV="$OUTBOX_RELAY_CACHE/bench-venv"
+STAMP="$VENV/.requirements.sha256"
+WANT=$(sha256sum bench/requirements.txt | cut -d' ' -f1)
+if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
+    log "installing the peer's packages into $VENV"
+    mkdir -p "$OUTBOX_RELAY_CACHE"
+    python3 -m venv "$VENV"
+    "$VENV/bin/pip" install -q --disable-pip-version-check -r bench/requirements.txt
+    echo "$WANT" >"$STAMP"
+fi
+
+log "building outbox-relay and outbox-relay-bench (release)"
+# One lock for every cargo run on this machine: two builds at once starve 2 cores.
+flock /tmp/outbox-relay-cargo.lock \
+    cargo build --locked --release --quiet -p outbox-relay -p outbox-relay-bench
+
+WORK=$(mktemp -d "${BENCH_WORK_DIR:-/tmp}/outbox-relay-bench.XXXXXX")
+chmod 755 "$WORK"
+PG_PID=""
+cleanup() {
+    if [ -n "$PG_PID" ]; then
+        kill "$PG_PID" 2>/dev/null || true
+        wait "$PG_PID" 2>/dev/null || true
+    fi
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+# PostgreSQL refuses to run as root: use the postgres user then.
+if [ "$(id -u)" -eq 0 ]; then AS_PG=(runuser -u postgres --); chown postgres "$WORK"; else AS_PG=(); fi
+PG_BIN=$(postgres_bin)
+PG_PORT=$(free_port)
+log "starting PostgreSQL $("$PG_BIN/postgres" --version | awk '{print $3}') on 127.0.0.1:$PG_PORT (data in $WORK)"
+"${AS_PG[@]}" "$PG_BIN/initdb" -D "$WORK/pg" -U postgres --auth=trust -E UTF8 >/dev/null
+# Per-statement timings for the diagnostics in the JSON, when the server has the module.
+PRELOAD=()
+if [ -e "$PG_BIN/../lib/pg_stat_statements.so" ]; then
+    PRELOAD=(-c shared_preload_libraries=pg_stat_statements)
+fi
+# Durable commits as in production (fsync, synchronous_commit=on); a buffer cache sized
+# for the machine; checkpoints spaced out so a make-rows step does not trigger a storm.
+"${AS_PG[@]}" "$PG_BIN/postgres" -D "$WORK/pg" -p "$PG_PORT" -k "$WORK" \
+    -c listen_addresses=127.0.0.1 \
+    -c max_connections=200 \
+    -c fsync=on \
+    -c synchronous_commit=on \
+    -c shared_buffers="${BENCH_PG_SHARED_BUFFERS:-2GB}" \
+    -c effective_cache_size=8GB \
+    -c maintenance_work_mem=512MB \
+    -c work_mem=16MB \
+    -c max_wal_size=8GB \
+    -c min_wal_size=1GB \
+    -c checkpoint_timeout=30min \
+    "${PRELOAD[@]}" \
+    >"$WORK/postgres.log" 2>&1 &
+PG_PID=$!
+until "$PG_BIN/pg_isready" -q -h 127.0.0.1 -p "$PG_PORT"; do
+    kill -0 "$PG_PID" 2>/dev/null || { cat "$WORK/postgres.log"; exit 1; }
+    sleep 0.2
+done
+
+log "running the benchmark"
+BENCH_COMMAND="bench/run.sh $*" target/release/outbox-relay-bench \
+    --database-url "postgres://postgres@127.0.0.1:$PG_PORT/postgres" \
+    --relay-bin target/release/outbox-relay \
+    --tansu-bin "$TANSU_BIN" \
+    --python "$VENV/bin/python" \
+    --peer-script bench/peer.py \
+    --out-dir bench/results \
+    --work-dir "$WORK" \
+    --font "$FONT" \
+    "$@"

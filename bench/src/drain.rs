@@ -1,0 +1,332 @@
+//! Draining a backlog: the relay (1 or several replicas, as subprocesses) and the peer
+//! (bench/peer.py, the loop a team writes by hand), timed from start until nothing is
+//! pending, with the start-up (until the first retirement) measured apart.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+
+use crate::infra::{
+    Broker, Db, RelayLauncher, RelayProcess, Statement, TOPIC, cpu_time, peak_rss, spawn_tied,
+};
+
+/// How often the peer's process is polled, and the relays' /metrics at the start and
+/// near the end of a drain.
+const POLL: Duration = Duration::from_millis(25);
+/// The longest wait between two scrapes of the relays' /metrics mid-drain. A scrape costs
+/// a relay about 0.4 ms of CPU, which counts in its CPU per row: the wait grows with the
+/// rows still to go at the rate seen so far, and shrinks to POLL as the end nears.
+const MAX_SCRAPE_INTERVAL: Duration = Duration::from_millis(500);
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Drain {
+    /// `relay` or `peer`.
+    pub who: String,
+    pub mode: String,
+    pub replicas: u32,
+    pub rows: u64,
+    pub make_rows_seconds: f64,
+    /// Start of the process(es) until the first rows were retired.
+    pub startup_seconds: f64,
+    /// Start until nothing was pending.
+    pub total_seconds: f64,
+    /// First retirement until nothing was pending.
+    pub drain_seconds: f64,
+    /// Rows retired after the first retirement, per second of `drain_seconds`: the
+    /// steady drain rate, start-up excluded.
+    pub rows_per_second: f64,
+    /// All rows over `total_seconds`, start-up included.
+    pub rows_per_second_with_startup: f64,
+    /// utime + stime of all replicas from start to drained.
+    pub cpu_seconds: f64,
+    pub cpu_us_per_row: f64,
+    /// Largest VmHWM of one replica.
+    pub peak_rss_bytes: u64,
+    /// Records in the topic afterwards (at least `rows`; more means resends).
+    pub records_in_kafka: i64,
+    pub broker_peak_rss_bytes: Option<u64>,
+    /// Batches the relay reported (outbox_relay_batch_duration_seconds), and their mean
+    /// duration: read, produce, acks and mark of one batch.
+    pub batches: u64,
+    pub mean_batch_ms: f64,
+    /// The database statements that took the most time during the drain.
+    pub statements: Vec<Statement>,
+}
+
+impl Drain {
+    pub fn label(&self) -> String {
+        let size = human_rows(self.rows);
+        match self.who.as_str() {
+            "peer" => format!("peer {} {}", self.mode, size),
+            _ => format!("relay {} {} x{}", self.mode, size, self.replicas),
+        }
+    }
+}
+
+pub fn human_rows(rows: u64) -> String {
+    if rows >= 1_000_000 && rows % 1_000_000 == 0 {
+        format!("{}M", rows / 1_000_000)
+    } else if rows >= 1_000 && rows % 1_000 == 0 {
+        format!("{}k", rows / 1_000)
+    } else {
+        rows.to_string()
+    }
+}
+
+/// A timeout proportional to the backlog: nothing here should drain slower than 500 rows/s.
+fn drain_timeout(rows: u64) -> Duration {
+    Duration::from_secs(120 + rows / 500)
+}
+
+/// Drains `rows` rows with `replicas` relay replicas in `mode` against a fresh broker.
+pub async fn relay(
+    db: &Db,
+    launcher: &RelayLauncher,
+    broker_source: (Option<&Path>, Option<&str>),
+    work: &Path,
+    rows: u64,
+    mode: &str,
+    replicas: u32,
+) -> Result<Drain> {
+    db.reset().await?;
+    let make = db.make_rows(rows).await?;
+    let broker = Broker::start(broker_source.0, broker_source.1, work).await?;
+    broker.create_topic().await?;
+    db.statements_reset().await;
+
+    let started = Instant::now();
+    let mut procs: Vec<RelayProcess> = Vec::new();
+    for i in 0..replicas {
+        procs.push(launcher.spawn(
+            &db.url,
+            &broker.bootstrap,
+            mode,
+            &format!("bench-{mode}-{i}"),
+            &[],
+        )?);
+    }
+    let deadline = started + drain_timeout(rows);
+    let mut first: Option<(Instant, f64)> = None;
+    let mut last_db_check = Instant::now();
+    // Done when the replicas' rows_marked_total (rows marked or deleted; each row once)
+    // adds up to the backlog: polling the database instead would load it while it is
+    // measured (an EXISTS over the pending index walks the not yet vacuumed entries).
+    // A database check every 2 s backs it up. The end is seen within POLL: the scrapes
+    // come closer together as it nears.
+    loop {
+        for p in procs.iter_mut() {
+            if p.exited() {
+                bail!(
+                    "relay replica {} exited during the drain; its log:\n{}",
+                    p.replica_id,
+                    p.log_tail()
+                );
+            }
+        }
+        let mut retired = 0.0;
+        for p in &procs {
+            if let Some(text) = p.metrics().await {
+                retired += RelayProcess::metric_sum(&text, "outbox_relay_rows_marked_total");
+            }
+        }
+        if first.is_none() && retired > 0.0 {
+            first = Some((Instant::now(), retired));
+        }
+        if retired >= rows as f64 {
+            break;
+        }
+        let wait = match first {
+            Some((at, at_rows)) if retired > at_rows => {
+                let rate = (retired - at_rows) / at.elapsed().as_secs_f64();
+                let to_go = (rows as f64 - retired) / rate;
+                Duration::from_secs_f64(to_go / 4.0).clamp(POLL, MAX_SCRAPE_INTERVAL)
+            }
+            _ => POLL,
+        };
+        if last_db_check.elapsed() >= Duration::from_secs(2) {
+            last_db_check = Instant::now();
+            if !db.any_pending().await? {
+                break;
+            }
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the relay did not drain {rows} rows within {:?}",
+                drain_timeout(rows)
+            );
+        }
+        tokio::time::sleep(wait).await;
+    }
+    let done = Instant::now();
+    let mut cpu = Duration::ZERO;
+    let mut rss = 0u64;
+    for p in &procs {
+        cpu += cpu_time(p.pid()).unwrap_or_default();
+        rss = rss.max(peak_rss(p.pid()).unwrap_or(0));
+    }
+    let statements = db.top_statements(6).await;
+    let (mut batches, mut batch_seconds) = (0.0, 0.0);
+    for p in &procs {
+        if let Some(text) = p.metrics().await {
+            batches += RelayProcess::metric_sum(&text, "outbox_relay_batch_duration_seconds_count");
+            batch_seconds +=
+                RelayProcess::metric_sum(&text, "outbox_relay_batch_duration_seconds_sum");
+        }
+    }
+    for p in procs {
+        let id = p.replica_id.clone();
+        if let Some(status) = p.stop().await {
+            if !status.success() {
+                eprintln!("warning: relay replica {id} exited with {status}");
+            }
+        }
+    }
+    let (first_at, first_rows) = first.unwrap_or((done, 0.0));
+    let retired_after_first = rows as f64 - first_rows;
+    let drain_seconds = (done - first_at).as_secs_f64();
+    let total_seconds = (done - started).as_secs_f64();
+    let records = broker.records().await.unwrap_or(-1);
+    let broker_rss = broker.peak_rss();
+    broker.stop().await;
+    check_retired(db, rows, mode).await?;
+    Ok(Drain {
+        who: "relay".into(),
+        mode: mode.into(),
+        replicas,
+        rows,
+        make_rows_seconds: make.as_secs_f64(),
+        startup_seconds: (first_at - started).as_secs_f64(),
+        total_seconds,
+        drain_seconds,
+        rows_per_second: if drain_seconds > 0.0 {
+            retired_after_first / drain_seconds
+        } else {
+            0.0
+        },
+        rows_per_second_with_startup: rows as f64 / total_seconds,
+        cpu_seconds: cpu.as_secs_f64(),
+        cpu_us_per_row: cpu.as_secs_f64() * 1e6 / rows as f64,
+        peak_rss_bytes: rss,
+        records_in_kafka: records,
+        broker_peak_rss_bytes: broker_rss,
+        batches: batches as u64,
+        mean_batch_ms: if batches > 0.0 {
+            batch_seconds * 1000.0 / batches
+        } else {
+            0.0
+        },
+        statements,
+    })
+}
+
+async fn check_retired(db: &Db, rows: u64, mode: &str) -> Result<()> {
+    let left = db.count("sent_at IS NULL").await?;
+    let sent = db.count("sent_at IS NOT NULL").await?;
+    let ok = match mode {
+        "mark" => left == 0 && sent == rows as i64,
+        _ => left == 0 && sent == 0,
+    };
+    if !ok {
+        bail!("after the drain ({mode}): {left} rows unsent, {sent} marked, of {rows}");
+    }
+    Ok(())
+}
+
+/// What bench/peer.py prints as its last line.
+#[derive(Debug, Deserialize)]
+struct PeerReport {
+    rows: u64,
+    first_commit_rows: u64,
+    seconds_from_first_commit: f64,
+    cpu_seconds: f64,
+    max_rss_bytes: u64,
+    batches: u64,
+    seconds_total: f64,
+}
+
+/// Where the peer runs: the venv's python and the script.
+#[derive(Clone)]
+pub struct PeerLauncher {
+    pub python: PathBuf,
+    pub script: PathBuf,
+}
+
+/// Drains `rows` rows with the hand-written peer.
+pub async fn peer(
+    db: &Db,
+    peer: &PeerLauncher,
+    broker_source: (Option<&Path>, Option<&str>),
+    work: &Path,
+    rows: u64,
+    mode: &str,
+) -> Result<Drain> {
+    db.reset().await?;
+    let make = db.make_rows(rows).await?;
+    let broker = Broker::start(broker_source.0, broker_source.1, work).await?;
+    broker.create_topic().await?;
+    db.statements_reset().await;
+    let log = work.join(format!("peer-{mode}.log"));
+    let out = work.join(format!("peer-{mode}.json"));
+    let mut command = Command::new(&peer.python);
+    command
+        .arg(&peer.script)
+        .args(["--dsn", &db.url, "--bootstrap", &broker.bootstrap])
+        .args(["--topic", TOPIC, "--mode", mode, "--batch", "1000"])
+        .stdout(std::fs::File::create(&out)?)
+        .stderr(std::fs::File::create(&log)?);
+    let started = Instant::now();
+    let mut child = spawn_tied(command).context("starting the peer")?;
+    let deadline = started + drain_timeout(rows);
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            bail!("the peer did not drain {rows} rows in time");
+        }
+        tokio::time::sleep(POLL).await;
+    };
+    let total_seconds = started.elapsed().as_secs_f64();
+    if !status.success() {
+        bail!(
+            "the peer failed ({status}): {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+    }
+    let text = std::fs::read_to_string(&out)?;
+    let report: PeerReport = serde_json::from_str(text.lines().last().unwrap_or_default())
+        .with_context(|| format!("peer output: {text}"))?;
+    if report.rows != rows {
+        bail!("the peer retired {} of {rows} rows", report.rows);
+    }
+    let statements = db.top_statements(6).await;
+    let records = broker.records().await.unwrap_or(-1);
+    let broker_rss = broker.peak_rss();
+    broker.stop().await;
+    check_retired(db, rows, mode).await?;
+    let drain_seconds = report.seconds_from_first_commit;
+    Ok(Drain {
+        who: "peer".into(),
+        mode: mode.into(),
+        replicas: 1,
+        rows,
+        make_rows_seconds: make.as_secs_f64(),
+        startup_seconds: (total_seconds - drain_seconds).max(0.0),
+        total_seconds,
+        drain_seconds,
+        rows_per_second: (rows - report.first_commit_rows) as f64 / drain_seconds,
+        rows_per_second_with_startup: rows as f64 / total_seconds,
+        cpu_seconds: report.cpu_seconds,
+        cpu_us_per_row: report.cpu_seconds * 1e6 / rows as f64,
+        peak_rss_bytes: report.max_rss_bytes,
+        records_in_kafka: records,
+        broker_peak_rss_bytes: broker_rss,
+        batches: report.batches,
+        mean_batch_ms: report.seconds_total * 1000.0 / report.batches.max(1) as f64,
+        statements,
+    })
+}

@@ -1,0 +1,541 @@
+//! End-to-end latency (insert commit → record read by a consumer) at fixed insert rates,
+//! with and without the LISTEN doorbell, and the cost of the doorbell's NOTIFY trigger on
+//! the application's insert commit rate.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use hdrhistogram::Histogram;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use serde::{Deserialize, Serialize};
+
+use crate::infra::{
+    Broker, Db, PARTITIONS, RelayLauncher, RelayProcess, TOPIC, payload_json,
+    relay_producer_properties,
+};
+
+const INSERT: &str = "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) \
+                      VALUES ('order', $1, 'OrderUpdated', $2::jsonb)";
+
+/// Several rows in one INSERT statement (the doorbell trigger fires once per statement).
+const INSERT_MANY: &str = "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) \
+     SELECT 'order', a, 'OrderUpdated', p::jsonb \
+     FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS x(a, p, n) ORDER BY n";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Latency {
+    pub doorbell: bool,
+    /// What the rate was chosen as: `1k`, `50%`, `80%` (of the measured max drain rate);
+    /// `broker only` for the floor: the relay's producer straight to a consumer.
+    pub load: String,
+    /// Rows per inserting transaction (one INSERT statement each).
+    pub rows_per_transaction: u64,
+    pub target_rows_per_second: f64,
+    pub achieved_rows_per_second: f64,
+    pub connections: u32,
+    pub measured_rows: u64,
+    /// Rows of the measured window never read back before the timeout.
+    pub missing_rows: u64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub p999_ms: f64,
+    pub max_ms: f64,
+    pub mean_ms: f64,
+    /// The relay's own `outbox_relay_end_to_end_latency_seconds` (row created_at →
+    /// broker ack) over the measured window: the share of rows acked within 10 ms and
+    /// 50 ms, and the upper bound of the bucket holding the 99th percentile. created_at is
+    /// the inserting transaction's start, so this slightly overstates commit → ack.
+    pub relay_ack_rows: Option<f64>,
+    pub relay_ack_within_10ms: Option<f64>,
+    pub relay_ack_within_50ms: Option<f64>,
+    pub relay_ack_p99_bucket_ms: Option<f64>,
+}
+
+const RELAY_LATENCY: &str = "outbox_relay_end_to_end_latency_seconds";
+
+/// The rows, fractions within 10 and 50 ms and the p99 bucket bound of the relay's latency
+/// histogram between two scrapes.
+fn relay_window(before: &[(f64, f64)], after: &[(f64, f64)]) -> Option<(f64, f64, f64, f64)> {
+    let delta: Vec<(f64, f64)> = after
+        .iter()
+        .map(|(le, n)| {
+            let earlier = before
+                .iter()
+                .find(|(b, _)| b == le)
+                .map_or(0.0, |(_, c)| *c);
+            (*le, n - earlier)
+        })
+        .collect();
+    let total = delta.iter().find(|(le, _)| le.is_infinite())?.1;
+    if total <= 0.0 {
+        return None;
+    }
+    let within = |limit: f64| {
+        delta
+            .iter()
+            .find(|(le, _)| (*le - limit).abs() < 1e-9)
+            .map_or(f64::NAN, |(_, n)| n / total)
+    };
+    let p99 = delta
+        .iter()
+        .find(|(_, n)| *n >= 0.99 * total)
+        .map_or(f64::INFINITY, |(le, _)| le * 1000.0);
+    Some((total, within(0.010), within(0.050), p99))
+}
+
+pub struct LatencyPlan {
+    pub warmup: Duration,
+    pub measure: Duration,
+    pub connections: u32,
+    /// At most this many inserting transactions per second: a higher row rate puts
+    /// several rows in each transaction.
+    pub max_transactions_per_second: f64,
+}
+
+impl LatencyPlan {
+    pub fn rows_per_transaction(&self, rate: f64) -> u64 {
+        (rate / self.max_transactions_per_second).ceil().max(1.0) as u64
+    }
+}
+
+/// Nanoseconds since `base`, 0 meaning "not yet".
+fn stamp(base: Instant) -> u64 {
+    (base.elapsed().as_nanos() as u64).max(1)
+}
+
+/// The sequence number at the front of a payload as jsonb prints it (`{"seq": N, ...`: jsonb
+/// orders keys by length, and `seq` is the shortest).
+fn seq_of(payload: &[u8]) -> Option<u64> {
+    let text = std::str::from_utf8(payload).ok()?;
+    let rest = text.strip_prefix("{\"seq\": ")?;
+    let end = rest.find(|c: char| !c.is_ascii_digit())?;
+    rest[..end].parse().ok()
+}
+
+/// Reads the topic from the beginning on a thread of its own, stamping each record's
+/// arrival by its sequence number.
+fn start_consumer(
+    bootstrap: &str,
+    base: Instant,
+    received: Arc<Vec<AtomicU64>>,
+    stop: Arc<AtomicBool>,
+) -> Result<std::thread::JoinHandle<Result<u64>>> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", "outbox-relay-bench-latency")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false")
+        .set("fetch.wait.max.ms", "5")
+        .set("fetch.min.bytes", "1")
+        .set("fetch.queue.backoff.ms", "0")
+        .create()?;
+    let mut assignment = TopicPartitionList::new();
+    for p in 0..PARTITIONS {
+        assignment.add_partition_offset(TOPIC, p, Offset::Beginning)?;
+    }
+    consumer.assign(&assignment)?;
+    Ok(std::thread::spawn(move || {
+        let mut count = 0u64;
+        while !stop.load(Ordering::Relaxed) {
+            let Some(message) = consumer.poll(Duration::from_millis(50)) else {
+                continue;
+            };
+            let message = message.context("consumer")?;
+            let now = stamp(base);
+            if let Some(seq) = message.payload().and_then(seq_of) {
+                if let Some(slot) = received.get(seq as usize) {
+                    let _ = slot.compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
+                    count += 1;
+                }
+            }
+        }
+        Ok(count)
+    }))
+}
+
+/// Waits until the relay's /metrics say it holds all 256 shards.
+async fn wait_ready(relay: &mut RelayProcess) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if relay.exited() {
+            bail!("the relay exited at start: {}", relay.log_tail());
+        }
+        if let Some(text) = relay.metrics().await {
+            if RelayProcess::metric_sum(&text, "outbox_relay_shards_owned") >= 256.0 {
+                return Ok(());
+            }
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the relay did not take its shards within 60 s: {}",
+                relay.log_tail()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// One latency measurement: inserts single-row transactions at `rate` rows/s for the
+/// warm-up plus the measured window, from `plan.connections` connections.
+#[allow(clippy::too_many_arguments)]
+pub async fn measure(
+    db: &Db,
+    launcher: &RelayLauncher,
+    broker_source: (Option<&Path>, Option<&str>),
+    work: &Path,
+    doorbell: bool,
+    load: &str,
+    rate: f64,
+    plan: &LatencyPlan,
+) -> Result<Latency> {
+    db.reset().await?;
+    launcher.migrate(&db.url, Some(doorbell))?;
+    let broker = Broker::start(broker_source.0, broker_source.1, work).await?;
+    broker.create_topic().await?;
+    let mut relay = launcher.spawn(&db.url, &broker.bootstrap, "mark", "bench-latency", &[])?;
+    wait_ready(&mut relay).await?;
+
+    let warmup_rows = (rate * plan.warmup.as_secs_f64()).round() as u64;
+    let total = warmup_rows + (rate * plan.measure.as_secs_f64()).round() as u64;
+    let base = Instant::now();
+    let committed: Arc<Vec<AtomicU64>> = Arc::new((0..total).map(|_| AtomicU64::new(0)).collect());
+    let received: Arc<Vec<AtomicU64>> = Arc::new((0..total).map(|_| AtomicU64::new(0)).collect());
+    let stop = Arc::new(AtomicBool::new(false));
+    let consumer = start_consumer(&broker.bootstrap, base, received.clone(), stop.clone())?;
+
+    let pool = Db::pool(&db.url, plan.connections).await?;
+    let per_tx = plan.rows_per_transaction(rate);
+    // The relay's histogram as the measured window opens (after the warm-up).
+    let scrape_port = relay.http_port;
+    let warmup = plan.warmup + Duration::from_millis(200);
+    let opening = tokio::spawn(async move {
+        tokio::time::sleep(warmup).await;
+        crate::infra::http_get(scrape_port, "/metrics").await
+    });
+    let transactions = total.div_ceil(per_tx);
+    let period_ns = 1e9 * per_tx as f64 / rate;
+    let start = tokio::time::Instant::now() + Duration::from_millis(200);
+    let mut workers = Vec::new();
+    for w in 0..plan.connections as u64 {
+        let pool = pool.clone();
+        let committed = committed.clone();
+        let step = plan.connections as u64;
+        workers.push(tokio::spawn(async move {
+            let mut conn = pool.acquire().await?;
+            let mut tx = w;
+            while tx < transactions {
+                let due = start + Duration::from_nanos((tx as f64 * period_ns) as u64);
+                tokio::time::sleep_until(due).await;
+                let seqs = tx * per_tx..((tx + 1) * per_tx).min(total);
+                if per_tx == 1 {
+                    sqlx::query(INSERT)
+                        .bind(format!("agg-{}", tx % crate::infra::AGGREGATES as u64))
+                        .bind(payload_json(tx))
+                        .execute(&mut *conn)
+                        .await?;
+                } else {
+                    let keys: Vec<String> = seqs
+                        .clone()
+                        .map(|q| format!("agg-{}", q % crate::infra::AGGREGATES as u64))
+                        .collect();
+                    let payloads: Vec<String> = seqs.clone().map(payload_json).collect();
+                    sqlx::query(INSERT_MANY)
+                        .bind(&keys)
+                        .bind(&payloads)
+                        .execute(&mut *conn)
+                        .await?;
+                }
+                let now = stamp(base);
+                for seq in seqs {
+                    committed[seq as usize].store(now, Ordering::Relaxed);
+                }
+                tx += step;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for worker in workers {
+        worker.await??;
+    }
+    pool.close().await;
+
+    // Everything committed should arrive; give polling (without the doorbell) and a
+    // backlog built up under load time to clear.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline
+        && received[warmup_rows as usize..]
+            .iter()
+            .any(|r| r.load(Ordering::Relaxed) == 0)
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let _consumed = consumer
+        .join()
+        .map_err(|_| anyhow::anyhow!("consumer panicked"))??;
+    let before = opening.await?.unwrap_or_default();
+    let after = relay.metrics().await.unwrap_or_default();
+    let _ = relay.stop().await;
+    broker.stop().await;
+
+    let mut result = summarize(
+        &committed,
+        &received,
+        warmup_rows,
+        Summary {
+            doorbell,
+            load,
+            rate,
+            per_tx,
+            connections: plan.connections,
+        },
+    )?;
+    if let Some((rows, ten, fifty, p99)) = relay_window(
+        &RelayProcess::histogram_buckets(&before, RELAY_LATENCY),
+        &RelayProcess::histogram_buckets(&after, RELAY_LATENCY),
+    ) {
+        result.relay_ack_rows = Some(rows);
+        result.relay_ack_within_10ms = Some(ten);
+        result.relay_ack_within_50ms = Some(fifty);
+        result.relay_ack_p99_bucket_ms = Some(p99);
+    }
+    Ok(result)
+}
+
+struct Summary<'a> {
+    doorbell: bool,
+    load: &'a str,
+    rate: f64,
+    per_tx: u64,
+    connections: u32,
+}
+
+/// Percentiles of arrival − commit over the rows after the warm-up.
+fn summarize(
+    committed: &[AtomicU64],
+    received: &[AtomicU64],
+    warmup_rows: u64,
+    s: Summary<'_>,
+) -> Result<Latency> {
+    let total = committed.len() as u64;
+    let mut histogram = Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3)?;
+    let mut missing = 0u64;
+    let (mut first_commit, mut last_commit) = (u64::MAX, 0u64);
+    for seq in warmup_rows as usize..total as usize {
+        let c = committed[seq].load(Ordering::Relaxed);
+        let r = received[seq].load(Ordering::Relaxed);
+        first_commit = first_commit.min(c);
+        last_commit = last_commit.max(c);
+        if r == 0 {
+            missing += 1;
+            continue;
+        }
+        histogram.record((r.saturating_sub(c) / 1000).max(1))?;
+    }
+    let measured = total - warmup_rows;
+    let span = (last_commit.saturating_sub(first_commit)) as f64 / 1e9;
+    let ms = |us: u64| us as f64 / 1000.0;
+    Ok(Latency {
+        doorbell: s.doorbell,
+        load: s.load.into(),
+        rows_per_transaction: s.per_tx,
+        target_rows_per_second: s.rate,
+        achieved_rows_per_second: if span > 0.0 {
+            measured.saturating_sub(s.per_tx) as f64 / span
+        } else {
+            0.0
+        },
+        connections: s.connections,
+        measured_rows: measured,
+        missing_rows: missing,
+        p50_ms: ms(histogram.value_at_quantile(0.50)),
+        p99_ms: ms(histogram.value_at_quantile(0.99)),
+        p999_ms: ms(histogram.value_at_quantile(0.999)),
+        max_ms: ms(histogram.max()),
+        mean_ms: histogram.mean() / 1000.0,
+        relay_ack_rows: None,
+        relay_ack_within_10ms: None,
+        relay_ack_within_50ms: None,
+        relay_ack_p99_bucket_ms: None,
+    })
+}
+
+/// The floor under the relay's latency: records produced with the relay's producer
+/// settings (linger 5 ms, acks=all, idempotent) at `rate` records/s straight to the broker,
+/// read by the same consumer; measured from the produce call.
+pub async fn broker_floor(
+    broker_source: (Option<&Path>, Option<&str>),
+    work: &Path,
+    rate: f64,
+    plan: &LatencyPlan,
+) -> Result<Latency> {
+    let broker = Broker::start(broker_source.0, broker_source.1, work).await?;
+    broker.create_topic().await?;
+    let warmup_rows = (rate * plan.warmup.as_secs_f64()).round() as u64;
+    let total = warmup_rows + (rate * plan.measure.as_secs_f64()).round() as u64;
+    let base = Instant::now();
+    let sent: Arc<Vec<AtomicU64>> = Arc::new((0..total).map(|_| AtomicU64::new(0)).collect());
+    let received: Arc<Vec<AtomicU64>> = Arc::new((0..total).map(|_| AtomicU64::new(0)).collect());
+    let stop = Arc::new(AtomicBool::new(false));
+    let consumer = start_consumer(&broker.bootstrap, base, received.clone(), stop.clone())?;
+    let bootstrap = broker.bootstrap.clone();
+    let producing = sent.clone();
+    tokio::task::spawn_blocking(move || -> Result<()> {
+        let mut config = ClientConfig::new();
+        for (key, value) in relay_producer_properties(&bootstrap) {
+            config.set(key, value);
+        }
+        let producer: ThreadedProducer<DefaultProducerContext> = config.create()?;
+        producer
+            .client()
+            .fetch_metadata(Some(TOPIC), Duration::from_secs(10))?;
+        let start = Instant::now() + Duration::from_millis(200);
+        for seq in 0..total {
+            let due = start + Duration::from_secs_f64(seq as f64 / rate);
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+            let key = format!("agg-{}", seq % crate::infra::AGGREGATES as u64);
+            let value = payload_json(seq);
+            producing[seq as usize].store(stamp(base), Ordering::Relaxed);
+            producer
+                .send(BaseRecord::to(TOPIC).key(&key).payload(&value))
+                .map_err(|(e, _)| e)?;
+        }
+        producer.flush(Duration::from_secs(30))?;
+        Ok(())
+    })
+    .await??;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline
+        && received[warmup_rows as usize..]
+            .iter()
+            .any(|r| r.load(Ordering::Relaxed) == 0)
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let _ = consumer
+        .join()
+        .map_err(|_| anyhow::anyhow!("consumer panicked"))??;
+    broker.stop().await;
+    summarize(
+        &sent,
+        &received,
+        warmup_rows,
+        Summary {
+            doorbell: false,
+            load: "broker only",
+            rate,
+            per_tx: 1,
+            connections: 1,
+        },
+    )
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NotifyCost {
+    pub connections: u32,
+    pub seconds: f64,
+    pub commits_per_second_trigger_off: f64,
+    pub commits_per_second_trigger_on: f64,
+    /// (on − off) / off: negative when the trigger slows commits down.
+    pub change: f64,
+}
+
+/// Single-row INSERT transactions (autocommit) from `connections` connections for
+/// `duration`, no relay running; returns commits per second.
+async fn commit_rate(db: &Db, connections: u32, duration: Duration) -> Result<f64> {
+    db.reset().await?;
+    let pool = Db::pool(&db.url, connections).await?;
+    let count = Arc::new(AtomicU64::new(0));
+    let start = Instant::now() + Duration::from_millis(200);
+    let end = start + duration;
+    let mut workers = Vec::new();
+    for w in 0..connections as u64 {
+        let pool = pool.clone();
+        let count = count.clone();
+        workers.push(tokio::spawn(async move {
+            let mut conn = pool.acquire().await?;
+            tokio::time::sleep_until(start.into()).await;
+            let mut seq = w;
+            while Instant::now() < end {
+                sqlx::query(INSERT)
+                    .bind(format!("agg-{}", seq % crate::infra::AGGREGATES as u64))
+                    .bind(payload_json(seq))
+                    .execute(&mut *conn)
+                    .await?;
+                count.fetch_add(1, Ordering::Relaxed);
+                seq += connections as u64;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for worker in workers {
+        worker.await??;
+    }
+    let seconds = (Instant::now() - start).as_secs_f64();
+    pool.close().await;
+    Ok(count.load(Ordering::Relaxed) as f64 / seconds)
+}
+
+/// The insert commit rate with the trigger off, then on (`outbox-relay migrate
+/// --notify-trigger`), from `connections` connections.
+pub async fn notify_cost(
+    db: &Db,
+    launcher: &RelayLauncher,
+    connections: u32,
+    duration: Duration,
+) -> Result<NotifyCost> {
+    launcher.migrate(&db.url, Some(false))?;
+    let off = commit_rate(db, connections, duration).await?;
+    launcher.migrate(&db.url, Some(true))?;
+    let on = commit_rate(db, connections, duration).await?;
+    launcher.migrate(&db.url, Some(false))?;
+    db.reset().await?;
+    Ok(NotifyCost {
+        connections,
+        seconds: duration.as_secs_f64(),
+        commits_per_second_trigger_off: off,
+        commits_per_second_trigger_on: on,
+        change: (on - off) / off,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relay_histogram_window() {
+        let before = [
+            (0.005, 10.0),
+            (0.01, 10.0),
+            (0.05, 10.0),
+            (f64::INFINITY, 10.0),
+        ];
+        let after = [
+            (0.005, 60.0),
+            (0.01, 108.0),
+            (0.05, 110.0),
+            (f64::INFINITY, 110.0),
+        ];
+        let (rows, ten, fifty, p99) = relay_window(&before, &after).unwrap();
+        assert_eq!(rows, 100.0);
+        assert!((ten - 0.98).abs() < 1e-9);
+        assert!((fifty - 1.0).abs() < 1e-9);
+        assert_eq!(p99, 50.0);
+    }
+
+    #[test]
+    fn seq_from_jsonb_text() {
+        assert_eq!(seq_of(br#"{"seq": 42, "blob": "x"}"#), Some(42));
+        assert_eq!(seq_of(br#"{"blob": "x"}"#), None);
+    }
+}

@@ -1,0 +1,563 @@
+//! outbox-relay-bench: measures the relay against the database and broker ceilings and a
+//! hand-written peer on one machine, in one run. `bench/run.sh` starts PostgreSQL, builds
+//! everything and calls this binary; see bench/README.md.
+
+mod ceiling;
+mod drain;
+mod infra;
+mod latency;
+mod plot;
+mod report;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use clap::Parser;
+
+use crate::drain::PeerLauncher;
+use crate::infra::{Broker, Db, RelayLauncher};
+use crate::latency::LatencyPlan;
+use crate::report::{Machine, Report};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Step {
+    /// Database ceilings (mark, delete) and the broker ceiling.
+    Ceilings,
+    /// The hand-written peer (bench/peer.py), mark and delete.
+    Peer,
+    /// The relay draining each backlog size, mark and delete, 1 and 3 replicas.
+    Drain,
+    /// The relay draining the big backlog (--big-rows, --big-mode), 1 replica.
+    Big,
+    /// End-to-end latency at fixed insert rates, doorbell on and off.
+    Latency,
+    /// The NOTIFY trigger's cost on the insert commit rate.
+    Notify,
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    version,
+    about = "Benchmarks outbox-relay; run it through bench/run.sh"
+)]
+struct Cli {
+    /// A PostgreSQL URL with the right to create databases; the bench uses its own
+    /// database `outbox_bench` beside it.
+    #[arg(long, env = "BENCH_DATABASE_URL", required_unless_present = "replot")]
+    database_url: Option<String>,
+    /// The relay binary (target/release/outbox-relay).
+    #[arg(long, default_value = "target/release/outbox-relay")]
+    relay_bin: PathBuf,
+    /// tansu, started afresh (in-memory storage) for every measurement.
+    #[arg(long, env = "TANSU_BIN", conflicts_with = "bootstrap")]
+    tansu_bin: Option<PathBuf>,
+    /// An existing Kafka-compatible broker instead of tansu.
+    #[arg(long)]
+    bootstrap: Option<String>,
+    /// Python of the peer's venv.
+    #[arg(long, default_value = "python3")]
+    python: PathBuf,
+    #[arg(long, default_value = "bench/peer.py")]
+    peer_script: PathBuf,
+    /// Where the JSON, the Markdown tables and the plots go.
+    #[arg(long, default_value = "bench/results")]
+    out_dir: PathBuf,
+    /// Scratch directory for logs.
+    #[arg(long, default_value = "/tmp")]
+    work_dir: PathBuf,
+    /// TrueType font for the plots' text (no plots if it cannot be read).
+    #[arg(
+        long,
+        default_value = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"
+    )]
+    font: PathBuf,
+    /// Redraws the plots and prints the tables of a results JSON written earlier, then
+    /// exits (no database or broker needed).
+    #[arg(long, value_name = "RESULTS_JSON")]
+    replot: Option<PathBuf>,
+    /// Smoke run: 20k rows, short latency windows, no big backlog.
+    #[arg(long)]
+    quick: bool,
+    /// Steps to run (default: all).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    steps: Vec<Step>,
+    /// Backlog sizes the relay drains (and the ceilings are measured on).
+    #[arg(long, value_delimiter = ',')]
+    sizes: Vec<u64>,
+    /// Backlog the peer drains (default: the smallest size).
+    #[arg(long)]
+    peer_rows: Option<u64>,
+    /// The big backlog for CPU and RSS (0 skips it; default 10M, 0 with --quick).
+    #[arg(long, env = "BENCH_BIG_ROWS")]
+    big_rows: Option<u64>,
+    /// The big backlog's mode: delete by default, as a 10M drain in mark mode takes about
+    /// 45 minutes on 2 cores while the relay's fenced mark runs on a generic plan.
+    #[arg(long, env = "BENCH_BIG_MODE", default_value = "delete", value_parser = ["mark", "delete"])]
+    big_mode: String,
+    /// Relay replica counts for the drains.
+    #[arg(long, value_delimiter = ',', default_value = "1,3")]
+    replicas: Vec<u32>,
+    /// Max drain rate for the latency loads when the drain step is not run.
+    #[arg(long, default_value_t = 10_000.0)]
+    max_rate: f64,
+    /// Latency: seconds of warm-up (not measured) and of measurement per load.
+    #[arg(long)]
+    latency_warmup: Option<f64>,
+    #[arg(long)]
+    latency_seconds: Option<f64>,
+    /// Latency: inserting connections.
+    #[arg(long, default_value_t = 16)]
+    latency_connections: u32,
+    /// Latency: at most this many inserting transactions per second; higher row rates
+    /// put several rows in each transaction (one INSERT statement). Single-row
+    /// transactions at every rate: a large value such as 1000000.
+    #[arg(long, default_value_t = 400.0)]
+    latency_max_tps: f64,
+    /// NOTIFY cost: seconds per measurement and connection counts.
+    #[arg(long)]
+    notify_seconds: Option<f64>,
+    #[arg(long, value_delimiter = ',', default_value = "1,16")]
+    notify_connections: Vec<u32>,
+}
+
+struct Plan {
+    steps: Vec<Step>,
+    sizes: Vec<u64>,
+    peer_rows: u64,
+    big_rows: u64,
+    latency: LatencyPlan,
+    notify_seconds: f64,
+}
+
+impl Plan {
+    fn from(cli: &Cli) -> Plan {
+        let steps = if cli.steps.is_empty() {
+            vec![
+                Step::Ceilings,
+                Step::Peer,
+                Step::Drain,
+                Step::Big,
+                Step::Latency,
+                Step::Notify,
+            ]
+        } else {
+            cli.steps.clone()
+        };
+        let sizes = if !cli.sizes.is_empty() {
+            cli.sizes.clone()
+        } else if cli.quick {
+            vec![20_000]
+        } else {
+            vec![200_000, 2_000_000]
+        };
+        let smallest = sizes.iter().copied().min().unwrap_or(20_000);
+        Plan {
+            steps,
+            peer_rows: cli.peer_rows.unwrap_or(smallest),
+            big_rows: cli
+                .big_rows
+                .unwrap_or(if cli.quick { 0 } else { 10_000_000 }),
+            latency: LatencyPlan {
+                warmup: Duration::from_secs_f64(cli.latency_warmup.unwrap_or(if cli.quick {
+                    1.0
+                } else {
+                    3.0
+                })),
+                measure: Duration::from_secs_f64(cli.latency_seconds.unwrap_or(if cli.quick {
+                    3.0
+                } else {
+                    15.0
+                })),
+                connections: cli.latency_connections,
+                max_transactions_per_second: cli.latency_max_tps,
+            },
+            notify_seconds: cli
+                .notify_seconds
+                .unwrap_or(if cli.quick { 2.0 } else { 10.0 }),
+            sizes,
+        }
+    }
+
+    fn runs(&self, step: Step) -> bool {
+        self.steps.contains(&step)
+    }
+}
+
+fn progress(started: Instant, message: impl AsRef<str>) {
+    eprintln!(
+        "\x1b[1m[{:>6.1}s] {}\x1b[0m",
+        started.elapsed().as_secs_f64(),
+        message.as_ref()
+    );
+}
+
+/// `--replot`: the tables and plots of an earlier run, from its JSON.
+fn replot(path: &std::path::Path, font: &std::path::Path) -> Result<()> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let report: Report = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a results file of this bench", path.display()))?;
+    plot::register_font(font)?;
+    let stem = path.with_extension("");
+    let latency_png = PathBuf::from(format!("{}-latency.png", stem.display()));
+    let throughput_png = PathBuf::from(format!("{}-throughput.png", stem.display()));
+    plot::latency(&report, &latency_png)?;
+    plot::throughput(&report, &throughput_png)?;
+    println!("{}", report.markdown());
+    println!(
+        "plots:   {}, {}",
+        latency_png.display(),
+        throughput_png.display()
+    );
+    Ok(())
+}
+
+/// The mean batch time and where the database spent its time.
+fn show_diagnostics(started: Instant, d: &drain::Drain) {
+    progress(
+        started,
+        format!(
+            "  {} batches, mean {:.1} ms per batch",
+            d.batches, d.mean_batch_ms
+        ),
+    );
+    for s in d.statements.iter().take(3) {
+        eprintln!(
+            "      {:>7} calls  mean {:>8.2} ms  total {:>9.0} ms  {}",
+            s.calls,
+            s.mean_ms,
+            s.total_ms,
+            s.query.chars().take(110).collect::<String>()
+        );
+    }
+}
+
+struct Output {
+    json: PathBuf,
+    markdown: PathBuf,
+    latency_png: PathBuf,
+    throughput_png: PathBuf,
+}
+
+impl Output {
+    fn write(&self, report: &Report) -> Result<()> {
+        std::fs::write(&self.json, serde_json::to_string_pretty(report)? + "\n")?;
+        std::fs::write(&self.markdown, report.markdown())?;
+        Ok(())
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let cli = Cli::parse();
+    if let Some(path) = &cli.replot {
+        return replot(path, &cli.font);
+    }
+    let plan = Plan::from(&cli);
+    let started = Instant::now();
+    let started_at = chrono::Utc::now();
+
+    std::fs::create_dir_all(&cli.out_dir)?;
+    let work = cli
+        .work_dir
+        .join(format!("outbox-relay-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&work)?;
+    let stamp = started_at.format("%Y%m%d-%H%M%S").to_string();
+    let prefix = if cli.quick { "quick-" } else { "" };
+    let output = Output {
+        json: cli.out_dir.join(format!("{prefix}{stamp}.json")),
+        markdown: cli.out_dir.join(format!("{prefix}{stamp}.md")),
+        latency_png: cli.out_dir.join(format!("{prefix}{stamp}-latency.png")),
+        throughput_png: cli.out_dir.join(format!("{prefix}{stamp}-throughput.png")),
+    };
+    let plots = match plot::register_font(&cli.font) {
+        Ok(()) => true,
+        Err(e) => {
+            eprintln!("warning: no plots: {e:#}");
+            false
+        }
+    };
+
+    let relay_bin = std::fs::canonicalize(&cli.relay_bin)
+        .with_context(|| format!("relay binary {}", cli.relay_bin.display()))?;
+    let launcher = RelayLauncher::new(relay_bin.clone(), &work)?;
+    let peer = PeerLauncher {
+        python: cli.python.clone(),
+        script: std::fs::canonicalize(&cli.peer_script)
+            .with_context(|| format!("peer script {}", cli.peer_script.display()))?,
+    };
+    let tansu = cli.tansu_bin.as_deref();
+    let external = cli.bootstrap.as_deref();
+    let brokers = (tansu, external);
+
+    progress(
+        started,
+        "creating the database outbox_bench and running `outbox-relay migrate`",
+    );
+    let db = Db::create(
+        cli.database_url.as_deref().unwrap_or_default(),
+        "outbox_bench",
+    )
+    .await?;
+    launcher.migrate(&db.url, Some(false))?;
+    let mut settings = Vec::new();
+    for s in [
+        "shared_buffers",
+        "synchronous_commit",
+        "fsync",
+        "wal_level",
+        "max_wal_size",
+        "checkpoint_timeout",
+    ] {
+        settings.push((s.to_string(), db.show(s).await?));
+    }
+    let machine = Machine::probe(
+        db.show("server_version").await?,
+        settings,
+        tansu,
+        &relay_bin,
+    );
+    let mut report = Report {
+        started_at: started_at.to_rfc3339(),
+        command: std::env::var("BENCH_COMMAND")
+            .unwrap_or_else(|_| std::env::args().collect::<Vec<_>>().join(" ")),
+        quick: cli.quick,
+        wall_seconds: 0.0,
+        machine,
+        ceilings: Vec::new(),
+        peers: Vec::new(),
+        drains: Vec::new(),
+        latency: Vec::new(),
+        notify: Vec::new(),
+        targets: Vec::new(),
+        notes: vec![
+            "Each measurement gets a fresh tansu with in-memory storage and a topic of 3 partitions; \
+             backlogs are made by one INSERT ... SELECT generate_series (1 KB jsonb payloads, 10k aggregate ids), \
+             then VACUUM ANALYZE. Ratios use the ceiling measured on the same backlog size (the largest \
+             smaller one for the big backlog)."
+                .into(),
+            "Relay rows/s run from the first retirement (the relays' rows_marked_total, scraped every 25 ms at the start and near the end, at most 500 ms apart in between) \
+             until every row is retired; start-up (process start to first retirement) is shown apart. \
+             CPU is utime+stime of all replicas from start to drained, over all rows."
+                .into(),
+            "Latency: inserting clients commit rows at a fixed rate (several rows per transaction above \
+             400 transactions/s); the consumer (librdkafka, fetch.wait.max.ms=5) stamps each record on \
+             arrival; both stamps on one monotonic clock. The broker-only row is the floor: the relay's \
+             producer settings (linger 5 ms) straight to the same consumer."
+                .into(),
+            "Commit → ack is bounded from above twice: by commit → consumer, and by the relay's own \
+             created_at → ack histogram (created_at is taken when the inserting statement starts, so it \
+             also counts waiting for the commit, e.g. on the NOTIFY lock). A latency target counts as met \
+             when either bound meets it."
+                .into(),
+            "Everything (PostgreSQL, tansu, relays, inserting clients, consumer, peer) shares the \
+             machine's cores; pg_stat_statements is loaded for the per-statement diagnostics in the JSON."
+                .into(),
+        ],
+    };
+    let finish = |report: &mut Report| -> Result<()> {
+        report.wall_seconds = started.elapsed().as_secs_f64();
+        report.evaluate_targets(plan.big_rows);
+        output.write(report)
+    };
+
+    if plan.runs(Step::Ceilings) {
+        for &rows in &plan.sizes {
+            for mode in ["mark", "delete"] {
+                progress(started, format!("database ceiling, {mode}, {rows} rows"));
+                let c = ceiling::database(&db, rows, mode).await?;
+                progress(started, format!("  {:.0} rows/s", c.rows_per_second));
+                report.ceilings.push(c);
+                finish(&mut report)?;
+            }
+            progress(started, format!("broker ceiling, {rows} records"));
+            let (records, make) = ceiling::load_records(&db, rows).await?;
+            let broker = Broker::start(tansu, external, &work).await?;
+            let c = ceiling::broker(&broker, Arc::new(records), make).await?;
+            broker.stop().await;
+            progress(started, format!("  {:.0} rows/s", c.rows_per_second));
+            report.ceilings.push(c);
+            finish(&mut report)?;
+        }
+    }
+
+    if plan.runs(Step::Peer) {
+        for mode in ["mark", "delete"] {
+            progress(
+                started,
+                format!("peer (bench/peer.py), {mode}, {} rows", plan.peer_rows),
+            );
+            let p = drain::peer(&db, &peer, brokers, &work, plan.peer_rows, mode).await?;
+            progress(started, format!("  {:.0} rows/s", p.rows_per_second));
+            show_diagnostics(started, &p);
+            report.peers.push(p);
+            finish(&mut report)?;
+        }
+    }
+
+    if plan.runs(Step::Drain) {
+        for &rows in &plan.sizes {
+            for mode in ["mark", "delete"] {
+                for &replicas in &cli.replicas {
+                    progress(
+                        started,
+                        format!("relay drain, {mode}, {rows} rows, {replicas} replica(s)"),
+                    );
+                    let d =
+                        drain::relay(&db, &launcher, brokers, &work, rows, mode, replicas).await?;
+                    progress(
+                        started,
+                        format!(
+                            "  {:.0} rows/s (start-up {:.2} s), {:.1} µs CPU/row, {:.1} MiB peak RSS",
+                            d.rows_per_second,
+                            d.startup_seconds,
+                            d.cpu_us_per_row,
+                            report::mib(d.peak_rss_bytes)
+                        ),
+                    );
+                    show_diagnostics(started, &d);
+                    report.drains.push(d);
+                    finish(&mut report)?;
+                }
+            }
+        }
+    }
+
+    if plan.runs(Step::Big) && plan.big_rows > 0 {
+        progress(
+            started,
+            format!(
+                "relay drain of the big backlog, {}, {} rows, 1 replica",
+                cli.big_mode, plan.big_rows
+            ),
+        );
+        let d = drain::relay(
+            &db,
+            &launcher,
+            brokers,
+            &work,
+            plan.big_rows,
+            &cli.big_mode,
+            1,
+        )
+        .await?;
+        progress(
+            started,
+            format!(
+                "  {:.0} rows/s, {:.1} µs CPU/row, {:.1} MiB peak RSS (make-rows {:.0} s)",
+                d.rows_per_second,
+                d.cpu_us_per_row,
+                report::mib(d.peak_rss_bytes),
+                d.make_rows_seconds
+            ),
+        );
+        report.drains.push(d);
+        finish(&mut report)?;
+    }
+
+    if plan.runs(Step::Latency) {
+        progress(
+            started,
+            "latency floor: the relay's producer straight to the consumer, 1000 records/s",
+        );
+        let floor = latency::broker_floor(brokers, &work, 1000.0, &plan.latency).await?;
+        progress(
+            started,
+            format!(
+                "  p50 {:.1} ms, p99 {:.1} ms, p99.9 {:.1} ms",
+                floor.p50_ms, floor.p99_ms, floor.p999_ms
+            ),
+        );
+        report.latency.push(floor);
+        let max = report.max_drain_rate(plan.big_rows).unwrap_or(cli.max_rate);
+        let loads = [
+            ("1k", 1000.0),
+            ("50%", (0.5 * max).round()),
+            ("80%", (0.8 * max).round()),
+        ];
+        for doorbell in [true, false] {
+            for (load, rate) in loads {
+                progress(
+                    started,
+                    format!(
+                        "latency, doorbell {}, {load} load = {rate} rows/s, {} row(s) per transaction",
+                        if doorbell { "on" } else { "off" },
+                        plan.latency.rows_per_transaction(rate)
+                    ),
+                );
+                let l = latency::measure(
+                    &db,
+                    &launcher,
+                    brokers,
+                    &work,
+                    doorbell,
+                    load,
+                    rate,
+                    &plan.latency,
+                )
+                .await?;
+                progress(
+                    started,
+                    format!(
+                        "  achieved {:.0} rows/s: p50 {:.1} ms, p99 {:.1} ms, p99.9 {:.1} ms, {} missing",
+                        l.achieved_rows_per_second, l.p50_ms, l.p99_ms, l.p999_ms, l.missing_rows
+                    ),
+                );
+                report.latency.push(l);
+                finish(&mut report)?;
+            }
+        }
+        launcher.migrate(&db.url, Some(false))?;
+    }
+
+    if plan.runs(Step::Notify) {
+        for &connections in &cli.notify_connections {
+            progress(
+                started,
+                format!("NOTIFY trigger cost, {connections} connection(s)"),
+            );
+            let n = latency::notify_cost(
+                &db,
+                &launcher,
+                connections,
+                Duration::from_secs_f64(plan.notify_seconds),
+            )
+            .await?;
+            progress(
+                started,
+                format!(
+                    "  off {:.0}/s, on {:.0}/s ({:+.1}%)",
+                    n.commits_per_second_trigger_off,
+                    n.commits_per_second_trigger_on,
+                    n.change * 100.0
+                ),
+            );
+            report.notify.push(n);
+            finish(&mut report)?;
+        }
+    }
+
+    db.reset().await?;
+    finish(&mut report)?;
+    if plots {
+        plot::latency(&report, &output.latency_png)?;
+        plot::throughput(&report, &output.throughput_png)?;
+    }
+    println!("{}", report.markdown());
+    println!("results: {}", output.json.display());
+    println!("tables:  {}", output.markdown.display());
+    if plots {
+        if !report.latency.is_empty() {
+            println!("plot:    {}", output.latency_png.display());
+        }
+        println!("plot:    {}", output.throughput_png.display());
+    }
+    if std::env::var_os("BENCH_KEEP_WORK").is_none() {
+        let _ = std::fs::remove_dir_all(&work);
+    } else {
+        println!("logs:    {}", work.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,493 @@
+//! The run's results: the machine, the figures, ratios, the targets met or missed, as
+//! Markdown tables (printed, and written next to the JSON) and as JSON.
+
+use std::fmt::Write as _;
+use std::path::Path;
+use std::process::Command;
+
+use serde::{Deserialize, Serialize};
+
+use crate::ceiling::Ceiling;
+use crate::drain::{Drain, human_rows};
+use crate::latency::{Latency, NotifyCost};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Machine {
+    pub nproc: usize,
+    pub cpu_model: String,
+    pub memory_gib: f64,
+    pub kernel: String,
+    pub postgres_version: String,
+    pub postgres_settings: Vec<(String, String)>,
+    pub tansu_version: String,
+    pub relay_version: String,
+    pub git_commit: String,
+}
+
+impl Machine {
+    pub fn probe(
+        postgres_version: String,
+        postgres_settings: Vec<(String, String)>,
+        tansu: Option<&Path>,
+        relay: &Path,
+    ) -> Machine {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let cpu_model = cpuinfo
+            .lines()
+            .find(|l| l.starts_with("model name"))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, v)| v.trim().to_string())
+            .unwrap_or_else(|| "unknown".into());
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        let memory_kib: f64 = meminfo
+            .lines()
+            .find(|l| l.starts_with("MemTotal:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0);
+        Machine {
+            nproc: std::thread::available_parallelism().map_or(0, |n| n.get()),
+            cpu_model,
+            memory_gib: memory_kib / 1024.0 / 1024.0,
+            kernel: run(Command::new("uname").arg("-sr")),
+            postgres_version,
+            postgres_settings,
+            tansu_version: tansu.map_or_else(
+                || "external broker".into(),
+                |t| run(Command::new(t).arg("--version")),
+            ),
+            relay_version: run(Command::new(relay).arg("--version")),
+            git_commit: {
+                let head = run(Command::new("git").args(["rev-parse", "--short", "HEAD"]));
+                let dirty = !run(Command::new("git").args(["status", "--porcelain"])).is_empty();
+                if dirty {
+                    format!("{head} (with uncommitted changes)")
+                } else {
+                    head
+                }
+            },
+        }
+    }
+}
+
+fn run(command: &mut Command) -> String {
+    command
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Target {
+    pub name: String,
+    pub goal: String,
+    pub measured: String,
+    /// None when the run did not measure it.
+    pub met: Option<bool>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Report {
+    pub started_at: String,
+    pub command: String,
+    pub quick: bool,
+    pub wall_seconds: f64,
+    pub machine: Machine,
+    pub ceilings: Vec<Ceiling>,
+    pub peers: Vec<Drain>,
+    pub drains: Vec<Drain>,
+    pub latency: Vec<Latency>,
+    pub notify: Vec<NotifyCost>,
+    pub targets: Vec<Target>,
+    pub notes: Vec<String>,
+}
+
+impl Report {
+    pub fn db_ceiling(&self, mode: &str, rows: u64) -> Option<&Ceiling> {
+        // The ceiling measured on the same backlog size, else the nearest smaller one.
+        self.ceilings
+            .iter()
+            .filter(|c| c.kind == "database" && c.mode == mode && c.rows <= rows)
+            .max_by_key(|c| c.rows)
+            .or_else(|| {
+                self.ceilings
+                    .iter()
+                    .filter(|c| c.kind == "database" && c.mode == mode)
+                    .min_by_key(|c| c.rows)
+            })
+    }
+
+    pub fn broker_ceiling(&self, rows: u64) -> Option<&Ceiling> {
+        self.ceilings
+            .iter()
+            .filter(|c| c.kind == "broker" && c.rows <= rows)
+            .max_by_key(|c| c.rows)
+            .or_else(|| {
+                self.ceilings
+                    .iter()
+                    .filter(|c| c.kind == "broker")
+                    .min_by_key(|c| c.rows)
+            })
+    }
+
+    pub fn peer(&self, mode: &str) -> Option<&Drain> {
+        self.peers
+            .iter()
+            .filter(|p| p.mode == mode)
+            .max_by_key(|p| p.rows)
+            .or_else(|| self.peers.iter().find(|p| p.mode == "mark"))
+    }
+
+    /// The relay's steady single-replica drain rate in mark mode: the "max" the
+    /// latency loads are fractions of (the largest regular backlog measured).
+    pub fn max_drain_rate(&self, big_rows: u64) -> Option<f64> {
+        self.drains
+            .iter()
+            .filter(|d| d.mode == "mark" && d.replicas == 1 && d.rows != big_rows)
+            .max_by_key(|d| d.rows)
+            .map(|d| d.rows_per_second)
+    }
+
+    pub fn evaluate_targets(&mut self, big_rows: u64) {
+        let mut targets = Vec::new();
+        // Drain >= 0.9 of the database ceiling: every relay configuration.
+        let ratios: Vec<(String, f64)> = self
+            .drains
+            .iter()
+            .filter_map(|d| {
+                let c = self.db_ceiling(&d.mode, d.rows)?;
+                Some((d.label(), d.rows_per_second / c.rows_per_second))
+            })
+            .collect();
+        let worst = ratios.iter().min_by(|a, b| a.1.total_cmp(&b.1)).cloned();
+        let single: Vec<String> = self
+            .drains
+            .iter()
+            .filter(|d| d.replicas == 1)
+            .filter_map(|d| {
+                let c = self.db_ceiling(&d.mode, d.rows)?;
+                Some(format!(
+                    "{} {:.2}",
+                    d.label(),
+                    d.rows_per_second / c.rows_per_second
+                ))
+            })
+            .collect();
+        targets.push(Target {
+            name: "drain vs database ceiling".into(),
+            goal: ">= 0.9 of the database ceiling (same mode, same backlog)".into(),
+            measured: match &worst {
+                Some((label, r)) => format!(
+                    "worst {r:.2} ({label}); met by {} of {}; single replica: {}",
+                    ratios.iter().filter(|(_, r)| *r >= 0.9).count(),
+                    ratios.len(),
+                    single.join(", ")
+                ),
+                None => "not measured".into(),
+            },
+            met: worst.map(|(_, r)| r >= 0.9),
+        });
+        let at = |load: &str| {
+            self.latency
+                .iter()
+                .find(|l| l.doorbell && l.load == load)
+                .cloned()
+        };
+        for (load, goal_ms) in [("1k", 10.0), ("50%", 50.0)] {
+            let found = at(load);
+            let within = |l: &Latency| {
+                if goal_ms <= 10.0 {
+                    l.relay_ack_within_10ms
+                } else {
+                    l.relay_ack_within_50ms
+                }
+            };
+            targets.push(Target {
+                name: format!("p99 commit → ack, {load} load, doorbell on"),
+                goal: format!("p99 <= {goal_ms} ms"),
+                measured: found.as_ref().map_or("not measured".into(), |l| {
+                    format!(
+                        "commit → consumer p99 {2:.1} ms; relay created_at → ack {0} within {goal_ms} ms \
+                         (p99 bucket <= {1} ms); at {3:.0} rows/s (target {4:.0})",
+                        within(l).map_or("–".into(), |f| format!("{:.1}%", f * 100.0)),
+                        l.relay_ack_p99_bucket_ms
+                            .map_or("–".into(), |v| format!("{v}")),
+                        l.p99_ms,
+                        l.achieved_rows_per_second,
+                        l.target_rows_per_second
+                    )
+                }),
+                // Both figures bound commit → ack from above: the consumer reads a record
+                // only after the broker has it, and created_at is taken before the commit.
+                // The target is met when either bound meets it.
+                met: found.map(|l| {
+                    (l.p99_ms <= goal_ms || within(&l).is_some_and(|f| f >= 0.99))
+                        && l.missing_rows == 0
+                        && l.achieved_rows_per_second >= 0.95 * l.target_rows_per_second
+                }),
+            });
+        }
+        let worst_cpu = self
+            .drains
+            .iter()
+            .max_by(|a, b| a.cpu_us_per_row.total_cmp(&b.cpu_us_per_row));
+        targets.push(Target {
+            name: "relay CPU per row".into(),
+            goal: "<= 10 µs/row (utime+stime, all replicas)".into(),
+            measured: worst_cpu.map_or("not measured".into(), |d| {
+                format!(
+                    "worst {:.1} µs/row ({}){}",
+                    d.cpu_us_per_row,
+                    d.label(),
+                    self.drains
+                        .iter()
+                        .find(|d| d.rows == big_rows)
+                        .map(|b| format!("; {}: {:.1} µs/row", b.label(), b.cpu_us_per_row))
+                        .unwrap_or_default()
+                )
+            }),
+            met: worst_cpu.map(|d| d.cpu_us_per_row <= 10.0),
+        });
+        let worst_rss = self.drains.iter().max_by_key(|d| d.peak_rss_bytes);
+        targets.push(Target {
+            name: "relay peak RSS".into(),
+            goal: "<= 64 MiB (VmHWM of one replica)".into(),
+            measured: worst_rss.map_or("not measured".into(), |d| {
+                format!("worst {:.1} MiB ({})", mib(d.peak_rss_bytes), d.label())
+            }),
+            met: worst_rss.map(|d| d.peak_rss_bytes <= 64 * 1024 * 1024),
+        });
+        self.targets = targets;
+    }
+
+    /// The tables, in Markdown.
+    pub fn markdown(&self) -> String {
+        let mut out = String::new();
+        let m = &self.machine;
+        let _ = writeln!(out, "### Machine\n");
+        let _ = writeln!(out, "| | |\n|---|---|");
+        let _ = writeln!(out, "| CPU | {} × {} |", m.nproc, m.cpu_model);
+        let _ = writeln!(out, "| memory | {:.1} GiB |", m.memory_gib);
+        let _ = writeln!(out, "| kernel | {} |", m.kernel);
+        let _ = writeln!(out, "| PostgreSQL | {} |", m.postgres_version);
+        let settings: Vec<String> = m
+            .postgres_settings
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        let _ = writeln!(out, "| PostgreSQL settings | {} |", settings.join(", "));
+        let _ = writeln!(out, "| broker | {} (in-memory storage) |", m.tansu_version);
+        let _ = writeln!(out, "| relay | {} at {} |", m.relay_version, m.git_commit);
+        let _ = writeln!(out, "| command | `{}` |", self.command);
+        let _ = writeln!(
+            out,
+            "| run | {} , {:.0} s{} |",
+            self.started_at,
+            self.wall_seconds,
+            if self.quick { ", quick" } else { "" }
+        );
+
+        if !self.ceilings.is_empty() {
+            let _ = writeln!(out, "\n### Ceilings\n");
+            let _ = writeln!(
+                out,
+                "| ceiling | rows | rows/s | seconds | make-rows s |\n|---|---:|---:|---:|---:|"
+            );
+            for c in &self.ceilings {
+                let name = match c.kind.as_str() {
+                    "database" => format!(
+                        "database, {} (UPDATE/DELETE … RETURNING, 1000 per statement)",
+                        c.mode
+                    ),
+                    _ => "broker (idempotent acks=all lz4 producer, no database)".into(),
+                };
+                let _ = writeln!(
+                    out,
+                    "| {} | {} | {:.0} | {:.2} | {:.1} |",
+                    name,
+                    human_rows(c.rows),
+                    c.rows_per_second,
+                    c.seconds,
+                    c.make_rows_seconds
+                );
+            }
+        }
+
+        if !self.drains.is_empty() || !self.peers.is_empty() {
+            let _ = writeln!(out, "\n### Draining a backlog of 1 KB rows\n");
+            let _ = writeln!(
+                out,
+                "Rows/s from the first retirement until nothing is pending (start-up apart). \
+                 Ratios against the ceilings of the same mode and backlog, and the peer of the same mode.\n"
+            );
+            let _ = writeln!(
+                out,
+                "| who | mode | rows | replicas | rows/s | × DB ceiling | × broker ceiling | × peer | start-up s | total s | CPU µs/row | peak RSS MiB | mean batch ms | records in Kafka |\n\
+                 |---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+            );
+            for d in self.peers.iter().chain(self.drains.iter()) {
+                let db = self
+                    .db_ceiling(&d.mode, d.rows)
+                    .map(|c| format!("{:.2}", d.rows_per_second / c.rows_per_second))
+                    .unwrap_or_else(|| "–".into());
+                let broker = self
+                    .broker_ceiling(d.rows)
+                    .map(|c| format!("{:.2}", d.rows_per_second / c.rows_per_second))
+                    .unwrap_or_else(|| "–".into());
+                let peer = if d.who == "peer" {
+                    "1.00".into()
+                } else {
+                    self.peer(&d.mode)
+                        .map(|p| format!("{:.2}", d.rows_per_second / p.rows_per_second))
+                        .unwrap_or_else(|| "–".into())
+                };
+                let _ = writeln!(
+                    out,
+                    "| {} | {} | {} | {} | {:.0} | {} | {} | {} | {:.2} | {:.1} | {:.1} | {:.1} | {:.1} | {} |",
+                    d.who,
+                    d.mode,
+                    human_rows(d.rows),
+                    d.replicas,
+                    d.rows_per_second,
+                    db,
+                    broker,
+                    peer,
+                    d.startup_seconds,
+                    d.total_seconds,
+                    d.cpu_us_per_row,
+                    mib(d.peak_rss_bytes),
+                    d.mean_batch_ms,
+                    d.records_in_kafka
+                );
+            }
+        }
+
+        let with_statements: Vec<&Drain> = self
+            .peers
+            .iter()
+            .chain(self.drains.iter())
+            .filter(|d| !d.statements.is_empty())
+            .collect();
+        if !with_statements.is_empty() {
+            let _ = writeln!(
+                out,
+                "\n### Where the database time went (pg_stat_statements, top 3 per drain)\n"
+            );
+            let _ = writeln!(
+                out,
+                "| drain | calls | mean ms | total s | statement |\n|---|---:|---:|---:|---|"
+            );
+            for d in with_statements {
+                for st in d.statements.iter().take(3) {
+                    let text: String = st.query.chars().take(90).collect();
+                    let _ = writeln!(
+                        out,
+                        "| {} | {} | {:.2} | {:.1} | `{}…` |",
+                        d.label(),
+                        st.calls,
+                        st.mean_ms,
+                        st.total_ms / 1000.0,
+                        text.replace('|', "\\|")
+                    );
+                }
+            }
+        }
+
+        if !self.latency.is_empty() {
+            let _ = writeln!(
+                out,
+                "\n### End-to-end latency: insert commit → record read by a consumer\n"
+            );
+            let _ = writeln!(
+                out,
+                "Percentiles from commit to the consumer's receipt (hdrhistogram). The last two columns are the relay's own \
+                 created_at → ack histogram over the same window (bucketed: share within 10 ms, upper bound of the p99 bucket).\n\n\
+                 | doorbell | load | rows/tx | target rows/s | achieved rows/s | rows | missing | p50 ms | p99 ms | p99.9 ms | max ms | relay ack ≤ 10 ms | relay ack p99 ≤ ms |\n\
+                 |---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+            );
+            for l in &self.latency {
+                let _ = writeln!(
+                    out,
+                    "| {} | {} | {} | {:.0} | {:.0} | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {} |",
+                    if l.load == "broker only" {
+                        "–"
+                    } else if l.doorbell {
+                        "on"
+                    } else {
+                        "off"
+                    },
+                    l.load,
+                    l.rows_per_transaction,
+                    l.target_rows_per_second,
+                    l.achieved_rows_per_second,
+                    l.measured_rows,
+                    l.missing_rows,
+                    l.p50_ms,
+                    l.p99_ms,
+                    l.p999_ms,
+                    l.max_ms,
+                    l.relay_ack_within_10ms
+                        .map_or("–".into(), |f| format!("{:.1}%", f * 100.0)),
+                    l.relay_ack_p99_bucket_ms
+                        .map_or("–".into(), |v| format!("{v}"))
+                );
+            }
+        }
+
+        if !self.notify.is_empty() {
+            let _ = writeln!(
+                out,
+                "\n### Cost of the NOTIFY trigger on the application's inserts\n"
+            );
+            let _ = writeln!(
+                out,
+                "Single-row INSERT transactions, autocommit, no relay running.\n\n\
+                 | connections | seconds | commits/s trigger off | commits/s trigger on | change |\n\
+                 |---:|---:|---:|---:|---:|"
+            );
+            for n in &self.notify {
+                let _ = writeln!(
+                    out,
+                    "| {} | {:.0} | {:.0} | {:.0} | {:+.1}% |",
+                    n.connections,
+                    n.seconds,
+                    n.commits_per_second_trigger_off,
+                    n.commits_per_second_trigger_on,
+                    n.change * 100.0
+                );
+            }
+        }
+
+        if !self.targets.is_empty() {
+            let _ = writeln!(out, "\n### Targets\n");
+            let _ = writeln!(out, "| target | goal | measured | |\n|---|---|---|---|");
+            for t in &self.targets {
+                let _ = writeln!(
+                    out,
+                    "| {} | {} | {} | {} |",
+                    t.name,
+                    t.goal,
+                    t.measured,
+                    match t.met {
+                        Some(true) => "met",
+                        Some(false) => "**missed**",
+                        None => "not measured",
+                    }
+                );
+            }
+        }
+        if !self.notes.is_empty() {
+            let _ = writeln!(out, "\n### Notes\n");
+            for n in &self.notes {
+                let _ = writeln!(out, "- {n}");
+            }
+        }
+        out
+    }
+}
+
+pub fn mib(bytes: u64) -> f64 {
+    bytes as f64 / 1024.0 / 1024.0
+}
