@@ -45,7 +45,9 @@ chmod 755 "$WORK"
 PG_PID=""
 cleanup() {
     if [ -n "$PG_PID" ]; then
-        kill "$PG_PID" 2>/dev/null || true
+        # pg_ctl -w returns once the server is down, so nothing writes into $WORK after it.
+        "${AS_PG[@]}" "$PG_BIN/pg_ctl" -D "$WORK/pg" -m fast -w stop >/dev/null 2>&1 \
+            || kill "$PG_PID" 2>/dev/null || true
         wait "$PG_PID" 2>/dev/null || true
     fi
     rm -rf "$WORK"

@@ -55,6 +55,17 @@ pub struct Latency {
     pub relay_ack_within_10ms: Option<f64>,
     pub relay_ack_within_50ms: Option<f64>,
     pub relay_ack_p99_bucket_ms: Option<f64>,
+    /// The relay's batches over the measured window (outbox_relay_batch_size_rows and
+    /// outbox_relay_batch_duration_seconds): how many, their mean size and duration.
+    #[serde(default)]
+    pub relay_batches: Option<f64>,
+    #[serde(default)]
+    pub relay_mean_batch_rows: Option<f64>,
+    #[serde(default)]
+    pub relay_mean_batch_ms: Option<f64>,
+    /// The database statements that took the most time during the run.
+    #[serde(default)]
+    pub statements: Vec<crate::infra::Statement>,
 }
 
 const RELAY_LATENCY: &str = "outbox_relay_end_to_end_latency_seconds";
@@ -200,6 +211,7 @@ pub async fn measure(
     broker.create_topic().await?;
     let mut relay = launcher.spawn(&db.url, &broker.bootstrap, "mark", "bench-latency", &[])?;
     wait_ready(&mut relay).await?;
+    db.statements_reset().await;
 
     let warmup_rows = (rate * plan.warmup.as_secs_f64()).round() as u64;
     let total = warmup_rows + (rate * plan.measure.as_secs_f64()).round() as u64;
@@ -281,6 +293,7 @@ pub async fn measure(
         .map_err(|_| anyhow::anyhow!("consumer panicked"))??;
     let before = opening.await?.unwrap_or_default();
     let after = relay.metrics().await.unwrap_or_default();
+    let statements = db.top_statements(5).await;
     let _ = relay.stop().await;
     broker.stop().await;
 
@@ -304,6 +317,17 @@ pub async fn measure(
         result.relay_ack_within_10ms = Some(ten);
         result.relay_ack_within_50ms = Some(fifty);
         result.relay_ack_p99_bucket_ms = Some(p99);
+    }
+    result.statements = statements;
+    let delta = |name: &str| {
+        RelayProcess::metric_sum(&after, name) - RelayProcess::metric_sum(&before, name)
+    };
+    let batches = delta("outbox_relay_batch_size_rows_count");
+    if !before.is_empty() && !after.is_empty() && batches > 0.0 {
+        result.relay_batches = Some(batches);
+        result.relay_mean_batch_rows = Some(delta("outbox_relay_batch_size_rows_sum") / batches);
+        result.relay_mean_batch_ms =
+            Some(delta("outbox_relay_batch_duration_seconds_sum") * 1000.0 / batches);
     }
     Ok(result)
 }
@@ -363,6 +387,10 @@ fn summarize(
         relay_ack_within_10ms: None,
         relay_ack_within_50ms: None,
         relay_ack_p99_bucket_ms: None,
+        relay_batches: None,
+        relay_mean_batch_rows: None,
+        relay_mean_batch_ms: None,
+        statements: Vec::new(),
     })
 }
 

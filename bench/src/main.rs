@@ -505,6 +505,15 @@ async fn main() -> Result<()> {
                         l.achieved_rows_per_second, l.p50_ms, l.p99_ms, l.p999_ms, l.missing_rows
                     ),
                 );
+                for st in l.statements.iter().take(3) {
+                    eprintln!(
+                        "      {:>7} calls  mean {:>8.2} ms  total {:>9.0} ms  {}",
+                        st.calls,
+                        st.mean_ms,
+                        st.total_ms,
+                        st.query.chars().take(110).collect::<String>()
+                    );
+                }
                 report.latency.push(l);
                 finish(&mut report)?;
             }

@@ -404,13 +404,13 @@ impl Report {
                 out,
                 "Percentiles from commit to the consumer's receipt (hdrhistogram). The last two columns are the relay's own \
                  created_at → ack histogram over the same window (bucketed: share within 10 ms, upper bound of the p99 bucket).\n\n\
-                 | doorbell | load | rows/tx | target rows/s | achieved rows/s | rows | missing | p50 ms | p99 ms | p99.9 ms | max ms | relay ack ≤ 10 ms | relay ack p99 ≤ ms |\n\
-                 |---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+                 | doorbell | load | rows/tx | target rows/s | achieved rows/s | rows | missing | p50 ms | p99 ms | p99.9 ms | max ms | relay ack ≤ 10 ms | relay ack p99 ≤ ms | relay batches: rows, ms |\n\
+                 |---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
             );
             for l in &self.latency {
                 let _ = writeln!(
                     out,
-                    "| {} | {} | {} | {:.0} | {:.0} | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {} |",
+                    "| {} | {} | {} | {:.0} | {:.0} | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {} | {} |",
                     if l.load == "broker only" {
                         "–"
                     } else if l.doorbell {
@@ -431,7 +431,11 @@ impl Report {
                     l.relay_ack_within_10ms
                         .map_or("–".into(), |f| format!("{:.1}%", f * 100.0)),
                     l.relay_ack_p99_bucket_ms
-                        .map_or("–".into(), |v| format!("{v}"))
+                        .map_or("–".into(), |v| format!("{v}")),
+                    match (l.relay_mean_batch_rows, l.relay_mean_batch_ms) {
+                        (Some(rows), Some(ms)) => format!("{rows:.0}, {ms:.1}"),
+                        _ => "–".into(),
+                    }
                 );
             }
         }
