@@ -22,9 +22,9 @@ use crate::store::{Ack, OutboxRow, Parking, Store, StoreError};
 use crate::telemetry::{self, BatchReport, Health};
 use crate::topics::TopicLimits;
 
-/// How long to wait before retrying a send that librdkafka refused with a full queue.
 /// Kafka's record batch header, which a lone record is wrapped in.
 const RECORD_BATCH_OVERHEAD_BYTES: usize = 61;
+/// How long to wait before retrying a send that librdkafka refused with a full queue.
 const QUEUE_FULL_WAIT: Duration = Duration::from_millis(5);
 /// While waiting for acks, how often to re-check (fatal errors, stall, drain deadline).
 const STALLED_RECHECK: Duration = Duration::from_secs(1);
@@ -485,10 +485,9 @@ impl Relay {
         self.health.set_in_flight(outstanding);
 
         while outstanding > 0 && !batch.fatal {
-            // Waiting for acks wakes at least every STALLED_RECHECK: alive, not wedged.
+            // Wake at least every STALLED_RECHECK: to check for a fatal error, and so the
+            // watchdog sees a loop that waits for acks, not one that is wedged.
             self.health.loop_progress();
-            // Wake at least every STALLED_RECHECK: to check for a fatal error and so the
-            // watchdog sees a loop that waits, not one that is wedged.
             let mut wake_at = if self.health.stalled() {
                 Instant::now() + STALLED_RECHECK
             } else {
