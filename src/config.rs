@@ -128,6 +128,9 @@ pub struct RelaySettings {
     pub mode: Mode,
     /// Rows read, produced and marked together.
     pub batch_size: u32,
+    /// While a backlog drains, mark a fully acknowledged batch in the background and read
+    /// the next batch while the current one waits for its acks.
+    pub pipeline: bool,
     /// How long an idle relay waits before polling again (a doorbell wakes it sooner).
     #[serde(with = "humantime_serde")]
     pub poll_interval: Duration,
@@ -218,6 +221,7 @@ impl Default for RelaySettings {
         Self {
             mode: Mode::Mark,
             batch_size: 1000,
+            pipeline: true,
             poll_interval: Duration::from_millis(500),
             topic_template: "outbox.event.{aggregate_type}".into(),
             max_message_bytes: 1_000_000,

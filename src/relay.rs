@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use tokio::sync::{Notify, mpsc};
+use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep, sleep_until};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, warn};
@@ -37,13 +38,15 @@ pub enum RelayError {
     Producer(#[source] rdkafka::error::KafkaError),
     #[error("relay.topic_template: {0}")]
     Template(#[from] crate::encode::TemplateError),
+    #[error("the background mark of a batch stopped unexpectedly: {0}")]
+    WriteTask(#[source] tokio::task::JoinError),
 }
 
 impl RelayError {
     pub fn is_retriable(&self) -> bool {
         match self {
             RelayError::Store(e) => e.is_retriable(),
-            RelayError::Producer(_) | RelayError::Template(_) => false,
+            RelayError::Producer(_) | RelayError::Template(_) | RelayError::WriteTask(_) => false,
         }
     }
 }
@@ -55,9 +58,6 @@ pub enum Tick {
     Idle,
     /// A batch was read and processed.
     Batch {
-        read: usize,
-        marked: u64,
-        parked: u64,
         /// The batch was full: more rows are probably waiting.
         full: bool,
         /// A permanent global error (unknown topic, authorization) held rows back.
@@ -157,6 +157,7 @@ impl Backoff {
 /// One replica's relay loop.
 pub struct Relay {
     store: Store,
+    writer: Writer,
     settings: RelaySettings,
     producer_properties: Vec<(String, String)>,
     producer: RowProducer,
@@ -168,6 +169,33 @@ pub struct Relay {
     wake: Arc<Notify>,
     ownership: Arc<Ownership>,
     replica_id: String,
+    /// The previous batch's mark, running while this batch is read and produced.
+    pending_write: Option<PendingWrite>,
+    /// The next batch, read while this one waited for its acks.
+    prefetched: Option<Prefetch>,
+}
+
+/// A batch whose every row was acknowledged, marked in the background.
+struct PendingWrite {
+    /// Its rows are still pending in the database until the mark commits: reads skip them.
+    ids: Vec<i64>,
+    settled: Settled,
+    task: JoinHandle<Result<(u64, u64), RelayError>>,
+}
+
+/// Rows read ahead, and the shards they were read for: they are used only while this
+/// replica still owns exactly those shards.
+struct Prefetch {
+    rows: Vec<OutboxRow>,
+    shard_filter: Option<Vec<i16>>,
+}
+
+/// What a batch reports once its write is done.
+struct Settled {
+    read: usize,
+    published_by_topic: HashMap<String, u64>,
+    latencies: Vec<Duration>,
+    started: Instant,
 }
 
 impl Relay {
@@ -184,8 +212,17 @@ impl Relay {
             .map_err(RelayError::Producer)?;
         let template = TopicTemplate::parse(&settings.relay.topic_template)?;
         health.set_producer_ok(true);
+        let writer = Writer {
+            store: store.clone(),
+            replica_id: settings.replica_id(),
+            mode: settings.relay.mode,
+            drain_timeout: settings.relay.drain_timeout,
+            health: health.clone(),
+            ownership: ownership.clone(),
+        };
         Ok(Self {
             store,
+            writer,
             settings: settings.relay.clone(),
             topic_limits: TopicLimits::new(&producer_properties),
             producer_properties,
@@ -197,6 +234,8 @@ impl Relay {
             wake,
             ownership,
             replica_id: settings.replica_id(),
+            pending_write: None,
+            prefetched: None,
         })
     }
 
@@ -239,46 +278,69 @@ impl Relay {
                         _ = cancel.cancelled() => {}
                     }
                 }
-                Err(err) => return Err(err),
+                Err(err) => {
+                    if let Err(write_err) = self.settle().await {
+                        warn!(error = %write_err, "the last batch's mark failed too; its rows stay pending and are sent again");
+                    }
+                    return Err(err);
+                }
             }
+        }
+        if let Err(err) = self.settle().await {
+            if !err.is_retriable() {
+                return Err(err);
+            }
+            warn!(error = %err, "the last batch could not be marked before exiting; its rows stay pending and are sent again");
         }
         info!("relay stopped");
         Ok(())
     }
 
-    /// Reads, publishes and marks one batch. Tests call it to drain deterministically.
-    pub async fn tick(&mut self, cancel: &CancellationToken) -> Result<Tick, RelayError> {
+    /// Reads, publishes and marks (or starts marking) one batch.
+    async fn tick(&mut self, cancel: &CancellationToken) -> Result<Tick, RelayError> {
         let started = Instant::now();
-        // Between batches nothing is in flight: the safe moment to hand shards over.
         let releases = self.ownership.take_releases();
         if !releases.is_empty() {
-            match self.store.release_leases(&self.replica_id, &releases).await {
+            // Marks are fenced by the lease: finish ours before handing a shard over, so
+            // nothing is in flight and nothing read ahead belongs to the other replica.
+            self.prefetched = None;
+            let released = match self.settle().await {
+                Ok(()) => self.store.release_leases(&self.replica_id, &releases).await,
+                Err(err) => Err(match err {
+                    RelayError::Store(err) => err,
+                    other => return Err(other),
+                }),
+            };
+            match released {
                 Ok(released) => info!(shards = released, "released shards to other replicas"),
                 Err(err) => {
                     // Keep renewing them until a release goes through.
                     self.ownership
                         .restore_releases(&releases, Instant::now() + self.settings.lease_ttl / 2);
-                    self.database_failed(&err);
+                    database_failed(&self.health, &err);
                     return Err(err.into());
                 }
             }
         }
         let snapshot = self.ownership.snapshot();
         if snapshot.is_empty() {
+            self.prefetched = None;
+            self.settle().await?;
             return Ok(Tick::Idle);
         }
         let filter = snapshot.shard_filter();
-        let rows = self
-            .store
-            .read_pending(
-                self.settings.batch_size,
-                self.settings.on_park,
-                filter.as_deref(),
-            )
-            .await
-            .inspect_err(|e| self.database_failed(e))?;
+        let rows = match self.prefetched.take() {
+            Some(ahead) if ahead.shard_filter == filter => ahead.rows,
+            _ => {
+                let skip = self.pending_ids();
+                self.read(filter.as_deref(), &skip)
+                    .await
+                    .inspect_err(|e| database_failed(&self.health, e))?
+            }
+        };
         self.health.set_database_ok(true);
         if rows.is_empty() {
+            self.settle().await?;
             return Ok(Tick::Idle);
         }
         if cancel.is_cancelled() {
@@ -290,15 +352,40 @@ impl Relay {
             first_id = rows[0].id,
             last_id = rows[rows.len() - 1].id
         );
-        self.process_batch(rows, &snapshot, started, cancel)
+        self.process_batch(rows, &snapshot, filter, started, cancel)
             .instrument(span)
             .await
+    }
+
+    fn read(
+        &self,
+        shard_filter: Option<&[i16]>,
+        skip: &[i64],
+    ) -> impl Future<Output = Result<Vec<OutboxRow>, StoreError>> + Send + 'static {
+        let store = self.store.clone();
+        let (limit, policy) = (self.settings.batch_size, self.settings.on_park);
+        let shard_filter = shard_filter.map(<[i16]>::to_vec);
+        let skip = skip.to_vec();
+        async move {
+            store
+                .read_pending(limit, policy, shard_filter.as_deref(), &skip)
+                .await
+        }
+    }
+
+    /// Ids of the batch whose mark is still running: pending in the database, but sent.
+    fn pending_ids(&self) -> Vec<i64> {
+        self.pending_write
+            .as_ref()
+            .map(|p| p.ids.clone())
+            .unwrap_or_default()
     }
 
     async fn process_batch(
         &mut self,
         rows: Vec<OutboxRow>,
         snapshot: &Snapshot,
+        shard_filter: Option<Vec<i16>>,
         started: Instant,
         cancel: &CancellationToken,
     ) -> Result<Tick, RelayError> {
@@ -306,22 +393,48 @@ impl Relay {
         let hold = self.settings.on_park == ParkPolicy::Hold;
         let mut batch = Batch::new(rows.len());
         self.produce_batch(&rows, snapshot, &mut batch).await;
-        self.collect_acks(&rows, &mut batch, cancel).await;
+
+        // A full batch means a backlog: read the next batch while this one's acks arrive.
+        // It skips this batch and the one being marked, exactly, by id.
+        let read_ahead = self.settings.pipeline && full && !cancel.is_cancelled();
+        let ahead = if read_ahead {
+            let mut skip = self.pending_ids();
+            skip.extend(rows.iter().map(|r| r.id));
+            let read = self.read(shard_filter.as_deref(), &skip);
+            let ((), ahead) = tokio::join!(self.collect_acks(&rows, &mut batch, cancel), read);
+            ahead
+                .inspect_err(|e| debug!(error = %e, "reading ahead failed; reading again"))
+                .ok()
+        } else {
+            self.collect_acks(&rows, &mut batch, cancel).await;
+            None
+        };
 
         // Decide what may be marked: an acked row whose earlier rows of the same aggregate
         // in this batch were all acked (or parked under `skip`).
         let mut broken: HashSet<&str> = HashSet::new();
         let mut acks: Vec<Ack> = Vec::with_capacity(rows.len());
-        let mut published_by_topic: HashMap<String, u64> = HashMap::new();
-        let mut latencies = Vec::with_capacity(rows.len());
+        let mut settled = Settled {
+            read: rows.len(),
+            published_by_topic: HashMap::new(),
+            latencies: Vec::with_capacity(rows.len()),
+            started,
+        };
         let now = Utc::now();
         for (i, row) in rows.iter().enumerate() {
             match batch.outcomes[i] {
                 Outcome::Acked { partition, offset } => {
                     if let Some(topic) = &batch.topics[i] {
-                        *published_by_topic.entry(topic.clone()).or_default() += 1;
+                        match settled.published_by_topic.get_mut(topic) {
+                            Some(n) => *n += 1,
+                            None => {
+                                settled.published_by_topic.insert(topic.clone(), 1);
+                            }
+                        }
                     }
-                    latencies.push((now - row.created_at).to_std().unwrap_or_default());
+                    settled
+                        .latencies
+                        .push((now - row.created_at).to_std().unwrap_or_default());
                     if !broken.contains(row.aggregate_id.as_str()) {
                         acks.push(Ack {
                             id: row.id,
@@ -339,41 +452,67 @@ impl Relay {
             }
         }
 
-        let (parked, marked) = self.write_results(&batch.parkings, &acks, cancel).await?;
-
+        // Marks go in batch order: the previous batch's first.
+        self.settle().await?;
         telemetry::publish_errors(&batch.error_kinds);
-        telemetry::batch_finished(&BatchReport {
-            read: rows.len(),
-            published_by_topic: &published_by_topic,
-            marked,
-            mode: match self.settings.mode {
-                Mode::Mark => "mark",
-                Mode::Delete => "delete",
-            },
-            latencies: &latencies,
-            duration: started.elapsed(),
-        });
-        self.health.batch_done();
-        debug!(read = rows.len(), marked, parked, "batch done");
+        // Every row acknowledged: nothing of this batch can be sent again before the rows
+        // read after it, so its mark may run while the next batch is produced. Any failure
+        // or parking ends the pipeline, and the rows read ahead (which may hold later rows
+        // of a broken aggregate) are dropped.
+        let clean = acks.len() == rows.len() && !batch.fatal && batch.blocked.is_none();
+        let any_acked = !acks.is_empty();
+        if read_ahead && clean && !cancel.is_cancelled() {
+            let ids = acks.iter().map(|a| a.id).collect();
+            let (writer, cancel) = (self.writer.clone(), cancel.clone());
+            let task = tokio::spawn(async move { writer.write(&[], &acks, &cancel).await });
+            self.pending_write = Some(PendingWrite { ids, settled, task });
+            self.prefetched = ahead.map(|rows| Prefetch { rows, shard_filter });
+        } else {
+            let (parked, marked) = self.writer.write(&batch.parkings, &acks, cancel).await?;
+            self.report(settled, parked, marked);
+        }
 
         match &batch.blocked {
             Some(reason) => {
                 error!(%reason, "publishing blocked by a permanent broker error; create the topic or fix the grants, the relay retries slowly");
                 self.health.set_blocked(true);
             }
-            None if !acks.is_empty() => self.health.set_blocked(false),
+            None if any_acked => self.health.set_blocked(false),
             None => {}
         }
         if batch.fatal {
             self.rebuild_producer().await?;
         }
         Ok(Tick::Batch {
-            read: rows.len(),
-            marked,
-            parked,
             full,
             blocked: batch.blocked.is_some(),
         })
+    }
+
+    /// Waits for the background mark, if any, and reports its batch.
+    async fn settle(&mut self) -> Result<(), RelayError> {
+        let Some(pending) = self.pending_write.take() else {
+            return Ok(());
+        };
+        let (parked, marked) = pending.task.await.map_err(RelayError::WriteTask)??;
+        self.report(pending.settled, parked, marked);
+        Ok(())
+    }
+
+    fn report(&self, settled: Settled, parked: u64, marked: u64) {
+        telemetry::batch_finished(&BatchReport {
+            read: settled.read,
+            published_by_topic: &settled.published_by_topic,
+            marked,
+            mode: match self.settings.mode {
+                Mode::Mark => "mark",
+                Mode::Delete => "delete",
+            },
+            latencies: &settled.latencies,
+            duration: settled.started.elapsed(),
+        });
+        self.health.batch_done();
+        debug!(read = settled.read, marked, parked, "batch done");
     }
 
     /// Encodes and hands the rows to the producer in id order. A row that cannot be
@@ -550,23 +689,58 @@ impl Relay {
         self.health.set_in_flight(0);
     }
 
+    async fn rebuild_producer(&mut self) -> Result<(), RelayError> {
+        self.health.set_producer_ok(false);
+        let generation = self.producer.generation() + 1;
+        let replacement = RowProducer::build(
+            &self.producer_properties,
+            generation,
+            self.events_tx.clone(),
+        )
+        .map_err(RelayError::Producer)?;
+        let old = std::mem::replace(&mut self.producer, replacement);
+        // Dropping purges and briefly flushes: keep that off the async threads.
+        let _ = tokio::task::spawn_blocking(move || drop(old)).await;
+        self.health.producer_rebuilt();
+        self.health.set_producer_ok(true);
+        warn!(
+            generation,
+            "producer rebuilt; unmarked rows will be sent again"
+        );
+        Ok(())
+    }
+}
+
+/// Parks and marks (or deletes) batches. Cloned into the background task that marks a
+/// pipelined batch.
+#[derive(Clone)]
+struct Writer {
+    store: Store,
+    replica_id: String,
+    mode: Mode,
+    drain_timeout: Duration,
+    health: Arc<Health>,
+    ownership: Arc<Ownership>,
+}
+
+impl Writer {
     /// Parks and marks (or deletes) one batch, retrying while the database is away. If
     /// shutdown interrupts the retries, the acked rows stay pending and are sent again.
-    async fn write_results(
-        &mut self,
+    async fn write(
+        &self,
         parkings: &[Parking],
         acks: &[Ack],
         cancel: &CancellationToken,
     ) -> Result<(u64, u64), RelayError> {
         let mut backoff = Backoff::new(Duration::from_secs(5));
         let mut parked = None;
-        let give_up_at = Instant::now() + self.settings.drain_timeout;
+        let give_up_at = Instant::now() + self.drain_timeout;
         loop {
             let result = async {
                 if parked.is_none() {
                     parked = Some(self.store.park(parkings).await?);
                 }
-                match self.settings.mode {
+                match self.mode {
                     Mode::Mark => self.store.mark_sent(&self.replica_id, acks).await,
                     Mode::Delete => self.store.delete_sent(&self.replica_id, acks).await,
                 }
@@ -594,7 +768,7 @@ impl Relay {
                     return Ok((parked, marked));
                 }
                 Err(err) if err.is_retriable() => {
-                    self.database_failed(&err);
+                    database_failed(&self.health, &err);
                     if cancel.is_cancelled() && Instant::now() >= give_up_at {
                         return Err(err.into());
                     }
@@ -604,7 +778,7 @@ impl Relay {
                     self.health.loop_progress();
                 }
                 Err(err) => {
-                    self.database_failed(&err);
+                    database_failed(&self.health, &err);
                     return Err(err.into());
                 }
             }
@@ -630,36 +804,15 @@ impl Relay {
                     self.ownership.forget(&lost);
                 }
             }
-            Err(err) => self.database_failed(&err),
+            Err(err) => database_failed(&self.health, &err),
         }
     }
+}
 
-    async fn rebuild_producer(&mut self) -> Result<(), RelayError> {
-        self.health.set_producer_ok(false);
-        let generation = self.producer.generation() + 1;
-        let replacement = RowProducer::build(
-            &self.producer_properties,
-            generation,
-            self.events_tx.clone(),
-        )
-        .map_err(RelayError::Producer)?;
-        let old = std::mem::replace(&mut self.producer, replacement);
-        // Dropping purges and briefly flushes: keep that off the async threads.
-        let _ = tokio::task::spawn_blocking(move || drop(old)).await;
-        self.health.producer_rebuilt();
-        self.health.set_producer_ok(true);
-        warn!(
-            generation,
-            "producer rebuilt; unmarked rows will be sent again"
-        );
-        Ok(())
-    }
-
-    fn database_failed(&self, err: &StoreError) {
-        telemetry::database_error(err.kind());
-        if err.is_retriable() {
-            self.health.set_database_ok(false);
-        }
+fn database_failed(health: &Health, err: &StoreError) {
+    telemetry::database_error(err.kind());
+    if err.is_retriable() {
+        health.set_database_ok(false);
     }
 }
 

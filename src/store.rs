@@ -338,13 +338,15 @@ impl Store {
         s.finish(result).await
     }
 
-    /// The next pending rows in id order. A row whose aggregate has an earlier parked row
-    /// waits behind it unless the policy is `skip`.
+    /// The next pending rows in id order, leaving out `skip` (rows already sent whose mark
+    /// has not committed yet). A row whose aggregate has an earlier parked row waits behind
+    /// it unless the policy is `skip`.
     pub async fn read_pending(
         &self,
         limit: u32,
         policy: ParkPolicy,
         shards: Option<&[i16]>,
+        skip: &[i64],
     ) -> Result<Vec<OutboxRow>, StoreError> {
         let mut s = self.session().await?;
         let result: Result<_, StoreError> = async {
@@ -359,6 +361,7 @@ impl Store {
                  FROM outbox o \
                  WHERE o.sent_at IS NULL AND o.parked_at IS NULL \
                    AND ($3::smallint[] IS NULL OR o.shard = ANY($3)) \
+                   AND o.id <> ALL($4::bigint[]) \
                    AND ($2 OR NOT EXISTS ( \
                          SELECT 1 FROM outbox p \
                          WHERE p.parked_at IS NOT NULL AND p.discarded_at IS NULL \
@@ -370,6 +373,7 @@ impl Store {
                 .bind(i64::from(limit))
                 .bind(policy == ParkPolicy::Skip)
                 .bind(shards)
+                .bind(skip)
                 .fetch_all(s.conn())
                 .await?;
             rows.iter()

@@ -326,8 +326,8 @@ async fn killed_20_times_mid_stream_loses_nothing_and_duplicates_stay_within_a_b
     let duplicates = assert_contract(&db.rows().await, &records);
     println!("{duplicates} duplicates after {kills} kills");
     assert!(
-        duplicates <= kills * 500,
-        "{duplicates} duplicates from {kills} kills with batches of 500"
+        duplicates <= kills * 2 * 500,
+        "{duplicates} duplicates from {kills} kills with batches of 500 (at most two per kill: one being marked, one in flight)"
     );
 }
 

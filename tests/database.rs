@@ -300,3 +300,38 @@ async fn rows_flow_past_a_long_open_transaction() {
     let records = consume(&bootstrap, &topic, 5001);
     assert_eq!(assert_contract(&db.rows().await, &records), 0);
 }
+
+/// Reading ahead skips exactly the rows whose mark is in flight, by id, never everything
+/// below the highest of them: the rows between and after them are read, in id order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_ahead_skips_exactly_the_rows_in_flight() {
+    use outbox_relay::config::ParkPolicy;
+    use outbox_relay::store::Store;
+
+    let db = TestDb::new().await;
+    let ids = db.insert(&stream("ahead", 4, 12)).await;
+    let store = Store::new(db.pool.clone());
+    let in_flight: Vec<i64> = vec![ids[2], ids[3], ids[7]];
+
+    let read = store
+        .read_pending(100, ParkPolicy::Hold, None, &in_flight)
+        .await
+        .unwrap();
+    let read_ids: Vec<i64> = read.iter().map(|r| r.id).collect();
+    let expected: Vec<i64> = ids
+        .iter()
+        .copied()
+        .filter(|id| !in_flight.contains(id))
+        .collect();
+    assert_eq!(
+        read_ids, expected,
+        "in id order, without the rows in flight"
+    );
+
+    let limited = store
+        .read_pending(3, ParkPolicy::Hold, None, &in_flight)
+        .await
+        .unwrap();
+    let limited_ids: Vec<i64> = limited.iter().map(|r| r.id).collect();
+    assert_eq!(limited_ids, vec![ids[0], ids[1], ids[4]]);
+}
