@@ -90,7 +90,6 @@ done
 log "running the benchmark"
 BENCH_COMMAND="bench/run.sh $*" target/release/outbox-relay-bench \
     --database-url "postgres://postgres@127.0.0.1:$PG_PORT/postgres" \
-    --relay-bin target/release/outbox-relay \
     --tansu-bin "$TANSU_BIN" \
     --python "$VENV/bin/python" \
     --peer-script bench/peer.py \

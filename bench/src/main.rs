@@ -40,15 +40,22 @@ enum Step {
 #[derive(Debug, Parser)]
 #[command(
     version,
-    about = "Benchmarks outbox-relay; run it through bench/run.sh"
+    about = "Benchmarks outbox-relay; run it through bench/run.sh",
+    // bench/run.sh passes its defaults first; an option given to it again wins.
+    args_override_self = true
 )]
 struct Cli {
     /// A PostgreSQL URL with the right to create databases; the bench uses its own
     /// database `outbox_bench` beside it.
     #[arg(long, env = "BENCH_DATABASE_URL", required_unless_present = "replot")]
     database_url: Option<String>,
-    /// The relay binary (target/release/outbox-relay).
-    #[arg(long, default_value = "target/release/outbox-relay")]
+    /// The relay binary (target/release/outbox-relay), or a wrapper that runs it (e.g.
+    /// under `perf record`).
+    #[arg(
+        long,
+        env = "BENCH_RELAY_BIN",
+        default_value = "target/release/outbox-relay"
+    )]
     relay_bin: PathBuf,
     /// tansu, started afresh (in-memory storage) for every measurement.
     #[arg(long, env = "TANSU_BIN", conflicts_with = "bootstrap")]
