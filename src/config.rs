@@ -128,8 +128,8 @@ pub struct RelaySettings {
     pub mode: Mode,
     /// Rows read, produced and marked together.
     pub batch_size: u32,
-    /// While a backlog drains, mark a fully acknowledged batch in the background and read
-    /// the next batch while the current one waits for its acks.
+    /// While a backlog drains, read the next batch while this one's acks arrive, and mark a
+    /// fully acknowledged batch in the background while the next one is produced.
     pub pipeline: bool,
     /// How long an idle relay waits before polling again (a doorbell wakes it sooner).
     #[serde(with = "humantime_serde")]

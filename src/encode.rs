@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::Arc;
 
 use crate::store::OutboxRow;
 
@@ -144,22 +145,48 @@ impl fmt::Display for ParkReason {
     }
 }
 
-/// Everything needed to produce one row.
+/// Everything needed to produce one row, borrowed from the row: encoding copies nothing
+/// but the event id's text and the row's own headers.
 #[derive(Debug, Clone)]
-pub struct EncodedRecord {
-    pub topic: String,
-    pub key: String,
-    pub value: Option<Vec<u8>>,
-    pub headers: Vec<(String, String)>,
+pub struct EncodedRecord<'a> {
+    pub topic: Arc<str>,
+    pub key: &'a str,
+    pub value: Option<&'a [u8]>,
+    event_id: [u8; uuid::fmt::Hyphenated::LENGTH],
+    event_type: &'a str,
+    aggregate_type: &'a str,
+    /// The row's `headers` object, after the relay's own.
+    extra_headers: Vec<(String, String)>,
     /// The record's uncompressed size as the broker counts it, framing included.
     pub bytes: usize,
 }
 
-/// Encodes rows for one relay; caches rendered topics per (aggregate type, event type).
+impl EncodedRecord<'_> {
+    /// Header names and values in the order they are written: the relay's three, then the
+    /// row's own.
+    pub fn headers(&self) -> impl Iterator<Item = (&str, &str)> {
+        // The buffer holds a hyphenated UUID: ASCII only.
+        let event_id = std::str::from_utf8(&self.event_id).unwrap_or_default();
+        [
+            (HEADER_EVENT_ID, event_id),
+            (HEADER_EVENT_TYPE, self.event_type),
+            (HEADER_AGGREGATE_TYPE, self.aggregate_type),
+        ]
+        .into_iter()
+        .chain(
+            self.extra_headers
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str())),
+        )
+    }
+}
+
+/// Encodes rows for one relay; caches rendered topics per aggregate type and event type.
 pub struct Encoder {
     template: TopicTemplate,
     max_message_bytes: usize,
-    topic_cache: HashMap<(String, String), Result<String, ParkReason>>,
+    topic_cache: HashMap<String, HashMap<String, Result<Arc<str>, ParkReason>>>,
+    cached_topics: usize,
 }
 
 impl Encoder {
@@ -168,71 +195,79 @@ impl Encoder {
             template,
             max_message_bytes,
             topic_cache: HashMap::new(),
+            cached_topics: 0,
         }
     }
 
-    pub fn encode(&mut self, row: &OutboxRow) -> Result<EncodedRecord, ParkReason> {
+    pub fn encode<'a>(&mut self, row: &'a OutboxRow) -> Result<EncodedRecord<'a>, ParkReason> {
         let topic = match &row.topic {
             Some(topic) => {
                 validate_topic(topic)?;
-                topic.clone()
+                Arc::from(topic.as_str())
             }
             None => self.template_topic(&row.aggregate_type, &row.event_type)?,
         };
         let value = match (&row.payload_json, &row.payload_bytes) {
-            (Some(json), _) => Some(json.as_bytes().to_vec()),
-            (None, Some(bytes)) => Some(bytes.clone()),
+            (Some(json), _) => Some(json.as_bytes()),
+            (None, Some(bytes)) => Some(bytes.as_slice()),
             (None, None) => None,
         };
-        let mut headers = vec![
-            (HEADER_EVENT_ID.to_string(), row.event_id.to_string()),
-            (HEADER_EVENT_TYPE.to_string(), row.event_type.clone()),
-            (
-                HEADER_AGGREGATE_TYPE.to_string(),
-                row.aggregate_type.clone(),
-            ),
-        ];
+        let mut event_id = [0u8; uuid::fmt::Hyphenated::LENGTH];
+        row.event_id.hyphenated().encode_lower(&mut event_id);
+        let mut extra_headers = Vec::new();
         if let Some(raw) = &row.headers_json {
-            append_row_headers(raw, &mut headers)?;
+            append_row_headers(raw, &mut extra_headers)?;
         }
-        let bytes = RECORD_OVERHEAD_BYTES
+        let mut record = EncodedRecord {
+            topic,
+            key: &row.aggregate_id,
+            value,
+            event_id,
+            event_type: &row.event_type,
+            aggregate_type: &row.aggregate_type,
+            extra_headers,
+            bytes: 0,
+        };
+        record.bytes = RECORD_OVERHEAD_BYTES
             + row.aggregate_id.len()
-            + value.as_ref().map_or(0, Vec::len)
-            + headers
-                .iter()
+            + value.map_or(0, <[u8]>::len)
+            + record
+                .headers()
                 .map(|(k, v)| k.len() + v.len() + 8)
                 .sum::<usize>();
-        if bytes > self.max_message_bytes {
+        if record.bytes > self.max_message_bytes {
             return Err(ParkReason::TooLarge {
-                bytes,
+                bytes: record.bytes,
                 limit: self.max_message_bytes,
                 limit_name: "relay.max_message_bytes",
             });
         }
-        Ok(EncodedRecord {
-            topic,
-            key: row.aggregate_id.clone(),
-            value,
-            headers,
-            bytes,
-        })
+        Ok(record)
     }
 
     fn template_topic(
         &mut self,
         aggregate_type: &str,
         event_type: &str,
-    ) -> Result<String, ParkReason> {
-        let cache_key = (aggregate_type.to_string(), event_type.to_string());
-        if let Some(hit) = self.topic_cache.get(&cache_key) {
+    ) -> Result<Arc<str>, ParkReason> {
+        if let Some(hit) = self
+            .topic_cache
+            .get(aggregate_type)
+            .and_then(|by_event| by_event.get(event_type))
+        {
             return hit.clone();
         }
         let topic = self.template.render(aggregate_type, event_type);
-        let result = validate_topic(&topic).map(|()| topic);
-        if self.topic_cache.len() > 10_000 {
+        let result = validate_topic(&topic).map(|()| Arc::from(topic));
+        if self.cached_topics >= 10_000 {
             self.topic_cache.clear();
+            self.cached_topics = 0;
         }
-        self.topic_cache.insert(cache_key, result.clone());
+        self.cached_topics += 1;
+        self.topic_cache
+            .entry(aggregate_type.to_string())
+            .or_default()
+            .insert(event_type.to_string(), result.clone());
         result
     }
 }
@@ -330,17 +365,19 @@ mod tests {
 
     #[test]
     fn encodes_topic_key_value_and_headers() {
-        let rec = encoder().encode(&row()).unwrap();
-        assert_eq!(rec.topic, "outbox.event.order");
+        let row = row();
+        let rec = encoder().encode(&row).unwrap();
+        assert_eq!(&*rec.topic, "outbox.event.order");
         assert_eq!(rec.key, "o-1");
-        assert_eq!(rec.value.as_deref(), Some(br#"{"total": 5}"#.as_slice()));
+        assert_eq!(rec.value, Some(br#"{"total": 5}"#.as_slice()));
+        let nil = uuid::Uuid::nil().to_string();
         assert_eq!(
-            rec.headers,
+            rec.headers().collect::<Vec<_>>(),
             vec![
-                ("id".into(), uuid::Uuid::nil().to_string()),
-                ("event_type".into(), "OrderPlaced".into()),
-                ("aggregate_type".into(), "order".into()),
-                ("traceparent".into(), "00-abc-def-01".into()),
+                ("id", nil.as_str()),
+                ("event_type", "OrderPlaced"),
+                ("aggregate_type", "order"),
+                ("traceparent", "00-abc-def-01"),
             ]
         );
     }
@@ -349,7 +386,7 @@ mod tests {
     fn row_topic_overrides_the_template() {
         let mut r = row();
         r.topic = Some("billing.custom".into());
-        assert_eq!(encoder().encode(&r).unwrap().topic, "billing.custom");
+        assert_eq!(&*encoder().encode(&r).unwrap().topic, "billing.custom");
     }
 
     #[test]
@@ -403,7 +440,7 @@ mod tests {
         r.payload_bytes = Some(vec![0, 159, 146, 150]);
         assert_eq!(
             encoder().encode(&r).unwrap().value,
-            Some(vec![0, 159, 146, 150])
+            Some([0, 159, 146, 150].as_slice())
         );
     }
 }

@@ -144,9 +144,9 @@ impl RowProducer {
     }
 
     /// Hands one row to librdkafka. On error the row was not queued.
-    pub fn send(&self, row_id: i64, record: &EncodedRecord) -> Result<(), KafkaError> {
-        let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
-        for (key, value) in &record.headers {
+    pub fn send(&self, row_id: i64, record: &EncodedRecord<'_>) -> Result<(), KafkaError> {
+        let mut headers = OwnedHeaders::new_with_capacity(3);
+        for (key, value) in record.headers() {
             headers = headers.insert(Header {
                 key,
                 value: Some(value.as_bytes()),
@@ -155,13 +155,12 @@ impl RowProducer {
         let mut message = BaseRecord::with_opaque_to(&record.topic, row_id as usize)
             .key(record.key.as_bytes())
             .headers(headers);
-        if let Some(value) = &record.value {
-            message = message.payload(value.as_slice());
+        if let Some(value) = record.value {
+            message = message.payload(value);
         }
         self.inner.send(message).map_err(|(error, _)| error)
     }
 
-    /// librdkafka's fatal error, if one was raised.
     pub fn fatal_error(&self) -> Option<String> {
         self.inner
             .client()

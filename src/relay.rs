@@ -38,15 +38,15 @@ pub enum RelayError {
     Producer(#[source] rdkafka::error::KafkaError),
     #[error("relay.topic_template: {0}")]
     Template(#[from] crate::encode::TemplateError),
-    #[error("the background mark of a batch stopped unexpectedly: {0}")]
-    WriteTask(#[source] tokio::task::JoinError),
+    #[error("a background read or mark stopped unexpectedly: {0}")]
+    Task(#[source] tokio::task::JoinError),
 }
 
 impl RelayError {
     pub fn is_retriable(&self) -> bool {
         match self {
             RelayError::Store(e) => e.is_retriable(),
-            RelayError::Producer(_) | RelayError::Template(_) | RelayError::WriteTask(_) => false,
+            RelayError::Producer(_) | RelayError::Template(_) | RelayError::Task(_) => false,
         }
     }
 }
@@ -83,7 +83,7 @@ enum Outcome {
 /// What happened to each row of one batch, and to the producer while it was in flight.
 struct Batch {
     outcomes: Vec<Outcome>,
-    topics: Vec<Option<String>>,
+    topics: Vec<Option<Arc<str>>>,
     /// The lease epoch each produced row was read under; marks are fenced by it.
     epochs: Vec<i64>,
     parkings: Vec<Parking>,
@@ -193,7 +193,7 @@ struct Prefetch {
 /// What a batch reports once its write is done.
 struct Settled {
     read: usize,
-    published_by_topic: HashMap<String, u64>,
+    published_by_topic: HashMap<Arc<str>, u64>,
     latencies: Vec<Duration>,
     started: Instant,
 }
@@ -400,11 +400,18 @@ impl Relay {
         let ahead = if read_ahead {
             let mut skip = self.pending_ids();
             skip.extend(rows.iter().map(|r| r.id));
-            let read = self.read(shard_filter.as_deref(), &skip);
-            let ((), ahead) = tokio::join!(self.collect_acks(&rows, &mut batch, cancel), read);
-            ahead
-                .inspect_err(|e| debug!(error = %e, "reading ahead failed; reading again"))
-                .ok()
+            // Its own task: a read polled inside this task's ack wait (tokio::join!) was
+            // seen to stall for good after its response had arrived.
+            let read = tokio::spawn(self.read(shard_filter.as_deref(), &skip));
+            self.collect_acks(&rows, &mut batch, cancel).await;
+            match read.await {
+                Ok(Ok(next_rows)) => Some(next_rows),
+                Ok(Err(err)) => {
+                    debug!(error = %err, "reading ahead failed; reading again");
+                    None
+                }
+                Err(join_error) => return Err(RelayError::Task(join_error)),
+            }
         } else {
             self.collect_acks(&rows, &mut batch, cancel).await;
             None
@@ -425,12 +432,7 @@ impl Relay {
             match batch.outcomes[i] {
                 Outcome::Acked { partition, offset } => {
                     if let Some(topic) = &batch.topics[i] {
-                        match settled.published_by_topic.get_mut(topic) {
-                            Some(n) => *n += 1,
-                            None => {
-                                settled.published_by_topic.insert(topic.clone(), 1);
-                            }
-                        }
+                        *settled.published_by_topic.entry(topic.clone()).or_default() += 1;
                     }
                     settled
                         .latencies
@@ -494,7 +496,7 @@ impl Relay {
         let Some(pending) = self.pending_write.take() else {
             return Ok(());
         };
-        let (parked, marked) = pending.task.await.map_err(RelayError::WriteTask)??;
+        let (parked, marked) = pending.task.await.map_err(RelayError::Task)??;
         self.report(pending.settled, parked, marked);
         Ok(())
     }
@@ -590,10 +592,10 @@ impl Relay {
 
     /// Refuses a record larger than its topic's `max.message.bytes`, which the broker
     /// would otherwise reject together with every record batched with it.
-    async fn check_topic_limit(
+    async fn check_topic_limit<'a>(
         &mut self,
-        record: EncodedRecord,
-    ) -> Result<EncodedRecord, ParkReason> {
+        record: EncodedRecord<'a>,
+    ) -> Result<EncodedRecord<'a>, ParkReason> {
         let Some(limit) = self.topic_limits.limit(&record.topic).await else {
             return Ok(record);
         };
@@ -636,36 +638,30 @@ impl Relay {
                 wake_at = wake_at.min(deadline);
             }
             tokio::select! {
-                event = self.events.recv() => match event {
-                    Some(ProducerEvent::Delivered { generation: g, row_id, result }) if g == generation => {
-                        let Ok(pos) = rows.binary_search_by_key(&row_id, |r| r.id) else { continue };
-                        if !matches!(batch.outcomes[pos], Outcome::InFlight) {
-                            continue;
+                event = self.events.recv() => {
+                    // Take every report already queued in one go: one wake-up, clock read
+                    // and timer per burst of acks, not per row.
+                    let mut next = event;
+                    let mut acked_any = false;
+                    loop {
+                        let Some(event) = next else {
+                            batch.fatal = true;
+                            break;
+                        };
+                        acked_any |= apply_event(event, generation, rows, batch, &mut outstanding);
+                        if outstanding == 0 || batch.fatal {
+                            break;
                         }
-                        outstanding -= 1;
+                        match self.events.try_recv() {
+                            Ok(event) => next = Some(event),
+                            Err(_) => break,
+                        }
+                    }
+                    if acked_any {
                         last_progress = Instant::now();
                         self.health.set_stalled(false);
-                        match result {
-                            Ok((partition, offset)) => {
-                                batch.outcomes[pos] = Outcome::Acked { partition, offset };
-                            }
-                            Err(err) => batch.delivery_failed(pos, &rows[pos], &err),
-                        }
                     }
-                    Some(ProducerEvent::Fatal { generation: g, reason }) if g == generation => {
-                        error!(%reason, "fatal producer error; rebuilding the producer");
-                        batch.fatal = true;
-                    }
-                    Some(ProducerEvent::Global { generation: g, kind, reason }) if g == generation => {
-                        // Nothing will be acknowledged: drop this producer (purging its
-                        // queue) and try again later with a fresh one.
-                        *batch.error_kinds.entry(kind).or_default() += 1;
-                        batch.blocked = Some(reason);
-                        batch.fatal = true;
-                    }
-                    Some(_) => {} // a report from a producer already torn down
-                    None => batch.fatal = true,
-                },
+                }
                 _ = cancel.cancelled(), if drain_deadline.is_none() => {
                     info!(outstanding, timeout = ?self.settings.drain_timeout, "draining: waiting for acknowledgements");
                     drain_deadline = Some(Instant::now() + self.settings.drain_timeout);
@@ -813,6 +809,61 @@ fn database_failed(health: &Health, err: &StoreError) {
     telemetry::database_error(err.kind());
     if err.is_retriable() {
         health.set_database_ok(false);
+    }
+}
+
+/// Applies one producer report to the batch in flight. Returns whether a row of this batch
+/// got its delivery result.
+fn apply_event(
+    event: ProducerEvent,
+    generation: u64,
+    rows: &[OutboxRow],
+    batch: &mut Batch,
+    outstanding: &mut u64,
+) -> bool {
+    match event {
+        ProducerEvent::Delivered {
+            generation: g,
+            row_id,
+            result,
+        } if g == generation => {
+            let Ok(pos) = rows.binary_search_by_key(&row_id, |r| r.id) else {
+                return false;
+            };
+            if !matches!(batch.outcomes[pos], Outcome::InFlight) {
+                return false;
+            }
+            *outstanding -= 1;
+            match result {
+                Ok((partition, offset)) => {
+                    batch.outcomes[pos] = Outcome::Acked { partition, offset }
+                }
+                Err(err) => batch.delivery_failed(pos, &rows[pos], &err),
+            }
+            true
+        }
+        ProducerEvent::Fatal {
+            generation: g,
+            reason,
+        } if g == generation => {
+            error!(%reason, "fatal producer error; rebuilding the producer");
+            batch.fatal = true;
+            false
+        }
+        ProducerEvent::Global {
+            generation: g,
+            kind,
+            reason,
+        } if g == generation => {
+            // Nothing will be acknowledged: drop this producer (purging its queue) and try
+            // again later with a fresh one.
+            *batch.error_kinds.entry(kind).or_default() += 1;
+            batch.blocked = Some(reason);
+            batch.fatal = true;
+            false
+        }
+        // A report from a producer already torn down.
+        _ => false,
     }
 }
 

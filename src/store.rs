@@ -376,20 +376,22 @@ impl Store {
                 .bind(skip)
                 .fetch_all(s.conn())
                 .await?;
+            // By position, in the SELECT's order: a lookup by name hashes the name per
+            // column per row.
             rows.iter()
                 .map(|r| {
                     Ok(OutboxRow {
-                        id: r.try_get("id")?,
-                        aggregate_type: r.try_get("aggregate_type")?,
-                        aggregate_id: r.try_get("aggregate_id")?,
-                        event_type: r.try_get("event_type")?,
-                        payload_json: r.try_get("payload_json")?,
-                        payload_bytes: r.try_get("payload_bytes")?,
-                        headers_json: r.try_get("headers_json")?,
-                        topic: r.try_get("topic")?,
-                        event_id: r.try_get("event_id")?,
-                        created_at: r.try_get("created_at")?,
-                        shard: r.try_get("shard")?,
+                        id: r.try_get(0)?,
+                        aggregate_type: r.try_get(1)?,
+                        aggregate_id: r.try_get(2)?,
+                        event_type: r.try_get(3)?,
+                        payload_json: r.try_get(4)?,
+                        payload_bytes: r.try_get(5)?,
+                        headers_json: r.try_get(6)?,
+                        topic: r.try_get(7)?,
+                        event_id: r.try_get(8)?,
+                        created_at: r.try_get(9)?,
+                        shard: r.try_get(10)?,
                     })
                 })
                 .collect::<Result<Vec<_>, sqlx::Error>>()

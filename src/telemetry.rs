@@ -367,7 +367,7 @@ impl Health {
 /// One batch's outcome, reported as a handful of metric updates.
 pub struct BatchReport<'a> {
     pub read: usize,
-    pub published_by_topic: &'a HashMap<String, u64>,
+    pub published_by_topic: &'a HashMap<std::sync::Arc<str>, u64>,
     pub marked: u64,
     pub mode: &'static str,
     pub latencies: &'a [Duration],
@@ -378,7 +378,7 @@ pub fn batch_finished(report: &BatchReport<'_>) {
     histogram!(BATCH_SIZE).record(report.read as f64);
     histogram!(BATCH_DURATION).record(report.duration.as_secs_f64());
     for (topic, rows) in report.published_by_topic {
-        counter!(ROWS_PUBLISHED, "topic" => topic.clone()).increment(*rows);
+        counter!(ROWS_PUBLISHED, "topic" => topic.to_string()).increment(*rows);
     }
     counter!(ROWS_MARKED, "mode" => report.mode).increment(report.marked);
     let latency = histogram!(END_TO_END_LATENCY);

@@ -153,9 +153,14 @@ pub async fn relay(
             }
         }
         if Instant::now() > deadline {
+            let logs: Vec<String> = procs
+                .iter()
+                .map(|p| format!("{}:\n{}", p.replica_id, p.log_tail()))
+                .collect();
             bail!(
-                "the relay did not drain {rows} rows within {:?}",
-                drain_timeout(rows)
+                "the relay did not drain {rows} rows within {:?} ({retired} retired); the replicas' logs:\n{}",
+                drain_timeout(rows),
+                logs.join("\n")
             );
         }
         tokio::time::sleep(wait).await;
