@@ -100,6 +100,7 @@ impl App {
             http_listener,
             metrics,
             health.clone(),
+            settings.relay.liveness_timeout,
             tasks_cancel.clone(),
         ));
         info!(%http_addr, "serving /metrics, /healthz and /readyz");

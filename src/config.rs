@@ -147,6 +147,11 @@ pub struct RelaySettings {
     /// Acks missing for this long raise the stall alarm (readiness false).
     #[serde(with = "humantime_serde")]
     pub stall_after: Duration,
+    /// `/healthz` fails once the relay loop has been stuck inside one step (a read, a mark,
+    /// a send) for this long, so a liveness probe restarts a wedged relay. Waiting for acks
+    /// or backing off after an error is not stuck.
+    #[serde(with = "humantime_serde")]
+    pub liveness_timeout: Duration,
     /// How often pending-row gauges are refreshed.
     #[serde(with = "humantime_serde")]
     pub stats_interval: Duration,
@@ -228,6 +233,7 @@ impl Default for RelaySettings {
             on_park: ParkPolicy::Hold,
             drain_timeout: Duration::from_secs(10),
             stall_after: Duration::from_secs(30),
+            liveness_timeout: Duration::from_secs(300),
             stats_interval: Duration::from_secs(10),
             replica_id: String::new(),
             lease_ttl: Duration::from_secs(10),
@@ -609,6 +615,12 @@ impl Settings {
             return Err(ConfigError::new(
                 "relay.stall_after",
                 "must be greater than zero, e.g. \"30s\"",
+            ));
+        }
+        if self.relay.liveness_timeout < Duration::from_secs(1) {
+            return Err(ConfigError::new(
+                "relay.liveness_timeout",
+                "must be at least 1s (5m is the default); keep it above database.statement_timeout",
             ));
         }
         if self.relay.stats_interval.is_zero() {

@@ -1,7 +1,8 @@
-//! `/metrics` (Prometheus text), `/healthz` (the process answers) and `/readyz` (database
-//! reachable, producer healthy, not stalled).
+//! `/metrics` (Prometheus text), `/healthz` (the process answers and its relay loop is not
+//! wedged) and `/readyz` (database reachable, producer healthy, not stalled).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
@@ -18,14 +19,23 @@ use crate::telemetry::Health;
 struct HttpState {
     metrics: PrometheusHandle,
     health: Arc<Health>,
+    liveness_timeout: Duration,
 }
 
-pub fn router(metrics: PrometheusHandle, health: Arc<Health>) -> Router {
+pub fn router(
+    metrics: PrometheusHandle,
+    health: Arc<Health>,
+    liveness_timeout: Duration,
+) -> Router {
     Router::new()
         .route("/metrics", get(render_metrics))
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(liveness))
         .route("/readyz", get(readiness))
-        .with_state(HttpState { metrics, health })
+        .with_state(HttpState {
+            metrics,
+            health,
+            liveness_timeout,
+        })
 }
 
 /// Serves until `cancel`.
@@ -33,9 +43,10 @@ pub async fn serve(
     listener: TcpListener,
     metrics: PrometheusHandle,
     health: Arc<Health>,
+    liveness_timeout: Duration,
     cancel: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(metrics, health))
+    axum::serve(listener, router(metrics, health, liveness_timeout))
         .with_graceful_shutdown(cancel.cancelled_owned())
         .await
 }
@@ -45,6 +56,22 @@ async fn render_metrics(State(state): State<HttpState>) -> impl IntoResponse {
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.metrics.render(),
     )
+}
+
+/// Fails once the relay loop has been stuck inside one step for `relay.liveness_timeout`:
+/// a wedge only a restart clears. Waiting for acks or backing off is not stuck.
+async fn liveness(State(state): State<HttpState>) -> impl IntoResponse {
+    match state.health.loop_stuck_for() {
+        Some(stuck) if stuck > state.liveness_timeout => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "wedged: the relay loop has been stuck in one step for {}s (relay.liveness_timeout = {}s)\n",
+                stuck.as_secs(),
+                state.liveness_timeout.as_secs()
+            ),
+        ),
+        _ => (StatusCode::OK, "ok\n".to_string()),
+    }
 }
 
 async fn readiness(State(state): State<HttpState>) -> impl IntoResponse {

@@ -204,3 +204,51 @@ async fn every_metric_on_the_grafana_dashboard_is_exported_by_a_live_relay() {
         "dashboard metrics the relay does not export: {missing:?}\n{metrics}"
     );
 }
+
+/// A liveness probe restarts a wedged relay: `/healthz` fails once the loop has been stuck
+/// in one step for `relay.liveness_timeout`, and answers again once it moves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthz_fails_while_the_relay_loop_is_wedged_and_recovers() {
+    let db = TestDb::new().await;
+    let bootstrap = kafka_bootstrap();
+    let prefix = unique_prefix();
+    create_topic(&bootstrap, &format!("{prefix}.live"), 3).await;
+    let relay = RunningRelay::start(settings(
+        &db,
+        &bootstrap,
+        &format!(
+            "[relay]\ntopic_template = \"{prefix}.{{aggregate_type}}\"\nliveness_timeout = \"2s\"\npoll_interval = \"100ms\"\n"
+        ),
+    ))
+    .await;
+    db.insert(&stream("live", 5, 50)).await;
+    wait_for("rows marked", CONDITION_TIMEOUT, || async {
+        db.sent().await == 50
+    })
+    .await;
+    assert_eq!(http_get(relay.http_addr, "/healthz").await.0, 200);
+
+    // The relay's next read waits on this lock: one step that does not move.
+    let mut wedge = db.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE outbox IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *wedge)
+        .await
+        .unwrap();
+    wait_for("/healthz fails", CONDITION_TIMEOUT, || async {
+        let (status, body) = http_get(relay.http_addr, "/healthz").await;
+        status == 503 && body.contains("relay.liveness_timeout")
+    })
+    .await;
+
+    wedge.rollback().await.unwrap();
+    wait_for("/healthz answers again", CONDITION_TIMEOUT, || async {
+        http_get(relay.http_addr, "/healthz").await.0 == 200
+    })
+    .await;
+    db.insert(&stream("live", 5, 20)).await;
+    wait_for("rows after the wedge marked", CONDITION_TIMEOUT, || async {
+        db.sent().await == 70
+    })
+    .await;
+    relay.stop().await;
+}
