@@ -2,6 +2,8 @@
 //! acks, then mark the batch in one statement. A row is marked only after its ack, and
 //! only when every earlier row of its aggregate in the batch was acked (or parked under
 //! `skip`), so a resend never lets a later row's first occurrence precede an earlier one.
+//! While a backlog drains, the next batch is read during this batch's ack wait and a fully
+//! acknowledged batch is marked in the background; reads skip the rows still in flight.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
