@@ -353,12 +353,7 @@ async fn parked_rows_are_listed_replayed_in_order_and_discarded_for_audit() {
     let ids = db.insert(&rows).await;
     let (fixable_id, hopeless_id) = (ids[0], ids[1]);
 
-    let relay = RunningRelay::start(settings(
-        &db,
-        &bootstrap,
-        &format!("[relay]\ntopic_template = \"{prefix}.{{aggregate_type}}\"\n"),
-    ))
-    .await;
+    let relay = RunningRelay::start(template_settings(&db, &bootstrap, &prefix, "")).await;
     wait_for(
         "the healthy aggregates marked",
         CONDITION_TIMEOUT,

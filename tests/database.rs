@@ -27,10 +27,11 @@ async fn a_postgres_restart_mid_stream_loses_and_skips_nothing() {
     let topic = format!("{prefix}.restart");
     create_topic(&bootstrap, &topic, 3).await;
     db.insert(&stream("restart", 100, 20_000)).await;
-    let relay = RunningRelay::start(settings(
+    let relay = RunningRelay::start(template_settings(
         &db,
         &bootstrap,
-        &format!("[relay]\ntopic_template = \"{prefix}.{{aggregate_type}}\"\nbatch_size = 500\n"),
+        &prefix,
+        "batch_size = 500\n",
     ))
     .await;
     wait_for("some rows marked", CONDITION_TIMEOUT, || async {
@@ -96,12 +97,11 @@ async fn a_killed_listen_connection_reconnects() {
         .await
         .unwrap();
     // Polling is an hour away: only the doorbell can deliver within the waits below.
-    let relay = RunningRelay::start(settings(
+    let relay = RunningRelay::start(template_settings(
         &db,
         &bootstrap,
-        &format!(
-            "[relay]\ntopic_template = \"{prefix}.{{aggregate_type}}\"\npoll_interval = \"1h\"\n"
-        ),
+        &prefix,
+        "poll_interval = \"1h\"\n",
     ))
     .await;
     let listening = || async {
@@ -170,12 +170,7 @@ async fn a_read_only_primary_is_waited_out() {
     .execute(&db.pool)
     .await
     .unwrap();
-    let relay = RunningRelay::start(settings(
-        &db,
-        &bootstrap,
-        &format!("[relay]\ntopic_template = \"{prefix}.{{aggregate_type}}\"\n"),
-    ))
-    .await;
+    let relay = RunningRelay::start(template_settings(&db, &bootstrap, &prefix, "")).await;
     wait_for(
         "readiness false: marks refused",
         CONDITION_TIMEOUT,
@@ -268,12 +263,7 @@ async fn rows_flow_past_a_long_open_transaction() {
     let prefix = unique_prefix();
     let topic = format!("{prefix}.long");
     create_topic(&bootstrap, &topic, 3).await;
-    let relay = RunningRelay::start(settings(
-        &db,
-        &bootstrap,
-        &format!("[relay]\ntopic_template = \"{prefix}.{{aggregate_type}}\"\n"),
-    ))
-    .await;
+    let relay = RunningRelay::start(template_settings(&db, &bootstrap, &prefix, "")).await;
     let mut long = db.pool.begin().await.unwrap();
     sqlx::query(
         "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) \

@@ -171,12 +171,11 @@ async fn every_metric_on_the_grafana_dashboard_is_exported_by_a_live_relay() {
     let prefix = unique_prefix();
     create_topic(&bootstrap, &format!("{prefix}.dash"), 3).await;
     db.insert(&stream("dash", 10, 200)).await;
-    let relay = RunningRelay::start(settings(
+    let relay = RunningRelay::start(template_settings(
         &db,
         &bootstrap,
-        &format!(
-            "[relay]\ntopic_template = \"{prefix}.{{aggregate_type}}\"\nstats_interval = \"100ms\"\n[kafka.properties]\n\"statistics.interval.ms\" = 100\n"
-        ),
+        &prefix,
+        "stats_interval = \"100ms\"\n[kafka.properties]\n\"statistics.interval.ms\" = 100\n",
     ))
     .await;
     wait_for("rows marked", CONDITION_TIMEOUT, || async {
@@ -213,12 +212,11 @@ async fn healthz_fails_while_the_relay_loop_is_wedged_and_recovers() {
     let bootstrap = kafka_bootstrap();
     let prefix = unique_prefix();
     create_topic(&bootstrap, &format!("{prefix}.live"), 3).await;
-    let relay = RunningRelay::start(settings(
+    let relay = RunningRelay::start(template_settings(
         &db,
         &bootstrap,
-        &format!(
-            "[relay]\ntopic_template = \"{prefix}.{{aggregate_type}}\"\nliveness_timeout = \"2s\"\npoll_interval = \"100ms\"\n"
-        ),
+        &prefix,
+        "liveness_timeout = \"2s\"\npoll_interval = \"100ms\"\n",
     ))
     .await;
     db.insert(&stream("live", 5, 50)).await;

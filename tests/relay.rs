@@ -20,10 +20,11 @@ async fn every_row_arrives_once_with_key_value_and_headers() {
         r#"{"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}"#.into(),
     );
     db.insert(&rows).await;
-    let relay = RunningRelay::start(settings(
+    let relay = RunningRelay::start(template_settings(
         &db,
         &bootstrap,
-        &format!("[relay]\ntopic_template = \"{prefix}.{{aggregate_type}}\"\nbatch_size = 64\n"),
+        &prefix,
+        "batch_size = 64\n",
     ))
     .await;
     wait_for("all rows marked", CONDITION_TIMEOUT, || async {
@@ -80,10 +81,11 @@ async fn per_aggregate_order_over_10k_rows_and_150_aggregates() {
     let topic = format!("{prefix}.account");
     create_topic(&bootstrap, &topic, 3).await;
 
-    let relay = RunningRelay::start(settings(
+    let relay = RunningRelay::start(template_settings(
         &db,
         &bootstrap,
-        &format!("[relay]\ntopic_template = \"{prefix}.{{aggregate_type}}\"\nbatch_size = 500\n"),
+        &prefix,
+        "batch_size = 500\n",
     ))
     .await;
     // Insert while the relay runs, in many transactions, so batches interleave with inserts.
@@ -111,12 +113,7 @@ async fn a_lower_id_committed_late_is_still_delivered() {
     let prefix = unique_prefix();
     let topic = format!("{prefix}.late");
     create_topic(&bootstrap, &topic, 3).await;
-    let relay = RunningRelay::start(settings(
-        &db,
-        &bootstrap,
-        &format!("[relay]\ntopic_template = \"{prefix}.{{aggregate_type}}\"\n"),
-    ))
-    .await;
+    let relay = RunningRelay::start(template_settings(&db, &bootstrap, &prefix, "")).await;
 
     // Transaction A takes the lower id and stays open while B commits a higher one.
     let mut tx_a = db.pool.begin().await.unwrap();
@@ -337,12 +334,7 @@ async fn unpublishable_rows_are_parked_and_hold_their_aggregate_only() {
     db.insert(&rows).await;
     let agg3_rows = rows.iter().filter(|r| r.aggregate_id == "agg-3").count() as i64;
 
-    let relay = RunningRelay::start(settings(
-        &db,
-        &bootstrap,
-        &format!("[relay]\ntopic_template = \"{prefix}.{{aggregate_type}}\"\n"),
-    ))
-    .await;
+    let relay = RunningRelay::start(template_settings(&db, &bootstrap, &prefix, "")).await;
     let expected_sent = 100 - agg3_rows;
     wait_for(
         "every other aggregate marked",
@@ -387,12 +379,11 @@ async fn the_doorbell_wakes_an_idle_relay() {
         .await
         .unwrap();
     // The poll interval is far longer than the wait below: only the doorbell can deliver.
-    let relay = RunningRelay::start(settings(
+    let relay = RunningRelay::start(template_settings(
         &db,
         &bootstrap,
-        &format!(
-            "[relay]\ntopic_template = \"{prefix}.{{aggregate_type}}\"\npoll_interval = \"1h\"\n"
-        ),
+        &prefix,
+        "poll_interval = \"1h\"\n",
     ))
     .await;
     let health = relay.health.clone();
@@ -420,12 +411,7 @@ async fn http_endpoints_report_health_and_metrics() {
     let prefix = unique_prefix();
     create_topic(&bootstrap, &format!("{prefix}.m"), 3).await;
     db.insert(&stream("m", 3, 30)).await;
-    let relay = RunningRelay::start(settings(
-        &db,
-        &bootstrap,
-        &format!("[relay]\ntopic_template = \"{prefix}.{{aggregate_type}}\"\n"),
-    ))
-    .await;
+    let relay = RunningRelay::start(template_settings(&db, &bootstrap, &prefix, "")).await;
     wait_for("all rows marked", CONDITION_TIMEOUT, || async {
         db.sent().await == 30
     })
@@ -465,13 +451,12 @@ async fn a_missing_template_topic_blocks_publishing_without_parking() {
     let prefix = unique_prefix();
     let topic = format!("{prefix}.missing");
     db.insert(&stream("missing", 5, 40)).await;
-    let relay = RunningRelay::start(settings(
+    let relay = RunningRelay::start(template_settings(
         &db,
         &bootstrap,
-        &format!(
-            "[relay]\ntopic_template = \"{prefix}.{{aggregate_type}}\"\n\
-             [kafka.properties]\n\"topic.metadata.propagation.max.ms\" = 500\n"
-        ),
+        &prefix,
+        "\
+             [kafka.properties]\n\"topic.metadata.propagation.max.ms\" = 500\n",
     ))
     .await;
     wait_for(
@@ -531,12 +516,7 @@ async fn odd_but_legal_rows_are_published_without_crashing_the_relay() {
     .execute(&db.pool)
     .await
     .unwrap();
-    let relay = RunningRelay::start(settings(
-        &db,
-        &bootstrap,
-        &format!("[relay]\ntopic_template = \"{prefix}.{{aggregate_type}}\"\n"),
-    ))
-    .await;
+    let relay = RunningRelay::start(template_settings(&db, &bootstrap, &prefix, "")).await;
     wait_for("all rows marked", CONDITION_TIMEOUT, || async {
         db.sent().await == 4
     })
@@ -569,10 +549,11 @@ async fn the_skip_policy_lets_an_aggregate_pass_its_parked_row() {
     let mut rows = stream("skip", 5, 50);
     rows[0].headers = Some("[1, 2]".into());
     db.insert(&rows).await;
-    let relay = RunningRelay::start(settings(
+    let relay = RunningRelay::start(template_settings(
         &db,
         &bootstrap,
-        &format!("[relay]\ntopic_template = \"{prefix}.{{aggregate_type}}\"\non_park = \"skip\"\n"),
+        &prefix,
+        "on_park = \"skip\"\n",
     ))
     .await;
     wait_for("every other row marked", CONDITION_TIMEOUT, || async {
@@ -615,10 +596,11 @@ async fn bad_rows_mixed_into_a_normal_stream_are_parked_and_the_rest_flows() {
         }
     }
     db.insert(&rows).await;
-    let relay = RunningRelay::start(settings(
+    let relay = RunningRelay::start(template_settings(
         &db,
         &bootstrap,
-        &format!("[relay]\ntopic_template = \"{prefix}.{{aggregate_type}}\"\non_park = \"skip\"\n"),
+        &prefix,
+        "on_park = \"skip\"\n",
     ))
     .await;
     let good = 2000 - bad;
@@ -667,10 +649,11 @@ async fn rows_over_the_topics_own_size_limit_are_parked_before_producing() {
         oversized += 1;
     }
     db.insert(&rows).await;
-    let relay = RunningRelay::start(settings(
+    let relay = RunningRelay::start(template_settings(
         &db,
         &bootstrap,
-        &format!("[relay]\ntopic_template = \"{prefix}.{{aggregate_type}}\"\non_park = \"skip\"\n"),
+        &prefix,
+        "on_park = \"skip\"\n",
     ))
     .await;
     let good = 500 - oversized;

@@ -206,12 +206,7 @@ async fn postgres_with_verify_full_connects_only_to_the_server_its_ca_signed() {
         url: format!("{}?sslmode=verify-full&sslrootcert={ca}", db.url),
         pool: db.pool.clone(),
     };
-    let relay = RunningRelay::start(settings(
-        &tls_db,
-        &bootstrap,
-        &format!("[relay]\ntopic_template = \"{prefix}.{{aggregate_type}}\"\n"),
-    ))
-    .await;
+    let relay = RunningRelay::start(template_settings(&tls_db, &bootstrap, &prefix, "")).await;
     wait_for("every row marked", CONDITION_TIMEOUT, || async {
         db.sent().await == 100
     })

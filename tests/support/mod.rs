@@ -949,6 +949,17 @@ stats_interval = "200ms"
     .expect("test settings are valid")
 }
 
+/// [`settings`] for a relay publishing to `<prefix>.<aggregate_type>`, the topics a test
+/// creates for itself. `relay_keys` are more lines of the `[relay]` table; tables after it may
+/// follow them.
+pub fn template_settings(db: &TestDb, bootstrap: &str, prefix: &str, relay_keys: &str) -> Settings {
+    settings(
+        db,
+        bootstrap,
+        &format!("[relay]\ntopic_template = \"{prefix}.{{aggregate_type}}\"\n{relay_keys}"),
+    )
+}
+
 /// A relay running in this process.
 pub struct RunningRelay {
     pub cancel: CancellationToken,
