@@ -307,11 +307,13 @@ impl Relay {
             // nothing is in flight and nothing read ahead belongs to the other replica.
             self.prefetched = None;
             let released = match self.settle().await {
-                Ok(()) => self.store.release_leases(&self.replica_id, &releases).await,
-                Err(err) => Err(match err {
-                    RelayError::Store(err) => err,
-                    other => return Err(other),
-                }),
+                Ok(()) => self
+                    .store
+                    .release_leases(&self.replica_id, &releases)
+                    .await
+                    .inspect_err(|e| database_failed(&self.health, e))
+                    .map_err(RelayError::from),
+                Err(err) => Err(err),
             };
             match released {
                 Ok(released) => info!(shards = released, "released shards to other replicas"),
@@ -319,8 +321,7 @@ impl Relay {
                     // Keep renewing them until a release goes through.
                     self.ownership
                         .restore_releases(&releases, Instant::now() + self.settings.lease_ttl / 2);
-                    database_failed(&self.health, &err);
-                    return Err(err.into());
+                    return Err(err);
                 }
             }
         }
