@@ -42,7 +42,7 @@ const NEXT_BATCH: &str = "SELECT id FROM outbox \
 /// Reads and retires every pending row, 1000 per statement, on one connection.
 pub async fn database(db: &Db, rows: u64, mode: &str) -> Result<Ceiling> {
     db.reset().await?;
-    let make = db.make_rows(rows).await?;
+    let make = db.make_rows(rows, mode).await?;
     let sql = match mode {
         "mark" => format!(
             "UPDATE outbox o SET sent_at = now(), kafka_partition = 0, kafka_offset = o.id \
@@ -95,7 +95,7 @@ pub struct Record {
 /// the very bytes the relay does without touching the database while it is timed.
 pub async fn load_records(db: &Db, rows: u64) -> Result<(Vec<Record>, Duration)> {
     db.reset().await?;
-    let make = db.make_rows(rows).await?;
+    let make = db.make_rows(rows, "mark").await?;
     let loaded = sqlx::query(
         "SELECT aggregate_id, payload::text AS payload, event_id::text AS event_id \
          FROM outbox ORDER BY id",

@@ -92,7 +92,7 @@ pub async fn relay(
     replicas: u32,
 ) -> Result<Drain> {
     db.reset().await?;
-    let make = db.make_rows(rows).await?;
+    let make = db.make_rows(rows, mode).await?;
     let broker = Broker::start(broker_source.0, broker_source.1, work).await?;
     broker.create_topic().await?;
     db.statements_reset().await;
@@ -269,7 +269,7 @@ pub async fn peer(
     mode: &str,
 ) -> Result<Drain> {
     db.reset().await?;
-    let make = db.make_rows(rows).await?;
+    let make = db.make_rows(rows, mode).await?;
     let broker = Broker::start(broker_source.0, broker_source.1, work).await?;
     broker.create_topic().await?;
     db.statements_reset().await;
