@@ -167,6 +167,54 @@ pub struct PgCluster {
     child: std::sync::Mutex<Option<Child>>,
     /// Extra `-c name=value` server settings.
     settings: Vec<String>,
+    /// Held for the cluster's life: see [`remove_abandoned_clusters`].
+    _owner_lock: std::fs::File,
+}
+
+const CLUSTER_DIR_PREFIX: &str = "outbox-relay-pg-";
+const OWNER_LOCK: &str = "owner.lock";
+
+/// Locks `dir/owner.lock` for as long as the returned file stays open. The lock is taken
+/// before the file gets its name, so no other process can see the file unlocked.
+fn hold_owner_lock(dir: &Path) -> std::fs::File {
+    use std::os::fd::AsRawFd;
+    let unnamed = dir.join(format!("{OWNER_LOCK}.new"));
+    let lock = std::fs::File::create(&unnamed).unwrap();
+    assert_eq!(
+        unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) },
+        0,
+        "locking {}",
+        unnamed.display()
+    );
+    std::fs::rename(&unnamed, dir.join(OWNER_LOCK)).unwrap();
+    lock
+}
+
+/// The cluster every test of a binary shares lives in a static, which is never dropped,
+/// so its directory (about 160 MB) outlives the test process. Each cluster directory holds
+/// a lock its owner keeps until it exits; a directory whose lock can be taken belongs to
+/// a process that is gone, and is removed here.
+fn remove_abandoned_clusters() {
+    use std::os::fd::AsRawFd;
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if !entry
+            .file_name()
+            .to_string_lossy()
+            .starts_with(CLUSTER_DIR_PREFIX)
+        {
+            continue;
+        }
+        // No lock file: not one of ours, or still being created.
+        let Ok(lock) = std::fs::File::open(entry.path().join(OWNER_LOCK)) else {
+            continue;
+        };
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 impl PgCluster {
@@ -179,10 +227,12 @@ impl PgCluster {
     /// directory (which the server's user owns), e.g. TLS files placed there.
     pub fn init_with(settings: impl FnOnce(&Path) -> Vec<String>) -> PgCluster {
         let bin = postgres_bin_dir();
+        remove_abandoned_clusters();
         let dir = tempfile::Builder::new()
-            .prefix("outbox-relay-pg-")
+            .prefix(CLUSTER_DIR_PREFIX)
             .tempdir()
             .unwrap();
+        let owner_lock = hold_owner_lock(dir.path());
         let run_as = postgres_user();
         if let Some((uid, gid)) = run_as {
             std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid)).unwrap();
@@ -217,6 +267,7 @@ impl PgCluster {
             run_as,
             child: std::sync::Mutex::new(None),
             settings,
+            _owner_lock: owner_lock,
         };
         cluster.start();
         cluster
