@@ -273,6 +273,27 @@ impl Session {
     }
 }
 
+/// The mark: one UPDATE of `outbox` by id, with no join. Each row finds its partition and
+/// offset by binary search (`width_bucket`) in the ids, which are sorted and distinct.
+///
+/// Joining the rows with `unnest` of the acks instead leaves the join order to estimates
+/// that are wrong exactly when it matters: with most rows sent, `sent_at IS NULL` looks
+/// rare, the planner expects one row, and it rescans the 1000 acks for every row marked
+/// (400 ms per batch instead of 15).
+pub const MARK_SENT: &str = "WITH fence AS ( \
+     SELECT l.shard FROM outbox_shard_lease l \
+     JOIN unnest($4::smallint[], $5::bigint[]) AS f(shard, epoch) \
+       ON l.shard = f.shard AND l.epoch = f.epoch \
+     WHERE l.owner = $6 \
+     ORDER BY l.shard \
+     FOR SHARE OF l) \
+ UPDATE outbox o \
+ SET sent_at = now(), \
+     kafka_partition = ($2::int[])[width_bucket(o.id, $1::bigint[])], \
+     kafka_offset = ($3::bigint[])[width_bucket(o.id, $1::bigint[])] \
+ WHERE o.id = ANY($1::bigint[]) AND o.sent_at IS NULL \
+   AND o.shard = ANY(ARRAY(SELECT shard FROM fence))";
+
 impl Store {
     pub fn new(pool: PgPool) -> Self {
         Self {
@@ -411,32 +432,23 @@ impl Store {
         }
         let mut s = self.session().await?;
         let result: Result<_, StoreError> = async {
-            let ids: Vec<i64> = acks.iter().map(|a| a.id).collect();
-            let partitions: Vec<i32> = acks.iter().map(|a| a.partition).collect();
-            let offsets: Vec<i64> = acks.iter().map(|a| a.offset).collect();
+            let mut by_id: Vec<&Ack> = acks.iter().collect();
+            by_id.sort_unstable_by_key(|a| a.id);
+            by_id.dedup_by_key(|a| a.id);
+            let ids: Vec<i64> = by_id.iter().map(|a| a.id).collect();
+            let partitions: Vec<i32> = by_id.iter().map(|a| a.partition).collect();
+            let offsets: Vec<i64> = by_id.iter().map(|a| a.offset).collect();
             let (shards, epochs) = split_leases(&leases_of(acks));
-            let done = self.query(
-                "WITH fence AS ( \
-                     SELECT l.shard FROM outbox_shard_lease l \
-                     JOIN unnest($4::smallint[], $5::bigint[]) AS f(shard, epoch) \
-                       ON l.shard = f.shard AND l.epoch = f.epoch \
-                     WHERE l.owner = $6 \
-                     ORDER BY l.shard \
-                     FOR SHARE OF l) \
-                 UPDATE outbox o \
-                 SET sent_at = now(), kafka_partition = a.partition, kafka_offset = a.kafka_offset \
-                 FROM unnest($1::bigint[], $2::int[], $3::bigint[]) AS a(id, partition, kafka_offset) \
-                 WHERE o.id = ANY($1::bigint[]) AND o.id = a.id AND o.sent_at IS NULL \
-                   AND o.shard = ANY(ARRAY(SELECT shard FROM fence))",
-            )
-            .bind(&ids)
-            .bind(&partitions)
-            .bind(&offsets)
-            .bind(&shards)
-            .bind(&epochs)
-            .bind(replica)
-            .execute(s.conn())
-            .await?;
+            let done = self
+                .query(MARK_SENT)
+                .bind(&ids)
+                .bind(&partitions)
+                .bind(&offsets)
+                .bind(&shards)
+                .bind(&epochs)
+                .bind(replica)
+                .execute(s.conn())
+                .await?;
             Ok(done.rows_affected())
         }
         .await;

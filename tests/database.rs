@@ -407,3 +407,100 @@ async fn marking_rewrites_each_row_on_its_own_page() {
         );
     }
 }
+
+/// The mark is a scan of `outbox` by id with no join, whatever the statistics say. The
+/// case that matters: most rows are sent, so `sent_at IS NULL` looks rare to the planner.
+/// Joined with the acks, the mark then rescanned all 1000 acks for every row it marked.
+/// Also checks each row gets its own partition and offset when the acks come unsorted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mark_joins_nothing_when_statistics_say_nothing_is_pending() {
+    use outbox_relay::store::{Ack, MARK_SENT, Store};
+
+    let db = TestDb::new().await;
+    let insert = "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) \
+                  SELECT 'plan', 'agg-' || (g % 97), 'Updated', jsonb_build_object('g', g) \
+                  FROM generate_series(1, $1) AS g";
+    sqlx::query(insert)
+        .bind(20_000)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    for sql in ["UPDATE outbox SET sent_at = now()", "VACUUM ANALYZE outbox"] {
+        sqlx::query(sql).execute(&db.pool).await.unwrap();
+    }
+    sqlx::query(insert)
+        .bind(1000)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let pending: Vec<(i64, i16)> =
+        sqlx::query_as("SELECT id, shard FROM outbox WHERE sent_at IS NULL ORDER BY id")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(pending.len(), 1000);
+
+    let store = Store::new(db.pool.clone());
+    let all_shards: Vec<i16> = (0..256).collect();
+    let epoch_of: std::collections::HashMap<i16, i64> = store
+        .acquire_leases("planner", &all_shards, Duration::from_secs(60))
+        .await
+        .unwrap()
+        .into_iter()
+        .collect();
+    let ids: Vec<i64> = pending.iter().map(|p| p.0).collect();
+    let shards: Vec<i16> = pending.iter().map(|p| p.1).collect();
+    let epochs: Vec<i64> = shards.iter().map(|s| epoch_of[s]).collect();
+    let partitions: Vec<i32> = ids.iter().map(|id| (id % 3) as i32).collect();
+    let offsets: Vec<i64> = ids.iter().map(|id| id * 10).collect();
+    let plan: serde_json::Value = sqlx::query_scalar(&format!("EXPLAIN (FORMAT JSON) {MARK_SENT}"))
+        .bind(&ids)
+        .bind(&partitions)
+        .bind(&offsets)
+        .bind(&shards)
+        .bind(&epochs)
+        .bind("planner")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    let update = &plan[0]["Plan"];
+    assert_eq!(update["Node Type"], "ModifyTable", "{plan:#}");
+    let outer: Vec<&serde_json::Value> = update["Plans"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["Parent Relationship"] == "Outer")
+        .collect();
+    assert_eq!(outer.len(), 1, "{plan:#}");
+    let node = outer[0]["Node Type"].as_str().unwrap();
+    assert!(
+        node.ends_with("Scan") && outer[0]["Relation Name"] == "outbox",
+        "the rows to mark should come from one scan of outbox, got {node}: {plan:#}"
+    );
+
+    let mut acks: Vec<Ack> = pending
+        .iter()
+        .map(|&(id, shard)| Ack {
+            id,
+            partition: (id % 3) as i32,
+            offset: id * 10,
+            shard,
+            epoch: epoch_of[&shard],
+        })
+        .collect();
+    acks.reverse();
+    assert_eq!(store.mark_sent("planner", &acks).await.unwrap(), 1000);
+    let wrong: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM outbox WHERE id = ANY($1) \
+         AND (sent_at IS NULL OR kafka_partition IS DISTINCT FROM (id % 3)::int \
+              OR kafka_offset IS DISTINCT FROM id * 10)",
+    )
+    .bind(&ids)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        wrong, 0,
+        "rows marked with another row's partition or offset"
+    );
+}
