@@ -121,6 +121,13 @@ pub enum Toggle {
 /// Parses the command line, runs the command, returns the process exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Run) {
+        // A one-shot command whose reader went away (`outbox-relay status | head`) ends
+        // quietly, as other command-line tools do, instead of panicking in `println!`.
+        // The daemon keeps Rust's default (SIGPIPE ignored): it never prints to a pipe.
+        // SAFETY: called before any other thread starts; it only resets a disposition.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     let settings = match Settings::load(cli.config.as_deref()) {
         Ok(settings) => settings,
         Err(err) => return config_failure(&err),

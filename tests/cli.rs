@@ -127,6 +127,29 @@ fn bad_configuration_exits_2_naming_the_key() {
     assert!(output_text(&output).contains("/nonexistent/relay.toml"));
 }
 
+/// A one-shot command whose output pipe is closed (`outbox-relay check | head -0`) ends on
+/// SIGPIPE like other command-line tools, never with a panic.
+#[test]
+fn a_closed_output_pipe_ends_a_command_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    let (reader, writer) = std::io::pipe().unwrap();
+    // Closed before the command starts, so its very first print meets a closed pipe.
+    drop(reader);
+    let output = relay_command("postgres://relay@127.0.0.1:1/app", "127.0.0.1:1")
+        .args(["check", "--timeout", "1s"])
+        .stdout(writer)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(
+        output.status.signal(),
+        Some(libc::SIGPIPE),
+        "expected the end of a pipeline, got {:?}: {stderr}",
+        output.status
+    );
+}
+
 #[test]
 fn every_subcommand_has_help() {
     for args in [
