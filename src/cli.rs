@@ -350,11 +350,25 @@ where
 #[derive(serde::Serialize)]
 struct StatusReport {
     pending_rows: i64,
+    /// True when more rows are pending than the relay counts exactly (see `status`).
+    pending_rows_estimated: bool,
     oldest_pending_age_seconds: Option<f64>,
     parked_rows: i64,
     shard_count: i16,
     shards_unowned: i64,
     replicas: Vec<crate::store::ReplicaStatus>,
+}
+
+/// The pending count as a person reads it: an estimate says so.
+fn pending_text(rows: i64, estimated: bool) -> String {
+    if estimated {
+        format!(
+            "about {rows} (estimated from the pending ids: more than {} pending)",
+            crate::store::EXACT_PENDING_UP_TO
+        )
+    } else {
+        rows.to_string()
+    }
 }
 
 async fn status(settings: Settings, json: bool) -> anyhow::Result<()> {
@@ -371,6 +385,7 @@ async fn status(settings: Settings, json: bool) -> anyhow::Result<()> {
     store.pool().close().await;
     let report = StatusReport {
         pending_rows: backlog.pending_rows,
+        pending_rows_estimated: backlog.pending_rows_estimated,
         oldest_pending_age_seconds: backlog.oldest_pending_age.map(|d| d.as_secs_f64()),
         parked_rows: backlog.parked_rows,
         shard_count: crate::lease::SHARD_COUNT,
@@ -382,7 +397,10 @@ async fn status(settings: Settings, json: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     let age = |s: Option<f64>| s.map_or("-".to_string(), |s| format!("{s:.1}s"));
-    println!("pending rows     {}", report.pending_rows);
+    println!(
+        "pending rows     {}",
+        pending_text(report.pending_rows, report.pending_rows_estimated)
+    );
     println!(
         "oldest pending   {}",
         age(report.oldest_pending_age_seconds)
@@ -450,7 +468,7 @@ async fn check(settings: Settings, timeout: Duration) -> anyhow::Result<()> {
             match store.backlog_stats().await {
                 Ok(stats) => println!(
                     "  pending rows: {}, oldest pending: {}, parked rows: {}",
-                    stats.pending_rows,
+                    pending_text(stats.pending_rows, stats.pending_rows_estimated),
                     stats
                         .oldest_pending_age
                         .map_or("none".to_string(), |d| format!(

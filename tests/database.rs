@@ -504,3 +504,48 @@ async fn the_mark_joins_nothing_when_statistics_say_nothing_is_pending() {
         "rows marked with another row's partition or offset"
     );
 }
+
+/// Pending rows are counted exactly up to a bound and estimated from the span of pending
+/// ids beyond it; parked rows count as parked, not pending, either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_backlog_is_estimated_from_the_pending_ids() {
+    use outbox_relay::store::Store;
+
+    let db = TestDb::new().await;
+    let ids = db.insert(&stream("backlog", 5, 300)).await;
+    // Retired at the front, as the relay retires rows; one parked row in the middle.
+    sqlx::query("UPDATE outbox SET sent_at = now() WHERE id < $1")
+        .bind(ids[100])
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE outbox SET parked_at = now(), park_reason = 'test' WHERE id = $1")
+        .bind(ids[150])
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let store = Store::new(db.pool.clone());
+
+    let exact = store.backlog_stats_counting_up_to(1000).await.unwrap();
+    assert_eq!(
+        (
+            exact.pending_rows,
+            exact.pending_rows_estimated,
+            exact.parked_rows
+        ),
+        (199, false, 1)
+    );
+
+    // 200 ids from the oldest pending row to the newest: the parked row between them is
+    // the estimate's error.
+    let estimated = store.backlog_stats_counting_up_to(50).await.unwrap();
+    assert_eq!(
+        (
+            estimated.pending_rows,
+            estimated.pending_rows_estimated,
+            estimated.parked_rows
+        ),
+        (200, true, 1)
+    );
+    assert!(estimated.oldest_pending_age.is_some());
+}
