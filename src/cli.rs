@@ -177,28 +177,45 @@ fn config_failure(err: &ConfigError) -> ExitCode {
 }
 
 async fn run(settings: Settings) -> anyhow::Result<()> {
-    let app = App::build(settings).await?;
+    // Listen for signals before anything else: a SIGTERM during startup (a slow database,
+    // a rollout that changes its mind) is then a clean stop, not the default kill.
     let cancel = CancellationToken::new();
-    let signals = tokio::spawn(cancel_on_signal(cancel.clone()));
-    let result = app.run(cancel).await;
-    signals.abort();
+    let signals = match StopSignals::install() {
+        Ok(signals) => Some(tokio::spawn(signals.cancel_on_first(cancel.clone()))),
+        Err(err) => {
+            error!(error = %err, "cannot install signal handlers; stop the relay with SIGKILL");
+            None
+        }
+    };
+    let result = async { App::build(settings).await?.run(cancel).await }.await;
+    if let Some(signals) = signals {
+        signals.abort();
+    }
     result
 }
 
-async fn cancel_on_signal(cancel: CancellationToken) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        error!("cannot install signal handlers; stop the relay with SIGKILL");
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM received; draining"),
-        _ = int.recv() => info!("SIGINT received; draining"),
+/// SIGTERM and SIGINT, registered with the runtime as soon as they are created.
+struct StopSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn install() -> std::io::Result<StopSignals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(StopSignals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
     }
-    cancel.cancel();
+
+    async fn cancel_on_first(mut self, cancel: CancellationToken) {
+        tokio::select! {
+            _ = self.term.recv() => info!("SIGTERM received; draining"),
+            _ = self.int.recv() => info!("SIGINT received; draining"),
+        }
+        cancel.cancel();
+    }
 }
 
 async fn migrate(settings: Settings, notify_trigger: Option<Toggle>) -> anyhow::Result<()> {

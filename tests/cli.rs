@@ -304,8 +304,9 @@ async fn killed_20_times_mid_stream_loses_nothing_and_duplicates_stay_within_a_b
     let seed: u64 = rand::rng().random();
     println!("kill seed {seed}");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let start = || {
+    let start_as = |replica_id: &str| {
         relay_command(&db.url, &bootstrap)
+            .env("OUTBOX_RELAY_RELAY__REPLICA_ID", replica_id)
             .env(
                 "OUTBOX_RELAY_RELAY__TOPIC_TEMPLATE",
                 format!("{prefix}.{{aggregate_type}}"),
@@ -322,7 +323,7 @@ async fn killed_20_times_mid_stream_loses_nothing_and_duplicates_stay_within_a_b
     };
     let mut kills = 0;
     while kills < 20 {
-        let mut child = start();
+        let mut child = start_as(&format!("killed-{kills}"));
         // Kill at a random point: after some progress, a random moment later.
         let target = (db.sent().await + rng.random_range(200..2000)).min(TOTAL);
         wait_for("progress before the kill", CONDITION_TIMEOUT, || async {
@@ -334,7 +335,18 @@ async fn killed_20_times_mid_stream_loses_nothing_and_duplicates_stay_within_a_b
         child.wait().unwrap();
         kills += 1;
     }
-    let mut child = start();
+    // The last kill may land after the last mark: wait for the final relay to join
+    // (its signal handlers are in place by then) before asking it to stop.
+    let mut child = start_as("final");
+    wait_for("the final relay joined", CONDITION_TIMEOUT, || async {
+        sqlx::query_scalar::<_, bool>(
+            "SELECT EXISTS (SELECT 1 FROM outbox_replica WHERE replica_id = 'final')",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+    })
+    .await;
     wait_for("all rows marked", CONDITION_TIMEOUT, || async {
         db.sent().await == TOTAL
     })
