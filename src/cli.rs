@@ -1,4 +1,4 @@
-//! The command line: `run`, `migrate` and `check`. Exit codes: 0 success, 1 runtime
+//! The command line: `run`, `migrate`, `check`, `status` and `parked`. Exit codes: 0 success, 1 runtime
 //! failure, 2 bad configuration (named key, nothing connected).
 
 use std::path::PathBuf;
@@ -124,7 +124,8 @@ pub fn main() -> ExitCode {
     if !matches!(cli.command, Command::Run) {
         // A one-shot command whose reader went away (`outbox-relay status | head`) ends
         // quietly, as other command-line tools do, instead of panicking in `println!`.
-        // The daemon keeps Rust's default (SIGPIPE ignored): it never prints to a pipe.
+        // The daemon keeps Rust's default (SIGPIPE ignored): a log pipe that closes under
+        // it is a write error, never a reason to die between an ack and its mark.
         // SAFETY: called before any other thread starts; it only resets a disposition.
         unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     }
@@ -380,7 +381,7 @@ struct StatusReport {
 fn pending_text(rows: i64, estimated: bool) -> String {
     if estimated {
         format!(
-            "about {rows} (estimated from the pending ids: more than {} pending)",
+            "about {rows} (estimated: more than {} pending)",
             crate::store::EXACT_PENDING_UP_TO
         )
     } else {

@@ -445,7 +445,7 @@ impl Store {
         let mut s = self.session().await?;
         let result: Result<_, StoreError> = async {
             let mut by_id: Vec<&Ack> = acks.iter().collect();
-            by_id.sort_unstable_by_key(|a| a.id);
+            by_id.sort_by_key(|a| a.id);
             by_id.dedup_by_key(|a| a.id);
             let ids: Vec<i64> = by_id.iter().map(|a| a.id).collect();
             let partitions: Vec<i32> = by_id.iter().map(|a| a.partition).collect();
@@ -510,7 +510,7 @@ impl Store {
             // Sorted and distinct ids, so that each row finds its reason by binary search,
             // with no join to misplan (see MARK_SENT).
             let mut by_id: Vec<&Parking> = parked.iter().collect();
-            by_id.sort_unstable_by_key(|p| p.id);
+            by_id.sort_by_key(|p| p.id);
             by_id.dedup_by_key(|p| p.id);
             let ids: Vec<i64> = by_id.iter().map(|p| p.id).collect();
             let reasons: Vec<&str> = by_id.iter().map(|p| p.reason).collect();
@@ -542,9 +542,11 @@ impl Store {
     }
 
     /// [`Store::backlog_stats`], counting pending rows exactly up to `exact_up_to`. Beyond
-    /// it, the backlog is the span of pending ids: the relay retires rows in id order, so
-    /// nearly every id between the oldest and the newest pending row is pending. It counts
-    /// high by the ids rolled-back inserts used and the rows in flight or parked in between.
+    /// it, the backlog is estimated as the smaller of two upper-leaning figures: the span of
+    /// pending ids (the relay retires rows in id order, so nearly every id between the
+    /// oldest and the newest pending row is pending; one row held behind a parked one
+    /// stretches it) and the pending index's size at its last vacuum or analyze (stale
+    /// while the backlog grows). Never below the rows counted.
     pub async fn backlog_stats_counting_up_to(
         &self,
         exact_up_to: i64,
@@ -554,8 +556,10 @@ impl Store {
             let row = self.query(
                 "SELECT \
                    (SELECT count(*) FROM ( \
-                      SELECT 1 FROM outbox WHERE sent_at IS NULL AND parked_at IS NULL LIMIT $1) c) \
+                      SELECT 1 FROM outbox WHERE sent_at IS NULL AND parked_at IS NULL LIMIT $1 + 1) c) \
                      AS counted, \
+                   (SELECT reltuples::float8 FROM pg_class \
+                      WHERE oid = to_regclass('outbox_pending_idx')) AS indexed_rows, \
                    (SELECT id FROM outbox WHERE sent_at IS NULL AND parked_at IS NULL \
                       ORDER BY id DESC LIMIT 1) AS newest_id, \
                    o.id AS oldest_id, \
@@ -574,9 +578,15 @@ impl Store {
             let oldest_id: Option<i64> = row.try_get("oldest_id")?;
             let newest_id: Option<i64> = row.try_get("newest_id")?;
             let oldest: Option<f64> = row.try_get("oldest_age")?;
-            let estimated = counted >= exact_up_to;
+            let indexed_rows: Option<f64> = row.try_get("indexed_rows")?;
+            let estimated = counted > exact_up_to;
             let pending_rows = match (estimated, oldest_id, newest_id) {
-                (true, Some(oldest), Some(newest)) => (newest - oldest + 1).max(counted),
+                (true, Some(oldest), Some(newest)) => {
+                    let span = newest - oldest + 1;
+                    // reltuples is -1 until the first vacuum or analyze.
+                    let indexed = indexed_rows.filter(|n| *n > 0.0).map(|n| n as i64);
+                    indexed.map_or(span, |n| n.min(span)).max(counted)
+                }
                 _ => counted,
             };
             Ok(BacklogStats {

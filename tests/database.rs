@@ -505,8 +505,9 @@ async fn the_mark_joins_nothing_when_statistics_say_nothing_is_pending() {
     );
 }
 
-/// Pending rows are counted exactly up to a bound and estimated from the span of pending
-/// ids beyond it; parked rows count as parked, not pending, either way.
+/// Pending rows are counted exactly up to a bound and estimated beyond it from the span of
+/// pending ids, capped by the pending index's analyzed size; parked rows count as parked,
+/// not pending, either way.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_large_backlog_is_estimated_from_the_pending_ids() {
     use outbox_relay::store::Store;
@@ -548,4 +549,31 @@ async fn a_large_backlog_is_estimated_from_the_pending_ids() {
         (200, true, 1)
     );
     assert!(estimated.oldest_pending_age.is_some());
+
+    // Exactly at the bound is still a count.
+    let at_bound = store.backlog_stats_counting_up_to(199).await.unwrap();
+    assert_eq!(
+        (at_bound.pending_rows, at_bound.pending_rows_estimated),
+        (199, false)
+    );
+
+    // One row stuck at the front while everything after it but the last ten is retired:
+    // the span still says 200, the pending index (as ANALYZE sized it) says 11.
+    sqlx::query(
+        "UPDATE outbox SET sent_at = now() WHERE id > $1 AND id < $2 AND parked_at IS NULL",
+    )
+    .bind(ids[100])
+    .bind(ids[290])
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    sqlx::query("ANALYZE outbox")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let stuck = store.backlog_stats_counting_up_to(5).await.unwrap();
+    assert_eq!(
+        (stuck.pending_rows, stuck.pending_rows_estimated),
+        (11, true)
+    );
 }

@@ -163,22 +163,26 @@ ALTER ROLE :"relay_role" IN DATABASE :"dbname" SET search_path = :"schema";
 --   read_pending:   SELECT o.id, o.aggregate_type, o.aggregate_id, o.event_type, o.payload,
 --                   o.payload_bytes, o.headers, o.topic, o.event_id, o.created_at, o.shard
 --                   FROM outbox o WHERE o.sent_at IS NULL AND o.parked_at IS NULL ...
---                   AND NOT EXISTS (SELECT 1 FROM outbox p WHERE p.parked_at ... p.discarded_at ...)
+--                   AND ($2 OR NOT EXISTS (SELECT 1 FROM outbox h WHERE h.parked_at ...)
+--                        OR NOT EXISTS (SELECT 1 FROM outbox p WHERE p.aggregate_id = ...))
 --   backlog_stats:  SELECT count(*) ... created_at ... FROM outbox WHERE sent_at / parked_at /
---                   discarded_at ...  (gauges, `check`)
+--                   discarded_at ...  (gauges, `check`; and pg_class.reltuples of
+--                   outbox_pending_idx, which every role may read)
 --   and the WHERE clauses of mark_sent, delete_sent and park below (id, sent_at,
 --   parked_at, shard).
 GRANT SELECT ON TABLE :"schema".outbox TO :"relay_role";
 
 -- outbox, UPDATE of the park columns only:
---   park:           UPDATE outbox o SET parked_at = now(), park_reason = p.reason,
---                   park_error = p.error FROM unnest(...) WHERE ... sent_at IS NULL AND parked_at IS NULL
+--   park:           UPDATE outbox o SET parked_at = now(),
+--                   park_reason = ($2::text[])[width_bucket(o.id, $1)], park_error = ...
+--                   WHERE o.id = ANY($1) AND o.sent_at IS NULL AND o.parked_at IS NULL
 GRANT UPDATE (parked_at, park_reason, park_error) ON TABLE :"schema".outbox TO :"relay_role";
 
 \if :grant_mark
 -- outbox, UPDATE of the ack columns only (relay.mode = "mark"):
 --   mark_sent:      WITH fence AS (... FOR SHARE OF l) UPDATE outbox o SET sent_at = now(),
---                   kafka_partition = a.partition, kafka_offset = a.kafka_offset ...
+--                   kafka_partition = ($2::int[])[width_bucket(o.id, $1)], kafka_offset = ...
+--                   WHERE o.id = ANY($1) AND o.sent_at IS NULL AND o.shard = ANY(...)
 GRANT UPDATE (sent_at, kafka_partition, kafka_offset) ON TABLE :"schema".outbox TO :"relay_role";
 \endif
 
