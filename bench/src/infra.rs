@@ -181,8 +181,8 @@ impl Db {
 
     /// The statements that took the most time in this database since the last reset.
     pub async fn top_statements(&self, limit: i64) -> Vec<Statement> {
-        sqlx::query_as::<_, (i64, f64, f64, i64, String)>(
-            "SELECT calls, total_exec_time, mean_exec_time, rows, \
+        sqlx::query_as::<_, (i64, f64, f64, i64, i64, i64, String)>(
+            "SELECT calls, total_exec_time, mean_exec_time, rows, shared_blks_hit, shared_blks_read, \
                     left(regexp_replace(query, '\\s+', ' ', 'g'), 200) \
              FROM pg_stat_statements \
              WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database()) \
@@ -194,13 +194,17 @@ impl Db {
         .await
         .unwrap_or_default()
         .into_iter()
-        .map(|(calls, total_ms, mean_ms, rows, query)| Statement {
-            calls,
-            total_ms,
-            mean_ms,
-            rows,
-            query,
-        })
+        .map(
+            |(calls, total_ms, mean_ms, rows, shared_blks_hit, shared_blks_read, query)| Statement {
+                calls,
+                total_ms,
+                mean_ms,
+                rows,
+                shared_blks_hit,
+                shared_blks_read,
+                query,
+            },
+        )
         .collect()
     }
 
@@ -302,6 +306,12 @@ pub struct Statement {
     pub total_ms: f64,
     pub mean_ms: f64,
     pub rows: i64,
+    /// Pages found in shared_buffers, and pages read from the OS (its cache or the disk).
+    /// Absent from results recorded before they were collected.
+    #[serde(default)]
+    pub shared_blks_hit: i64,
+    #[serde(default)]
+    pub shared_blks_read: i64,
     pub query: String,
 }
 

@@ -377,18 +377,20 @@ impl Report {
             );
             let _ = writeln!(
                 out,
-                "| drain | calls | mean ms | total s | statement |\n|---|---:|---:|---:|---|"
+                "| drain | calls | mean ms | total s | pages hit / read per call | statement |\n|---|---:|---:|---:|---:|---|"
             );
             for d in with_statements {
                 for st in d.statements.iter().take(3) {
                     let text: String = st.query.chars().take(90).collect();
                     let _ = writeln!(
                         out,
-                        "| {} | {} | {:.2} | {:.1} | `{}…` |",
+                        "| {} | {} | {:.2} | {:.1} | {:.0} / {:.0} | `{}…` |",
                         d.label(),
                         st.calls,
                         st.mean_ms,
                         st.total_ms / 1000.0,
+                        st.shared_blks_hit as f64 / st.calls.max(1) as f64,
+                        st.shared_blks_read as f64 / st.calls.max(1) as f64,
                         text.replace('|', "\\|")
                     );
                 }
