@@ -67,6 +67,7 @@ if [ -e "$PG_BIN/../lib/pg_stat_statements.so" ]; then
 fi
 # Durable commits as in production (fsync, synchronous_commit=on); a buffer cache sized
 # for the machine; checkpoints spaced out so a make-rows step does not trigger a storm.
+# BENCH_PG_OPTIONS adds settings to try (e.g. "-c autovacuum_naptime=1s").
 "${AS_PG[@]}" "$PG_BIN/postgres" -D "$WORK/pg" -p "$PG_PORT" -k "$WORK" \
     -c listen_addresses=127.0.0.1 \
     -c max_connections=200 \
@@ -80,6 +81,7 @@ fi
     -c min_wal_size=1GB \
     -c checkpoint_timeout=30min \
     "${PRELOAD[@]}" \
+    ${BENCH_PG_OPTIONS:-} \
     >"$WORK/postgres.log" 2>&1 &
 PG_PID=$!
 until "$PG_BIN/pg_isready" -q -h 127.0.0.1 -p "$PG_PORT"; do
