@@ -1,5 +1,5 @@
-//! The command line: `run`, `migrate`, `check`, `status` and `parked`. Exit codes: 0 success, 1 runtime
-//! failure, 2 bad configuration (named key, nothing connected).
+//! The command line: `run`, `migrate`, `check`, `status` and `parked`. Exit codes: 0
+//! success, 1 runtime failure, 2 bad configuration (named key, nothing connected).
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -315,6 +315,17 @@ pub struct Statement {
     pub query: String,
 }
 
+impl Statement {
+    /// Mean pages per call: (found in shared_buffers, read from the OS).
+    pub fn pages_per_call(&self) -> (f64, f64) {
+        let calls = self.calls.max(1) as f64;
+        (
+            self.shared_blks_hit as f64 / calls,
+            self.shared_blks_read as f64 / calls,
+        )
+    }
+}
+
 /// A 1 KB JSON event (about 1000 bytes as jsonb prints it): an order with a few fields,
 /// some fixed text and 384 hex digits that differ per row, so lz4 compresses it about as
 /// much as real events, not a hundredfold. Built as text and cast once (jsonb_build_object

@@ -231,13 +231,14 @@ fn show_diagnostics(started: Instant, d: &drain::Drain) {
         ),
     );
     for s in d.statements.iter().take(3) {
+        let (hit, read) = s.pages_per_call();
         eprintln!(
             "      {:>7} calls  mean {:>8.2} ms  total {:>9.0} ms  pages hit/read per call {:>6.0}/{:<6.0}  {}",
             s.calls,
             s.mean_ms,
             s.total_ms,
-            s.shared_blks_hit as f64 / s.calls.max(1) as f64,
-            s.shared_blks_read as f64 / s.calls.max(1) as f64,
+            hit,
+            read,
             s.query.chars().take(110).collect::<String>()
         );
     }

@@ -382,6 +382,7 @@ impl Report {
             for d in with_statements {
                 for st in d.statements.iter().take(3) {
                     let text: String = st.query.chars().take(90).collect();
+                    let (hit, read) = st.pages_per_call();
                     let _ = writeln!(
                         out,
                         "| {} | {} | {:.2} | {:.1} | {:.0} / {:.0} | `{}…` |",
@@ -389,8 +390,8 @@ impl Report {
                         st.calls,
                         st.mean_ms,
                         st.total_ms / 1000.0,
-                        st.shared_blks_hit as f64 / st.calls.max(1) as f64,
-                        st.shared_blks_read as f64 / st.calls.max(1) as f64,
+                        hit,
+                        read,
                         text.replace('|', "\\|")
                     );
                 }
