@@ -68,7 +68,8 @@ pub struct KafkaSettings {
     pub bootstrap_servers: String,
     /// `none`, `gzip`, `snappy`, `lz4` or `zstd`.
     pub compression: String,
-    /// How long librdkafka waits to fill a batch.
+    /// librdkafka's `linger.ms`. The relay queues a whole batch, then sends it without
+    /// waiting this out (see `RowProducer::send_queued_now`).
     #[serde(with = "humantime_serde")]
     pub linger: Duration,
     /// Any librdkafka producer property, passed through as is. Properties that would

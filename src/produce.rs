@@ -119,8 +119,10 @@ impl ProducerContext for RelayContext {
 
 /// A producer of one generation.
 pub struct RowProducer {
-    inner: ThreadedProducer<RelayContext>,
+    inner: Arc<ThreadedProducer<RelayContext>>,
     generation: u64,
+    /// `linger.ms`: how long [`RowProducer::send_queued_now`] holds its flush at most.
+    linger_ms: i32,
 }
 
 impl RowProducer {
@@ -136,7 +138,16 @@ impl RowProducer {
         }
         let inner: ThreadedProducer<RelayContext> =
             config.create_with_context(RelayContext { generation, events })?;
-        Ok(Self { inner, generation })
+        let linger_ms = properties
+            .iter()
+            .find(|(key, _)| key == "linger.ms")
+            .and_then(|(_, value)| value.parse().ok())
+            .unwrap_or(5);
+        Ok(Self {
+            inner: Arc::new(inner),
+            generation,
+            linger_ms,
+        })
     }
 
     pub fn generation(&self) -> u64 {
@@ -159,6 +170,27 @@ impl RowProducer {
             message = message.payload(value);
         }
         self.inner.send(message).map_err(|(error, _)| error)
+    }
+
+    /// Sends what is queued now instead of after `linger.ms`. librdkafka treats linger as
+    /// immediate while a flush is in progress, so this holds a flush on a blocking thread
+    /// until the queue is delivered or linger has passed (when it would be sent anyway),
+    /// at most a second, which only has to outlast waking the broker threads. Called once
+    /// a whole batch is queued, it still goes out as one request per partition, where
+    /// `linger.ms=0` would send its first rows one request each. Must be called from
+    /// within the tokio runtime.
+    pub fn send_queued_now(&self) {
+        if self.linger_ms <= 0 {
+            return;
+        }
+        let (producer, linger_ms) = (Arc::clone(&self.inner), self.linger_ms.min(1000));
+        tokio::task::spawn_blocking(move || {
+            // SAFETY: the pointer is the client `producer` keeps alive for the whole call,
+            // and rd_kafka_flush may be called from any thread. In event mode (how
+            // rust-rdkafka runs the producer) it only waits; the polling thread still
+            // takes the delivery reports.
+            unsafe { rdkafka::bindings::rd_kafka_flush(producer.client().native_ptr(), linger_ms) };
+        });
     }
 
     pub fn fatal_error(&self) -> Option<String> {

@@ -591,6 +591,9 @@ impl Relay {
             }
             batch.topics[i] = Some(record.topic);
         }
+        if batch.produced > 0 {
+            self.producer.send_queued_now();
+        }
     }
 
     /// Refuses a record larger than its topic's `max.message.bytes`, which the broker

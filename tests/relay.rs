@@ -405,6 +405,32 @@ async fn the_doorbell_wakes_an_idle_relay() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_goes_out_without_waiting_out_the_linger() {
+    let db = TestDb::new().await;
+    let bootstrap = kafka_bootstrap();
+    let prefix = unique_prefix();
+    let topic = format!("{prefix}.linger");
+    create_topic(&bootstrap, &topic, 3).await;
+    // librdkafka alone would hold these records for the whole linger; the wait below is
+    // a third of it.
+    let mut settings = template_settings(&db, &bootstrap, &prefix, "");
+    settings.kafka.linger = Duration::from_secs(60);
+    let relay = RunningRelay::start(settings).await;
+    let rows: Vec<NewRow> = (0..5).map(|i| NewRow::new("linger", "a", i)).collect();
+    db.insert(&rows).await;
+    wait_for(
+        "the rows marked before the linger is out",
+        Duration::from_secs(20),
+        || async { db.sent().await == 5 },
+    )
+    .await;
+    relay.stop().await;
+    let rows = db.rows().await;
+    let records = consume(&bootstrap, &topic, 5);
+    assert_eq!(assert_contract(&rows, &records), 0, "no duplicates");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_endpoints_report_health_and_metrics() {
     let db = TestDb::new().await;
     let bootstrap = kafka_bootstrap();
