@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs the whole test suite on a fresh machine: installs PostgreSQL and the pinned tansu
 # broker where missing, checks the deployment files with their own tools
-# (scripts/check-deploy.sh), then `cargo test`. The tests start their own throwaway PostgreSQL
+# (scripts/check-deploy.sh), then `cargo test --workspace` (the relay and the bench). The tests start their own throwaway PostgreSQL
 # and tansu on free loopback ports (or use DATABASE_URL / KAFKA_BOOTSTRAP when set).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,4 +15,4 @@ export TANSU_BIN
 log "deployment and monitoring files (scripts/check-deploy.sh)"
 scripts/check-deploy.sh
 log "cargo test"
-cargo test --locked "$@"
+cargo test --locked --workspace "$@"

@@ -5,14 +5,14 @@
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
 use hdrhistogram::Histogram;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
-use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 
 use crate::infra::{
@@ -47,6 +47,12 @@ pub struct Latency {
     pub p999_ms: f64,
     pub max_ms: f64,
     pub mean_ms: f64,
+    /// Commit → ack, row by row. Relay rows: insert commit → the row's `sent_at`, which
+    /// the relay's mark sets to its transaction's start once the broker acknowledged the
+    /// row, so this bounds commit → ack from above (by the wait for the mark to start).
+    /// Broker only: the produce call → its delivery report.
+    #[serde(default)]
+    pub ack: Option<Percentiles>,
     /// The relay's own `outbox_relay_end_to_end_latency_seconds` (row created_at →
     /// broker ack) over the measured window: the share of rows acked within 10 ms and
     /// 50 ms, and the upper bound of the bucket holding the 99th percentile. created_at is
@@ -66,6 +72,75 @@ pub struct Latency {
     /// The database statements that took the most time during the run.
     #[serde(default)]
     pub statements: Vec<crate::infra::Statement>,
+}
+
+/// Percentiles of one latency, in milliseconds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Percentiles {
+    pub rows: u64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub p999_ms: f64,
+    pub max_ms: f64,
+}
+
+impl Percentiles {
+    /// From latencies in microseconds.
+    fn of(micros: impl IntoIterator<Item = u64>) -> Result<Option<Self>> {
+        let mut histogram = Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3)?;
+        for us in micros {
+            histogram.record(us.max(1))?;
+        }
+        if histogram.is_empty() {
+            return Ok(None);
+        }
+        let ms = |us: u64| us as f64 / 1000.0;
+        Ok(Some(Self {
+            rows: histogram.len(),
+            p50_ms: ms(histogram.value_at_quantile(0.50)),
+            p99_ms: ms(histogram.value_at_quantile(0.99)),
+            p999_ms: ms(histogram.value_at_quantile(0.999)),
+            max_ms: ms(histogram.max()),
+        }))
+    }
+}
+
+/// Microseconds since the Unix epoch of `stamp` (nanoseconds since `base`, taken at
+/// `base_wall`): the clock PostgreSQL's `now()` reads.
+fn wall_micros(base_wall: SystemTime, stamp: u64) -> u64 {
+    let base = base_wall.duration_since(UNIX_EPOCH).unwrap_or_default();
+    (base.as_nanos() as u64 + stamp) / 1000
+}
+
+/// Commit → `sent_at` of the rows after the warm-up, once the relay has marked them all
+/// (or 30 s have passed).
+async fn commit_to_marked(
+    db: &Db,
+    committed: &[AtomicU64],
+    warmup_rows: u64,
+    base_wall: SystemTime,
+) -> Result<Option<Percentiles>> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let unmarked: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE sent_at IS NULL")
+            .fetch_one(&db.pool)
+            .await?;
+        if unmarked == 0 || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let marked: Vec<(i64, i64)> = sqlx::query_as(
+        "SELECT (payload->>'seq')::bigint, (extract(epoch FROM sent_at) * 1000000)::bigint \
+         FROM outbox WHERE sent_at IS NOT NULL",
+    )
+    .fetch_all(&db.pool)
+    .await?;
+    Percentiles::of(marked.into_iter().filter_map(|(seq, sent_us)| {
+        let seq = u64::try_from(seq).ok().filter(|s| *s >= warmup_rows)?;
+        let commit = committed.get(seq as usize)?.load(Ordering::Relaxed);
+        (commit > 0).then(|| (sent_us as u64).saturating_sub(wall_micros(base_wall, commit)))
+    }))
 }
 
 const RELAY_LATENCY: &str = "outbox_relay_end_to_end_latency_seconds";
@@ -215,7 +290,7 @@ pub async fn measure(
 
     let warmup_rows = (rate * plan.warmup.as_secs_f64()).round() as u64;
     let total = warmup_rows + (rate * plan.measure.as_secs_f64()).round() as u64;
-    let base = Instant::now();
+    let (base, base_wall) = (Instant::now(), SystemTime::now());
     let committed: Arc<Vec<AtomicU64>> = Arc::new((0..total).map(|_| AtomicU64::new(0)).collect());
     let received: Arc<Vec<AtomicU64>> = Arc::new((0..total).map(|_| AtomicU64::new(0)).collect());
     let stop = Arc::new(AtomicBool::new(false));
@@ -291,6 +366,7 @@ pub async fn measure(
     let _consumed = consumer
         .join()
         .map_err(|_| anyhow::anyhow!("consumer panicked"))??;
+    let ack = commit_to_marked(db, &committed, warmup_rows, base_wall).await?;
     let before = opening.await?.unwrap_or_default();
     let after = relay.metrics().await.unwrap_or_default();
     let statements = db.top_statements(5).await;
@@ -309,6 +385,7 @@ pub async fn measure(
             connections: plan.connections,
         },
     )?;
+    result.ack = ack;
     if let Some((rows, ten, fifty, p99)) = relay_window(
         &RelayProcess::histogram_buckets(&before, RELAY_LATENCY),
         &RelayProcess::histogram_buckets(&after, RELAY_LATENCY),
@@ -383,6 +460,7 @@ fn summarize(
         p999_ms: ms(histogram.value_at_quantile(0.999)),
         max_ms: ms(histogram.max()),
         mean_ms: histogram.mean() / 1000.0,
+        ack: None,
         relay_ack_rows: None,
         relay_ack_within_10ms: None,
         relay_ack_within_50ms: None,
@@ -394,9 +472,30 @@ fn summarize(
     })
 }
 
+/// Stamps each record's delivery report by its sequence number.
+struct AckStamps {
+    base: Instant,
+    acked: Arc<Vec<AtomicU64>>,
+}
+
+impl ClientContext for AckStamps {}
+
+impl ProducerContext for AckStamps {
+    type DeliveryOpaque = usize;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, seq: usize) {
+        if result.is_ok() {
+            if let Some(slot) = self.acked.get(seq) {
+                slot.store(stamp(self.base), Ordering::Relaxed);
+            }
+        }
+    }
+}
+
 /// The floor under the relay's latency: records produced with the relay's producer
 /// settings (linger 5 ms, acks=all, idempotent) at `rate` records/s straight to the broker,
-/// read by the same consumer; measured from the produce call.
+/// read by the same consumer; measured from the produce call, to the consumer and to the
+/// delivery report.
 pub async fn broker_floor(
     broker_source: (Option<&Path>, Option<&str>),
     work: &Path,
@@ -413,13 +512,18 @@ pub async fn broker_floor(
     let stop = Arc::new(AtomicBool::new(false));
     let consumer = start_consumer(&broker.bootstrap, base, received.clone(), stop.clone())?;
     let bootstrap = broker.bootstrap.clone();
+    let acked: Arc<Vec<AtomicU64>> = Arc::new((0..total).map(|_| AtomicU64::new(0)).collect());
     let producing = sent.clone();
+    let context = AckStamps {
+        base,
+        acked: acked.clone(),
+    };
     tokio::task::spawn_blocking(move || -> Result<()> {
         let mut config = ClientConfig::new();
         for (key, value) in relay_producer_properties(&bootstrap) {
             config.set(key, value);
         }
-        let producer: ThreadedProducer<DefaultProducerContext> = config.create()?;
+        let producer: ThreadedProducer<AckStamps> = config.create_with_context(context)?;
         producer
             .client()
             .fetch_metadata(Some(TOPIC), Duration::from_secs(10))?;
@@ -433,7 +537,11 @@ pub async fn broker_floor(
             let value = payload_json(seq);
             producing[seq as usize].store(stamp(base), Ordering::Relaxed);
             producer
-                .send(BaseRecord::to(TOPIC).key(&key).payload(&value))
+                .send(
+                    BaseRecord::with_opaque_to(TOPIC, seq as usize)
+                        .key(&key)
+                        .payload(&value),
+                )
                 .map_err(|(e, _)| e)?;
         }
         producer.flush(Duration::from_secs(30))?;
@@ -453,7 +561,7 @@ pub async fn broker_floor(
         .join()
         .map_err(|_| anyhow::anyhow!("consumer panicked"))??;
     broker.stop().await;
-    summarize(
+    let mut floor = summarize(
         &sent,
         &received,
         warmup_rows,
@@ -464,7 +572,15 @@ pub async fn broker_floor(
             per_tx: 1,
             connections: 1,
         },
-    )
+    )?;
+    floor.ack = Percentiles::of((warmup_rows as usize..total as usize).filter_map(|seq| {
+        let (s, a) = (
+            sent[seq].load(Ordering::Relaxed),
+            acked[seq].load(Ordering::Relaxed),
+        );
+        (a > 0).then(|| a.saturating_sub(s) / 1000)
+    }))?;
+    Ok(floor)
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -559,6 +675,24 @@ mod tests {
         assert!((ten - 0.98).abs() < 1e-9);
         assert!((fifty - 1.0).abs() < 1e-9);
         assert_eq!(p99, 50.0);
+    }
+
+    #[test]
+    fn percentiles_of_microseconds() {
+        assert!(Percentiles::of(std::iter::empty()).unwrap().is_none());
+        let p = Percentiles::of((1..=1000).map(|ms| ms * 1000))
+            .unwrap()
+            .unwrap();
+        assert_eq!(p.rows, 1000);
+        assert!((p.p50_ms - 500.0).abs() < 1.0, "{p:?}");
+        assert!((p.p99_ms - 990.0).abs() < 1.0, "{p:?}");
+        assert!((p.max_ms - 1000.0).abs() < 1.0, "{p:?}");
+    }
+
+    #[test]
+    fn wall_clock_of_a_stamp() {
+        let base = UNIX_EPOCH + Duration::from_secs(1_000);
+        assert_eq!(wall_micros(base, 2_500_000), 1_000_002_500);
     }
 
     #[test]

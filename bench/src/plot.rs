@@ -39,15 +39,16 @@ pub fn latency(report: &Report, path: &Path) -> Result<()> {
         .map(|l| l.target_rows_per_second.max(l.achieved_rows_per_second))
         .fold(0.0, f64::max)
         * 1.1;
-    let values = report
-        .latency
-        .iter()
-        .flat_map(|l| [l.p50_ms, l.p99_ms, l.p999_ms]);
+    let values = report.latency.iter().flat_map(|l| {
+        [l.p50_ms, l.p99_ms, l.p999_ms]
+            .into_iter()
+            .chain(l.ack.as_ref().map(|a| a.p99_ms))
+    });
     let max_ms = values.clone().fold(1.0, f64::max) * 1.5;
     let min_ms = values.fold(f64::MAX, f64::min).clamp(0.1, 1.0) / 1.5;
     let mut chart = ChartBuilder::on(&root)
         .caption(
-            "End-to-end latency: insert commit -> record read by a consumer",
+            "Latency: insert commit -> record read by a consumer, and -> acknowledged",
             ("sans-serif", 24),
         )
         .margin(20)
@@ -112,6 +113,31 @@ pub fn latency(report: &Report, path: &Path) -> Result<()> {
                 .map_err(err)?;
         }
     }
+    // Commit -> ack (bounded by the row's sent_at), the quantity the targets name.
+    let mut acked: Vec<(f64, f64)> = report
+        .latency
+        .iter()
+        .filter(|l| l.doorbell && l.load != "broker only")
+        .filter_map(|l| {
+            Some((
+                l.achieved_rows_per_second,
+                l.ack.as_ref()?.p99_ms.max(min_ms),
+            ))
+        })
+        .collect();
+    acked.sort_by(|a, b| a.0.total_cmp(&b.0));
+    if !acked.is_empty() {
+        let color = RGBColor(200, 30, 30);
+        let style = color.stroke_width(3);
+        chart
+            .draw_series(LineSeries::new(acked.clone(), style))
+            .map_err(err)?
+            .label("p99 commit -> acked (row's sent_at), doorbell on")
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], style));
+        chart
+            .draw_series(acked.iter().map(|&p| Circle::new(p, 5, color.filled())))
+            .map_err(err)?;
+    }
     // The floor: the relay's producer straight to the consumer, no relay, no database.
     if let Some(floor) = report.latency.iter().find(|l| l.load == "broker only") {
         let grey = RGBColor(110, 110, 110);
@@ -128,6 +154,14 @@ pub fn latency(report: &Report, path: &Path) -> Result<()> {
             .map_err(err)?
             .label("broker only (p50, p99): producer -> consumer")
             .legend(move |(x, y)| TriangleMarker::new((x + 10, y), 6, grey.filled()));
+        if let Some(ack) = &floor.ack {
+            let point = (floor.achieved_rows_per_second, ack.p99_ms.max(min_ms));
+            chart
+                .draw_series(std::iter::once(TriangleMarker::new(point, 7, RED.filled())))
+                .map_err(err)?
+                .label("broker only p99: produce -> ack")
+                .legend(|(x, y)| TriangleMarker::new((x + 10, y), 6, RED.filled()));
+        }
     }
     // The targets: 10 ms at 1k rows/s and 50 ms at half load.
     for (rate, ms) in report
