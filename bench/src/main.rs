@@ -355,7 +355,8 @@ async fn main() -> Result<()> {
             "Latency: inserting clients commit rows at a fixed rate (several rows per transaction above \
              400 transactions/s); the consumer (librdkafka, fetch.wait.max.ms=5) stamps each record on \
              arrival; both stamps on one monotonic clock. The broker-only row is the floor: the relay's \
-             producer settings (linger 5 ms) straight to the same consumer."
+             producer settings, each record sent at once (linger 0, as the relay sends a queued \
+             batch), straight to the same consumer."
                 .into(),
             "Commit → ack is bounded from above three ways: by commit → sent_at (the mark sets sent_at \
              to its transaction's start, after the ack; PostgreSQL's clock against the bench's wall clock \
