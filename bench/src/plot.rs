@@ -91,7 +91,7 @@ pub fn latency(report: &Report, path: &Path) -> Result<()> {
                 .map(|l| (l.achieved_rows_per_second, get(l).max(min_ms)))
                 .collect();
             let label = format!(
-                "{name}, doorbell {}",
+                "{name} to the consumer, doorbell {}",
                 if doorbell { "on" } else { "off (polling)" }
             );
             let style = color.stroke_width(if doorbell { 3 } else { 2 });
@@ -127,7 +127,8 @@ pub fn latency(report: &Report, path: &Path) -> Result<()> {
         .collect();
     acked.sort_by(|a, b| a.0.total_cmp(&b.0));
     if !acked.is_empty() {
-        let color = RGBColor(200, 30, 30);
+        // Dark brown: apart from the palette's reds and oranges of the other series.
+        let color = RGBColor(110, 50, 10);
         let style = color.stroke_width(3);
         chart
             .draw_series(LineSeries::new(acked.clone(), style))
