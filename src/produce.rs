@@ -1,6 +1,7 @@
 //! The Kafka producer: idempotent, acks=all, no message timeout. Each row is one message
 //! whose delivery report (row id, result) arrives on a channel, tagged with the producer's
-//! generation so reports from a torn-down producer are never mistaken for current ones.
+//! generation so reports from a torn-down producer are never mistaken for current ones. A
+//! queued batch is sent at once, without waiting out `linger.ms`.
 
 use std::sync::Arc;
 use std::time::Duration;
