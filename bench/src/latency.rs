@@ -75,13 +75,15 @@ pub struct Latency {
 }
 
 /// Percentiles of one latency, in milliseconds.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Percentiles {
     pub rows: u64,
     pub p50_ms: f64,
     pub p99_ms: f64,
     pub p999_ms: f64,
     pub max_ms: f64,
+    #[serde(default)]
+    pub mean_ms: f64,
 }
 
 impl Percentiles {
@@ -101,6 +103,7 @@ impl Percentiles {
             p99_ms: ms(histogram.value_at_quantile(0.99)),
             p999_ms: ms(histogram.value_at_quantile(0.999)),
             max_ms: ms(histogram.max()),
+            mean_ms: histogram.mean() / 1000.0,
         }))
     }
 }
@@ -425,7 +428,7 @@ fn summarize(
     s: Summary<'_>,
 ) -> Result<Latency> {
     let total = committed.len() as u64;
-    let mut histogram = Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3)?;
+    let mut latencies_us = Vec::with_capacity((total - warmup_rows) as usize);
     let mut missing = 0u64;
     let (mut first_commit, mut last_commit) = (u64::MAX, 0u64);
     for seq in warmup_rows as usize..total as usize {
@@ -437,11 +440,11 @@ fn summarize(
             missing += 1;
             continue;
         }
-        histogram.record((r.saturating_sub(c) / 1000).max(1))?;
+        latencies_us.push(r.saturating_sub(c) / 1000);
     }
     let measured = total - warmup_rows;
     let span = (last_commit.saturating_sub(first_commit)) as f64 / 1e9;
-    let ms = |us: u64| us as f64 / 1000.0;
+    let percentiles = Percentiles::of(latencies_us)?.unwrap_or_default();
     Ok(Latency {
         doorbell: s.doorbell,
         load: s.load.into(),
@@ -455,11 +458,11 @@ fn summarize(
         connections: s.connections,
         measured_rows: measured,
         missing_rows: missing,
-        p50_ms: ms(histogram.value_at_quantile(0.50)),
-        p99_ms: ms(histogram.value_at_quantile(0.99)),
-        p999_ms: ms(histogram.value_at_quantile(0.999)),
-        max_ms: ms(histogram.max()),
-        mean_ms: histogram.mean() / 1000.0,
+        p50_ms: percentiles.p50_ms,
+        p99_ms: percentiles.p99_ms,
+        p999_ms: percentiles.p999_ms,
+        max_ms: percentiles.max_ms,
+        mean_ms: percentiles.mean_ms,
         ack: None,
         relay_ack_rows: None,
         relay_ack_within_10ms: None,
@@ -689,6 +692,7 @@ mod tests {
         assert!((p.p50_ms - 500.0).abs() < 1.0, "{p:?}");
         assert!((p.p99_ms - 990.0).abs() < 1.0, "{p:?}");
         assert!((p.max_ms - 1000.0).abs() < 1.0, "{p:?}");
+        assert!((p.mean_ms - 500.5).abs() < 1.0, "{p:?}");
     }
 
     #[test]
