@@ -143,6 +143,7 @@ impl RowProducer {
             .iter()
             .find(|(key, _)| key == "linger.ms")
             .and_then(|(_, value)| value.parse().ok())
+            // librdkafka's own default, should the property ever be left out.
             .unwrap_or(5);
         Ok(Self {
             inner: Arc::new(inner),
