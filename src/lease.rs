@@ -258,8 +258,9 @@ impl LeaseKeeper {
                     next
                 }
                 Err(err) => {
-                    self.health.set_leases_ok(false);
+                    // Counted before readiness drops, as the relay's own database errors are.
                     telemetry::database_error(err.kind());
+                    self.health.set_leases_ok(false);
                     telemetry::lease_renewal_failed();
                     warn!(error = %err, "lease renewal failed; shards are given up when their leases run out");
                     backoff.next_delay()

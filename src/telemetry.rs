@@ -236,6 +236,8 @@ pub struct Health {
     stalled: AtomicBool,
     blocked: AtomicBool,
     leases_ok: AtomicBool,
+    /// Whether a lease round has finished yet, so start-up is not reported as a failure.
+    leases_checked: AtomicBool,
     in_flight: AtomicU64,
     batches: AtomicU64,
     producer_rebuilds: AtomicU64,
@@ -272,7 +274,8 @@ impl Health {
     }
     /// Whether the last lease renewal round reached the database.
     pub fn set_leases_ok(&self, ok: bool) {
-        if self.leases_ok.swap(ok, Ordering::SeqCst) != ok {
+        let first = !self.leases_checked.swap(true, Ordering::SeqCst);
+        if self.leases_ok.swap(ok, Ordering::SeqCst) != ok || first {
             self.update_ready_gauge();
         }
     }
@@ -340,6 +343,8 @@ impl Health {
             Some("starting")
         } else if !self.database_ok.load(Ordering::SeqCst) {
             Some("database unreachable or refusing writes")
+        } else if !self.leases_checked.load(Ordering::SeqCst) {
+            Some("starting: acquiring shard leases")
         } else if !self.leases_ok.load(Ordering::SeqCst) {
             Some("database unavailable for lease renewal")
         } else if !self.producer_ok.load(Ordering::SeqCst) {
