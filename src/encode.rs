@@ -2,7 +2,6 @@
 //! either becomes a record or a [`ParkReason`] saying why it never can, decided before
 //! anything is produced.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 
@@ -185,7 +184,7 @@ impl EncodedRecord<'_> {
 pub struct Encoder {
     template: TopicTemplate,
     max_message_bytes: usize,
-    topic_cache: HashMap<String, HashMap<String, Result<Arc<str>, ParkReason>>>,
+    topic_cache: foldhash::HashMap<String, foldhash::HashMap<String, Result<Arc<str>, ParkReason>>>,
     cached_topics: usize,
 }
 
@@ -194,7 +193,7 @@ impl Encoder {
         Self {
             template,
             max_message_bytes,
-            topic_cache: HashMap::new(),
+            topic_cache: foldhash::HashMap::default(),
             cached_topics: 0,
         }
     }

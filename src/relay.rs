@@ -5,7 +5,7 @@
 //! While a backlog drains, the next batch is read during this batch's ack wait and a fully
 //! acknowledged batch is marked in the background; reads skip the rows still in flight.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -195,7 +195,7 @@ struct Prefetch {
 /// What a batch reports once its write is done.
 struct Settled {
     read: usize,
-    published_by_topic: HashMap<Arc<str>, u64>,
+    published_by_topic: foldhash::HashMap<Arc<str>, u64>,
     latencies: Vec<Duration>,
     started: Instant,
 }
@@ -422,11 +422,11 @@ impl Relay {
 
         // Decide what may be marked: an acked row whose earlier rows of the same aggregate
         // in this batch were all acked (or parked under `skip`).
-        let mut broken: HashSet<&str> = HashSet::new();
+        let mut broken = foldhash::HashSet::<&str>::default();
         let mut acks: Vec<Ack> = Vec::with_capacity(rows.len());
         let mut settled = Settled {
             read: rows.len(),
-            published_by_topic: HashMap::new(),
+            published_by_topic: foldhash::HashMap::default(),
             latencies: Vec::with_capacity(rows.len()),
             started,
         };
@@ -435,7 +435,12 @@ impl Relay {
             match batch.outcomes[i] {
                 Outcome::Acked { partition, offset } => {
                     if let Some(topic) = &batch.topics[i] {
-                        *settled.published_by_topic.entry(topic.clone()).or_default() += 1;
+                        match settled.published_by_topic.get_mut(topic) {
+                            Some(rows) => *rows += 1,
+                            None => {
+                                settled.published_by_topic.insert(topic.clone(), 1);
+                            }
+                        }
                     }
                     settled
                         .latencies
@@ -525,7 +530,7 @@ impl Relay {
     /// aggregate back to the next batch.
     async fn produce_batch(&mut self, rows: &[OutboxRow], snapshot: &Snapshot, batch: &mut Batch) {
         let hold = self.settings.on_park == ParkPolicy::Hold;
-        let mut held: HashSet<&str> = HashSet::new();
+        let mut held = foldhash::HashSet::<&str>::default();
         for (i, row) in rows.iter().enumerate() {
             if batch.fatal {
                 break;

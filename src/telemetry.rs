@@ -372,7 +372,7 @@ impl Health {
 /// One batch's outcome, reported as a handful of metric updates.
 pub struct BatchReport<'a> {
     pub read: usize,
-    pub published_by_topic: &'a HashMap<std::sync::Arc<str>, u64>,
+    pub published_by_topic: &'a foldhash::HashMap<std::sync::Arc<str>, u64>,
     pub marked: u64,
     pub mode: &'static str,
     pub latencies: &'a [Duration],

@@ -2,7 +2,6 @@
 //! once per topic and again after an hour. A limit the broker does not report is unknown,
 //! and an unknown limit checks nothing: the producer's own limit still applies.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use rdkafka::ClientConfig;
@@ -28,7 +27,7 @@ const PRODUCER_ONLY: &[&str] = &[
 pub struct TopicLimits {
     admin: Option<AdminClient<DefaultClientContext>>,
     properties: Vec<(String, String)>,
-    known: HashMap<String, (Instant, Option<usize>)>,
+    known: foldhash::HashMap<String, (Instant, Option<usize>)>,
 }
 
 impl TopicLimits {
@@ -48,7 +47,7 @@ impl TopicLimits {
         Self {
             admin: None,
             properties,
-            known: HashMap::new(),
+            known: foldhash::HashMap::default(),
         }
     }
 
