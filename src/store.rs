@@ -176,8 +176,9 @@ impl From<sqlx::Error> for StoreError {
     }
 }
 
-/// One row of `read_pending`'s answer, by position; `check_types` compares each column's
-/// type with the field's first.
+/// One row of `read_pending`'s answer, by position. With `check_types` each column's type
+/// is first compared with its field's; without, the value is decoded as it comes, which is
+/// for the rows after the first, whose column types are the same.
 fn decode_pending(r: &PgRow, check_types: bool) -> Result<OutboxRow, sqlx::Error> {
     fn get<'r, T>(r: &'r PgRow, column: usize, check_types: bool) -> Result<T, sqlx::Error>
     where
