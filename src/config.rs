@@ -129,8 +129,9 @@ pub struct RelaySettings {
     pub mode: Mode,
     /// Rows read, produced and marked together.
     pub batch_size: u32,
-    /// While a backlog drains, read the next batch while this one's acks arrive, and mark a
-    /// fully acknowledged batch in the background while the next one is produced.
+    /// Mark a fully acknowledged batch in the background while the next one is read and
+    /// produced; while a backlog drains, also read the next batch while this one's acks
+    /// arrive.
     pub pipeline: bool,
     /// How long an idle relay waits before polling again (a doorbell wakes it sooner).
     #[serde(with = "humantime_serde")]

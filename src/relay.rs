@@ -2,8 +2,9 @@
 //! acks, then mark the batch in one statement. A row is marked only after its ack, and
 //! only when every earlier row of its aggregate in the batch was acked (or parked under
 //! `skip`), so a resend never lets a later row's first occurrence precede an earlier one.
-//! While a backlog drains, the next batch is read during this batch's ack wait and a fully
-//! acknowledged batch is marked in the background; reads skip the rows still in flight.
+//! A fully acknowledged batch is marked in the background while the next one is read and
+//! produced, and while a backlog drains the next batch is read during this batch's ack
+//! wait; reads skip the rows still in flight or being marked.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -250,28 +251,30 @@ impl Relay {
             self.health.loop_progress();
             let tick = self.tick(&cancel).await;
             self.health.loop_waiting();
-            match tick {
+            let waited = match tick {
                 Ok(Tick::Batch { blocked: true, .. }) => {
                     let delay = blocked_backoff.next_delay();
                     tokio::select! {
                         _ = sleep(delay) => {}
                         _ = cancel.cancelled() => {}
                     }
+                    Ok(())
                 }
                 Ok(Tick::Batch { full: true, .. }) => {
                     backoff.reset();
                     blocked_backoff.reset();
+                    Ok(())
                 }
                 Ok(Tick::Batch { .. } | Tick::Idle) => {
                     backoff.reset();
                     blocked_backoff.reset();
-                    tokio::select! {
-                        _ = self.wake.notified() => {}
-                        _ = sleep(self.settings.poll_interval) => {}
-                        _ = cancel.cancelled() => {}
-                    }
+                    self.wait_for_rows(&cancel).await
                 }
                 Ok(Tick::Stopped) => break,
+                Err(err) => Err(err),
+            };
+            match waited {
+                Ok(()) => {}
                 Err(err) if err.is_retriable() => {
                     let delay = backoff.next_delay();
                     warn!(error = %err, retry_in = ?delay, "database unavailable; retrying");
@@ -471,7 +474,7 @@ impl Relay {
         // of a broken aggregate) are dropped.
         let clean = acks.len() == rows.len() && !batch.fatal && batch.blocked.is_none();
         let any_acked = !acks.is_empty();
-        if read_ahead && clean && !cancel.is_cancelled() {
+        if self.settings.pipeline && clean && !cancel.is_cancelled() {
             let ids = acks.iter().map(|a| a.id).collect();
             let (writer, cancel) = (self.writer.clone(), cancel.clone());
             let task = tokio::spawn(async move { writer.write(&[], &acks, &cancel).await });
@@ -497,6 +500,35 @@ impl Relay {
             full,
             blocked: batch.blocked.is_some(),
         })
+    }
+
+    /// Waits for the doorbell, the poll interval or shutdown. A mark still running in the
+    /// background is reported as soon as it commits, not when the next batch is read.
+    async fn wait_for_rows(&mut self, cancel: &CancellationToken) -> Result<(), RelayError> {
+        let until = Instant::now() + self.settings.poll_interval;
+        if let Some(pending) = self.pending_write.as_mut() {
+            let written = tokio::select! {
+                written = &mut pending.task => Some(written),
+                _ = self.wake.notified() => None,
+                _ = sleep_until(until) => None,
+                _ = cancel.cancelled() => None,
+            };
+            // Woken before the mark committed: it stays pending, and the next read skips
+            // its rows.
+            let Some(written) = written else {
+                return Ok(());
+            };
+            if let Some(pending) = self.pending_write.take() {
+                let (parked, marked) = written.map_err(RelayError::Task)??;
+                self.report(pending.settled, parked, marked);
+            }
+        }
+        tokio::select! {
+            _ = self.wake.notified() => {}
+            _ = sleep_until(until) => {}
+            _ = cancel.cancelled() => {}
+        }
+        Ok(())
     }
 
     /// Waits for the background mark, if any, and reports its batch.

@@ -405,6 +405,78 @@ async fn the_doorbell_wakes_an_idle_relay() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_rung_in_while_a_mark_waits_are_published_and_the_waiting_rows_are_not_resent() {
+    let db = TestDb::new().await;
+    let bootstrap = kafka_bootstrap();
+    let prefix = unique_prefix();
+    let topic = format!("{prefix}.slowmark");
+    create_topic(&bootstrap, &topic, 3).await;
+    // The first row is locked before the relay starts, so its mark (in the background:
+    // the batch was fully acknowledged) waits on the lock for as long as the test holds it.
+    let first = db.insert(&[NewRow::new("slowmark", "a", 1)]).await[0];
+    let mut lock = db.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM outbox WHERE id = $1 FOR UPDATE")
+        .bind(first)
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    let relay = RunningRelay::start(template_settings(
+        &db,
+        &bootstrap,
+        &prefix,
+        "poll_interval = \"1h\"\n",
+    ))
+    .await;
+    wait_for(
+        "the first row's mark waiting on the lock",
+        CONDITION_TIMEOUT,
+        || async {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT count(*) FROM pg_stat_activity \
+             WHERE wait_event_type = 'Lock' AND query LIKE '%UPDATE outbox%'",
+            )
+            .fetch_one(&db.pool)
+            .await
+            .unwrap()
+                == 1
+        },
+    )
+    .await;
+
+    // A doorbell while that mark waits: the relay reads again, skipping the row whose
+    // mark is still running, and publishes only the new one.
+    db.insert(&[NewRow::new("slowmark", "b", 2)]).await;
+    sqlx::query("SELECT pg_notify('outbox_relay', '')")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let published = consume(&bootstrap, &topic, 2);
+    assert_eq!(
+        published.len(),
+        2,
+        "each row published once while the mark waits"
+    );
+    assert_eq!(
+        db.sent().await,
+        0,
+        "nothing marked while the first mark waits"
+    );
+
+    lock.commit().await.unwrap();
+    wait_for("both rows marked", CONDITION_TIMEOUT, || async {
+        db.sent().await == 2
+    })
+    .await;
+    relay.stop().await;
+    let records = consume(&bootstrap, &topic, 2);
+    assert_eq!(
+        assert_contract(&db.rows().await, &records),
+        0,
+        "no duplicates"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_goes_out_without_waiting_out_the_linger() {
     let db = TestDb::new().await;
     let bootstrap = kafka_bootstrap();
