@@ -97,13 +97,7 @@ async fn a_killed_listen_connection_reconnects() {
         .await
         .unwrap();
     // Polling is an hour away: only the doorbell can deliver within the waits below.
-    let relay = RunningRelay::start(template_settings(
-        &db,
-        &bootstrap,
-        &prefix,
-        "poll_interval = \"1h\"\n",
-    ))
-    .await;
+    let relay = start_doorbell_only_relay(&db, &bootstrap, &prefix).await;
     let listening = || async {
         sqlx::query_scalar::<_, i64>(
             "SELECT count(*) FROM pg_stat_activity \

@@ -379,13 +379,7 @@ async fn the_doorbell_wakes_an_idle_relay() {
         .await
         .unwrap();
     // The poll interval is far longer than the wait below: only the doorbell can deliver.
-    let relay = RunningRelay::start(template_settings(
-        &db,
-        &bootstrap,
-        &prefix,
-        "poll_interval = \"1h\"\n",
-    ))
-    .await;
+    let relay = start_doorbell_only_relay(&db, &bootstrap, &prefix).await;
     let health = relay.health.clone();
     wait_for("relay ready", CONDITION_TIMEOUT, || async {
         http_get(relay.http_addr, "/readyz").await.0 == 200
@@ -420,13 +414,7 @@ async fn rows_rung_in_while_a_mark_waits_are_published_and_the_waiting_rows_are_
         .execute(&mut *lock)
         .await
         .unwrap();
-    let relay = RunningRelay::start(template_settings(
-        &db,
-        &bootstrap,
-        &prefix,
-        "poll_interval = \"1h\"\n",
-    ))
-    .await;
+    let relay = start_doorbell_only_relay(&db, &bootstrap, &prefix).await;
     wait_for(
         "the first row's mark waiting on the lock",
         CONDITION_TIMEOUT,

@@ -1046,6 +1046,18 @@ impl RunningRelay {
     }
 }
 
+/// A relay whose poll is an hour away: within a test, only the doorbell (the notify
+/// trigger or a `pg_notify` on its channel) wakes it once it has gone idle.
+pub async fn start_doorbell_only_relay(db: &TestDb, bootstrap: &str, prefix: &str) -> RunningRelay {
+    RunningRelay::start(template_settings(
+        db,
+        bootstrap,
+        prefix,
+        "poll_interval = \"1h\"\n",
+    ))
+    .await
+}
+
 /// A minimal HTTP/1.0 GET against the relay, returning (status, body).
 pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
