@@ -130,8 +130,8 @@ pub struct RelaySettings {
     /// Rows read, produced and marked together.
     pub batch_size: u32,
     /// Mark a fully acknowledged batch in the background while the next one is read and
-    /// produced; while a backlog drains, also read the next batch while this one's acks
-    /// arrive.
+    /// produced; while a backlog drains, also read the next batch while this one is
+    /// produced and its acks arrive.
     pub pipeline: bool,
     /// How long an idle relay waits before polling again (a doorbell wakes it sooner).
     #[serde(with = "humantime_serde")]

@@ -3,8 +3,8 @@
 //! only when every earlier row of its aggregate in the batch was acked (or parked under
 //! `skip`), so a resend never lets a later row's first occurrence precede an earlier one.
 //! A fully acknowledged batch is marked in the background while the next one is read and
-//! produced, and while a backlog drains the next batch is read during this batch's ack
-//! wait; reads skip the rows still in flight or being marked.
+//! produced, and while a backlog drains the next batch is read while this one is produced
+//! and acknowledged; reads skip the rows still in flight or being marked.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -397,18 +397,20 @@ impl Relay {
     ) -> Result<Tick, RelayError> {
         let full = rows.len() == self.settings.batch_size as usize;
         let hold = self.settings.on_park == ParkPolicy::Hold;
+        // A full batch means a backlog: read the next batch while this one is produced and
+        // its acks arrive. It skips this batch and the one being marked, exactly, by id.
+        let read_ahead = self.settings.pipeline && full && !cancel.is_cancelled();
+        // Its own task: a read polled inside this task's ack wait (tokio::join!) was seen to
+        // stall for good after its response had arrived.
+        let read = read_ahead.then(|| {
+            let mut skip = self.pending_ids();
+            skip.extend(rows.iter().map(|r| r.id));
+            tokio::spawn(self.read(shard_filter.as_deref(), &skip))
+        });
         let mut batch = Batch::new(rows.len());
         self.produce_batch(&rows, snapshot, &mut batch).await;
 
-        // A full batch means a backlog: read the next batch while this one's acks arrive.
-        // It skips this batch and the one being marked, exactly, by id.
-        let read_ahead = self.settings.pipeline && full && !cancel.is_cancelled();
-        let ahead = if read_ahead {
-            let mut skip = self.pending_ids();
-            skip.extend(rows.iter().map(|r| r.id));
-            // Its own task: a read polled inside this task's ack wait (tokio::join!) was
-            // seen to stall for good after its response had arrived.
-            let read = tokio::spawn(self.read(shard_filter.as_deref(), &skip));
+        let ahead = if let Some(read) = read {
             self.collect_acks(&rows, &mut batch, cancel).await;
             match read.await {
                 Ok(Ok(next_rows)) => Some(next_rows),
