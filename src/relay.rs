@@ -410,19 +410,17 @@ impl Relay {
         let mut batch = Batch::new(rows.len());
         self.produce_batch(&rows, snapshot, &mut batch).await;
 
-        let ahead = if let Some(read) = read {
-            self.collect_acks(&rows, &mut batch, cancel).await;
-            match read.await {
+        self.collect_acks(&rows, &mut batch, cancel).await;
+        let ahead = match read {
+            Some(read) => match read.await {
                 Ok(Ok(next_rows)) => Some(next_rows),
                 Ok(Err(err)) => {
                     debug!(error = %err, "reading ahead failed; reading again");
                     None
                 }
                 Err(join_error) => return Err(RelayError::Task(join_error)),
-            }
-        } else {
-            self.collect_acks(&rows, &mut batch, cancel).await;
-            None
+            },
+            None => None,
         };
 
         // Decide what may be marked: an acked row whose earlier rows of the same aggregate
