@@ -94,9 +94,10 @@ struct Cli {
     /// Backlog sizes the relay drains (and the ceilings are measured on).
     #[arg(long, value_delimiter = ',')]
     sizes: Vec<u64>,
-    /// Backlog the peer drains (default: the smallest size).
-    #[arg(long)]
-    peer_rows: Option<u64>,
+    /// Backlogs the peer drains (default: every size of --sizes), so each relay drain has
+    /// a peer on the same backlog to compare with.
+    #[arg(long, value_delimiter = ',')]
+    peer_rows: Vec<u64>,
     /// The big backlog: its database ceiling, and the relay's rate, CPU and RSS on it (0
     /// skips it; default 10M, 0 with --quick).
     #[arg(long, env = "BENCH_BIG_ROWS")]
@@ -134,7 +135,7 @@ struct Cli {
 struct Plan {
     steps: Vec<Step>,
     sizes: Vec<u64>,
-    peer_rows: u64,
+    peer_rows: Vec<u64>,
     big_rows: u64,
     latency: LatencyPlan,
     notify_seconds: f64,
@@ -161,10 +162,13 @@ impl Plan {
         } else {
             vec![200_000, 2_000_000]
         };
-        let smallest = sizes.iter().copied().min().unwrap_or(20_000);
         Plan {
             steps,
-            peer_rows: cli.peer_rows.unwrap_or(smallest),
+            peer_rows: if cli.peer_rows.is_empty() {
+                sizes.clone()
+            } else {
+                cli.peer_rows.clone()
+            },
             big_rows: cli
                 .big_rows
                 .unwrap_or(if cli.quick { 0 } else { 10_000_000 }),
@@ -399,16 +403,18 @@ async fn main() -> Result<()> {
     }
 
     if plan.runs(Step::Peer) {
-        for mode in ["mark", "delete"] {
-            progress(
-                started,
-                format!("peer (bench/peer.py), {mode}, {} rows", plan.peer_rows),
-            );
-            let p = drain::peer(&db, &peer, brokers, &work, plan.peer_rows, mode).await?;
-            progress(started, format!("  {:.0} rows/s", p.rows_per_second));
-            show_diagnostics(started, &p);
-            report.peers.push(p);
-            finish(&mut report)?;
+        for &rows in &plan.peer_rows {
+            for mode in ["mark", "delete"] {
+                progress(
+                    started,
+                    format!("peer (bench/peer.py), {mode}, {rows} rows"),
+                );
+                let p = drain::peer(&db, &peer, brokers, &work, rows, mode).await?;
+                progress(started, format!("  {:.0} rows/s", p.rows_per_second));
+                show_diagnostics(started, &p);
+                report.peers.push(p);
+                finish(&mut report)?;
+            }
         }
     }
 

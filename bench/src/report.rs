@@ -132,12 +132,10 @@ impl Report {
             })
     }
 
-    pub fn peer(&self, mode: &str) -> Option<&Drain> {
-        self.peers
-            .iter()
-            .filter(|p| p.mode == mode)
-            .max_by_key(|p| p.rows)
-            .or_else(|| self.peers.iter().find(|p| p.mode == "mark"))
+    /// The peer on the same backlog in the same mode: a peer measured on another size is
+    /// not a comparison (both slow down as the table grows).
+    pub fn peer(&self, mode: &str, rows: u64) -> Option<&Drain> {
+        self.peers.iter().find(|p| p.mode == mode && p.rows == rows)
     }
 
     /// The relay's steady single-replica drain rate in mark mode: the "max" the
@@ -326,7 +324,7 @@ impl Report {
             let _ = writeln!(
                 out,
                 "Rows/s from the first retirement until nothing is pending (start-up apart). \
-                 Ratios against the ceilings of the same mode and backlog, and the peer of the same mode.\n"
+                 Ratios against the ceilings and the peer of the same mode and backlog.\n"
             );
             let _ = writeln!(
                 out,
@@ -345,7 +343,7 @@ impl Report {
                 let peer = if d.who == "peer" {
                     "1.00".into()
                 } else {
-                    self.peer(&d.mode)
+                    self.peer(&d.mode, d.rows)
                         .map(|p| format!("{:.2}", d.rows_per_second / p.rows_per_second))
                         .unwrap_or_else(|| "–".into())
                 };
