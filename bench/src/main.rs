@@ -206,6 +206,19 @@ fn progress(started: Instant, message: impl AsRef<str>) {
     );
 }
 
+/// One database ceiling, announced and reported on the progress lines.
+async fn database_ceiling(
+    db: &Db,
+    rows: u64,
+    mode: &str,
+    started: Instant,
+) -> Result<ceiling::Ceiling> {
+    progress(started, format!("database ceiling, {mode}, {rows} rows"));
+    let c = ceiling::database(db, rows, mode).await?;
+    progress(started, format!("  {:.0} rows/s", c.rows_per_second));
+    Ok(c)
+}
+
 /// `--replot`: the tables and plots of an earlier run, from its JSON.
 fn replot(path: &std::path::Path, font: &std::path::Path) -> Result<()> {
     let text =
@@ -385,9 +398,7 @@ async fn main() -> Result<()> {
     if plan.runs(Step::Ceilings) {
         for &rows in &plan.sizes {
             for mode in ["mark", "delete"] {
-                progress(started, format!("database ceiling, {mode}, {rows} rows"));
-                let c = ceiling::database(&db, rows, mode).await?;
-                progress(started, format!("  {:.0} rows/s", c.rows_per_second));
+                let c = database_ceiling(&db, rows, mode, started).await?;
                 report.ceilings.push(c);
                 finish(&mut report)?;
             }
@@ -449,12 +460,7 @@ async fn main() -> Result<()> {
     if plan.runs(Step::Big) && plan.big_rows > 0 {
         // Its own ceiling, so that the ratio compares the database with itself on a table
         // this size (larger than shared_buffers): a smaller backlog's rate is not that.
-        progress(
-            started,
-            format!("database ceiling, {}, {} rows", cli.big_mode, plan.big_rows),
-        );
-        let c = ceiling::database(&db, plan.big_rows, &cli.big_mode).await?;
-        progress(started, format!("  {:.0} rows/s", c.rows_per_second));
+        let c = database_ceiling(&db, plan.big_rows, &cli.big_mode, started).await?;
         report.ceilings.push(c);
         finish(&mut report)?;
         progress(
