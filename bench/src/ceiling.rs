@@ -28,6 +28,9 @@ pub struct Ceiling {
     pub rows_per_second: f64,
     /// Statements (database) or records acknowledged (broker) per batch.
     pub batch: u64,
+    /// Checkpoints the server began while the backlog was made and retired (database).
+    #[serde(default)]
+    pub checkpoints_during: Option<i64>,
 }
 
 /// The columns the relay reads (src/store.rs `read_pending`).
@@ -42,6 +45,7 @@ const NEXT_BATCH: &str = "SELECT id FROM outbox \
 /// Reads and retires every pending row, 1000 per statement, on one connection.
 pub async fn database(db: &Db, rows: u64, mode: &str) -> Result<Ceiling> {
     db.reset().await?;
+    let settled = db.settle().await?;
     let make = db.make_rows(rows, mode).await?;
     let sql = match mode {
         "mark" => format!(
@@ -81,6 +85,7 @@ pub async fn database(db: &Db, rows: u64, mode: &str) -> Result<Ceiling> {
         seconds,
         rows_per_second: rows as f64 / seconds,
         batch: 1000,
+        checkpoints_during: Some(db.checkpoints_since(settled).await?),
     })
 }
 
@@ -213,5 +218,6 @@ pub async fn broker(broker: &Broker, records: Arc<Vec<Record>>, make: Duration) 
         seconds,
         rows_per_second: rows as f64 / seconds,
         batch: 0,
+        checkpoints_during: None,
     })
 }

@@ -54,6 +54,9 @@ pub struct Drain {
     pub mean_batch_ms: f64,
     /// The database statements that took the most time during the drain.
     pub statements: Vec<Statement>,
+    /// Checkpoints the server began while the backlog was made and drained.
+    #[serde(default)]
+    pub checkpoints_during: Option<i64>,
 }
 
 impl Drain {
@@ -92,6 +95,7 @@ pub async fn relay(
     replicas: u32,
 ) -> Result<Drain> {
     db.reset().await?;
+    let settled = db.settle().await?;
     let make = db.make_rows(rows, mode).await?;
     let broker = Broker::start(broker_source.0, broker_source.1, work).await?;
     broker.create_topic().await?;
@@ -172,6 +176,7 @@ pub async fn relay(
         cpu += cpu_time(p.pid()).unwrap_or_default();
         rss = rss.max(peak_rss(p.pid()).unwrap_or(0));
     }
+    let checkpoints_during = db.checkpoints_since(settled).await?;
     let statements = db.top_statements(6).await;
     let (mut batches, mut batch_seconds) = (0.0, 0.0);
     for p in &procs {
@@ -224,6 +229,7 @@ pub async fn relay(
             0.0
         },
         statements,
+        checkpoints_during: Some(checkpoints_during),
     })
 }
 
@@ -269,6 +275,7 @@ pub async fn peer(
     mode: &str,
 ) -> Result<Drain> {
     db.reset().await?;
+    let settled = db.settle().await?;
     let make = db.make_rows(rows, mode).await?;
     let broker = Broker::start(broker_source.0, broker_source.1, work).await?;
     broker.create_topic().await?;
@@ -308,6 +315,7 @@ pub async fn peer(
     if report.rows != rows {
         bail!("the peer retired {} of {rows} rows", report.rows);
     }
+    let checkpoints_during = db.checkpoints_since(settled).await?;
     let statements = db.top_statements(6).await;
     let records = broker.records().await.unwrap_or(-1);
     let broker_rss = broker.peak_rss();
@@ -333,5 +341,6 @@ pub async fn peer(
         batches: report.batches,
         mean_batch_ms: report.seconds_total * 1000.0 / report.batches.max(1) as f64,
         statements,
+        checkpoints_during: Some(checkpoints_during),
     })
 }

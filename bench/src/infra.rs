@@ -272,7 +272,47 @@ impl Db {
         sqlx::query("VACUUM ANALYZE outbox")
             .execute(&self.pool)
             .await?;
-        Ok(started.elapsed())
+        let made = started.elapsed();
+        // The backlog's pages sit dirty in the OS cache: written back during the
+        // measurement, they would share the disk with its WAL flushes.
+        tokio::task::spawn_blocking(|| {
+            // SAFETY: sync(2) takes no arguments and cannot fail.
+            unsafe { libc::sync() }
+        })
+        .await?;
+        Ok(made)
+    }
+
+    /// Starts a measurement from a checkpoint just taken (CHECKPOINT), and returns the
+    /// server's checkpoint count for [`Db::checkpoints_since`]. Called before the backlog
+    /// is made: its pages are then all new since the last checkpoint, and changing them logs
+    /// no full-page images, unless a checkpoint comes before the measurement ends (run.sh
+    /// spaces them so none does). Without it, where checkpoints fell depended on the WAL
+    /// of the steps before.
+    pub async fn settle(&self) -> Result<i64> {
+        sqlx::query("CHECKPOINT")
+            .execute(&self.pool)
+            .await
+            .context("CHECKPOINT before a measurement (needs a superuser or pg_checkpoint)")?;
+        self.checkpoints().await
+    }
+
+    /// Checkpoints the server began since `settled` (a [`Db::settle`] count).
+    pub async fn checkpoints_since(&self, settled: i64) -> Result<i64> {
+        Ok(self.checkpoints().await? - settled)
+    }
+
+    async fn checkpoints(&self) -> Result<i64> {
+        // PostgreSQL 17 moved the counters from pg_stat_bgwriter to pg_stat_checkpointer.
+        let version: i32 = sqlx::query_scalar("SELECT current_setting('server_version_num')::int")
+            .fetch_one(&self.pool)
+            .await?;
+        let sql = if version >= 170000 {
+            "SELECT num_timed + num_requested FROM pg_stat_checkpointer"
+        } else {
+            "SELECT checkpoints_timed + checkpoints_req FROM pg_stat_bgwriter"
+        };
+        Ok(sqlx::query_scalar(sql).fetch_one(&self.pool).await?)
     }
 
     /// Whether any row is still pending (the relay's predicate, on its partial index).

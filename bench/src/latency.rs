@@ -72,6 +72,9 @@ pub struct Latency {
     /// The database statements that took the most time during the run.
     #[serde(default)]
     pub statements: Vec<crate::infra::Statement>,
+    /// Checkpoints the server began during the run (warm-up, window and catch-up).
+    #[serde(default)]
+    pub checkpoints_during: Option<i64>,
 }
 
 /// Percentiles of one latency, in milliseconds.
@@ -287,6 +290,7 @@ pub async fn measure(
     launcher.migrate(&db.url, Some(doorbell))?;
     let broker = Broker::start(broker_source.0, broker_source.1, work).await?;
     broker.create_topic().await?;
+    let settled = db.settle().await?;
     let mut relay = launcher.spawn(&db.url, &broker.bootstrap, "mark", "bench-latency", &[])?;
     wait_ready(&mut relay).await?;
     db.statements_reset().await;
@@ -372,6 +376,7 @@ pub async fn measure(
     let ack = commit_to_marked(db, &committed, warmup_rows, base_wall).await?;
     let before = opening.await?.unwrap_or_default();
     let after = relay.metrics().await.unwrap_or_default();
+    let checkpoints_during = db.checkpoints_since(settled).await?;
     let statements = db.top_statements(5).await;
     let _ = relay.stop().await;
     broker.stop().await;
@@ -399,6 +404,7 @@ pub async fn measure(
         result.relay_ack_p99_bucket_ms = Some(p99);
     }
     result.statements = statements;
+    result.checkpoints_during = Some(checkpoints_during);
     let delta = |name: &str| {
         RelayProcess::metric_sum(&after, name) - RelayProcess::metric_sum(&before, name)
     };
@@ -472,6 +478,7 @@ fn summarize(
         relay_mean_batch_rows: None,
         relay_mean_batch_ms: None,
         statements: Vec::new(),
+        checkpoints_during: None,
     })
 }
 
@@ -602,6 +609,7 @@ pub struct NotifyCost {
 /// `duration`, no relay running; returns commits per second.
 async fn commit_rate(db: &Db, connections: u32, duration: Duration) -> Result<f64> {
     db.reset().await?;
+    db.settle().await?;
     let pool = Db::pool(&db.url, connections).await?;
     let count = Arc::new(AtomicU64::new(0));
     let start = Instant::now() + Duration::from_millis(200);

@@ -499,13 +499,58 @@ impl Report {
                 );
             }
         }
-        if !self.notes.is_empty() {
+        let notes: Vec<String> = self
+            .notes
+            .iter()
+            .cloned()
+            .chain(self.checkpoints_note())
+            .collect();
+        if !notes.is_empty() {
             let _ = writeln!(out, "\n### Notes\n");
-            for n in &self.notes {
+            for n in &notes {
                 let _ = writeln!(out, "- {n}");
             }
         }
         out
+    }
+
+    /// Which measurements a checkpoint fell into (each takes one first); nothing for runs
+    /// recorded before the bench counted them.
+    fn checkpoints_note(&self) -> Option<String> {
+        let ceilings = self.ceilings.iter().filter_map(|c| {
+            let name = format!("database ceiling {} {}", c.mode, human_rows(c.rows));
+            Some((name, c.checkpoints_during?))
+        });
+        let drains = self
+            .peers
+            .iter()
+            .chain(&self.drains)
+            .filter_map(|d| Some((d.label(), d.checkpoints_during?)));
+        let latency = self.latency.iter().filter_map(|l| {
+            let doorbell = if l.doorbell { "on" } else { "off" };
+            let name = format!("latency {} doorbell {doorbell}", l.load);
+            Some((name, l.checkpoints_during?))
+        });
+        let counted: Vec<(String, i64)> = ceilings.chain(drains).chain(latency).collect();
+        if counted.is_empty() {
+            return None;
+        }
+        let during: Vec<String> = counted
+            .iter()
+            .filter(|(_, n)| *n > 0)
+            .map(|(name, n)| format!("{name} ({n})"))
+            .collect();
+        Some(format!(
+            "Each measurement takes a CHECKPOINT before it makes its backlog or starts its \
+             inserts, and the OS writes the backlog out before the clock starts: the rows are \
+             then retired without full-page images in the WAL unless a checkpoint comes in \
+             between. Checkpoints begun while a backlog was made or measured: {}.",
+            if during.is_empty() {
+                "none".to_string()
+            } else {
+                during.join(", ")
+            }
+        ))
     }
 }
 
