@@ -31,6 +31,10 @@ pub struct Ceiling {
     /// Checkpoints the server began while the backlog was made and retired (database).
     #[serde(default)]
     pub checkpoints_during: Option<i64>,
+    /// Database: rows/s of every measurement of this ceiling, of which `rows_per_second`
+    /// is the fastest.
+    #[serde(default)]
+    pub measured_rows_per_second: Vec<f64>,
 }
 
 /// The columns the relay reads (src/store.rs `read_pending`).
@@ -86,6 +90,7 @@ pub async fn database(db: &Db, rows: u64, mode: &str) -> Result<Ceiling> {
         rows_per_second: rows as f64 / seconds,
         batch: 1000,
         checkpoints_during: Some(db.checkpoints_since(settled).await?),
+        measured_rows_per_second: vec![rows as f64 / seconds],
     })
 }
 
@@ -219,5 +224,6 @@ pub async fn broker(broker: &Broker, records: Arc<Vec<Record>>, make: Duration) 
         rows_per_second: rows as f64 / seconds,
         batch: 0,
         checkpoints_during: None,
+        measured_rows_per_second: Vec::new(),
     })
 }

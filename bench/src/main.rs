@@ -106,6 +106,10 @@ struct Cli {
     /// (about 12 GB for 10M rows; mark mode's fillfactor 45 needs twice that disk).
     #[arg(long, env = "BENCH_BIG_MODE", default_value = "delete", value_parser = ["mark", "delete"])]
     big_mode: String,
+    /// How many times each database ceiling of --sizes is measured; the fastest counts
+    /// (default 3, 1 with --quick). The big backlog's is measured once.
+    #[arg(long)]
+    ceiling_repeats: Option<u32>,
     /// Relay replica counts for the drains.
     #[arg(long, value_delimiter = ',', default_value = "1,3")]
     replicas: Vec<u32>,
@@ -137,6 +141,7 @@ struct Plan {
     sizes: Vec<u64>,
     peer_rows: Vec<u64>,
     big_rows: u64,
+    ceiling_repeats: u32,
     latency: LatencyPlan,
     notify_seconds: f64,
 }
@@ -172,6 +177,7 @@ impl Plan {
             big_rows: cli
                 .big_rows
                 .unwrap_or(if cli.quick { 0 } else { 10_000_000 }),
+            ceiling_repeats: cli.ceiling_repeats.unwrap_or(if cli.quick { 1 } else { 3 }),
             latency: LatencyPlan {
                 warmup: Duration::from_secs_f64(cli.latency_warmup.unwrap_or(if cli.quick {
                     1.0
@@ -207,16 +213,40 @@ fn progress(started: Instant, message: impl AsRef<str>) {
 }
 
 /// One database ceiling, announced and reported on the progress lines.
+/// Measures a database ceiling `repeats` times and keeps the fastest: the ceiling is what
+/// SQL alone can do, and whatever else the machine does only ever slows a measurement.
 async fn database_ceiling(
     db: &Db,
     rows: u64,
     mode: &str,
+    repeats: u32,
     started: Instant,
 ) -> Result<ceiling::Ceiling> {
-    progress(started, format!("database ceiling, {mode}, {rows} rows"));
-    let c = ceiling::database(db, rows, mode).await?;
-    progress(started, format!("  {:.0} rows/s", c.rows_per_second));
-    Ok(c)
+    let mut best: Option<ceiling::Ceiling> = None;
+    let mut measured = Vec::new();
+    for i in 1..=repeats.max(1) {
+        let of = if repeats > 1 {
+            format!(" ({i} of {repeats})")
+        } else {
+            String::new()
+        };
+        progress(
+            started,
+            format!("database ceiling, {mode}, {rows} rows{of}"),
+        );
+        let c = ceiling::database(db, rows, mode).await?;
+        progress(started, format!("  {:.0} rows/s", c.rows_per_second));
+        measured.push(c.rows_per_second);
+        if best
+            .as_ref()
+            .is_none_or(|b| c.rows_per_second > b.rows_per_second)
+        {
+            best = Some(c);
+        }
+    }
+    let mut best = best.context("no database ceiling measured")?;
+    best.measured_rows_per_second = measured;
+    Ok(best)
 }
 
 /// `--replot`: the tables and plots of an earlier run, from its JSON.
@@ -364,8 +394,8 @@ async fn main() -> Result<()> {
         notes: vec![
             "Each measurement gets a fresh tansu with in-memory storage and a topic of 3 partitions; \
              backlogs are made by one INSERT ... SELECT generate_series (1 KB jsonb payloads, 10k aggregate ids), \
-             then VACUUM ANALYZE. Ratios use the database ceiling measured on the same backlog size \
-             (the big backlog has its own, in its mode)."
+             then VACUUM ANALYZE. Ratios use the database ceiling measured on the same backlog size, \
+             the fastest of its measurements (the big backlog has its own, in its mode, measured once)."
                 .into(),
             "Relay rows/s run from the first retirement (the relays' rows_marked_total, scraped every 25 ms at the start and near the end, at most 500 ms apart in between) \
              until every row is retired; start-up (process start to first retirement) is shown apart. \
@@ -398,7 +428,7 @@ async fn main() -> Result<()> {
     if plan.runs(Step::Ceilings) {
         for &rows in &plan.sizes {
             for mode in ["mark", "delete"] {
-                let c = database_ceiling(&db, rows, mode, started).await?;
+                let c = database_ceiling(&db, rows, mode, plan.ceiling_repeats, started).await?;
                 report.ceilings.push(c);
                 finish(&mut report)?;
             }
@@ -460,7 +490,8 @@ async fn main() -> Result<()> {
     if plan.runs(Step::Big) && plan.big_rows > 0 {
         // Its own ceiling, so that the ratio compares the database with itself on a table
         // this size (larger than shared_buffers): a smaller backlog's rate is not that.
-        let c = database_ceiling(&db, plan.big_rows, &cli.big_mode, started).await?;
+        // Once: making 10M rows takes five minutes.
+        let c = database_ceiling(&db, plan.big_rows, &cli.big_mode, 1, started).await?;
         report.ceilings.push(c);
         finish(&mut report)?;
         progress(
