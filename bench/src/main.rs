@@ -212,9 +212,9 @@ fn progress(started: Instant, message: impl AsRef<str>) {
     );
 }
 
-/// One database ceiling, announced and reported on the progress lines.
-/// Measures a database ceiling `repeats` times and keeps the fastest: the ceiling is what
-/// SQL alone can do, and whatever else the machine does only ever slows a measurement.
+/// Measures a database ceiling `repeats` times, each announced and reported on the progress
+/// lines, and keeps the fastest: the ceiling is what SQL alone can do, and whatever else the
+/// machine does only ever slows a measurement.
 async fn database_ceiling(
     db: &Db,
     rows: u64,
