@@ -28,7 +28,8 @@ pub struct Ceiling {
     pub rows_per_second: f64,
     /// Statements (database) or records acknowledged (broker) per batch.
     pub batch: u64,
-    /// Checkpoints the server began while the backlog was made and retired (database).
+    /// Checkpoints the server began while the backlog was made and retired (database; over
+    /// every measurement of this ceiling).
     #[serde(default)]
     pub checkpoints_during: Option<i64>,
     /// Database: rows/s of every measurement of this ceiling, of which `rows_per_second`

@@ -214,7 +214,7 @@ fn progress(started: Instant, message: impl AsRef<str>) {
 
 /// Measures a database ceiling `repeats` times, each announced and reported on the progress
 /// lines, and keeps the fastest: the ceiling is what SQL alone can do, and whatever else the
-/// machine does only ever slows a measurement.
+/// machine does only ever slows a measurement. Checkpoints are counted over all of them.
 async fn database_ceiling(
     db: &Db,
     rows: u64,
@@ -224,6 +224,7 @@ async fn database_ceiling(
 ) -> Result<ceiling::Ceiling> {
     let mut best: Option<ceiling::Ceiling> = None;
     let mut measured = Vec::new();
+    let mut checkpoints = None;
     for i in 1..=repeats.max(1) {
         let of = if repeats > 1 {
             format!(" ({i} of {repeats})")
@@ -237,6 +238,9 @@ async fn database_ceiling(
         let c = ceiling::database(db, rows, mode).await?;
         progress(started, format!("  {:.0} rows/s", c.rows_per_second));
         measured.push(c.rows_per_second);
+        if let Some(n) = c.checkpoints_during {
+            checkpoints = Some(checkpoints.unwrap_or(0) + n);
+        }
         if best
             .as_ref()
             .is_none_or(|b| c.rows_per_second > b.rows_per_second)
@@ -246,6 +250,7 @@ async fn database_ceiling(
     }
     let mut best = best.context("no database ceiling measured")?;
     best.measured_rows_per_second = measured;
+    best.checkpoints_during = checkpoints;
     Ok(best)
 }
 
