@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use futures_util::TryStreamExt;
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgArguments, PgConnection, PgRow};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
@@ -330,6 +331,96 @@ pub const MARK_SENT: &str = "WITH fence AS ( \
  WHERE o.id = ANY($1::bigint[]) AND o.sent_at IS NULL \
    AND o.shard = ANY(ARRAY(SELECT shard FROM fence))";
 
+/// The pending rows of one side of the skipped run (`o.id < $5`, then `o.id > $6`); the two
+/// sides are merged in id order. Written out twice because a range is what lets the index
+/// step over the run.
+macro_rules! read_pending_side {
+    ($range:literal) => {
+        concat!(
+            "(SELECT o.id, o.aggregate_type, o.aggregate_id, o.event_type, \
+                o.payload::text AS payload_json, o.payload_bytes, \
+                o.headers::text AS headers_json, o.topic, o.event_id, \
+                LEAST(GREATEST(o.created_at, '1970-01-01Z'::timestamptz), \
+                      '9999-12-31Z'::timestamptz) AS created_at, \
+                o.shard \
+             FROM outbox o \
+             WHERE o.sent_at IS NULL AND o.parked_at IS NULL AND ",
+            $range,
+            " AND ($3::smallint[] IS NULL OR o.shard = ANY($3)) \
+               AND o.id <> ALL($4::bigint[]) \
+               AND ($2 \
+                    OR NOT EXISTS ( \
+                     SELECT 1 FROM outbox h \
+                     WHERE h.parked_at IS NOT NULL AND h.discarded_at IS NULL \
+                       AND h.sent_at IS NULL) \
+                    OR NOT EXISTS ( \
+                     SELECT 1 FROM outbox p \
+                     WHERE p.parked_at IS NOT NULL AND p.discarded_at IS NULL \
+                       AND p.sent_at IS NULL \
+                       AND p.aggregate_id = o.aggregate_id AND p.id < o.id)) \
+             ORDER BY o.id \
+             LIMIT $1)"
+        )
+    };
+}
+
+/// The read: pending rows in id order, without the skipped ids. The longest run of
+/// consecutive skipped ids (`$5..=$6`, usually every row in flight) is left out by two
+/// index ranges, below and above it, so its rows are never fetched; the other skipped
+/// ids (`$4`) are filtered row by row. Filtering the whole skip list fetched and dropped
+/// up to two batches of rows per read.
+const READ_PENDING: &str = concat!(
+    "SELECT * FROM (",
+    read_pending_side!("o.id < $5::bigint"),
+    " UNION ALL ",
+    read_pending_side!("o.id > $6::bigint"),
+    ") AS pending ORDER BY id LIMIT $1"
+);
+
+/// Ids a read leaves out, as the longest run of consecutive ids (`run_first..=run_last`,
+/// empty when `run_first > run_last`) and the others. Every id of the run is in the skip
+/// list, so leaving out the range leaves out exactly those ids.
+#[derive(Debug, PartialEq, Eq)]
+struct SkipList {
+    run_first: i64,
+    run_last: i64,
+    others: Vec<i64>,
+}
+
+impl SkipList {
+    fn new(skip: &[i64]) -> Self {
+        let mut ids = skip.to_vec();
+        ids.sort_unstable();
+        ids.dedup();
+        // (start index, length) of the longest run.
+        let (mut best, mut start) = ((0, 0), 0);
+        for i in 0..ids.len() {
+            if i > 0 && ids[i - 1].checked_add(1) != Some(ids[i]) {
+                start = i;
+            }
+            if i + 1 - start > best.1 {
+                best = (start, i + 1 - start);
+            }
+        }
+        let (first, len) = best;
+        if len == 0 {
+            // An empty run: `id < MIN + 1` and `id > MIN` together cover every id.
+            return Self {
+                run_first: i64::MIN + 1,
+                run_last: i64::MIN,
+                others: ids,
+            };
+        }
+        let (run_first, run_last) = (ids[first], ids[first + len - 1]);
+        ids.drain(first..first + len);
+        Self {
+            run_first,
+            run_last,
+            others: ids,
+        }
+    }
+}
+
 impl Store {
     pub fn new(pool: PgPool) -> Self {
         Self {
@@ -406,46 +497,26 @@ impl Store {
         shards: Option<&[i16]>,
         skip: &[i64],
     ) -> Result<Vec<OutboxRow>, StoreError> {
+        let skip = SkipList::new(skip);
         let mut s = self.session().await?;
         let result: Result<_, StoreError> = async {
-            let rows = self
-                .query(
-                    "SELECT o.id, o.aggregate_type, o.aggregate_id, o.event_type, \
-                        o.payload::text AS payload_json, o.payload_bytes, \
-                        o.headers::text AS headers_json, o.topic, o.event_id, \
-                    LEAST(GREATEST(o.created_at, '1970-01-01Z'::timestamptz), \
-                          '9999-12-31Z'::timestamptz) AS created_at, \
-                        o.shard \
-                 FROM outbox o \
-                 WHERE o.sent_at IS NULL AND o.parked_at IS NULL \
-                   AND ($3::smallint[] IS NULL OR o.shard = ANY($3)) \
-                   AND o.id <> ALL($4::bigint[]) \
-                   AND ($2 \
-                        OR NOT EXISTS ( \
-                         SELECT 1 FROM outbox h \
-                         WHERE h.parked_at IS NOT NULL AND h.discarded_at IS NULL \
-                           AND h.sent_at IS NULL) \
-                        OR NOT EXISTS ( \
-                         SELECT 1 FROM outbox p \
-                         WHERE p.parked_at IS NOT NULL AND p.discarded_at IS NULL \
-                           AND p.sent_at IS NULL \
-                           AND p.aggregate_id = o.aggregate_id AND p.id < o.id)) \
-                 ORDER BY o.id \
-                 LIMIT $1",
-                )
+            let mut rows = self
+                .query(READ_PENDING)
                 .bind(i64::from(limit))
                 .bind(policy == ParkPolicy::Skip)
                 .bind(shards)
-                .bind(skip)
-                .fetch_all(s.conn())
-                .await?;
+                .bind(&skip.others)
+                .bind(skip.run_first)
+                .bind(skip.run_last)
+                .fetch(s.conn());
+            // Each row is decoded as it arrives, while the server still sends the rest.
             // By position, in the SELECT's order: a lookup by name hashes the name per
             // column per row. Every row of one answer has the same column types, so only
             // the first row's are checked against the Rust types (the check resolved each
             // column's type again per row, a fifth of the relay's decoding work).
-            let mut decoded = Vec::with_capacity(rows.len());
-            for (i, r) in rows.iter().enumerate() {
-                decoded.push(decode_pending(r, i == 0)?);
+            let mut decoded = Vec::with_capacity(limit as usize);
+            while let Some(row) = rows.try_next().await? {
+                decoded.push(decode_pending(&row, decoded.is_empty())?);
             }
             Ok(decoded)
         }
@@ -1073,5 +1144,72 @@ impl Store {
         }
         .await;
         s.finish(result).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SkipList;
+
+    fn skip(ids: &[i64]) -> SkipList {
+        SkipList::new(ids)
+    }
+
+    #[test]
+    fn no_skipped_ids_leave_out_no_range() {
+        let s = skip(&[]);
+        assert!(s.run_first > s.run_last);
+        assert!(s.others.is_empty());
+        // The two sides `id < run_first` and `id > run_last` cover every id.
+        assert_eq!(s.run_first, s.run_last + 1);
+    }
+
+    #[test]
+    fn two_adjacent_batches_are_one_range() {
+        let ids: Vec<i64> = (1001..=3000).rev().collect();
+        assert_eq!(
+            skip(&ids),
+            SkipList {
+                run_first: 1001,
+                run_last: 3000,
+                others: vec![],
+            }
+        );
+    }
+
+    #[test]
+    fn the_longest_run_is_a_range_and_the_rest_are_listed() {
+        assert_eq!(
+            skip(&[40, 7, 10, 11, 12, 13, 20, 21, 12, 5]),
+            SkipList {
+                run_first: 10,
+                run_last: 13,
+                others: vec![5, 7, 20, 21, 40],
+            }
+        );
+    }
+
+    #[test]
+    fn a_single_id_is_a_run_of_one() {
+        assert_eq!(
+            skip(&[42]),
+            SkipList {
+                run_first: 42,
+                run_last: 42,
+                others: vec![],
+            }
+        );
+    }
+
+    #[test]
+    fn ids_at_the_ends_of_the_range_do_not_overflow() {
+        assert_eq!(
+            skip(&[i64::MAX, i64::MAX - 1, i64::MIN]),
+            SkipList {
+                run_first: i64::MAX - 1,
+                run_last: i64::MAX,
+                others: vec![i64::MIN],
+            }
+        );
     }
 }

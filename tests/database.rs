@@ -318,6 +318,16 @@ async fn a_read_ahead_skips_exactly_the_rows_in_flight() {
         .unwrap();
     let limited_ids: Vec<i64> = limited.iter().map(|r| r.id).collect();
     assert_eq!(limited_ids, vec![ids[0], ids[1], ids[4]]);
+
+    // A backlog's shape: the two batches in flight are the first rows, one id run, and
+    // a row in flight on its own further on.
+    let in_flight: Vec<i64> = ids[..6].iter().chain([&ids[9]]).copied().collect();
+    let read = store
+        .read_pending(100, ParkPolicy::Hold, None, &in_flight)
+        .await
+        .unwrap();
+    let read_ids: Vec<i64> = read.iter().map(|r| r.id).collect();
+    assert_eq!(read_ids, vec![ids[6], ids[7], ids[8], ids[10], ids[11]]);
 }
 
 /// The table's fillfactor leaves room on each page for every row on it to be marked in
