@@ -215,6 +215,79 @@ async fn a_replica_that_lost_its_lease_cannot_mark() {
     );
 }
 
+/// One mark or delete can cover rows of shards still held and of shards lost: only the
+/// held shards' rows are marked, whether a lost shard sorts before, between or after the
+/// held ones (the fence finds each row's shard by binary search).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mark_over_held_and_lost_shards_marks_only_the_held_ones() {
+    let db = TestDb::new().await;
+    let store = Store::new(db.pool.clone());
+    let ttl = Duration::from_secs(30);
+    db.insert(&stream("partial", 60, 600)).await;
+    // Three shards a < b < c, two rows of each.
+    let picked: Vec<(i16, Vec<i64>)> = sqlx::query_as(
+        "SELECT shard, (array_agg(id ORDER BY id))[1:2] FROM outbox \
+         GROUP BY shard HAVING count(*) >= 2 ORDER BY shard LIMIT 3",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        picked.len(),
+        3,
+        "600 rows over 60 aggregates fill three shards"
+    );
+    let (a, b, c) = (picked[0].0, picked[1].0, picked[2].0);
+    let mut epoch = std::collections::HashMap::new();
+    for (replica, shards) in [("edges", vec![a, c]), ("middle", vec![b])] {
+        for (shard, e) in store.acquire_leases(replica, &shards, ttl).await.unwrap() {
+            epoch.insert(shard, e);
+        }
+    }
+    assert_eq!(epoch.len(), 3);
+    // The n-th row of each shard, acknowledged under the shard's current epoch.
+    let acks = |n: usize| -> Vec<Ack> {
+        picked
+            .iter()
+            .map(|(shard, ids)| Ack {
+                id: ids[n],
+                partition: 0,
+                offset: ids[n],
+                shard: *shard,
+                epoch: epoch[shard],
+            })
+            .collect()
+    };
+    let id_of = |shard_index: usize, n: usize| picked[shard_index].1[n];
+
+    // Held: a and c; lost: b, between them.
+    assert_eq!(store.mark_sent("edges", &acks(0)).await.unwrap(), 2);
+    let marked: Vec<i64> =
+        sqlx::query_scalar("SELECT id FROM outbox WHERE sent_at IS NOT NULL ORDER BY id")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    let mut expected = vec![id_of(0, 0), id_of(2, 0)];
+    expected.sort();
+    assert_eq!(marked, expected, "the rows of a and c, not b's");
+
+    // Held: b; lost: a (before it) and c (after it).
+    assert_eq!(store.delete_sent("middle", &acks(1)).await.unwrap(), 1);
+    for (shard_index, should_remain) in [(0, true), (1, false), (2, true)] {
+        let id = id_of(shard_index, 1);
+        let remains: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM outbox WHERE id = $1)")
+                .bind(id)
+                .fetch_one(&db.pool)
+                .await
+                .unwrap();
+        assert_eq!(
+            remains, should_remain,
+            "row {id} of shard index {shard_index}"
+        );
+    }
+}
+
 struct Replica {
     id: String,
     child: Child,

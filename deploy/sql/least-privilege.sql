@@ -182,14 +182,15 @@ GRANT UPDATE (parked_at, park_reason, park_error) ON TABLE :"schema".outbox TO :
 -- outbox, UPDATE of the ack columns only (relay.mode = "mark"):
 --   mark_sent:      WITH fence AS (... FOR SHARE OF l) UPDATE outbox o SET sent_at = now(),
 --                   kafka_partition = ($2::int[])[width_bucket(o.id, $1)], kafka_offset = ...
---                   WHERE o.id = ANY($1) AND o.sent_at IS NULL AND o.shard = ANY(...)
+--                   WHERE o.id = ANY($1) AND o.sent_at IS NULL
+--                   AND o.shard = (fenced shards)[width_bucket(o.shard, fenced shards)]
 GRANT UPDATE (sent_at, kafka_partition, kafka_offset) ON TABLE :"schema".outbox TO :"relay_role";
 \endif
 
 \if :grant_delete
 -- outbox, DELETE (relay.mode = "delete"):
 --   delete_sent:    WITH fence AS (... FOR SHARE OF l) DELETE FROM outbox o WHERE o.id = ANY($1)
---                   AND o.shard = ANY(...)
+--                   AND o.shard = (fenced shards)[width_bucket(o.shard, fenced shards)]
 GRANT DELETE ON TABLE :"schema".outbox TO :"relay_role";
 \endif
 
