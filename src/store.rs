@@ -372,11 +372,11 @@ macro_rules! read_pending_side {
 /// The read: pending rows in id order, without the skipped ids. The longest run of
 /// consecutive skipped ids (`$5..=$6`) is left out by two index ranges, below and above
 /// it, so its rows are never fetched; the other skipped ids are filtered row by row, each
-/// side by its own list (`$4` below the run, `$7` above it), so that planning still
-/// estimates each skipped id once. With one replica the run is usually every row in flight (filtering the whole skip
-/// list fetched and dropped up to two batches of rows per read); with several, a
-/// replica's rows in flight are interleaved with other shards' ids and most of them are
-/// filtered as before.
+/// side by its own list (`$4` below the run, `$7` above it), so that planning estimates
+/// each skipped id once. With one replica the run is usually every row in flight
+/// (filtering the whole skip list fetched and dropped up to two batches of rows per read);
+/// with several, a replica's rows in flight are interleaved with other shards' ids and
+/// most of them are filtered as before.
 const READ_PENDING: &str = concat!(
     "SELECT * FROM (",
     read_pending_side!("o.id < $5::bigint AND o.id <> ALL($4::bigint[])"),
