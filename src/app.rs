@@ -21,6 +21,9 @@ use crate::store::{Store, StoreError};
 use crate::telemetry::{self, Health};
 use crate::wake;
 
+/// How long a stopping relay tries to give its shards up before leaving them to expire.
+const HAND_OVER_TIMEOUT: Duration = Duration::from_secs(5);
+
 pub struct App {
     settings: Settings,
     store: Store,
@@ -107,9 +110,11 @@ impl App {
 
         let outcome = async {
             wait_for_schema(&store, settings.relay.mode, &health, &cancel).await?;
+            let listener_pool = crate::store::listener_pool(&settings.database)
+                .context("Failed to configure the LISTEN connection from database.url")?;
             let listener = settings.database.listen.then(|| {
                 tokio::spawn(wake::listen(
-                    store.pool().clone(),
+                    listener_pool.clone(),
                     settings.database.listen_channel.clone(),
                     wake.clone(),
                     tasks_cancel.clone(),
@@ -174,10 +179,17 @@ impl App {
             if let Some(listener) = listener {
                 let _ = listener.await;
             }
+            listener_pool.close().await;
             let _ = stats.await;
             keeper_cancel.cancel();
             let _ = keeper.await;
-            hand_over(&store, &replica_id, &ownership).await;
+            // Bounded: the leases expire by themselves should the database not answer.
+            if tokio::time::timeout(HAND_OVER_TIMEOUT, hand_over(&store, &replica_id, &ownership))
+                .await
+                .is_err()
+            {
+                warn!("could not hand the shards over in time; their leases expire by themselves");
+            }
             relayed.context("The relay stopped")
         }
         .await;

@@ -230,13 +230,17 @@ async fn migrate(settings: Settings, notify_trigger: Option<Toggle>) -> anyhow::
     if let Some(toggle) = notify_trigger {
         let enabled = matches!(toggle, Toggle::On);
         store
-            .set_notify_trigger(enabled)
+            .set_notify_trigger(enabled, &settings.database.listen_channel)
             .await
             .context("Failed to change the notify trigger")?;
-        println!(
-            "notify trigger {}",
-            if enabled { "installed" } else { "removed" }
-        );
+        if enabled {
+            println!(
+                "notify trigger installed (channel {})",
+                settings.database.listen_channel
+            );
+        } else {
+            println!("notify trigger removed");
+        }
     }
     store.pool().close().await;
     Ok(())
@@ -507,8 +511,8 @@ async fn check(settings: Settings, timeout: Duration) -> anyhow::Result<()> {
     let properties = settings.producer_properties();
     let bootstrap = settings.kafka.bootstrap_servers.clone();
     let cluster = tokio::task::spawn_blocking(move || {
-        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
-        let producer = RowProducer::build(&properties, 0, tx)?;
+        let (tx, _rx) = tokio::sync::mpsc::channel(16);
+        let producer = RowProducer::build(&properties, 0, tx, false)?;
         producer.describe_cluster(timeout)
     })
     .await

@@ -16,6 +16,9 @@ use crate::encode::TopicTemplate;
 
 /// Where the configuration file is looked for when `--config` is not given.
 pub const DEFAULT_CONFIG_PATH: &str = "config/outbox-relay.toml";
+/// The longest duration any setting accepts: long enough for any real use, short enough
+/// that adding it to a clock reading or doubling it cannot overflow.
+pub const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
 /// Prefix of the environment variables that override the file.
 pub const ENV_PREFIX: &str = "OUTBOX_RELAY_";
 
@@ -39,7 +42,8 @@ pub struct DatabaseSettings {
     pub url_file: Option<PathBuf>,
     /// A file holding the password, put into the URL.
     pub password_file: Option<PathBuf>,
-    /// Connections in the relay's pool (reads, marks and metrics share it).
+    /// Connections in the relay's pool (reads, marks, leases and metrics share it); the
+    /// LISTEN connection comes on top of these.
     pub max_connections: u32,
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
@@ -48,7 +52,8 @@ pub struct DatabaseSettings {
     pub statement_timeout: Duration,
     /// LISTEN for the doorbell NOTIFY; polling always runs as well.
     pub listen: bool,
-    /// Channel the doorbell trigger notifies.
+    /// Channel the relay listens on; `outbox-relay migrate --notify-trigger on` installs
+    /// the doorbell trigger notifying this channel.
     pub listen_channel: String,
     /// Prepared statements cached per connection.
     pub statement_cache_capacity: usize,
@@ -328,25 +333,76 @@ impl ConfigError {
     }
 }
 
-/// librdkafka properties that the relay sets itself because the contract depends on them.
-const CONTRACT_PROPERTIES: &[(&str, &str)] = &[
-    ("enable.idempotence", "the relay always enables idempotence"),
-    ("acks", "the relay always uses acks=all"),
-    ("request.required.acks", "the relay always uses acks=all"),
-    (
-        "message.timeout.ms",
-        "the relay sets 0 (retry until delivered) and raises a stall alarm instead; a finite timeout lets later rows of a partition land before an earlier one",
-    ),
-    (
-        "delivery.timeout.ms",
-        "alias of message.timeout.ms, which the relay sets to 0",
-    ),
-    (
-        "enable.gapless.guarantee",
-        "the relay keeps it on so that a row refused by the broker cannot be overtaken by later rows",
-    ),
-    ("dr_msg_cb", "the relay installs its own delivery callback"),
+/// What a guarded librdkafka property may be set to.
+enum Accepts {
+    /// Never: the relay refuses the property whatever its value.
+    Nothing,
+    /// Only these values (compared case-insensitively): the relay's own.
+    Values(&'static [&'static str]),
+    /// Integers in this range.
+    Range(i64, i64),
+    /// Values this predicate accepts.
+    Check(fn(&str) -> bool),
+}
+
+/// librdkafka properties the contract depends on (acks after replication, every ack
+/// reported, per-aggregate order on the key's partition, the configured cluster), with
+/// what they may be set to and why. docs/kafka-properties.md goes through the rest.
+const GUARDED_PROPERTIES: &[(&str, Accepts, &str)] = &[
+    ("enable.idempotence", Accepts::Values(&["true"]), "the relay always enables idempotence, which keeps retries in order and without duplicates"),
+    ("acks", Accepts::Values(&["all", "-1"]), "the relay always uses acks=all: a row is marked only after all in-sync replicas have it"),
+    ("request.required.acks", Accepts::Values(&["all", "-1"]), "the relay always uses acks=all: a row is marked only after all in-sync replicas have it"),
+    ("message.timeout.ms", Accepts::Values(&["0"]), "the relay sets 0 (retry until delivered) and raises a stall alarm instead; a finite timeout lets later rows of a partition land before an earlier one"),
+    ("delivery.timeout.ms", Accepts::Values(&["0"]), "alias of message.timeout.ms, which the relay sets to 0"),
+    ("enable.gapless.guarantee", Accepts::Values(&["true"]), "the relay keeps it on so that a row refused by the broker cannot be overtaken by later rows"),
+    ("message.send.max.retries", Accepts::Values(&["2147483647"]), "a row that runs out of retries fails while later rows of its partition may already be acknowledged, so its resend lands after them"),
+    ("retries", Accepts::Values(&["2147483647"]), "alias of message.send.max.retries: a row that runs out of retries can be overtaken by later rows of its partition"),
+    ("max.in.flight.requests.per.connection", Accepts::Range(1, 5), "the idempotent producer keeps order only with at most 5 requests in flight"),
+    ("max.in.flight", Accepts::Range(1, 5), "alias of max.in.flight.requests.per.connection: the idempotent producer keeps order only with at most 5 requests in flight"),
+    ("queue.buffering.backpressure.threshold", Accepts::Values(&["1"]), "librdkafka requires 1 with idempotence"),
+    ("queuing.strategy", Accepts::Values(&["fifo"]), "lifo sends newer messages first, which reorders an aggregate"),
+    ("delivery.report.only.error", Accepts::Values(&["false"]), "with true librdkafka reports only failures, so no acknowledgement reaches the relay and no row is ever marked"),
+    ("partitioner", Accepts::Values(&["murmur2_random", "murmur2"]), "an aggregate's partition is murmur2 of its key, as the Java client computes it; another partitioner puts aggregates on other partitions than other producers do, or ignores the key"),
+    ("transactional.id", Accepts::Nothing, "it makes the producer transactional, and the relay never begins a transaction; replicas sharing the id would fence each other"),
+    ("test.mock.num.brokers", Accepts::Values(&["0"]), "it starts an in-process mock cluster instead of connecting to bootstrap.servers, so rows would be acknowledged without reaching Kafka"),
+    ("test.mock.broker.rtt", Accepts::Values(&["0"]), "it configures librdkafka's in-process mock cluster, which is for tests only"),
+    ("api.version.request", Accepts::Values(&["true"]), "without the version request librdkafka may assume a broker without the idempotent producer"),
+    ("broker.version.fallback", Accepts::Check(supports_idempotence), "brokers before 0.11 have no idempotent producer and no record headers"),
+    ("plugin.library.paths", Accepts::Nothing, "a plugin sees and can change every message and the configuration beyond the relay's checks"),
+    ("internal.termination.signal", Accepts::Values(&["0"]), "librdkafka would install a process-wide handler for that signal, which can take SIGTERM away from the relay's drain"),
+    ("topic.blacklist", Accepts::Nothing, "it makes existing topics look absent, so their rows would be held or parked as unknown"),
 ];
+
+/// `broker.version.fallback` values of brokers that support the idempotent producer.
+fn supports_idempotence(version: &str) -> bool {
+    let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+    let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    major > 0 || minor >= 11
+}
+
+/// A guarded or typed property's canonical name: librdkafka reads `topic.acks` as the
+/// topic-level `acks` when `topic.acks` is not a global property of its own.
+fn canonical_property(name: &str) -> &str {
+    match name.strip_prefix("topic.") {
+        Some(rest)
+            if GUARDED_PROPERTIES.iter().any(|(p, _, _)| *p == rest)
+                || TYPED_PROPERTIES.iter().any(|(p, _)| *p == rest) =>
+        {
+            rest
+        }
+        _ => name,
+    }
+}
+
+fn accepts(accepts: &Accepts, value: &PropertyValue) -> bool {
+    let v = value.to_string().to_ascii_lowercase();
+    match accepts {
+        Accepts::Nothing => false,
+        Accepts::Values(values) => values.contains(&v.as_str()),
+        Accepts::Range(low, high) => v.parse::<i64>().is_ok_and(|n| (*low..=*high).contains(&n)),
+        Accepts::Check(check) => check(&v),
+    }
+}
 
 /// librdkafka properties that a typed key of `[kafka]` already sets.
 const TYPED_PROPERTIES: &[(&str, &str)] = &[
@@ -483,6 +539,18 @@ impl Settings {
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
+        for (key, value) in self.durations() {
+            if value > MAX_DURATION {
+                return Err(ConfigError::new(
+                    key,
+                    format!(
+                        "{} is longer than the longest accepted duration ({}); use a realistic value such as \"30s\"",
+                        humantime::format_duration(value),
+                        humantime::format_duration(MAX_DURATION)
+                    ),
+                ));
+            }
+        }
         if self.database.url.expose().trim().is_empty() {
             return Err(ConfigError::new(
                 "database.url",
@@ -526,10 +594,10 @@ impl Settings {
                 "LISTEN needs a session of its own, which a transaction-mode pooler does not keep; set database.listen = false when database.transaction_pooler = true (polling still wakes the relay)",
             ));
         }
-        if self.database.listen_channel.is_empty() {
+        if self.database.listen_channel.is_empty() || self.database.listen_channel.len() > 63 {
             return Err(ConfigError::new(
                 "database.listen_channel",
-                "must not be empty",
+                "must be 1 to 63 bytes long (PostgreSQL's limit for a channel name)",
             ));
         }
         if self.kafka.bootstrap_servers.trim().is_empty() {
@@ -552,15 +620,37 @@ impl Settings {
         }
         for (name, value) in &self.kafka.properties {
             let key = format!("kafka.properties.\"{name}\"");
-            if let Some((_, why)) = CONTRACT_PROPERTIES.iter().find(|(p, _)| p == name) {
-                if !is_contract_value(name, value) {
+            let canonical = canonical_property(name);
+            if let Some((_, allowed, why)) =
+                GUARDED_PROPERTIES.iter().find(|(p, _, _)| *p == canonical)
+            {
+                if !accepts(allowed, value) {
+                    let fix = match allowed {
+                        Accepts::Nothing => "remove it".to_string(),
+                        Accepts::Values(values) => {
+                            format!("remove it (the relay uses {})", values[0])
+                        }
+                        Accepts::Range(low, high) => format!("use {low} to {high}, or remove it"),
+                        Accepts::Check(_) => "remove it".to_string(),
+                    };
                     return Err(ConfigError::new(
                         key,
-                        format!("cannot be changed: {why}; remove it"),
+                        format!("is refused: {why}; {fix} (see docs/kafka-properties.md)"),
                     ));
                 }
             }
-            if let Some((_, typed)) = TYPED_PROPERTIES.iter().find(|(p, _)| p == name) {
+            if canonical == "queue.buffering.max.kbytes" {
+                let needed = self.relay.max_message_bytes.div_ceil(1024) as i64;
+                if !value.to_string().parse::<i64>().is_ok_and(|kb| kb >= needed) {
+                    return Err(ConfigError::new(
+                        key,
+                        format!(
+                            "must be at least {needed} (relay.max_message_bytes in KiB): a row larger than librdkafka's queue could never be queued and would hold the relay for ever"
+                        ),
+                    ));
+                }
+            }
+            if let Some((_, typed)) = TYPED_PROPERTIES.iter().find(|(p, _)| *p == canonical) {
                 return Err(ConfigError::new(
                     key,
                     format!("is set by `{typed}`; set that key instead and remove this one"),
@@ -655,6 +745,23 @@ impl Settings {
             )
         })?;
         Ok(())
+    }
+
+    /// Every duration setting with its key. Each is added to `Instant`s and multiplied,
+    /// so each is bounded by [`MAX_DURATION`].
+    fn durations(&self) -> [(&'static str, Duration); 10] {
+        [
+            ("database.connect_timeout", self.database.connect_timeout),
+            ("database.statement_timeout", self.database.statement_timeout),
+            ("kafka.linger", self.kafka.linger),
+            ("relay.poll_interval", self.relay.poll_interval),
+            ("relay.drain_timeout", self.relay.drain_timeout),
+            ("relay.stall_after", self.relay.stall_after),
+            ("relay.liveness_timeout", self.relay.liveness_timeout),
+            ("relay.stats_interval", self.relay.stats_interval),
+            ("relay.lease_ttl", self.relay.lease_ttl),
+            ("relay.lease_renew_interval", self.relay.lease_renew_interval),
+        ]
     }
 
     /// Settings the relay accepts but an operator should hear about at start.
@@ -881,16 +988,6 @@ pub fn redact_url(raw: &str) -> String {
     }
 }
 
-fn is_contract_value(name: &str, value: &PropertyValue) -> bool {
-    let v = value.to_string().to_ascii_lowercase();
-    match name {
-        "enable.idempotence" | "enable.gapless.guarantee" => v == "true",
-        "acks" | "request.required.acks" => v == "all" || v == "-1",
-        "message.timeout.ms" | "delivery.timeout.ms" => v == "0",
-        _ => false,
-    }
-}
-
 fn from_figment_error(err: figment::Error) -> ConfigError {
     use figment::error::Kind;
     let mut path = err.path.clone();
@@ -994,6 +1091,72 @@ mod tests {
         }
         // Restating the contract's own value is harmless.
         from_toml(&format!("{BASE}[kafka.properties]\n\"acks\" = \"all\"\n")).expect("ok");
+    }
+
+    #[test]
+    fn properties_that_weaken_order_or_acks_are_refused() {
+        for (prop, value) in [
+            ("retries", "5"),
+            ("message.send.max.retries", "10"),
+            ("partitioner", "\"random\""),
+            ("partitioner", "\"consistent_random\""),
+            ("partitioner", "\"fnv1a\""),
+            ("topic.partitioner", "\"random\""),
+            ("topic.acks", "\"1\""),
+            ("topic.message.timeout.ms", "30000"),
+            ("topic.compression.type", "\"gzip\""),
+            ("transactional.id", "\"relay\""),
+            ("delivery.report.only.error", "true"),
+            ("queuing.strategy", "\"lifo\""),
+            ("max.in.flight.requests.per.connection", "6"),
+            ("max.in.flight", "0"),
+            ("queue.buffering.backpressure.threshold", "5"),
+            ("test.mock.num.brokers", "3"),
+            ("api.version.request", "false"),
+            ("broker.version.fallback", "\"0.10.2\""),
+            ("plugin.library.paths", "\"/tmp/evil.so\""),
+            ("internal.termination.signal", "15"),
+            ("topic.blacklist", "\"orders.*\""),
+            ("queue.buffering.max.kbytes", "100"),
+        ] {
+            let text = format!("{BASE}[kafka.properties]\n\"{prop}\" = {value}\n");
+            let err = from_toml(&text).expect_err(prop);
+            assert_eq!(err.key, format!("kafka.properties.\"{prop}\""), "{err}");
+        }
+        for (prop, value) in [
+            ("partitioner", "\"murmur2\""),
+            ("retries", "2147483647"),
+            ("max.in.flight", "5"),
+            ("broker.version.fallback", "\"2.8.0\""),
+            ("queue.buffering.max.kbytes", "1048576"),
+            ("topic.metadata.refresh.sparse", "true"),
+        ] {
+            let text = format!("{BASE}[kafka.properties]\n\"{prop}\" = {value}\n");
+            from_toml(&text).unwrap_or_else(|e| panic!("{prop} = {value}: {e}"));
+        }
+    }
+
+    #[test]
+    fn absurd_durations_are_refused_naming_the_key() {
+        for (section, key) in [
+            ("relay", "drain_timeout"),
+            ("relay", "poll_interval"),
+            ("relay", "stall_after"),
+            ("database", "statement_timeout"),
+        ] {
+            // BASE ends inside [database].
+            let table = if section == "database" {
+                String::new()
+            } else {
+                format!("[{section}]\n")
+            };
+            let text = format!("{BASE}{table}{key} = \"18446744073709551615s\"\n");
+            let err = from_toml(&text).unwrap_err();
+            assert_eq!(err.key, format!("{section}.{key}"), "{err}");
+            assert!(err.to_string().contains("longest accepted"), "{err}");
+        }
+        from_toml(&format!("{BASE}[relay]\ndrain_timeout = \"365d\"\n"))
+            .expect("a year is accepted");
     }
 
     #[test]

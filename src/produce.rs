@@ -11,7 +11,9 @@ use rdkafka::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::message::{Header, Message, OwnedHeaders};
-use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::producer::{
+    BaseRecord, DeliveryResult, Producer, ProducerContext, PurgeConfig, ThreadedProducer,
+};
 use rdkafka::statistics::Statistics;
 use tokio::sync::mpsc;
 
@@ -38,8 +40,11 @@ pub enum ProducerEvent {
     },
 }
 
-pub type EventSender = mpsc::UnboundedSender<ProducerEvent>;
-pub type EventReceiver = mpsc::UnboundedReceiver<ProducerEvent>;
+/// Bounded: a delivery report waits for room (it must not be lost), a client error is
+/// dropped when there is none (it is a hint, and a broker that stays away would otherwise
+/// fill memory with them while the relay is idle).
+pub type EventSender = mpsc::Sender<ProducerEvent>;
+pub type EventReceiver = mpsc::Receiver<ProducerEvent>;
 
 /// librdkafka callbacks, run on the producer's polling thread.
 pub struct RelayContext {
@@ -82,13 +87,13 @@ impl ClientContext for RelayContext {
             Some(rdkafka::types::RDKafkaErrorCode::Fatal)
         ) {
             tracing::error!(target: "librdkafka", error = %error, "{reason}");
-            let _ = self.events.send(ProducerEvent::Fatal {
+            let _ = self.events.try_send(ProducerEvent::Fatal {
                 generation: self.generation,
                 reason: reason.to_string(),
             });
         } else if let (ErrorClass::PermanentGlobal, kind) = classify(&error) {
             tracing::error!(target: "librdkafka", error = %error, kind, "{reason}");
-            let _ = self.events.send(ProducerEvent::Global {
+            let _ = self.events.try_send(ProducerEvent::Global {
                 generation: self.generation,
                 kind,
                 reason: format!("{error}: {reason}"),
@@ -110,7 +115,9 @@ impl ProducerContext for RelayContext {
             Ok(message) => Ok((message.partition(), message.offset())),
             Err((error, _)) => Err(error.clone()),
         };
-        let _ = self.events.send(ProducerEvent::Delivered {
+        // On librdkafka's polling thread (or a blocking thread dropping the producer),
+        // never on the async runtime, so waiting for room is allowed.
+        let _ = self.events.blocking_send(ProducerEvent::Delivered {
             generation: self.generation,
             row_id: row_id as i64,
             result,
@@ -127,15 +134,20 @@ pub struct RowProducer {
 }
 
 impl RowProducer {
-    /// Builds a producer from `properties`; reports go to `events`.
+    /// Builds a producer from `properties`; reports go to `events`. An `isolating`
+    /// producer sends one record per request, so that a refusal concerns one row alone.
     pub fn build(
         properties: &[(String, String)],
         generation: u64,
         events: EventSender,
+        isolating: bool,
     ) -> KafkaResult<Self> {
         let mut config = ClientConfig::new();
         for (key, value) in properties {
             config.set(key, value);
+        }
+        if isolating {
+            config.set("batch.num.messages", "1");
         }
         let inner: ThreadedProducer<RelayContext> =
             config.create_with_context(RelayContext { generation, events })?;
@@ -193,6 +205,13 @@ impl RowProducer {
             // takes the delivery reports.
             unsafe { rdkafka::bindings::rd_kafka_flush(producer.client().native_ptr(), linger_ms) };
         });
+    }
+
+    /// Purges every message queued or in flight; each gets a purge report. Used after a
+    /// fatal error, when requests still in flight would otherwise never report.
+    pub fn purge_all(&self) {
+        self.inner
+            .purge(PurgeConfig::default().queue().inflight().non_blocking());
     }
 
     pub fn fatal_error(&self) -> Option<String> {

@@ -32,6 +32,11 @@ const RECORD_BATCH_OVERHEAD_BYTES: usize = 61;
 const QUEUE_FULL_WAIT: Duration = Duration::from_millis(5);
 /// While waiting for acks, how often to re-check (fatal errors, stall, drain deadline).
 const STALLED_RECHECK: Duration = Duration::from_secs(1);
+/// How long past the drain deadline the last mark may take before the relay exits anyway.
+const FINAL_MARK_GRACE: Duration = Duration::from_secs(5);
+/// After a fatal error, how long requests still in flight may take to report before they
+/// are purged, and how long the purge's own reports may take.
+const FATAL_REPORT_GRACE: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
@@ -96,10 +101,19 @@ struct Batch {
     /// The producer hit a fatal error: rebuild it after this batch.
     fatal: bool,
     produced: u64,
+    /// Rows handed to the producer whose delivery report has not arrived.
+    outstanding: u64,
+    /// Produced one record per request: a refusal concerns that row alone.
+    isolating: bool,
+    /// Rows refused as part of a record batch the broker rejected as a whole: they may be
+    /// innocent, so they are sent again one record per request before anything is parked.
+    refused_in_a_set: u64,
+    /// Rows the broker refused on their own (parked).
+    refused_alone: u64,
 }
 
 impl Batch {
-    fn new(rows: usize) -> Self {
+    fn new(rows: usize, isolating: bool) -> Self {
         Self {
             outcomes: vec![Outcome::NotSent; rows],
             topics: vec![None; rows],
@@ -109,6 +123,10 @@ impl Batch {
             blocked: None,
             fatal: false,
             produced: 0,
+            outstanding: 0,
+            isolating,
+            refused_in_a_set: 0,
+            refused_alone: 0,
         }
     }
 
@@ -122,15 +140,58 @@ impl Batch {
         *self.error_kinds.entry(kind).or_default() += 1;
         self.outcomes[pos] = Outcome::Failed;
         match row_class(class, kind, row) {
-            ErrorClass::PermanentRow => {
-                warn!(row_id = row.id, error = %err, "broker refused the row; parking it");
+            ErrorClass::PermanentRow if self.isolating => {
+                warn!(row_id = row.id, error = %err, "broker refused the row on its own; parking it");
+                self.refused_alone += 1;
                 self.park(pos, row.id, &ParkReason::Rejected(err.to_string()));
+            }
+            ErrorClass::PermanentRow => {
+                debug!(row_id = row.id, error = %err, "broker refused the row's record batch");
+                self.refused_in_a_set += 1;
             }
             ErrorClass::PermanentGlobal => self.blocked = Some(err.to_string()),
             ErrorClass::FatalProducer => self.fatal = true,
             ErrorClass::Retriable | ErrorClass::Purged => {}
         }
     }
+}
+
+/// The one deadline of a shutdown: `drain_timeout` after cancellation was first seen.
+/// Waiting for acks and retrying the last mark share it, so a stop never takes longer
+/// than the drain timeout plus one statement.
+#[derive(Debug, Clone)]
+struct Drain {
+    timeout: Duration,
+    deadline: Arc<std::sync::OnceLock<Instant>>,
+}
+
+impl Drain {
+    fn new(timeout: Duration) -> Self {
+        Self {
+            timeout,
+            deadline: Arc::default(),
+        }
+    }
+
+    /// Starts the drain (once) and returns its deadline.
+    fn start(&self) -> Instant {
+        *self.deadline.get_or_init(|| Instant::now() + self.timeout)
+    }
+
+    fn deadline(&self) -> Option<Instant> {
+        self.deadline.get().copied()
+    }
+
+    fn passed(&self) -> bool {
+        self.deadline().is_some_and(|d| Instant::now() >= d)
+    }
+}
+
+/// Room for every delivery report of a batch and the one read ahead, with some to spare
+/// for client errors: the producer's thread blocks on a full channel rather than drop a
+/// report, so it must never fill while the relay is not listening.
+fn event_channel_capacity(settings: &RelaySettings) -> usize {
+    settings.batch_size as usize * 2 + 1024
 }
 
 /// Delay that doubles from 100 ms up to a cap, reset after a success.
@@ -176,6 +237,12 @@ pub struct Relay {
     pending_write: Option<PendingWrite>,
     /// The next batch, read while this one waited for its acks.
     prefetched: Option<Prefetch>,
+    /// The broker refused a record batch: produce one record per request until the
+    /// refused rows are sent or parked.
+    isolating: bool,
+    /// Between a fatal error that got nowhere and the next batch.
+    fatal_backoff: Backoff,
+    drain: Drain,
 }
 
 /// A batch whose every row was acknowledged, marked in the background.
@@ -209,17 +276,18 @@ impl Relay {
         wake: Arc<Notify>,
         ownership: Arc<Ownership>,
     ) -> Result<Self, RelayError> {
-        let (events_tx, events) = mpsc::unbounded_channel();
+        let (events_tx, events) = mpsc::channel(event_channel_capacity(&settings.relay));
         let producer_properties = settings.producer_properties();
-        let producer = RowProducer::build(&producer_properties, 1, events_tx.clone())
+        let producer = RowProducer::build(&producer_properties, 1, events_tx.clone(), false)
             .map_err(RelayError::Producer)?;
         let template = TopicTemplate::parse(&settings.relay.topic_template)?;
         health.set_producer_ok(true);
+        let drain = Drain::new(settings.relay.drain_timeout);
         let writer = Writer {
             store: store.clone(),
             replica_id: settings.replica_id(),
             mode: settings.relay.mode,
-            drain_timeout: settings.relay.drain_timeout,
+            drain: drain.clone(),
             health: health.clone(),
             ownership: ownership.clone(),
         };
@@ -239,6 +307,9 @@ impl Relay {
             replica_id: settings.replica_id(),
             pending_write: None,
             prefetched: None,
+            isolating: false,
+            fatal_backoff: Backoff::new(Duration::from_secs(30)),
+            drain,
         })
     }
 
@@ -291,11 +362,17 @@ impl Relay {
                 }
             }
         }
-        if let Err(err) = self.settle().await {
-            if !err.is_retriable() {
-                return Err(err);
+        // The last mark may run into the drain deadline, never much past it.
+        let deadline = self.drain.start() + FINAL_MARK_GRACE;
+        match tokio::time::timeout_at(deadline, self.settle()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) if !err.is_retriable() => return Err(err),
+            Ok(Err(err)) => {
+                warn!(error = %err, "the last batch could not be marked before exiting; its rows stay pending and are sent again");
             }
-            warn!(error = %err, "the last batch could not be marked before exiting; its rows stay pending and are sent again");
+            Err(_) => {
+                warn!("the last batch's mark did not finish by the drain deadline; its rows stay pending and are sent again");
+            }
         }
         info!("relay stopped");
         Ok(())
@@ -407,8 +484,8 @@ impl Relay {
             skip.extend(rows.iter().map(|r| r.id));
             tokio::spawn(self.read(shard_filter.as_deref(), &skip))
         });
-        let mut batch = Batch::new(rows.len());
-        self.produce_batch(&rows, snapshot, &mut batch).await;
+        let mut batch = Batch::new(rows.len(), self.isolating);
+        self.produce_batch(&rows, snapshot, &mut batch, cancel).await;
 
         self.collect_acks(&rows, &mut batch, cancel).await;
         let ahead = match read {
@@ -493,9 +570,7 @@ impl Relay {
             None if any_acked => self.health.set_blocked(false),
             None => {}
         }
-        if batch.fatal {
-            self.rebuild_producer().await?;
-        }
+        self.after_producer_trouble(&batch, cancel).await?;
         Ok(Tick::Batch {
             full,
             blocked: batch.blocked.is_some(),
@@ -560,10 +635,17 @@ impl Relay {
     /// Encodes and hands the rows to the producer in id order. A row that cannot be
     /// encoded is parked; a row refused for a reason that may pass holds the rest of its
     /// aggregate back to the next batch.
-    async fn produce_batch(&mut self, rows: &[OutboxRow], snapshot: &Snapshot, batch: &mut Batch) {
+    async fn produce_batch(
+        &mut self,
+        rows: &[OutboxRow],
+        snapshot: &Snapshot,
+        batch: &mut Batch,
+        cancel: &CancellationToken,
+    ) {
         let hold = self.settings.on_park == ParkPolicy::Hold;
         let mut held = foldhash::HashSet::<&str>::default();
-        for (i, row) in rows.iter().enumerate() {
+        self.discard_stale_events();
+        'rows: for (i, row) in rows.iter().enumerate() {
             if batch.fatal {
                 break;
             }
@@ -590,18 +672,27 @@ impl Relay {
                     continue;
                 }
             };
+            let mut queue_full_since: Option<Instant> = None;
             loop {
                 match self.producer.send(row.id, &record) {
                     Ok(()) => {
                         batch.outcomes[i] = Outcome::InFlight;
                         batch.produced += 1;
+                        batch.outstanding += 1;
                         break;
                     }
                     Err(err) => {
                         let (class, kind) = classify(&err);
                         if kind == "queue_full" {
-                            sleep(QUEUE_FULL_WAIT).await;
-                            self.health.loop_progress();
+                            let since = *queue_full_since.get_or_insert_with(Instant::now);
+                            if !self.wait_for_queue_space(rows, batch, since, cancel).await {
+                                break 'rows;
+                            }
+                            // The lease may run out while the queue stays full.
+                            if snapshot.producible(row.shard, Instant::now()).is_none() {
+                                held.insert(&row.aggregate_id);
+                                break;
+                            }
                             continue;
                         }
                         *batch.error_kinds.entry(kind).or_default() += 1;
@@ -654,8 +745,10 @@ impl Relay {
         Ok(record)
     }
 
-    /// Waits for the delivery reports of the rows in flight, until all arrived or the
-    /// producer hit a fatal error. On shutdown, waits at most `drain_timeout` more.
+    /// Waits for the delivery reports of the rows in flight until every one has arrived.
+    /// After a fatal error the reports still come (the refused rows' and those of requests
+    /// in flight); what has not reported within [`FATAL_REPORT_GRACE`] is purged, which
+    /// reports it too. On shutdown, waits until the drain deadline at most.
     async fn collect_acks(
         &mut self,
         rows: &[OutboxRow],
@@ -663,21 +756,38 @@ impl Relay {
         cancel: &CancellationToken,
     ) {
         let generation = self.producer.generation();
-        let mut outstanding = batch.produced;
         let mut last_progress = Instant::now();
-        let mut drain_deadline: Option<Instant> = None;
-        self.health.set_in_flight(outstanding);
+        let mut fatal_since: Option<Instant> = None;
+        let mut purged_at: Option<Instant> = None;
+        self.health.set_in_flight(batch.outstanding);
 
-        while outstanding > 0 && !batch.fatal {
+        while batch.outstanding > 0 {
             // Wake at least every STALLED_RECHECK: to check for a fatal error, and so the
             // watchdog sees a loop that waits for acks, not one that is wedged.
             self.health.loop_progress();
+            let now = Instant::now();
             let mut wake_at = if self.health.stalled() {
-                Instant::now() + STALLED_RECHECK
+                now + STALLED_RECHECK
             } else {
-                (last_progress + self.settings.stall_after).min(Instant::now() + STALLED_RECHECK)
+                (last_progress + self.settings.stall_after).min(now + STALLED_RECHECK)
             };
-            if let Some(deadline) = drain_deadline {
+            if batch.fatal {
+                let since = *fatal_since.get_or_insert(now);
+                match purged_at {
+                    None if now >= since + FATAL_REPORT_GRACE => {
+                        warn!(outstanding = batch.outstanding, "purging the rows still in flight after the fatal error; they are sent again");
+                        self.producer.purge_all();
+                        purged_at = Some(now);
+                    }
+                    Some(at) if now >= at + FATAL_REPORT_GRACE => {
+                        warn!(outstanding = batch.outstanding, "delivery reports still missing after the purge; those rows stay pending and are sent again");
+                        break;
+                    }
+                    _ => {}
+                }
+                wake_at = wake_at.min(purged_at.unwrap_or(since) + FATAL_REPORT_GRACE);
+            }
+            if let Some(deadline) = self.drain.deadline() {
                 wake_at = wake_at.min(deadline);
             }
             tokio::select! {
@@ -686,66 +796,179 @@ impl Relay {
                     // and timer per burst of acks, not per row.
                     let mut next = event;
                     let mut acked_any = false;
-                    loop {
-                        let Some(event) = next else {
-                            batch.fatal = true;
-                            break;
-                        };
-                        acked_any |= apply_event(event, generation, rows, batch, &mut outstanding);
-                        if outstanding == 0 || batch.fatal {
+                    while let Some(event) = next {
+                        acked_any |= apply_event(event, generation, rows, batch);
+                        if batch.outstanding == 0 {
                             break;
                         }
-                        match self.events.try_recv() {
-                            Ok(event) => next = Some(event),
-                            Err(_) => break,
-                        }
+                        next = self.events.try_recv().ok();
                     }
                     if acked_any {
                         last_progress = Instant::now();
                         self.health.set_stalled(false);
                     }
                 }
-                _ = cancel.cancelled(), if drain_deadline.is_none() => {
-                    info!(outstanding, timeout = ?self.settings.drain_timeout, "draining: waiting for acknowledgements");
-                    drain_deadline = Some(Instant::now() + self.settings.drain_timeout);
+                _ = cancel.cancelled(), if self.drain.deadline().is_none() => {
+                    let deadline = self.drain.start();
+                    info!(outstanding = batch.outstanding, timeout = ?deadline.saturating_duration_since(Instant::now()), "draining: waiting for acknowledgements");
                 }
                 _ = sleep_until(wake_at) => {
-                    if drain_deadline.is_some_and(|d| Instant::now() >= d) {
-                        warn!(outstanding, "drain deadline passed; unacknowledged rows stay pending and will be sent again");
+                    if self.drain.passed() {
+                        warn!(outstanding = batch.outstanding, "drain deadline passed; unacknowledged rows stay pending and will be sent again");
                         break;
                     }
-                    if let Some(reason) = self.producer.fatal_error() {
-                        error!(%reason, "fatal producer error; rebuilding the producer");
-                        batch.fatal = true;
-                    } else if last_progress.elapsed() >= self.settings.stall_after && !self.health.stalled() {
-                        warn!(outstanding, waited = ?last_progress.elapsed(), "stalled: the broker has not acknowledged anything; librdkafka keeps retrying");
+                    if !batch.fatal {
+                        if let Some(reason) = self.producer.fatal_error() {
+                            error!(%reason, "fatal producer error; collecting the reports in flight, then rebuilding the producer");
+                            batch.fatal = true;
+                        }
+                    }
+                    if last_progress.elapsed() >= self.settings.stall_after && !self.health.stalled() {
+                        warn!(outstanding = batch.outstanding, waited = ?last_progress.elapsed(), "stalled: the broker has not acknowledged anything; librdkafka keeps retrying");
                         self.health.set_stalled(true);
                     }
                 }
             }
-            self.health.set_in_flight(outstanding);
+            self.health.set_in_flight(batch.outstanding);
         }
         self.health.set_in_flight(0);
     }
 
-    async fn rebuild_producer(&mut self) -> Result<(), RelayError> {
+    /// librdkafka's queue is full: waits a moment for delivery reports to free room,
+    /// applying them. Returns false when the rest of the batch must not be produced:
+    /// shutdown, or a fatal error. The stall alarm rises when the queue stays full for
+    /// `stall_after`.
+    async fn wait_for_queue_space(
+        &mut self,
+        rows: &[OutboxRow],
+        batch: &mut Batch,
+        full_since: Instant,
+        cancel: &CancellationToken,
+    ) -> bool {
+        if cancel.is_cancelled() || batch.fatal {
+            return false;
+        }
+        let generation = self.producer.generation();
+        tokio::select! {
+            event = self.events.recv() => {
+                let mut next = event;
+                let mut acked_any = false;
+                while let Some(event) = next {
+                    acked_any |= apply_event(event, generation, rows, batch);
+                    next = self.events.try_recv().ok();
+                }
+                if acked_any {
+                    self.health.set_stalled(false);
+                }
+            }
+            _ = sleep(QUEUE_FULL_WAIT) => {}
+            _ = cancel.cancelled() => return false,
+        }
+        self.health.loop_progress();
+        if !batch.fatal {
+            if let Some(reason) = self.producer.fatal_error() {
+                error!(%reason, "fatal producer error while librdkafka's queue was full");
+                batch.fatal = true;
+            }
+        }
+        if full_since.elapsed() >= self.settings.stall_after && !self.health.stalled() {
+            warn!(waited = ?full_since.elapsed(), "stalled: librdkafka's queue has stayed full; the broker is not acknowledging");
+            self.health.set_stalled(true);
+        }
+        !batch.fatal
+    }
+
+    /// Drops every event left from an earlier batch or an idle spell: reports of rows no
+    /// longer in flight and client errors that concern no row of the next batch.
+    fn discard_stale_events(&mut self) {
+        while let Ok(event) = self.events.try_recv() {
+            if let ProducerEvent::Global { kind, reason, .. } = event {
+                debug!(kind, %reason, "client error while no row was in flight");
+            }
+        }
+    }
+
+    /// Once a batch is settled: a record batch the broker refused as a whole switches to
+    /// one record per request, so that only a row refused on its own is parked; a batch
+    /// so produced without a fatal error switches back. A fatal error rebuilds the
+    /// producer, once, and waits with backoff before the next batch unless the batch got
+    /// somewhere (a row acked, or a refused row parked).
+    async fn after_producer_trouble(
+        &mut self,
+        batch: &Batch,
+        cancel: &CancellationToken,
+    ) -> Result<(), RelayError> {
+        let isolate = if batch.refused_in_a_set > 0 {
+            if !self.isolating {
+                warn!(
+                    rows = batch.refused_in_a_set,
+                    "the broker refused a record batch; sending one record per request until the refused rows are sent or parked"
+                );
+            }
+            true
+        } else if batch.isolating && !batch.fatal {
+            false
+        } else {
+            self.isolating
+        };
+        if !batch.fatal && isolate == self.isolating {
+            self.fatal_backoff.reset();
+            return Ok(());
+        }
+        self.isolating = isolate;
+        self.rebuild_producer(batch.fatal).await?;
+        if !batch.fatal {
+            info!("back to batching records after the refused rows were settled");
+            return Ok(());
+        }
+        let progressed = batch
+            .outcomes
+            .iter()
+            .any(|o| matches!(o, Outcome::Acked { .. }))
+            || batch.refused_alone > 0;
+        if progressed {
+            self.fatal_backoff.reset();
+        } else {
+            let delay = self.fatal_backoff.next_delay();
+            tokio::select! {
+                _ = sleep(delay) => {}
+                _ = cancel.cancelled() => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Replaces the producer by one of the next generation (one record per request while
+    /// isolating refused rows). `after_fatal` counts it as a rebuild.
+    async fn rebuild_producer(&mut self, after_fatal: bool) -> Result<(), RelayError> {
         self.health.set_producer_ok(false);
         let generation = self.producer.generation() + 1;
         let replacement = RowProducer::build(
             &self.producer_properties,
             generation,
             self.events_tx.clone(),
+            self.isolating,
         )
         .map_err(RelayError::Producer)?;
         let old = std::mem::replace(&mut self.producer, replacement);
-        // Dropping purges and briefly flushes: keep that off the async threads.
-        let _ = tokio::task::spawn_blocking(move || drop(old)).await;
-        self.health.producer_rebuilt();
+        // Dropping purges and briefly flushes: keep that off the async threads, and keep
+        // taking events meanwhile so that the bounded channel never holds the drop up.
+        let dropping = tokio::task::spawn_blocking(move || drop(old));
+        tokio::pin!(dropping);
+        loop {
+            tokio::select! {
+                _ = &mut dropping => break,
+                _ = self.events.recv() => {}
+            }
+        }
+        if after_fatal {
+            self.health.producer_rebuilt();
+            warn!(
+                generation,
+                "producer rebuilt; unmarked rows will be sent again"
+            );
+        }
         self.health.set_producer_ok(true);
-        warn!(
-            generation,
-            "producer rebuilt; unmarked rows will be sent again"
-        );
         Ok(())
     }
 }
@@ -757,7 +980,7 @@ struct Writer {
     store: Store,
     replica_id: String,
     mode: Mode,
-    drain_timeout: Duration,
+    drain: Drain,
     health: Arc<Health>,
     ownership: Arc<Ownership>,
 }
@@ -765,6 +988,7 @@ struct Writer {
 impl Writer {
     /// Parks and marks (or deletes) one batch, retrying while the database is away. If
     /// shutdown interrupts the retries, the acked rows stay pending and are sent again.
+    /// Returns the rows parked and marked.
     async fn write(
         &self,
         parkings: &[Parking],
@@ -772,8 +996,7 @@ impl Writer {
         cancel: &CancellationToken,
     ) -> Result<(u64, u64), RelayError> {
         let mut backoff = Backoff::new(Duration::from_secs(5));
-        let mut parked = None;
-        let give_up_at = Instant::now() + self.drain_timeout;
+        let mut parked: Option<Vec<i64>> = None;
         loop {
             let result = async {
                 if parked.is_none() {
@@ -788,32 +1011,33 @@ impl Writer {
             match result {
                 Ok(marked) => {
                     self.health.set_database_ok(true);
-                    let fenced = acks.len() as u64 - marked.min(acks.len() as u64);
-                    if fenced > 0 {
-                        telemetry::rows_fenced(fenced);
-                        warn!(
-                            fenced,
-                            "acknowledged rows not marked: their shard moved to another replica, which sends them again"
-                        );
-                        self.forget_lost_shards(acks).await;
+                    if marked < acks.len() as u64 {
+                        self.count_fenced(acks).await;
                     }
-                    let parked = parked.unwrap_or(0);
-                    if parked > 0 {
-                        for p in parkings {
-                            telemetry::rows_parked(p.reason, 1);
-                            warn!(row_id = p.id, reason = p.reason, error = %p.error, "row parked");
-                        }
-                    }
-                    return Ok((parked, marked));
+                    let parked = parked.unwrap_or_default();
+                    report_parked(parkings, &parked);
+                    return Ok((parked.len() as u64, marked));
                 }
                 Err(err) if err.is_retriable() => {
                     database_failed(&self.health, &err);
-                    if cancel.is_cancelled() && Instant::now() >= give_up_at {
+                    if cancel.is_cancelled() {
+                        self.drain.start();
+                    }
+                    if self.drain.passed() {
                         return Err(err.into());
                     }
                     let delay = backoff.next_delay();
                     warn!(error = %err, rows = acks.len(), retry_in = ?delay, "marking failed; retrying");
-                    sleep(delay).await;
+                    let mut until = Instant::now() + delay;
+                    if let Some(deadline) = self.drain.deadline() {
+                        until = until.min(deadline);
+                    }
+                    tokio::select! {
+                        _ = sleep_until(until) => {}
+                        _ = cancel.cancelled() => {
+                            self.drain.start();
+                        }
+                    }
                     self.health.loop_progress();
                 }
                 Err(err) => {
@@ -824,27 +1048,54 @@ impl Writer {
         }
     }
 
-    /// After a fenced mark, stops producing for every shard of the batch the database no
-    /// longer gives this replica, instead of republishing until the next renewal notices.
-    async fn forget_lost_shards(&self, acks: &[Ack]) {
+    /// Some acknowledged rows were not marked. A row is fenced when the lease it was read
+    /// under is no longer this replica's; a row whose lease is still held was marked by an
+    /// earlier attempt of the same statement that committed but whose answer was lost.
+    /// Stops producing for every lost shard instead of republishing until the next renewal
+    /// notices.
+    async fn count_fenced(&self, acks: &[Ack]) {
         let held = crate::store::leases_of(acks);
-        match self.store.still_held(&self.replica_id, &held).await {
-            Ok(still) => {
-                let lost: std::collections::BTreeSet<i16> = held
-                    .iter()
-                    .filter(|pair| !still.contains(pair))
-                    .map(|(shard, _)| *shard)
-                    .collect();
-                if !lost.is_empty() {
-                    warn!(
-                        shards = lost.len(),
-                        "leases lost to another replica; no longer producing for them"
-                    );
-                    self.ownership.forget(&lost);
-                }
+        let still = match self.store.still_held(&self.replica_id, &held).await {
+            Ok(still) => still,
+            Err(err) => {
+                database_failed(&self.health, &err);
+                return;
             }
-            Err(err) => database_failed(&self.health, &err),
+        };
+        let fenced = acks
+            .iter()
+            .filter(|a| !still.contains(&(a.shard, a.epoch)))
+            .count() as u64;
+        if fenced == 0 {
+            return;
         }
+        telemetry::rows_fenced(fenced);
+        warn!(
+            fenced,
+            "acknowledged rows not marked: their shard moved to another replica, which sends them again"
+        );
+        let lost: std::collections::BTreeSet<i16> = held
+            .iter()
+            .filter(|pair| !still.contains(pair))
+            .map(|(shard, _)| *shard)
+            .collect();
+        warn!(
+            shards = lost.len(),
+            "leases lost to another replica; no longer producing for them"
+        );
+        self.ownership.forget(&lost);
+    }
+}
+
+/// Counts and logs the parkings the database carried out, by reason.
+fn report_parked(parkings: &[Parking], parked_ids: &[i64]) {
+    let mut by_reason: HashMap<&'static str, u64> = HashMap::new();
+    for p in parkings.iter().filter(|p| parked_ids.contains(&p.id)) {
+        *by_reason.entry(p.reason).or_default() += 1;
+        warn!(row_id = p.id, reason = p.reason, error = %p.error, "row parked");
+    }
+    for (reason, rows) in by_reason {
+        telemetry::rows_parked(reason, rows);
     }
 }
 
@@ -856,13 +1107,15 @@ fn database_failed(health: &Health, err: &StoreError) {
 }
 
 /// Applies one producer report to the batch in flight. Returns whether a row of this batch
-/// got its delivery result.
+/// got its delivery result. Reports of an earlier producer generation are dropped. A fatal
+/// error does not end the batch's reports: librdkafka raises it before the reports of the
+/// refused record batch, and requests in flight still report, so the caller keeps
+/// collecting until every row produced has its result.
 fn apply_event(
     event: ProducerEvent,
     generation: u64,
     rows: &[OutboxRow],
     batch: &mut Batch,
-    outstanding: &mut u64,
 ) -> bool {
     match event {
         ProducerEvent::Delivered {
@@ -876,7 +1129,7 @@ fn apply_event(
             if !matches!(batch.outcomes[pos], Outcome::InFlight) {
                 return false;
             }
-            *outstanding -= 1;
+            batch.outstanding -= 1;
             match result {
                 Ok((partition, offset)) => {
                     batch.outcomes[pos] = Outcome::Acked { partition, offset }
@@ -889,7 +1142,9 @@ fn apply_event(
             generation: g,
             reason,
         } if g == generation => {
-            error!(%reason, "fatal producer error; rebuilding the producer");
+            if !batch.fatal {
+                error!(%reason, "fatal producer error; collecting the reports in flight, then rebuilding the producer");
+            }
             batch.fatal = true;
             false
         }
@@ -898,11 +1153,11 @@ fn apply_event(
             kind,
             reason,
         } if g == generation => {
-            // Nothing will be acknowledged: drop this producer (purging its queue) and try
-            // again later with a fresh one.
+            // A connection-level error (one broker failing authentication, say) says
+            // nothing about the rows in flight: the partitions of healthy brokers go on,
+            // and rows that cannot be delivered raise the stall alarm.
             *batch.error_kinds.entry(kind).or_default() += 1;
-            batch.blocked = Some(reason);
-            batch.fatal = true;
+            debug!(%reason, kind, "client error while rows are in flight");
             false
         }
         // A report from a producer already torn down.

@@ -270,6 +270,17 @@ pub fn connect_lazy(settings: &DatabaseSettings) -> Result<PgPool, sqlx::Error> 
         .connect_lazy_with(options))
 }
 
+/// A pool of one connection for the doorbell's LISTEN session, which it holds for good:
+/// kept apart from the relay's pool so that `max_connections` counts only the connections
+/// that read, mark and renew leases.
+pub fn listener_pool(settings: &DatabaseSettings) -> Result<PgPool, sqlx::Error> {
+    let options = connect_options(settings)?;
+    Ok(PgPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(settings.connect_timeout)
+        .connect_lazy_with(options))
+}
+
 /// The outbox as the relay sees it.
 #[derive(Clone)]
 pub struct Store {
@@ -483,12 +494,14 @@ impl Store {
         MIGRATOR.run(&self.pool).await
     }
 
-    /// Installs or removes the optional statement-level doorbell trigger.
-    pub async fn set_notify_trigger(&self, enabled: bool) -> Result<(), StoreError> {
+    /// Installs or removes the optional statement-level doorbell trigger, which notifies
+    /// `channel`.
+    pub async fn set_notify_trigger(&self, enabled: bool, channel: &str) -> Result<(), StoreError> {
         let mut s = self.session().await?;
         let result: Result<_, StoreError> = async {
-            self.query("SELECT outbox_enable_notify($1)")
+            self.query("SELECT outbox_enable_notify($1, $2)")
                 .bind(enabled)
+                .bind(channel)
                 .execute(s.conn())
                 .await?;
             Ok(())
@@ -605,10 +618,11 @@ impl Store {
         s.finish(result).await
     }
 
-    /// Parks rows that can never be published, with their reasons.
-    pub async fn park(&self, parked: &[Parking]) -> Result<u64, StoreError> {
+    /// Parks rows that can never be published, with their reasons. Returns the ids of the
+    /// rows it parked: a row already sent, parked or gone is left as it is.
+    pub async fn park(&self, parked: &[Parking]) -> Result<Vec<i64>, StoreError> {
         if parked.is_empty() {
-            return Ok(0);
+            return Ok(Vec::new());
         }
         let mut s = self.session().await?;
         let result: Result<_, StoreError> = async {
@@ -627,14 +641,18 @@ impl Store {
                      park_reason = ($2::text[])[width_bucket(o.id, $1::bigint[])], \
                      park_error = ($3::text[])[width_bucket(o.id, $1::bigint[])] \
                  WHERE o.id = ANY($1::bigint[]) \
-                   AND o.sent_at IS NULL AND o.parked_at IS NULL",
+                   AND o.sent_at IS NULL AND o.parked_at IS NULL \
+                 RETURNING o.id",
                 )
                 .bind(&ids)
                 .bind(&reasons)
                 .bind(&errors)
-                .execute(s.conn())
+                .fetch_all(s.conn())
                 .await?;
-            Ok(done.rows_affected())
+            done.iter()
+                .map(|row| row.try_get::<i64, _>(0))
+                .collect::<Result<Vec<i64>, _>>()
+                .map_err(StoreError::from)
         }
         .await;
         s.finish(result).await

@@ -379,11 +379,52 @@ pub struct BatchReport<'a> {
     pub duration: Duration,
 }
 
+/// How many distinct topics get a `topic` label of their own; rows of any further topic
+/// are counted under [`OTHER_TOPICS`]. Topics can come from row data, and every label
+/// value is a time series Prometheus keeps.
+pub const MAX_TOPIC_LABELS: usize = 100;
+/// The `topic` label of rows published to topics beyond the first [`MAX_TOPIC_LABELS`].
+pub const OTHER_TOPICS: &str = "_other";
+
+/// The topics that have a label of their own: the first `capacity` ever seen.
+#[derive(Debug)]
+pub struct TopicLabels {
+    capacity: usize,
+    seen: std::sync::Mutex<std::collections::HashSet<String>>,
+}
+
+impl TopicLabels {
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            capacity,
+            seen: Default::default(),
+        }
+    }
+
+    /// `topic` itself while it is among the first `capacity` topics, [`OTHER_TOPICS`] after.
+    pub fn label(&self, topic: &str) -> String {
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        if seen.contains(topic) {
+            return topic.to_string();
+        }
+        if seen.len() < self.capacity {
+            seen.insert(topic.to_string());
+            return topic.to_string();
+        }
+        OTHER_TOPICS.to_string()
+    }
+}
+
+fn topic_labels() -> &'static TopicLabels {
+    static LABELS: OnceLock<TopicLabels> = OnceLock::new();
+    LABELS.get_or_init(|| TopicLabels::new(MAX_TOPIC_LABELS))
+}
+
 pub fn batch_finished(report: &BatchReport<'_>) {
     histogram!(BATCH_SIZE).record(report.read as f64);
     histogram!(BATCH_DURATION).record(report.duration.as_secs_f64());
     for (topic, rows) in report.published_by_topic {
-        counter!(ROWS_PUBLISHED, "topic" => topic.to_string()).increment(*rows);
+        counter!(ROWS_PUBLISHED, "topic" => topic_labels().label(topic)).increment(*rows);
     }
     counter!(ROWS_MARKED, "mode" => report.mode).increment(report.marked);
     let latency = histogram!(END_TO_END_LATENCY);
@@ -434,4 +475,22 @@ pub fn rebalanced() {
 
 pub fn rows_fenced(rows: u64) {
     counter!(ROWS_FENCED).increment(rows);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topic_labels_are_capped() {
+        let labels = TopicLabels::new(2);
+        assert_eq!(labels.label("a"), "a");
+        assert_eq!(labels.label("b"), "b");
+        assert_eq!(labels.label("c"), OTHER_TOPICS);
+        assert_eq!(labels.label("a"), "a", "a topic seen early keeps its label");
+        for i in 0..1000 {
+            assert_eq!(labels.label(&format!("row-chosen-{i}")), OTHER_TOPICS);
+        }
+        assert_eq!(labels.seen.lock().unwrap().len(), 2);
+    }
 }

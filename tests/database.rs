@@ -581,3 +581,48 @@ async fn a_large_backlog_is_estimated_from_the_pending_ids() {
         (11, true)
     );
 }
+
+/// `database.listen_channel` is honoured at both ends: `migrate --notify-trigger on` makes
+/// the trigger notify that channel, and the relay listens there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_doorbell_rings_on_the_configured_channel() {
+    let db = TestDb::new().await;
+    let bootstrap = kafka_bootstrap();
+    let prefix = unique_prefix();
+    let topic = format!("{prefix}.chan");
+    create_topic(&bootstrap, &topic, 3).await;
+    let output = relay_command(&db.url, &bootstrap)
+        .env("OUTBOX_RELAY_DATABASE__LISTEN_CHANNEL", "orders_bell")
+        .args(["migrate", "--notify-trigger", "on"])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", output_text(&output));
+    // Polling is an hour away: only the doorbell can deliver within the waits below.
+    let relay = RunningRelay::start(template_settings(
+        &db,
+        &bootstrap,
+        &prefix,
+        "poll_interval = \"1h\"\n[database]\nlisten_channel = \"orders_bell\"\n",
+    ))
+    .await;
+    wait_for("the relay listening", CONDITION_TIMEOUT, || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE application_name = 'outbox-relay' AND datname = current_database() \
+               AND query ILIKE 'LISTEN%orders_bell%'",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+            == 1
+    })
+    .await;
+    db.insert(&[NewRow::new("chan", "a", 1)]).await;
+    wait_for("the row via the doorbell", Duration::from_secs(20), || async {
+        db.sent().await == 1
+    })
+    .await;
+    relay.stop().await;
+    let records = consume(&bootstrap, &topic, 1);
+    assert_eq!(assert_contract(&db.rows().await, &records), 0);
+}
