@@ -184,9 +184,12 @@ impl App {
             keeper_cancel.cancel();
             let _ = keeper.await;
             // Bounded: the leases expire by themselves should the database not answer.
-            if tokio::time::timeout(HAND_OVER_TIMEOUT, hand_over(&store, &replica_id, &ownership))
-                .await
-                .is_err()
+            if tokio::time::timeout(
+                HAND_OVER_TIMEOUT,
+                hand_over(&store, &replica_id, &ownership),
+            )
+            .await
+            .is_err()
             {
                 warn!("could not hand the shards over in time; their leases expire by themselves");
             }

@@ -349,28 +349,116 @@ enum Accepts {
 /// reported, per-aggregate order on the key's partition, the configured cluster), with
 /// what they may be set to and why. docs/kafka-properties.md goes through the rest.
 const GUARDED_PROPERTIES: &[(&str, Accepts, &str)] = &[
-    ("enable.idempotence", Accepts::Values(&["true"]), "the relay always enables idempotence, which keeps retries in order and without duplicates"),
-    ("acks", Accepts::Values(&["all", "-1"]), "the relay always uses acks=all: a row is marked only after all in-sync replicas have it"),
-    ("request.required.acks", Accepts::Values(&["all", "-1"]), "the relay always uses acks=all: a row is marked only after all in-sync replicas have it"),
-    ("message.timeout.ms", Accepts::Values(&["0"]), "the relay sets 0 (retry until delivered) and raises a stall alarm instead; a finite timeout lets later rows of a partition land before an earlier one"),
-    ("delivery.timeout.ms", Accepts::Values(&["0"]), "alias of message.timeout.ms, which the relay sets to 0"),
-    ("enable.gapless.guarantee", Accepts::Values(&["true"]), "the relay keeps it on so that a row refused by the broker cannot be overtaken by later rows"),
-    ("message.send.max.retries", Accepts::Values(&["2147483647"]), "a row that runs out of retries fails while later rows of its partition may already be acknowledged, so its resend lands after them"),
-    ("retries", Accepts::Values(&["2147483647"]), "alias of message.send.max.retries: a row that runs out of retries can be overtaken by later rows of its partition"),
-    ("max.in.flight.requests.per.connection", Accepts::Range(1, 5), "the idempotent producer keeps order only with at most 5 requests in flight"),
-    ("max.in.flight", Accepts::Range(1, 5), "alias of max.in.flight.requests.per.connection: the idempotent producer keeps order only with at most 5 requests in flight"),
-    ("queue.buffering.backpressure.threshold", Accepts::Values(&["1"]), "librdkafka requires 1 with idempotence"),
-    ("queuing.strategy", Accepts::Values(&["fifo"]), "lifo sends newer messages first, which reorders an aggregate"),
-    ("delivery.report.only.error", Accepts::Values(&["false"]), "with true librdkafka reports only failures, so no acknowledgement reaches the relay and no row is ever marked"),
-    ("partitioner", Accepts::Values(&["murmur2_random", "murmur2"]), "an aggregate's partition is murmur2 of its key, as the Java client computes it; another partitioner puts aggregates on other partitions than other producers do, or ignores the key"),
-    ("transactional.id", Accepts::Nothing, "it makes the producer transactional, and the relay never begins a transaction; replicas sharing the id would fence each other"),
-    ("test.mock.num.brokers", Accepts::Values(&["0"]), "it starts an in-process mock cluster instead of connecting to bootstrap.servers, so rows would be acknowledged without reaching Kafka"),
-    ("test.mock.broker.rtt", Accepts::Values(&["0"]), "it configures librdkafka's in-process mock cluster, which is for tests only"),
-    ("api.version.request", Accepts::Values(&["true"]), "without the version request librdkafka may assume a broker without the idempotent producer"),
-    ("broker.version.fallback", Accepts::Check(supports_idempotence), "brokers before 0.11 have no idempotent producer and no record headers"),
-    ("plugin.library.paths", Accepts::Nothing, "a plugin sees and can change every message and the configuration beyond the relay's checks"),
-    ("internal.termination.signal", Accepts::Values(&["0"]), "librdkafka would install a process-wide handler for that signal, which can take SIGTERM away from the relay's drain"),
-    ("topic.blacklist", Accepts::Nothing, "it makes existing topics look absent, so their rows would be held or parked as unknown"),
+    (
+        "enable.idempotence",
+        Accepts::Values(&["true"]),
+        "the relay always enables idempotence, which keeps retries in order and without duplicates",
+    ),
+    (
+        "acks",
+        Accepts::Values(&["all", "-1"]),
+        "the relay always uses acks=all: a row is marked only after all in-sync replicas have it",
+    ),
+    (
+        "request.required.acks",
+        Accepts::Values(&["all", "-1"]),
+        "the relay always uses acks=all: a row is marked only after all in-sync replicas have it",
+    ),
+    (
+        "message.timeout.ms",
+        Accepts::Values(&["0"]),
+        "the relay sets 0 (retry until delivered) and raises a stall alarm instead; a finite timeout lets later rows of a partition land before an earlier one",
+    ),
+    (
+        "delivery.timeout.ms",
+        Accepts::Values(&["0"]),
+        "alias of message.timeout.ms, which the relay sets to 0",
+    ),
+    (
+        "enable.gapless.guarantee",
+        Accepts::Values(&["true"]),
+        "the relay keeps it on so that a row refused by the broker cannot be overtaken by later rows",
+    ),
+    (
+        "message.send.max.retries",
+        Accepts::Values(&["2147483647"]),
+        "a row that runs out of retries fails while later rows of its partition may already be acknowledged, so its resend lands after them",
+    ),
+    (
+        "retries",
+        Accepts::Values(&["2147483647"]),
+        "alias of message.send.max.retries: a row that runs out of retries can be overtaken by later rows of its partition",
+    ),
+    (
+        "max.in.flight.requests.per.connection",
+        Accepts::Range(1, 5),
+        "the idempotent producer keeps order only with at most 5 requests in flight",
+    ),
+    (
+        "max.in.flight",
+        Accepts::Range(1, 5),
+        "alias of max.in.flight.requests.per.connection: the idempotent producer keeps order only with at most 5 requests in flight",
+    ),
+    (
+        "queue.buffering.backpressure.threshold",
+        Accepts::Values(&["1"]),
+        "librdkafka requires 1 with idempotence",
+    ),
+    (
+        "queuing.strategy",
+        Accepts::Values(&["fifo"]),
+        "lifo sends newer messages first, which reorders an aggregate",
+    ),
+    (
+        "delivery.report.only.error",
+        Accepts::Values(&["false"]),
+        "with true librdkafka reports only failures, so no acknowledgement reaches the relay and no row is ever marked",
+    ),
+    (
+        "partitioner",
+        Accepts::Values(&["murmur2_random", "murmur2"]),
+        "an aggregate's partition is murmur2 of its key, as the Java client computes it; another partitioner puts aggregates on other partitions than other producers do, or ignores the key",
+    ),
+    (
+        "transactional.id",
+        Accepts::Nothing,
+        "it makes the producer transactional, and the relay never begins a transaction; replicas sharing the id would fence each other",
+    ),
+    (
+        "test.mock.num.brokers",
+        Accepts::Values(&["0"]),
+        "it starts an in-process mock cluster instead of connecting to bootstrap.servers, so rows would be acknowledged without reaching Kafka",
+    ),
+    (
+        "test.mock.broker.rtt",
+        Accepts::Values(&["0"]),
+        "it configures librdkafka's in-process mock cluster, which is for tests only",
+    ),
+    (
+        "api.version.request",
+        Accepts::Values(&["true"]),
+        "without the version request librdkafka may assume a broker without the idempotent producer",
+    ),
+    (
+        "broker.version.fallback",
+        Accepts::Check(supports_idempotence),
+        "brokers before 0.11 have no idempotent producer and no record headers",
+    ),
+    (
+        "plugin.library.paths",
+        Accepts::Nothing,
+        "a plugin sees and can change every message and the configuration beyond the relay's checks",
+    ),
+    (
+        "internal.termination.signal",
+        Accepts::Values(&["0"]),
+        "librdkafka would install a process-wide handler for that signal, which can take SIGTERM away from the relay's drain",
+    ),
+    (
+        "topic.blacklist",
+        Accepts::Nothing,
+        "it makes existing topics look absent, so their rows would be held or parked as unknown",
+    ),
 ];
 
 /// `broker.version.fallback` values of brokers that support the idempotent producer.
@@ -641,7 +729,11 @@ impl Settings {
             }
             if canonical == "queue.buffering.max.kbytes" {
                 let needed = self.relay.max_message_bytes.div_ceil(1024) as i64;
-                if !value.to_string().parse::<i64>().is_ok_and(|kb| kb >= needed) {
+                if !value
+                    .to_string()
+                    .parse::<i64>()
+                    .is_ok_and(|kb| kb >= needed)
+                {
                     return Err(ConfigError::new(
                         key,
                         format!(
@@ -752,7 +844,10 @@ impl Settings {
     fn durations(&self) -> [(&'static str, Duration); 10] {
         [
             ("database.connect_timeout", self.database.connect_timeout),
-            ("database.statement_timeout", self.database.statement_timeout),
+            (
+                "database.statement_timeout",
+                self.database.statement_timeout,
+            ),
             ("kafka.linger", self.kafka.linger),
             ("relay.poll_interval", self.relay.poll_interval),
             ("relay.drain_timeout", self.relay.drain_timeout),
@@ -760,7 +855,10 @@ impl Settings {
             ("relay.liveness_timeout", self.relay.liveness_timeout),
             ("relay.stats_interval", self.relay.stats_interval),
             ("relay.lease_ttl", self.relay.lease_ttl),
-            ("relay.lease_renew_interval", self.relay.lease_renew_interval),
+            (
+                "relay.lease_renew_interval",
+                self.relay.lease_renew_interval,
+            ),
         ]
     }
 

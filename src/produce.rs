@@ -115,13 +115,23 @@ impl ProducerContext for RelayContext {
             Ok(message) => Ok((message.partition(), message.offset())),
             Err((error, _)) => Err(error.clone()),
         };
-        // On librdkafka's polling thread (or a blocking thread dropping the producer),
-        // never on the async runtime, so waiting for room is allowed.
-        let _ = self.events.blocking_send(ProducerEvent::Delivered {
+        // A report must not be lost, so a full channel is waited out. It never fills while
+        // the relay listens (its capacity covers every report of a batch); this may run on
+        // an async thread when the producer is dropped there, so it cannot block_on.
+        let mut event = ProducerEvent::Delivered {
             generation: self.generation,
             row_id: row_id as i64,
             result,
-        });
+        };
+        loop {
+            match self.events.try_send(event) {
+                Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => return,
+                Err(mpsc::error::TrySendError::Full(again)) => {
+                    event = again;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+        }
     }
 }
 

@@ -371,7 +371,9 @@ impl Relay {
                 warn!(error = %err, "the last batch could not be marked before exiting; its rows stay pending and are sent again");
             }
             Err(_) => {
-                warn!("the last batch's mark did not finish by the drain deadline; its rows stay pending and are sent again");
+                warn!(
+                    "the last batch's mark did not finish by the drain deadline; its rows stay pending and are sent again"
+                );
             }
         }
         info!("relay stopped");
@@ -485,7 +487,8 @@ impl Relay {
             tokio::spawn(self.read(shard_filter.as_deref(), &skip))
         });
         let mut batch = Batch::new(rows.len(), self.isolating);
-        self.produce_batch(&rows, snapshot, &mut batch, cancel).await;
+        self.produce_batch(&rows, snapshot, &mut batch, cancel)
+            .await;
 
         self.collect_acks(&rows, &mut batch, cancel).await;
         let ahead = match read {
@@ -775,12 +778,18 @@ impl Relay {
                 let since = *fatal_since.get_or_insert(now);
                 match purged_at {
                     None if now >= since + FATAL_REPORT_GRACE => {
-                        warn!(outstanding = batch.outstanding, "purging the rows still in flight after the fatal error; they are sent again");
+                        warn!(
+                            outstanding = batch.outstanding,
+                            "purging the rows still in flight after the fatal error; they are sent again"
+                        );
                         self.producer.purge_all();
                         purged_at = Some(now);
                     }
                     Some(at) if now >= at + FATAL_REPORT_GRACE => {
-                        warn!(outstanding = batch.outstanding, "delivery reports still missing after the purge; those rows stay pending and are sent again");
+                        warn!(
+                            outstanding = batch.outstanding,
+                            "delivery reports still missing after the purge; those rows stay pending and are sent again"
+                        );
                         break;
                     }
                     _ => {}
@@ -832,6 +841,14 @@ impl Relay {
             self.health.set_in_flight(batch.outstanding);
         }
         self.health.set_in_flight(0);
+        // rust-rdkafka hands a fatal error to the error callback under its underlying code
+        // (the gap-less guarantee, say), so the producer is asked once every report is in.
+        if !batch.fatal {
+            if let Some(reason) = self.producer.fatal_error() {
+                error!(%reason, "fatal producer error; rebuilding the producer");
+                batch.fatal = true;
+            }
+        }
     }
 
     /// librdkafka's queue is full: waits a moment for delivery reports to free room,
@@ -899,6 +916,7 @@ impl Relay {
         cancel: &CancellationToken,
     ) -> Result<(), RelayError> {
         let isolate = if batch.refused_in_a_set > 0 {
+            self.health.record_batch_refused();
             if !self.isolating {
                 warn!(
                     rows = batch.refused_in_a_set,

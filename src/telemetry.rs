@@ -19,6 +19,7 @@ pub const ROWS_PARKED: &str = "outbox_relay_rows_parked_total";
 pub const PUBLISH_ERRORS: &str = "outbox_relay_publish_errors_total";
 pub const DATABASE_ERRORS: &str = "outbox_relay_database_errors_total";
 pub const PRODUCER_REBUILDS: &str = "outbox_relay_producer_rebuilds_total";
+pub const REFUSED_RECORD_BATCHES: &str = "outbox_relay_refused_record_batches_total";
 pub const DOORBELLS: &str = "outbox_relay_doorbell_notifications_total";
 pub const BATCH_SIZE: &str = "outbox_relay_batch_size_rows";
 pub const BATCH_DURATION: &str = "outbox_relay_batch_duration_seconds";
@@ -88,6 +89,10 @@ fn describe_all() {
     describe_counter!(
         PRODUCER_REBUILDS,
         "Producers torn down and rebuilt after a fatal error."
+    );
+    describe_counter!(
+        REFUSED_RECORD_BATCHES,
+        "Record batches the broker refused as a whole; their rows were sent again one record per request."
     );
     describe_counter!(DOORBELLS, "LISTEN doorbell notifications received.");
     describe_histogram!(BATCH_SIZE, "Rows per batch read from the outbox.");
@@ -241,6 +246,7 @@ pub struct Health {
     in_flight: AtomicU64,
     batches: AtomicU64,
     producer_rebuilds: AtomicU64,
+    refused_record_batches: AtomicU64,
     shards_owned: AtomicU64,
     /// Milliseconds since [`process_clock`] at the relay loop's last sign of progress
     /// inside a step; 0 while it waits between steps.
@@ -298,6 +304,14 @@ impl Health {
     }
     pub fn shards_owned(&self) -> u64 {
         self.shards_owned.load(Ordering::SeqCst)
+    }
+    /// The broker refused a record batch as a whole; its rows go one record per request.
+    pub fn record_batch_refused(&self) {
+        self.refused_record_batches.fetch_add(1, Ordering::SeqCst);
+        counter!(REFUSED_RECORD_BATCHES).increment(1);
+    }
+    pub fn refused_record_batches(&self) -> u64 {
+        self.refused_record_batches.load(Ordering::SeqCst)
     }
     pub fn producer_rebuilds(&self) -> u64 {
         self.producer_rebuilds.load(Ordering::SeqCst)

@@ -618,9 +618,11 @@ async fn the_doorbell_rings_on_the_configured_channel() {
     })
     .await;
     db.insert(&[NewRow::new("chan", "a", 1)]).await;
-    wait_for("the row via the doorbell", Duration::from_secs(20), || async {
-        db.sent().await == 1
-    })
+    wait_for(
+        "the row via the doorbell",
+        Duration::from_secs(20),
+        || async { db.sent().await == 1 },
+    )
     .await;
     relay.stop().await;
     let records = consume(&bootstrap, &topic, 1);

@@ -1,13 +1,62 @@
 //! Broker faults a real broker will not make on demand, injected with rdkafka's
-//! MockCluster (it speaks the Kafka protocol): a broker down, and a fatal producer error.
-//! Each test reads the mock cluster back with a real consumer.
+//! MockCluster (it speaks the Kafka protocol): a broker down, fatal producer errors,
+//! record batches and rows the broker refuses, a full producer queue. Each test reads the
+//! mock cluster back with a real consumer.
 
 mod support;
 
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
 use rdkafka::mocking::MockCluster;
+use rdkafka::producer::{BaseProducer, DefaultProducerContext, Producer};
 use rdkafka::types::RDKafkaApiKey;
 use rdkafka::types::RDKafkaRespErr;
 use support::*;
+
+/// A mock cluster whose brokers each take produce errors of their own; rust-rdkafka's
+/// `MockCluster` wraps only the cluster-wide error stack. The cluster lives in `host`.
+struct MockBrokers {
+    host: BaseProducer,
+}
+
+impl MockBrokers {
+    fn new(brokers: i32) -> Self {
+        let host: BaseProducer = ClientConfig::new()
+            .set("test.mock.num.brokers", brokers.to_string())
+            .create()
+            .expect("a client hosting a mock cluster");
+        Self { host }
+    }
+
+    fn cluster(&self) -> MockCluster<'_, DefaultProducerContext> {
+        self.host
+            .client()
+            .mock_cluster()
+            .expect("the host's mock cluster")
+    }
+
+    /// The next `count` Produce requests that `broker` receives fail with `err`.
+    fn push_produce_errors(&self, broker: i32, err: RDKafkaRespErr, count: usize) {
+        // SAFETY: the cluster belongs to `host`, alive as long as `self`; each call pushes
+        // one (error, round trip) pair, the variadic arguments the function reads.
+        unsafe {
+            let cluster =
+                rdkafka::bindings::rd_kafka_handle_mock_cluster(self.host.client().native_ptr());
+            for _ in 0..count {
+                rdkafka::bindings::rd_kafka_mock_broker_push_request_error_rtts(
+                    cluster,
+                    broker,
+                    RDKafkaApiKey::Produce as i16,
+                    1,
+                    err as std::os::raw::c_int,
+                    0 as std::os::raw::c_int,
+                );
+            }
+        }
+    }
+}
 
 fn mock_settings(
     db: &TestDb,
@@ -292,6 +341,264 @@ async fn authorization_failures_park_nothing_and_publishing_resumes() {
     );
     relay.stop().await;
     let records = consume(&cluster.bootstrap_servers(), "outbox.event.acl", 550);
+    let duplicates = assert_contract(&db.rows().await, &records);
+    assert!(duplicates <= 500, "{duplicates} duplicates");
+}
+
+/// One Produce request refused whole, as a broker refuses a record batch over the topic's
+/// size limit or with one bad record: the innocent rows of that batch are sent again one
+/// record per request, and accepted, so nothing is parked and nothing is lost or reordered.
+async fn a_record_batch_refused_once(err: RDKafkaRespErr, topic_suffix: &str) {
+    let db = TestDb::new().await;
+    let cluster = MockCluster::new(3).unwrap();
+    let topic = format!("outbox.event.{topic_suffix}");
+    cluster.create_topic(&topic, 3, 3).unwrap();
+    let relay =
+        RunningRelay::start(mock_settings(&db, &cluster, "[relay]\nbatch_size = 500\n")).await;
+    db.insert(&stream(topic_suffix, 5, 50)).await;
+    wait_for("warm-up rows marked", CONDITION_TIMEOUT, || async {
+        db.sent().await == 50
+    })
+    .await;
+
+    cluster.request_errors(RDKafkaApiKey::Produce, &[err]);
+    db.insert(&stream(topic_suffix, 5, 300)).await;
+    wait_for("all rows marked", CONDITION_TIMEOUT, || async {
+        db.sent().await == 350
+    })
+    .await;
+    assert_eq!(
+        db.count("parked_at IS NOT NULL").await,
+        0,
+        "a record batch refused once parks nothing"
+    );
+    assert!(
+        relay.health.refused_record_batches() >= 1,
+        "the injected refusal reached the relay"
+    );
+    let rebuilds = relay.health.producer_rebuilds();
+    assert!(rebuilds <= 2, "one rebuild for the refusal, got {rebuilds}");
+    relay.stop().await;
+    let records = consume(&cluster.bootstrap_servers(), &topic, 350);
+    let duplicates = assert_contract(&db.rows().await, &records);
+    assert!(duplicates <= 300, "{duplicates} duplicates");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_batch_refused_once_as_too_large_parks_nothing() {
+    a_record_batch_refused_once(
+        RDKafkaRespErr::RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE,
+        "toolarge",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_batch_refused_once_as_invalid_parks_nothing() {
+    a_record_batch_refused_once(RDKafkaRespErr::RD_KAFKA_RESP_ERR_INVALID_RECORD, "invalid").await;
+}
+
+/// One partition's leader refuses every record, as a broker refuses a row that is too
+/// large on its own: only those refusals park rows, one per aggregate of that partition
+/// (the rest of each such aggregate waits behind it), every other partition flows, and
+/// each parked row costs at most one producer rebuild.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_rows_refused_on_their_own_are_parked() {
+    let db = TestDb::new().await;
+    let brokers = MockBrokers::new(3);
+    let cluster = brokers.cluster();
+    let topic = "outbox.event.alone";
+    cluster.create_topic(topic, 3, 3).unwrap();
+    for partition in 0..3 {
+        cluster
+            .partition_leader(topic, partition, Some(partition + 1))
+            .unwrap();
+    }
+    let relay = RunningRelay::start(mock_settings(&db, &cluster, "")).await;
+    // One row per aggregate first, to learn each aggregate's partition.
+    db.insert(&stream("alone", 12, 12)).await;
+    wait_for("warm-up rows marked", CONDITION_TIMEOUT, || async {
+        db.sent().await == 12
+    })
+    .await;
+    let partition_of: HashMap<String, i32> = db
+        .rows()
+        .await
+        .into_iter()
+        .map(|r| (r.aggregate_id, r.kafka_partition.unwrap()))
+        .collect();
+    let refusing = 1; // led by broker 2
+    let refused_aggregates = partition_of.values().filter(|p| **p == refusing).count();
+    assert!(refused_aggregates > 0, "{partition_of:?}");
+
+    brokers.push_produce_errors(
+        2,
+        RDKafkaRespErr::RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE,
+        100_000,
+    );
+    db.insert(&stream("alone", 12, 240)).await;
+    let healthy_rows = 12 + 240 / 12 * (12 - refused_aggregates) as i64;
+    wait_for(
+        "rows of healthy partitions marked",
+        CONDITION_TIMEOUT,
+        || async { db.sent().await == healthy_rows },
+    )
+    .await;
+    wait_for(
+        "every aggregate of the refusing partition held by a parked row",
+        CONDITION_TIMEOUT,
+        || async {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT count(DISTINCT aggregate_id) FROM outbox WHERE parked_at IS NOT NULL",
+            )
+            .fetch_one(&db.pool)
+            .await
+            .unwrap()
+                == refused_aggregates as i64
+        },
+    )
+    .await;
+    let rebuilds = relay.health.producer_rebuilds();
+    relay.stop().await;
+
+    // Every parked row was refused by the broker on its own, on the refusing partition;
+    // each aggregate there waits behind its first unsent row, which is parked. Rows sent
+    // alone in the same round (up to five in flight per partition) may be parked too.
+    let parked: Vec<(i64, String, String)> = sqlx::query_as(
+        "SELECT id, aggregate_id, park_reason FROM outbox WHERE parked_at IS NOT NULL ORDER BY id",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    let rows = db.rows().await;
+    let mut first_unsent: BTreeMap<&str, i64> = BTreeMap::new();
+    for row in rows.iter().filter(|r| !r.sent) {
+        first_unsent
+            .entry(row.aggregate_id.as_str())
+            .or_insert(row.id);
+    }
+    for (id, aggregate, reason) in &parked {
+        assert_eq!(partition_of[aggregate], refusing, "row {id} of {aggregate}");
+        assert_eq!(reason, "rejected_by_broker", "row {id}");
+    }
+    for (aggregate, first) in &first_unsent {
+        assert!(
+            parked.iter().any(|(id, _, _)| id == first),
+            "the first unsent row {first} of {aggregate} is parked"
+        );
+    }
+    assert!(
+        rows.iter()
+            .all(|r| r.sent || partition_of[&r.aggregate_id] == refusing),
+        "every row of a healthy partition is sent"
+    );
+    assert!(
+        rebuilds <= parked.len() as u64 + 2,
+        "{rebuilds} rebuilds for {} refused rows",
+        parked.len()
+    );
+    let sent: Vec<DbRow> = rows.into_iter().filter(|r| r.sent).collect();
+    let records = consume(&cluster.bootstrap_servers(), topic, sent.len());
+    let duplicates = assert_contract(&sent, &records);
+    assert!(duplicates <= 240, "{duplicates} duplicates");
+}
+
+/// Authorization refused for as long as it takes: nothing is parked, readiness is false
+/// and the error counted meanwhile, the producer is rebuilt with backoff rather than in a
+/// loop, and everything flows once the grant is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lasting_authorization_failure_holds_readiness_and_parks_nothing() {
+    let db = TestDb::new().await;
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic("outbox.event.denied", 3, 1).unwrap();
+    let relay = RunningRelay::start(mock_settings(&db, &cluster, "")).await;
+    db.insert(&stream("denied", 10, 50)).await;
+    wait_for("warm-up rows marked", CONDITION_TIMEOUT, || async {
+        db.sent().await == 50
+    })
+    .await;
+
+    cluster.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED; 5000],
+    );
+    db.insert(&stream("denied", 10, 200)).await;
+    wait_for("readiness false", CONDITION_TIMEOUT, || async {
+        http_get(relay.http_addr, "/readyz").await.0 == 503
+    })
+    .await;
+    wait_for_metric(
+        relay.http_addr,
+        "outbox_relay_publish_errors_total{kind=\"authorization_failed\"",
+    )
+    .await;
+    let rebuilds_then = relay.health.producer_rebuilds();
+    // A few seconds of the denial: the rebuilds back off instead of spinning.
+    let watch_until = tokio::time::Instant::now() + Duration::from_secs(6);
+    while tokio::time::Instant::now() < watch_until {
+        assert_eq!(http_get(relay.http_addr, "/readyz").await.0, 503);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let rebuilds = relay.health.producer_rebuilds() - rebuilds_then;
+    assert!(rebuilds <= 6, "{rebuilds} rebuilds in 6 s of denial");
+    assert_eq!(db.sent().await, 50, "nothing marked while denied");
+    assert_eq!(db.count("parked_at IS NOT NULL").await, 0);
+
+    cluster.clear_request_errors(RDKafkaApiKey::Produce);
+    wait_for("all rows marked", CONDITION_TIMEOUT, || async {
+        db.sent().await == 250
+    })
+    .await;
+    wait_for("ready again", CONDITION_TIMEOUT, || async {
+        http_get(relay.http_addr, "/readyz").await.0 == 200
+    })
+    .await;
+    relay.stop().await;
+    let records = consume(&cluster.bootstrap_servers(), "outbox.event.denied", 250);
+    let duplicates = assert_contract(&db.rows().await, &records);
+    assert!(duplicates <= 200, "{duplicates} duplicates");
+}
+
+/// The broker is gone and librdkafka's queue is full with the batch only partly queued:
+/// the stall alarm takes readiness away, and a stop is honoured within the drain timeout.
+/// Nothing queued then is marked, and a relay started later delivers everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_with_the_broker_gone_honours_stall_and_shutdown() {
+    let db = TestDb::new().await;
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic("outbox.event.full", 3, 1).unwrap();
+    let extra = "[relay]\nbatch_size = 500\nstall_after = \"1s\"\ndrain_timeout = \"2s\"\n\
+                 [kafka.properties]\n\"queue.buffering.max.messages\" = 50\n";
+    let relay = RunningRelay::start(mock_settings(&db, &cluster, extra)).await;
+    db.insert(&stream("full", 10, 20)).await;
+    wait_for("warm-up rows marked", CONDITION_TIMEOUT, || async {
+        db.sent().await == 20
+    })
+    .await;
+
+    cluster.broker_down(1).unwrap();
+    db.insert(&stream("full", 10, 500)).await;
+    let health = relay.health.clone();
+    wait_for("the stall alarm", CONDITION_TIMEOUT, || async {
+        health.stalled()
+    })
+    .await;
+    assert_eq!(http_get(relay.http_addr, "/readyz").await.0, 503);
+
+    relay.cancel.cancel();
+    let stopped = tokio::time::timeout(Duration::from_secs(15), relay.handle).await;
+    let outcome = stopped.expect("the relay stops within the drain timeout and its grace");
+    outcome.expect("relay task").expect("relay stopped cleanly");
+    assert_eq!(db.sent().await, 20, "nothing marked without the broker");
+
+    cluster.broker_up(1).unwrap();
+    let relay = RunningRelay::start(mock_settings(&db, &cluster, extra)).await;
+    wait_for("all rows marked", CONDITION_TIMEOUT, || async {
+        db.sent().await == 520
+    })
+    .await;
+    relay.stop().await;
+    let records = consume(&cluster.bootstrap_servers(), "outbox.event.full", 520);
     let duplicates = assert_contract(&db.rows().await, &records);
     assert!(duplicates <= 500, "{duplicates} duplicates");
 }
