@@ -312,8 +312,8 @@ def check_manifests(rendered: Path, outdir: Path, name: str) -> int:
         drain = parse_duration(relay.get("drain_timeout", "10s"))
         grace = pod.get("terminationGracePeriodSeconds", 30)
         p.check(
-            grace > drain,
-            f"Deployment: terminationGracePeriodSeconds {grace} must exceed relay.drain_timeout ({drain:g}s)",
+            grace > drain + 10,
+            f"Deployment: terminationGracePeriodSeconds {grace} must exceed relay.drain_timeout ({drain:g}s) plus 10 s (the last mark and the hand-over)",
         )
         listen = config.get("http", {}).get("listen", "0.0.0.0:9090")
         p.check(

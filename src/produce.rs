@@ -32,7 +32,8 @@ pub enum ProducerEvent {
     },
     /// librdkafka raised a fatal error: the producer must be rebuilt.
     Fatal { generation: u64, reason: String },
-    /// Nothing can be published (authentication failed, for one): stop and retry slowly.
+    /// A client-level error that is nobody's row (authentication failed, for one):
+    /// counted, and readiness false; the batch in flight goes on.
     Global {
         generation: u64,
         kind: &'static str,

@@ -110,6 +110,9 @@ struct Batch {
     refused_in_a_set: u64,
     /// Rows the broker refused on their own (parked).
     refused_alone: u64,
+    /// A client-level error (authentication failing, say) arrived while rows were in
+    /// flight.
+    client_error: Option<String>,
 }
 
 impl Batch {
@@ -127,6 +130,7 @@ impl Batch {
             isolating,
             refused_in_a_set: 0,
             refused_alone: 0,
+            client_error: None,
         }
     }
 
@@ -140,7 +144,7 @@ impl Batch {
         *self.error_kinds.entry(kind).or_default() += 1;
         self.outcomes[pos] = Outcome::Failed;
         match row_class(class, kind, row) {
-            ErrorClass::PermanentRow if self.isolating => {
+            ErrorClass::PermanentRow if self.isolating || !refused_by_broker(kind) => {
                 warn!(row_id = row.id, error = %err, "broker refused the row on its own; parking it");
                 self.refused_alone += 1;
                 self.park(pos, row.id, &ParkReason::Rejected(err.to_string()));
@@ -224,9 +228,11 @@ pub struct Relay {
     writer: Writer,
     settings: RelaySettings,
     producer_properties: Vec<(String, String)>,
+    /// Declared before the producer so that it is dropped first: a producer dropped
+    /// later finds the channel closed instead of waiting for room in it.
+    events: EventReceiver,
     producer: RowProducer,
     events_tx: EventSender,
-    events: EventReceiver,
     encoder: Encoder,
     topic_limits: TopicLimits,
     health: Arc<Health>,
@@ -816,6 +822,10 @@ impl Relay {
                         last_progress = Instant::now();
                         self.health.set_stalled(false);
                     }
+                    if let Some(reason) = batch.client_error.take() {
+                        error!(%reason, "the Kafka client reports an error that holds rows back; fix the credentials or grants, librdkafka keeps retrying");
+                        self.health.set_blocked(true);
+                    }
                 }
                 _ = cancel.cancelled(), if self.drain.deadline().is_none() => {
                     let deadline = self.drain.start();
@@ -936,7 +946,9 @@ impl Relay {
         self.isolating = isolate;
         self.rebuild_producer(batch.fatal).await?;
         if !batch.fatal {
-            info!("back to batching records after the refused rows were settled");
+            if !isolate {
+                info!("back to batching records after the refused rows were settled");
+            }
             return Ok(());
         }
         let progressed = batch
@@ -1171,16 +1183,21 @@ fn apply_event(
             kind,
             reason,
         } if g == generation => {
-            // A connection-level error (one broker failing authentication, say) says
-            // nothing about the rows in flight: the partitions of healthy brokers go on,
-            // and rows that cannot be delivered raise the stall alarm.
-            *batch.error_kinds.entry(kind).or_default() += 1;
-            debug!(%reason, kind, "client error while rows are in flight");
+            // A connection-level error (one broker failing authentication, say) does not
+            // cut the batch: the partitions of healthy brokers go on. It is counted now,
+            // and readiness is false until a batch is fully acknowledged.
+            telemetry::publish_error(kind);
+            batch.client_error = Some(reason);
             false
         }
         // A report from a producer already torn down.
         _ => false,
     }
+}
+
+/// A refusal the broker makes of a whole record batch, which may hold innocent rows.
+fn refused_by_broker(kind: &str) -> bool {
+    matches!(kind, "message_too_large" | "invalid_record")
 }
 
 /// A missing topic is the row's own problem when the row named it, everyone's otherwise;

@@ -447,6 +447,10 @@ pub fn batch_finished(report: &BatchReport<'_>) {
     }
 }
 
+pub fn publish_error(kind: &'static str) {
+    counter!(PUBLISH_ERRORS, "kind" => kind).increment(1);
+}
+
 pub fn publish_errors(by_kind: &HashMap<&'static str, u64>) {
     for (kind, n) in by_kind {
         counter!(PUBLISH_ERRORS, "kind" => *kind).increment(*n);

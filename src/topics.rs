@@ -1,6 +1,7 @@
 //! What the broker says about each topic's record size limit (`max.message.bytes`), asked
-//! once per topic and again after an hour. A limit the broker does not report is unknown,
-//! and an unknown limit checks nothing: the producer's own limit still applies.
+//! once per topic and again every few minutes. A limit the broker does not report (the
+//! principal lacks DescribeConfigs, say) is unknown, said once per topic at warn, and
+//! checks nothing: the producer's own limit still applies.
 
 use std::time::Duration;
 
@@ -11,8 +12,9 @@ use rdkafka::error::KafkaResult;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
-/// How long an answer (or the lack of one) is trusted before asking again.
-const REFRESH_AFTER: Duration = Duration::from_secs(3600);
+/// How long an answer (or the lack of one) is trusted before asking again: a lowered limit
+/// or a granted DescribeConfigs is seen within this.
+const REFRESH_AFTER: Duration = Duration::from_secs(300);
 /// How long one question may take; the batch waits for it once per topic per hour.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// Producer-only settings an admin client must not inherit (it would start an
@@ -28,6 +30,8 @@ pub struct TopicLimits {
     admin: Option<AdminClient<DefaultClientContext>>,
     properties: Vec<(String, String)>,
     known: foldhash::HashMap<String, (Instant, Option<usize>)>,
+    /// Topics whose limit could not be learnt, already warned about.
+    warned: foldhash::HashSet<String>,
 }
 
 impl TopicLimits {
@@ -48,6 +52,7 @@ impl TopicLimits {
             admin: None,
             properties,
             known: foldhash::HashMap::default(),
+            warned: foldhash::HashSet::default(),
         }
     }
 
@@ -59,9 +64,13 @@ impl TopicLimits {
             }
         }
         let limit = match self.ask(topic).await {
-            Ok(limit) => limit,
+            Ok(Some(limit)) => Some(limit),
+            Ok(None) => {
+                self.warn_once(topic, "the broker did not report it".into());
+                None
+            }
             Err(err) => {
-                debug!(topic, error = %err, "the broker did not report the topic's max.message.bytes");
+                self.warn_once(topic, err.to_string());
                 None
             }
         };
@@ -71,6 +80,18 @@ impl TopicLimits {
         self.known
             .insert(topic.to_string(), (Instant::now(), limit));
         limit
+    }
+
+    fn warn_once(&mut self, topic: &str, why: String) {
+        if self.warned.len() < 10_000 && self.warned.insert(topic.to_string()) {
+            warn!(
+                topic,
+                error = %why,
+                "cannot learn the topic's max.message.bytes, so rows are checked only against relay.max_message_bytes; grant the relay's principal DescribeConfigs on its topics"
+            );
+        } else {
+            debug!(topic, error = %why, "the topic's max.message.bytes is still unknown");
+        }
     }
 
     async fn ask(&mut self, topic: &str) -> KafkaResult<Option<usize>> {
