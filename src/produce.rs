@@ -146,7 +146,8 @@ pub struct RowProducer {
 
 impl RowProducer {
     /// Builds a producer from `properties`; reports go to `events`. An `isolating`
-    /// producer sends one record per request, so that a refusal concerns one row alone.
+    /// producer sends one record per request, one request at a time per broker, so that a
+    /// refusal concerns one row alone.
     pub fn build(
         properties: &[(String, String)],
         generation: u64,
@@ -158,7 +159,11 @@ impl RowProducer {
             config.set(key, value);
         }
         if isolating {
+            // One record per request and one request at a time: a refusal is that row's,
+            // and the gap-less purge that follows it leaves no other row of its broker in
+            // flight to be refused in the same round.
             config.set("batch.num.messages", "1");
+            config.set("max.in.flight.requests.per.connection", "1");
         }
         let inner: ThreadedProducer<RelayContext> =
             config.create_with_context(RelayContext { generation, events })?;

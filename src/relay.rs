@@ -807,17 +807,7 @@ impl Relay {
             }
             tokio::select! {
                 event = self.events.recv() => {
-                    // Take every report already queued in one go: one wake-up, clock read
-                    // and timer per burst of acks, not per row.
-                    let mut next = event;
-                    let mut acked_any = false;
-                    while let Some(event) = next {
-                        acked_any |= apply_event(event, generation, rows, batch);
-                        if batch.outstanding == 0 {
-                            break;
-                        }
-                        next = self.events.try_recv().ok();
-                    }
+                    let acked_any = self.apply_burst(event, generation, rows, batch);
                     if acked_any {
                         last_progress = Instant::now();
                         self.health.set_stalled(false);
@@ -861,6 +851,28 @@ impl Relay {
         }
     }
 
+    /// Applies `first` and every report already queued behind it, in one go: one wake-up,
+    /// clock read and timer per burst of acks, not per row. Returns whether a row got its
+    /// result.
+    fn apply_burst(
+        &mut self,
+        first: Option<ProducerEvent>,
+        generation: u64,
+        rows: &[OutboxRow],
+        batch: &mut Batch,
+    ) -> bool {
+        let mut next = first;
+        let mut acked_any = false;
+        while let Some(event) = next {
+            acked_any |= apply_event(event, generation, rows, batch);
+            if batch.outstanding == 0 {
+                break;
+            }
+            next = self.events.try_recv().ok();
+        }
+        acked_any
+    }
+
     /// librdkafka's queue is full: waits a moment for delivery reports to free room,
     /// applying them. Returns false when the rest of the batch must not be produced:
     /// shutdown, or a fatal error. The stall alarm rises when the queue stays full for
@@ -878,13 +890,7 @@ impl Relay {
         let generation = self.producer.generation();
         tokio::select! {
             event = self.events.recv() => {
-                let mut next = event;
-                let mut acked_any = false;
-                while let Some(event) = next {
-                    acked_any |= apply_event(event, generation, rows, batch);
-                    next = self.events.try_recv().ok();
-                }
-                if acked_any {
+                if self.apply_burst(event, generation, rows, batch) {
                     self.health.set_stalled(false);
                 }
             }
@@ -1215,5 +1221,126 @@ fn parking(id: i64, reason: &ParkReason) -> Parking {
         id,
         reason: reason.kind(),
         error: reason.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::error::KafkaError;
+    use rdkafka::types::RDKafkaErrorCode;
+
+    fn row(id: i64, aggregate: &str) -> OutboxRow {
+        OutboxRow {
+            id,
+            aggregate_type: "order".into(),
+            aggregate_id: aggregate.into(),
+            event_type: "E".into(),
+            payload_json: None,
+            payload_bytes: None,
+            headers_json: None,
+            topic: None,
+            event_id: uuid::Uuid::nil(),
+            created_at: Utc::now(),
+            shard: 0,
+        }
+    }
+
+    fn in_flight(rows: &[OutboxRow], isolating: bool) -> Batch {
+        let mut batch = Batch::new(rows.len(), isolating);
+        for outcome in &mut batch.outcomes {
+            *outcome = Outcome::InFlight;
+        }
+        batch.produced = rows.len() as u64;
+        batch.outstanding = rows.len() as u64;
+        batch
+    }
+
+    fn refused(row_id: i64, generation: u64) -> ProducerEvent {
+        ProducerEvent::Delivered {
+            generation,
+            row_id,
+            result: Err(KafkaError::MessageProduction(
+                RDKafkaErrorCode::MessageSizeTooLarge,
+            )),
+        }
+    }
+
+    fn fatal(generation: u64) -> ProducerEvent {
+        ProducerEvent::Fatal {
+            generation,
+            reason: "gap-less".into(),
+        }
+    }
+
+    /// librdkafka raises the fatal error before the refused batch's reports; the other
+    /// order must come to the same: every report applied, nothing parked, the refused rows
+    /// left for one record per request.
+    #[test]
+    fn a_refused_record_batch_is_settled_alike_whichever_comes_first() {
+        let rows = [row(1, "a"), row(2, "b"), row(3, "a")];
+        let orders = [
+            vec![fatal(7), refused(1, 7), refused(2, 7), refused(3, 7)],
+            vec![refused(1, 7), refused(2, 7), refused(3, 7), fatal(7)],
+        ];
+        for events in orders {
+            let mut batch = in_flight(&rows, false);
+            for event in events {
+                apply_event(event, 7, &rows, &mut batch);
+            }
+            assert!(batch.fatal);
+            assert_eq!(batch.outstanding, 0);
+            assert_eq!(batch.refused_in_a_set, 3);
+            assert!(
+                batch.parkings.is_empty(),
+                "nothing parked outside isolation"
+            );
+        }
+    }
+
+    #[test]
+    fn a_row_refused_on_its_own_is_parked() {
+        let rows = [row(1, "a"), row(2, "a")];
+        let mut batch = in_flight(&rows, true);
+        apply_event(refused(1, 3), 3, &rows, &mut batch);
+        apply_event(
+            ProducerEvent::Delivered {
+                generation: 3,
+                row_id: 2,
+                result: Err(KafkaError::MessageProduction(RDKafkaErrorCode::PurgeQueue)),
+            },
+            3,
+            &rows,
+            &mut batch,
+        );
+        assert_eq!(batch.refused_alone, 1);
+        assert_eq!(batch.parkings.len(), 1);
+        assert_eq!(batch.parkings[0].id, 1);
+        assert!(
+            matches!(batch.outcomes[1], Outcome::Failed),
+            "purged: sent again"
+        );
+    }
+
+    #[test]
+    fn reports_of_another_generation_and_client_errors_leave_the_batch_alone() {
+        let rows = [row(1, "a")];
+        let mut batch = in_flight(&rows, false);
+        assert!(!apply_event(refused(1, 2), 3, &rows, &mut batch));
+        apply_event(fatal(2), 3, &rows, &mut batch);
+        apply_event(
+            ProducerEvent::Global {
+                generation: 3,
+                kind: "authentication_failed",
+                reason: "one broker".into(),
+            },
+            3,
+            &rows,
+            &mut batch,
+        );
+        assert!(!batch.fatal, "a stale fatal error does not cut the batch");
+        assert_eq!(batch.outstanding, 1);
+        assert!(matches!(batch.outcomes[0], Outcome::InFlight));
+        assert!(batch.client_error.is_some());
     }
 }
