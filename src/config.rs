@@ -134,6 +134,10 @@ pub struct RelaySettings {
     pub mode: Mode,
     /// Rows read, produced and marked together.
     pub batch_size: u32,
+    /// Bytes a batch may hold (payloads, headers, keys): a read stops after the row that
+    /// reaches it. The batch in flight, its copy in librdkafka and the batch read ahead
+    /// are each bounded by it, so memory follows this setting, not the rows' sizes.
+    pub batch_max_bytes: usize,
     /// Mark a fully acknowledged batch in the background while the next one is read and
     /// produced; while a backlog drains, also read the next batch while this one is
     /// produced and its acks arrive.
@@ -233,6 +237,7 @@ impl Default for RelaySettings {
         Self {
             mode: Mode::Mark,
             batch_size: 1000,
+            batch_max_bytes: 8 * 1024 * 1024,
             pipeline: true,
             poll_interval: Duration::from_millis(500),
             topic_template: "outbox.event.{aggregate_type}".into(),
@@ -781,6 +786,15 @@ impl Settings {
                 ),
             ));
         }
+        if !(64 * 1024..=1024 * 1024 * 1024).contains(&self.relay.batch_max_bytes) {
+            return Err(ConfigError::new(
+                "relay.batch_max_bytes",
+                format!(
+                    "{} is out of range; use 65536 to 1073741824 (8388608, 8 MiB, is the default)",
+                    self.relay.batch_max_bytes
+                ),
+            ));
+        }
         if self.relay.poll_interval.is_zero() {
             return Err(ConfigError::new(
                 "relay.poll_interval",
@@ -925,6 +939,13 @@ impl Settings {
         }
         if !props.iter().any(|(k, _)| k == "client.id") {
             props.push(("client.id".into(), "outbox-relay".into()));
+        }
+        // librdkafka's queue holds one batch: a full queue waits for acks instead of
+        // copying a backlog into memory.
+        if !props.iter().any(|(k, _)| k == "queue.buffering.max.kbytes") {
+            let kbytes =
+                (self.relay.batch_max_bytes + self.relay.max_message_bytes + 4096).div_ceil(1024);
+            props.push(("queue.buffering.max.kbytes".into(), kbytes.to_string()));
         }
         // Queue depth, round trip and batch size gauges come from these statistics.
         if !props.iter().any(|(k, _)| k == "statistics.interval.ms") {

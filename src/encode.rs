@@ -199,6 +199,14 @@ impl Encoder {
     }
 
     pub fn encode<'a>(&mut self, row: &'a OutboxRow) -> Result<EncodedRecord<'a>, ParkReason> {
+        if let Some(bytes) = row.withheld_bytes {
+            // Measured in SQL and never fetched.
+            return Err(ParkReason::TooLarge {
+                bytes: usize::try_from(bytes).unwrap_or(usize::MAX),
+                limit: self.max_message_bytes,
+                limit_name: "relay.max_message_bytes",
+            });
+        }
         let topic = match &row.topic {
             Some(topic) => {
                 validate_topic(topic)?;
@@ -352,6 +360,7 @@ mod tests {
             event_id: uuid::Uuid::nil(),
             created_at: chrono::Utc::now(),
             shard: 0,
+            withheld_bytes: None,
         }
     }
 

@@ -22,7 +22,7 @@ use crate::config::{Mode, ParkPolicy, RelaySettings, Settings};
 use crate::encode::{EncodedRecord, Encoder, ParkReason, TopicTemplate};
 use crate::lease::{Ownership, Snapshot};
 use crate::produce::{EventReceiver, EventSender, ProducerEvent, RowProducer};
-use crate::store::{Ack, OutboxRow, Parking, Store, StoreError};
+use crate::store::{Ack, OutboxRow, Parking, ReadLimits, Store, StoreError};
 use crate::telemetry::{self, BatchReport, Health};
 use crate::topics::TopicLimits;
 
@@ -454,13 +454,21 @@ impl Relay {
         skip: &[i64],
     ) -> impl Future<Output = Result<Vec<OutboxRow>, StoreError>> + Send + 'static {
         let store = self.store.clone();
-        let (limit, policy) = (self.settings.batch_size, self.settings.on_park);
+        let (limits, policy) = (self.read_limits(), self.settings.on_park);
         let shard_filter = shard_filter.map(<[i16]>::to_vec);
         let skip = skip.to_vec();
         async move {
             store
-                .read_pending(limit, policy, shard_filter.as_deref(), &skip)
+                .read_pending(limits, policy, shard_filter.as_deref(), &skip)
                 .await
+        }
+    }
+
+    fn read_limits(&self) -> ReadLimits {
+        ReadLimits {
+            rows: self.settings.batch_size,
+            batch_bytes: self.settings.batch_max_bytes,
+            row_bytes: self.settings.max_message_bytes,
         }
     }
 
@@ -480,7 +488,10 @@ impl Relay {
         started: Instant,
         cancel: &CancellationToken,
     ) -> Result<Tick, RelayError> {
-        let full = rows.len() == self.settings.batch_size as usize;
+        // Full by rows or by bytes: more rows are probably waiting.
+        let full = rows.len() == self.settings.batch_size as usize
+            || rows.iter().map(OutboxRow::approximate_bytes).sum::<usize>()
+                >= self.settings.batch_max_bytes;
         let hold = self.settings.on_park == ParkPolicy::Hold;
         // A full batch means a backlog: read the next batch while this one is produced and
         // its acks arrive. It skips this batch and the one being marked, exactly, by id.
@@ -1243,6 +1254,7 @@ mod tests {
             event_id: uuid::Uuid::nil(),
             created_at: Utc::now(),
             shard: 0,
+            withheld_bytes: None,
         }
     }
 

@@ -34,6 +34,32 @@ pub struct OutboxRow {
     pub created_at: DateTime<Utc>,
     /// Stable hash of `aggregate_id`, computed by the database.
     pub shard: i16,
+    /// The size of a payload or headers larger than the read's per-row limit, which was
+    /// therefore not fetched (`payload_json`, `payload_bytes` or `headers_json` is None
+    /// for it): the row is parked from this length alone.
+    pub withheld_bytes: Option<i64>,
+}
+
+impl OutboxRow {
+    /// About what the row takes in memory and on the wire: its variable-length fields.
+    pub fn approximate_bytes(&self) -> usize {
+        self.aggregate_type.len()
+            + self.aggregate_id.len()
+            + self.event_type.len()
+            + self.payload_json.as_ref().map_or(0, String::len)
+            + self.payload_bytes.as_ref().map_or(0, Vec::len)
+            + self.headers_json.as_ref().map_or(0, String::len)
+            + self.topic.as_ref().map_or(0, String::len)
+    }
+}
+
+/// How much one read may fetch: rows, bytes in all, and bytes of one row's payload or
+/// headers (a larger one is measured in SQL and never fetched).
+#[derive(Debug, Clone, Copy)]
+pub struct ReadLimits {
+    pub rows: u32,
+    pub batch_bytes: usize,
+    pub row_bytes: usize,
 }
 
 /// Where the broker stored an acknowledged row, and the lease epoch it was read under.
@@ -203,6 +229,7 @@ fn decode_pending(r: &PgRow, check_types: bool) -> Result<OutboxRow, sqlx::Error
         event_id: get(r, 8, check_types)?,
         created_at: get(r, 9, check_types)?,
         shard: get(r, 10, check_types)?,
+        withheld_bytes: get(r, 11, check_types)?,
     })
 }
 
@@ -355,11 +382,27 @@ macro_rules! read_pending_side {
     ($side:literal) => {
         concat!(
             "(SELECT o.id, o.aggregate_type, o.aggregate_id, o.event_type, \
-                o.payload::text AS payload_json, o.payload_bytes, \
-                o.headers::text AS headers_json, o.topic, o.event_id, \
+                CASE WHEN pg_catalog.pg_column_size(o.payload) <= 8192 \
+                       OR pg_catalog.octet_length(o.payload::text) <= $8 \
+                     THEN o.payload::text END AS payload_json, \
+                CASE WHEN pg_catalog.octet_length(o.payload_bytes) <= $8 \
+                     THEN o.payload_bytes END AS payload_bytes, \
+                CASE WHEN pg_catalog.pg_column_size(o.headers) <= 8192 \
+                       OR pg_catalog.octet_length(o.headers::text) <= $8 \
+                     THEN o.headers::text END AS headers_json, \
+                o.topic, o.event_id, \
                 LEAST(GREATEST(o.created_at, '1970-01-01Z'::timestamptz), \
                       '9999-12-31Z'::timestamptz) AS created_at, \
-                o.shard \
+                o.shard, \
+                CASE WHEN pg_catalog.octet_length(o.payload_bytes) > $8 \
+                       THEN pg_catalog.octet_length(o.payload_bytes) \
+                     WHEN pg_catalog.pg_column_size(o.payload) > 8192 \
+                       AND pg_catalog.octet_length(o.payload::text) > $8 \
+                       THEN pg_catalog.octet_length(o.payload::text) \
+                     WHEN pg_catalog.pg_column_size(o.headers) > 8192 \
+                       AND pg_catalog.octet_length(o.headers::text) > $8 \
+                       THEN pg_catalog.octet_length(o.headers::text) \
+                END::bigint AS withheld_bytes \
              FROM outbox o \
              WHERE o.sent_at IS NULL AND o.parked_at IS NULL AND ",
             $side,
@@ -515,13 +558,19 @@ impl Store {
     /// it unless the policy is `skip`. That check costs one probe of the parked index per
     /// row, so it is skipped, by one probe per side of the skipped run, while nothing is
     /// parked.
+    ///
+    /// A payload or headers object larger than `limits.row_bytes` is measured in SQL and
+    /// not fetched ([`OutboxRow::withheld_bytes`]); a payload stored in at most 8 KB is
+    /// fetched without measuring (its text is at most a few times that). The read stops
+    /// after `limits.rows` rows, or after the row that takes it to `limits.batch_bytes`.
     pub async fn read_pending(
         &self,
-        limit: u32,
+        limits: ReadLimits,
         policy: ParkPolicy,
         shards: Option<&[i16]>,
         skip: &[i64],
     ) -> Result<Vec<OutboxRow>, StoreError> {
+        let limit = limits.rows;
         let skip = SkipList::new(skip);
         let mut s = self.session().await?;
         let result: Result<_, StoreError> = async {
@@ -534,6 +583,7 @@ impl Store {
                 .bind(skip.run_first)
                 .bind(skip.run_last)
                 .bind(&skip.above)
+                .bind(i64::try_from(limits.row_bytes).unwrap_or(i64::MAX))
                 .fetch(s.conn());
             // Each row is decoded as it arrives, while the server still sends the rest.
             // By position, in the SELECT's order: a lookup by name hashes the name per
@@ -541,8 +591,15 @@ impl Store {
             // the first row's are checked against the Rust types (the check resolved each
             // column's type again per row, a fifth of the relay's decoding work).
             let mut decoded = Vec::with_capacity(limit.min(1024) as usize);
+            let mut bytes = 0;
             while let Some(row) = rows.try_next().await? {
-                decoded.push(decode_pending(&row, decoded.is_empty())?);
+                let row = decode_pending(&row, decoded.is_empty())?;
+                bytes += row.approximate_bytes();
+                decoded.push(row);
+                // Dropping the answer's stream here makes the connection skip the rest.
+                if bytes >= limits.batch_bytes {
+                    break;
+                }
             }
             Ok(decoded)
         }

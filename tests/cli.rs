@@ -483,3 +483,88 @@ async fn parked_rows_are_listed_replayed_in_order_and_discarded_for_audit() {
     let records = consume(&bootstrap, &topic, 107);
     assert_eq!(assert_contract(&db_rows, &records), 0);
 }
+
+/// Peak resident memory of a process, from `/proc/<pid>/status`.
+fn peak_rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM in /proc/<pid>/status");
+    kib * 1024
+}
+
+/// Big rows drain within the memory limit the Kubernetes manifest ships (128 MiB): a
+/// backlog of 200 KB rows, and a 150 MB row that is parked from its length, measured in
+/// SQL, without its payload ever being fetched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn big_rows_drain_within_the_shipped_memory_limit() {
+    const LIMIT: u64 = 128 * 1024 * 1024;
+    let db = TestDb::new().await;
+    let bootstrap = kafka_bootstrap();
+    let prefix = unique_prefix();
+    let topic = format!("{prefix}.big");
+    create_topic(&bootstrap, &topic, 3).await;
+    sqlx::query(
+        "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) \
+         VALUES ('big', 'huge', 'E', jsonb_build_object('blob', repeat('x', 150000000)))",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    // 200 KB each (md5 text repeated), 20 aggregates.
+    sqlx::query(
+        "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) \
+         SELECT 'big', 'agg-' || (g % 20), 'E', \
+                jsonb_build_object('n', g, 'blob', repeat(md5(g::text), 6250)) \
+         FROM generate_series(1, 600) g",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+
+    let mut child = relay_command(&db.url, &bootstrap)
+        .env(
+            "OUTBOX_RELAY_RELAY__TOPIC_TEMPLATE",
+            format!("{prefix}.{{aggregate_type}}"),
+        )
+        .arg("run")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for("the 200 KB rows marked", CONDITION_TIMEOUT, || async {
+        db.sent().await == 600
+    })
+    .await;
+    wait_for("the 150 MB row parked", CONDITION_TIMEOUT, || async {
+        db.count("parked_at IS NOT NULL AND park_reason = 'too_large'")
+            .await
+            == 1
+    })
+    .await;
+    let peak = peak_rss_bytes(child.id());
+    eprintln!(
+        "peak RSS draining 200 KB rows: {} MiB",
+        peak / (1024 * 1024)
+    );
+    signal(child.id(), libc::SIGTERM);
+    let status = wait_exit(&mut child, Duration::from_secs(30));
+    assert_eq!(status.code(), Some(0), "SIGTERM exits 0");
+    assert!(
+        peak < LIMIT,
+        "peak RSS {} MiB is over the shipped limit of 128 MiB",
+        peak / (1024 * 1024)
+    );
+    let error: String =
+        sqlx::query_scalar("SELECT park_error FROM outbox WHERE parked_at IS NOT NULL")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert!(error.contains("relay.max_message_bytes"), "{error}");
+    assert_eq!(
+        assert_sent_rows_in_kafka(&db, &bootstrap, &topic).await,
+        600
+    );
+}

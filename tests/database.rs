@@ -6,6 +6,9 @@ mod support;
 
 use std::time::Duration;
 
+use outbox_relay::config::ParkPolicy;
+use outbox_relay::store::{ReadLimits, Store};
+
 use support::*;
 
 async fn terminate_relay_sessions(db: &TestDb) -> i64 {
@@ -289,16 +292,13 @@ async fn rows_flow_past_a_long_open_transaction() {
 /// below the highest of them: the rows between and after them are read, in id order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_ahead_skips_exactly_the_rows_in_flight() {
-    use outbox_relay::config::ParkPolicy;
-    use outbox_relay::store::Store;
-
     let db = TestDb::new().await;
     let ids = db.insert(&stream("ahead", 4, 12)).await;
     let store = Store::new(db.pool.clone());
     let in_flight: Vec<i64> = vec![ids[2], ids[3], ids[7]];
 
     let read = store
-        .read_pending(100, ParkPolicy::Hold, None, &in_flight)
+        .read_pending(rows(100), ParkPolicy::Hold, None, &in_flight)
         .await
         .unwrap();
     let read_ids: Vec<i64> = read.iter().map(|r| r.id).collect();
@@ -313,7 +313,7 @@ async fn a_read_ahead_skips_exactly_the_rows_in_flight() {
     );
 
     let limited = store
-        .read_pending(3, ParkPolicy::Hold, None, &in_flight)
+        .read_pending(rows(3), ParkPolicy::Hold, None, &in_flight)
         .await
         .unwrap();
     let limited_ids: Vec<i64> = limited.iter().map(|r| r.id).collect();
@@ -323,7 +323,7 @@ async fn a_read_ahead_skips_exactly_the_rows_in_flight() {
     // a row in flight on its own further on.
     let in_flight: Vec<i64> = ids[..6].iter().chain([&ids[9]]).copied().collect();
     let read = store
-        .read_pending(100, ParkPolicy::Hold, None, &in_flight)
+        .read_pending(rows(100), ParkPolicy::Hold, None, &in_flight)
         .await
         .unwrap();
     let read_ids: Vec<i64> = read.iter().map(|r| r.id).collect();
@@ -627,4 +627,84 @@ async fn the_doorbell_rings_on_the_configured_channel() {
     relay.stop().await;
     let records = consume(&bootstrap, &topic, 1);
     assert_eq!(assert_contract(&db.rows().await, &records), 0);
+}
+
+/// A read of `n` rows at most, unbounded in bytes.
+fn rows(n: u32) -> ReadLimits {
+    ReadLimits {
+        rows: n,
+        batch_bytes: usize::MAX,
+        row_bytes: 1_000_000,
+    }
+}
+
+/// A read stops at its byte budget, and a payload (jsonb or bytea) or headers object over
+/// the per-row limit is measured in SQL, never fetched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_is_bounded_by_bytes_and_never_fetches_an_oversized_value() {
+    let db = TestDb::new().await;
+    sqlx::query(
+        "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) \
+         SELECT 'bytes', 'agg-' || g, 'E', jsonb_build_object('blob', repeat('x', 10000)) \
+         FROM generate_series(1, 10) g",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let store = Store::new(db.pool.clone());
+    let limits = ReadLimits {
+        rows: 100,
+        batch_bytes: 25_000,
+        row_bytes: 1_000_000,
+    };
+    let read = store
+        .read_pending(limits, ParkPolicy::Hold, None, &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        read.len(),
+        3,
+        "10 KB rows, 25 KB budget: the third row reaches it"
+    );
+    // The connection the cut-short read used works on.
+    let again = store
+        .read_pending(rows(100), ParkPolicy::Hold, None, &[])
+        .await
+        .unwrap();
+    assert_eq!(again.len(), 10);
+
+    sqlx::query("DELETE FROM outbox")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload, payload_bytes, headers) VALUES \
+         ('big', 'json', 'E', jsonb_build_object('blob', repeat(md5('a'), 100000)), NULL, NULL), \
+         ('big', 'bytes', 'E', NULL, convert_to(repeat(md5('b'), 100000), 'UTF8'), NULL), \
+         ('big', 'headers', 'E', '{}', NULL, jsonb_build_object('h', repeat(md5('c'), 100000))), \
+         ('big', 'small', 'E', '{\"ok\": true}', NULL, NULL)",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let limits = ReadLimits {
+        rows: 100,
+        batch_bytes: usize::MAX,
+        row_bytes: 1_000_000,
+    };
+    let read = store
+        .read_pending(limits, ParkPolicy::Hold, None, &[])
+        .await
+        .unwrap();
+    assert_eq!(read.len(), 4);
+    for row in &read[..3] {
+        let withheld = row.withheld_bytes.expect("measured, not fetched");
+        assert!(withheld >= 3_200_000, "{}: {withheld}", row.aggregate_id);
+        assert!(row.approximate_bytes() < 1000, "{}", row.aggregate_id);
+    }
+    assert!(read[0].payload_json.is_none());
+    assert!(read[1].payload_bytes.is_none());
+    assert!(read[2].headers_json.is_none());
+    assert_eq!(read[3].withheld_bytes, None);
+    assert_eq!(read[3].payload_json.as_deref(), Some(r#"{"ok": true}"#));
 }
