@@ -98,6 +98,7 @@ pub const PARK_REASONS: &[&str] = &[
     "invalid_topic",
     "bad_headers",
     "rejected_by_broker",
+    "undecodable",
 ];
 
 /// Why a row can never be published as it stands. The label values are bounded.
@@ -112,6 +113,8 @@ pub enum ParkReason {
     InvalidTopic(String),
     BadHeaders(String),
     Rejected(String),
+    /// The named column's text is not UTF-8.
+    Undecodable(&'static str),
 }
 
 impl ParkReason {
@@ -122,6 +125,7 @@ impl ParkReason {
             ParkReason::InvalidTopic(_) => "invalid_topic",
             ParkReason::BadHeaders(_) => "bad_headers",
             ParkReason::Rejected(_) => "rejected_by_broker",
+            ParkReason::Undecodable(_) => "undecodable",
         }
     }
 }
@@ -140,6 +144,10 @@ impl fmt::Display for ParkReason {
             ParkReason::InvalidTopic(why) => write!(f, "invalid topic: {why}"),
             ParkReason::BadHeaders(why) => write!(f, "bad headers: {why}"),
             ParkReason::Rejected(why) => write!(f, "rejected by the broker: {why}"),
+            ParkReason::Undecodable(column) => write!(
+                f,
+                "column {column} is not valid UTF-8 (a SQL_ASCII database stores any bytes); fix the row's text and replay it"
+            ),
         }
     }
 }
@@ -199,6 +207,9 @@ impl Encoder {
     }
 
     pub fn encode<'a>(&mut self, row: &'a OutboxRow) -> Result<EncodedRecord<'a>, ParkReason> {
+        if let Some(column) = row.undecodable {
+            return Err(ParkReason::Undecodable(column));
+        }
         if let Some(bytes) = row.withheld_bytes {
             // Measured in SQL and never fetched.
             return Err(ParkReason::TooLarge {
@@ -361,6 +372,7 @@ mod tests {
             created_at: chrono::Utc::now(),
             shard: 0,
             withheld_bytes: None,
+            undecodable: None,
         }
     }
 

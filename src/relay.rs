@@ -431,7 +431,8 @@ impl Relay {
         };
         self.health.set_database_ok(true);
         if rows.is_empty() {
-            self.settle().await?;
+            // A mark still running is reported by `wait_for_rows` when it commits; waiting
+            // for it here would leave a doorbell unanswered while a slow mark waits.
             return Ok(Tick::Idle);
         }
         if cancel.is_cancelled() {
@@ -1255,6 +1256,7 @@ mod tests {
             created_at: Utc::now(),
             shard: 0,
             withheld_bytes: None,
+            undecodable: None,
         }
     }
 

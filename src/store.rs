@@ -10,7 +10,7 @@ use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgArguments, PgConnection, PgRow};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::query::{Query, QueryScalar};
-use sqlx::{ConnectOptions, Connection, FromRow, Postgres, Row, Transaction};
+use sqlx::{Column, ConnectOptions, Connection, FromRow, Postgres, Row, Transaction};
 
 use crate::config::{DatabaseSettings, Mode, ParkPolicy};
 
@@ -38,6 +38,9 @@ pub struct OutboxRow {
     /// therefore not fetched (`payload_json`, `payload_bytes` or `headers_json` is None
     /// for it): the row is parked from this length alone.
     pub withheld_bytes: Option<i64>,
+    /// The first column whose text is not UTF-8 (possible in a SQL_ASCII database): the
+    /// row is parked, its text fields hold a lossy copy.
+    pub undecodable: Option<&'static str>,
 }
 
 impl OutboxRow {
@@ -217,15 +220,47 @@ fn decode_pending(r: &PgRow, check_types: bool) -> Result<OutboxRow, sqlx::Error
             r.try_get_unchecked(column)
         }
     }
+    // Text arrives as the database stores it: in a SQL_ASCII database it need not be
+    // UTF-8. Such a value is kept (lossily, so the row still has an aggregate) and the row
+    // marked undecodable, to be parked instead of failing the whole read.
+    let mut undecodable = None;
+    let mut text = |column: usize, name: &'static str| -> Result<Option<String>, sqlx::Error> {
+        if check_types {
+            // Text, or the bytes of text (the raw read).
+            let ty = r.column(column).type_info();
+            if !<String as sqlx::Type<Postgres>>::compatible(ty)
+                && !<Vec<u8> as sqlx::Type<Postgres>>::compatible(ty)
+            {
+                return r.try_get::<Option<String>, _>(column);
+            }
+        }
+        let Some(bytes) = r.try_get_unchecked::<Option<&[u8]>, _>(column)? else {
+            return Ok(None);
+        };
+        Ok(Some(match std::str::from_utf8(bytes) {
+            Ok(text) => text.to_owned(),
+            Err(_) => {
+                undecodable.get_or_insert(name);
+                String::from_utf8_lossy(bytes).into_owned()
+            }
+        }))
+    };
+    let aggregate_type = text(1, "aggregate_type")?.unwrap_or_default();
+    let aggregate_id = text(2, "aggregate_id")?.unwrap_or_default();
+    let event_type = text(3, "event_type")?.unwrap_or_default();
+    let payload_json = text(4, "payload")?;
+    let headers_json = text(6, "headers")?;
+    let topic = text(7, "topic")?;
     Ok(OutboxRow {
         id: get(r, 0, check_types)?,
-        aggregate_type: get(r, 1, check_types)?,
-        aggregate_id: get(r, 2, check_types)?,
-        event_type: get(r, 3, check_types)?,
-        payload_json: get(r, 4, check_types)?,
+        aggregate_type,
+        aggregate_id,
+        event_type,
+        payload_json,
         payload_bytes: get(r, 5, check_types)?,
-        headers_json: get(r, 6, check_types)?,
-        topic: get(r, 7, check_types)?,
+        headers_json,
+        topic,
+        undecodable,
         event_id: get(r, 8, check_types)?,
         created_at: get(r, 9, check_types)?,
         shard: get(r, 10, check_types)?,
@@ -380,17 +415,43 @@ pub const MARK_SENT: &str = "WITH fence AS ( \
 /// id order. Written out twice because a range is what lets the index step over the run.
 macro_rules! read_pending_side {
     ($side:literal) => {
+        read_pending_side!(
+            "o.aggregate_type, o.aggregate_id, o.event_type, ",
+            "o.payload::text",
+            "o.headers::text",
+            "o.topic",
+            $side
+        )
+    };
+    (raw $side:literal) => {
+        read_pending_side!(
+            "pg_catalog.convert_to(o.aggregate_type, 'SQL_ASCII') AS aggregate_type, \
+             pg_catalog.convert_to(o.aggregate_id, 'SQL_ASCII') AS aggregate_id, \
+             pg_catalog.convert_to(o.event_type, 'SQL_ASCII') AS event_type, ",
+            "pg_catalog.convert_to(o.payload::text, 'SQL_ASCII')",
+            "pg_catalog.convert_to(o.headers::text, 'SQL_ASCII')",
+            "pg_catalog.convert_to(o.topic, 'SQL_ASCII')",
+            $side
+        )
+    };
+    ($names:literal, $payload:literal, $headers:literal, $topic:literal, $side:literal) => {
         concat!(
-            "(SELECT o.id, o.aggregate_type, o.aggregate_id, o.event_type, \
-                CASE WHEN pg_catalog.pg_column_size(o.payload) <= 8192 \
+            "(SELECT o.id, ",
+            $names,
+            "CASE WHEN pg_catalog.pg_column_size(o.payload) <= 8192 \
                        OR pg_catalog.octet_length(o.payload::text) <= $8 \
-                     THEN o.payload::text END AS payload_json, \
+                     THEN ",
+            $payload,
+            " END AS payload_json, \
                 CASE WHEN pg_catalog.octet_length(o.payload_bytes) <= $8 \
                      THEN o.payload_bytes END AS payload_bytes, \
                 CASE WHEN pg_catalog.pg_column_size(o.headers) <= 8192 \
                        OR pg_catalog.octet_length(o.headers::text) <= $8 \
-                     THEN o.headers::text END AS headers_json, \
-                o.topic, o.event_id, \
+                     THEN ",
+            $headers,
+            " END AS headers_json, ",
+            $topic,
+            " AS topic, o.event_id, \
                 LEAST(GREATEST(o.created_at, '1970-01-01Z'::timestamptz), \
                       '9999-12-31Z'::timestamptz) AS created_at, \
                 o.shard, \
@@ -436,6 +497,17 @@ const READ_PENDING: &str = concat!(
     read_pending_side!("o.id < $5::bigint AND o.id <> ALL($4::bigint[])"),
     " UNION ALL ",
     read_pending_side!("o.id > $6::bigint AND o.id <> ALL($7::bigint[])"),
+    ") AS pending ORDER BY id LIMIT $1"
+);
+
+/// [`READ_PENDING`] with every text column as the bytes the database stores, for when
+/// the server cannot send a row's text as UTF-8 (SQLSTATE 22021, a SQL_ASCII database):
+/// decoding then finds the row and it is parked instead of failing every read.
+const READ_PENDING_RAW: &str = concat!(
+    "SELECT * FROM (",
+    read_pending_side!(raw "o.id < $5::bigint AND o.id <> ALL($4::bigint[])"),
+    " UNION ALL ",
+    read_pending_side!(raw "o.id > $6::bigint AND o.id <> ALL($7::bigint[])"),
     ") AS pending ORDER BY id LIMIT $1"
 );
 
@@ -570,12 +642,32 @@ impl Store {
         shards: Option<&[i16]>,
         skip: &[i64],
     ) -> Result<Vec<OutboxRow>, StoreError> {
-        let limit = limits.rows;
         let skip = SkipList::new(skip);
+        match self
+            .read_pending_as(READ_PENDING, limits, policy, shards, &skip)
+            .await
+        {
+            Err(StoreError::Statement { code, .. }) if code == "22021" => {
+                self.read_pending_as(READ_PENDING_RAW, limits, policy, shards, &skip)
+                    .await
+            }
+            read => read,
+        }
+    }
+
+    async fn read_pending_as(
+        &self,
+        sql: &'static str,
+        limits: ReadLimits,
+        policy: ParkPolicy,
+        shards: Option<&[i16]>,
+        skip: &SkipList,
+    ) -> Result<Vec<OutboxRow>, StoreError> {
+        let limit = limits.rows;
         let mut s = self.session().await?;
         let result: Result<_, StoreError> = async {
             let mut rows = self
-                .query(READ_PENDING)
+                .query(sql)
                 .bind(i64::from(limit))
                 .bind(policy == ParkPolicy::Skip)
                 .bind(shards)

@@ -708,3 +708,55 @@ async fn a_read_is_bounded_by_bytes_and_never_fetches_an_oversized_value() {
     assert_eq!(read[3].withheld_bytes, None);
     assert_eq!(read[3].payload_json.as_deref(), Some(r#"{"ok": true}"#));
 }
+
+/// A row whose text is not UTF-8 (a SQL_ASCII database stores any bytes) is parked with
+/// the column named; rows before it, and other aggregates, flow; its aggregate's later
+/// rows wait behind it. The read does not fail, so the relay does not stop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_that_is_not_utf8_is_parked_and_the_rest_flows() {
+    let db = TestDb::new_sql_ascii().await;
+    let bootstrap = kafka_bootstrap();
+    let prefix = unique_prefix();
+    let topic = format!("{prefix}.latin");
+    create_topic(&bootstrap, &topic, 3).await;
+    db.insert(&[NewRow::new("latin", "a", 1)]).await;
+    sqlx::query(
+        "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload, topic) \
+         VALUES ('latin', 'a', 'E', '{}', E'caf\\xe9')",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    db.insert(&[
+        NewRow::new("latin", "a", 3),
+        NewRow::new("latin", "b", 1),
+        NewRow::new("latin", "b", 2),
+    ])
+    .await;
+    let relay = RunningRelay::start(template_settings(&db, &bootstrap, &prefix, "")).await;
+    wait_for("the row parked", CONDITION_TIMEOUT, || async {
+        db.count("parked_at IS NOT NULL AND park_reason = 'undecodable'")
+            .await
+            == 1
+    })
+    .await;
+    wait_for("the other rows sent", CONDITION_TIMEOUT, || async {
+        db.sent().await == 3
+    })
+    .await;
+    let error: String =
+        sqlx::query_scalar("SELECT park_error FROM outbox WHERE parked_at IS NOT NULL")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert!(error.contains("column topic"), "{error}");
+    assert_eq!(
+        db.count("sent_at IS NULL AND parked_at IS NULL AND aggregate_id = 'a'")
+            .await,
+        1,
+        "a's later row waits behind the parked one"
+    );
+    assert!(!relay.handle.is_finished(), "the relay runs on");
+    relay.stop().await;
+    assert_eq!(assert_sent_rows_in_kafka(&db, &bootstrap, &topic).await, 3);
+}

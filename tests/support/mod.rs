@@ -405,7 +405,23 @@ impl TestDb {
         TestDb::create(&postgres().admin_url).await
     }
 
+    /// A fresh, migrated database whose text is bytes (SQL_ASCII), as older installations
+    /// have: it stores text that is not UTF-8.
+    pub async fn new_sql_ascii() -> TestDb {
+        let db = TestDb::create_with(
+            &postgres().admin_url,
+            "ENCODING 'SQL_ASCII' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0",
+        )
+        .await;
+        outbox_relay::store::MIGRATOR.run(&db.pool).await.unwrap();
+        db
+    }
+
     async fn create(admin_url: &str) -> TestDb {
+        TestDb::create_with(admin_url, "").await
+    }
+
+    async fn create_with(admin_url: &str, options: &str) -> TestDb {
         let name = format!("t_{}", uuid::Uuid::new_v4().simple());
         let deadline = Instant::now() + CONDITION_TIMEOUT;
         let admin = loop {
@@ -421,7 +437,7 @@ impl TestDb {
                 }
             }
         };
-        sqlx::query(&format!("CREATE DATABASE {name}"))
+        sqlx::query(&format!("CREATE DATABASE {name} {options}"))
             .execute(&admin)
             .await
             .unwrap();
