@@ -509,6 +509,7 @@ async fn check(settings: Settings, timeout: Duration) -> anyhow::Result<()> {
     store.pool().close().await;
 
     let properties = settings.producer_properties();
+    let mut topic_limits = crate::topics::TopicLimits::new(&properties);
     let bootstrap = settings.kafka.bootstrap_servers.clone();
     let cluster = tokio::task::spawn_blocking(move || {
         let (tx, _rx) = tokio::sync::mpsc::channel(16);
@@ -524,6 +525,25 @@ async fn check(settings: Settings, timeout: Duration) -> anyhow::Result<()> {
                 summary.brokers.join(", ")
             );
             println!("  {} topics visible", summary.topics.len());
+            // The size limit of the topics the template names, as the relay learns it.
+            let prefix = settings
+                .relay
+                .topic_template
+                .split('{')
+                .next()
+                .unwrap_or_default();
+            let ours = summary.topics.iter().filter(|t| t.starts_with(prefix));
+            for topic in ours.take(5) {
+                match topic_limits.describe(topic).await {
+                    Ok(Some(limit)) => println!("  topic {topic}: max.message.bytes {limit}"),
+                    Ok(None) => println!(
+                        "  topic {topic}: max.message.bytes not reported; rows are checked against relay.max_message_bytes only"
+                    ),
+                    Err(err) => println!(
+                        "  topic {topic}: max.message.bytes unknown ({err}); grant the relay's principal DescribeConfigs on its topics, or rows over it are refused by the broker instead of parked"
+                    ),
+                }
+            }
         }
         Err(err) => failures.push(format!(
             "Kafka at {bootstrap}: {err}; check kafka.bootstrap_servers and network access"

@@ -82,6 +82,11 @@ impl TopicLimits {
         limit
     }
 
+    /// Asks the broker now, without the cache: what `check` shows.
+    pub async fn describe(&mut self, topic: &str) -> KafkaResult<Option<usize>> {
+        self.ask(topic).await
+    }
+
     fn warn_once(&mut self, topic: &str, why: String) {
         if self.warned.len() < 10_000 && self.warned.insert(topic.to_string()) {
             warn!(

@@ -193,12 +193,29 @@ async fn migrate_creates_the_table_and_check_reports_both_sides() {
         .unwrap();
     assert!(output.status.success(), "{}", output_text(&output));
 
+    // `check` shows the size limit of the template's topics, as the relay learns it.
+    let prefix = unique_prefix();
+    create_topic_with(
+        &bootstrap,
+        &format!("{prefix}.limited"),
+        1,
+        &[("max.message.bytes", "123456")],
+    )
+    .await;
     let output = relay_command(&url, &bootstrap)
+        .env(
+            "OUTBOX_RELAY_RELAY__TOPIC_TEMPLATE",
+            format!("{prefix}.{{aggregate_type}}"),
+        )
         .arg("check")
         .output()
         .unwrap();
     let text = output_text(&output);
     assert!(output.status.success(), "{text}");
+    assert!(
+        text.contains(&format!("topic {prefix}.limited: max.message.bytes 123456")),
+        "{text}"
+    );
     assert!(text.contains("outbox table present"), "{text}");
     assert!(text.contains("brokers"), "{text}");
     assert!(
