@@ -513,7 +513,7 @@ async fn check(settings: Settings, timeout: Duration) -> anyhow::Result<()> {
     let bootstrap = settings.kafka.bootstrap_servers.clone();
     let cluster = tokio::task::spawn_blocking(move || {
         let (tx, _rx) = tokio::sync::mpsc::channel(16);
-        let producer = RowProducer::build(&properties, 0, tx, false)?;
+        let producer = RowProducer::build(&properties, 0, tx, false, None)?;
         producer.describe_cluster(timeout)
     })
     .await

@@ -206,6 +206,17 @@ impl Encoder {
         }
     }
 
+    /// The row's topic: its own `topic` column, or the template's.
+    pub fn topic(&mut self, row: &OutboxRow) -> Result<Arc<str>, ParkReason> {
+        match &row.topic {
+            Some(topic) => {
+                validate_topic(topic)?;
+                Ok(Arc::from(topic.as_str()))
+            }
+            None => self.template_topic(&row.aggregate_type, &row.event_type),
+        }
+    }
+
     pub fn encode<'a>(&mut self, row: &'a OutboxRow) -> Result<EncodedRecord<'a>, ParkReason> {
         if let Some(column) = row.undecodable {
             return Err(ParkReason::Undecodable(column));
@@ -218,13 +229,7 @@ impl Encoder {
                 limit_name: "relay.max_message_bytes",
             });
         }
-        let topic = match &row.topic {
-            Some(topic) => {
-                validate_topic(topic)?;
-                Arc::from(topic.as_str())
-            }
-            None => self.template_topic(&row.aggregate_type, &row.event_type)?,
-        };
+        let topic = self.topic(row)?;
         let value = match (&row.payload_json, &row.payload_bytes) {
             (Some(json), _) => Some(json.as_bytes()),
             (None, Some(bytes)) => Some(bytes.as_slice()),

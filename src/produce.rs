@@ -147,16 +147,22 @@ pub struct RowProducer {
 impl RowProducer {
     /// Builds a producer from `properties`; reports go to `events`. An `isolating`
     /// producer sends one record per request, one request at a time per broker, so that a
-    /// refusal concerns one row alone.
+    /// refusal concerns one row alone; `batch_bytes` caps a record batch's size.
     pub fn build(
         properties: &[(String, String)],
         generation: u64,
         events: EventSender,
         isolating: bool,
+        batch_bytes: Option<usize>,
     ) -> KafkaResult<Self> {
         let mut config = ClientConfig::new();
         for (key, value) in properties {
             config.set(key, value);
+        }
+        if let Some(bytes) = batch_bytes {
+            // librdkafka packs a partition's record batch up to this size; the broker
+            // refuses a batch over the topic's limit whole.
+            config.set("batch.size", bytes.to_string());
         }
         if isolating {
             // One record per request and one request at a time: a refusal is that row's,

@@ -248,6 +248,8 @@ pub struct Relay {
     isolating: bool,
     /// Between a fatal error that got nowhere and the next batch.
     fatal_backoff: Backoff,
+    /// The producer's record batch size when a topic's limit is below librdkafka's own.
+    batch_bytes_cap: Option<usize>,
     drain: Drain,
 }
 
@@ -284,7 +286,7 @@ impl Relay {
     ) -> Result<Self, RelayError> {
         let (events_tx, events) = mpsc::channel(event_channel_capacity(&settings.relay));
         let producer_properties = settings.producer_properties();
-        let producer = RowProducer::build(&producer_properties, 1, events_tx.clone(), false)
+        let producer = RowProducer::build(&producer_properties, 1, events_tx.clone(), false, None)
             .map_err(RelayError::Producer)?;
         let template = TopicTemplate::parse(&settings.relay.topic_template)?;
         health.set_producer_ok(true);
@@ -315,6 +317,7 @@ impl Relay {
             prefetched: None,
             isolating: false,
             fatal_backoff: Backoff::new(Duration::from_secs(30)),
+            batch_bytes_cap: None,
             drain,
         })
     }
@@ -666,6 +669,9 @@ impl Relay {
         let hold = self.settings.on_park == ParkPolicy::Hold;
         let mut held = foldhash::HashSet::<&str>::default();
         self.discard_stale_events();
+        if let Err(err) = self.fit_record_batches(rows).await {
+            warn!(error = %err, "cannot rebuild the producer for a topic's smaller size limit; batches the broker refuses go one record per request");
+        }
         'rows: for (i, row) in rows.iter().enumerate() {
             if batch.fatal {
                 break;
@@ -743,6 +749,46 @@ impl Relay {
         if batch.produced > 0 {
             self.producer.send_queued_now();
         }
+    }
+
+    /// Before a batch is produced (nothing in flight): when a topic of its rows has a
+    /// `max.message.bytes` below the size librdkafka packs record batches to, the producer
+    /// is rebuilt to pack them smaller, so the broker never refuses a batch for its size.
+    async fn fit_record_batches(&mut self, rows: &[OutboxRow]) -> Result<(), RelayError> {
+        let mut topics: Vec<Arc<str>> = Vec::new();
+        for row in rows {
+            if let Ok(topic) = self.encoder.topic(row) {
+                if !topics.contains(&topic) {
+                    topics.push(topic);
+                }
+                if topics.len() >= 64 {
+                    break;
+                }
+            }
+        }
+        let mut smallest: Option<usize> = None;
+        for topic in &topics {
+            if let Some(limit) = self.topic_limits.limit(topic).await {
+                smallest = Some(smallest.map_or(limit, |s| s.min(limit)));
+            }
+        }
+        let Some(limit) = smallest else {
+            return Ok(());
+        };
+        let cap = record_batch_cap(limit);
+        let packed = self
+            .batch_bytes_cap
+            .unwrap_or_else(|| librdkafka_batch_size(&self.producer_properties));
+        if cap >= packed {
+            return Ok(());
+        }
+        info!(
+            limit,
+            batch_bytes = cap,
+            "a topic's max.message.bytes is below the producer's record batch size; packing record batches smaller"
+        );
+        self.batch_bytes_cap = Some(cap);
+        self.rebuild_producer(false).await
     }
 
     /// Refuses a record larger than its topic's `max.message.bytes`, which the broker
@@ -996,6 +1042,7 @@ impl Relay {
             generation,
             self.events_tx.clone(),
             self.isolating,
+            self.batch_bytes_cap,
         )
         .map_err(RelayError::Producer)?;
         let old = std::mem::replace(&mut self.producer, replacement);
@@ -1211,6 +1258,31 @@ fn apply_event(
         // A report from a producer already torn down.
         _ => false,
     }
+}
+
+/// The record batch size that keeps a batch within a topic's `max.message.bytes`: room for
+/// the batch header and for compression that does not shrink (librdkafka measures the
+/// batch before compressing it).
+fn record_batch_cap(topic_limit: usize) -> usize {
+    if topic_limit > 4096 {
+        topic_limit - topic_limit / 64 - 1024
+    } else {
+        (topic_limit / 2).max(1)
+    }
+}
+
+/// The record batch size librdkafka packs to with these properties: `batch.size` (1 MB
+/// by default), never more than `message.max.bytes`.
+fn librdkafka_batch_size(properties: &[(String, String)]) -> usize {
+    let get = |name: &str| {
+        properties
+            .iter()
+            .rev()
+            .find(|(k, _)| k == name)
+            .and_then(|(_, v)| v.parse::<usize>().ok())
+    };
+    let batch = get("batch.size").unwrap_or(1_000_000);
+    get("message.max.bytes").map_or(batch, |max| batch.min(max))
 }
 
 /// A refusal the broker makes of a whole record batch, which may hold innocent rows.

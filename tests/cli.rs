@@ -585,3 +585,76 @@ async fn big_rows_drain_within_the_shipped_memory_limit() {
         600
     );
 }
+
+/// A topic whose `max.message.bytes` is below the size librdkafka packs record batches to:
+/// the relay learns the limit and packs smaller batches, so the broker (which would refuse
+/// a larger batch whole) never sees one. Read from librdkafka's own log of each request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn record_batches_fit_the_smallest_topic_limit() {
+    const LIMIT: usize = 20_000;
+    let db = TestDb::new().await;
+    let bootstrap = kafka_bootstrap();
+    let prefix = unique_prefix();
+    let topic = format!("{prefix}.small");
+    create_topic_with(
+        &bootstrap,
+        &topic,
+        3,
+        &[("max.message.bytes", &LIMIT.to_string())],
+    )
+    .await;
+    sqlx::query(
+        "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) \
+         SELECT 'small', 'agg-' || (g % 30), 'E', \
+                jsonb_build_object('n', g, 'blob', repeat(md5(g::text), 30)) \
+         FROM generate_series(1, 2000) g",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let mut child = relay_command(&db.url, &bootstrap)
+        .env(
+            "OUTBOX_RELAY_RELAY__TOPIC_TEMPLATE",
+            format!("{prefix}.{{aggregate_type}}"),
+        )
+        .env("OUTBOX_RELAY_KAFKA__COMPRESSION", "none")
+        .env("OUTBOX_RELAY_KAFKA__PROPERTIES__DEBUG", "msg")
+        .env("RUST_LOG", "info,librdkafka=debug")
+        .arg("run")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Read as it comes, so the pipe never fills and holds the relay up.
+    let mut stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut log = String::new();
+        std::io::Read::read_to_string(&mut stderr, &mut log).unwrap();
+        log
+    });
+    wait_for("all rows marked", CONDITION_TIMEOUT, || async {
+        db.sent().await == 2000
+    })
+    .await;
+    signal(child.id(), libc::SIGTERM);
+    let status = wait_exit(&mut child, Duration::from_secs(30));
+    assert_eq!(status.code(), Some(0), "SIGTERM exits 0");
+    let log = reader.join().unwrap();
+    let sizes: Vec<usize> = log
+        .lines()
+        .filter_map(|line| line.split("Produce MessageSet with ").nth(1))
+        .filter_map(|rest| rest.split(" message(s) (").nth(1))
+        .filter_map(|rest| rest.split(' ').next()?.parse().ok())
+        .collect();
+    assert!(!sizes.is_empty(), "no request logged:\n{log}");
+    let largest = sizes.iter().max().copied().unwrap_or(0);
+    assert!(
+        largest <= LIMIT,
+        "a record batch of {largest} bytes over the topic's limit of {LIMIT} ({} requests)",
+        sizes.len()
+    );
+    assert_eq!(
+        assert_sent_rows_in_kafka(&db, &bootstrap, &topic).await,
+        2000
+    );
+}
