@@ -532,7 +532,10 @@ async fn check(settings: Settings, timeout: Duration) -> anyhow::Result<()> {
                 .split('{')
                 .next()
                 .unwrap_or_default();
-            let ours = summary.topics.iter().filter(|t| t.starts_with(prefix));
+            let ours = summary
+                .topics
+                .iter()
+                .filter(|t| !prefix.is_empty() && t.starts_with(prefix));
             for topic in ours.take(5) {
                 match topic_limits.describe(topic).await {
                     Ok(Some(limit)) => println!("  topic {topic}: max.message.bytes {limit}"),

@@ -250,6 +250,8 @@ pub struct Relay {
     fatal_backoff: Backoff,
     /// The producer's record batch size when a topic's limit is below librdkafka's own.
     batch_bytes_cap: Option<usize>,
+    /// The mean size of the last batch's rows, which sizes the next read.
+    recent_row_bytes: usize,
     drain: Drain,
 }
 
@@ -264,8 +266,14 @@ struct PendingWrite {
 /// Rows read ahead, and the shards they were read for: they are used only while this
 /// replica still owns exactly those shards.
 struct Prefetch {
-    rows: Vec<OutboxRow>,
+    read: Read,
     shard_filter: Option<Vec<i16>>,
+}
+
+/// The rows of one read, and how many it asked for: fewer means nothing more is pending.
+struct Read {
+    rows: Vec<OutboxRow>,
+    asked: u32,
 }
 
 /// What a batch reports once its write is done.
@@ -318,6 +326,7 @@ impl Relay {
             isolating: false,
             fatal_backoff: Backoff::new(Duration::from_secs(30)),
             batch_bytes_cap: None,
+            recent_row_bytes: 1,
             drain,
         })
     }
@@ -423,8 +432,8 @@ impl Relay {
             return Ok(Tick::Idle);
         }
         let filter = snapshot.shard_filter();
-        let rows = match self.prefetched.take() {
-            Some(ahead) if ahead.shard_filter == filter => ahead.rows,
+        let Read { rows, asked } = match self.prefetched.take() {
+            Some(ahead) if ahead.shard_filter == filter => ahead.read,
             _ => {
                 let skip = self.pending_ids();
                 self.read(filter.as_deref(), &skip)
@@ -447,7 +456,7 @@ impl Relay {
             first_id = rows[0].id,
             last_id = rows[rows.len() - 1].id
         );
-        self.process_batch(rows, &snapshot, filter, started, cancel)
+        self.process_batch(rows, asked, &snapshot, filter, started, cancel)
             .instrument(span)
             .await
     }
@@ -456,21 +465,31 @@ impl Relay {
         &self,
         shard_filter: Option<&[i16]>,
         skip: &[i64],
-    ) -> impl Future<Output = Result<Vec<OutboxRow>, StoreError>> + Send + 'static {
+    ) -> impl Future<Output = Result<Read, StoreError>> + Send + 'static {
         let store = self.store.clone();
         let (limits, policy) = (self.read_limits(), self.settings.on_park);
         let shard_filter = shard_filter.map(<[i16]>::to_vec);
         let skip = skip.to_vec();
         async move {
-            store
+            let rows = store
                 .read_pending(limits, policy, shard_filter.as_deref(), &skip)
-                .await
+                .await?;
+            Ok(Read {
+                rows,
+                asked: limits.rows,
+            })
         }
     }
 
+    /// A read asks for as many rows as fit `batch_max_bytes` at the size of the last
+    /// batch's rows (at most `batch_size`): the server sends every row a read asks for,
+    /// even those past the byte budget, which the read then skips.
     fn read_limits(&self) -> ReadLimits {
+        let fit = self.settings.batch_max_bytes / self.recent_row_bytes.max(1) + 1;
         ReadLimits {
-            rows: self.settings.batch_size,
+            rows: u32::try_from(fit)
+                .unwrap_or(u32::MAX)
+                .clamp(1, self.settings.batch_size),
             batch_bytes: self.settings.batch_max_bytes,
             row_bytes: self.settings.max_message_bytes,
         }
@@ -487,15 +506,16 @@ impl Relay {
     async fn process_batch(
         &mut self,
         rows: Vec<OutboxRow>,
+        asked: u32,
         snapshot: &Snapshot,
         shard_filter: Option<Vec<i16>>,
         started: Instant,
         cancel: &CancellationToken,
     ) -> Result<Tick, RelayError> {
         // Full by rows or by bytes: more rows are probably waiting.
-        let full = rows.len() == self.settings.batch_size as usize
-            || rows.iter().map(OutboxRow::approximate_bytes).sum::<usize>()
-                >= self.settings.batch_max_bytes;
+        let bytes: usize = rows.iter().map(OutboxRow::approximate_bytes).sum();
+        self.recent_row_bytes = bytes / rows.len().max(1);
+        let full = rows.len() >= asked as usize || bytes >= self.settings.batch_max_bytes;
         let hold = self.settings.on_park == ParkPolicy::Hold;
         // A full batch means a backlog: read the next batch while this one is produced and
         // its acks arrive. It skips this batch and the one being marked, exactly, by id.
@@ -580,7 +600,7 @@ impl Relay {
             let (writer, cancel) = (self.writer.clone(), cancel.clone());
             let task = tokio::spawn(async move { writer.write(&[], &acks, &cancel).await });
             self.pending_write = Some(PendingWrite { ids, settled, task });
-            self.prefetched = ahead.map(|rows| Prefetch { rows, shard_filter });
+            self.prefetched = ahead.map(|read| Prefetch { read, shard_filter });
         } else {
             let (parked, marked) = self.writer.write(&batch.parkings, &acks, cancel).await?;
             self.report(settled, parked, marked);
@@ -787,8 +807,12 @@ impl Relay {
             batch_bytes = cap,
             "a topic's max.message.bytes is below the producer's record batch size; packing record batches smaller"
         );
-        self.batch_bytes_cap = Some(cap);
-        self.rebuild_producer(false).await
+        let previous = self.batch_bytes_cap.replace(cap);
+        let rebuilt = self.rebuild_producer(false).await;
+        if rebuilt.is_err() {
+            self.batch_bytes_cap = previous;
+        }
+        rebuilt
     }
 
     /// Refuses a record larger than its topic's `max.message.bytes`, which the broker
@@ -1037,14 +1061,20 @@ impl Relay {
     async fn rebuild_producer(&mut self, after_fatal: bool) -> Result<(), RelayError> {
         self.health.set_producer_ok(false);
         let generation = self.producer.generation() + 1;
-        let replacement = RowProducer::build(
+        let replacement = match RowProducer::build(
             &self.producer_properties,
             generation,
             self.events_tx.clone(),
             self.isolating,
             self.batch_bytes_cap,
-        )
-        .map_err(RelayError::Producer)?;
+        ) {
+            Ok(producer) => producer,
+            Err(err) => {
+                // The producer in place goes on.
+                self.health.set_producer_ok(true);
+                return Err(RelayError::Producer(err));
+            }
+        };
         let old = std::mem::replace(&mut self.producer, replacement);
         // Dropping purges and briefly flushes: keep that off the async threads, and keep
         // taking events meanwhile so that the bounded channel never holds the drop up.
