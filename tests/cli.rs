@@ -501,6 +501,54 @@ async fn parked_rows_are_listed_replayed_in_order_and_discarded_for_audit() {
     assert_eq!(assert_contract(&db_rows, &records), 0);
 }
 
+/// Inserts `rows` rows of `aggregate_type` over `aggregates` keys, each payload an object
+/// with `blob` of `md5_repeats` × 32 characters.
+async fn insert_blobs(
+    db: &TestDb,
+    aggregate_type: &str,
+    aggregates: i32,
+    rows: i32,
+    md5_repeats: i32,
+) {
+    sqlx::query(
+        "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) \
+         SELECT $1, 'agg-' || (g % $2), 'E', \
+                jsonb_build_object('n', g, 'blob', repeat(md5(g::text), $3)) \
+         FROM generate_series(1, $4) g",
+    )
+    .bind(aggregate_type)
+    .bind(aggregates)
+    .bind(md5_repeats)
+    .bind(rows)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+}
+
+/// `outbox-relay run` publishing to `<prefix>.<aggregate_type>`, with more environment.
+fn spawn_relay(
+    db: &TestDb,
+    bootstrap: &str,
+    prefix: &str,
+    env: &[(&str, &str)],
+    stderr: Stdio,
+) -> std::process::Child {
+    let mut command = relay_command(&db.url, bootstrap);
+    command.env(
+        "OUTBOX_RELAY_RELAY__TOPIC_TEMPLATE",
+        format!("{prefix}.{{aggregate_type}}"),
+    );
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    command
+        .arg("run")
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .unwrap()
+}
+
 /// Peak resident memory of a process, from `/proc/<pid>/status`.
 fn peak_rss_bytes(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -530,27 +578,9 @@ async fn big_rows_drain_within_the_shipped_memory_limit() {
     .execute(&db.pool)
     .await
     .unwrap();
-    // 200 KB each (md5 text repeated), 20 aggregates.
-    sqlx::query(
-        "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) \
-         SELECT 'big', 'agg-' || (g % 20), 'E', \
-                jsonb_build_object('n', g, 'blob', repeat(md5(g::text), 6250)) \
-         FROM generate_series(1, 600) g",
-    )
-    .execute(&db.pool)
-    .await
-    .unwrap();
-
-    let mut child = relay_command(&db.url, &bootstrap)
-        .env(
-            "OUTBOX_RELAY_RELAY__TOPIC_TEMPLATE",
-            format!("{prefix}.{{aggregate_type}}"),
-        )
-        .arg("run")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    // 200 KB each, 20 aggregates.
+    insert_blobs(&db, "big", 20, 600, 6250).await;
+    let mut child = spawn_relay(&db, &bootstrap, &prefix, &[], Stdio::null());
     wait_for("the 200 KB rows marked", CONDITION_TIMEOUT, || async {
         db.sent().await == 600
     })
@@ -603,28 +633,19 @@ async fn record_batches_fit_the_smallest_topic_limit() {
         &[("max.message.bytes", &LIMIT.to_string())],
     )
     .await;
-    sqlx::query(
-        "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) \
-         SELECT 'small', 'agg-' || (g % 30), 'E', \
-                jsonb_build_object('n', g, 'blob', repeat(md5(g::text), 30)) \
-         FROM generate_series(1, 2000) g",
-    )
-    .execute(&db.pool)
-    .await
-    .unwrap();
-    let mut child = relay_command(&db.url, &bootstrap)
-        .env(
-            "OUTBOX_RELAY_RELAY__TOPIC_TEMPLATE",
-            format!("{prefix}.{{aggregate_type}}"),
-        )
-        .env("OUTBOX_RELAY_KAFKA__COMPRESSION", "none")
-        .env("OUTBOX_RELAY_KAFKA__PROPERTIES__DEBUG", "msg")
-        .env("RUST_LOG", "info,librdkafka=debug")
-        .arg("run")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    // About 1 KB each, 30 aggregates.
+    insert_blobs(&db, "small", 30, 2000, 30).await;
+    let mut child = spawn_relay(
+        &db,
+        &bootstrap,
+        &prefix,
+        &[
+            ("OUTBOX_RELAY_KAFKA__COMPRESSION", "none"),
+            ("OUTBOX_RELAY_KAFKA__PROPERTIES__DEBUG", "msg"),
+            ("RUST_LOG", "info,librdkafka=debug"),
+        ],
+        Stdio::piped(),
+    );
     // Read as it comes, so the pipe never fills and holds the relay up.
     let mut stderr = child.stderr.take().unwrap();
     let reader = std::thread::spawn(move || {
