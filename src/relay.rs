@@ -248,8 +248,13 @@ pub struct Relay {
     isolating: bool,
     /// Between a fatal error that got nowhere and the next batch.
     fatal_backoff: Backoff,
+    /// The record batch size librdkafka packs to with the configured properties.
+    default_batch_bytes: usize,
     /// The producer's record batch size when a topic's limit is below librdkafka's own.
     batch_bytes_cap: Option<usize>,
+    /// A smaller record batch size, to take effect before the next row is sent while
+    /// nothing is in flight.
+    smaller_batches_due: Option<usize>,
     /// The mean size of the last batch's rows, which sizes the next read.
     recent_row_bytes: usize,
     drain: Drain,
@@ -299,6 +304,7 @@ impl Relay {
         let template = TopicTemplate::parse(&settings.relay.topic_template)?;
         health.set_producer_ok(true);
         let drain = Drain::new(settings.relay.drain_timeout);
+        let default_batch_bytes = librdkafka_batch_size(&producer_properties);
         let writer = Writer {
             store: store.clone(),
             replica_id: settings.replica_id(),
@@ -325,7 +331,9 @@ impl Relay {
             prefetched: None,
             isolating: false,
             fatal_backoff: Backoff::new(Duration::from_secs(30)),
+            default_batch_bytes,
             batch_bytes_cap: None,
+            smaller_batches_due: None,
             recent_row_bytes: 1,
             drain,
         })
@@ -689,9 +697,6 @@ impl Relay {
         let hold = self.settings.on_park == ParkPolicy::Hold;
         let mut held = foldhash::HashSet::<&str>::default();
         self.discard_stale_events();
-        if let Err(err) = self.fit_record_batches(rows).await {
-            warn!(error = %err, "cannot rebuild the producer for a topic's smaller size limit; batches the broker refuses go one record per request");
-        }
         'rows: for (i, row) in rows.iter().enumerate() {
             if batch.fatal {
                 break;
@@ -719,6 +724,9 @@ impl Relay {
                     continue;
                 }
             };
+            if batch.produced == 0 {
+                self.pack_smaller_batches_if_due().await;
+            }
             let mut queue_full_since: Option<Instant> = None;
             loop {
                 match self.producer.send(row.id, &record) {
@@ -771,48 +779,24 @@ impl Relay {
         }
     }
 
-    /// Before a batch is produced (nothing in flight): when a topic of its rows has a
-    /// `max.message.bytes` below the size librdkafka packs record batches to, the producer
-    /// is rebuilt to pack them smaller, so the broker never refuses a batch for its size.
-    async fn fit_record_batches(&mut self, rows: &[OutboxRow]) -> Result<(), RelayError> {
-        let mut topics: Vec<Arc<str>> = Vec::new();
-        for row in rows {
-            if let Ok(topic) = self.encoder.topic(row) {
-                if !topics.contains(&topic) {
-                    topics.push(topic);
-                }
-                if topics.len() >= 64 {
-                    break;
-                }
-            }
-        }
-        let mut smallest: Option<usize> = None;
-        for topic in &topics {
-            if let Some(limit) = self.topic_limits.limit(topic).await {
-                smallest = Some(smallest.map_or(limit, |s| s.min(limit)));
-            }
-        }
-        let Some(limit) = smallest else {
-            return Ok(());
+    /// While nothing is in flight (before a batch's first row is sent): if a topic's
+    /// `max.message.bytes` learnt meanwhile is below the size librdkafka packs record
+    /// batches to, the producer is rebuilt to pack them smaller, so the broker never
+    /// refuses a batch for its size. A limit learnt in the middle of a batch applies from
+    /// the next one; a batch refused meanwhile goes one record per request.
+    async fn pack_smaller_batches_if_due(&mut self) {
+        let Some(cap) = self.smaller_batches_due.take() else {
+            return;
         };
-        let cap = record_batch_cap(limit);
-        let packed = self
-            .batch_bytes_cap
-            .unwrap_or_else(|| librdkafka_batch_size(&self.producer_properties));
-        if cap >= packed {
-            return Ok(());
-        }
         info!(
-            limit,
             batch_bytes = cap,
             "a topic's max.message.bytes is below the producer's record batch size; packing record batches smaller"
         );
         let previous = self.batch_bytes_cap.replace(cap);
-        let rebuilt = self.rebuild_producer(false).await;
-        if rebuilt.is_err() {
+        if let Err(err) = self.rebuild_producer(false).await {
             self.batch_bytes_cap = previous;
+            warn!(error = %err, "cannot rebuild the producer for a topic's smaller size limit; batches the broker refuses go one record per request");
         }
-        rebuilt
     }
 
     /// Refuses a record larger than its topic's `max.message.bytes`, which the broker
@@ -824,6 +808,12 @@ impl Relay {
         let Some(limit) = self.topic_limits.limit(&record.topic).await else {
             return Ok(record);
         };
+        let cap = record_batch_cap(limit);
+        if cap < self.batch_bytes_cap.unwrap_or(self.default_batch_bytes)
+            && self.smaller_batches_due.is_none_or(|due| cap < due)
+        {
+            self.smaller_batches_due = Some(cap);
+        }
         // The broker counts the record batch around a lone record too.
         let bytes = record.bytes + RECORD_BATCH_OVERHEAD_BYTES;
         if bytes > limit {
@@ -908,12 +898,7 @@ impl Relay {
                         warn!(outstanding = batch.outstanding, "drain deadline passed; unacknowledged rows stay pending and will be sent again");
                         break;
                     }
-                    if !batch.fatal {
-                        if let Some(reason) = self.producer.fatal_error() {
-                            error!(%reason, "fatal producer error; collecting the reports in flight, then rebuilding the producer");
-                            batch.fatal = true;
-                        }
-                    }
+                    self.notice_fatal_error(batch);
                     if last_progress.elapsed() >= self.settings.stall_after && !self.health.stalled() {
                         warn!(outstanding = batch.outstanding, waited = ?last_progress.elapsed(), "stalled: the broker has not acknowledged anything; librdkafka keeps retrying");
                         self.health.set_stalled(true);
@@ -923,13 +908,20 @@ impl Relay {
             self.health.set_in_flight(batch.outstanding);
         }
         self.health.set_in_flight(0);
-        // rust-rdkafka hands a fatal error to the error callback under its underlying code
-        // (the gap-less guarantee, say), so the producer is asked once every report is in.
-        if !batch.fatal {
-            if let Some(reason) = self.producer.fatal_error() {
-                error!(%reason, "fatal producer error; rebuilding the producer");
-                batch.fatal = true;
-            }
+        // Asked once every report is in too: the error callback may have said nothing.
+        self.notice_fatal_error(batch);
+    }
+
+    /// Marks the batch fatal when the producer has raised a fatal error. rust-rdkafka
+    /// hands a fatal error to the error callback under its underlying code (the gap-less
+    /// guarantee, say), so the producer itself is asked.
+    fn notice_fatal_error(&self, batch: &mut Batch) {
+        if batch.fatal {
+            return;
+        }
+        if let Some(reason) = self.producer.fatal_error() {
+            error!(%reason, "fatal producer error; collecting the reports in flight, then rebuilding the producer");
+            batch.fatal = true;
         }
     }
 
@@ -980,12 +972,7 @@ impl Relay {
             _ = cancel.cancelled() => return false,
         }
         self.health.loop_progress();
-        if !batch.fatal {
-            if let Some(reason) = self.producer.fatal_error() {
-                error!(%reason, "fatal producer error while librdkafka's queue was full");
-                batch.fatal = true;
-            }
-        }
+        self.notice_fatal_error(batch);
         if full_since.elapsed() >= self.settings.stall_after && !self.health.stalled() {
             warn!(waited = ?full_since.elapsed(), "stalled: librdkafka's queue has stayed full; the broker is not acknowledging");
             self.health.set_stalled(true);

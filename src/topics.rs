@@ -63,7 +63,7 @@ impl TopicLimits {
                 return *limit;
             }
         }
-        let limit = match self.ask(topic).await {
+        let limit = match self.describe(topic).await {
             Ok(Some(limit)) => Some(limit),
             Ok(None) => {
                 self.warn_once(topic, "the broker did not report it".into());
@@ -82,11 +82,6 @@ impl TopicLimits {
         limit
     }
 
-    /// Asks the broker now, without the cache: what `check` shows.
-    pub async fn describe(&mut self, topic: &str) -> KafkaResult<Option<usize>> {
-        self.ask(topic).await
-    }
-
     fn warn_once(&mut self, topic: &str, why: String) {
         if self.warned.len() < 10_000 && self.warned.insert(topic.to_string()) {
             warn!(
@@ -99,7 +94,8 @@ impl TopicLimits {
         }
     }
 
-    async fn ask(&mut self, topic: &str) -> KafkaResult<Option<usize>> {
+    /// Asks the broker now, without the cache: what `check` shows.
+    pub async fn describe(&mut self, topic: &str) -> KafkaResult<Option<usize>> {
         let admin = match &self.admin {
             Some(admin) => admin,
             None => {
