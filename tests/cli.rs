@@ -604,11 +604,7 @@ async fn big_rows_drain_within_the_shipped_memory_limit() {
         "peak RSS {} MiB is over the shipped limit of 128 MiB",
         peak / (1024 * 1024)
     );
-    let error: String =
-        sqlx::query_scalar("SELECT park_error FROM outbox WHERE parked_at IS NOT NULL")
-            .fetch_one(&db.pool)
-            .await
-            .unwrap();
+    let error = db.park_error().await;
     assert!(error.contains("relay.max_message_bytes"), "{error}");
     assert_eq!(
         assert_sent_rows_in_kafka(&db, &bootstrap, &topic).await,

@@ -744,11 +744,7 @@ async fn a_row_that_is_not_utf8_is_parked_and_the_rest_flows() {
         db.sent().await == 3
     })
     .await;
-    let error: String =
-        sqlx::query_scalar("SELECT park_error FROM outbox WHERE parked_at IS NOT NULL")
-            .fetch_one(&db.pool)
-            .await
-            .unwrap();
+    let error = db.park_error().await;
     assert!(error.contains("column topic"), "{error}");
     assert_eq!(
         db.count("sent_at IS NULL AND parked_at IS NULL AND aggregate_id = 'a'")

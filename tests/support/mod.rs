@@ -460,6 +460,14 @@ impl TestDb {
             .unwrap()
     }
 
+    /// The `park_error` of the one parked row.
+    pub async fn park_error(&self) -> String {
+        sqlx::query_scalar("SELECT park_error FROM outbox WHERE parked_at IS NOT NULL")
+            .fetch_one(&self.pool)
+            .await
+            .unwrap()
+    }
+
     pub async fn pending(&self) -> i64 {
         self.count("sent_at IS NULL AND parked_at IS NULL").await
     }
