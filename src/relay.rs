@@ -105,6 +105,11 @@ struct Batch {
     outstanding: u64,
     /// Produced one record per request: a refusal concerns that row alone.
     isolating: bool,
+    /// `relay.on_park = "hold"`: a row waits behind an earlier failure of its aggregate.
+    hold: bool,
+    /// Aggregates with a row of this batch that failed or was parked: under `hold`, a
+    /// later row of theirs that the broker refuses waits rather than being parked too.
+    failed_aggregates: foldhash::HashSet<String>,
     /// Rows refused as part of a record batch the broker rejected as a whole: they may be
     /// innocent, so they are sent again one record per request before anything is parked.
     refused_in_a_set: u64,
@@ -116,7 +121,7 @@ struct Batch {
 }
 
 impl Batch {
-    fn new(rows: usize, isolating: bool) -> Self {
+    fn new(rows: usize, isolating: bool, hold: bool) -> Self {
         Self {
             outcomes: vec![Outcome::NotSent; rows],
             topics: vec![None; rows],
@@ -128,6 +133,8 @@ impl Batch {
             produced: 0,
             outstanding: 0,
             isolating,
+            hold,
+            failed_aggregates: foldhash::HashSet::default(),
             refused_in_a_set: 0,
             refused_alone: 0,
             client_error: None,
@@ -143,8 +150,16 @@ impl Batch {
         let (class, kind) = classify(err);
         *self.error_kinds.entry(kind).or_default() += 1;
         self.outcomes[pos] = Outcome::Failed;
+        // Reports of one partition arrive in order, so an earlier row of the aggregate has
+        // had its result; under `hold` only the first unsent row of an aggregate is parked.
+        let behind_a_failure =
+            self.hold && !self.failed_aggregates.insert(row.aggregate_id.clone());
         match row_class(class, kind, row) {
             ErrorClass::PermanentRow if self.isolating || !refused_by_broker(kind) => {
+                if behind_a_failure {
+                    debug!(row_id = row.id, error = %err, "broker refused a row behind an earlier failure of its aggregate; it waits");
+                    return;
+                }
                 warn!(row_id = row.id, error = %err, "broker refused the row on its own; parking it");
                 self.refused_alone += 1;
                 self.park(pos, row.id, &ParkReason::Rejected(err.to_string()));
@@ -535,7 +550,7 @@ impl Relay {
             skip.extend(rows.iter().map(|r| r.id));
             tokio::spawn(self.read(shard_filter.as_deref(), &skip))
         });
-        let mut batch = Batch::new(rows.len(), self.isolating);
+        let mut batch = Batch::new(rows.len(), self.isolating, hold);
         self.produce_batch(&rows, snapshot, &mut batch, cancel)
             .await;
 
@@ -1350,7 +1365,7 @@ mod tests {
     }
 
     fn in_flight(rows: &[OutboxRow], isolating: bool) -> Batch {
-        let mut batch = Batch::new(rows.len(), isolating);
+        let mut batch = Batch::new(rows.len(), isolating, true);
         for outcome in &mut batch.outcomes {
             *outcome = Outcome::InFlight;
         }
@@ -1423,6 +1438,28 @@ mod tests {
             matches!(batch.outcomes[1], Outcome::Failed),
             "purged: sent again"
         );
+    }
+
+    /// The broker may refuse every record of a partition, each on its own: under `hold`
+    /// only the first unsent row of an aggregate is parked and the rest waits behind it;
+    /// under `skip` each refused row is parked.
+    #[test]
+    fn a_refusal_behind_a_parked_row_of_its_aggregate_waits_under_hold() {
+        let rows = [row(1, "a"), row(2, "b"), row(3, "a")];
+        for (hold, parked) in [(true, vec![1, 2]), (false, vec![1, 2, 3])] {
+            let mut batch = in_flight(&rows, true);
+            batch.hold = hold;
+            for id in 1..=3 {
+                apply_event(refused(id, 3), 3, &rows, &mut batch);
+            }
+            let ids: Vec<i64> = batch.parkings.iter().map(|p| p.id).collect();
+            assert_eq!(ids, parked, "hold = {hold}");
+            assert_eq!(batch.refused_alone, parked.len() as u64);
+            assert!(matches!(
+                batch.outcomes[2],
+                Outcome::Failed | Outcome::Parked
+            ));
+        }
     }
 
     #[test]
