@@ -10,7 +10,8 @@ use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
 use crate::infra::{
-    Broker, Db, RelayLauncher, RelayProcess, Statement, TOPIC, cpu_time, peak_rss, spawn_tied,
+    Broker, Db, ONE_KB_ROW, RelayLauncher, RelayProcess, Statement, TOPIC, cpu_time, peak_rss,
+    spawn_tied,
 };
 
 /// How often the peer's process is polled, and the relays' /metrics at the start and
@@ -28,6 +29,9 @@ pub struct Drain {
     pub mode: String,
     pub replicas: u32,
     pub rows: u64,
+    /// About how large each row's payload is (1 KB unless the wide-rows step).
+    #[serde(default = "one_kb_row")]
+    pub row_bytes: u64,
     pub make_rows_seconds: f64,
     /// Start of the process(es) until the first rows were retired.
     pub startup_seconds: f64,
@@ -59,9 +63,27 @@ pub struct Drain {
     pub checkpoints_during: Option<i64>,
 }
 
+fn one_kb_row() -> u64 {
+    ONE_KB_ROW
+}
+
 impl Drain {
+    /// Rows of the usual 1 KB event (the wide-rows step's are larger).
+    pub fn of_one_kb_rows(&self) -> bool {
+        self.row_bytes <= ONE_KB_ROW
+    }
+
+    /// The backlog: `200k`, or `1.5k × 200 KB` for wide rows.
+    pub fn backlog(&self) -> String {
+        if self.of_one_kb_rows() {
+            human_rows(self.rows)
+        } else {
+            format!("{} × {} KB", human_rows(self.rows), self.row_bytes / 1000)
+        }
+    }
+
     pub fn label(&self) -> String {
-        let size = human_rows(self.rows);
+        let size = self.backlog();
         match self.who.as_str() {
             "peer" => format!("peer {} {}", self.mode, size),
             _ => format!("relay {} {} x{}", self.mode, size, self.replicas),
@@ -79,6 +101,23 @@ pub fn human_rows(rows: u64) -> String {
     }
 }
 
+/// What a drain starts from: `rows` pending rows of about `row_bytes` each.
+#[derive(Debug, Clone, Copy)]
+pub struct Backlog {
+    pub rows: u64,
+    pub row_bytes: u64,
+}
+
+impl Backlog {
+    /// Rows of the usual 1 KB event.
+    pub fn of(rows: u64) -> Self {
+        Self {
+            rows,
+            row_bytes: ONE_KB_ROW,
+        }
+    }
+}
+
 /// A timeout proportional to the backlog: nothing here should drain slower than 500 rows/s.
 fn drain_timeout(rows: u64) -> Duration {
     Duration::from_secs(120 + rows / 500)
@@ -90,13 +129,14 @@ pub async fn relay(
     launcher: &RelayLauncher,
     broker_source: (Option<&Path>, Option<&str>),
     work: &Path,
-    rows: u64,
+    backlog: Backlog,
     mode: &str,
     replicas: u32,
 ) -> Result<Drain> {
+    let Backlog { rows, row_bytes } = backlog;
     db.reset().await?;
     let settled = db.settle().await?;
-    let make = db.make_rows(rows, mode).await?;
+    let make = db.make_rows_of(rows, mode, row_bytes).await?;
     let broker = Broker::start(broker_source.0, broker_source.1, work).await?;
     broker.create_topic().await?;
     db.statements_reset().await;
@@ -207,6 +247,7 @@ pub async fn relay(
         mode: mode.into(),
         replicas,
         rows,
+        row_bytes,
         make_rows_seconds: make.as_secs_f64(),
         startup_seconds: (first_at - started).as_secs_f64(),
         total_seconds,
@@ -327,6 +368,7 @@ pub async fn peer(
         mode: mode.into(),
         replicas: 1,
         rows,
+        row_bytes: ONE_KB_ROW,
         make_rows_seconds: make.as_secs_f64(),
         startup_seconds: (total_seconds - drain_seconds).max(0.0),
         total_seconds,

@@ -256,13 +256,30 @@ impl Db {
     /// rewrites a row, the pages are filled to 90 % as the README advises, not to the 45 %
     /// that leaves room to mark each row on its page. Returns how long it took.
     pub async fn make_rows(&self, rows: u64, mode: &str) -> Result<Duration> {
+        self.make_rows_of(rows, mode, ONE_KB_ROW).await
+    }
+
+    /// [`Db::make_rows`] with rows of about `row_bytes` each: above [`ONE_KB_ROW`], the
+    /// 1 KB event's fields plus a `pad` of hex digits that differ per row (lz4 and TOAST
+    /// compress them about twofold, as they would real text).
+    pub async fn make_rows_of(&self, rows: u64, mode: &str, row_bytes: u64) -> Result<Duration> {
         if mode == "delete" {
             self.set_fillfactor(90).await?;
         }
         let started = Instant::now();
+        let pad_digits = row_bytes.saturating_sub(ONE_KB_ROW);
+        let payload = if pad_digits == 0 {
+            PAYLOAD_SQL.to_string()
+        } else {
+            format!(
+                "{PAYLOAD_SQL} || jsonb_build_object('pad', (SELECT string_agg(md5(g::text || '/' || i::text), '') \
+                 FROM generate_series(1, {}) AS i))",
+                pad_digits.div_ceil(32)
+            )
+        };
         sqlx::query(&format!(
             "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) \
-             SELECT 'order', 'agg-' || (g % {AGGREGATES}), 'OrderUpdated', {PAYLOAD_SQL} \
+             SELECT 'order', 'agg-' || (g % {AGGREGATES}), 'OrderUpdated', {payload} \
              FROM generate_series(1::bigint, $1::bigint) AS g"
         ))
         .bind(rows as i64)
@@ -365,6 +382,9 @@ impl Statement {
         )
     }
 }
+
+/// The size of the event [`PAYLOAD_SQL`] makes, as jsonb prints it.
+pub const ONE_KB_ROW: u64 = 1000;
 
 /// A 1 KB JSON event (about 1000 bytes as jsonb prints it): an order with a few fields,
 /// some fixed text and 384 hex digits that differ per row, so lz4 compresses it about as

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use clap::Parser;
 
-use crate::drain::PeerLauncher;
+use crate::drain::{Backlog, PeerLauncher};
 use crate::infra::{Broker, Db, RelayLauncher};
 use crate::latency::LatencyPlan;
 use crate::report::{Machine, Report};
@@ -32,6 +32,9 @@ enum Step {
     /// The database ceiling and the relay (1 replica) on the big backlog (--big-rows,
     /// --big-mode).
     Big,
+    /// The relay (1 replica, mark) draining rows of --wide-row-bytes: its peak RSS against
+    /// the 128 MiB limit of deploy/kubernetes.
+    Wide,
     /// End-to-end latency at fixed insert rates, doorbell on and off.
     Latency,
     /// The NOTIFY trigger's cost on the insert commit rate.
@@ -106,6 +109,12 @@ struct Cli {
     /// (about 12 GB for 10M rows; mark mode's fillfactor 45 needs twice that disk).
     #[arg(long, env = "BENCH_BIG_MODE", default_value = "delete", value_parser = ["mark", "delete"])]
     big_mode: String,
+    /// The wide-rows backlog: how many rows (default 1500, 300 with --quick; 0 skips it)
+    /// and about how large each (default 200 KB).
+    #[arg(long)]
+    wide_rows: Option<u64>,
+    #[arg(long, default_value_t = 200_000)]
+    wide_row_bytes: u64,
     /// How many times each database ceiling of --sizes is measured; the fastest counts
     /// (default 3, 1 with --quick). The big backlog's is measured once.
     #[arg(long)]
@@ -141,6 +150,7 @@ struct Plan {
     sizes: Vec<u64>,
     peer_rows: Vec<u64>,
     big_rows: u64,
+    wide_rows: u64,
     ceiling_repeats: u32,
     latency: LatencyPlan,
     notify_seconds: f64,
@@ -154,6 +164,7 @@ impl Plan {
                 Step::Peer,
                 Step::Drain,
                 Step::Big,
+                Step::Wide,
                 Step::Latency,
                 Step::Notify,
             ]
@@ -177,6 +188,7 @@ impl Plan {
             big_rows: cli
                 .big_rows
                 .unwrap_or(if cli.quick { 0 } else { 10_000_000 }),
+            wide_rows: cli.wide_rows.unwrap_or(if cli.quick { 300 } else { 1500 }),
             ceiling_repeats: cli.ceiling_repeats.unwrap_or(if cli.quick { 1 } else { 3 }),
             latency: LatencyPlan {
                 warmup: Duration::from_secs_f64(cli.latency_warmup.unwrap_or(if cli.quick {
@@ -472,8 +484,9 @@ async fn main() -> Result<()> {
                         started,
                         format!("relay drain, {mode}, {rows} rows, {replicas} replica(s)"),
                     );
-                    let d =
-                        drain::relay(&db, &launcher, brokers, &work, rows, mode, replicas).await?;
+                    let backlog = Backlog::of(rows);
+                    let d = drain::relay(&db, &launcher, brokers, &work, backlog, mode, replicas)
+                        .await?;
                     progress(
                         started,
                         format!(
@@ -511,7 +524,7 @@ async fn main() -> Result<()> {
             &launcher,
             brokers,
             &work,
-            plan.big_rows,
+            Backlog::of(plan.big_rows),
             &cli.big_mode,
             1,
         )
@@ -524,6 +537,32 @@ async fn main() -> Result<()> {
                 d.cpu_us_per_row,
                 report::mib(d.peak_rss_bytes),
                 d.make_rows_seconds
+            ),
+        );
+        report.drains.push(d);
+        finish(&mut report)?;
+    }
+
+    if plan.runs(Step::Wide) && plan.wide_rows > 0 {
+        let backlog = Backlog {
+            rows: plan.wide_rows,
+            row_bytes: cli.wide_row_bytes,
+        };
+        progress(
+            started,
+            format!(
+                "relay drain of wide rows, mark, {} rows of {} bytes, 1 replica",
+                backlog.rows, backlog.row_bytes
+            ),
+        );
+        let d = drain::relay(&db, &launcher, brokers, &work, backlog, "mark", 1).await?;
+        progress(
+            started,
+            format!(
+                "  {:.0} rows/s, {:.1} MiB/s, {:.1} MiB peak RSS",
+                d.rows_per_second,
+                report::mib((d.rows_per_second * backlog.row_bytes as f64) as u64),
+                report::mib(d.peak_rss_bytes)
             ),
         );
         report.drains.push(d);
