@@ -3,6 +3,7 @@
 //! repeated mark is harmless and a sent row is never un-sent.
 
 use std::time::Duration;
+use tracing::{error, warn};
 
 use chrono::{DateTime, Utc};
 use futures_util::TryStreamExt;
@@ -477,6 +478,8 @@ macro_rules! read_pending_side {
                      SELECT 1 FROM outbox p \
                      WHERE p.parked_at IS NOT NULL AND p.discarded_at IS NULL \
                        AND p.sent_at IS NULL \
+                       AND pg_catalog.hashtextextended(p.aggregate_id, 0) \
+                           = pg_catalog.hashtextextended(o.aggregate_id, 0) \
                        AND p.aggregate_id = o.aggregate_id AND p.id < o.id)) \
              ORDER BY o.id \
              LIMIT $1)"
@@ -770,6 +773,49 @@ impl Store {
     /// Parks rows that can never be published, with their reasons. Returns the ids of the
     /// rows it parked: a row already sent, parked or gone is left as it is.
     pub async fn park(&self, parked: &[Parking]) -> Result<Vec<i64>, StoreError> {
+        match self.park_together(parked).await {
+            Err(err) if !err.is_retriable() && !parked.is_empty() => {
+                // What a row holds must never stop the relay: find the row the statement
+                // failed on by parking each alone.
+                warn!(error = %err, rows = parked.len(), "parking rows together failed; parking each alone");
+                let mut done = Vec::with_capacity(parked.len());
+                for parking in parked {
+                    done.extend(self.park_alone(parking).await?);
+                }
+                Ok(done)
+            }
+            result => result,
+        }
+    }
+
+    /// Parks one row; if the database refuses its error text, parks it with a note
+    /// instead, and if it refuses the row itself, leaves it pending and says so.
+    async fn park_alone(&self, parking: &Parking) -> Result<Vec<i64>, StoreError> {
+        let err = match self.park_together(std::slice::from_ref(parking)).await {
+            Err(err) if !err.is_retriable() => err,
+            result => return result,
+        };
+        let noted = Parking {
+            id: parking.id,
+            reason: parking.reason,
+            error: format!(
+                "the database refused this row's error text ({}); see the relay's log",
+                err.kind()
+            ),
+        };
+        match self.park_together(std::slice::from_ref(&noted)).await {
+            Err(again) if !again.is_retriable() => {
+                error!(row_id = parking.id, reason = parking.reason, error = %again, "the database refuses to park this row; it stays pending and its aggregate is retried");
+                Ok(Vec::new())
+            }
+            result => {
+                warn!(row_id = parking.id, error = %err, "the row's error text could not be stored; parked with a note");
+                result
+            }
+        }
+    }
+
+    async fn park_together(&self, parked: &[Parking]) -> Result<Vec<i64>, StoreError> {
         if parked.is_empty() {
             return Ok(Vec::new());
         }

@@ -756,3 +756,39 @@ async fn a_row_that_is_not_utf8_is_parked_and_the_rest_flows() {
     relay.stop().await;
     assert_eq!(assert_sent_rows_in_kafka(&db, &bootstrap, &topic).await, 3);
 }
+
+/// A park the database refuses for one row (here a trigger of the table's owner refuses
+/// that row's update) parks the others and leaves that row pending: a failed park is the
+/// row's problem, never the relay's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_park_refused_for_one_row_parks_the_others() {
+    use outbox_relay::store::Parking;
+    let db = TestDb::new().await;
+    let ids = db.insert(&stream("refuse", 3, 3)).await;
+    sqlx::raw_sql(&format!(
+        "CREATE FUNCTION refuse_park() RETURNS trigger LANGUAGE plpgsql AS $$ \
+         BEGIN IF NEW.id = {} THEN RAISE EXCEPTION 'no' USING ERRCODE = '54000'; END IF; \
+         RETURN NEW; END $$; \
+         CREATE TRIGGER refuse_park BEFORE UPDATE ON outbox FOR EACH ROW EXECUTE FUNCTION refuse_park()",
+        ids[1]
+    ))
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let store = Store::new(db.pool.clone());
+    let parkings: Vec<Parking> = ids
+        .iter()
+        .map(|&id| Parking {
+            id,
+            reason: "bad_headers",
+            error: "bad headers: not an object".into(),
+        })
+        .collect();
+    let parked = store
+        .park(&parkings)
+        .await
+        .expect("a refused row is not an error");
+    assert_eq!(parked, vec![ids[0], ids[2]]);
+    assert_eq!(db.count("parked_at IS NOT NULL").await, 2);
+    assert_eq!(db.pending().await, 1);
+}
