@@ -9,14 +9,33 @@
 --        -v relay_role=outbox_relay -v schema=public \
 --        -f deploy/sql/least-privilege.sql
 --
+-- and for a relay configured with relay.mode = "delete", opt in to DELETE on outbox:
+--
+--   psql ... -v relay_role=outbox_relay -v delete_mode=1 -f deploy/sql/least-privilege.sql
+--
 -- Variables (all optional):
 --   relay_role     the relay's LOGIN role                           default outbox_relay
 --   schema         the schema holding outbox and its tables         default public
---   relay_mode     mark | delete | both: grant UPDATE of the sent    default both
---                  columns (mark), DELETE (delete), or both so that
---                  relay.mode can be switched without re-running
+--   delete_mode    1|on|true|yes: relay.mode = "delete", grant       default 0 (mark mode)
+--                  DELETE on outbox instead of UPDATE of the sent
+--                  columns; 0|off|false|no or unset: relay.mode =
+--                  "mark", and the relay role cannot delete rows
 --   operator_role  a NOLOGIN group role for status / parked ...      default: not created
 --                  (give it to people: GRANT outbox_relay_operator TO alice)
+-- (relay_mode, which granted DELETE by default, is gone: the script refuses it.)
+--
+-- Switching relay.mode: each run grants one mode's privilege and revokes the other's. To
+-- switch without a gap, grant the new mode's privilege by hand first (GRANT DELETE ON
+-- outbox TO outbox_relay, or GRANT UPDATE (sent_at, kafka_partition, kafka_offset) ON
+-- outbox TO outbox_relay), roll the relay over, then re-run this script for the new mode.
+--
+-- Migrations: run `outbox-relay migrate` with the credentials of the role that owns the
+-- outbox tables, never with the relay's role (nor by granting the relay role more):
+-- migrate needs DDL and CREATE on the schema, which the relay role must not hold, and the
+-- tables it created would be the relay's own, and an owner bypasses every grant here (the
+-- script refuses a relay role that owns them). After this script the owner can create in
+-- the schema only as the schema's owner or through an explicit GRANT CREATE ON SCHEMA (see
+-- below); the script warns if it cannot.
 --
 -- Idempotent: re-running revokes what the roles hold on the outbox tables (and on
 -- outbox_id_seq and _sqlx_migrations) and grants exactly the list below again; re-run it
@@ -29,21 +48,32 @@
 -- use certificate authentication. Behind PgBouncer in transaction mode the relay sends no
 -- statement_timeout: ALTER ROLE outbox_relay SET statement_timeout = '30s'.
 --
--- What the relay role does NOT get: INSERT on outbox (services insert), TRUNCATE,
--- REFERENCES, TRIGGER, any DDL (`outbox-relay migrate` runs as the owner), anything on
+-- What the relay role does NOT get: INSERT on outbox (services insert), DELETE on outbox
+-- unless delete_mode is set, TRUNCATE, REFERENCES, TRIGGER, CREATE on the schema or any
+-- other DDL (`outbox-relay migrate` runs as the owner), anything on
 -- _sqlx_migrations (only `migrate` reads it; `run` and `check` verify the schema by
 -- selecting the outbox columns, see verify_schema in src/store.rs), the outbox_id_seq
 -- sequence (the identity is filled by services' inserts), INSERT or DELETE on
 -- outbox_shard_lease (its 256 rows are created by the migration), nothing on functions
 -- (it calls none; LISTEN needs no privilege). It keeps what PostgreSQL gives PUBLIC by
--- default (CONNECT and TEMPORARY on databases, EXECUTE on functions, and before
--- PostgreSQL 15 CREATE on schema public); revoking those is a database-wide decision
--- this script leaves to you. An existing role with SUPERUSER, CREATEDB, CREATEROLE,
--- REPLICATION or BYPASSRLS, or owning the tables, is refused; memberships in other
--- roles are reported.
+-- default on databases and functions (CONNECT and TEMPORARY, EXECUTE); revoking those is a
+-- database-wide decision this script leaves to you. An existing role with SUPERUSER,
+-- CREATEDB, CREATEROLE, REPLICATION or BYPASSRLS, or owning the tables, is refused;
+-- memberships in other roles are reported.
+--
+-- CREATE on the schema: the script runs REVOKE CREATE ON SCHEMA <schema> FROM PUBLIC (and
+-- from the relay and operator roles). A role that can create in the relay's schema can
+-- plant a function or operator that the relay's unqualified SQL resolves to instead of
+-- the built-in one, and have it run with the relay's privileges (a search-path hijack).
+-- PostgreSQL 15 no longer grants PUBLIC CREATE on schema public in new databases, but
+-- databases created before 15 (and upgraded or restored from them) keep it. Roles other
+-- than the schema's owner that must create there (the migrating role if it does not own
+-- the schema, other applications' owners) need an explicit GRANT CREATE ON SCHEMA
+-- afterwards. The script fails if PUBLIC or the relay role can still create there.
 --
 -- Verified against PostgreSQL 15 with `outbox-relay run` in both modes, parked rows, the
 -- LISTEN doorbell, and `status` / `parked` as the operator role.
+-- Requires psql 10 or later (\if, :{?var}).
 
 \set ON_ERROR_STOP on
 
@@ -56,8 +86,13 @@
 \set schema public
 \endif
 \if :{?relay_mode}
+-- Replaced by delete_mode: refuse it rather than guess, so an old command line that asked
+-- for DELETE does not silently lose it (or one that did not, silently keep it).
+DO $$ BEGIN RAISE EXCEPTION 'relay_mode is no longer supported: use -v delete_mode=1 for relay.mode = "delete", nothing for "mark"'; END $$;
+\endif
+\if :{?delete_mode}
 \else
-\set relay_mode both
+\set delete_mode 0
 \endif
 \if :{?operator_role}
 \else
@@ -70,7 +105,7 @@ BEGIN;
 -- settings.
 SET LOCAL outbox_relay.relay_role = :'relay_role';
 SET LOCAL outbox_relay.schema = :'schema';
-SET LOCAL outbox_relay.relay_mode = :'relay_mode';
+SET LOCAL outbox_relay.delete_mode = :'delete_mode';
 SET LOCAL outbox_relay.operator_role = :'operator_role';
 
 -- Checks, then the relay role: created when missing; an existing role is used only if it
@@ -79,7 +114,7 @@ DO $$
 DECLARE
     relay  text := current_setting('outbox_relay.relay_role');
     schema text := current_setting('outbox_relay.schema');
-    mode   text := current_setting('outbox_relay.relay_mode');
+    mode   text := lower(current_setting('outbox_relay.delete_mode'));
     r      pg_roles%ROWTYPE;
     t      text;
     member text;
@@ -87,8 +122,9 @@ BEGIN
     IF relay = '' THEN
         RAISE EXCEPTION 'relay_role must not be empty';
     END IF;
-    IF mode NOT IN ('mark', 'delete', 'both') THEN
-        RAISE EXCEPTION 'relay_mode must be mark, delete or both, not "%"', mode;
+    IF mode NOT IN ('1', 'on', 'true', 'yes', '0', 'off', 'false', 'no') THEN
+        RAISE EXCEPTION 'delete_mode must be 1, on, true, yes (relay.mode = "delete") or 0, off, false, no, not "%"',
+                        current_setting('outbox_relay.delete_mode');
     END IF;
     FOREACH t IN ARRAY ARRAY['outbox', 'outbox_shard_lease', 'outbox_replica'] LOOP
         IF to_regclass(format('%I.%I', schema, t)) IS NULL THEN
@@ -128,8 +164,8 @@ END
 $$;
 
 SELECT current_database() AS dbname,
-       :'relay_mode' IN ('mark', 'both') AS grant_mark,
-       :'relay_mode' IN ('delete', 'both') AS grant_delete,
+       lower(:'delete_mode') NOT IN ('1', 'on', 'true', 'yes') AS grant_mark,
+       lower(:'delete_mode') IN ('1', 'on', 'true', 'yes') AS grant_delete,
        :'operator_role' <> '' AS want_operator
 \gset
 
@@ -142,6 +178,50 @@ FROM pg_class c
 WHERE c.oid IN (to_regclass(format('%I.outbox_id_seq', :'schema')),
                 to_regclass('_sqlx_migrations'))
 \gexec
+
+-- No CREATE in the schema for anyone but its owner (and roles granted it explicitly):
+-- the relay's statements name tables, functions (now, width_bucket, unnest, count, ...)
+-- and operators unqualified, and a role that can create in the schema on the relay's
+-- search_path can plant a function or operator that matches the relay's arguments more
+-- closely than pg_catalog's (width_bucket(bigint, bigint[]) beats the polymorphic
+-- built-in) and runs with the relay's privileges when the relay calls it: a search-path
+-- hijack. PUBLIC covers every role, the relay's included.
+REVOKE CREATE ON SCHEMA :"schema" FROM PUBLIC;
+REVOKE CREATE ON SCHEMA :"schema" FROM :"relay_role";
+
+DO $$
+DECLARE
+    relay  text := current_setting('outbox_relay.relay_role');
+    schema text := current_setting('outbox_relay.schema');
+    owner  text := pg_get_userbyid((SELECT relowner FROM pg_class
+                                    WHERE oid = to_regclass(format('%I.outbox', schema))));
+    creator text;
+BEGIN
+    -- A REVOKE by a role that does not own the schema only warns and leaves the grant.
+    IF has_schema_privilege('public', schema, 'CREATE') THEN
+        RAISE EXCEPTION 'PUBLIC can still create in schema % (owner %): run this script as a superuser or as the schema''s owner',
+                        schema, pg_get_userbyid((SELECT nspowner FROM pg_namespace WHERE nspname = schema));
+    END IF;
+    -- A schema's owner may drop anything in it and grant itself CREATE again, whatever the
+    -- ACL says (pg_database_owner owns schema public: the database's owner).
+    IF pg_has_role(relay, (SELECT nspowner FROM pg_namespace WHERE nspname = schema), 'MEMBER') THEN
+        RAISE EXCEPTION 'role % owns schema % or is a member of its owner % (pg_database_owner: the database''s owner): give the schema and the database another owner first',
+                        relay, schema, pg_get_userbyid((SELECT nspowner FROM pg_namespace WHERE nspname = schema));
+    END IF;
+    -- The relay role is NOINHERIT, but it could SET ROLE to any role it is a member of.
+    SELECT string_agg(g.rolname, ', ') INTO creator
+    FROM pg_roles g
+    WHERE pg_has_role(relay, g.oid, 'MEMBER') AND has_schema_privilege(g.oid, schema, 'CREATE');
+    IF creator IS NOT NULL THEN
+        RAISE EXCEPTION 'role % can still create in schema %, as %: it must not own the schema, hold CREATE on it or be a member of a role that does',
+                        relay, schema, creator;
+    END IF;
+    IF NOT has_schema_privilege(owner, schema, 'CREATE') THEN
+        RAISE WARNING 'role % (owner of %.outbox) can no longer create in schema %, so `outbox-relay migrate` will fail: GRANT CREATE ON SCHEMA % TO % (or make it the schema''s owner)',
+                      owner, schema, schema, schema, owner;
+    END IF;
+END
+$$;
 
 ----------------------------------------------------------------------------------------
 -- The relay role: what `outbox-relay run` (and `check`) need, statement by statement
@@ -188,7 +268,7 @@ GRANT UPDATE (sent_at, kafka_partition, kafka_offset) ON TABLE :"schema".outbox 
 \endif
 
 \if :grant_delete
--- outbox, DELETE (relay.mode = "delete"):
+-- outbox, DELETE (relay.mode = "delete"; only with -v delete_mode=1, never by default):
 --   delete_sent:    WITH fence AS (... FOR SHARE OF l) DELETE FROM outbox o WHERE o.id = ANY($1)
 --                   AND o.shard = (fenced shards)[width_bucket(o.shard, fenced shards)]
 GRANT DELETE ON TABLE :"schema".outbox TO :"relay_role";
@@ -265,6 +345,7 @@ $$;
 
 REVOKE ALL ON TABLE :"schema".outbox, :"schema".outbox_shard_lease, :"schema".outbox_replica
     FROM :"operator_role";
+REVOKE CREATE ON SCHEMA :"schema" FROM :"operator_role";
 
 GRANT CONNECT ON DATABASE :"dbname" TO :"operator_role";
 GRANT USAGE ON SCHEMA :"schema" TO :"operator_role";
