@@ -230,6 +230,9 @@ async fn hand_over(store: &Store, replica_id: &str, ownership: &Ownership) {
 )]
 pub struct MissingGrants(pub Vec<String>);
 
+/// Said by `run` and `check` when roles other than the schema's owner may create in it.
+pub const SCHEMA_CREATORS_ADVICE: &str = "roles other than its owner may create in the outbox's schema, where a planted table, function or operator could stand in for one the relay uses; revoke it (REVOKE CREATE ON SCHEMA ... FROM PUBLIC, or from each role; deploy/sql/least-privilege.sql does)";
+
 /// Retries until the database answers; fails at once if the outbox table is missing or
 /// the role lacks a privilege.
 async fn wait_for_schema(
@@ -249,6 +252,15 @@ async fn wait_for_schema(
                     .context("Failed to check the role's privileges")?;
                 if !missing.is_empty() {
                     return Err(MissingGrants(missing).into());
+                }
+                match store.schema_creators().await {
+                    Ok(creators) if !creators.is_empty() => {
+                        warn!(roles = %creators.join(", "), "{}", SCHEMA_CREATORS_ADVICE)
+                    }
+                    Ok(_) => {}
+                    Err(err) => {
+                        warn!(error = %err, "cannot tell who may create in the outbox's schema")
+                    }
                 }
                 health.set_database_ok(true);
                 return Ok(());

@@ -487,6 +487,17 @@ async fn check(settings: Settings, timeout: Duration) -> anyhow::Result<()> {
                 }
                 Err(err) => failures.push(format!("database: checking privileges: {err}")),
             }
+            match store.schema_creators().await {
+                Ok(creators) if !creators.is_empty() => println!(
+                    "  warning: {} (may create there: {})",
+                    crate::app::SCHEMA_CREATORS_ADVICE,
+                    creators.join(", ")
+                ),
+                Ok(_) => println!("  only the schema's owner may create in it"),
+                Err(err) => {
+                    failures.push(format!("database: checking the schema's privileges: {err}"))
+                }
+            }
             match store.backlog_stats().await {
                 Ok(stats) => println!(
                     "  pending rows: {}, oldest pending: {}, parked rows: {}",

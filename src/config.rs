@@ -55,6 +55,10 @@ pub struct DatabaseSettings {
     /// Channel the relay listens on; `outbox-relay migrate --notify-trigger on` installs
     /// the doorbell trigger notifying this channel.
     pub listen_channel: String,
+    /// The schema holding the outbox tables. Every session's `search_path` is pinned to
+    /// it, after `pg_catalog`, whatever the role or database sets: nothing another role
+    /// creates elsewhere can stand in for a table, function or operator the relay uses.
+    pub schema: String,
     /// Prepared statements cached per connection.
     pub statement_cache_capacity: usize,
     /// Connected through PgBouncer (or another pooler) in transaction mode: every
@@ -202,6 +206,17 @@ pub struct LogSettings {
     pub level: String,
 }
 
+/// A name PostgreSQL takes as it is written, once double-quoted: no quoting or escaping
+/// needed anywhere it is passed on (the `search_path` startup option takes no spaces).
+fn is_plain_identifier(name: &str) -> bool {
+    let mut chars = name.chars();
+    name.len() <= 63
+        && chars
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
 impl Default for DatabaseSettings {
     fn default() -> Self {
         Self {
@@ -213,6 +228,7 @@ impl Default for DatabaseSettings {
             statement_timeout: Duration::from_secs(30),
             listen: true,
             listen_channel: "outbox_relay".into(),
+            schema: "public".into(),
             statement_cache_capacity: 100,
             transaction_pooler: false,
             allow_unverified_tls: false,
@@ -691,6 +707,12 @@ impl Settings {
             return Err(ConfigError::new(
                 "database.listen_channel",
                 "must be 1 to 63 bytes long (PostgreSQL's limit for a channel name)",
+            ));
+        }
+        if !is_plain_identifier(&self.database.schema) {
+            return Err(ConfigError::new(
+                "database.schema",
+                "must be a plain identifier: a letter or underscore, then letters, digits or underscores, at most 63 bytes (e.g. public)",
             ));
         }
         if self.kafka.bootstrap_servers.trim().is_empty() {

@@ -129,7 +129,7 @@ pub enum StoreError {
     #[error("database refused the statement (SQLSTATE {code}): {message}")]
     Statement { code: String, message: String },
     #[error(
-        "the outbox table is missing or incomplete ({0}); run `outbox-relay migrate`, or grant the relay's role USAGE on the schema and set its search_path"
+        "the outbox table is missing or incomplete ({0}); run `outbox-relay migrate`, or set database.schema to the schema holding it and grant the relay's role USAGE on that schema"
     )]
     Schema(String),
     #[error("database error: {0}")]
@@ -277,13 +277,20 @@ fn connect_options(settings: &DatabaseSettings) -> Result<PgConnectOptions, sqlx
         .log_statements(tracing::log::LevelFilter::Debug)
         .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(2));
     // A transaction-mode pooler refuses the `options` startup parameter: set the timeout
-    // on the role there (ALTER ROLE ... SET statement_timeout). Its unnamed statements are
-    // planned with their parameters every time anyway.
+    // and the search_path on the role there (ALTER ROLE ... SET). Its unnamed statements
+    // are planned with their parameters every time anyway.
     if !settings.transaction_pooler {
         // Batches bind arrays of ids: a generic plan guesses 10 elements and, for the
         // mark, chose a nested loop comparing every id with every other (260 ms per 1000
         // rows instead of 15 ms). Plans made with the real arrays cost well under 1 ms.
         let mut startup = vec![("plan_cache_mode", "force_custom_plan".to_string())];
+        // pg_catalog is searched first when the path does not name it, so a function or
+        // operator with a built-in's exact signature resolves to the built-in; functions
+        // whose built-in is polymorphic (width_bucket) are also called by their qualified
+        // name, which an exact-typed impostor would otherwise beat. `unnest` of several
+        // arrays stays unqualified: the parser expands only that spelling, into
+        // pg_catalog.unnest of each array.
+        startup.push(("search_path", format!("\"{}\"", settings.schema)));
         if !settings.statement_timeout.is_zero() {
             startup.push((
                 "statement_timeout",
@@ -404,12 +411,12 @@ pub const MARK_SENT: &str = "WITH fence AS ( \
      ORDER BY l.shard \
      FOR SHARE OF l) \
  UPDATE outbox o \
- SET sent_at = now(), \
-     kafka_partition = ($2::int[])[width_bucket(o.id, $1::bigint[])], \
-     kafka_offset = ($3::bigint[])[width_bucket(o.id, $1::bigint[])] \
+ SET sent_at = pg_catalog.now(), \
+     kafka_partition = ($2::int[])[pg_catalog.width_bucket(o.id, $1::bigint[])], \
+     kafka_offset = ($3::bigint[])[pg_catalog.width_bucket(o.id, $1::bigint[])] \
  WHERE o.id = ANY($1::bigint[]) AND o.sent_at IS NULL \
    AND o.shard = (ARRAY(SELECT shard FROM fence ORDER BY shard)) \
-       [width_bucket(o.shard, ARRAY(SELECT shard FROM fence ORDER BY shard))]";
+       [pg_catalog.width_bucket(o.shard, ARRAY(SELECT shard FROM fence ORDER BY shard))]";
 
 /// The pending rows of one side of the skipped run, without the skipped ids on that side
 /// (`o.id < $5` without `$4`, then `o.id > $6` without `$7`); the two sides are merged in
@@ -756,7 +763,7 @@ impl Store {
                  DELETE FROM outbox o \
                  WHERE o.id = ANY($1::bigint[]) \
                    AND o.shard = (ARRAY(SELECT shard FROM fence ORDER BY shard)) \
-                       [width_bucket(o.shard, ARRAY(SELECT shard FROM fence ORDER BY shard))]",
+                       [pg_catalog.width_bucket(o.shard, ARRAY(SELECT shard FROM fence ORDER BY shard))]",
                 )
                 .bind(&ids)
                 .bind(&shards)
@@ -832,9 +839,9 @@ impl Store {
             let done = self
                 .query(
                     "UPDATE outbox o \
-                 SET parked_at = now(), \
-                     park_reason = ($2::text[])[width_bucket(o.id, $1::bigint[])], \
-                     park_error = ($3::text[])[width_bucket(o.id, $1::bigint[])] \
+                 SET parked_at = pg_catalog.now(), \
+                     park_reason = ($2::text[])[pg_catalog.width_bucket(o.id, $1::bigint[])], \
+                     park_error = ($3::text[])[pg_catalog.width_bucket(o.id, $1::bigint[])] \
                  WHERE o.id = ANY($1::bigint[]) \
                    AND o.sent_at IS NULL AND o.parked_at IS NULL \
                  RETURNING o.id",
@@ -873,16 +880,16 @@ impl Store {
         let result: Result<_, StoreError> = async {
             let row = self.query(
                 "SELECT \
-                   (SELECT count(*) FROM ( \
+                   (SELECT pg_catalog.count(*) FROM ( \
                       SELECT 1 FROM outbox WHERE sent_at IS NULL AND parked_at IS NULL LIMIT $1 + 1) c) \
                      AS counted, \
-                   (SELECT reltuples::float8 FROM pg_class \
-                      WHERE oid = to_regclass('outbox_pending_idx')) AS indexed_rows, \
+                   (SELECT reltuples::float8 FROM pg_catalog.pg_class \
+                      WHERE oid = pg_catalog.to_regclass('outbox_pending_idx')) AS indexed_rows, \
                    (SELECT id FROM outbox WHERE sent_at IS NULL AND parked_at IS NULL \
                       ORDER BY id DESC LIMIT 1) AS newest_id, \
                    o.id AS oldest_id, \
-                   EXTRACT(EPOCH FROM (clock_timestamp() - o.created_at))::float8 AS oldest_age, \
-                   (SELECT count(*) FROM outbox \
+                   EXTRACT(EPOCH FROM (pg_catalog.clock_timestamp() - o.created_at))::float8 AS oldest_age, \
+                   (SELECT pg_catalog.count(*) FROM outbox \
                       WHERE parked_at IS NOT NULL AND discarded_at IS NULL AND sent_at IS NULL) AS parked \
                  FROM (SELECT 1) AS one \
                  LEFT JOIN LATERAL ( \
@@ -925,11 +932,11 @@ impl Store {
             let live: Vec<String> = self.query_scalar(
                 "WITH me AS ( \
                      INSERT INTO outbox_replica (replica_id, heartbeat_at, expires_at) \
-                     VALUES ($1, now(), now() + make_interval(secs => $2)) \
+                     VALUES ($1, pg_catalog.now(), pg_catalog.now() + pg_catalog.make_interval(secs => $2)) \
                      ON CONFLICT (replica_id) DO UPDATE \
-                     SET heartbeat_at = now(), expires_at = now() + make_interval(secs => $2) \
+                     SET heartbeat_at = pg_catalog.now(), expires_at = pg_catalog.now() + pg_catalog.make_interval(secs => $2) \
                      RETURNING replica_id) \
-                 SELECT replica_id FROM outbox_replica WHERE expires_at > now() AND replica_id <> $1 \
+                 SELECT replica_id FROM outbox_replica WHERE expires_at > pg_catalog.now() AND replica_id <> $1 \
                  UNION SELECT replica_id FROM me \
                  ORDER BY 1",
             )
@@ -966,7 +973,7 @@ impl Store {
                          ORDER BY l.shard \
                          FOR NO KEY UPDATE OF l) \
                      UPDATE outbox_shard_lease l \
-                     SET expires_at = now() + make_interval(secs => $4), renewed_at = now() \
+                     SET expires_at = pg_catalog.now() + pg_catalog.make_interval(secs => $4), renewed_at = pg_catalog.now() \
                      WHERE l.shard IN (SELECT shard FROM locked) \
                      RETURNING l.shard, l.epoch",
                 )
@@ -997,13 +1004,13 @@ impl Store {
                     "WITH free AS ( \
                          SELECT shard FROM outbox_shard_lease \
                          WHERE shard = ANY($2::smallint[]) \
-                           AND (owner IS NULL OR expires_at IS NULL OR expires_at <= now()) \
+                           AND (owner IS NULL OR expires_at IS NULL OR expires_at <= pg_catalog.now()) \
                          ORDER BY shard \
                          FOR NO KEY UPDATE SKIP LOCKED) \
                      UPDATE outbox_shard_lease l \
                      SET owner = $1, epoch = l.epoch + 1, \
-                         expires_at = now() + make_interval(secs => $3), \
-                         acquired_at = now(), renewed_at = now() \
+                         expires_at = pg_catalog.now() + pg_catalog.make_interval(secs => $3), \
+                         acquired_at = pg_catalog.now(), renewed_at = pg_catalog.now() \
                      WHERE l.shard IN (SELECT shard FROM free) \
                      RETURNING l.shard, l.epoch",
                 )
@@ -1137,7 +1144,7 @@ impl Store {
         let result: Result<_, StoreError> = async {
             let done = self
                 .query(
-                    "UPDATE outbox SET discarded_at = now(), discard_reason = $2 \
+                    "UPDATE outbox SET discarded_at = pg_catalog.now(), discard_reason = $2 \
                      WHERE id = ANY($1::bigint[]) AND parked_at IS NOT NULL \
                        AND discarded_at IS NULL AND sent_at IS NULL",
                 )
@@ -1198,9 +1205,9 @@ impl Store {
         let result: Result<_, StoreError> = async {
             let seconds: Option<f64> = self
                 .query_scalar(
-                    "SELECT EXTRACT(EPOCH FROM (min(expires_at) - now()))::float8 \
+                    "SELECT EXTRACT(EPOCH FROM (pg_catalog.min(expires_at) - pg_catalog.now()))::float8 \
                  FROM outbox_shard_lease \
-                 WHERE shard = ANY($1::smallint[]) AND expires_at > now()",
+                 WHERE shard = ANY($1::smallint[]) AND expires_at > pg_catalog.now()",
                 )
                 .bind(shards)
                 .fetch_one(s.conn())
@@ -1217,13 +1224,13 @@ impl Store {
         let result: Result<_, StoreError> = async {
             let rows = self
                 .query(
-                    "SELECT r.replica_id, r.expires_at > now() AS live, r.started_at, \
-                        EXTRACT(EPOCH FROM (now() - r.heartbeat_at))::float8 AS heartbeat_age, \
-                        count(l.shard) AS shards, \
-                        EXTRACT(EPOCH FROM (now() - min(l.renewed_at)))::float8 AS oldest_renewal \
+                    "SELECT r.replica_id, r.expires_at > pg_catalog.now() AS live, r.started_at, \
+                        EXTRACT(EPOCH FROM (pg_catalog.now() - r.heartbeat_at))::float8 AS heartbeat_age, \
+                        pg_catalog.count(l.shard) AS shards, \
+                        EXTRACT(EPOCH FROM (pg_catalog.now() - pg_catalog.min(l.renewed_at)))::float8 AS oldest_renewal \
                  FROM outbox_replica r \
                  LEFT JOIN outbox_shard_lease l \
-                   ON l.owner = r.replica_id AND l.expires_at > now() \
+                   ON l.owner = r.replica_id AND l.expires_at > pg_catalog.now() \
                  GROUP BY r.replica_id, r.expires_at, r.started_at, r.heartbeat_at \
                  ORDER BY r.replica_id",
                 )
@@ -1244,8 +1251,8 @@ impl Store {
                 .collect::<Result<Vec<_>, sqlx::Error>>()?;
             let unowned: i64 = self
                 .query_scalar(
-                    "SELECT count(*) FROM outbox_shard_lease \
-                 WHERE owner IS NULL OR expires_at IS NULL OR expires_at <= now()",
+                    "SELECT pg_catalog.count(*) FROM outbox_shard_lease \
+                 WHERE owner IS NULL OR expires_at IS NULL OR expires_at <= pg_catalog.now()",
                 )
                 .fetch_one(s.conn())
                 .await?;
@@ -1256,6 +1263,34 @@ impl Store {
     }
 
     /// Confirms the database answers and the outbox table has the relay's columns.
+    /// Who, besides the owner of the outbox's schema (and its members) and superusers, may
+    /// create in that schema: `PUBLIC` alone when everyone may. Any of them could plant a
+    /// table, function or operator the relay's statements would resolve to.
+    pub async fn schema_creators(&self) -> Result<Vec<String>, StoreError> {
+        let mut s = self.session().await?;
+        let result: Result<_, StoreError> = async {
+            Ok(self
+                .query_scalar(
+                    "WITH s AS (SELECT oid, nspowner, nspacl FROM pg_catalog.pg_namespace \
+                                WHERE nspname = pg_catalog.current_schema()), \
+                     public_may AS (SELECT 1 FROM s, pg_catalog.aclexplode(s.nspacl) a \
+                                    WHERE a.grantee = 0 AND a.privilege_type = 'CREATE') \
+                     SELECT 'PUBLIC'::text FROM public_may \
+                     UNION ALL \
+                     (SELECT r.rolname::text FROM s, pg_catalog.pg_roles r \
+                      WHERE NOT EXISTS (SELECT 1 FROM public_may) \
+                        AND NOT r.rolsuper AND r.rolname !~ '^pg_' \
+                        AND NOT pg_catalog.pg_has_role(r.oid, s.nspowner, 'MEMBER') \
+                        AND pg_catalog.has_schema_privilege(r.oid, s.oid, 'CREATE') \
+                      ORDER BY 1)",
+                )
+                .fetch_all(s.conn())
+                .await?)
+        }
+        .await;
+        s.finish(result).await
+    }
+
     /// The privileges `run` needs in `mode` that the connected role lacks, each written
     /// as a grant (`UPDATE (sent_at) ON outbox`). Checked at start: a relay that can
     /// publish but not mark would resend its first batch on every restart.
@@ -1304,7 +1339,7 @@ impl Store {
         let result: Result<Vec<(String, String, String)>, StoreError> = async {
             let rows = self
                 .query(
-                    "SELECT t, c, p FROM unnest($1::text[], $2::text[], $3::text[])                          WITH ORDINALITY AS g(t, c, p, n)                      WHERE NOT CASE WHEN c = '' THEN has_table_privilege(t, p)                                     ELSE has_column_privilege(t, c, p) END                      ORDER BY n",
+                    "SELECT t, c, p FROM unnest($1::text[], $2::text[], $3::text[])                          WITH ORDINALITY AS g(t, c, p, n)                      WHERE NOT CASE WHEN c = '' THEN pg_catalog.has_table_privilege(t, p)                                     ELSE pg_catalog.has_column_privilege(t, c, p) END                      ORDER BY n",
                 )
                 .bind(&tables)
                 .bind(&columns)

@@ -60,6 +60,111 @@ async fn a_row_with_a_huge_aggregate_id_is_parked_and_the_rest_flows() {
     );
 }
 
+/// A neighbour with CREATE on the outbox's schema plants a `width_bucket(bigint, bigint[])`
+/// (an exact match beats the polymorphic built-in) and an `=` for bigints, and the database
+/// searches `public` before `pg_catalog`: neither may ever run in the relay's sessions,
+/// where they would read every service's payloads with the relay's privileges.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn functions_and_operators_planted_in_the_schema_never_run_as_the_relay() {
+    let db = TestDb::new().await;
+    sqlx::raw_sql(
+        "CREATE TABLE public.stolen (what text PRIMARY KEY, seen bigint); \
+         GRANT INSERT ON public.stolen TO PUBLIC; \
+         CREATE FUNCTION public.width_bucket(v bigint, b bigint[]) RETURNS integer \
+         LANGUAGE plpgsql AS $$ BEGIN \
+           IF pg_catalog.current_setting('application_name') = 'outbox-relay' \
+           AND pg_catalog.current_setting('transaction_read_only') = 'off' THEN \
+             INSERT INTO public.stolen SELECT 'width_bucket', pg_catalog.count(*) FROM public.outbox \
+             ON CONFLICT DO NOTHING; \
+           END IF; \
+           RETURN pg_catalog.width_bucket(v, b); END $$; \
+         CREATE FUNCTION public.width_bucket(v smallint, b smallint[]) RETURNS integer \
+         LANGUAGE sql AS $$ SELECT pg_catalog.width_bucket(v, b) $$; \
+         CREATE FUNCTION public.spy_eq(a bigint, b bigint) RETURNS boolean \
+         LANGUAGE plpgsql AS $$ BEGIN \
+           IF pg_catalog.current_setting('application_name') = 'outbox-relay' \
+           AND pg_catalog.current_setting('transaction_read_only') = 'off' THEN \
+             INSERT INTO public.stolen VALUES ('=', NULL) ON CONFLICT DO NOTHING; \
+           END IF; \
+           RETURN a OPERATOR(pg_catalog.=) b; END $$; \
+         CREATE OPERATOR public.= (LEFTARG = bigint, RIGHTARG = bigint, FUNCTION = public.spy_eq); \
+         DO $$ BEGIN EXECUTE pg_catalog.format( \
+           'ALTER DATABASE %I SET search_path = public, pg_catalog', pg_catalog.current_database()); END $$;",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+
+    let bootstrap = kafka_bootstrap();
+    let prefix = unique_prefix();
+    let topic = format!("{prefix}.planted");
+    create_topic(&bootstrap, &topic, 3).await;
+    let mut rows = stream("planted", 5, 50);
+    rows[10].headers = Some("\"not an object\"".into());
+    db.insert(&rows).await;
+    let parked_aggregate = rows[10].aggregate_id.clone();
+    let waiting = rows[10..]
+        .iter()
+        .filter(|r| r.aggregate_id == parked_aggregate)
+        .count() as i64;
+
+    let relay = RunningRelay::start(template_settings(&db, &bootstrap, &prefix, "")).await;
+    wait_for("the other rows marked", CONDITION_TIMEOUT, || async {
+        relay.handle.is_finished() || db.sent().await == 50 - waiting
+    })
+    .await;
+    relay.stop().await;
+    assert_eq!(db.sent().await, 50 - waiting);
+    assert_eq!(db.count("parked_at IS NOT NULL").await, 1);
+
+    let stolen: Vec<(String, Option<i64>)> = sqlx::query_as("SELECT what, seen FROM public.stolen")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+    assert!(
+        stolen.is_empty(),
+        "planted code ran as the relay: {stolen:?}"
+    );
+    let sent: Vec<DbRow> = db.rows().await.into_iter().filter(|r| r.sent).collect();
+    let records = consume(&bootstrap, &topic, sent.len());
+    assert_contract(&sent, &records);
+}
+
+/// `run` and `check` warn when anyone but the schema's owner may create in it: everyone
+/// (`PUBLIC`, the default before PostgreSQL 15), or named roles.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn who_may_create_in_the_outbox_schema_is_found() {
+    use outbox_relay::store::Store;
+    let db = TestDb::new().await;
+    let store = Store::new(db.pool.clone());
+    assert_eq!(store.schema_creators().await.unwrap(), Vec::<String>::new());
+    sqlx::query("GRANT CREATE ON SCHEMA public TO PUBLIC")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(store.schema_creators().await.unwrap(), vec!["PUBLIC"]);
+
+    let neighbour = format!("neighbour_{}", unique_prefix());
+    sqlx::raw_sql(&format!(
+        "REVOKE CREATE ON SCHEMA public FROM PUBLIC; \
+         CREATE ROLE {neighbour} NOLOGIN; \
+         GRANT CREATE ON SCHEMA public TO {neighbour};"
+    ))
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        store.schema_creators().await.unwrap(),
+        vec![neighbour.clone()]
+    );
+    sqlx::raw_sql(&format!(
+        "REVOKE CREATE ON SCHEMA public FROM {neighbour}; DROP ROLE {neighbour};"
+    ))
+    .execute(&db.pool)
+    .await
+    .unwrap();
+}
+
 /// `len` letters and digits that neither pglz nor lz4 can shrink much (an index entry is
 /// compressed before its size is checked, so a repeated letter would slip through).
 fn incompressible_text(len: usize) -> String {
