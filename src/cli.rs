@@ -303,15 +303,21 @@ async fn list_parked(
         "{:>10}  {:<16} {:<24} {:<20} {:<20}  error",
         "id", "aggregate_type", "aggregate_id", "event_type", "reason"
     );
+    // Every column was written by a service, or quotes what one wrote: escaped and
+    // bounded, so a row cannot drive the operator's terminal (`--json` escapes by itself).
+    let shown = |text: &str, max| crate::encode::printable(text, max);
     for row in &rows {
         println!(
             "{:>10}  {:<16} {:<24} {:<20} {:<20}  {}",
             row.id,
-            row.aggregate_type,
-            row.aggregate_id,
-            row.event_type,
-            row.park_reason.as_deref().unwrap_or("-"),
-            row.park_error.as_deref().unwrap_or("-"),
+            shown(&row.aggregate_type, 64),
+            shown(&row.aggregate_id, 64),
+            shown(&row.event_type, 64),
+            shown(row.park_reason.as_deref().unwrap_or("-"), 64),
+            shown(
+                row.park_error.as_deref().unwrap_or("-"),
+                crate::encode::MAX_REASON_BYTES
+            ),
         );
     }
     Ok(())

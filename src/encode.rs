@@ -15,6 +15,15 @@ const RESERVED_HEADERS: [&str; 3] = [HEADER_EVENT_ID, HEADER_EVENT_TYPE, HEADER_
 
 /// Kafka's own limit on topic name length.
 const MAX_TOPIC_LEN: usize = 249;
+/// A row's own headers: at most this many, names of at most this many bytes, and names
+/// and values together of at most this many bytes. Beyond, the row is parked.
+pub const MAX_ROW_HEADERS: usize = 64;
+pub const MAX_HEADER_NAME_BYTES: usize = 256;
+pub const MAX_ROW_HEADER_BYTES: usize = 64 * 1024;
+/// How much of a row's text a park reason quotes.
+const QUOTED_BYTES: usize = 200;
+/// The longest park reason stored in `park_error` and logged.
+pub const MAX_REASON_BYTES: usize = 1024;
 /// Rough per-record framing overhead (lengths, varints, attributes) in the record batch.
 const RECORD_OVERHEAD_BYTES: usize = 64;
 
@@ -141,9 +150,17 @@ impl fmt::Display for ParkReason {
                 f,
                 "record of {bytes} bytes (uncompressed) exceeds {limit_name} = {limit}"
             ),
-            ParkReason::InvalidTopic(why) => write!(f, "invalid topic: {why}"),
-            ParkReason::BadHeaders(why) => write!(f, "bad headers: {why}"),
-            ParkReason::Rejected(why) => write!(f, "rejected by the broker: {why}"),
+            ParkReason::InvalidTopic(why) => {
+                write!(f, "invalid topic: {}", printable(why, MAX_REASON_BYTES))
+            }
+            ParkReason::BadHeaders(why) => {
+                write!(f, "bad headers: {}", printable(why, MAX_REASON_BYTES))
+            }
+            ParkReason::Rejected(why) => write!(
+                f,
+                "rejected by the broker: {}",
+                printable(why, MAX_REASON_BYTES)
+            ),
             ParkReason::Undecodable(column) => write!(
                 f,
                 "column {column} is not valid UTF-8 (a SQL_ASCII database stores any bytes); fix the row's text and replay it"
@@ -310,7 +327,8 @@ fn validate_topic(topic: &str) -> Result<(), ParkReason> {
     }
     if let Some(c) = topic.chars().find(|c| !is_topic_char(*c)) {
         return Err(ParkReason::InvalidTopic(format!(
-            "`{topic}` contains {c:?}; topic names use letters, digits, '.', '_' and '-'"
+            "`{}` contains {c:?}; topic names use letters, digits, '.', '_' and '-'",
+            printable(topic, QUOTED_BYTES)
         )));
     }
     Ok(())
@@ -329,23 +347,77 @@ fn append_row_headers(raw: &str, headers: &mut Vec<(String, String)>) -> Result<
             )));
         }
     };
+    if object.len() > MAX_ROW_HEADERS {
+        return Err(ParkReason::BadHeaders(format!(
+            "{} headers, at most {MAX_ROW_HEADERS} allowed",
+            object.len()
+        )));
+    }
+    let mut total = 0;
     for (name, value) in object {
-        if RESERVED_HEADERS.contains(&name.as_str()) {
+        let quoted = printable(&name, QUOTED_BYTES);
+        // Consumers often treat header names case-insensitively (HTTP bridges, Connect
+        // converters): `ID` must not pass for the relay's `id`.
+        if RESERVED_HEADERS
+            .iter()
+            .any(|reserved| reserved.eq_ignore_ascii_case(&name))
+        {
             return Err(ParkReason::BadHeaders(format!(
-                "header `{name}` is reserved for the relay"
+                "header `{quoted}` is reserved for the relay (in any letter case)"
+            )));
+        }
+        if name.is_empty()
+            || name.len() > MAX_HEADER_NAME_BYTES
+            || name.chars().any(char::is_control)
+        {
+            return Err(ParkReason::BadHeaders(format!(
+                "header name `{quoted}` must be 1 to {MAX_HEADER_NAME_BYTES} bytes without control characters"
             )));
         }
         match value {
-            serde_json::Value::String(text) => headers.push((name, text)),
+            serde_json::Value::String(text) => {
+                total += name.len() + text.len();
+                headers.push((name, text));
+            }
             other => {
                 return Err(ParkReason::BadHeaders(format!(
-                    "header `{name}` is {}, expected a string",
+                    "header `{quoted}` is {}, expected a string",
                     json_kind(&other)
                 )));
             }
         }
     }
+    if total > MAX_ROW_HEADER_BYTES {
+        return Err(ParkReason::BadHeaders(format!(
+            "{total} bytes of headers, at most {MAX_ROW_HEADER_BYTES} allowed"
+        )));
+    }
     Ok(())
+}
+
+/// Text from a row, or quoting one, as the relay writes it where people read it
+/// (`park_error`, logs, `parked list`): control and bidirectional-formatting characters
+/// escaped (`\n`, `\u{1b}`), so it can neither forge a log line nor drive a terminal, and
+/// at most about `max` bytes, cut at a character boundary with the length left out said.
+pub fn printable(text: &str, max: usize) -> String {
+    let mut out = String::with_capacity(text.len().min(max) + 16);
+    for (at, c) in text.char_indices() {
+        if out.len() >= max {
+            out.push_str(&format!("… ({} more bytes)", text.len() - at));
+            break;
+        }
+        if c.is_control() || is_bidi_control(c) {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Characters that reorder how a terminal shows the text around them (Trojan Source).
+fn is_bidi_control(c: char) -> bool {
+    matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
 }
 
 fn json_kind(value: &serde_json::Value) -> &'static str {
@@ -442,7 +514,25 @@ mod tests {
         r.aggregate_type = "has space".into();
         assert_eq!(encoder().encode(&r).unwrap_err().kind(), "invalid_topic");
 
-        for bad in [r#"{"n": 1}"#, "[1]", r#""x""#, r#"{"id": "mine"}"#] {
+        let many: serde_json::Map<String, serde_json::Value> = (0..=MAX_ROW_HEADERS)
+            .map(|i| (format!("h{i}"), "v".into()))
+            .collect();
+        let many = serde_json::Value::Object(many).to_string();
+        let huge = format!(r#"{{"h": "{}"}}"#, "v".repeat(MAX_ROW_HEADER_BYTES));
+        let long_name = format!(r#"{{"{}": "v"}}"#, "n".repeat(MAX_HEADER_NAME_BYTES + 1));
+        for bad in [
+            r#"{"n": 1}"#,
+            "[1]",
+            r#""x""#,
+            r#"{"id": "mine"}"#,
+            r#"{"ID": "mine"}"#,
+            r#"{"Event_Type": "mine"}"#,
+            r#"{"a\nb": "v"}"#,
+            r#"{"": "v"}"#,
+            &many,
+            &huge,
+            &long_name,
+        ] {
             let mut r = row();
             r.headers_json = Some(bad.into());
             assert_eq!(
@@ -455,6 +545,24 @@ mod tests {
         let mut r = row();
         r.payload_json = Some(format!("\"{}\"", "x".repeat(2_000_000)));
         assert_eq!(encoder().encode(&r).unwrap_err().kind(), "too_large");
+    }
+
+    /// Row text in a park reason can neither forge a log line nor drive a terminal, and
+    /// is bounded whatever the row holds.
+    #[test]
+    fn park_reasons_quote_row_text_escaped_and_bounded() {
+        let mut r = row();
+        r.topic = Some("evil\n2026-12-07 INFO forged\u{1b}[2J\u{202e}".into());
+        let reason = encoder().encode(&r).unwrap_err().to_string();
+        assert!(!reason.chars().any(|c| c.is_control()), "{reason}");
+        assert!(reason.contains(r"evil\n2026"), "{reason}");
+        assert!(reason.contains(r"\u{1b}[2J\u{202e}"), "{reason}");
+        let long = ParkReason::Rejected("y".repeat(10_000)).to_string();
+        assert!(long.len() <= MAX_REASON_BYTES + 64, "{} bytes", long.len());
+
+        assert_eq!(printable("plain", 10), "plain");
+        assert_eq!(printable("tab\there", 100), r"tab\there");
+        assert_eq!(printable("ééé", 2), "é… (4 more bytes)");
     }
 
     #[test]

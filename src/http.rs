@@ -9,9 +9,14 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
 
 use crate::telemetry::Health;
 
@@ -38,7 +43,17 @@ pub fn router(
         })
 }
 
-/// Serves until `cancel`.
+/// Connections served at once; more are closed on arrival until one ends.
+pub const MAX_CONNECTIONS: usize = 32;
+/// Requests handled at once over all connections.
+const MAX_REQUESTS_IN_FLIGHT: usize = 16;
+/// How long a client may take to send a request's headers.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// The longest a connection is kept, however busy: a scrape takes milliseconds.
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+
+/// Serves until `cancel`. The endpoints are read-only and unauthenticated, so what a
+/// client can hold is bounded: a few connections, headers within a timeout, a lifetime.
 pub async fn serve(
     listener: TcpListener,
     metrics: PrometheusHandle,
@@ -46,9 +61,43 @@ pub async fn serve(
     liveness_timeout: Duration,
     cancel: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(metrics, health, liveness_timeout))
-        .with_graceful_shutdown(cancel.cancelled_owned())
-        .await
+    let app = router(metrics, health, liveness_timeout).layer(
+        tower::limit::ConcurrencyLimitLayer::new(MAX_REQUESTS_IN_FLIGHT),
+    );
+    let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let (stream, _peer) = tokio::select! {
+            _ = cancel.cancelled() => return Ok(()),
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                // Out of file descriptors, or a connection reset before it was accepted:
+                // keep serving once the moment passes.
+                Err(err) => {
+                    warn!(error = %err, "accepting an HTTP connection failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            debug!("HTTP connection refused: {MAX_CONNECTIONS} already open");
+            continue;
+        };
+        let service = TowerToHyperService::new(app.clone());
+        let cancel = cancel.clone();
+        tokio::spawn(async move {
+            let mut builder = http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT);
+            let connection = builder.serve_connection(TokioIo::new(stream), service);
+            tokio::select! {
+                _ = cancel.cancelled() => {}
+                _ = tokio::time::timeout(CONNECTION_LIFETIME, connection) => {}
+            }
+            drop(permit);
+        });
+    }
 }
 
 async fn render_metrics(State(state): State<HttpState>) -> impl IntoResponse {

@@ -165,6 +165,119 @@ async fn who_may_create_in_the_outbox_schema_is_found() {
     .unwrap();
 }
 
+/// Row text that tries to forge log lines or drive the operator's terminal (newlines,
+/// escape sequences, bidirectional overrides, in the topic and in a header name) is
+/// parked, and shows escaped and bounded in `park_error` and `parked list`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_text_is_escaped_in_park_errors_and_the_parked_list() {
+    let db = TestDb::new().await;
+    let bootstrap = kafka_bootstrap();
+    let prefix = unique_prefix();
+    create_topic(&bootstrap, &format!("{prefix}.text"), 1).await;
+    let forged = "\n2026-12-07T00:00:00Z ERROR forged line\u{1b}[2J\u{1b}]0;owned\u{7}\u{202e}";
+    let mut by_topic = NewRow::new("text", "agg-topic", 1);
+    by_topic.topic = Some(format!("evil{forged}"));
+    let mut by_header = NewRow::new("text", "agg-header", 1);
+    by_header.headers = Some(serde_json::json!({ format!("x{forged}"): "v" }).to_string());
+    db.insert(&[by_topic, by_header, NewRow::new("text", "agg-fine", 1)])
+        .await;
+
+    let relay = RunningRelay::start(template_settings(&db, &bootstrap, &prefix, "")).await;
+    wait_for("the hostile rows parked", CONDITION_TIMEOUT, || async {
+        db.count("parked_at IS NOT NULL").await == 2 && db.sent().await == 1
+    })
+    .await;
+    relay.stop().await;
+
+    let errors: Vec<String> =
+        sqlx::query_scalar("SELECT park_error FROM outbox WHERE parked_at IS NOT NULL")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    for error in &errors {
+        assert!(!error.chars().any(char::is_control), "{error:?}");
+        assert!(!error.contains('\u{202e}'), "{error:?}");
+        assert!(error.contains(r"\n2026-12-07"), "{error:?}");
+    }
+    let output = relay_command(&db.url, &bootstrap)
+        .args(["parked", "list"])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", output_text(&output));
+    let listed = String::from_utf8(output.stdout).unwrap();
+    assert_eq!(
+        listed.lines().count(),
+        3,
+        "a header and one line per row:\n{listed}"
+    );
+    assert!(
+        !listed.chars().any(|c| c != '\n' && c.is_control()),
+        "{listed:?}"
+    );
+}
+
+/// Slow or idle HTTP clients cannot hold the endpoints: a client that never finishes its
+/// headers is cut off after the header timeout, connections beyond the cap are closed on
+/// arrival, and the scrape answers again once the slow ones are gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_http_clients_are_cut_off_and_capped() {
+    use outbox_relay::http::{HEADER_READ_TIMEOUT, MAX_CONNECTIONS};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    let db = TestDb::new().await;
+    let relay = RunningRelay::start(template_settings(
+        &db,
+        &kafka_bootstrap(),
+        &unique_prefix(),
+        "",
+    ))
+    .await;
+    // Closed by the server: the read ends (EOF, or a reset) before `within`.
+    async fn closed_within(stream: &mut TcpStream, within: std::time::Duration) -> bool {
+        let mut buf = [0u8; 512];
+        let read = async {
+            loop {
+                match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => continue,
+                }
+            }
+        };
+        tokio::time::timeout(within, read).await.is_ok()
+    }
+
+    let mut slow = TcpStream::connect(relay.http_addr).await.unwrap();
+    slow.write_all(b"GET /metrics HTTP/1.1\r\nHost: relay\r\nX-Slow: ")
+        .await
+        .unwrap();
+    assert!(
+        closed_within(&mut slow, HEADER_READ_TIMEOUT * 3).await,
+        "a client that never finishes its headers is cut off"
+    );
+    assert_eq!(http_get(relay.http_addr, "/metrics").await.0, 200);
+
+    let mut idle = Vec::new();
+    for _ in 0..MAX_CONNECTIONS {
+        idle.push(TcpStream::connect(relay.http_addr).await.unwrap());
+    }
+    // Connections are accepted in order: with the cap's worth in, the next is refused.
+    let mut extra = TcpStream::connect(relay.http_addr).await.unwrap();
+    assert!(
+        closed_within(&mut extra, HEADER_READ_TIMEOUT / 2).await,
+        "a connection over the cap of {MAX_CONNECTIONS} is closed on arrival"
+    );
+    for stream in &mut idle {
+        assert!(
+            closed_within(stream, HEADER_READ_TIMEOUT * 3).await,
+            "an idle connection is cut off"
+        );
+    }
+    let (status, body) = http_get(relay.http_addr, "/metrics").await;
+    assert_eq!(status, 200, "{body}");
+    relay.stop().await;
+}
+
 /// `len` letters and digits that neither pglz nor lz4 can shrink much (an index entry is
 /// compressed before its size is checked, so a repeated letter would slip through).
 fn incompressible_text(len: usize) -> String {
