@@ -88,6 +88,10 @@ pub struct KafkaSettings {
     /// systemd credentials), e.g. `"sasl.password" = "kafka-password"`. A relative path is
     /// looked up in `$CREDENTIALS_DIRECTORY` when systemd sets it.
     pub secret_files: BTreeMap<String, PathBuf>,
+    /// Accept turning off the verification of the brokers' certificates
+    /// (`enable.ssl.certificate.verification = false`,
+    /// `ssl.endpoint.identification.algorithm = none`). Refused by default.
+    pub allow_unverified_tls: bool,
 }
 
 impl fmt::Debug for KafkaSettings {
@@ -244,6 +248,7 @@ impl Default for KafkaSettings {
             linger: Duration::from_millis(5),
             properties: BTreeMap::new(),
             secret_files: BTreeMap::new(),
+            allow_unverified_tls: false,
         }
     }
 }
@@ -634,8 +639,13 @@ impl Settings {
         }
         if let Ok(url) = url::Url::parse(self.database.url.expose()) {
             for (param, value) in url.query_pairs() {
-                if matches!(param.as_ref(), "sslrootcert" | "sslcert" | "sslkey")
-                    && value != "system"
+                // sqlx also takes the PEM itself in place of a path: nothing to open, and
+                // nothing to quote in an error.
+                if matches!(
+                    param.as_ref(),
+                    "sslrootcert" | "ssl-root-cert" | "ssl-ca" | "sslcert" | "ssl-cert" | "sslkey" | "ssl-key"
+                ) && value != "system"
+                    && !value.trim_start().starts_with("-----BEGIN")
                 {
                     check_readable(
                         &format!("database.url ({param})"),
@@ -681,12 +691,27 @@ impl Settings {
                 ),
             ));
         }
-        if let Some(sslmode) = unverified_remote_sslmode(&url) {
+        // sqlx logs a parameter it does not know with its value (a misspelt `passwd=`):
+        // refuse it here, naming only the key.
+        if let Some((key, _)) = url
+            .query_pairs()
+            .find(|(k, _)| !is_connect_parameter(k))
+        {
+            return Err(ConfigError::new(
+                "database.url",
+                format!(
+                    "has the parameter `{}`, which PostgreSQL's client here does not know (its value is not shown); remove it, or spell it as one of: {}",
+                    crate::encode::printable(&key, 64),
+                    CONNECT_PARAMETERS.join(", ")
+                ),
+            ));
+        }
+        if let Some(sslmode) = unverified_remote_sslmode(self.database.url.expose()) {
             if !self.database.allow_unverified_tls {
                 return Err(ConfigError::new(
                     "database.url",
                     format!(
-                        "uses sslmode={sslmode} to a remote server, which does not verify who answers; use sslmode=verify-full with sslrootcert=/path/to/ca.crt, or set database.allow_unverified_tls = true to accept the risk"
+                        "uses sslmode={sslmode} to a remote server, which does not verify who answers (verify-ca checks the chain but not the server's name, and trusts every public CA as well as sslrootcert); use sslmode=verify-full with sslrootcert=/path/to/ca.crt, or set database.allow_unverified_tls = true to accept the risk"
                     ),
                 ));
             }
@@ -732,6 +757,16 @@ impl Settings {
                     self.kafka.compression
                 ),
             ));
+        }
+        if !self.kafka.allow_unverified_tls {
+            if let Some((name, value)) = self.unverified_kafka_tls() {
+                return Err(ConfigError::new(
+                    format!("kafka.properties.\"{name}\""),
+                    format!(
+                        "= {value} turns off the verification of the brokers' certificates, so anyone on the path can pose as the cluster and read every event; remove it (give the CA with ssl.ca.location), or set kafka.allow_unverified_tls = true to accept the risk"
+                    ),
+                ));
+            }
         }
         for (name, value) in &self.kafka.properties {
             let key = format!("kafka.properties.\"{name}\"");
@@ -898,15 +933,41 @@ impl Settings {
         ]
     }
 
+    /// The first property that turns off the verification of the brokers' certificates.
+    fn unverified_kafka_tls(&self) -> Option<(&str, String)> {
+        self.kafka.properties.iter().find_map(|(name, value)| {
+            let value = value.to_string();
+            let off = match canonical_property(name) {
+                "enable.ssl.certificate.verification" => value.eq_ignore_ascii_case("false"),
+                "ssl.endpoint.identification.algorithm" => value.eq_ignore_ascii_case("none"),
+                _ => false,
+            };
+            off.then_some((name.as_str(), value))
+        })
+    }
+
     /// Settings the relay accepts but an operator should hear about at start.
     pub fn warnings(&self) -> Vec<String> {
         let mut warnings = Vec::new();
-        if let Ok(url) = url::Url::parse(self.database.url.expose()) {
-            if let Some(sslmode) = unverified_remote_sslmode(&url) {
-                warnings.push(format!(
-                    "database.url uses sslmode={sslmode}: the server is not verified (allowed by database.allow_unverified_tls)"
-                ));
-            }
+        if let Some((name, value)) = self.unverified_kafka_tls() {
+            warnings.push(format!(
+                "kafka.properties.\"{name}\" = {value}: the brokers' certificates are not verified (allowed by kafka.allow_unverified_tls)"
+            ));
+        }
+        let protocol = self
+            .kafka
+            .properties
+            .get("security.protocol")
+            .map(|v| v.to_string().to_ascii_lowercase());
+        if protocol.as_deref() == Some("sasl_plaintext") {
+            warnings.push(
+                "kafka security.protocol = sasl_plaintext: the SASL credentials and every event cross the network unencrypted; use sasl_ssl".into(),
+            );
+        }
+        if let Some(sslmode) = unverified_remote_sslmode(self.database.url.expose()) {
+            warnings.push(format!(
+                "database.url uses sslmode={sslmode}: the server is not verified (allowed by database.allow_unverified_tls)"
+            ));
         }
         warnings
     }
@@ -973,6 +1034,10 @@ impl Settings {
         if !props.iter().any(|(k, _)| k == "statistics.interval.ms") {
             props.push(("statistics.interval.ms".into(), "15000".into()));
         }
+        // A row names its topic: it must not make the broker create one.
+        if !props.iter().any(|(k, _)| k == "allow.auto.create.topics") {
+            props.push(("allow.auto.create.topics".into(), "false".into()));
+        }
         // Client metrics push (KIP-714) is noise for brokers that do not support it.
         if !props.iter().any(|(k, _)| k == "enable.metrics.push") {
             props.push(("enable.metrics.push".into(), "false".into()));
@@ -1004,33 +1069,64 @@ impl Settings {
     }
 }
 
-/// The `sslmode` of a URL to a remote host when it does not verify the server (libpq's
-/// default is `prefer`). Loopback hosts and Unix sockets never leave the machine.
-fn unverified_remote_sslmode(url: &url::Url) -> Option<String> {
-    let sslmode = url
-        .query_pairs()
-        .find(|(k, _)| k == "sslmode")
-        .map_or_else(|| "prefer".to_string(), |(_, v)| v.into_owned());
-    if !matches!(sslmode.as_str(), "disable" | "allow" | "prefer" | "require") {
+/// The URL query parameters sqlx's PostgreSQL client takes (`sqlx-postgres`'s
+/// `options/parse.rs`); it ignores any other with a warning that prints its value.
+const CONNECT_PARAMETERS: &[&str] = &[
+    "sslmode",
+    "ssl-mode",
+    "sslrootcert",
+    "ssl-root-cert",
+    "ssl-ca",
+    "sslcert",
+    "ssl-cert",
+    "sslkey",
+    "ssl-key",
+    "statement-cache-capacity",
+    "host",
+    "hostaddr",
+    "port",
+    "dbname",
+    "user",
+    "password",
+    "application_name",
+    "options",
+];
+
+fn is_connect_parameter(key: &str) -> bool {
+    CONNECT_PARAMETERS.contains(&key) || (key.starts_with("options[") && key.ends_with(']'))
+}
+
+/// The `sslmode` of `url` when the connection goes to a remote host without verifying
+/// the server's name (anything short of verify-full; libpq's default is `prefer`).
+/// Decided from the options the client will connect with, not from the URL's text: a
+/// `?host=` or `?hostaddr=` replaces the authority, `sslmode` is taken in any case and
+/// under either spelling. Loopback hosts and Unix sockets never leave the machine.
+fn unverified_remote_sslmode(url: &str) -> Option<String> {
+    use sqlx::postgres::{PgConnectOptions, PgSslMode};
+    let options: PgConnectOptions = url.parse().ok()?;
+    let sslmode = match options.get_ssl_mode() {
+        PgSslMode::VerifyFull => return None,
+        PgSslMode::Disable => "disable",
+        PgSslMode::Allow => "allow",
+        PgSslMode::Prefer => "prefer",
+        PgSslMode::Require => "require",
+        PgSslMode::VerifyCa => "verify-ca",
+    };
+    if options.get_socket().is_some() {
         return None;
     }
-    let socket_host = url
-        .query_pairs()
-        .any(|(k, v)| k == "host" && v.starts_with('/'));
-    let local = match url.host() {
-        None => true,
-        // postgres:// is not a special scheme, so the url crate leaves IPs as names.
-        Some(url::Host::Domain(name)) => {
-            name.is_empty()
-                || name == "localhost"
-                || name
-                    .parse::<std::net::IpAddr>()
-                    .is_ok_and(|ip| ip.is_loopback())
-        }
-        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
-        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
-    };
-    (!local && !socket_host).then_some(sslmode)
+    let host = options.get_host();
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    let local = host.is_empty()
+        || host.starts_with('/')
+        || host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    (!local).then(|| sslmode.to_string())
 }
 
 fn toml_string(settings: &Settings) -> String {
@@ -1113,7 +1209,8 @@ pub fn redact_url(raw: &str) -> String {
             let pairs: Vec<(String, String)> = url
                 .query_pairs()
                 .map(|(k, v)| {
-                    if k.contains("password") {
+                    // Passwords, and keys given inline as PEM.
+                    if k.contains("password") || k.contains("key") {
                         (k.into_owned(), "redacted".to_string())
                     } else {
                         (k.into_owned(), v.into_owned())
@@ -1378,12 +1475,75 @@ mod tests {
         assert!(!format!("{s:?}").contains("hunter2"));
     }
 
+    /// sqlx would log an unknown URL parameter with its value: refused at start, naming
+    /// the key only. Inline PEM keys are neither opened as paths nor echoed.
+    #[test]
+    fn unknown_url_parameters_are_refused_without_their_value() {
+        for url in [
+            "postgres://relay@localhost/app?passwd=hunter2",
+            "postgres://relay@localhost/app?sslpassword=hunter2",
+        ] {
+            let err = from_toml(&format!("[database]\nurl = \"{url}\"\n")).unwrap_err();
+            assert_eq!(err.key, "database.url");
+            assert!(!err.to_string().contains("hunter2"), "{err}");
+            assert!(err.to_string().contains("pass"), "names the key: {err}");
+        }
+        let pem = "-----BEGIN%20PRIVATE%20KEY-----MIIEvQIBADANBgkqhkiG9w0BAQEFAASC-----END%20PRIVATE%20KEY-----";
+        let s = from_toml(&format!(
+            "[database]\nurl = \"postgres://relay@localhost/app?sslmode=verify-full&sslkey={pem}\"\n"
+        ))
+        .expect("an inline key is not a path");
+        assert!(!s.redacted().contains("MIIEvQ"), "{}", s.redacted());
+    }
+
+    #[test]
+    fn unverified_kafka_tls_is_refused_unless_allowed() {
+        for (name, value) in [
+            ("enable.ssl.certificate.verification", "false"),
+            ("ssl.endpoint.identification.algorithm", "none"),
+            ("ssl.endpoint.identification.algorithm", "NONE"),
+        ] {
+            let toml = format!(
+                "[database]\nurl = \"postgres://relay@localhost/app\"\n[kafka.properties]\n\"{name}\" = \"{value}\"\n"
+            );
+            let err = from_toml(&toml).unwrap_err();
+            assert_eq!(err.key, format!("kafka.properties.\"{name}\""));
+            assert!(err.to_string().contains("allow_unverified_tls"), "{err}");
+            let allowed = from_toml(&toml.replace(
+                "[kafka.properties]",
+                "[kafka]\nallow_unverified_tls = true\n[kafka.properties]",
+            ))
+            .expect("allowed explicitly");
+            assert_eq!(allowed.warnings().len(), 1, "{:?}", allowed.warnings());
+        }
+        let sasl = from_toml(
+            "[database]\nurl = \"postgres://relay@localhost/app\"\n[kafka.properties]\n\"security.protocol\" = \"SASL_PLAINTEXT\"\n",
+        )
+        .unwrap();
+        assert!(sasl.warnings()[0].contains("sasl_ssl"), "{:?}", sasl.warnings());
+        let defaults = from_toml("[database]\nurl = \"postgres://relay@localhost/app\"\n").unwrap();
+        assert!(
+            defaults
+                .producer_properties()
+                .contains(&("allow.auto.create.topics".into(), "false".into()))
+        );
+    }
+
     #[test]
     fn unverified_tls_to_a_remote_server_is_refused_unless_allowed() {
         for url in [
             "postgres://relay@db.internal/app",
             "postgres://relay@db.internal/app?sslmode=prefer",
             "postgres://relay@10.0.0.5/app?sslmode=require",
+            // Once decided on the URL's text, each of these passed.
+            "postgres://relay@db.internal/app?sslmode=DISABLE",
+            "postgres://relay@db.internal/app?sslmode=verify-full&ssl-mode=disable",
+            "postgres://relay@db.internal/app?sslmode=verify-full&sslmode=disable",
+            "postgres://relay@localhost/app?host=db.internal&sslmode=disable",
+            "postgres://relay@localhost/app?hostaddr=10.0.0.5",
+            "postgres://relay@[::1]/app?host=db.internal",
+            // verify-ca checks no name, and rustls trusts the public roots too.
+            "postgres://relay@db.internal/app?sslmode=verify-ca",
         ] {
             let err = from_toml(&format!("[database]\nurl = \"{url}\"\n")).unwrap_err();
             assert_eq!(err.key, "database.url", "{url}");
@@ -1398,7 +1558,9 @@ mod tests {
             "postgres://relay@localhost/app",
             "postgres://relay@127.0.0.1:5432/app?sslmode=disable",
             "postgres://relay@db.internal/app?sslmode=verify-full",
-            "postgres://relay@db.internal/app?sslmode=verify-ca",
+            "postgres://relay@db.internal/app?ssl-mode=VERIFY-FULL",
+            "postgres://relay@db.internal/app?sslmode=verify-full&host=/run/postgresql",
+            "postgres://relay@db.internal/app?sslmode=disable&hostaddr=127.0.0.1",
         ] {
             let s = from_toml(&format!("[database]\nurl = \"{url}\"\n")).expect(url);
             assert!(s.warnings().is_empty(), "{url}");
