@@ -94,13 +94,21 @@ pub struct KafkaSettings {
     pub allow_unverified_tls: bool,
 }
 
+impl KafkaSettings {
+    /// Whether the property's value is a secret: by its name, or because it was read
+    /// from one of `secret_files`, whatever its name.
+    pub fn is_secret(&self, name: &str) -> bool {
+        is_secret_property(name) || self.secret_files.contains_key(name)
+    }
+}
+
 impl fmt::Debug for KafkaSettings {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let properties: BTreeMap<&str, String> = self
             .properties
             .iter()
             .map(|(k, v)| {
-                let shown = if is_secret_property(k) {
+                let shown = if self.is_secret(k) {
                     "[redacted]".to_string()
                 } else {
                     v.to_string()
@@ -643,7 +651,13 @@ impl Settings {
                 // nothing to quote in an error.
                 if matches!(
                     param.as_ref(),
-                    "sslrootcert" | "ssl-root-cert" | "ssl-ca" | "sslcert" | "ssl-cert" | "sslkey" | "ssl-key"
+                    "sslrootcert"
+                        | "ssl-root-cert"
+                        | "ssl-ca"
+                        | "sslcert"
+                        | "ssl-cert"
+                        | "sslkey"
+                        | "ssl-key"
                 ) && value != "system"
                     && !value.trim_start().starts_with("-----BEGIN")
                 {
@@ -693,10 +707,7 @@ impl Settings {
         }
         // sqlx logs a parameter it does not know with its value (a misspelt `passwd=`):
         // refuse it here, naming only the key.
-        if let Some((key, _)) = url
-            .query_pairs()
-            .find(|(k, _)| !is_connect_parameter(k))
-        {
+        if let Some((key, _)) = url.query_pairs().find(|(k, _)| !is_connect_parameter(k)) {
             return Err(ConfigError::new(
                 "database.url",
                 format!(
@@ -824,10 +835,18 @@ impl Settings {
                 .find(|name| err.to_string().contains(name.as_str()))
                 .cloned()
                 .unwrap_or_default();
-            let shown = if is_secret_property(&name) {
+            let shown = if self.kafka.is_secret(&name) {
                 "a librdkafka property is invalid".to_string()
             } else {
-                err.to_string()
+                // librdkafka quotes the values it refuses: none of a secret's.
+                let mut shown = err.to_string();
+                for (secret, value) in &self.kafka.properties {
+                    let value = value.to_string();
+                    if self.kafka.is_secret(secret) && !value.is_empty() {
+                        shown = shown.replace(&value, "[redacted]");
+                    }
+                }
+                shown
             };
             return Err(ConfigError::new(
                 format!("kafka.properties.\"{name}\""),
@@ -954,6 +973,30 @@ impl Settings {
                 "kafka.properties.\"{name}\" = {value}: the brokers' certificates are not verified (allowed by kafka.allow_unverified_tls)"
             ));
         }
+        let secret_files = self
+            .database
+            .url_file
+            .iter()
+            .map(|p| ("database.url_file".to_string(), p))
+            .chain(
+                self.database
+                    .password_file
+                    .iter()
+                    .map(|p| ("database.password_file".to_string(), p)),
+            )
+            .chain(
+                self.kafka
+                    .secret_files
+                    .iter()
+                    .map(|(name, p)| (format!("kafka.secret_files.\"{name}\""), p)),
+            );
+        for (key, path) in secret_files {
+            if let Some(exposure) = secret_file_exposure(path) {
+                warnings.push(format!(
+                    "{key}: {exposure}; chmod 0400 it (or 0440 for the relay's own group)"
+                ));
+            }
+        }
         let protocol = self
             .kafka
             .properties
@@ -1061,7 +1104,7 @@ impl Settings {
         let mut copy = self.clone();
         copy.database.url = Secret(redact_url(self.database.url.expose()));
         for (k, v) in copy.kafka.properties.iter_mut() {
-            if is_secret_property(k) {
+            if self.kafka.is_secret(k) {
                 *v = PropertyValue::Text("[redacted]".into());
             }
         }
@@ -1181,6 +1224,43 @@ fn read_secret_file(key: &str, path: &Path) -> Result<String, ConfigError> {
         ));
     }
     Ok(value)
+}
+
+/// Why a secret file is exposed to other users of the machine, if it is: readable by
+/// everyone, or by a group the relay is not in (a group the relay is in, as Kubernetes'
+/// `fsGroup` with `defaultMode: 0440`, is how it gets to read the file at all).
+fn secret_file_exposure(path: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let path = credential_path(path);
+    let meta = std::fs::metadata(&path).ok()?;
+    let mode = meta.mode() & 0o777;
+    if mode & 0o004 != 0 {
+        return Some(format!(
+            "{} is readable by every user (mode {mode:o})",
+            path.display()
+        ));
+    }
+    if mode & 0o040 != 0 && !in_group(meta.gid()) {
+        return Some(format!(
+            "{} is readable by group {} (mode {mode:o}), which the relay is not in",
+            path.display(),
+            meta.gid()
+        ));
+    }
+    None
+}
+
+/// Whether the process is in group `gid` (effective or supplementary).
+fn in_group(gid: u32) -> bool {
+    // SAFETY: getegid cannot fail; getgroups writes at most `groups.len()` ids.
+    unsafe {
+        if libc::getegid() == gid {
+            return true;
+        }
+        let mut groups = [0 as libc::gid_t; 256];
+        let n = libc::getgroups(groups.len() as libc::c_int, groups.as_mut_ptr());
+        n > 0 && groups[..n as usize].contains(&gid)
+    }
 }
 
 fn check_readable(key: &str, path: &Path) -> Result<(), ConfigError> {
@@ -1426,6 +1506,36 @@ mod tests {
         assert_eq!(err.key, "relay.topic_template");
     }
 
+    /// A value read from a secret file is a secret whatever the property's name, and a
+    /// secret file others can read is warned about.
+    #[test]
+    fn values_from_secret_files_are_redacted_and_exposed_files_warned_about() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("token");
+        std::fs::write(&token, "tok3n-value").unwrap();
+        std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o400)).unwrap();
+        let text = format!(
+            "{BASE}[kafka.secret_files]\n\"sasl.username\" = \"{}\"\n",
+            token.display()
+        );
+        let s = from_toml(&text).expect("valid");
+        for shown in [s.redacted(), format!("{s:?}")] {
+            assert!(!shown.contains("tok3n"), "{shown}");
+        }
+        assert!(s.warnings().is_empty(), "{:?}", s.warnings());
+
+        std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let s = from_toml(&text).expect("valid");
+        let warnings = s.warnings();
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(
+            warnings[0].contains("readable by every user"),
+            "{warnings:?}"
+        );
+        assert!(!warnings[0].contains("tok3n"), "{warnings:?}");
+    }
+
     #[test]
     fn secrets_come_from_files_and_missing_files_name_the_key() {
         let dir = tempfile::tempdir().unwrap();
@@ -1520,7 +1630,11 @@ mod tests {
             "[database]\nurl = \"postgres://relay@localhost/app\"\n[kafka.properties]\n\"security.protocol\" = \"SASL_PLAINTEXT\"\n",
         )
         .unwrap();
-        assert!(sasl.warnings()[0].contains("sasl_ssl"), "{:?}", sasl.warnings());
+        assert!(
+            sasl.warnings()[0].contains("sasl_ssl"),
+            "{:?}",
+            sasl.warnings()
+        );
         let defaults = from_toml("[database]\nurl = \"postgres://relay@localhost/app\"\n").unwrap();
         assert!(
             defaults
