@@ -464,6 +464,9 @@ async fn status(settings: Settings, json: bool) -> anyhow::Result<()> {
 async fn check(settings: Settings, timeout: Duration) -> anyhow::Result<()> {
     println!("configuration is valid:\n");
     println!("{}", settings.redacted());
+    for warning in settings.warnings() {
+        println!("warning: {warning}");
+    }
     let mut failures = Vec::new();
 
     let mut database = settings.database.clone();
