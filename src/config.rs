@@ -12,7 +12,7 @@ use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 
-use crate::encode::TopicTemplate;
+use crate::encode::{TemplateError, TopicTemplate};
 
 /// Where the configuration file is looked for when `--config` is not given.
 pub const DEFAULT_CONFIG_PATH: &str = "config/outbox-relay.toml";
@@ -164,6 +164,14 @@ pub struct RelaySettings {
     /// Topic of a row whose `topic` column is NULL. Placeholders: `{aggregate_type}`,
     /// `{event_type}`.
     pub topic_template: String,
+    /// Globs (`*`, `?`) of the topics rows may be published to; empty means what the
+    /// template can render (`outbox.event.*` for the default). A row outside them is
+    /// parked (`topic_not_allowed`). Topics beginning with `_` need a glob beginning
+    /// with `_`.
+    pub allowed_topics: Vec<String>,
+    /// Honour a row's own `topic` column (within `allowed_topics`). `false`: rows go to
+    /// the template's topic only, and a row naming its own is parked.
+    pub row_topics: bool,
     /// Largest record (key + value + headers) the relay hands to the producer; larger rows
     /// are parked. Keep it at or below the broker's and topic's limits.
     pub max_message_bytes: usize,
@@ -270,6 +278,8 @@ impl Default for RelaySettings {
             pipeline: true,
             poll_interval: Duration::from_millis(500),
             topic_template: "outbox.event.{aggregate_type}".into(),
+            allowed_topics: Vec::new(),
+            row_topics: true,
             max_message_bytes: 1_000_000,
             on_park: ParkPolicy::Hold,
             drain_timeout: Duration::from_secs(10),
@@ -879,6 +889,20 @@ impl Settings {
         }
         TopicTemplate::parse(&self.relay.topic_template)
             .map_err(|e| ConfigError::new("relay.topic_template", e.to_string()))?;
+        if let Some(glob) = self
+            .relay
+            .allowed_topics
+            .iter()
+            .find(|glob| !crate::encode::is_topic_glob(glob))
+        {
+            return Err(ConfigError::new(
+                "relay.allowed_topics",
+                format!(
+                    "`{}` is not a topic pattern: use letters, digits, '.', '_', '-', with `*` for any run of characters and `?` for one, e.g. \"orders.*\"",
+                    crate::encode::printable(glob, 100)
+                ),
+            ));
+        }
         if self.relay.max_message_bytes < 1024 {
             return Err(ConfigError::new(
                 "relay.max_message_bytes",
@@ -950,6 +974,19 @@ impl Settings {
                 self.relay.lease_renew_interval,
             ),
         ]
+    }
+
+    /// What rows may publish to: `relay.allowed_topics`, or the template's own glob.
+    pub fn topic_policy(&self) -> Result<crate::encode::TopicPolicy, TemplateError> {
+        let allowed = if self.relay.allowed_topics.is_empty() {
+            vec![TopicTemplate::parse(&self.relay.topic_template)?.glob()]
+        } else {
+            self.relay.allowed_topics.clone()
+        };
+        Ok(crate::encode::TopicPolicy::new(
+            allowed,
+            self.relay.row_topics,
+        ))
     }
 
     /// The first property that turns off the verification of the brokers' certificates.

@@ -84,6 +84,17 @@ impl TopicTemplate {
         Ok(Self { parts })
     }
 
+    /// Every topic the template can render, as a glob: each placeholder becomes `*`.
+    pub fn glob(&self) -> String {
+        self.parts
+            .iter()
+            .map(|part| match part {
+                Part::Literal(text) => text.as_str(),
+                Part::AggregateType | Part::EventType => "*",
+            })
+            .collect()
+    }
+
     pub fn render(&self, aggregate_type: &str, event_type: &str) -> String {
         let mut out = String::with_capacity(64);
         for part in &self.parts {
@@ -101,6 +112,93 @@ fn is_topic_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')
 }
 
+/// Whether `glob` is a well-formed topic glob: topic characters, `*` and `?`.
+pub fn is_topic_glob(glob: &str) -> bool {
+    !glob.is_empty()
+        && glob.len() <= MAX_TOPIC_LEN
+        && glob
+            .chars()
+            .all(|c| is_topic_char(c) || matches!(c, '*' | '?'))
+}
+
+/// `*` matches any run of characters (dots included), `?` any one.
+fn glob_matches(glob: &[u8], text: &[u8]) -> bool {
+    let (mut g, mut t) = (0, 0);
+    // Where the last `*` was, and the text position it is trying to absorb up to.
+    let mut star: Option<(usize, usize)> = None;
+    while t < text.len() {
+        match glob.get(g) {
+            Some(b'*') => {
+                star = Some((g, t));
+                g += 1;
+            }
+            Some(&c) if c == b'?' || c == text[t] => {
+                g += 1;
+                t += 1;
+            }
+            _ => match star {
+                Some((star_g, star_t)) => {
+                    g = star_g + 1;
+                    t = star_t + 1;
+                    star = Some((star_g, star_t + 1));
+                }
+                None => return false,
+            },
+        }
+    }
+    glob[g..].iter().all(|&c| c == b'*')
+}
+
+/// Which topics rows may be published to. A row names its topic (its `topic` column, or
+/// its `aggregate_type` through the template), and rows are written by many services:
+/// without this, one could publish into another team's topic or Kafka's internal ones.
+#[derive(Debug, Clone)]
+pub struct TopicPolicy {
+    /// `relay.allowed_topics`, or the template's own glob.
+    allowed: Vec<String>,
+    /// `relay.row_topics`: whether a row's own `topic` column is honoured.
+    row_topics: bool,
+}
+
+impl TopicPolicy {
+    pub fn new(allowed: Vec<String>, row_topics: bool) -> Self {
+        Self {
+            allowed,
+            row_topics,
+        }
+    }
+
+    /// A topic beginning with `_` (`__consumer_offsets`, `__transaction_state`,
+    /// `_schemas`, `_confluent-…`) is allowed only by a glob that begins with `_` itself,
+    /// never by a catch-all such as `*`.
+    pub fn check(&self, topic: &str, from_row: bool) -> Result<(), ParkReason> {
+        if from_row && !self.row_topics {
+            return Err(ParkReason::TopicNotAllowed(format!(
+                "the row names its own topic `{}`, and relay.row_topics = false",
+                printable(topic, QUOTED_BYTES)
+            )));
+        }
+        let internal = topic.starts_with('_');
+        let allowed = self.allowed.iter().any(|glob| {
+            (!internal || glob.starts_with('_')) && glob_matches(glob.as_bytes(), topic.as_bytes())
+        });
+        if allowed {
+            Ok(())
+        } else {
+            Err(ParkReason::TopicNotAllowed(format!(
+                "`{}` matches none of relay.allowed_topics ({}){}",
+                printable(topic, QUOTED_BYTES),
+                self.allowed.join(", "),
+                if internal {
+                    "; a topic beginning with `_` needs a pattern beginning with `_`"
+                } else {
+                    ""
+                }
+            )))
+        }
+    }
+}
+
 /// Every label [`ParkReason::kind`] can return.
 pub const PARK_REASONS: &[&str] = &[
     "too_large",
@@ -108,6 +206,7 @@ pub const PARK_REASONS: &[&str] = &[
     "bad_headers",
     "rejected_by_broker",
     "undecodable",
+    "topic_not_allowed",
 ];
 
 /// Why a row can never be published as it stands. The label values are bounded.
@@ -124,6 +223,9 @@ pub enum ParkReason {
     Rejected(String),
     /// The named column's text is not UTF-8.
     Undecodable(&'static str),
+    /// The topic is outside `relay.allowed_topics`, or a row's own with
+    /// `relay.row_topics = false`.
+    TopicNotAllowed(String),
 }
 
 impl ParkReason {
@@ -135,6 +237,7 @@ impl ParkReason {
             ParkReason::BadHeaders(_) => "bad_headers",
             ParkReason::Rejected(_) => "rejected_by_broker",
             ParkReason::Undecodable(_) => "undecodable",
+            ParkReason::TopicNotAllowed(_) => "topic_not_allowed",
         }
     }
 }
@@ -161,6 +264,9 @@ impl fmt::Display for ParkReason {
                 "rejected by the broker: {}",
                 printable(why, MAX_REASON_BYTES)
             ),
+            ParkReason::TopicNotAllowed(why) => {
+                write!(f, "topic not allowed: {}", printable(why, MAX_REASON_BYTES))
+            }
             ParkReason::Undecodable(column) => write!(
                 f,
                 "column {column} is not valid UTF-8 (a SQL_ASCII database stores any bytes); fix the row's text and replay it"
@@ -208,15 +314,17 @@ impl EncodedRecord<'_> {
 /// Encodes rows for one relay; caches rendered topics per aggregate type and event type.
 pub struct Encoder {
     template: TopicTemplate,
+    policy: TopicPolicy,
     max_message_bytes: usize,
     topic_cache: foldhash::HashMap<String, foldhash::HashMap<String, Result<Arc<str>, ParkReason>>>,
     cached_topics: usize,
 }
 
 impl Encoder {
-    pub fn new(template: TopicTemplate, max_message_bytes: usize) -> Self {
+    pub fn new(template: TopicTemplate, policy: TopicPolicy, max_message_bytes: usize) -> Self {
         Self {
             template,
+            policy,
             max_message_bytes,
             topic_cache: foldhash::HashMap::default(),
             cached_topics: 0,
@@ -228,6 +336,7 @@ impl Encoder {
         match &row.topic {
             Some(topic) => {
                 validate_topic(topic)?;
+                self.policy.check(topic, true)?;
                 Ok(Arc::from(topic.as_str()))
             }
             None => self.template_topic(&row.aggregate_type, &row.event_type),
@@ -298,7 +407,9 @@ impl Encoder {
             return hit.clone();
         }
         let topic = self.template.render(aggregate_type, event_type);
-        let result = validate_topic(&topic).map(|()| Arc::from(topic));
+        let result = validate_topic(&topic)
+            .and_then(|()| self.policy.check(&topic, false))
+            .map(|()| Arc::from(topic));
         if self.cached_topics >= 10_000 {
             self.topic_cache.clear();
             self.cached_topics = 0;
@@ -454,10 +565,59 @@ mod tests {
     }
 
     fn encoder() -> Encoder {
-        Encoder::new(
-            TopicTemplate::parse("outbox.event.{aggregate_type}").unwrap(),
-            1_000_000,
-        )
+        let template = TopicTemplate::parse("outbox.event.{aggregate_type}").unwrap();
+        let policy = TopicPolicy::new(vec![template.glob()], true);
+        Encoder::new(template, policy, 1_000_000)
+    }
+
+    #[test]
+    fn topics_outside_the_allowed_globs_are_not_allowed() {
+        let template = TopicTemplate::parse("outbox.{aggregate_type}.{event_type}").unwrap();
+        assert_eq!(template.glob(), "outbox.*.*");
+        let policy = TopicPolicy::new(vec![template.glob(), "audit-??".into()], true);
+        for allowed in ["outbox.order.placed", "outbox.a.b.c", "audit-01"] {
+            assert_eq!(policy.check(allowed, true), Ok(()), "{allowed}");
+        }
+        for refused in [
+            "payments.events",
+            "outbox.order",
+            "audit-1",
+            "__consumer_offsets",
+        ] {
+            assert!(policy.check(refused, true).is_err(), "{refused}");
+        }
+        let everything = TopicPolicy::new(vec!["*".into()], true);
+        assert_eq!(everything.check("anything.at-all", true), Ok(()));
+        for internal in ["__consumer_offsets", "__transaction_state", "_schemas"] {
+            let why = everything.check(internal, false).unwrap_err().to_string();
+            assert!(why.contains("beginning with `_`"), "{why}");
+        }
+        let internal = TopicPolicy::new(vec!["_audit.*".into()], true);
+        assert_eq!(internal.check("_audit.x", true), Ok(()));
+
+        let template_only = TopicPolicy::new(vec!["*".into()], false);
+        assert_eq!(template_only.check("outbox.order", false), Ok(()));
+        assert_eq!(
+            template_only
+                .check("outbox.order", true)
+                .unwrap_err()
+                .kind(),
+            "topic_not_allowed"
+        );
+
+        let mut r = row();
+        r.topic = Some("__consumer_offsets".into());
+        assert_eq!(
+            encoder().encode(&r).unwrap_err().kind(),
+            "topic_not_allowed"
+        );
+        r.topic = Some("billing.invoices".into());
+        assert_eq!(
+            encoder().encode(&r).unwrap_err().kind(),
+            "topic_not_allowed"
+        );
+        r.topic = Some("outbox.event.custom".into());
+        assert!(encoder().encode(&r).is_ok());
     }
 
     #[test]
@@ -482,8 +642,8 @@ mod tests {
     #[test]
     fn row_topic_overrides_the_template() {
         let mut r = row();
-        r.topic = Some("billing.custom".into());
-        assert_eq!(&*encoder().encode(&r).unwrap().topic, "billing.custom");
+        r.topic = Some("outbox.event.custom".into());
+        assert_eq!(&*encoder().encode(&r).unwrap().topic, "outbox.event.custom");
     }
 
     #[test]

@@ -317,6 +317,7 @@ impl Relay {
         let producer = RowProducer::build(&producer_properties, 1, events_tx.clone(), false, None)
             .map_err(RelayError::Producer)?;
         let template = TopicTemplate::parse(&settings.relay.topic_template)?;
+        let policy = settings.topic_policy()?;
         health.set_producer_ok(true);
         let drain = Drain::new(settings.relay.drain_timeout);
         let default_batch_bytes = librdkafka_batch_size(&producer_properties);
@@ -337,7 +338,7 @@ impl Relay {
             producer,
             events_tx,
             events,
-            encoder: Encoder::new(template, settings.relay.max_message_bytes),
+            encoder: Encoder::new(template, policy, settings.relay.max_message_bytes),
             health,
             wake,
             ownership,

@@ -278,6 +278,89 @@ async fn slow_http_clients_are_cut_off_and_capped() {
     relay.stop().await;
 }
 
+/// A row may not publish outside `relay.allowed_topics` (by default what the template
+/// can render): not into another team's topic, not into Kafka's internal ones. It is
+/// parked as `topic_not_allowed` and nothing reaches those topics; with
+/// `relay.row_topics = false` no row may name its own topic at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_cannot_publish_outside_the_allowed_topics() {
+    let db = TestDb::new().await;
+    let bootstrap = kafka_bootstrap();
+    let prefix = unique_prefix();
+    let ours = format!("{prefix}.orders");
+    let theirs = format!("{}.payments", unique_prefix());
+    create_topic(&bootstrap, &ours, 3).await;
+    create_topic(&bootstrap, &theirs, 1).await;
+    let mut rows = stream("orders", 4, 20);
+    let mut into_theirs = NewRow::new("orders", "agg-theirs", 1);
+    into_theirs.topic = Some(theirs.clone());
+    let mut into_offsets = NewRow::new("orders", "agg-offsets", 1);
+    into_offsets.topic = Some("__consumer_offsets".into());
+    let mut own_allowed = NewRow::new("orders", "agg-own", 1);
+    own_allowed.topic = Some(ours.clone());
+    rows.extend([into_theirs, into_offsets, own_allowed]);
+    db.insert(&rows).await;
+
+    let relay = RunningRelay::start(template_settings(&db, &bootstrap, &prefix, "")).await;
+    wait_for("the allowed rows marked", CONDITION_TIMEOUT, || async {
+        db.sent().await == 21 && db.count("parked_at IS NOT NULL").await == 2
+    })
+    .await;
+    relay.stop().await;
+    assert_eq!(
+        db.count(
+            "park_reason = 'topic_not_allowed' AND aggregate_id IN ('agg-theirs', 'agg-offsets')"
+        )
+        .await,
+        2
+    );
+    assert_eq!(
+        high_watermark(&bootstrap, &theirs),
+        0,
+        "nothing reached their topic"
+    );
+    let sent: Vec<DbRow> = db.rows().await.into_iter().filter(|r| r.sent).collect();
+    assert_contract(&sent, &consume(&bootstrap, &ours, sent.len()));
+
+    // Template only: the row naming its own topic (an allowed one) is parked as well.
+    let db = TestDb::new().await;
+    let mut row = NewRow::new("orders", "agg-own", 1);
+    row.topic = Some(ours.clone());
+    db.insert(&[row, NewRow::new("orders", "agg-template", 1)])
+        .await;
+    let relay = RunningRelay::start(template_settings(
+        &db,
+        &bootstrap,
+        &prefix,
+        "row_topics = false\n",
+    ))
+    .await;
+    wait_for("the template row marked", CONDITION_TIMEOUT, || async {
+        db.sent().await == 1 && db.count("parked_at IS NOT NULL").await == 1
+    })
+    .await;
+    relay.stop().await;
+    assert_eq!(
+        db.count("park_reason = 'topic_not_allowed' AND aggregate_id = 'agg-own'")
+            .await,
+        1
+    );
+}
+
+/// The high watermark of partition 0 of `topic`: how many records it ever received.
+fn high_watermark(bootstrap: &str, topic: &str) -> i64 {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", unique_prefix())
+        .create()
+        .unwrap();
+    consumer
+        .fetch_watermarks(topic, 0, std::time::Duration::from_secs(10))
+        .unwrap()
+        .1
+}
+
 /// `len` letters and digits that neither pglz nor lz4 can shrink much (an index entry is
 /// compressed before its size is checked, so a repeated letter would slip through).
 fn incompressible_text(len: usize) -> String {

@@ -292,7 +292,10 @@ async fn topic_template_and_per_row_topic() {
     let relay = RunningRelay::start(settings(
         &db,
         &bootstrap,
-        &format!("[relay]\ntopic_template = \"{prefix}-{{aggregate_type}}-v1\"\n"),
+        &format!(
+            "[relay]\ntopic_template = \"{prefix}-{{aggregate_type}}-v1\"\n\
+             allowed_topics = [\"{prefix}-*-v1\", \"{custom}\"]\n"
+        ),
     ))
     .await;
     wait_for("all rows marked", CONDITION_TIMEOUT, || async {
