@@ -125,7 +125,21 @@ async fn liveness(State(state): State<HttpState>) -> impl IntoResponse {
 
 async fn readiness(State(state): State<HttpState>) -> impl IntoResponse {
     match state.health.not_ready_reason() {
-        None => (StatusCode::OK, "ready\n".to_string()),
+        None => {
+            let waiting = state.health.waiting_topics();
+            if waiting.is_empty() {
+                (StatusCode::OK, "ready\n".to_string())
+            } else {
+                // Every other topic flows: ready, with the topics whose rows wait named.
+                (
+                    StatusCode::OK,
+                    format!(
+                        "ready; rows wait for topics the broker does not know: {}\n",
+                        waiting.join(", ")
+                    ),
+                )
+            }
+        }
         Some(reason) => (
             StatusCode::SERVICE_UNAVAILABLE,
             format!("not ready: {reason}\n"),

@@ -14,6 +14,7 @@ pub mod store;
 pub mod systemd;
 pub mod telemetry;
 pub mod topics;
+pub mod waiting;
 pub mod wake;
 
 pub use app::App;

@@ -249,6 +249,26 @@ impl RowProducer {
 
     /// Lists the cluster's brokers and topics, as `check` and readiness need. Blocking:
     /// call it off the async runtime.
+    /// Asks the cluster whether it knows `topic`, with a metadata request that creates
+    /// nothing (`allow.auto.create.topics` is off unless configured). Blocks up to
+    /// `timeout`: call it off the async threads.
+    pub fn knows_topic(&self, topic: &str, timeout: Duration) -> KafkaResult<bool> {
+        let metadata = self.inner.client().fetch_metadata(Some(topic), timeout)?;
+        Ok(metadata
+            .topics()
+            .iter()
+            .any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty()))
+    }
+
+    /// A handle on the same producer, for a blocking call on another thread.
+    pub fn handle(&self) -> RowProducer {
+        RowProducer {
+            inner: self.inner.clone(),
+            generation: self.generation,
+            linger_ms: self.linger_ms,
+        }
+    }
+
     pub fn describe_cluster(&self, timeout: Duration) -> KafkaResult<ClusterSummary> {
         let metadata = self.inner.client().fetch_metadata(None, timeout)?;
         Ok(ClusterSummary {

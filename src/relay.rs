@@ -25,11 +25,14 @@ use crate::produce::{EventReceiver, EventSender, ProducerEvent, RowProducer};
 use crate::store::{Ack, OutboxRow, Parking, ReadLimits, Store, StoreError};
 use crate::telemetry::{self, BatchReport, Health};
 use crate::topics::TopicLimits;
+use crate::waiting::WaitingTopics;
 
 /// Kafka's record batch header, which a lone record is wrapped in.
 const RECORD_BATCH_OVERHEAD_BYTES: usize = 61;
 /// How long to wait before retrying a send that librdkafka refused with a full queue.
 const QUEUE_FULL_WAIT: Duration = Duration::from_millis(5);
+/// How long a question to the cluster about one topic may take.
+const TOPIC_QUESTION_TIMEOUT: Duration = Duration::from_secs(5);
 /// While waiting for acks, how often to re-check (fatal errors, stall, drain deadline).
 const STALLED_RECHECK: Duration = Duration::from_secs(1);
 /// How long past the drain deadline the last mark may take before the relay exits anyway.
@@ -118,6 +121,9 @@ struct Batch {
     /// A client-level error (authentication failing, say) arrived while rows were in
     /// flight.
     client_error: Option<String>,
+    /// Template topics the broker does not know, with the reason and the position of a
+    /// row that waits for each: only those rows wait.
+    topic_refusals: Vec<(Arc<str>, String, usize)>,
 }
 
 impl Batch {
@@ -138,6 +144,7 @@ impl Batch {
             refused_in_a_set: 0,
             refused_alone: 0,
             client_error: None,
+            topic_refusals: Vec::new(),
         }
     }
 
@@ -154,7 +161,7 @@ impl Batch {
         // had its result; under `hold` only the first unsent row of an aggregate is parked.
         let behind_a_failure =
             self.hold && !self.failed_aggregates.insert(row.aggregate_id.clone());
-        match row_class(class, kind, row) {
+        match row_class(class, err, row) {
             ErrorClass::PermanentRow if self.isolating || !refused_by_broker(kind) => {
                 if behind_a_failure {
                     debug!(row_id = row.id, error = %err, "broker refused a row behind an earlier failure of its aggregate; it waits");
@@ -168,9 +175,21 @@ impl Batch {
                 debug!(row_id = row.id, error = %err, "broker refused the row's record batch");
                 self.refused_in_a_set += 1;
             }
-            ErrorClass::PermanentGlobal => self.blocked = Some(err.to_string()),
+            ErrorClass::PermanentGlobal => self.refused(pos, err),
             ErrorClass::FatalProducer => self.fatal = true,
             ErrorClass::Retriable | ErrorClass::Purged => {}
+        }
+    }
+
+    /// A permanent refusal beyond the row: of its topic alone (its rows wait), or of
+    /// everything (the relay backs off).
+    fn refused(&mut self, pos: usize, err: &rdkafka::error::KafkaError) {
+        match &self.topics[pos] {
+            Some(topic) if is_unknown_topic(err) => {
+                self.topic_refusals
+                    .push((topic.clone(), err.to_string(), pos));
+            }
+            _ => self.blocked = Some(err.to_string()),
         }
     }
 }
@@ -272,6 +291,12 @@ pub struct Relay {
     smaller_batches_due: Option<usize>,
     /// The mean size of the last batch's rows, which sizes the next read.
     recent_row_bytes: usize,
+    /// Template topics the broker does not know, whose rows wait while the others flow.
+    waiting: WaitingTopics,
+    /// Topics the cluster was found to know: rows for any other are not produced before
+    /// it says whether it knows theirs (librdkafka would hold them, and the batch with
+    /// them, for `topic.metadata.propagation.max.ms`, 30 s by default).
+    known_topics: foldhash::HashSet<Arc<str>>,
     drain: Drain,
 }
 
@@ -351,6 +376,8 @@ impl Relay {
             batch_bytes_cap: None,
             smaller_batches_due: None,
             recent_row_bytes: 1,
+            waiting: WaitingTopics::default(),
+            known_topics: foldhash::HashSet::default(),
             drain,
         })
     }
@@ -449,6 +476,9 @@ impl Relay {
                 }
             }
         }
+        if !self.waiting.is_empty() {
+            self.retry_waiting_topics().await;
+        }
         let snapshot = self.ownership.snapshot();
         if snapshot.is_empty() {
             self.prefetched = None;
@@ -486,7 +516,7 @@ impl Relay {
     }
 
     fn read(
-        &self,
+        &mut self,
         shard_filter: Option<&[i16]>,
         skip: &[i64],
     ) -> impl Future<Output = Result<Read, StoreError>> + Send + 'static {
@@ -494,9 +524,10 @@ impl Relay {
         let (limits, policy) = (self.read_limits(), self.settings.on_park);
         let shard_filter = shard_filter.map(<[i16]>::to_vec);
         let skip = skip.to_vec();
+        let held = self.waiting.held_aggregates().to_vec();
         async move {
             let rows = store
-                .read_pending(limits, policy, shard_filter.as_deref(), &skip)
+                .read_pending_except(limits, policy, shard_filter.as_deref(), &skip, &held)
                 .await?;
             Ok(Read {
                 rows,
@@ -520,6 +551,76 @@ impl Relay {
     }
 
     /// Ids of the batch whose mark is still running: pending in the database, but sent.
+    /// Topics the broker refused in this batch wait (and hold the aggregates of their
+    /// rows); topics it acknowledged records of wait no more.
+    fn note_waiting_topics(&mut self, rows: &[OutboxRow], batch: &Batch, settled: &Settled) {
+        let now = std::time::Instant::now();
+        for topic in settled.published_by_topic.keys() {
+            self.waiting.accepted(topic);
+        }
+        for (topic, reason, pos) in &batch.topic_refusals {
+            self.known_topics.remove(topic);
+            self.waiting.refused(topic, reason, now);
+            self.waiting.hold_aggregate(&rows[*pos].aggregate_id);
+        }
+        self.health.set_waiting_topics(self.waiting.summary());
+    }
+
+    /// Asks the cluster whether it knows `topic`: if not, the topic waits; if it cannot
+    /// tell, librdkafka's own answer when the rows are produced decides.
+    async fn learn_topic(&mut self, topic: &Arc<str>) {
+        match self.ask_cluster_about(topic).await {
+            Some(false) => {
+                let reason = "the cluster does not know the topic";
+                self.waiting
+                    .refused(topic, reason, std::time::Instant::now());
+                self.health.set_waiting_topics(self.waiting.summary());
+            }
+            Some(true) | None => {
+                if self.known_topics.len() >= 10_000 {
+                    self.known_topics.clear();
+                }
+                self.known_topics.insert(topic.clone());
+            }
+        }
+    }
+
+    /// Waiting topics whose retry is due: asked about again, released if the cluster
+    /// knows them now.
+    async fn retry_waiting_topics(&mut self) {
+        let now = std::time::Instant::now();
+        for topic in self.waiting.due(now) {
+            match self.ask_cluster_about(&topic).await {
+                Some(true) => {
+                    self.waiting.accepted(&topic);
+                    self.known_topics.insert(topic);
+                }
+                Some(false) | None => {
+                    self.waiting
+                        .refused(&topic, "the cluster does not know the topic", now)
+                }
+            }
+        }
+        self.health.set_waiting_topics(self.waiting.summary());
+    }
+
+    async fn ask_cluster_about(&self, topic: &Arc<str>) -> Option<bool> {
+        let producer = self.producer.handle();
+        let name = topic.to_string();
+        let asked = tokio::task::spawn_blocking(move || {
+            producer.knows_topic(&name, TOPIC_QUESTION_TIMEOUT)
+        })
+        .await;
+        match asked {
+            Ok(Ok(known)) => Some(known),
+            Ok(Err(err)) => {
+                debug!(%topic, error = %err, "cannot ask the cluster about the topic; producing decides");
+                None
+            }
+            Err(_) => None,
+        }
+    }
+
     fn pending_ids(&self) -> Vec<i64> {
         self.pending_write
             .as_ref()
@@ -610,6 +711,8 @@ impl Relay {
             }
         }
 
+        self.note_waiting_topics(&rows, &batch, &settled);
+
         // Marks go in batch order: the previous batch's first.
         self.settle().await?;
         telemetry::publish_errors(&batch.error_kinds);
@@ -640,7 +743,9 @@ impl Relay {
         }
         self.after_producer_trouble(&batch, cancel).await?;
         Ok(Tick::Batch {
-            full,
+            // A batch whose every row waited for a topic says nothing of what else is
+            // pending: read again after the poll interval, not at once.
+            full: full && (batch.produced > 0 || !batch.parkings.is_empty()),
             blocked: batch.blocked.is_some(),
         })
     }
@@ -740,6 +845,14 @@ impl Relay {
                     continue;
                 }
             };
+            if !self.known_topics.contains(&record.topic) {
+                self.learn_topic(&record.topic).await;
+            }
+            if self.waiting.holds(&record.topic) {
+                held.insert(&row.aggregate_id);
+                self.waiting.hold_aggregate(&row.aggregate_id);
+                continue;
+            }
             if batch.produced == 0 {
                 self.pack_smaller_batches_if_due().await;
             }
@@ -767,7 +880,7 @@ impl Relay {
                             continue;
                         }
                         *batch.error_kinds.entry(kind).or_default() += 1;
-                        match row_class(class, kind, row) {
+                        match row_class(class, &err, row) {
                             ErrorClass::PermanentRow => {
                                 batch.park(i, row.id, &ParkReason::Rejected(err.to_string()));
                                 if hold {
@@ -775,6 +888,14 @@ impl Relay {
                                 }
                             }
                             ErrorClass::FatalProducer => batch.fatal = true,
+                            ErrorClass::PermanentGlobal if is_unknown_topic(&err) => {
+                                batch.topic_refusals.push((
+                                    record.topic.clone(),
+                                    err.to_string(),
+                                    i,
+                                ));
+                                held.insert(&row.aggregate_id);
+                            }
                             ErrorClass::PermanentGlobal => {
                                 batch.blocked = Some(err.to_string());
                                 held.insert(&row.aggregate_id);
@@ -1325,12 +1446,41 @@ fn refused_by_broker(kind: &str) -> bool {
 
 /// A missing topic is the row's own problem when the row named it, everyone's otherwise;
 /// authorization and authentication failures are everyone's whatever the row says.
-fn row_class(class: ErrorClass, kind: &str, row: &OutboxRow) -> ErrorClass {
-    if class == ErrorClass::PermanentGlobal && kind == "unknown_topic" && row.topic.is_some() {
+/// A topic the row named itself that does not exist or that the relay may not write is
+/// the row's problem (parked); the template's topic is the relay's (its rows wait).
+fn row_class(class: ErrorClass, err: &rdkafka::error::KafkaError, row: &OutboxRow) -> ErrorClass {
+    if class == ErrorClass::PermanentGlobal && is_topic_refusal(err) && row.topic.is_some() {
         ErrorClass::PermanentRow
     } else {
         class
     }
+}
+
+/// The broker does not know the topic (not created yet): only its rows wait. An
+/// authorization refusal stays global: the relay's grants are one decision.
+fn is_unknown_topic(err: &rdkafka::error::KafkaError) -> bool {
+    use rdkafka::types::RDKafkaErrorCode as C;
+    matches!(
+        err,
+        rdkafka::error::KafkaError::MessageProduction(
+            C::UnknownTopic | C::UnknownTopicOrPartition | C::UnknownPartition
+        )
+    )
+}
+
+/// The broker refuses one topic: it does not know it, or the relay's principal may not
+/// write it.
+fn is_topic_refusal(err: &rdkafka::error::KafkaError) -> bool {
+    use rdkafka::types::RDKafkaErrorCode as C;
+    matches!(
+        err,
+        rdkafka::error::KafkaError::MessageProduction(
+            C::UnknownTopic
+                | C::UnknownTopicOrPartition
+                | C::UnknownPartition
+                | C::TopicAuthorizationFailed
+        )
+    )
 }
 
 fn parking(id: i64, reason: &ParkReason) -> Parking {

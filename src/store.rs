@@ -476,6 +476,7 @@ macro_rules! read_pending_side {
              WHERE o.sent_at IS NULL AND o.parked_at IS NULL AND ",
             $side,
             " AND ($3::smallint[] IS NULL OR o.shard = ANY($3)) \
+               AND ($9::text[] IS NULL OR o.aggregate_id <> ALL($9)) \
                AND ($2 \
                     OR NOT EXISTS ( \
                      SELECT 1 FROM outbox h \
@@ -652,13 +653,28 @@ impl Store {
         shards: Option<&[i16]>,
         skip: &[i64],
     ) -> Result<Vec<OutboxRow>, StoreError> {
+        self.read_pending_except(limits, policy, shards, skip, &[])
+            .await
+    }
+
+    /// [`Store::read_pending`], leaving out every row of the `held` aggregates as well
+    /// (those waiting for a topic: reading them again and again would fill every batch).
+    pub async fn read_pending_except(
+        &self,
+        limits: ReadLimits,
+        policy: ParkPolicy,
+        shards: Option<&[i16]>,
+        skip: &[i64],
+        held: &[String],
+    ) -> Result<Vec<OutboxRow>, StoreError> {
         let skip = SkipList::new(skip);
+        let held = (!held.is_empty()).then_some(held);
         match self
-            .read_pending_as(READ_PENDING, limits, policy, shards, &skip)
+            .read_pending_as(READ_PENDING, limits, policy, shards, &skip, held)
             .await
         {
             Err(StoreError::Statement { code, .. }) if code == "22021" => {
-                self.read_pending_as(READ_PENDING_RAW, limits, policy, shards, &skip)
+                self.read_pending_as(READ_PENDING_RAW, limits, policy, shards, &skip, held)
                     .await
             }
             read => read,
@@ -672,6 +688,7 @@ impl Store {
         policy: ParkPolicy,
         shards: Option<&[i16]>,
         skip: &SkipList,
+        held: Option<&[String]>,
     ) -> Result<Vec<OutboxRow>, StoreError> {
         let limit = limits.rows;
         let mut s = self.session().await?;
@@ -686,6 +703,7 @@ impl Store {
                 .bind(skip.run_last)
                 .bind(&skip.above)
                 .bind(i64::try_from(limits.row_bytes).unwrap_or(i64::MAX))
+                .bind(held)
                 .fetch(s.conn());
             // Each row is decoded as it arrives, while the server still sends the rest.
             // By position, in the SELECT's order: a lookup by name hashes the name per

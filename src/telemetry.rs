@@ -40,6 +40,7 @@ pub const PRODUCER_QUEUE_BYTES: &str = "outbox_relay_producer_queue_bytes";
 pub const BROKER_RTT: &str = "outbox_relay_broker_rtt_seconds";
 pub const PRODUCER_BATCH_SIZE: &str = "outbox_relay_producer_batch_size_bytes";
 pub const BUILD_INFO: &str = "outbox_relay_build_info";
+pub const TOPICS_WAITING: &str = "outbox_relay_topics_waiting";
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
@@ -152,6 +153,10 @@ fn describe_all() {
         BUILD_INFO,
         "Always 1; the version label says which build runs."
     );
+    describe_gauge!(
+        TOPICS_WAITING,
+        "Template topics the broker does not know: their rows wait while other topics flow; /readyz names them."
+    );
     describe_counter!(
         ROWS_FENCED,
         "Acknowledged rows not marked because their shard's lease moved to another replica."
@@ -187,6 +192,7 @@ fn register_all() {
         SHARDS_OWNED,
         PRODUCER_QUEUE_MESSAGES,
         PRODUCER_QUEUE_BYTES,
+        TOPICS_WAITING,
     ] {
         gauge!(name).set(0.0);
     }
@@ -251,6 +257,8 @@ pub struct Health {
     /// Milliseconds since [`process_clock`] at the relay loop's last sign of progress
     /// inside a step; 0 while it waits between steps.
     step_progress_ms: AtomicU64,
+    /// `topic (reason)` of each topic whose rows wait; readiness names them.
+    waiting_topics: std::sync::Mutex<Vec<String>>,
 }
 
 /// A monotonic clock shared by the whole process, for atomics that hold instants.
@@ -285,7 +293,20 @@ impl Health {
             self.update_ready_gauge();
         }
     }
-    /// A permanent global error (unknown topic, authorization) stops publishing.
+    /// Topics whose rows wait (the others flow): not a reason to be unready, but named.
+    pub fn set_waiting_topics(&self, topics: Vec<String>) {
+        gauge!(TOPICS_WAITING).set(topics.len() as f64);
+        if let Ok(mut waiting) = self.waiting_topics.lock() {
+            *waiting = topics;
+        }
+    }
+    pub fn waiting_topics(&self) -> Vec<String> {
+        self.waiting_topics
+            .lock()
+            .map(|w| w.clone())
+            .unwrap_or_default()
+    }
+    /// A permanent global error (authorization, authentication) stops publishing.
     pub fn set_blocked(&self, blocked: bool) {
         if self.blocked.swap(blocked, Ordering::SeqCst) != blocked {
             self.update_ready_gauge();
@@ -365,7 +386,7 @@ impl Health {
             Some("producer unhealthy")
         } else if self.blocked.load(Ordering::SeqCst) {
             Some(
-                "publishing blocked by a permanent broker error (unknown topic, authorization); see the logs",
+                "publishing blocked by a permanent broker error (authorization, authentication); see the logs",
             )
         } else if self.stalled.load(Ordering::SeqCst) {
             Some("stalled: broker acknowledgements have stopped")

@@ -533,13 +533,31 @@ async fn http_endpoints_report_health_and_metrics() {
     relay.stop().await;
 }
 
+/// A template topic that does not exist yet (a service starts writing a new
+/// `aggregate_type`): only its rows wait, in order and unparked, while every other topic
+/// keeps flowing; `/readyz` stays ready and names the topic, a gauge counts it, and its
+/// rows follow once it is created.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_missing_template_topic_blocks_publishing_without_parking() {
+async fn a_missing_template_topic_holds_only_its_own_rows() {
     let db = TestDb::new().await;
     let bootstrap = kafka_bootstrap();
     let prefix = unique_prefix();
-    let topic = format!("{prefix}.missing");
-    db.insert(&stream("missing", 5, 40)).await;
+    let (missing, present) = (format!("{prefix}.missing"), format!("{prefix}.present"));
+    create_topic(&bootstrap, &present, 3).await;
+    // Aggregates of their own: an aggregate's rows stay in order across topics, so a
+    // row of an aggregate that waits holds its later rows of any topic.
+    let present_rows = |n| {
+        stream("present", 5, n)
+            .into_iter()
+            .map(|mut r| {
+                r.aggregate_id = format!("present-{}", r.aggregate_id);
+                r
+            })
+            .collect::<Vec<_>>()
+    };
+    let mut rows = stream("missing", 5, 40);
+    rows.extend(present_rows(40));
+    db.insert(&rows).await;
     let relay = RunningRelay::start(template_settings(
         &db,
         &bootstrap,
@@ -549,11 +567,11 @@ async fn a_missing_template_topic_blocks_publishing_without_parking() {
     ))
     .await;
     wait_for(
-        "readiness false while the topic is missing",
+        "the present topic's rows marked, the missing one named",
         CONDITION_TIMEOUT,
         || async {
             let (status, body) = http_get(relay.http_addr, "/readyz").await;
-            status == 503 && body.contains("blocked")
+            db.sent().await == 40 && status == 200 && body.contains(&missing)
         },
     )
     .await;
@@ -562,22 +580,44 @@ async fn a_missing_template_topic_blocks_publishing_without_parking() {
         0,
         "a missing topic parks nothing"
     );
-    assert_eq!(db.sent().await, 0);
+    assert_eq!(
+        db.count("sent_at IS NULL AND aggregate_type = 'missing'")
+            .await,
+        40
+    );
+    let (_, metrics) = http_get(relay.http_addr, "/metrics").await;
+    assert_eq!(metric_value(&metrics, "outbox_relay_topics_waiting"), 1.0);
 
-    create_topic(&bootstrap, &topic, 3).await;
+    // Rows keep flowing to the present topic while the other waits.
+    db.insert(&present_rows(20)).await;
+    wait_for(
+        "new rows of the present topic marked",
+        CONDITION_TIMEOUT,
+        || async { db.sent().await == 60 },
+    )
+    .await;
+
+    create_topic(&bootstrap, &missing, 3).await;
     wait_for(
         "all rows marked once the topic exists",
         CONDITION_TIMEOUT,
-        || async { db.sent().await == 40 },
+        || async { db.sent().await == 100 },
     )
     .await;
-    wait_for("ready again", CONDITION_TIMEOUT, || async {
-        http_get(relay.http_addr, "/readyz").await.0 == 200
+    wait_for("no topic named any more", CONDITION_TIMEOUT, || async {
+        http_get(relay.http_addr, "/readyz").await == (200, "ready\n".to_string())
     })
     .await;
     relay.stop().await;
-    let records = consume(&bootstrap, &topic, 40);
-    assert_contract(&db.rows().await, &records);
+    let all = db.rows().await;
+    for (topic, aggregate_type, count) in [(&missing, "missing", 40), (&present, "present", 60)] {
+        let rows: Vec<DbRow> = all
+            .iter()
+            .filter(|r| r.aggregate_type == aggregate_type)
+            .cloned()
+            .collect();
+        assert_contract(&rows, &consume(&bootstrap, topic, count));
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
