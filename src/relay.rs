@@ -1613,6 +1613,54 @@ mod tests {
         }
     }
 
+    /// A row's own topic that does not exist or that the relay may not write is that
+    /// row's problem (parked); for the template's topic, a missing topic waits on its own
+    /// and an authorization refusal stays global.
+    #[test]
+    fn topic_refusals_are_the_rows_own_or_the_topics() {
+        let code = |c| KafkaError::MessageProduction(c);
+        let mut own = row(1, "a");
+        own.topic = Some("outbox.event.own".into());
+        let template = row(2, "b");
+        for c in [
+            RDKafkaErrorCode::UnknownTopicOrPartition,
+            RDKafkaErrorCode::TopicAuthorizationFailed,
+        ] {
+            let (class, _) = classify(&code(c));
+            assert_eq!(row_class(class, &code(c), &own), ErrorClass::PermanentRow);
+            assert_eq!(
+                row_class(class, &code(c), &template),
+                ErrorClass::PermanentGlobal
+            );
+        }
+
+        let rows = [row(1, "a"), row(2, "b")];
+        let mut batch = in_flight(&rows, false);
+        batch.topics = vec![Some(Arc::from("outbox.event.new")), Some(Arc::from("t"))];
+        for (id, c) in [
+            (1, RDKafkaErrorCode::UnknownTopicOrPartition),
+            (2, RDKafkaErrorCode::TopicAuthorizationFailed),
+        ] {
+            apply_event(
+                ProducerEvent::Delivered {
+                    generation: 3,
+                    row_id: id,
+                    result: Err(code(c)),
+                },
+                3,
+                &rows,
+                &mut batch,
+            );
+        }
+        assert_eq!(batch.topic_refusals.len(), 1);
+        assert_eq!(&*batch.topic_refusals[0].0, "outbox.event.new");
+        assert!(
+            batch.blocked.is_some(),
+            "an authorization refusal stays global"
+        );
+        assert!(batch.parkings.is_empty());
+    }
+
     #[test]
     fn reports_of_another_generation_and_client_errors_leave_the_batch_alone() {
         let rows = [row(1, "a")];
