@@ -4,6 +4,8 @@
 OUTBOX_RELAY_CACHE="${OUTBOX_RELAY_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/outbox-relay}"
 TANSU_VERSION="0.6.0"
 TANSU_BIN="${TANSU_BIN:-$OUTBOX_RELAY_CACHE/tansu-$TANSU_VERSION/bin/tansu}"
+CARGO_DENY_VERSION="0.20.2"
+CARGO_DENY_BIN="$OUTBOX_RELAY_CACHE/cargo-deny-$CARGO_DENY_VERSION/bin/cargo-deny"
 
 log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 
@@ -65,6 +67,21 @@ ensure_tansu() {
                 --root "$OUTBOX_RELAY_CACHE/tansu-$TANSU_VERSION"
         fi
     ) 9>"$OUTBOX_RELAY_CACHE/tansu.lock"
+}
+
+ensure_cargo_deny() {
+    if [ -x "$CARGO_DENY_BIN" ]; then
+        return
+    fi
+    mkdir -p "$OUTBOX_RELAY_CACHE"
+    log "building cargo-deny $CARGO_DENY_VERSION into $OUTBOX_RELAY_CACHE (once; a few minutes on 2 cores)"
+    (
+        flock 9
+        if [ ! -x "$CARGO_DENY_BIN" ]; then
+            cargo install cargo-deny --version "$CARGO_DENY_VERSION" --locked \
+                --root "$OUTBOX_RELAY_CACHE/cargo-deny-$CARGO_DENY_VERSION"
+        fi
+    ) 9>"$OUTBOX_RELAY_CACHE/cargo-deny.lock"
 }
 
 free_port() {

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Runs the whole test suite on a fresh machine: installs PostgreSQL and the pinned tansu
 # broker where missing, checks the deployment files with their own tools
-# (scripts/check-deploy.sh), then `cargo test --workspace` (the relay and the bench). The tests start their own throwaway PostgreSQL
+# (scripts/check-deploy.sh) and the dependencies (cargo deny: licences, sources, bans, and
+# RustSec advisories where GitHub answers), then `cargo test --workspace` (the relay and the
+# bench). The tests start their own throwaway PostgreSQL
 # and tansu on free loopback ports (or use DATABASE_URL / KAFKA_BOOTSTRAP when set).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,5 +16,15 @@ ensure_tansu
 export TANSU_BIN
 log "deployment and monitoring files (scripts/check-deploy.sh)"
 scripts/check-deploy.sh
+ensure_cargo_deny
+log "dependencies: licences, sources and bans (cargo deny, deny.toml)"
+"$CARGO_DENY_BIN" --locked check licenses bans sources
+# RustSec's advisory database is a git repository on GitHub: checked where it answers.
+if timeout 20 git ls-remote https://github.com/rustsec/advisory-db HEAD >/dev/null 2>&1; then
+    log "dependencies: RustSec advisories (cargo deny)"
+    "$CARGO_DENY_BIN" --locked check advisories
+else
+    log "RustSec's advisory database (github.com) does not answer from here: advisories not checked"
+fi
 log "cargo test"
 cargo test --locked --workspace "$@"
