@@ -561,6 +561,7 @@ mod tests {
             shard: 0,
             withheld_bytes: None,
             undecodable: None,
+            aggregate_hash: 0,
         }
     }
 

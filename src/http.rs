@@ -1,6 +1,8 @@
 //! `/metrics` (Prometheus text), `/healthz` (the process answers and its relay loop is not
 //! wedged) and `/readyz` (database reachable, producer healthy, not stalled).
 
+use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -45,6 +47,9 @@ pub fn router(
 
 /// Connections served at once; more are closed on arrival until one ends.
 pub const MAX_CONNECTIONS: usize = 32;
+/// Connections served at once from one address, so that one client cannot take them all
+/// and starve the kubelet's probes and the scraper.
+pub const MAX_CONNECTIONS_PER_PEER: usize = 8;
 /// Requests handled at once over all connections.
 const MAX_REQUESTS_IN_FLIGHT: usize = 16;
 /// How long a client may take to send a request's headers.
@@ -61,12 +66,15 @@ pub async fn serve(
     liveness_timeout: Duration,
     cancel: CancellationToken,
 ) -> std::io::Result<()> {
-    let app = router(metrics, health, liveness_timeout).layer(
-        tower::limit::ConcurrencyLimitLayer::new(MAX_REQUESTS_IN_FLIGHT),
+    // One limit for the whole server (a layer on the router would be one per route).
+    let app = tower::limit::ConcurrencyLimit::new(
+        router(metrics, health, liveness_timeout),
+        MAX_REQUESTS_IN_FLIGHT,
     );
     let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let per_peer: Arc<std::sync::Mutex<HashMap<IpAddr, usize>>> = Arc::default();
     loop {
-        let (stream, _peer) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             _ = cancel.cancelled() => return Ok(()),
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
@@ -83,6 +91,10 @@ pub async fn serve(
             debug!("HTTP connection refused: {MAX_CONNECTIONS} already open");
             continue;
         };
+        let Some(peer_slot) = PeerSlot::take(&per_peer, peer.ip()) else {
+            debug!(%peer, "HTTP connection refused: {MAX_CONNECTIONS_PER_PEER} already open from this address");
+            continue;
+        };
         let service = TowerToHyperService::new(app.clone());
         let cancel = cancel.clone();
         tokio::spawn(async move {
@@ -95,8 +107,43 @@ pub async fn serve(
                 _ = cancel.cancelled() => {}
                 _ = tokio::time::timeout(CONNECTION_LIFETIME, connection) => {}
             }
+            drop(peer_slot);
             drop(permit);
         });
+    }
+}
+
+/// One of a peer's connections; the count goes down when it is dropped.
+struct PeerSlot {
+    counts: Arc<std::sync::Mutex<HashMap<IpAddr, usize>>>,
+    ip: IpAddr,
+}
+
+impl PeerSlot {
+    fn take(counts: &Arc<std::sync::Mutex<HashMap<IpAddr, usize>>>, ip: IpAddr) -> Option<Self> {
+        let mut map = counts.lock().ok()?;
+        let count = map.entry(ip).or_default();
+        if *count >= MAX_CONNECTIONS_PER_PEER {
+            return None;
+        }
+        *count += 1;
+        Some(Self {
+            counts: counts.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        if let Ok(mut map) = self.counts.lock() {
+            if let Some(count) = map.get_mut(&self.ip) {
+                *count -= 1;
+                if *count == 0 {
+                    map.remove(&self.ip);
+                }
+            }
+        }
     }
 }
 

@@ -136,6 +136,18 @@ impl ProducerContext for RelayContext {
     }
 }
 
+/// What the cluster says of a topic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TopicAnswer {
+    Known,
+    /// It does not exist.
+    Unknown,
+    /// Another topic-level error (authorization, say): producing will tell.
+    Refused(String),
+    /// No answer (brokers down, a timeout).
+    Unanswered(String),
+}
+
 /// A producer of one generation.
 pub struct RowProducer {
     inner: Arc<ThreadedProducer<RelayContext>>,
@@ -249,15 +261,25 @@ impl RowProducer {
 
     /// Lists the cluster's brokers and topics, as `check` and readiness need. Blocking:
     /// call it off the async runtime.
-    /// Asks the cluster whether it knows `topic`, with a metadata request that creates
-    /// nothing (`allow.auto.create.topics` is off unless configured). Blocks up to
-    /// `timeout`: call it off the async threads.
-    pub fn knows_topic(&self, topic: &str, timeout: Duration) -> KafkaResult<bool> {
-        let metadata = self.inner.client().fetch_metadata(Some(topic), timeout)?;
-        Ok(metadata
-            .topics()
-            .iter()
-            .any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty()))
+    /// Asks the cluster about `topic`, with a metadata request that creates nothing
+    /// (`allow.auto.create.topics` is off unless configured). Blocks up to `timeout`:
+    /// call it off the async threads.
+    pub fn ask_about_topic(&self, topic: &str, timeout: Duration) -> TopicAnswer {
+        use rdkafka::types::RDKafkaRespErr as E;
+        let metadata = match self.inner.client().fetch_metadata(Some(topic), timeout) {
+            Ok(metadata) => metadata,
+            Err(err) => return TopicAnswer::Unanswered(err.to_string()),
+        };
+        let Some(found) = metadata.topics().iter().find(|t| t.name() == topic) else {
+            return TopicAnswer::Unanswered("the answer did not mention the topic".into());
+        };
+        match found.error() {
+            None if !found.partitions().is_empty() => TopicAnswer::Known,
+            None => TopicAnswer::Unanswered("the topic has no partitions yet".into()),
+            Some(E::RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART)
+            | Some(E::RD_KAFKA_RESP_ERR__UNKNOWN_TOPIC) => TopicAnswer::Unknown,
+            Some(other) => TopicAnswer::Refused(format!("{other:?}")),
+        }
     }
 
     /// A handle on the same producer, for a blocking call on another thread.

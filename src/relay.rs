@@ -21,18 +21,24 @@ use crate::classify::{ErrorClass, classify};
 use crate::config::{Mode, ParkPolicy, RelaySettings, Settings};
 use crate::encode::{EncodedRecord, Encoder, ParkReason, TopicTemplate};
 use crate::lease::{Ownership, Snapshot};
-use crate::produce::{EventReceiver, EventSender, ProducerEvent, RowProducer};
+use crate::produce::{EventReceiver, EventSender, ProducerEvent, RowProducer, TopicAnswer};
 use crate::store::{Ack, OutboxRow, Parking, ReadLimits, Store, StoreError};
 use crate::telemetry::{self, BatchReport, Health};
 use crate::topics::TopicLimits;
-use crate::waiting::WaitingTopics;
+use crate::waiting::{Hold, WaitingTopics};
 
 /// Kafka's record batch header, which a lone record is wrapped in.
 const RECORD_BATCH_OVERHEAD_BYTES: usize = 61;
 /// How long to wait before retrying a send that librdkafka refused with a full queue.
 const QUEUE_FULL_WAIT: Duration = Duration::from_millis(5);
-/// How long a question to the cluster about one topic may take.
-const TOPIC_QUESTION_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a question to the cluster about one topic may take, and how many waiting
+/// topics are asked about again per tick.
+const TOPIC_QUESTION_TIMEOUT: Duration = Duration::from_secs(2);
+const TOPIC_QUESTIONS_PER_TICK: usize = 4;
+const UNKNOWN_TOPIC: &str = "the cluster does not know the topic";
+const UNANSWERED_TOPIC: &str = "the cluster did not say whether it knows the topic";
+/// Why publishing stops when waiting would need more than [`crate::waiting`] keeps.
+const TOO_MUCH_WAITING: &str = "more topics or aggregates wait for missing topics than the relay holds apart (1000 topics, 100000 aggregates); create the topics, or park or discard their rows";
 /// While waiting for acks, how often to re-check (fatal errors, stall, drain deadline).
 const STALLED_RECHECK: Duration = Duration::from_secs(1);
 /// How long past the drain deadline the last mark may take before the relay exits anyway.
@@ -477,7 +483,7 @@ impl Relay {
             }
         }
         if !self.waiting.is_empty() {
-            self.retry_waiting_topics().await;
+            self.retry_waiting_topics(cancel).await;
         }
         let snapshot = self.ownership.snapshot();
         if snapshot.is_empty() {
@@ -553,72 +559,86 @@ impl Relay {
     /// Ids of the batch whose mark is still running: pending in the database, but sent.
     /// Topics the broker refused in this batch wait (and hold the aggregates of their
     /// rows); topics it acknowledged records of wait no more.
-    fn note_waiting_topics(&mut self, rows: &[OutboxRow], batch: &Batch, settled: &Settled) {
+    fn note_waiting_topics(&mut self, rows: &[OutboxRow], batch: &mut Batch, settled: &Settled) {
         let now = std::time::Instant::now();
         for topic in settled.published_by_topic.keys() {
             self.waiting.accepted(topic);
         }
         for (topic, reason, pos) in &batch.topic_refusals {
             self.known_topics.remove(topic);
-            self.waiting.refused(topic, reason, now);
-            self.waiting.hold_aggregate(&rows[*pos].aggregate_id);
+            let full = self.waiting.refused(topic, reason, now) == Hold::Full
+                || self.waiting.hold_row(topic, rows[*pos].aggregate_hash) == Hold::Full;
+            if full {
+                batch.blocked = Some(TOO_MUCH_WAITING.into());
+            }
         }
-        self.health.set_waiting_topics(self.waiting.summary());
+        self.publish_waiting_topics();
     }
 
-    /// Asks the cluster whether it knows `topic`: if not, the topic waits; if it cannot
-    /// tell, librdkafka's own answer when the rows are produced decides.
-    async fn learn_topic(&mut self, topic: &Arc<str>) {
-        match self.ask_cluster_about(topic).await {
-            Some(false) => {
-                let reason = "the cluster does not know the topic";
-                self.waiting
-                    .refused(topic, reason, std::time::Instant::now());
-                self.health.set_waiting_topics(self.waiting.summary());
-            }
-            Some(true) | None => {
+    /// Asks the cluster about a template topic before its first row is produced: one it
+    /// does not know (or will not say) waits, so that no batch waits out librdkafka's
+    /// `topic.metadata.propagation.max.ms` for it. Any other answer lets producing decide.
+    async fn learn_topic(&mut self, topic: &Arc<str>) -> Hold {
+        let answer = self.ask_cluster_about(topic).await;
+        self.health.loop_progress();
+        let hold = match answer {
+            TopicAnswer::Known | TopicAnswer::Refused(_) => {
                 if self.known_topics.len() >= 10_000 {
                     self.known_topics.clear();
                 }
                 self.known_topics.insert(topic.clone());
+                return Hold::Waiting;
             }
-        }
+            TopicAnswer::Unknown => {
+                self.waiting
+                    .refused(topic, UNKNOWN_TOPIC, std::time::Instant::now())
+            }
+            TopicAnswer::Unanswered(why) => self.waiting.refused(
+                topic,
+                &format!("{UNANSWERED_TOPIC}: {why}"),
+                std::time::Instant::now(),
+            ),
+        };
+        self.publish_waiting_topics();
+        hold
     }
 
-    /// Waiting topics whose retry is due: asked about again, released if the cluster
-    /// knows them now.
-    async fn retry_waiting_topics(&mut self) {
+    /// Waiting topics whose retry is due (a few per tick, so that a tick stays short
+    /// however many wait): asked about again, released if the cluster knows them now.
+    async fn retry_waiting_topics(&mut self, cancel: &CancellationToken) {
         let now = std::time::Instant::now();
-        for topic in self.waiting.due(now) {
-            match self.ask_cluster_about(&topic).await {
-                Some(true) => {
+        for topic in self.waiting.due(now, TOPIC_QUESTIONS_PER_TICK) {
+            if cancel.is_cancelled() {
+                break;
+            }
+            let answer = self.ask_cluster_about(&topic).await;
+            self.health.loop_progress();
+            match answer {
+                TopicAnswer::Known | TopicAnswer::Refused(_) => {
                     self.waiting.accepted(&topic);
                     self.known_topics.insert(topic);
                 }
-                Some(false) | None => {
+                TopicAnswer::Unknown => self.waiting.still_unknown(&topic, UNKNOWN_TOPIC, now),
+                TopicAnswer::Unanswered(why) => {
                     self.waiting
-                        .refused(&topic, "the cluster does not know the topic", now)
+                        .still_unknown(&topic, &format!("{UNANSWERED_TOPIC}: {why}"), now)
                 }
             }
         }
-        self.health.set_waiting_topics(self.waiting.summary());
+        self.publish_waiting_topics();
     }
 
-    async fn ask_cluster_about(&self, topic: &Arc<str>) -> Option<bool> {
+    fn publish_waiting_topics(&self) {
+        let (shown, total) = self.waiting.summary();
+        self.health.set_waiting_topics(shown, total);
+    }
+
+    async fn ask_cluster_about(&self, topic: &Arc<str>) -> TopicAnswer {
         let producer = self.producer.handle();
         let name = topic.to_string();
-        let asked = tokio::task::spawn_blocking(move || {
-            producer.knows_topic(&name, TOPIC_QUESTION_TIMEOUT)
-        })
-        .await;
-        match asked {
-            Ok(Ok(known)) => Some(known),
-            Ok(Err(err)) => {
-                debug!(%topic, error = %err, "cannot ask the cluster about the topic; producing decides");
-                None
-            }
-            Err(_) => None,
-        }
+        tokio::task::spawn_blocking(move || producer.ask_about_topic(&name, TOPIC_QUESTION_TIMEOUT))
+            .await
+            .unwrap_or_else(|err| TopicAnswer::Unanswered(err.to_string()))
     }
 
     fn pending_ids(&self) -> Vec<i64> {
@@ -711,7 +731,7 @@ impl Relay {
             }
         }
 
-        self.note_waiting_topics(&rows, &batch, &settled);
+        self.note_waiting_topics(&rows, &mut batch, &settled);
 
         // Marks go in batch order: the previous batch's first.
         self.settle().await?;
@@ -845,12 +865,18 @@ impl Relay {
                     continue;
                 }
             };
-            if !self.known_topics.contains(&record.topic) {
-                self.learn_topic(&record.topic).await;
+            if row.topic.is_none()
+                && !self.known_topics.contains(&record.topic)
+                && !self.waiting.holds(&record.topic)
+                && self.learn_topic(&record.topic).await == Hold::Full
+            {
+                batch.blocked = Some(TOO_MUCH_WAITING.into());
             }
             if self.waiting.holds(&record.topic) {
                 held.insert(&row.aggregate_id);
-                self.waiting.hold_aggregate(&row.aggregate_id);
+                if self.waiting.hold_row(&record.topic, row.aggregate_hash) == Hold::Full {
+                    batch.blocked = Some(TOO_MUCH_WAITING.into());
+                }
                 continue;
             }
             if batch.produced == 0 {
@@ -1512,6 +1538,7 @@ mod tests {
             shard: 0,
             withheld_bytes: None,
             undecodable: None,
+            aggregate_hash: 0,
         }
     }
 

@@ -42,6 +42,9 @@ pub struct OutboxRow {
     /// The first column whose text is not UTF-8 (possible in a SQL_ASCII database): the
     /// row is parked, its text fields hold a lossy copy.
     pub undecodable: Option<&'static str>,
+    /// `hashtextextended(aggregate_id, 0)`: what a read is told to leave out, in eight
+    /// bytes whatever the id's length.
+    pub aggregate_hash: i64,
 }
 
 impl OutboxRow {
@@ -266,6 +269,7 @@ fn decode_pending(r: &PgRow, check_types: bool) -> Result<OutboxRow, sqlx::Error
         created_at: get(r, 9, check_types)?,
         shard: get(r, 10, check_types)?,
         withheld_bytes: get(r, 11, check_types)?,
+        aggregate_hash: get(r, 12, check_types)?,
     })
 }
 
@@ -471,12 +475,14 @@ macro_rules! read_pending_side {
                      WHEN pg_catalog.pg_column_size(o.headers) > 8192 \
                        AND pg_catalog.octet_length(o.headers::text) > $8 \
                        THEN pg_catalog.octet_length(o.headers::text) \
-                END::bigint AS withheld_bytes \
+                END::bigint AS withheld_bytes, \
+                pg_catalog.hashtextextended(o.aggregate_id, 0) AS aggregate_hash \
              FROM outbox o \
              WHERE o.sent_at IS NULL AND o.parked_at IS NULL AND ",
             $side,
             " AND ($3::smallint[] IS NULL OR o.shard = ANY($3)) \
-               AND ($9::text[] IS NULL OR o.aggregate_id <> ALL($9)) \
+               AND ($9::bigint[] IS NULL \
+                    OR pg_catalog.hashtextextended(o.aggregate_id, 0) <> ALL($9)) \
                AND ($2 \
                     OR NOT EXISTS ( \
                      SELECT 1 FROM outbox h \
@@ -657,15 +663,17 @@ impl Store {
             .await
     }
 
-    /// [`Store::read_pending`], leaving out every row of the `held` aggregates as well
-    /// (those waiting for a topic: reading them again and again would fill every batch).
+    /// [`Store::read_pending`], leaving out every row of the aggregates whose
+    /// [`OutboxRow::aggregate_hash`] is `held` (those waiting for a topic: reading them
+    /// again and again would fill every batch; a row of another aggregate with the same
+    /// hash waits with them).
     pub async fn read_pending_except(
         &self,
         limits: ReadLimits,
         policy: ParkPolicy,
         shards: Option<&[i16]>,
         skip: &[i64],
-        held: &[String],
+        held: &[i64],
     ) -> Result<Vec<OutboxRow>, StoreError> {
         let skip = SkipList::new(skip);
         let held = (!held.is_empty()).then_some(held);
@@ -688,7 +696,7 @@ impl Store {
         policy: ParkPolicy,
         shards: Option<&[i16]>,
         skip: &SkipList,
-        held: Option<&[String]>,
+        held: Option<&[i64]>,
     ) -> Result<Vec<OutboxRow>, StoreError> {
         let limit = limits.rows;
         let mut s = self.session().await?;
@@ -1292,12 +1300,13 @@ impl Store {
                     "WITH s AS (SELECT oid, nspowner, nspacl FROM pg_catalog.pg_namespace \
                                 WHERE nspname = pg_catalog.current_schema()), \
                      public_may AS (SELECT 1 FROM s, pg_catalog.aclexplode(s.nspacl) a \
-                                    WHERE a.grantee = 0 AND a.privilege_type = 'CREATE') \
+                                    WHERE a.grantee = 0::oid \
+                                      AND a.privilege_type = 'CREATE'::text) \
                      SELECT 'PUBLIC'::text FROM public_may \
                      UNION ALL \
                      (SELECT r.rolname::text FROM s, pg_catalog.pg_roles r \
                       WHERE NOT EXISTS (SELECT 1 FROM public_may) \
-                        AND NOT r.rolsuper AND r.rolname !~ '^pg_' \
+                        AND NOT r.rolsuper AND r.rolname::text !~ '^pg_'::text \
                         AND NOT pg_catalog.pg_has_role(r.oid, s.nspowner, 'MEMBER') \
                         AND pg_catalog.has_schema_privilege(r.oid, s.oid, 'CREATE') \
                       ORDER BY 1)",

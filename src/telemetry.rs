@@ -294,10 +294,14 @@ impl Health {
         }
     }
     /// Topics whose rows wait (the others flow): not a reason to be unready, but named.
-    pub fn set_waiting_topics(&self, topics: Vec<String>) {
-        gauge!(TOPICS_WAITING).set(topics.len() as f64);
+    /// `shown`: the first few as `topic (reason)`; `total`: how many wait.
+    pub fn set_waiting_topics(&self, mut shown: Vec<String>, total: usize) {
+        gauge!(TOPICS_WAITING).set(total as f64);
+        if total > shown.len() {
+            shown.push(format!("and {} more", total - shown.len()));
+        }
         if let Ok(mut waiting) = self.waiting_topics.lock() {
-            *waiting = topics;
+            *waiting = shown;
         }
     }
     pub fn waiting_topics(&self) -> Vec<String> {

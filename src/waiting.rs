@@ -1,7 +1,9 @@
-//! Template topics the broker does not know (not created yet): only their rows wait, in
-//! order, while every other topic flows. Rows of a waiting topic hold
-//! their aggregate back, and reads leave held aggregates out, so that they do not fill
-//! every batch; a waiting topic is tried again with backoff, its rows read again in order.
+//! Template topics the cluster does not know (not created yet): only their rows wait, in
+//! order, while every other topic flows. Rows of a waiting topic hold their aggregate back,
+//! and reads leave held aggregates out (by hash: eight bytes each, whatever the id), so
+//! that they do not fill every batch. The relay asks the cluster again with backoff; at
+//! each retry the holds are dropped and rebuilt from what the reads find, so a row fixed
+//! or discarded meanwhile holds nothing, and a topic no pending row needs is forgotten.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -11,9 +13,11 @@ use tracing::{info, warn};
 /// The first retry of a waiting topic comes after this long, each next one twice as late.
 const FIRST_RETRY: Duration = Duration::from_secs(1);
 const LAST_RETRY: Duration = Duration::from_secs(30);
-/// At most this many aggregates are left out of reads: beyond, their rows are read (and
-/// held in memory) again each time, which slows the relay but loses nothing.
-pub const MAX_HELD_AGGREGATES: usize = 10_000;
+/// At most this many aggregates are held (800 KB of hashes, sent with every read).
+pub const MAX_HELD_AGGREGATES: usize = 100_000;
+/// At most this many topics wait: `aggregate_type` comes from rows, and each waiting
+/// topic costs a question to the cluster per retry.
+pub const MAX_WAITING_TOPICS: usize = 1_000;
 
 #[derive(Debug)]
 struct Waiting {
@@ -21,15 +25,26 @@ struct Waiting {
     since: Instant,
     retry_at: Instant,
     delay: Duration,
+    /// A row held for it since the last retry: something still needs the topic.
+    needed: bool,
+}
+
+/// What became of a topic the relay wanted to hold.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Hold {
+    /// Its rows wait; other topics flow.
+    Waiting,
+    /// Too many topics or aggregates wait already: the relay stops publishing instead
+    /// of reading the same held rows again and again.
+    Full,
 }
 
 #[derive(Debug, Default)]
 pub struct WaitingTopics {
     topics: foldhash::HashMap<Arc<str>, Waiting>,
-    /// Aggregates with a row waiting for a topic, in the order they were held.
-    held: Vec<String>,
-    held_set: foldhash::HashSet<String>,
-    warned_full: bool,
+    /// Hashes of aggregates with a row waiting for a topic, in the order they were held.
+    held: Vec<i64>,
+    held_set: foldhash::HashSet<i64>,
 }
 
 impl WaitingTopics {
@@ -37,25 +52,25 @@ impl WaitingTopics {
         self.topics.is_empty()
     }
 
-    pub fn len(&self) -> usize {
-        self.topics.len()
-    }
-
     /// Whether rows for `topic` wait.
     pub fn holds(&self, topic: &str) -> bool {
         self.topics.contains_key(topic)
     }
 
-    /// The broker does not know `topic`: its rows wait until a retry finds it.
-    pub fn refused(&mut self, topic: &Arc<str>, reason: &str, now: Instant) {
+    /// The cluster does not know `topic` (or did not answer): its rows wait until a retry
+    /// finds it.
+    pub fn refused(&mut self, topic: &Arc<str>, reason: &str, now: Instant) -> Hold {
+        let full = self.topics.len() >= MAX_WAITING_TOPICS;
         match self.topics.get_mut(topic) {
             Some(waiting) => {
                 waiting.delay = (waiting.delay * 2).min(LAST_RETRY);
                 waiting.retry_at = now + waiting.delay;
                 waiting.reason = reason.to_string();
+                Hold::Waiting
             }
+            None if full => Hold::Full,
             None => {
-                warn!(%topic, %reason, "the broker does not know the topic: its rows wait, in order, and every other topic keeps flowing; create the topic");
+                warn!(%topic, %reason, "the topic's rows wait, in order, and every other topic keeps flowing; create the topic");
                 self.topics.insert(
                     topic.clone(),
                     Waiting {
@@ -63,66 +78,92 @@ impl WaitingTopics {
                         since: now,
                         retry_at: now + FIRST_RETRY,
                         delay: FIRST_RETRY,
+                        needed: true,
                     },
                 );
+                Hold::Waiting
             }
         }
     }
 
-    /// Waiting topics whose retry is due: the relay asks the broker whether they exist.
-    pub fn due(&self, now: Instant) -> Vec<Arc<str>> {
-        self.topics
+    /// Holds a row's aggregate for a waiting topic: reads leave it out until the next
+    /// retry.
+    pub fn hold_row(&mut self, topic: &str, aggregate_hash: i64) -> Hold {
+        if let Some(waiting) = self.topics.get_mut(topic) {
+            waiting.needed = true;
+        }
+        if self.held_set.contains(&aggregate_hash) {
+            return Hold::Waiting;
+        }
+        if self.held.len() >= MAX_HELD_AGGREGATES {
+            return Hold::Full;
+        }
+        self.held.push(aggregate_hash);
+        self.held_set.insert(aggregate_hash);
+        Hold::Waiting
+    }
+
+    /// Waiting topics whose retry is due, at most `max` of them.
+    pub fn due(&self, now: Instant, max: usize) -> Vec<Arc<str>> {
+        let mut due: Vec<(&Arc<str>, &Waiting)> = self
+            .topics
             .iter()
             .filter(|(_, w)| now >= w.retry_at)
+            .collect();
+        due.sort_by_key(|(_, w)| w.retry_at);
+        due.into_iter()
+            .take(max)
             .map(|(topic, _)| topic.clone())
             .collect()
     }
 
-    /// The topic exists (or took a record): it waits no more, and reads start again from
-    /// the oldest pending row, so that its rows go first, in order (rows of topics still
-    /// waiting are held again as they are read).
+    /// The cluster still does not know `topic`: it waits on, unless no row was held for it
+    /// since the last retry (its rows were fixed, discarded or parked), when it is
+    /// forgotten. Either way the holds start over, so that reads find what still waits.
+    pub fn still_unknown(&mut self, topic: &Arc<str>, reason: &str, now: Instant) {
+        let needed = self.topics.get(topic).is_some_and(|w| w.needed);
+        if needed {
+            self.refused(topic, reason, now);
+            if let Some(waiting) = self.topics.get_mut(topic) {
+                waiting.needed = false;
+            }
+        } else if let Some(waiting) = self.topics.remove(topic) {
+            info!(%topic, waited = ?waiting.since.elapsed(), "no pending row needs the topic any more");
+        }
+        self.release_holds();
+    }
+
+    /// The topic exists now: it waits no more, and the holds start over, so that its rows
+    /// go first, in order (rows of topics still waiting are held again as they are read).
     pub fn accepted(&mut self, topic: &str) {
         if let Some(waiting) = self.topics.remove(topic) {
             info!(%topic, waited = ?waiting.since.elapsed(), "the topic exists now; its rows follow");
-            self.held.clear();
-            self.held_set.clear();
-            self.warned_full = false;
+            self.release_holds();
         }
     }
 
-    /// Leaves the aggregate's rows out of reads while topics wait.
-    pub fn hold_aggregate(&mut self, aggregate: &str) {
-        if self.held_set.contains(aggregate) {
-            return;
-        }
-        if self.held.len() >= MAX_HELD_AGGREGATES {
-            if !self.warned_full {
-                warn!(
-                    max = MAX_HELD_AGGREGATES,
-                    "more aggregates wait for a topic than reads leave out; the rest are read again each time"
-                );
-                self.warned_full = true;
-            }
-            return;
-        }
-        self.held.push(aggregate.to_string());
-        self.held_set.insert(aggregate.to_string());
+    fn release_holds(&mut self) {
+        self.held.clear();
+        self.held_set.clear();
     }
 
-    /// The aggregates reads leave out.
-    pub fn held_aggregates(&self) -> &[String] {
+    /// The aggregate hashes reads leave out.
+    pub fn held_aggregates(&self) -> &[i64] {
         &self.held
     }
 
-    /// `topic (reason)` for each waiting topic, sorted, for readiness.
-    pub fn summary(&self) -> Vec<String> {
-        let mut lines: Vec<String> = self
-            .topics
+    /// `topic (reason)` for the first waiting topics by name, and how many more, for
+    /// readiness.
+    pub fn summary(&self) -> (Vec<String>, usize) {
+        const SHOWN: usize = 10;
+        let mut topics: Vec<(&Arc<str>, &Waiting)> = self.topics.iter().collect();
+        topics.sort_by(|a, b| a.0.cmp(b.0));
+        let shown = topics
             .iter()
+            .take(SHOWN)
             .map(|(topic, w)| format!("{topic} ({})", w.reason))
             .collect();
-        lines.sort();
-        lines
+        (shown, self.topics.len())
     }
 }
 
@@ -136,39 +177,68 @@ mod tests {
         let topic: Arc<str> = Arc::from("outbox.event.new");
         let t0 = Instant::now();
         assert!(!waiting.holds(&topic));
-        waiting.refused(&topic, "unknown topic", t0);
+        assert_eq!(waiting.refused(&topic, "unknown topic", t0), Hold::Waiting);
         assert!(waiting.holds(&topic));
         assert!(!waiting.holds("outbox.event.other"));
-        assert!(waiting.due(t0).is_empty());
-        waiting.hold_aggregate("a-1");
-        waiting.hold_aggregate("a-1");
-        assert_eq!(waiting.held_aggregates(), ["a-1".to_string()]);
+        assert!(waiting.due(t0, 10).is_empty());
+        waiting.hold_row(&topic, 7);
+        waiting.hold_row(&topic, 7);
+        assert_eq!(waiting.held_aggregates(), [7]);
 
         let due = t0 + FIRST_RETRY;
-        assert_eq!(waiting.due(due), std::slice::from_ref(&topic));
-        waiting.refused(&topic, "unknown topic", due);
-        assert!(waiting.due(due + FIRST_RETRY).is_empty(), "twice as late");
+        assert_eq!(waiting.due(due, 10), std::slice::from_ref(&topic));
+        waiting.still_unknown(&topic, "unknown topic", due);
+        assert!(waiting.held_aggregates().is_empty(), "holds start over");
+        assert!(
+            waiting.due(due + FIRST_RETRY, 10).is_empty(),
+            "twice as late"
+        );
         assert_eq!(
-            waiting.due(due + FIRST_RETRY * 2),
+            waiting.due(due + FIRST_RETRY * 2, 10),
             std::slice::from_ref(&topic)
         );
         assert_eq!(
             waiting.summary(),
-            ["outbox.event.new (unknown topic)".to_string()]
+            (vec!["outbox.event.new (unknown topic)".to_string()], 1)
         );
 
+        waiting.hold_row(&topic, 7);
         waiting.accepted(&topic);
         assert!(waiting.is_empty());
         assert!(waiting.held_aggregates().is_empty(), "reads start over");
     }
 
     #[test]
-    fn held_aggregates_are_bounded() {
+    fn a_topic_no_row_needs_any_more_is_forgotten() {
         let mut waiting = WaitingTopics::default();
-        waiting.refused(&Arc::from("t"), "unknown topic", Instant::now());
-        for i in 0..MAX_HELD_AGGREGATES + 5 {
-            waiting.hold_aggregate(&format!("a-{i}"));
+        let topic: Arc<str> = Arc::from("outbox.event.typo");
+        let t0 = Instant::now();
+        waiting.refused(&topic, "unknown topic", t0);
+        waiting.still_unknown(&topic, "unknown topic", t0 + FIRST_RETRY);
+        assert!(waiting.holds(&topic), "held a row before this retry");
+        waiting.still_unknown(&topic, "unknown topic", t0 + FIRST_RETRY * 4);
+        assert!(waiting.is_empty(), "no row held for it since");
+    }
+
+    #[test]
+    fn holds_and_waiting_topics_are_bounded() {
+        let mut waiting = WaitingTopics::default();
+        let now = Instant::now();
+        for i in 0..MAX_WAITING_TOPICS {
+            let topic: Arc<str> = Arc::from(format!("t{i}"));
+            assert_eq!(waiting.refused(&topic, "unknown topic", now), Hold::Waiting);
         }
+        assert_eq!(
+            waiting.refused(&Arc::from("one.more"), "unknown topic", now),
+            Hold::Full
+        );
+        assert_eq!(waiting.summary().0.len(), 10);
+        assert_eq!(waiting.summary().1, MAX_WAITING_TOPICS);
+        for hash in 0..MAX_HELD_AGGREGATES as i64 {
+            assert_eq!(waiting.hold_row("t0", hash), Hold::Waiting);
+        }
+        assert_eq!(waiting.hold_row("t0", -1), Hold::Full);
         assert_eq!(waiting.held_aggregates().len(), MAX_HELD_AGGREGATES);
+        assert_eq!(waiting.due(now + FIRST_RETRY, 4).len(), 4);
     }
 }

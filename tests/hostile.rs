@@ -217,11 +217,12 @@ async fn hostile_text_is_escaped_in_park_errors_and_the_parked_list() {
 }
 
 /// Slow or idle HTTP clients cannot hold the endpoints: a client that never finishes its
-/// headers is cut off after the header timeout, connections beyond the cap are closed on
-/// arrival, and the scrape answers again once the slow ones are gone.
+/// headers is cut off after the header timeout, one address's connections beyond its cap
+/// are closed on arrival while another address is still served, and the scrape answers
+/// once the slow ones are gone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_http_clients_are_cut_off_and_capped() {
-    use outbox_relay::http::{HEADER_READ_TIMEOUT, MAX_CONNECTIONS};
+    use outbox_relay::http::{HEADER_READ_TIMEOUT, MAX_CONNECTIONS_PER_PEER};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpStream;
 
@@ -258,15 +259,26 @@ async fn slow_http_clients_are_cut_off_and_capped() {
     assert_eq!(http_get(relay.http_addr, "/metrics").await.0, 200);
 
     let mut idle = Vec::new();
-    for _ in 0..MAX_CONNECTIONS {
+    for _ in 0..MAX_CONNECTIONS_PER_PEER {
         idle.push(TcpStream::connect(relay.http_addr).await.unwrap());
     }
-    // Connections are accepted in order: with the cap's worth in, the next is refused.
+    // Connections are accepted in order: with one address's share in, its next is refused.
     let mut extra = TcpStream::connect(relay.http_addr).await.unwrap();
     assert!(
         closed_within(&mut extra, HEADER_READ_TIMEOUT / 2).await,
-        "a connection over the cap of {MAX_CONNECTIONS} is closed on arrival"
+        "a connection over one address's cap of {MAX_CONNECTIONS_PER_PEER} is closed on arrival"
     );
+    // Another address (a probe, the scraper) is still served meanwhile.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let mut other = socket.connect(relay.http_addr).await.unwrap();
+    other
+        .write_all(b"GET /healthz HTTP/1.0\r\nHost: relay\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    other.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.0 200"), "{answer}");
     for stream in &mut idle {
         assert!(
             closed_within(stream, HEADER_READ_TIMEOUT * 3).await,
