@@ -37,6 +37,8 @@ const TOPIC_QUESTION_TIMEOUT: Duration = Duration::from_secs(2);
 const TOPIC_QUESTIONS_PER_TICK: usize = 4;
 const UNKNOWN_TOPIC: &str = "the cluster does not know the topic";
 const UNANSWERED_TOPIC: &str = "the cluster did not say whether it knows the topic";
+/// A topic the cluster could not be asked about is produced to meanwhile.
+const UNANSWERED_TOPIC_REASK: Duration = Duration::from_secs(30);
 /// Why publishing stops when waiting would need more than [`crate::waiting`] keeps.
 const TOO_MUCH_WAITING: &str = "more topics or aggregates wait for missing topics than the relay holds apart (1000 topics, 100000 aggregates); create the topics, or park or discard their rows";
 /// While waiting for acks, how often to re-check (fatal errors, stall, drain deadline).
@@ -303,6 +305,8 @@ pub struct Relay {
     /// it says whether it knows theirs (librdkafka would hold them, and the batch with
     /// them, for `topic.metadata.propagation.max.ms`, 30 s by default).
     known_topics: foldhash::HashSet<Arc<str>>,
+    /// Topics the cluster could not be asked about, and when to ask again.
+    unanswered_topics: foldhash::HashMap<Arc<str>, Instant>,
     drain: Drain,
 }
 
@@ -384,6 +388,7 @@ impl Relay {
             recent_row_bytes: 1,
             waiting: WaitingTopics::default(),
             known_topics: foldhash::HashSet::default(),
+            unanswered_topics: foldhash::HashMap::default(),
             drain,
         })
     }
@@ -593,11 +598,17 @@ impl Relay {
                 self.waiting
                     .refused(topic, UNKNOWN_TOPIC, std::time::Instant::now())
             }
-            TopicAnswer::Unanswered(why) => self.waiting.refused(
-                topic,
-                &format!("{UNANSWERED_TOPIC}: {why}"),
-                std::time::Instant::now(),
-            ),
+            // The cluster cannot be asked (brokers down, authentication failing):
+            // producing decides and reports what is wrong; asked again a while later.
+            TopicAnswer::Unanswered(why) => {
+                debug!(%topic, %why, "the cluster did not say whether it knows the topic; producing decides");
+                if self.unanswered_topics.len() >= 10_000 {
+                    self.unanswered_topics.clear();
+                }
+                self.unanswered_topics
+                    .insert(topic.clone(), Instant::now() + UNANSWERED_TOPIC_REASK);
+                return Hold::Waiting;
+            }
         };
         self.publish_waiting_topics();
         hold
@@ -868,6 +879,10 @@ impl Relay {
             if row.topic.is_none()
                 && !self.known_topics.contains(&record.topic)
                 && !self.waiting.holds(&record.topic)
+                && self
+                    .unanswered_topics
+                    .get(&record.topic)
+                    .is_none_or(|reask| Instant::now() >= *reask)
                 && self.learn_topic(&record.topic).await == Hold::Full
             {
                 batch.blocked = Some(TOO_MUCH_WAITING.into());
