@@ -307,6 +307,8 @@ pub struct Relay {
     known_topics: foldhash::HashSet<Arc<str>>,
     /// Topics the cluster could not be asked about, and when to ask again.
     unanswered_topics: foldhash::HashMap<Arc<str>, Instant>,
+    /// Rows' own topics the cluster said it does not know, and until when that holds.
+    unknown_row_topics: foldhash::HashMap<Arc<str>, Instant>,
     drain: Drain,
 }
 
@@ -389,6 +391,7 @@ impl Relay {
             waiting: WaitingTopics::default(),
             known_topics: foldhash::HashSet::default(),
             unanswered_topics: foldhash::HashMap::default(),
+            unknown_row_topics: foldhash::HashMap::default(),
             drain,
         })
     }
@@ -639,6 +642,56 @@ impl Relay {
         self.publish_waiting_topics();
     }
 
+    /// Why a row's own topic cannot be published to, when the cluster says it does not
+    /// know it: the row is parked at once, instead of its batch waiting out librdkafka's
+    /// `topic.metadata.propagation.max.ms` first. Answers are remembered for a while.
+    async fn row_topic_missing(&mut self, topic: &Arc<str>) -> Option<ParkReason> {
+        if self.known_topics.contains(topic) {
+            return None;
+        }
+        let now = Instant::now();
+        if let Some(until) = self.unknown_row_topics.get(topic) {
+            if now < *until {
+                return Some(ParkReason::Rejected(format!(
+                    "{UNKNOWN_TOPIC} `{topic}` named by the row"
+                )));
+            }
+        }
+        if self
+            .unanswered_topics
+            .get(topic)
+            .is_some_and(|reask| now < *reask)
+        {
+            return None;
+        }
+        let answer = self.ask_cluster_about(topic).await;
+        self.health.loop_progress();
+        match answer {
+            TopicAnswer::Known | TopicAnswer::Refused(_) => {
+                if self.known_topics.len() >= 10_000 {
+                    self.known_topics.clear();
+                }
+                self.known_topics.insert(topic.clone());
+                None
+            }
+            TopicAnswer::Unknown => {
+                if self.unknown_row_topics.len() >= 10_000 {
+                    self.unknown_row_topics.clear();
+                }
+                self.unknown_row_topics
+                    .insert(topic.clone(), now + UNANSWERED_TOPIC_REASK);
+                Some(ParkReason::Rejected(format!(
+                    "{UNKNOWN_TOPIC} `{topic}` named by the row"
+                )))
+            }
+            TopicAnswer::Unanswered(_) => {
+                self.unanswered_topics
+                    .insert(topic.clone(), now + UNANSWERED_TOPIC_REASK);
+                None
+            }
+        }
+    }
+
     fn publish_waiting_topics(&self) {
         let (shown, total) = self.waiting.summary();
         self.health.set_waiting_topics(shown, total);
@@ -865,6 +918,15 @@ impl Relay {
             let encoded = match self.encoder.encode(row) {
                 Ok(record) => self.check_topic_limit(record).await,
                 Err(reason) => Err(reason),
+            };
+            let encoded = match encoded {
+                Ok(record) if row.topic.is_some() => {
+                    match self.row_topic_missing(&record.topic).await {
+                        Some(reason) => Err(reason),
+                        None => Ok(record),
+                    }
+                }
+                other => other,
             };
             let record = match encoded {
                 Ok(record) => record,

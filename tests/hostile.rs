@@ -359,6 +359,41 @@ async fn rows_cannot_publish_outside_the_allowed_topics() {
     );
 }
 
+/// A row naming a topic of its own that does not exist (within the allowed globs) is
+/// parked at once, so that its batch, and every other aggregate's rows in it, does not
+/// wait out librdkafka's `topic.metadata.propagation.max.ms` (30 s by default) first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_naming_a_topic_that_does_not_exist_is_parked_at_once() {
+    let db = TestDb::new().await;
+    let bootstrap = kafka_bootstrap();
+    let prefix = unique_prefix();
+    let ours = format!("{prefix}.orders");
+    create_topic(&bootstrap, &ours, 3).await;
+    let mut nowhere = NewRow::new("orders", "agg-nowhere", 1);
+    nowhere.topic = Some(format!("{prefix}.nowhere"));
+    let mut rows = vec![nowhere];
+    rows.extend(stream("orders", 4, 20));
+    db.insert(&rows).await;
+
+    let relay = RunningRelay::start(template_settings(&db, &bootstrap, &prefix, "")).await;
+    // Well within the 30 s librdkafka would hold the batch for the unknown topic.
+    wait_for(
+        "the row parked and the others marked",
+        std::time::Duration::from_secs(20),
+        || async { db.sent().await == 20 && db.count("parked_at IS NOT NULL").await == 1 },
+    )
+    .await;
+    relay.stop().await;
+    let error: String =
+        sqlx::query_scalar("SELECT park_error FROM outbox WHERE aggregate_id = 'agg-nowhere'")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert!(error.contains("does not know the topic"), "{error}");
+    let sent: Vec<DbRow> = db.rows().await.into_iter().filter(|r| r.sent).collect();
+    assert_contract(&sent, &consume(&bootstrap, &ours, sent.len()));
+}
+
 /// The high watermark of partition 0 of `topic`: how many records it ever received.
 fn high_watermark(bootstrap: &str, topic: &str) -> i64 {
     use rdkafka::consumer::{BaseConsumer, Consumer};
