@@ -53,35 +53,32 @@ postgres_bin() {
     echo "$dir"
 }
 
-# The pinned tansu broker, built once into a cache outside the checkout (~10 minutes).
-ensure_tansu() {
-    if [ -x "$TANSU_BIN" ]; then
+# `cargo install CRATE --version VERSION` once into $OUTBOX_RELAY_CACHE/CRATE-VERSION, under a
+# lock so that parallel runs build it once; further arguments go to cargo install.
+cached_cargo_install() {
+    local crate=$1 version=$2 binary=$3 took=$4
+    shift 4
+    if [ -x "$binary" ]; then
         return
     fi
     mkdir -p "$OUTBOX_RELAY_CACHE"
-    log "building tansu $TANSU_VERSION into $OUTBOX_RELAY_CACHE (once; about 10 minutes on 2 cores)"
+    log "building $crate $version into $OUTBOX_RELAY_CACHE (once; $took on 2 cores)"
     (
         flock 9
-        if [ ! -x "$TANSU_BIN" ]; then
-            cargo install tansu --version "$TANSU_VERSION" --locked --features dynostore \
-                --root "$OUTBOX_RELAY_CACHE/tansu-$TANSU_VERSION"
+        if [ ! -x "$binary" ]; then
+            cargo install "$crate" --version "$version" --locked \
+                --root "$OUTBOX_RELAY_CACHE/$crate-$version" "$@"
         fi
-    ) 9>"$OUTBOX_RELAY_CACHE/tansu.lock"
+    ) 9>"$OUTBOX_RELAY_CACHE/$crate.lock"
+}
+
+# The pinned tansu broker, built once into a cache outside the checkout (~10 minutes).
+ensure_tansu() {
+    cached_cargo_install tansu "$TANSU_VERSION" "$TANSU_BIN" "about 10 minutes" --features dynostore
 }
 
 ensure_cargo_deny() {
-    if [ -x "$CARGO_DENY_BIN" ]; then
-        return
-    fi
-    mkdir -p "$OUTBOX_RELAY_CACHE"
-    log "building cargo-deny $CARGO_DENY_VERSION into $OUTBOX_RELAY_CACHE (once; a few minutes on 2 cores)"
-    (
-        flock 9
-        if [ ! -x "$CARGO_DENY_BIN" ]; then
-            cargo install cargo-deny --version "$CARGO_DENY_VERSION" --locked \
-                --root "$OUTBOX_RELAY_CACHE/cargo-deny-$CARGO_DENY_VERSION"
-        fi
-    ) 9>"$OUTBOX_RELAY_CACHE/cargo-deny.lock"
+    cached_cargo_install cargo-deny "$CARGO_DENY_VERSION" "$CARGO_DENY_BIN" "about 2 minutes"
 }
 
 free_port() {

@@ -591,10 +591,7 @@ impl Relay {
         self.health.loop_progress();
         let hold = match answer {
             TopicAnswer::Known | TopicAnswer::Refused(_) => {
-                if self.known_topics.len() >= 10_000 {
-                    self.known_topics.clear();
-                }
-                self.known_topics.insert(topic.clone());
+                self.remember_known_topic(topic);
                 return Hold::Waiting;
             }
             TopicAnswer::Unknown => {
@@ -630,7 +627,7 @@ impl Relay {
             match answer {
                 TopicAnswer::Known | TopicAnswer::Refused(_) => {
                     self.waiting.accepted(&topic);
-                    self.known_topics.insert(topic);
+                    self.remember_known_topic(&topic);
                 }
                 TopicAnswer::Unknown => self.waiting.still_unknown(&topic, UNKNOWN_TOPIC, now),
                 TopicAnswer::Unanswered(why) => {
@@ -668,10 +665,7 @@ impl Relay {
         self.health.loop_progress();
         match answer {
             TopicAnswer::Known | TopicAnswer::Refused(_) => {
-                if self.known_topics.len() >= 10_000 {
-                    self.known_topics.clear();
-                }
-                self.known_topics.insert(topic.clone());
+                self.remember_known_topic(topic);
                 None
             }
             TopicAnswer::Unknown => {
@@ -690,6 +684,14 @@ impl Relay {
                 None
             }
         }
+    }
+
+    /// The cluster knows `topic` (or producing will tell): rows go to it without asking.
+    fn remember_known_topic(&mut self, topic: &Arc<str>) {
+        if self.known_topics.len() >= 10_000 {
+            self.known_topics.clear();
+        }
+        self.known_topics.insert(topic.clone());
     }
 
     fn publish_waiting_topics(&self) {
