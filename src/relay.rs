@@ -41,6 +41,15 @@ const UNANSWERED_TOPIC: &str = "the cluster did not say whether it knows the top
 const UNANSWERED_TOPIC_REASK: Duration = Duration::from_secs(30);
 /// Why publishing stops when waiting would need more than [`crate::waiting`] keeps.
 const TOO_MUCH_WAITING: &str = "more topics or aggregates wait for missing topics than the relay holds apart (1000 topics, 100000 aggregates); create the topics, or park or discard their rows";
+
+/// A row for a missing topic when the relay already holds apart all it can.
+fn too_much_waiting(topic: &str) -> ParkReason {
+    ParkReason::Rejected(format!(
+        "{UNKNOWN_TOPIC} `{topic}`, and the relay already holds apart {} topics or {} aggregates waiting for missing topics; create the topic, then replay the row",
+        crate::waiting::MAX_WAITING_TOPICS,
+        crate::waiting::MAX_HELD_AGGREGATES
+    ))
+}
 /// While waiting for acks, how often to re-check (fatal errors, stall, drain deadline).
 const STALLED_RECHECK: Duration = Duration::from_secs(1);
 /// How long past the drain deadline the last mark may take before the relay exits anyway.
@@ -538,7 +547,7 @@ impl Relay {
         let (limits, policy) = (self.read_limits(), self.settings.on_park);
         let shard_filter = shard_filter.map(<[i16]>::to_vec);
         let skip = skip.to_vec();
-        let held = self.waiting.held_aggregates().to_vec();
+        let held = self.waiting.held_aggregates();
         async move {
             let rows = store
                 .read_pending_except(limits, policy, shard_filter.as_deref(), &skip, &held)
@@ -918,10 +927,6 @@ impl Relay {
             };
             batch.epochs[i] = epoch;
             let encoded = match self.encoder.encode(row) {
-                Ok(record) => self.check_topic_limit(record).await,
-                Err(reason) => Err(reason),
-            };
-            let encoded = match encoded {
                 Ok(record) if row.topic.is_some() => {
                     match self.row_topic_missing(&record.topic).await {
                         Some(reason) => Err(reason),
@@ -949,15 +954,35 @@ impl Relay {
                     .is_none_or(|reask| Instant::now() >= *reask)
                 && self.learn_topic(&record.topic).await == Hold::Full
             {
-                batch.blocked = Some(TOO_MUCH_WAITING.into());
-            }
-            if self.waiting.holds(&record.topic) {
-                held.insert(&row.aggregate_id);
-                if self.waiting.hold_row(&record.topic, row.aggregate_hash) == Hold::Full {
-                    batch.blocked = Some(TOO_MUCH_WAITING.into());
+                // Rows choose their topics: past the cap, a row for yet another missing
+                // topic is parked rather than every other topic stopped.
+                batch.park(i, row.id, &too_much_waiting(&record.topic));
+                if hold {
+                    held.insert(&row.aggregate_id);
                 }
                 continue;
             }
+            if self.waiting.holds(&record.topic) {
+                if self.waiting.hold_row(&record.topic, row.aggregate_hash) == Hold::Full {
+                    batch.park(i, row.id, &too_much_waiting(&record.topic));
+                    if !hold {
+                        continue;
+                    }
+                }
+                held.insert(&row.aggregate_id);
+                continue;
+            }
+            // Only for a topic that exists: learning a limit is a request per topic.
+            let record = match self.check_topic_limit(record).await {
+                Ok(record) => record,
+                Err(reason) => {
+                    batch.park(i, row.id, &reason);
+                    if hold {
+                        held.insert(&row.aggregate_id);
+                    }
+                    continue;
+                }
+            };
             if batch.produced == 0 {
                 self.pack_smaller_batches_if_due().await;
             }

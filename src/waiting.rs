@@ -2,8 +2,9 @@
 //! order, while every other topic flows. Rows of a waiting topic hold their aggregate back,
 //! and reads leave held aggregates out (by hash: eight bytes each, whatever the id), so
 //! that they do not fill every batch. The relay asks the cluster again with backoff; at
-//! each retry the holds are dropped and rebuilt from what the reads find, so a row fixed
-//! or discarded meanwhile holds nothing, and a topic no pending row needs is forgotten.
+//! each retry that topic's holds are dropped and rebuilt from what the reads find, so a
+//! row fixed or discarded meanwhile holds nothing, and a topic no pending row needs is
+//! forgotten. An aggregate held for two topics waits for both.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -27,6 +28,8 @@ struct Waiting {
     delay: Duration,
     /// A row held for it since the last retry: something still needs the topic.
     needed: bool,
+    /// The aggregates held for it.
+    held: foldhash::HashSet<i64>,
 }
 
 /// What became of a topic the relay wanted to hold.
@@ -34,17 +37,16 @@ struct Waiting {
 pub enum Hold {
     /// Its rows wait; other topics flow.
     Waiting,
-    /// Too many topics or aggregates wait already: the relay stops publishing instead
-    /// of reading the same held rows again and again.
+    /// Too many topics or aggregates wait already: the relay parks the row instead of
+    /// reading the same rows again and again or stopping every other topic.
     Full,
 }
 
 #[derive(Debug, Default)]
 pub struct WaitingTopics {
     topics: foldhash::HashMap<Arc<str>, Waiting>,
-    /// Hashes of aggregates with a row waiting for a topic, in the order they were held.
-    held: Vec<i64>,
-    held_set: foldhash::HashSet<i64>,
+    /// Hashes of aggregates with a row waiting for a topic, and for how many topics.
+    held: foldhash::HashMap<i64, u32>,
 }
 
 impl WaitingTopics {
@@ -79,6 +81,7 @@ impl WaitingTopics {
                         retry_at: now + FIRST_RETRY,
                         delay: FIRST_RETRY,
                         needed: true,
+                        held: foldhash::HashSet::default(),
                     },
                 );
                 Hold::Waiting
@@ -89,17 +92,19 @@ impl WaitingTopics {
     /// Holds a row's aggregate for a waiting topic: reads leave it out until the next
     /// retry.
     pub fn hold_row(&mut self, topic: &str, aggregate_hash: i64) -> Hold {
-        if let Some(waiting) = self.topics.get_mut(topic) {
-            waiting.needed = true;
-        }
-        if self.held_set.contains(&aggregate_hash) {
+        let full = self.held.len() >= MAX_HELD_AGGREGATES;
+        let Some(waiting) = self.topics.get_mut(topic) else {
+            return Hold::Waiting;
+        };
+        waiting.needed = true;
+        if waiting.held.contains(&aggregate_hash) {
             return Hold::Waiting;
         }
-        if self.held.len() >= MAX_HELD_AGGREGATES {
+        if full && !self.held.contains_key(&aggregate_hash) {
             return Hold::Full;
         }
-        self.held.push(aggregate_hash);
-        self.held_set.insert(aggregate_hash);
+        waiting.held.insert(aggregate_hash);
+        *self.held.entry(aggregate_hash).or_default() += 1;
         Hold::Waiting
     }
 
@@ -119,37 +124,45 @@ impl WaitingTopics {
 
     /// The cluster still does not know `topic`: it waits on, unless no row was held for it
     /// since the last retry (its rows were fixed, discarded or parked), when it is
-    /// forgotten. Either way the holds start over, so that reads find what still waits.
+    /// forgotten. Either way its holds start over, so that reads find what still needs it.
     pub fn still_unknown(&mut self, topic: &Arc<str>, reason: &str, now: Instant) {
         let needed = self.topics.get(topic).is_some_and(|w| w.needed);
         if needed {
             self.refused(topic, reason, now);
             if let Some(waiting) = self.topics.get_mut(topic) {
                 waiting.needed = false;
+                let held = std::mem::take(&mut waiting.held);
+                self.release(held);
             }
         } else if let Some(waiting) = self.topics.remove(topic) {
             info!(%topic, waited = ?waiting.since.elapsed(), "no pending row needs the topic any more");
+            self.release(waiting.held);
         }
-        self.release_holds();
     }
 
-    /// The topic exists now: it waits no more, and the holds start over, so that its rows
-    /// go first, in order (rows of topics still waiting are held again as they are read).
+    /// The topic exists now: it waits no more, and its rows are read again, oldest first
+    /// (an aggregate held for another topic too waits on).
     pub fn accepted(&mut self, topic: &str) {
         if let Some(waiting) = self.topics.remove(topic) {
             info!(%topic, waited = ?waiting.since.elapsed(), "the topic exists now; its rows follow");
-            self.release_holds();
+            self.release(waiting.held);
         }
     }
 
-    fn release_holds(&mut self) {
-        self.held.clear();
-        self.held_set.clear();
+    fn release(&mut self, hashes: foldhash::HashSet<i64>) {
+        for hash in hashes {
+            if let Some(count) = self.held.get_mut(&hash) {
+                *count -= 1;
+                if *count == 0 {
+                    self.held.remove(&hash);
+                }
+            }
+        }
     }
 
     /// The aggregate hashes reads leave out.
-    pub fn held_aggregates(&self) -> &[i64] {
-        &self.held
+    pub fn held_aggregates(&self) -> Vec<i64> {
+        self.held.keys().copied().collect()
     }
 
     /// `topic (reason)` for the first waiting topics by name, and how many more, for
@@ -179,16 +192,23 @@ mod tests {
         assert!(!waiting.holds(&topic));
         assert_eq!(waiting.refused(&topic, "unknown topic", t0), Hold::Waiting);
         assert!(waiting.holds(&topic));
-        assert!(!waiting.holds("outbox.event.other"));
         assert!(waiting.due(t0, 10).is_empty());
         waiting.hold_row(&topic, 7);
         waiting.hold_row(&topic, 7);
         assert_eq!(waiting.held_aggregates(), [7]);
+        let other: Arc<str> = Arc::from("outbox.event.other");
+        waiting.refused(&other, "unknown topic", t0);
+        waiting.hold_row(&other, 7);
+        waiting.hold_row(&other, 8);
 
         let due = t0 + FIRST_RETRY;
-        assert_eq!(waiting.due(due, 10), std::slice::from_ref(&topic));
+        assert_eq!(waiting.due(due, 1), std::slice::from_ref(&topic));
         waiting.still_unknown(&topic, "unknown topic", due);
-        assert!(waiting.held_aggregates().is_empty(), "holds start over");
+        let mut held = waiting.held_aggregates();
+        held.sort();
+        assert_eq!(held, [7, 8], "its holds start over; the other topic's stay");
+        waiting.accepted(&other);
+        assert!(waiting.held_aggregates().is_empty());
         assert!(
             waiting.due(due + FIRST_RETRY, 10).is_empty(),
             "twice as late"
@@ -238,6 +258,7 @@ mod tests {
             assert_eq!(waiting.hold_row("t0", hash), Hold::Waiting);
         }
         assert_eq!(waiting.hold_row("t0", -1), Hold::Full);
+        assert_eq!(waiting.hold_row("t1", 5), Hold::Waiting, "already held");
         assert_eq!(waiting.held_aggregates().len(), MAX_HELD_AGGREGATES);
         assert_eq!(waiting.due(now + FIRST_RETRY, 4).len(), 4);
     }

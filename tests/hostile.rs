@@ -394,6 +394,53 @@ async fn a_row_naming_a_topic_that_does_not_exist_is_parked_at_once() {
     assert_contract(&sent, &consume(&bootstrap, &ours, sent.len()));
 }
 
+/// Rows that each name a different missing template topic (their `aggregate_type`):
+/// up to the cap each topic waits on its own, and past it a row is parked with the reason,
+/// never stopping every other topic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_for_more_missing_topics_than_the_cap_are_parked_and_the_rest_flows() {
+    use outbox_relay::waiting::MAX_WAITING_TOPICS;
+    let db = TestDb::new().await;
+    let bootstrap = kafka_bootstrap();
+    let prefix = unique_prefix();
+    let ours = format!("{prefix}.orders");
+    create_topic(&bootstrap, &ours, 3).await;
+    let over = 5;
+    let mut rows: Vec<NewRow> = (0..MAX_WAITING_TOPICS + over)
+        .map(|i| NewRow::new(&format!("missing{i}"), &format!("agg-missing-{i}"), 1))
+        .collect();
+    rows.extend(stream("orders", 4, 20));
+    db.insert(&rows).await;
+
+    let relay = RunningRelay::start(template_settings(&db, &bootstrap, &prefix, "")).await;
+    wait_for(
+        "the rows past the cap parked and the others marked",
+        CONDITION_TIMEOUT,
+        || async {
+            db.sent().await == 20 && db.count("parked_at IS NOT NULL").await == over as i64
+        },
+    )
+    .await;
+    let (status, body) = http_get(relay.http_addr, "/readyz").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.contains(&format!("and {} more", MAX_WAITING_TOPICS - 10)),
+        "{body}"
+    );
+    relay.stop().await;
+    let reasons: Vec<String> =
+        sqlx::query_scalar("SELECT park_error FROM outbox WHERE parked_at IS NOT NULL")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert!(
+        reasons.iter().all(|r| r.contains("holds apart")),
+        "{reasons:?}"
+    );
+    let sent: Vec<DbRow> = db.rows().await.into_iter().filter(|r| r.sent).collect();
+    assert_contract(&sent, &consume(&bootstrap, &ours, sent.len()));
+}
+
 /// The high watermark of partition 0 of `topic`: how many records it ever received.
 fn high_watermark(bootstrap: &str, topic: &str) -> i64 {
     use rdkafka::consumer::{BaseConsumer, Consumer};
