@@ -84,6 +84,12 @@ impl TopicTemplate {
         Ok(Self { parts })
     }
 
+    pub fn uses_event_type(&self) -> bool {
+        self.parts
+            .iter()
+            .any(|part| matches!(part, Part::EventType))
+    }
+
     /// Every topic the template can render, as a glob: each placeholder becomes `*`.
     pub fn glob(&self) -> String {
         self.parts
@@ -399,6 +405,19 @@ impl Encoder {
         aggregate_type: &str,
         event_type: &str,
     ) -> Result<Arc<str>, ParkReason> {
+        // Keyed by what the template uses only, and never by text longer than a topic
+        // may be: rows choose these values, and the cache must not hold their bulk.
+        let event_type = if self.template.uses_event_type() {
+            event_type
+        } else {
+            ""
+        };
+        if aggregate_type.len() + event_type.len() > MAX_TOPIC_LEN {
+            let topic = self.template.render(aggregate_type, event_type);
+            return validate_topic(&topic)
+                .and_then(|()| self.policy.check(&topic, false))
+                .map(|()| Arc::from(topic));
+        }
         if let Some(hit) = self
             .topic_cache
             .get(aggregate_type)

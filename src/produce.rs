@@ -136,6 +136,17 @@ impl ProducerContext for RelayContext {
     }
 }
 
+/// The cluster's topics, as [`RowProducer::cluster_topics`] found them.
+#[derive(Debug, Default)]
+pub struct ClusterTopics(std::collections::HashMap<String, TopicAnswer>);
+
+impl ClusterTopics {
+    /// A topic the answer does not list does not exist (or is hidden from this principal).
+    pub fn about(&self, topic: &str) -> TopicAnswer {
+        self.0.get(topic).cloned().unwrap_or(TopicAnswer::Unknown)
+    }
+}
+
 /// What the cluster says of a topic.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TopicAnswer {
@@ -261,25 +272,32 @@ impl RowProducer {
 
     /// Lists the cluster's brokers and topics, as `check` and readiness need. Blocking:
     /// call it off the async runtime.
-    /// Asks the cluster about `topic`, with a metadata request that creates nothing
-    /// (`allow.auto.create.topics` is off unless configured). Blocks up to `timeout`:
-    /// call it off the async threads.
-    pub fn ask_about_topic(&self, topic: &str, timeout: Duration) -> TopicAnswer {
+    /// The cluster's topics as this principal sees them, each with its answer, from one
+    /// metadata request for all topics: asking for one topic by name would make librdkafka
+    /// keep an object for it (and query it every second) for the producer's lifetime,
+    /// whatever name a row chose. Blocks up to `timeout`: call it off the async threads.
+    pub fn cluster_topics(&self, timeout: Duration) -> Result<ClusterTopics, String> {
         use rdkafka::types::RDKafkaRespErr as E;
-        let metadata = match self.inner.client().fetch_metadata(Some(topic), timeout) {
-            Ok(metadata) => metadata,
-            Err(err) => return TopicAnswer::Unanswered(err.to_string()),
-        };
-        let Some(found) = metadata.topics().iter().find(|t| t.name() == topic) else {
-            return TopicAnswer::Unanswered("the answer did not mention the topic".into());
-        };
-        match found.error() {
-            None if !found.partitions().is_empty() => TopicAnswer::Known,
-            None => TopicAnswer::Unanswered("the topic has no partitions yet".into()),
-            Some(E::RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART)
-            | Some(E::RD_KAFKA_RESP_ERR__UNKNOWN_TOPIC) => TopicAnswer::Unknown,
-            Some(other) => TopicAnswer::Refused(format!("{other:?}")),
-        }
+        let metadata = self
+            .inner
+            .client()
+            .fetch_metadata(None, timeout)
+            .map_err(|err| err.to_string())?;
+        Ok(ClusterTopics(
+            metadata
+                .topics()
+                .iter()
+                .map(|t| {
+                    let answer = match t.error() {
+                        None if !t.partitions().is_empty() => TopicAnswer::Known,
+                        None => TopicAnswer::Unanswered("the topic has no partitions yet".into()),
+                        Some(E::RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART) => TopicAnswer::Unknown,
+                        Some(other) => TopicAnswer::Refused(format!("{other:?}")),
+                    };
+                    (t.name().to_string(), answer)
+                })
+                .collect(),
+        ))
     }
 
     /// A handle on the same producer, for a blocking call on another thread.

@@ -21,7 +21,9 @@ use crate::classify::{ErrorClass, classify};
 use crate::config::{Mode, ParkPolicy, RelaySettings, Settings};
 use crate::encode::{EncodedRecord, Encoder, ParkReason, TopicTemplate};
 use crate::lease::{Ownership, Snapshot};
-use crate::produce::{EventReceiver, EventSender, ProducerEvent, RowProducer, TopicAnswer};
+use crate::produce::{
+    ClusterTopics, EventReceiver, EventSender, ProducerEvent, RowProducer, TopicAnswer,
+};
 use crate::store::{Ack, OutboxRow, Parking, ReadLimits, Store, StoreError};
 use crate::telemetry::{self, BatchReport, Health};
 use crate::topics::TopicLimits;
@@ -35,12 +37,12 @@ const QUEUE_FULL_WAIT: Duration = Duration::from_millis(5);
 /// topics are asked about again per tick.
 const TOPIC_QUESTION_TIMEOUT: Duration = Duration::from_secs(2);
 const TOPIC_QUESTIONS_PER_TICK: usize = 4;
+/// How long the cluster's list of topics answers questions about them.
+const CLUSTER_TOPICS_FRESH: Duration = Duration::from_secs(1);
 const UNKNOWN_TOPIC: &str = "the cluster does not know the topic";
 const UNANSWERED_TOPIC: &str = "the cluster did not say whether it knows the topic";
 /// A topic the cluster could not be asked about is produced to meanwhile.
 const UNANSWERED_TOPIC_REASK: Duration = Duration::from_secs(30);
-/// Why publishing stops when waiting would need more than [`crate::waiting`] keeps.
-const TOO_MUCH_WAITING: &str = "more topics or aggregates wait for missing topics than the relay holds apart (1000 topics, 100000 aggregates); create the topics, or park or discard their rows";
 
 /// A row for a missing topic when the relay already holds apart all it can.
 fn too_much_waiting(topic: &str) -> ParkReason {
@@ -318,6 +320,8 @@ pub struct Relay {
     unanswered_topics: foldhash::HashMap<Arc<str>, Instant>,
     /// Rows' own topics the cluster said it does not know, and until when that holds.
     unknown_row_topics: foldhash::HashMap<Arc<str>, Instant>,
+    /// The cluster's topics, and when they were asked for.
+    cluster_topics: Option<(Instant, Arc<ClusterTopics>)>,
     drain: Drain,
 }
 
@@ -401,6 +405,7 @@ impl Relay {
             known_topics: foldhash::HashSet::default(),
             unanswered_topics: foldhash::HashMap::default(),
             unknown_row_topics: foldhash::HashMap::default(),
+            cluster_topics: None,
             drain,
         })
     }
@@ -581,12 +586,12 @@ impl Relay {
         for topic in settled.published_by_topic.keys() {
             self.waiting.accepted(topic);
         }
-        for (topic, reason, pos) in &batch.topic_refusals {
-            self.known_topics.remove(topic);
-            let full = self.waiting.refused(topic, reason, now) == Hold::Full
-                || self.waiting.hold_row(topic, rows[*pos].aggregate_hash) == Hold::Full;
+        for (topic, reason, pos) in std::mem::take(&mut batch.topic_refusals) {
+            self.known_topics.remove(&topic);
+            let full = self.waiting.refused(&topic, &reason, now) == Hold::Full
+                || self.waiting.hold_row(&topic, rows[pos].aggregate_hash) == Hold::Full;
             if full {
-                batch.blocked = Some(TOO_MUCH_WAITING.into());
+                batch.park(pos, rows[pos].id, &too_much_waiting(&topic));
             }
         }
         self.publish_waiting_topics();
@@ -708,12 +713,32 @@ impl Relay {
         self.health.set_waiting_topics(shown, total);
     }
 
-    async fn ask_cluster_about(&self, topic: &Arc<str>) -> TopicAnswer {
-        let producer = self.producer.handle();
-        let name = topic.to_string();
-        tokio::task::spawn_blocking(move || producer.ask_about_topic(&name, TOPIC_QUESTION_TIMEOUT))
+    /// What the cluster says of `topic`, from its list of topics, asked for at most once
+    /// per [`CLUSTER_TOPICS_FRESH`].
+    async fn ask_cluster_about(&mut self, topic: &Arc<str>) -> TopicAnswer {
+        let fresh = self
+            .cluster_topics
+            .as_ref()
+            .is_some_and(|(at, _)| at.elapsed() < CLUSTER_TOPICS_FRESH);
+        if !fresh {
+            let producer = self.producer.handle();
+            let answer = tokio::task::spawn_blocking(move || {
+                producer.cluster_topics(TOPIC_QUESTION_TIMEOUT)
+            })
             .await
-            .unwrap_or_else(|err| TopicAnswer::Unanswered(err.to_string()))
+            .unwrap_or_else(|err| Err(err.to_string()));
+            match answer {
+                Ok(topics) => self.cluster_topics = Some((Instant::now(), Arc::new(topics))),
+                Err(why) => {
+                    self.cluster_topics = None;
+                    return TopicAnswer::Unanswered(why);
+                }
+            }
+        }
+        match &self.cluster_topics {
+            Some((_, topics)) => topics.about(topic),
+            None => TopicAnswer::Unanswered("no answer".into()),
+        }
     }
 
     fn pending_ids(&self) -> Vec<i64> {
@@ -838,9 +863,9 @@ impl Relay {
         }
         self.after_producer_trouble(&batch, cancel).await?;
         Ok(Tick::Batch {
-            // A batch whose every row waited for a topic says nothing of what else is
-            // pending: read again after the poll interval, not at once.
-            full: full && (batch.produced > 0 || !batch.parkings.is_empty()),
+            // A batch whose rows all waited for topics is full too: the next read leaves
+            // them out and goes on to the rows behind them.
+            full,
             blocked: batch.blocked.is_some(),
         })
     }

@@ -428,21 +428,38 @@ pub const MARK_SENT: &str = "WITH fence AS ( \
 macro_rules! read_pending_side {
     ($side:literal) => {
         read_pending_side!(
-            "o.aggregate_type, o.aggregate_id, o.event_type, ",
+            "CASE WHEN pg_catalog.pg_column_size(o.aggregate_type) <= 8192 \
+                    OR pg_catalog.octet_length(o.aggregate_type) <= $8 \
+                  THEN o.aggregate_type END AS aggregate_type, \
+             CASE WHEN pg_catalog.pg_column_size(o.aggregate_id) <= 8192 \
+                    OR pg_catalog.octet_length(o.aggregate_id) <= $8 \
+                  THEN o.aggregate_id END AS aggregate_id, \
+             CASE WHEN pg_catalog.pg_column_size(o.event_type) <= 8192 \
+                    OR pg_catalog.octet_length(o.event_type) <= $8 \
+                  THEN o.event_type END AS event_type, ",
             "o.payload::text",
             "o.headers::text",
-            "o.topic",
+            "CASE WHEN pg_catalog.pg_column_size(o.topic) <= 8192 \
+                    OR pg_catalog.octet_length(o.topic) <= $8 THEN o.topic END",
             $side
         )
     };
     (raw $side:literal) => {
         read_pending_side!(
-            "pg_catalog.convert_to(o.aggregate_type, 'SQL_ASCII') AS aggregate_type, \
-             pg_catalog.convert_to(o.aggregate_id, 'SQL_ASCII') AS aggregate_id, \
-             pg_catalog.convert_to(o.event_type, 'SQL_ASCII') AS event_type, ",
+            "CASE WHEN pg_catalog.pg_column_size(o.aggregate_type) <= 8192 \
+                    OR pg_catalog.octet_length(o.aggregate_type) <= $8 \
+                  THEN pg_catalog.convert_to(o.aggregate_type, 'SQL_ASCII') END AS aggregate_type, \
+             CASE WHEN pg_catalog.pg_column_size(o.aggregate_id) <= 8192 \
+                    OR pg_catalog.octet_length(o.aggregate_id) <= $8 \
+                  THEN pg_catalog.convert_to(o.aggregate_id, 'SQL_ASCII') END AS aggregate_id, \
+             CASE WHEN pg_catalog.pg_column_size(o.event_type) <= 8192 \
+                    OR pg_catalog.octet_length(o.event_type) <= $8 \
+                  THEN pg_catalog.convert_to(o.event_type, 'SQL_ASCII') END AS event_type, ",
             "pg_catalog.convert_to(o.payload::text, 'SQL_ASCII')",
             "pg_catalog.convert_to(o.headers::text, 'SQL_ASCII')",
-            "pg_catalog.convert_to(o.topic, 'SQL_ASCII')",
+            "CASE WHEN pg_catalog.pg_column_size(o.topic) <= 8192 \
+                    OR pg_catalog.octet_length(o.topic) <= $8 \
+                  THEN pg_catalog.convert_to(o.topic, 'SQL_ASCII') END",
             $side
         )
     };
@@ -475,6 +492,18 @@ macro_rules! read_pending_side {
                      WHEN pg_catalog.pg_column_size(o.headers) > 8192 \
                        AND pg_catalog.octet_length(o.headers::text) > $8 \
                        THEN pg_catalog.octet_length(o.headers::text) \
+                     WHEN pg_catalog.pg_column_size(o.aggregate_id) > 8192 \
+                       AND pg_catalog.octet_length(o.aggregate_id) > $8 \
+                       THEN pg_catalog.octet_length(o.aggregate_id) \
+                     WHEN pg_catalog.pg_column_size(o.aggregate_type) > 8192 \
+                       AND pg_catalog.octet_length(o.aggregate_type) > $8 \
+                       THEN pg_catalog.octet_length(o.aggregate_type) \
+                     WHEN pg_catalog.pg_column_size(o.event_type) > 8192 \
+                       AND pg_catalog.octet_length(o.event_type) > $8 \
+                       THEN pg_catalog.octet_length(o.event_type) \
+                     WHEN pg_catalog.pg_column_size(o.topic) > 8192 \
+                       AND pg_catalog.octet_length(o.topic) > $8 \
+                       THEN pg_catalog.octet_length(o.topic) \
                 END::bigint AS withheld_bytes, \
                 pg_catalog.hashtextextended(o.aggregate_id, 0) AS aggregate_hash \
              FROM outbox o \
@@ -914,7 +943,9 @@ impl Store {
                    (SELECT id FROM outbox WHERE sent_at IS NULL AND parked_at IS NULL \
                       ORDER BY id DESC LIMIT 1) AS newest_id, \
                    o.id AS oldest_id, \
-                   EXTRACT(EPOCH FROM (pg_catalog.clock_timestamp() - o.created_at))::float8 AS oldest_age, \
+                   EXTRACT(EPOCH FROM (pg_catalog.clock_timestamp() \
+                       - LEAST(GREATEST(o.created_at, '1970-01-01Z'::timestamptz), \
+                               pg_catalog.clock_timestamp())))::float8 AS oldest_age, \
                    (SELECT pg_catalog.count(*) FROM outbox \
                       WHERE parked_at IS NOT NULL AND discarded_at IS NULL AND sent_at IS NULL) AS parked \
                  FROM (SELECT 1) AS one \

@@ -571,9 +571,12 @@ async fn big_rows_drain_within_the_shipped_memory_limit() {
     let prefix = unique_prefix();
     let topic = format!("{prefix}.big");
     create_topic(&bootstrap, &topic, 3).await;
-    sqlx::query(
+    // A 150 MB payload, and a 150 MB aggregate id: neither is fetched.
+    sqlx::raw_sql(
         "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) \
-         VALUES ('big', 'huge', 'E', jsonb_build_object('blob', repeat('x', 150000000)))",
+         VALUES ('big', 'huge', 'E', jsonb_build_object('blob', repeat('x', 150000000))); \
+         INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) \
+         VALUES ('big', repeat('k', 150000000), 'E', '{}')",
     )
     .execute(&db.pool)
     .await
@@ -585,10 +588,10 @@ async fn big_rows_drain_within_the_shipped_memory_limit() {
         db.sent().await == 600
     })
     .await;
-    wait_for("the 150 MB row parked", CONDITION_TIMEOUT, || async {
+    wait_for("the 150 MB rows parked", CONDITION_TIMEOUT, || async {
         db.count("parked_at IS NOT NULL AND park_reason = 'too_large'")
             .await
-            == 1
+            == 2
     })
     .await;
     let peak = peak_rss_bytes(child.id());
@@ -604,8 +607,15 @@ async fn big_rows_drain_within_the_shipped_memory_limit() {
         "peak RSS {} MiB is over the shipped limit of 128 MiB",
         peak / (1024 * 1024)
     );
-    let error = db.park_error().await;
-    assert!(error.contains("relay.max_message_bytes"), "{error}");
+    let errors: Vec<String> =
+        sqlx::query_scalar("SELECT park_error FROM outbox WHERE parked_at IS NOT NULL")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert!(
+        errors.iter().all(|e| e.contains("relay.max_message_bytes")),
+        "{errors:?}"
+    );
     assert_eq!(
         assert_sent_rows_in_kafka(&db, &bootstrap, &topic).await,
         600
