@@ -115,7 +115,8 @@ impl WaitingTopics {
             .iter()
             .filter(|(_, w)| now >= w.retry_at)
             .collect();
-        due.sort_by_key(|(_, w)| w.retry_at);
+        // The longest due first; by name among equals, so that every topic gets its turn.
+        due.sort_by(|a, b| a.1.retry_at.cmp(&b.1.retry_at).then_with(|| a.0.cmp(b.0)));
         due.into_iter()
             .take(max)
             .map(|(topic, _)| topic.clone())
@@ -196,6 +197,7 @@ mod tests {
         waiting.hold_row(&topic, 7);
         waiting.hold_row(&topic, 7);
         assert_eq!(waiting.held_aggregates(), [7]);
+        // Due at the same time as `topic`, and after it by name.
         let other: Arc<str> = Arc::from("outbox.event.other");
         waiting.refused(&other, "unknown topic", t0);
         waiting.hold_row(&other, 7);
