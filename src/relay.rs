@@ -340,6 +340,13 @@ struct Prefetch {
     shard_filter: Option<Vec<i16>>,
 }
 
+/// What becomes of an encoded row before the producer.
+enum Cleared<'r> {
+    Produce(EncodedRecord<'r>),
+    /// Its topic does not exist yet: the row waits, and holds its aggregate.
+    Waits,
+}
+
 /// The rows of one read, and how many it asked for: fewer means nothing more is pending.
 struct Read {
     rows: Vec<OutboxRow>,
@@ -708,6 +715,39 @@ impl Relay {
         self.known_topics.insert(topic.clone());
     }
 
+    /// What stands between an encoded row and the producer: its topic must exist (a row's
+    /// own missing topic parks it; a template topic's rows wait), and the row must fit the
+    /// topic's size limit (learnt only for a topic that exists: a request per topic).
+    async fn clear_for_producing<'r>(
+        &mut self,
+        row: &OutboxRow,
+        record: EncodedRecord<'r>,
+    ) -> Result<Cleared<'r>, ParkReason> {
+        if row.topic.is_some() {
+            if let Some(reason) = self.row_topic_missing(&record.topic).await {
+                return Err(reason);
+            }
+        } else if !self.known_topics.contains(&record.topic)
+            && !self.waiting.holds(&record.topic)
+            && self
+                .unanswered_topics
+                .get(&record.topic)
+                .is_none_or(|reask| Instant::now() >= *reask)
+            && self.learn_topic(&record.topic).await == Hold::Full
+        {
+            // Rows choose their topics: past the cap, a row for yet another missing topic
+            // is parked rather than every other topic stopped.
+            return Err(too_much_waiting(&record.topic));
+        }
+        if self.waiting.holds(&record.topic) {
+            if self.waiting.hold_row(&record.topic, row.aggregate_hash) == Hold::Full {
+                return Err(too_much_waiting(&record.topic));
+            }
+            return Ok(Cleared::Waits);
+        }
+        self.check_topic_limit(record).await.map(Cleared::Produce)
+    }
+
     fn publish_waiting_topics(&self) {
         let (shown, total) = self.waiting.summary();
         self.health.set_waiting_topics(shown, total);
@@ -951,55 +991,16 @@ impl Relay {
                 continue;
             };
             batch.epochs[i] = epoch;
-            let encoded = match self.encoder.encode(row) {
-                Ok(record) if row.topic.is_some() => {
-                    match self.row_topic_missing(&record.topic).await {
-                        Some(reason) => Err(reason),
-                        None => Ok(record),
-                    }
-                }
-                other => other,
+            let cleared = match self.encoder.encode(row) {
+                Ok(record) => self.clear_for_producing(row, record).await,
+                Err(reason) => Err(reason),
             };
-            let record = match encoded {
-                Ok(record) => record,
-                Err(reason) => {
-                    batch.park(i, row.id, &reason);
-                    if hold {
-                        held.insert(&row.aggregate_id);
-                    }
+            let record = match cleared {
+                Ok(Cleared::Produce(record)) => record,
+                Ok(Cleared::Waits) => {
+                    held.insert(&row.aggregate_id);
                     continue;
                 }
-            };
-            if row.topic.is_none()
-                && !self.known_topics.contains(&record.topic)
-                && !self.waiting.holds(&record.topic)
-                && self
-                    .unanswered_topics
-                    .get(&record.topic)
-                    .is_none_or(|reask| Instant::now() >= *reask)
-                && self.learn_topic(&record.topic).await == Hold::Full
-            {
-                // Rows choose their topics: past the cap, a row for yet another missing
-                // topic is parked rather than every other topic stopped.
-                batch.park(i, row.id, &too_much_waiting(&record.topic));
-                if hold {
-                    held.insert(&row.aggregate_id);
-                }
-                continue;
-            }
-            if self.waiting.holds(&record.topic) {
-                if self.waiting.hold_row(&record.topic, row.aggregate_hash) == Hold::Full {
-                    batch.park(i, row.id, &too_much_waiting(&record.topic));
-                    if !hold {
-                        continue;
-                    }
-                }
-                held.insert(&row.aggregate_id);
-                continue;
-            }
-            // Only for a topic that exists: learning a limit is a request per topic.
-            let record = match self.check_topic_limit(record).await {
-                Ok(record) => record,
                 Err(reason) => {
                     batch.park(i, row.id, &reason);
                     if hold {
