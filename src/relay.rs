@@ -41,8 +41,22 @@ const TOPIC_QUESTIONS_PER_TICK: usize = 4;
 const CLUSTER_TOPICS_FRESH: Duration = Duration::from_secs(1);
 const UNKNOWN_TOPIC: &str = "the cluster does not know the topic";
 const UNANSWERED_TOPIC: &str = "the cluster did not say whether it knows the topic";
-/// A topic the cluster could not be asked about is produced to meanwhile.
-const UNANSWERED_TOPIC_REASK: Duration = Duration::from_secs(30);
+/// How long an answer about a topic stands: one the cluster could not be asked about is
+/// produced to meanwhile, and a row's own topic it does not know parks its rows.
+const TOPIC_ANSWER_KEPT: Duration = Duration::from_secs(30);
+
+/// Keeps `topic`'s answer until `until`, in a map bounded as the topic caches are: rows
+/// choose their topics.
+fn remember_until(
+    answers: &mut foldhash::HashMap<Arc<str>, Instant>,
+    topic: &Arc<str>,
+    until: Instant,
+) {
+    if answers.len() >= 10_000 {
+        answers.clear();
+    }
+    answers.insert(topic.clone(), until);
+}
 
 /// A row for a missing topic when the relay already holds apart all it can.
 fn too_much_waiting(topic: &str) -> ParkReason {
@@ -604,37 +618,6 @@ impl Relay {
         self.publish_waiting_topics();
     }
 
-    /// Asks the cluster about a template topic before its first row is produced: one it
-    /// does not know (or will not say) waits, so that no batch waits out librdkafka's
-    /// `topic.metadata.propagation.max.ms` for it. Any other answer lets producing decide.
-    async fn learn_topic(&mut self, topic: &Arc<str>) -> Hold {
-        let answer = self.ask_cluster_about(topic).await;
-        self.health.loop_progress();
-        let hold = match answer {
-            TopicAnswer::Known | TopicAnswer::Refused(_) => {
-                self.remember_known_topic(topic);
-                return Hold::Waiting;
-            }
-            TopicAnswer::Unknown => {
-                self.waiting
-                    .refused(topic, UNKNOWN_TOPIC, std::time::Instant::now())
-            }
-            // The cluster cannot be asked (brokers down, authentication failing):
-            // producing decides and reports what is wrong; asked again a while later.
-            TopicAnswer::Unanswered(why) => {
-                debug!(%topic, %why, "the cluster did not say whether it knows the topic; producing decides");
-                if self.unanswered_topics.len() >= 10_000 {
-                    self.unanswered_topics.clear();
-                }
-                self.unanswered_topics
-                    .insert(topic.clone(), Instant::now() + UNANSWERED_TOPIC_REASK);
-                return Hold::Waiting;
-            }
-        };
-        self.publish_waiting_topics();
-        hold
-    }
-
     /// Waiting topics whose retry is due (a few per tick, so that a tick stays short
     /// however many wait): asked about again, released if the cluster knows them now.
     async fn retry_waiting_topics(&mut self, cancel: &CancellationToken) {
@@ -660,49 +643,31 @@ impl Relay {
         self.publish_waiting_topics();
     }
 
-    /// Why a row's own topic cannot be published to, when the cluster says it does not
-    /// know it: the row is parked at once, instead of its batch waiting out librdkafka's
-    /// `topic.metadata.propagation.max.ms` first. Answers are remembered for a while.
-    async fn row_topic_missing(&mut self, topic: &Arc<str>) -> Option<ParkReason> {
-        if self.known_topics.contains(topic) {
-            return None;
-        }
+    /// Whether the cluster says it does not know `topic`. A topic known to exist is not
+    /// asked about again, nor for a while one the cluster could not be asked about: the
+    /// brokers are down or refuse the relay, and producing decides and reports that.
+    async fn cluster_lacks(&mut self, topic: &Arc<str>) -> bool {
         let now = Instant::now();
-        if let Some(until) = self.unknown_row_topics.get(topic) {
-            if now < *until {
-                return Some(ParkReason::Rejected(format!(
-                    "{UNKNOWN_TOPIC} `{topic}` named by the row"
-                )));
-            }
-        }
-        if self
-            .unanswered_topics
-            .get(topic)
-            .is_some_and(|reask| now < *reask)
+        if self.known_topics.contains(topic)
+            || self
+                .unanswered_topics
+                .get(topic)
+                .is_some_and(|reask| now < *reask)
         {
-            return None;
+            return false;
         }
         let answer = self.ask_cluster_about(topic).await;
         self.health.loop_progress();
         match answer {
             TopicAnswer::Known | TopicAnswer::Refused(_) => {
                 self.remember_known_topic(topic);
-                None
+                false
             }
-            TopicAnswer::Unknown => {
-                if self.unknown_row_topics.len() >= 10_000 {
-                    self.unknown_row_topics.clear();
-                }
-                self.unknown_row_topics
-                    .insert(topic.clone(), now + UNANSWERED_TOPIC_REASK);
-                Some(ParkReason::Rejected(format!(
-                    "{UNKNOWN_TOPIC} `{topic}` named by the row"
-                )))
-            }
-            TopicAnswer::Unanswered(_) => {
-                self.unanswered_topics
-                    .insert(topic.clone(), now + UNANSWERED_TOPIC_REASK);
-                None
+            TopicAnswer::Unknown => true,
+            TopicAnswer::Unanswered(why) => {
+                debug!(%topic, %why, "{UNANSWERED_TOPIC}; producing decides");
+                remember_until(&mut self.unanswered_topics, topic, now + TOPIC_ANSWER_KEPT);
+                false
             }
         }
     }
@@ -724,20 +689,32 @@ impl Relay {
         record: EncodedRecord<'r>,
     ) -> Result<Cleared<'r>, ParkReason> {
         if row.topic.is_some() {
-            if let Some(reason) = self.row_topic_missing(&record.topic).await {
-                return Err(reason);
-            }
-        } else if !self.known_topics.contains(&record.topic)
-            && !self.waiting.holds(&record.topic)
-            && self
-                .unanswered_topics
+            // A row's own topic the cluster does not know: the row is parked at once, and
+            // the answer kept for a while for the rows naming it after.
+            let said_lately = self
+                .unknown_row_topics
                 .get(&record.topic)
-                .is_none_or(|reask| Instant::now() >= *reask)
-            && self.learn_topic(&record.topic).await == Hold::Full
-        {
-            // Rows choose their topics: past the cap, a row for yet another missing topic
-            // is parked rather than every other topic stopped.
-            return Err(too_much_waiting(&record.topic));
+                .is_some_and(|until| Instant::now() < *until);
+            if said_lately || self.cluster_lacks(&record.topic).await {
+                if !said_lately {
+                    let until = Instant::now() + TOPIC_ANSWER_KEPT;
+                    remember_until(&mut self.unknown_row_topics, &record.topic, until);
+                }
+                return Err(ParkReason::Rejected(format!(
+                    "{UNKNOWN_TOPIC} `{}` named by the row",
+                    record.topic
+                )));
+            }
+        } else if !self.waiting.holds(&record.topic) && self.cluster_lacks(&record.topic).await {
+            // A template topic the cluster does not know: its rows wait, the others flow.
+            let now = std::time::Instant::now();
+            let hold = self.waiting.refused(&record.topic, UNKNOWN_TOPIC, now);
+            self.publish_waiting_topics();
+            if hold == Hold::Full {
+                // Rows choose their topics: past the cap, a row for yet another missing
+                // topic is parked rather than every other topic stopped.
+                return Err(too_much_waiting(&record.topic));
+            }
         }
         if self.waiting.holds(&record.topic) {
             if self.waiting.hold_row(&record.topic, row.aggregate_hash) == Hold::Full {
