@@ -422,48 +422,88 @@ pub const MARK_SENT: &str = "WITH fence AS ( \
    AND o.shard = (ARRAY(SELECT shard FROM fence ORDER BY shard)) \
        [pg_catalog.width_bucket(o.shard, ARRAY(SELECT shard FROM fence ORDER BY shard))]";
 
+/// A text column's value (as `$value`) when it is at most the read's per-row limit (`$8`),
+/// NULL otherwise: its stored size decides first, so that a small value is never measured
+/// and a large one never sent.
+macro_rules! fetched {
+    ($column:literal, $value:literal) => {
+        concat!(
+            "CASE WHEN pg_catalog.pg_column_size(",
+            $column,
+            ") <= 8192 \
+                    OR pg_catalog.octet_length(",
+            $column,
+            ") <= $8 \
+                  THEN ",
+            $value,
+            " END"
+        )
+    };
+}
+
+/// The `withheld_bytes` arm of a text column [`fetched!`] leaves out: its length.
+macro_rules! withheld {
+    ($column:literal) => {
+        concat!(
+            "WHEN pg_catalog.pg_column_size(",
+            $column,
+            ") > 8192 \
+               AND pg_catalog.octet_length(",
+            $column,
+            ") > $8 \
+               THEN pg_catalog.octet_length(",
+            $column,
+            ") "
+        )
+    };
+}
+
 /// The pending rows of one side of the skipped run, without the skipped ids on that side
 /// (`o.id < $5` without `$4`, then `o.id > $6` without `$7`); the two sides are merged in
 /// id order. Written out twice because a range is what lets the index step over the run.
 macro_rules! read_pending_side {
     ($side:literal) => {
         read_pending_side!(
-            "CASE WHEN pg_catalog.pg_column_size(o.aggregate_type) <= 8192 \
-                    OR pg_catalog.octet_length(o.aggregate_type) <= $8 \
-                  THEN o.aggregate_type END AS aggregate_type, \
-             CASE WHEN pg_catalog.pg_column_size(o.aggregate_id) <= 8192 \
-                    OR pg_catalog.octet_length(o.aggregate_id) <= $8 \
-                  THEN o.aggregate_id END AS aggregate_id, \
-             CASE WHEN pg_catalog.pg_column_size(o.event_type) <= 8192 \
-                    OR pg_catalog.octet_length(o.event_type) <= $8 \
-                  THEN o.event_type END AS event_type, ",
+            concat!(
+                fetched!("o.aggregate_type", "o.aggregate_type"),
+                " AS aggregate_type, ",
+                fetched!("o.aggregate_id", "o.aggregate_id"),
+                " AS aggregate_id, ",
+                fetched!("o.event_type", "o.event_type"),
+                " AS event_type, "
+            ),
             "o.payload::text",
             "o.headers::text",
-            "CASE WHEN pg_catalog.pg_column_size(o.topic) <= 8192 \
-                    OR pg_catalog.octet_length(o.topic) <= $8 THEN o.topic END",
+            fetched!("o.topic", "o.topic"),
             $side
         )
     };
     (raw $side:literal) => {
         read_pending_side!(
-            "CASE WHEN pg_catalog.pg_column_size(o.aggregate_type) <= 8192 \
-                    OR pg_catalog.octet_length(o.aggregate_type) <= $8 \
-                  THEN pg_catalog.convert_to(o.aggregate_type, 'SQL_ASCII') END AS aggregate_type, \
-             CASE WHEN pg_catalog.pg_column_size(o.aggregate_id) <= 8192 \
-                    OR pg_catalog.octet_length(o.aggregate_id) <= $8 \
-                  THEN pg_catalog.convert_to(o.aggregate_id, 'SQL_ASCII') END AS aggregate_id, \
-             CASE WHEN pg_catalog.pg_column_size(o.event_type) <= 8192 \
-                    OR pg_catalog.octet_length(o.event_type) <= $8 \
-                  THEN pg_catalog.convert_to(o.event_type, 'SQL_ASCII') END AS event_type, ",
+            concat!(
+                fetched!(
+                    "o.aggregate_type",
+                    "pg_catalog.convert_to(o.aggregate_type, 'SQL_ASCII')"
+                ),
+                " AS aggregate_type, ",
+                fetched!(
+                    "o.aggregate_id",
+                    "pg_catalog.convert_to(o.aggregate_id, 'SQL_ASCII')"
+                ),
+                " AS aggregate_id, ",
+                fetched!(
+                    "o.event_type",
+                    "pg_catalog.convert_to(o.event_type, 'SQL_ASCII')"
+                ),
+                " AS event_type, "
+            ),
             "pg_catalog.convert_to(o.payload::text, 'SQL_ASCII')",
             "pg_catalog.convert_to(o.headers::text, 'SQL_ASCII')",
-            "CASE WHEN pg_catalog.pg_column_size(o.topic) <= 8192 \
-                    OR pg_catalog.octet_length(o.topic) <= $8 \
-                  THEN pg_catalog.convert_to(o.topic, 'SQL_ASCII') END",
+            fetched!("o.topic", "pg_catalog.convert_to(o.topic, 'SQL_ASCII')"),
             $side
         )
     };
-    ($names:literal, $payload:literal, $headers:literal, $topic:literal, $side:literal) => {
+    ($names:expr, $payload:literal, $headers:literal, $topic:expr, $side:literal) => {
         concat!(
             "(SELECT o.id, ",
             $names,
@@ -492,19 +532,12 @@ macro_rules! read_pending_side {
                      WHEN pg_catalog.pg_column_size(o.headers) > 8192 \
                        AND pg_catalog.octet_length(o.headers::text) > $8 \
                        THEN pg_catalog.octet_length(o.headers::text) \
-                     WHEN pg_catalog.pg_column_size(o.aggregate_id) > 8192 \
-                       AND pg_catalog.octet_length(o.aggregate_id) > $8 \
-                       THEN pg_catalog.octet_length(o.aggregate_id) \
-                     WHEN pg_catalog.pg_column_size(o.aggregate_type) > 8192 \
-                       AND pg_catalog.octet_length(o.aggregate_type) > $8 \
-                       THEN pg_catalog.octet_length(o.aggregate_type) \
-                     WHEN pg_catalog.pg_column_size(o.event_type) > 8192 \
-                       AND pg_catalog.octet_length(o.event_type) > $8 \
-                       THEN pg_catalog.octet_length(o.event_type) \
-                     WHEN pg_catalog.pg_column_size(o.topic) > 8192 \
-                       AND pg_catalog.octet_length(o.topic) > $8 \
-                       THEN pg_catalog.octet_length(o.topic) \
-                END::bigint AS withheld_bytes, \
+                     ",
+            withheld!("o.aggregate_id"),
+            withheld!("o.aggregate_type"),
+            withheld!("o.event_type"),
+            withheld!("o.topic"),
+            " END::bigint AS withheld_bytes, \
                 pg_catalog.hashtextextended(o.aggregate_id, 0) AS aggregate_hash \
              FROM outbox o \
              WHERE o.sent_at IS NULL AND o.parked_at IS NULL AND ",
