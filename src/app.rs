@@ -14,9 +14,10 @@ use tokio::time::sleep;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::config::{Mode, Settings};
+use crate::config::Settings;
 use crate::lease::{LeaseKeeper, LeaseTiming, Ownership};
-use crate::relay::{Backoff, Relay};
+use crate::model::{Backoff, Mode};
+use crate::relay::Relay;
 use crate::store::{Store, StoreError};
 use crate::telemetry::{self, Health};
 use crate::wake;

@@ -305,7 +305,7 @@ async fn list_parked(
     );
     // Every column was written by a service, or quotes what one wrote: escaped and
     // bounded, so a row cannot drive the operator's terminal (`--json` escapes by itself).
-    let shown = |text: &str, max| crate::encode::printable(text, max);
+    let shown = |text: &str, max| crate::model::printable(text, max);
     for row in &rows {
         println!(
             "{:>10}  {:<16} {:<24} {:<20} {:<20}  {}",
@@ -316,7 +316,7 @@ async fn list_parked(
             shown(row.park_reason.as_deref().unwrap_or("-"), 64),
             shown(
                 row.park_error.as_deref().unwrap_or("-"),
-                crate::encode::MAX_REASON_BYTES
+                crate::model::MAX_REASON_BYTES
             ),
         );
     }
@@ -579,8 +579,8 @@ async fn check(settings: Settings, timeout: Duration) -> anyhow::Result<()> {
         settings.relay.batch_size,
         settings.relay.topic_template,
         match settings.relay.mode {
-            crate::config::Mode::Mark => "marking",
-            crate::config::Mode::Delete => "deleting",
+            crate::model::Mode::Mark => "marking",
+            crate::model::Mode::Delete => "deleting",
         },
         settings.kafka.compression,
     );

@@ -12,7 +12,7 @@ use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 
-use crate::encode::{TemplateError, TopicTemplate};
+use crate::model::{Mode, ParkPolicy, TemplateError, TopicTemplate};
 
 /// Where the configuration file is looked for when `--config` is not given.
 pub const DEFAULT_CONFIG_PATH: &str = "config/outbox-relay.toml";
@@ -124,24 +124,6 @@ impl fmt::Debug for KafkaSettings {
             .field("secret_files", &self.secret_files)
             .finish()
     }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Mode {
-    /// Set `sent_at`, partition and offset on acknowledged rows.
-    Mark,
-    /// Delete acknowledged rows.
-    Delete,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ParkPolicy {
-    /// Later rows of a parked row's aggregate wait until it is replayed or discarded.
-    Hold,
-    /// Later rows of a parked row's aggregate are published anyway.
-    Skip,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -722,7 +704,7 @@ impl Settings {
                 "database.url",
                 format!(
                     "has the parameter `{}`, which PostgreSQL's client here does not know (its value is not shown); remove it, or spell it as one of: {}",
-                    crate::encode::printable(&key, 64),
+                    crate::model::printable(&key, 64),
                     CONNECT_PARAMETERS.join(", ")
                 ),
             ));
@@ -893,13 +875,13 @@ impl Settings {
             .relay
             .allowed_topics
             .iter()
-            .find(|glob| !crate::encode::is_topic_glob(glob))
+            .find(|glob| !crate::model::is_topic_glob(glob))
         {
             return Err(ConfigError::new(
                 "relay.allowed_topics",
                 format!(
                     "`{}` is not a topic pattern: use letters, digits, '.', '_', '-', with `*` for any run of characters and `?` for one, e.g. \"orders.*\"",
-                    crate::encode::printable(glob, 100)
+                    crate::model::printable(glob, 100)
                 ),
             ));
         }
@@ -977,13 +959,13 @@ impl Settings {
     }
 
     /// What rows may publish to: `relay.allowed_topics`, or the template's own glob.
-    pub fn topic_policy(&self) -> Result<crate::encode::TopicPolicy, TemplateError> {
+    pub fn topic_policy(&self) -> Result<crate::model::TopicPolicy, TemplateError> {
         let allowed = if self.relay.allowed_topics.is_empty() {
             vec![TopicTemplate::parse(&self.relay.topic_template)?.glob()]
         } else {
             self.relay.allowed_topics.clone()
         };
-        Ok(crate::encode::TopicPolicy::new(
+        Ok(crate::model::TopicPolicy::new(
             allowed,
             self.relay.row_topics,
         ))

@@ -2,10 +2,12 @@
 //! either becomes a record or a [`ParkReason`] saying why it never can, decided before
 //! anything is produced.
 
-use std::fmt;
 use std::sync::Arc;
 
-use crate::store::OutboxRow;
+use crate::model::{
+    MAX_TOPIC_LEN, OutboxRow, ParkReason, QUOTED_BYTES, TopicPolicy, TopicTemplate, printable,
+    validate_topic,
+};
 
 /// Header names the relay writes itself; a row's own headers may not reuse them.
 pub const HEADER_EVENT_ID: &str = "id";
@@ -13,273 +15,13 @@ pub const HEADER_EVENT_TYPE: &str = "event_type";
 pub const HEADER_AGGREGATE_TYPE: &str = "aggregate_type";
 const RESERVED_HEADERS: [&str; 3] = [HEADER_EVENT_ID, HEADER_EVENT_TYPE, HEADER_AGGREGATE_TYPE];
 
-/// Kafka's own limit on topic name length.
-const MAX_TOPIC_LEN: usize = 249;
 /// A row's own headers: at most this many, names of at most this many bytes, and names
 /// and values together of at most this many bytes. Beyond, the row is parked.
 pub const MAX_ROW_HEADERS: usize = 64;
 pub const MAX_HEADER_NAME_BYTES: usize = 256;
 pub const MAX_ROW_HEADER_BYTES: usize = 64 * 1024;
-/// How much of a row's text a park reason quotes.
-const QUOTED_BYTES: usize = 200;
-/// The longest park reason stored in `park_error` and logged.
-pub const MAX_REASON_BYTES: usize = 1024;
 /// Rough per-record framing overhead (lengths, varints, attributes) in the record batch.
 const RECORD_OVERHEAD_BYTES: usize = 64;
-
-/// A topic name with `{aggregate_type}` and `{event_type}` placeholders.
-#[derive(Debug, Clone)]
-pub struct TopicTemplate {
-    parts: Vec<Part>,
-}
-
-#[derive(Debug, Clone)]
-enum Part {
-    Literal(String),
-    AggregateType,
-    EventType,
-}
-
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum TemplateError {
-    #[error("unknown placeholder `{{{0}}}`; use {{aggregate_type}} or {{event_type}}")]
-    UnknownPlaceholder(String),
-    #[error("unclosed `{{` in the template")]
-    Unclosed,
-    #[error("the template is empty")]
-    Empty,
-    #[error("`{0}` is not allowed in a Kafka topic name (use letters, digits, '.', '_', '-')")]
-    BadCharacter(char),
-}
-
-impl TopicTemplate {
-    pub fn parse(template: &str) -> Result<Self, TemplateError> {
-        if template.is_empty() {
-            return Err(TemplateError::Empty);
-        }
-        let mut parts = Vec::new();
-        let mut rest = template;
-        while let Some(start) = rest.find('{') {
-            if start > 0 {
-                parts.push(Part::Literal(rest[..start].to_string()));
-            }
-            let end = rest[start..].find('}').ok_or(TemplateError::Unclosed)? + start;
-            parts.push(match &rest[start + 1..end] {
-                "aggregate_type" => Part::AggregateType,
-                "event_type" => Part::EventType,
-                other => return Err(TemplateError::UnknownPlaceholder(other.to_string())),
-            });
-            rest = &rest[end + 1..];
-        }
-        if !rest.is_empty() {
-            parts.push(Part::Literal(rest.to_string()));
-        }
-        for part in &parts {
-            if let Part::Literal(text) = part {
-                if let Some(c) = text.chars().find(|c| !is_topic_char(*c)) {
-                    return Err(TemplateError::BadCharacter(c));
-                }
-            }
-        }
-        Ok(Self { parts })
-    }
-
-    pub fn uses_event_type(&self) -> bool {
-        self.parts
-            .iter()
-            .any(|part| matches!(part, Part::EventType))
-    }
-
-    /// Every topic the template can render, as a glob: each placeholder becomes `*`.
-    pub fn glob(&self) -> String {
-        self.parts
-            .iter()
-            .map(|part| match part {
-                Part::Literal(text) => text.as_str(),
-                Part::AggregateType | Part::EventType => "*",
-            })
-            .collect()
-    }
-
-    pub fn render(&self, aggregate_type: &str, event_type: &str) -> String {
-        let mut out = String::with_capacity(64);
-        for part in &self.parts {
-            match part {
-                Part::Literal(text) => out.push_str(text),
-                Part::AggregateType => out.push_str(aggregate_type),
-                Part::EventType => out.push_str(event_type),
-            }
-        }
-        out
-    }
-}
-
-fn is_topic_char(c: char) -> bool {
-    c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')
-}
-
-/// Whether `glob` is a well-formed topic glob: topic characters, `*` and `?`.
-pub fn is_topic_glob(glob: &str) -> bool {
-    !glob.is_empty()
-        && glob.len() <= MAX_TOPIC_LEN
-        && glob
-            .chars()
-            .all(|c| is_topic_char(c) || matches!(c, '*' | '?'))
-}
-
-/// `*` matches any run of characters (dots included), `?` any one.
-fn glob_matches(glob: &[u8], text: &[u8]) -> bool {
-    let (mut g, mut t) = (0, 0);
-    // Where the last `*` was, and the text position it is trying to absorb up to.
-    let mut star: Option<(usize, usize)> = None;
-    while t < text.len() {
-        match glob.get(g) {
-            Some(b'*') => {
-                star = Some((g, t));
-                g += 1;
-            }
-            Some(&c) if c == b'?' || c == text[t] => {
-                g += 1;
-                t += 1;
-            }
-            _ => match star {
-                Some((star_g, star_t)) => {
-                    g = star_g + 1;
-                    t = star_t + 1;
-                    star = Some((star_g, star_t + 1));
-                }
-                None => return false,
-            },
-        }
-    }
-    glob[g..].iter().all(|&c| c == b'*')
-}
-
-/// Which topics rows may be published to. A row names its topic (its `topic` column, or
-/// its `aggregate_type` through the template), and rows are written by many services:
-/// without this, one could publish into another team's topic or Kafka's internal ones.
-#[derive(Debug, Clone)]
-pub struct TopicPolicy {
-    /// `relay.allowed_topics`, or the template's own glob.
-    allowed: Vec<String>,
-    /// `relay.row_topics`: whether a row's own `topic` column is honoured.
-    row_topics: bool,
-}
-
-impl TopicPolicy {
-    pub fn new(allowed: Vec<String>, row_topics: bool) -> Self {
-        Self {
-            allowed,
-            row_topics,
-        }
-    }
-
-    /// A topic beginning with `_` (`__consumer_offsets`, `__transaction_state`,
-    /// `_schemas`, `_confluent-…`) is allowed only by a glob that begins with `_` itself,
-    /// never by a catch-all such as `*`.
-    pub fn check(&self, topic: &str, from_row: bool) -> Result<(), ParkReason> {
-        if from_row && !self.row_topics {
-            return Err(ParkReason::TopicNotAllowed(format!(
-                "the row names its own topic `{}`, and relay.row_topics = false",
-                printable(topic, QUOTED_BYTES)
-            )));
-        }
-        let internal = topic.starts_with('_');
-        let allowed = self.allowed.iter().any(|glob| {
-            (!internal || glob.starts_with('_')) && glob_matches(glob.as_bytes(), topic.as_bytes())
-        });
-        if allowed {
-            Ok(())
-        } else {
-            Err(ParkReason::TopicNotAllowed(format!(
-                "`{}` matches none of relay.allowed_topics ({}){}",
-                printable(topic, QUOTED_BYTES),
-                self.allowed.join(", "),
-                if internal {
-                    "; a topic beginning with `_` needs a pattern beginning with `_`"
-                } else {
-                    ""
-                }
-            )))
-        }
-    }
-}
-
-/// Every label [`ParkReason::kind`] can return.
-pub const PARK_REASONS: &[&str] = &[
-    "too_large",
-    "invalid_topic",
-    "bad_headers",
-    "rejected_by_broker",
-    "undecodable",
-    "topic_not_allowed",
-];
-
-/// Why a row can never be published as it stands. The label values are bounded.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ParkReason {
-    /// `limit_name` says whose limit: the relay's or the topic's.
-    TooLarge {
-        bytes: usize,
-        limit: usize,
-        limit_name: &'static str,
-    },
-    InvalidTopic(String),
-    BadHeaders(String),
-    Rejected(String),
-    /// The named column's text is not UTF-8.
-    Undecodable(&'static str),
-    /// The topic is outside `relay.allowed_topics`, or a row's own with
-    /// `relay.row_topics = false`.
-    TopicNotAllowed(String),
-}
-
-impl ParkReason {
-    /// Bounded label for metrics and the `park_reason` column.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            ParkReason::TooLarge { .. } => "too_large",
-            ParkReason::InvalidTopic(_) => "invalid_topic",
-            ParkReason::BadHeaders(_) => "bad_headers",
-            ParkReason::Rejected(_) => "rejected_by_broker",
-            ParkReason::Undecodable(_) => "undecodable",
-            ParkReason::TopicNotAllowed(_) => "topic_not_allowed",
-        }
-    }
-}
-
-impl fmt::Display for ParkReason {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ParkReason::TooLarge {
-                bytes,
-                limit,
-                limit_name,
-            } => write!(
-                f,
-                "record of {bytes} bytes (uncompressed) exceeds {limit_name} = {limit}"
-            ),
-            ParkReason::InvalidTopic(why) => {
-                write!(f, "invalid topic: {}", printable(why, MAX_REASON_BYTES))
-            }
-            ParkReason::BadHeaders(why) => {
-                write!(f, "bad headers: {}", printable(why, MAX_REASON_BYTES))
-            }
-            ParkReason::Rejected(why) => write!(
-                f,
-                "rejected by the broker: {}",
-                printable(why, MAX_REASON_BYTES)
-            ),
-            ParkReason::TopicNotAllowed(why) => {
-                write!(f, "topic not allowed: {}", printable(why, MAX_REASON_BYTES))
-            }
-            ParkReason::Undecodable(column) => write!(
-                f,
-                "column {column} is not valid UTF-8 (a SQL_ASCII database stores any bytes); fix the row's text and replay it"
-            ),
-        }
-    }
-}
 
 /// Everything needed to produce one row, borrowed from the row: encoding copies nothing
 /// but the event id's text and the row's own headers.
@@ -442,28 +184,6 @@ impl Encoder {
     }
 }
 
-fn validate_topic(topic: &str) -> Result<(), ParkReason> {
-    if topic.is_empty() {
-        return Err(ParkReason::InvalidTopic("the topic is empty".into()));
-    }
-    if topic == "." || topic == ".." {
-        return Err(ParkReason::InvalidTopic(format!("`{topic}` is reserved")));
-    }
-    if topic.len() > MAX_TOPIC_LEN {
-        return Err(ParkReason::InvalidTopic(format!(
-            "{} characters, Kafka allows {MAX_TOPIC_LEN}",
-            topic.len()
-        )));
-    }
-    if let Some(c) = topic.chars().find(|c| !is_topic_char(*c)) {
-        return Err(ParkReason::InvalidTopic(format!(
-            "`{}` contains {c:?}; topic names use letters, digits, '.', '_' and '-'",
-            printable(topic, QUOTED_BYTES)
-        )));
-    }
-    Ok(())
-}
-
 fn append_row_headers(raw: &str, headers: &mut Vec<(String, String)>) -> Result<(), ParkReason> {
     let value: serde_json::Value =
         serde_json::from_str(raw).map_err(|e| ParkReason::BadHeaders(format!("not JSON: {e}")))?;
@@ -523,31 +243,6 @@ fn append_row_headers(raw: &str, headers: &mut Vec<(String, String)>) -> Result<
         )));
     }
     Ok(())
-}
-
-/// Text from a row, or quoting one, as the relay writes it where people read it
-/// (`park_error`, logs, `parked list`): control and bidirectional-formatting characters
-/// escaped (`\n`, `\u{1b}`), so it can neither forge a log line nor drive a terminal, and
-/// at most about `max` bytes, cut at a character boundary with the length left out said.
-pub fn printable(text: &str, max: usize) -> String {
-    let mut out = String::with_capacity(text.len().min(max) + 16);
-    for (at, c) in text.char_indices() {
-        if out.len() >= max {
-            out.push_str(&format!("… ({} more bytes)", text.len() - at));
-            break;
-        }
-        if c.is_control() || is_bidi_control(c) {
-            out.extend(c.escape_default());
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
-/// Characters that reorder how a terminal shows the text around them (Trojan Source).
-fn is_bidi_control(c: char) -> bool {
-    matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
 }
 
 fn json_kind(value: &serde_json::Value) -> &'static str {
@@ -667,24 +362,6 @@ mod tests {
     }
 
     #[test]
-    fn template_placeholders() {
-        let t = TopicTemplate::parse("{aggregate_type}-{event_type}.v1").unwrap();
-        assert_eq!(t.render("order", "Placed"), "order-Placed.v1");
-        assert_eq!(
-            TopicTemplate::parse("x.{id}").unwrap_err(),
-            TemplateError::UnknownPlaceholder("id".into())
-        );
-        assert_eq!(
-            TopicTemplate::parse("x.{").unwrap_err(),
-            TemplateError::Unclosed
-        );
-        assert_eq!(
-            TopicTemplate::parse("a b").unwrap_err(),
-            TemplateError::BadCharacter(' ')
-        );
-    }
-
-    #[test]
     fn unpublishable_rows_get_a_reason() {
         let mut r = row();
         r.topic = Some("bad topic!".into());
@@ -738,7 +415,11 @@ mod tests {
         assert!(reason.contains(r"evil\n2026"), "{reason}");
         assert!(reason.contains(r"\u{1b}[2J\u{202e}"), "{reason}");
         let long = ParkReason::Rejected("y".repeat(10_000)).to_string();
-        assert!(long.len() <= MAX_REASON_BYTES + 64, "{} bytes", long.len());
+        assert!(
+            long.len() <= crate::model::MAX_REASON_BYTES + 64,
+            "{} bytes",
+            long.len()
+        );
 
         assert_eq!(printable("plain", 10), "plain");
         assert_eq!(printable("tab\there", 100), r"tab\there");

@@ -12,7 +12,7 @@ use tokio::time::{Instant, sleep};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::relay::Backoff;
+use crate::model::Backoff;
 use crate::store::{Store, StoreError};
 use crate::telemetry::{self, Health};
 

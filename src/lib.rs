@@ -8,6 +8,7 @@ pub mod config;
 pub mod encode;
 pub mod http;
 pub mod lease;
+pub mod model;
 pub mod produce;
 pub mod relay;
 pub mod store;

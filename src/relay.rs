@@ -18,13 +18,14 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, warn};
 
 use crate::classify::{ErrorClass, classify};
-use crate::config::{Mode, ParkPolicy, RelaySettings, Settings};
-use crate::encode::{EncodedRecord, Encoder, ParkReason, TopicTemplate};
+use crate::config::{RelaySettings, Settings};
+use crate::encode::{EncodedRecord, Encoder};
 use crate::lease::{Ownership, Snapshot};
+use crate::model::{Backoff, Mode, OutboxRow, ParkPolicy, ParkReason, TopicTemplate};
 use crate::produce::{
     ClusterTopics, EventReceiver, EventSender, ProducerEvent, RowProducer, TopicAnswer,
 };
-use crate::store::{Ack, OutboxRow, Parking, ReadLimits, Store, StoreError};
+use crate::store::{Ack, Parking, ReadLimits, Store, StoreError};
 use crate::telemetry::{self, BatchReport, Health};
 use crate::topics::TopicLimits;
 use crate::waiting::{Hold, WaitingTopics};
@@ -81,7 +82,7 @@ pub enum RelayError {
     #[error("cannot build the Kafka producer: {0}; check the [kafka] settings")]
     Producer(#[source] rdkafka::error::KafkaError),
     #[error("relay.topic_template: {0}")]
-    Template(#[from] crate::encode::TemplateError),
+    Template(#[from] crate::model::TemplateError),
     #[error("a background read or mark stopped unexpectedly: {0}")]
     Task(#[source] tokio::task::JoinError),
 }
@@ -263,30 +264,6 @@ impl Drain {
 /// report, so it must never fill while the relay is not listening.
 fn event_channel_capacity(settings: &RelaySettings) -> usize {
     settings.batch_size as usize * 2 + 1024
-}
-
-/// Delay that doubles from 100 ms up to a cap, reset after a success.
-#[derive(Debug)]
-pub struct Backoff {
-    next: Duration,
-    cap: Duration,
-}
-
-impl Backoff {
-    pub fn new(cap: Duration) -> Self {
-        Self {
-            next: Duration::from_millis(100),
-            cap,
-        }
-    }
-    pub fn next_delay(&mut self) -> Duration {
-        let delay = self.next;
-        self.next = (self.next * 2).min(self.cap);
-        delay
-    }
-    pub fn reset(&mut self) {
-        self.next = Duration::from_millis(100);
-    }
 }
 
 /// One replica's relay loop.

@@ -182,7 +182,7 @@ fn register_all() {
     for kind in crate::store::ERROR_KINDS {
         counter!(DATABASE_ERRORS, "kind" => *kind).absolute(0);
     }
-    for reason in crate::encode::PARK_REASONS {
+    for reason in crate::model::PARK_REASONS {
         counter!(ROWS_PARKED, "reason" => *reason).absolute(0);
     }
     for name in [

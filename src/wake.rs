@@ -12,7 +12,7 @@ use tokio::time::sleep;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::relay::Backoff;
+use crate::model::Backoff;
 use crate::telemetry;
 
 /// Listens on `channel` until `cancel`, ringing `wake` for every notification.

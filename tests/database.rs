@@ -6,7 +6,7 @@ mod support;
 
 use std::time::Duration;
 
-use outbox_relay::config::ParkPolicy;
+use outbox_relay::model::ParkPolicy;
 use outbox_relay::store::{ReadLimits, Store};
 
 use support::*;
