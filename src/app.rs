@@ -7,19 +7,20 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio::time::sleep;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use crate::config::Settings;
 use crate::lease::{LeaseKeeper, LeaseTiming, Ownership};
-use crate::model::{Backoff, Mode};
+use crate::model::{Backoff, Mode, PARK_REASONS};
 use crate::relay::Relay;
 use crate::store::{Store, StoreError};
-use crate::telemetry::{self, Health};
+use crate::telemetry::{
+    self, BacklogCounted, DatabaseError, DatabaseUnavailable, Health, Metrics, emit,
+};
 use crate::wake;
 
 /// How long a stopping relay tries to give its shards up before leaving them to expire.
@@ -32,16 +33,24 @@ pub struct App {
     health: Arc<Health>,
     wake: Arc<Notify>,
     ownership: Arc<Ownership>,
-    metrics: PrometheusHandle,
+    metrics: Metrics,
     http_listener: TcpListener,
     http_addr: SocketAddr,
 }
 
 impl App {
     pub async fn build(settings: Settings) -> anyhow::Result<App> {
-        let metrics = telemetry::prometheus()
-            .map_err(anyhow::Error::msg)
-            .context("Failed to install the Prometheus recorder")?;
+        let metrics = Metrics::new(&[
+            (telemetry::PUBLISH_ERRORS, "kind", crate::classify::KINDS),
+            (
+                telemetry::DATABASE_ERRORS,
+                "kind",
+                crate::store::ERROR_KINDS,
+            ),
+            (telemetry::ROWS_PARKED, "reason", PARK_REASONS),
+        ])
+        .map_err(anyhow::Error::msg)
+        .context("Failed to set up the metrics recorder")?;
         for warning in settings.warnings() {
             warn!("{warning}");
         }
@@ -50,14 +59,18 @@ impl App {
         let health = Arc::new(Health::default());
         let wake = Arc::new(Notify::new());
         let ownership = Arc::new(Ownership::default());
-        let relay = Relay::new(
-            store.clone(),
-            &settings,
-            health.clone(),
-            wake.clone(),
-            ownership.clone(),
-        )
-        .context("Failed to build the Kafka producer")?;
+        let relay = metrics
+            .scope(|| {
+                Relay::new(
+                    store.clone(),
+                    &settings,
+                    health.clone(),
+                    metrics.clone(),
+                    wake.clone(),
+                    ownership.clone(),
+                )
+            })
+            .context("Failed to build the Kafka producer")?;
         let http_listener = TcpListener::bind(settings.http.listen)
             .await
             .with_context(|| format!("Failed to bind http.listen = {}", settings.http.listen))?;
@@ -100,103 +113,106 @@ impl App {
         } = self;
         let replica_id = settings.replica_id();
         let tasks_cancel = cancel.child_token();
-        let http = tokio::spawn(crate::http::serve(
+        let http = metrics.spawn(crate::http::serve(
             http_listener,
-            metrics,
+            metrics.clone(),
             health.clone(),
             settings.relay.liveness_timeout,
             tasks_cancel.clone(),
         ));
         info!(%http_addr, "serving /metrics, /healthz and /readyz");
 
-        let outcome = async {
-            wait_for_schema(&store, settings.relay.mode, &health, &cancel).await?;
-            let listener_pool = crate::store::listener_pool(&settings.database)
-                .context("Failed to configure the LISTEN connection from database.url")?;
-            let listener = settings.database.listen.then(|| {
-                tokio::spawn(wake::listen(
-                    listener_pool.clone(),
-                    settings.database.listen_channel.clone(),
-                    wake.clone(),
+        let outcome = metrics
+            .instrument(async {
+                wait_for_schema(&store, settings.relay.mode, &health, &cancel).await?;
+                let listener_pool = crate::store::listener_pool(&settings.database)
+                    .context("Failed to configure the LISTEN connection from database.url")?;
+                let listener = settings.database.listen.then(|| {
+                    metrics.spawn(wake::listen(
+                        listener_pool.clone(),
+                        settings.database.listen_channel.clone(),
+                        wake.clone(),
+                        tasks_cancel.clone(),
+                    ))
+                });
+                // The keeper renews leases until the relay has drained and marked: stopping it
+                // at SIGTERM would let the leases lapse mid-drain and the shards be republished.
+                let keeper_cancel = CancellationToken::new();
+                let keeper = metrics.spawn(
+                    LeaseKeeper {
+                        store: store.clone(),
+                        replica_id: replica_id.clone(),
+                        timing: LeaseTiming {
+                            ttl: settings.relay.lease_ttl,
+                            renew_interval: settings.relay.lease_renew_interval,
+                            margin: settings.lease_margin(),
+                        },
+                        ownership: ownership.clone(),
+                        health: health.clone(),
+                        wake_relay: wake.clone(),
+                    }
+                    .run(keeper_cancel.clone()),
+                );
+                let stats = metrics.spawn(refresh_backlog_gauges(
+                    store.clone(),
+                    settings.relay.stats_interval,
                     tasks_cancel.clone(),
-                ))
-            });
-            // The keeper renews leases until the relay has drained and marked: stopping it
-            // at SIGTERM would let the leases lapse mid-drain and the shards be republished.
-            let keeper_cancel = CancellationToken::new();
-            let keeper = tokio::spawn(
-                LeaseKeeper {
-                    store: store.clone(),
-                    replica_id: replica_id.clone(),
-                    timing: LeaseTiming {
-                        ttl: settings.relay.lease_ttl,
-                        renew_interval: settings.relay.lease_renew_interval,
-                        margin: settings.lease_margin(),
-                    },
-                    ownership: ownership.clone(),
-                    health: health.clone(),
-                    wake_relay: wake.clone(),
+                ));
+                health.set_started();
+                crate::systemd::ready();
+                let watchdog = crate::systemd::watchdog_interval().map(|interval| {
+                    metrics.spawn(crate::systemd::watchdog(
+                        interval,
+                        health.clone(),
+                        tasks_cancel.clone(),
+                    ))
+                });
+                let announce_stop = metrics.spawn({
+                    let cancel = cancel.clone();
+                    async move {
+                        cancel.cancelled().await;
+                        crate::systemd::stopping();
+                    }
+                });
+                info!(
+                    replica = %replica_id,
+                    mode = ?settings.relay.mode,
+                    batch_size = settings.relay.batch_size,
+                    topic_template = %settings.relay.topic_template,
+                    "relaying the outbox to Kafka"
+                );
+                let relayed = relay.run(cancel.clone()).await;
+                if cancel.is_cancelled() {
+                    let _ = announce_stop.await;
+                } else {
+                    announce_stop.abort();
                 }
-                .run(keeper_cancel.clone()),
-            );
-            let stats = tokio::spawn(refresh_backlog_gauges(
-                store.clone(),
-                settings.relay.stats_interval,
-                tasks_cancel.clone(),
-            ));
-            health.set_started();
-            crate::systemd::ready();
-            let watchdog = crate::systemd::watchdog_interval().map(|interval| {
-                tokio::spawn(crate::systemd::watchdog(
-                    interval,
-                    health.clone(),
-                    tasks_cancel.clone(),
-                ))
-            });
-            let announce_stop = tokio::spawn({
-                let cancel = cancel.clone();
-                async move {
-                    cancel.cancelled().await;
-                    crate::systemd::stopping();
+                tasks_cancel.cancel();
+                if let Some(watchdog) = watchdog {
+                    let _ = watchdog.await;
                 }
-            });
-            info!(
-                replica = %replica_id,
-                mode = ?settings.relay.mode,
-                batch_size = settings.relay.batch_size,
-                topic_template = %settings.relay.topic_template,
-                "relaying the outbox to Kafka"
-            );
-            let relayed = relay.run(cancel.clone()).await;
-            if cancel.is_cancelled() {
-                let _ = announce_stop.await;
-            } else {
-                announce_stop.abort();
-            }
-            tasks_cancel.cancel();
-            if let Some(watchdog) = watchdog {
-                let _ = watchdog.await;
-            }
-            if let Some(listener) = listener {
-                let _ = listener.await;
-            }
-            listener_pool.close().await;
-            let _ = stats.await;
-            keeper_cancel.cancel();
-            let _ = keeper.await;
-            // Bounded: the leases expire by themselves should the database not answer.
-            if tokio::time::timeout(
-                HAND_OVER_TIMEOUT,
-                hand_over(&store, &replica_id, &ownership),
-            )
-            .await
-            .is_err()
-            {
-                warn!("could not hand the shards over in time; their leases expire by themselves");
-            }
-            relayed.context("The relay stopped")
-        }
-        .await;
+                if let Some(listener) = listener {
+                    let _ = listener.await;
+                }
+                listener_pool.close().await;
+                let _ = stats.await;
+                keeper_cancel.cancel();
+                let _ = keeper.await;
+                // Bounded: the leases expire by themselves should the database not answer.
+                if tokio::time::timeout(
+                    HAND_OVER_TIMEOUT,
+                    hand_over(&store, &replica_id, &ownership),
+                )
+                .await
+                .is_err()
+                {
+                    warn!(
+                        "could not hand the shards over in time; their leases expire by themselves"
+                    );
+                }
+                relayed.context("The relay stopped")
+            })
+            .await;
 
         tasks_cancel.cancel();
         match http.await {
@@ -267,9 +283,12 @@ async fn wait_for_schema(
                 return Ok(());
             }
             Err(err) if err.is_retriable() => {
-                telemetry::database_error(err.kind());
                 let delay = backoff.next_delay();
-                warn!(error = %err, retry_in = ?delay, "waiting for the database");
+                emit(DatabaseUnavailable {
+                    kind: err.kind(),
+                    error: &err,
+                    retry_in: delay,
+                });
                 tokio::select! {
                     _ = sleep(delay) => {}
                     _ = cancel.cancelled() => return Ok(()),
@@ -286,11 +305,16 @@ async fn wait_for_schema(
 async fn refresh_backlog_gauges(store: Store, every: Duration, cancel: CancellationToken) {
     loop {
         match store.backlog_stats().await {
-            Ok(stats) => telemetry::backlog(&stats),
-            Err(err) => {
-                telemetry::database_error(err.kind());
-                debug!(error = %err, "could not refresh backlog gauges");
-            }
+            Ok(stats) => emit(BacklogCounted {
+                pending_rows: stats.pending_rows,
+                parked_rows: stats.parked_rows,
+                oldest_pending_age: stats.oldest_pending_age,
+            }),
+            Err(err) => emit(DatabaseError {
+                kind: err.kind(),
+                error: &err,
+                while_doing: "counting the backlog",
+            }),
         }
         tokio::select! {
             _ = sleep(every) => {}

@@ -531,9 +531,11 @@ async fn check(settings: Settings, timeout: Duration) -> anyhow::Result<()> {
     let properties = settings.producer_properties();
     let mut topic_limits = crate::topics::TopicLimits::new(&properties);
     let bootstrap = settings.kafka.bootstrap_servers.clone();
+    // `check` exports no metrics: the producer's statistics go to a recorder of its own.
+    let metrics = crate::telemetry::Metrics::new(&[]).map_err(anyhow::Error::msg)?;
     let cluster = tokio::task::spawn_blocking(move || {
         let (tx, _rx) = tokio::sync::mpsc::channel(16);
-        let producer = RowProducer::build(&properties, 0, tx, false, None)?;
+        let producer = RowProducer::build(&properties, 0, tx, metrics, false, None)?;
         producer.describe_cluster(timeout)
     })
     .await

@@ -14,26 +14,21 @@ use axum::routing::get;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
-use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::telemetry::Health;
+use crate::telemetry::{Health, Metrics};
 
 #[derive(Clone)]
 struct HttpState {
-    metrics: PrometheusHandle,
+    metrics: Metrics,
     health: Arc<Health>,
     liveness_timeout: Duration,
 }
 
-pub fn router(
-    metrics: PrometheusHandle,
-    health: Arc<Health>,
-    liveness_timeout: Duration,
-) -> Router {
+pub fn router(metrics: Metrics, health: Arc<Health>, liveness_timeout: Duration) -> Router {
     Router::new()
         .route("/metrics", get(render_metrics))
         .route("/healthz", get(liveness))
@@ -61,7 +56,7 @@ const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
 /// client can hold is bounded: a few connections, headers within a timeout, a lifetime.
 pub async fn serve(
     listener: TcpListener,
-    metrics: PrometheusHandle,
+    metrics: Metrics,
     health: Arc<Health>,
     liveness_timeout: Duration,
     cancel: CancellationToken,

@@ -14,7 +14,7 @@ use tracing::{info, warn};
 
 use crate::model::Backoff;
 use crate::store::{Store, StoreError};
-use crate::telemetry::{self, Health};
+use crate::telemetry::{Health, LeaseRenewalFailed, LeasesRenewed, Rebalanced, ShardsOwned, emit};
 
 /// Shards are fixed by the migration: `hashtextextended(aggregate_id, 0) & 255`.
 pub const SHARD_COUNT: i16 = 256;
@@ -259,14 +259,17 @@ impl LeaseKeeper {
                 }
                 Err(err) => {
                     // Counted before readiness drops, as the relay's own database errors are.
-                    telemetry::database_error(err.kind());
+                    emit(LeaseRenewalFailed {
+                        kind: err.kind(),
+                        error: &err,
+                    });
                     self.health.set_leases_ok(false);
-                    telemetry::lease_renewal_failed();
-                    warn!(error = %err, "lease renewal failed; shards are given up when their leases run out");
                     backoff.next_delay()
                 }
             };
-            telemetry::shards_owned(self.ownership.owned_count());
+            emit(ShardsOwned {
+                shards: self.ownership.owned_count(),
+            });
             tokio::select! {
                 _ = sleep(next) => {}
                 _ = cancel.cancelled() => {}
@@ -287,12 +290,10 @@ impl LeaseKeeper {
             .await?;
         let desired = desired_shards(&self.replica_id, &live);
         if last_desired.as_ref() != Some(&desired) {
-            info!(
-                replicas = live.len(),
-                shards = desired.len(),
-                "rebalancing shards"
-            );
-            telemetry::rebalanced();
+            emit(Rebalanced {
+                replicas: live.len(),
+                shards: desired.len(),
+            });
             *last_desired = Some(desired.clone());
         }
 
@@ -301,7 +302,9 @@ impl LeaseKeeper {
             .store
             .renew_leases(&self.replica_id, &held, self.timing.ttl)
             .await?;
-        telemetry::lease_renewed(renewed.len());
+        emit(LeasesRenewed {
+            leases: renewed.len(),
+        });
         self.ownership.apply_renewal(&renewed, &held, valid_until);
 
         let held: BTreeSet<i16> = renewed.iter().map(|(shard, _)| *shard).collect();

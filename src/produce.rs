@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 
 use crate::classify::{ErrorClass, classify};
 use crate::encode::EncodedRecord;
-use crate::telemetry;
+use crate::telemetry::{Metrics, ProducerStatistics, emit};
 
 /// What the producer reports back to the relay.
 #[derive(Debug)]
@@ -51,6 +51,7 @@ pub type EventReceiver = mpsc::Receiver<ProducerEvent>;
 pub struct RelayContext {
     generation: u64,
     events: EventSender,
+    metrics: Metrics,
 }
 
 impl ClientContext for RelayContext {
@@ -79,7 +80,7 @@ impl ClientContext for RelayContext {
     }
 
     fn stats(&self, statistics: Statistics) {
-        telemetry::producer_statistics(&statistics);
+        self.metrics.scope(|| emit(ProducerStatistics(&statistics)));
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
@@ -175,6 +176,7 @@ impl RowProducer {
         properties: &[(String, String)],
         generation: u64,
         events: EventSender,
+        metrics: Metrics,
         isolating: bool,
         batch_bytes: Option<usize>,
     ) -> KafkaResult<Self> {
@@ -194,8 +196,11 @@ impl RowProducer {
             config.set("batch.num.messages", "1");
             config.set("max.in.flight.requests.per.connection", "1");
         }
-        let inner: ThreadedProducer<RelayContext> =
-            config.create_with_context(RelayContext { generation, events })?;
+        let inner: ThreadedProducer<RelayContext> = config.create_with_context(RelayContext {
+            generation,
+            events,
+            metrics,
+        })?;
         let linger_ms = properties
             .iter()
             .find(|(key, _)| key == "linger.ms")

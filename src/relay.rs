@@ -26,7 +26,10 @@ use crate::produce::{
     ClusterTopics, EventReceiver, EventSender, ProducerEvent, RowProducer, TopicAnswer,
 };
 use crate::store::{Ack, Parking, ReadLimits, Store, StoreError};
-use crate::telemetry::{self, BatchReport, Health};
+use crate::telemetry::{
+    BatchFinished, DatabaseError, Health, Metrics, ProducerClientError, PublishErrors, RowParked,
+    RowsFenced, TopicLabels, emit,
+};
 use crate::topics::TopicLimits;
 use crate::waiting::{Hold, WaitingTopics};
 
@@ -280,6 +283,8 @@ pub struct Relay {
     encoder: Encoder,
     topic_limits: TopicLimits,
     health: Arc<Health>,
+    metrics: Metrics,
+    topic_labels: TopicLabels,
     wake: Arc<Notify>,
     ownership: Arc<Ownership>,
     replica_id: String,
@@ -357,13 +362,21 @@ impl Relay {
         store: Store,
         settings: &Settings,
         health: Arc<Health>,
+        metrics: Metrics,
         wake: Arc<Notify>,
         ownership: Arc<Ownership>,
     ) -> Result<Self, RelayError> {
         let (events_tx, events) = mpsc::channel(event_channel_capacity(&settings.relay));
         let producer_properties = settings.producer_properties();
-        let producer = RowProducer::build(&producer_properties, 1, events_tx.clone(), false, None)
-            .map_err(RelayError::Producer)?;
+        let producer = RowProducer::build(
+            &producer_properties,
+            1,
+            events_tx.clone(),
+            metrics.clone(),
+            false,
+            None,
+        )
+        .map_err(RelayError::Producer)?;
         let template = TopicTemplate::parse(&settings.relay.topic_template)?;
         let policy = settings.topic_policy()?;
         health.set_producer_ok(true);
@@ -388,6 +401,8 @@ impl Relay {
             events,
             encoder: Encoder::new(template, policy, settings.relay.max_message_bytes),
             health,
+            metrics,
+            topic_labels: TopicLabels::default(),
             wake,
             ownership,
             replica_id: settings.replica_id(),
@@ -764,7 +779,8 @@ impl Relay {
         let read = read_ahead.then(|| {
             let mut skip = self.pending_ids();
             skip.extend(rows.iter().map(|r| r.id));
-            tokio::spawn(self.read(shard_filter.as_deref(), &skip))
+            let read = self.read(shard_filter.as_deref(), &skip);
+            self.metrics.spawn(read)
         });
         let mut batch = Batch::new(rows.len(), self.isolating, hold);
         self.produce_batch(&rows, snapshot, &mut batch, cancel)
@@ -829,7 +845,7 @@ impl Relay {
 
         // Marks go in batch order: the previous batch's first.
         self.settle().await?;
-        telemetry::publish_errors(&batch.error_kinds);
+        emit(PublishErrors(&batch.error_kinds));
         // Every row acknowledged: nothing of this batch can be sent again before the rows
         // read after it, so its mark may run while the next batch is produced. Any failure
         // or parking ends the pipeline, and the rows read ahead (which may hold later rows
@@ -839,7 +855,9 @@ impl Relay {
         if self.settings.pipeline && clean && !cancel.is_cancelled() {
             let ids = acks.iter().map(|a| a.id).collect();
             let (writer, cancel) = (self.writer.clone(), cancel.clone());
-            let task = tokio::spawn(async move { writer.write(&[], &acks, &cancel).await });
+            let task = self
+                .metrics
+                .spawn(async move { writer.write(&[], &acks, &cancel).await });
             self.pending_write = Some(PendingWrite { ids, settled, task });
             self.prefetched = ahead.map(|read| Prefetch { read, shard_filter });
         } else {
@@ -904,10 +922,12 @@ impl Relay {
     }
 
     fn report(&self, settled: Settled, parked: u64, marked: u64) {
-        telemetry::batch_finished(&BatchReport {
+        emit(BatchFinished {
             read: settled.read,
             published_by_topic: &settled.published_by_topic,
+            topic_labels: &self.topic_labels,
             marked,
+            parked,
             mode: match self.settings.mode {
                 Mode::Mark => "mark",
                 Mode::Delete => "delete",
@@ -916,7 +936,6 @@ impl Relay {
             duration: settled.started.elapsed(),
         });
         self.health.batch_done();
-        debug!(read = settled.read, marked, parked, "batch done");
     }
 
     /// Encodes and hands the rows to the producer in id order. A row that cannot be
@@ -1299,6 +1318,7 @@ impl Relay {
             &self.producer_properties,
             generation,
             self.events_tx.clone(),
+            self.metrics.clone(),
             self.isolating,
             self.batch_bytes_cap,
         ) {
@@ -1428,11 +1448,7 @@ impl Writer {
         if fenced == 0 {
             return;
         }
-        telemetry::rows_fenced(fenced);
-        warn!(
-            fenced,
-            "acknowledged rows not marked: their shard moved to another replica, which sends them again"
-        );
+        emit(RowsFenced { rows: fenced });
         let lost: std::collections::BTreeSet<i16> = held
             .iter()
             .filter(|pair| !still.contains(pair))
@@ -1448,18 +1464,21 @@ impl Writer {
 
 /// Counts and logs the parkings the database carried out, by reason.
 fn report_parked(parkings: &[Parking], parked_ids: &[i64]) {
-    let mut by_reason: HashMap<&'static str, u64> = HashMap::new();
     for p in parkings.iter().filter(|p| parked_ids.contains(&p.id)) {
-        *by_reason.entry(p.reason).or_default() += 1;
-        warn!(row_id = p.id, reason = p.reason, error = %p.error, "row parked");
-    }
-    for (reason, rows) in by_reason {
-        telemetry::rows_parked(reason, rows);
+        emit(RowParked {
+            row_id: p.id,
+            reason: p.reason,
+            error: &p.error,
+        });
     }
 }
 
 fn database_failed(health: &Health, err: &StoreError) {
-    telemetry::database_error(err.kind());
+    emit(DatabaseError {
+        kind: err.kind(),
+        error: err,
+        while_doing: "relaying",
+    });
     if err.is_retriable() {
         health.set_database_ok(false);
     }
@@ -1515,7 +1534,10 @@ fn apply_event(
             // A connection-level error (one broker failing authentication, say) does not
             // cut the batch: the partitions of healthy brokers go on. It is counted now,
             // and readiness is false until a batch is fully acknowledged.
-            telemetry::publish_error(kind);
+            emit(ProducerClientError {
+                kind,
+                reason: &reason,
+            });
             batch.client_error = Some(reason);
             false
         }

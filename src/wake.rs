@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::model::Backoff;
-use crate::telemetry;
+use crate::telemetry::{DoorbellRang, emit};
 
 /// Listens on `channel` until `cancel`, ringing `wake` for every notification.
 pub async fn listen(pool: PgPool, channel: String, wake: Arc<Notify>, cancel: CancellationToken) {
@@ -39,7 +39,7 @@ pub async fn listen(pool: PgPool, channel: String, wake: Arc<Notify>, cancel: Ca
                 received = listener.try_recv() => match received {
                     Ok(Some(_)) => {
                         backoff.reset();
-                        telemetry::doorbell();
+                        emit(DoorbellRang);
                         wake.notify_one();
                     }
                     Ok(None) => {

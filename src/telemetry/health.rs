@@ -1,0 +1,182 @@
+//! What `/readyz`, `/healthz` and the systemd watchdog answer from, and what tests wait on
+//! instead of sleeping: one set of atomics per `App`, each change mirrored in its gauge.
+
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use metrics::{counter, gauge};
+
+use super::{
+    IN_FLIGHT_ROWS, PRODUCER_REBUILDS, READY, REFUSED_RECORD_BATCHES, STALLED, TOPICS_WAITING,
+};
+
+/// Shared state behind `/readyz`, and what tests wait on instead of sleeping.
+#[derive(Debug, Default)]
+pub struct Health {
+    started: AtomicBool,
+    database_ok: AtomicBool,
+    producer_ok: AtomicBool,
+    stalled: AtomicBool,
+    blocked: AtomicBool,
+    leases_ok: AtomicBool,
+    /// Whether a lease round has finished yet, so start-up is not reported as a failure.
+    leases_checked: AtomicBool,
+    in_flight: AtomicU64,
+    batches: AtomicU64,
+    producer_rebuilds: AtomicU64,
+    refused_record_batches: AtomicU64,
+    shards_owned: AtomicU64,
+    /// Milliseconds since [`process_clock`] at the relay loop's last sign of progress
+    /// inside a step; 0 while it waits between steps.
+    step_progress_ms: AtomicU64,
+    /// `topic (reason)` of each topic whose rows wait; readiness names them.
+    waiting_topics: std::sync::Mutex<Vec<String>>,
+}
+
+/// A monotonic clock shared by the whole process, for atomics that hold instants.
+fn process_clock() -> std::time::Instant {
+    static START: OnceLock<std::time::Instant> = OnceLock::new();
+    *START.get_or_init(std::time::Instant::now)
+}
+
+impl Health {
+    pub fn set_started(&self) {
+        self.started.store(true, Ordering::SeqCst);
+        self.update_ready_gauge();
+    }
+    pub fn set_database_ok(&self, ok: bool) {
+        self.database_ok.store(ok, Ordering::SeqCst);
+        self.update_ready_gauge();
+    }
+    pub fn set_producer_ok(&self, ok: bool) {
+        self.producer_ok.store(ok, Ordering::SeqCst);
+        self.update_ready_gauge();
+    }
+    pub fn set_stalled(&self, stalled: bool) {
+        if self.stalled.swap(stalled, Ordering::SeqCst) != stalled {
+            gauge!(STALLED).set(if stalled { 1.0 } else { 0.0 });
+            self.update_ready_gauge();
+        }
+    }
+    /// Whether the last lease renewal round reached the database.
+    pub fn set_leases_ok(&self, ok: bool) {
+        let first = !self.leases_checked.swap(true, Ordering::SeqCst);
+        if self.leases_ok.swap(ok, Ordering::SeqCst) != ok || first {
+            self.update_ready_gauge();
+        }
+    }
+    /// Topics whose rows wait (the others flow): not a reason to be unready, but named.
+    /// `shown`: the first few as `topic (reason)`; `total`: how many wait.
+    pub fn set_waiting_topics(&self, mut shown: Vec<String>, total: usize) {
+        gauge!(TOPICS_WAITING).set(total as f64);
+        if total > shown.len() {
+            shown.push(format!("and {} more", total - shown.len()));
+        }
+        if let Ok(mut waiting) = self.waiting_topics.lock() {
+            *waiting = shown;
+        }
+    }
+    pub fn waiting_topics(&self) -> Vec<String> {
+        self.waiting_topics
+            .lock()
+            .map(|w| w.clone())
+            .unwrap_or_default()
+    }
+    /// A permanent global error (authorization, authentication) stops publishing.
+    pub fn set_blocked(&self, blocked: bool) {
+        if self.blocked.swap(blocked, Ordering::SeqCst) != blocked {
+            self.update_ready_gauge();
+        }
+    }
+    pub fn set_in_flight(&self, rows: u64) {
+        self.in_flight.store(rows, Ordering::SeqCst);
+        gauge!(IN_FLIGHT_ROWS).set(rows as f64);
+    }
+    pub fn producer_rebuilt(&self) {
+        self.producer_rebuilds.fetch_add(1, Ordering::SeqCst);
+        counter!(PRODUCER_REBUILDS).increment(1);
+    }
+    pub fn set_shards_owned(&self, shards: usize) {
+        self.shards_owned.store(shards as u64, Ordering::SeqCst);
+    }
+    pub fn shards_owned(&self) -> u64 {
+        self.shards_owned.load(Ordering::SeqCst)
+    }
+    /// The broker refused a record batch as a whole; its rows go one record per request.
+    pub fn record_batch_refused(&self) {
+        self.refused_record_batches.fetch_add(1, Ordering::SeqCst);
+        counter!(REFUSED_RECORD_BATCHES).increment(1);
+    }
+    pub fn refused_record_batches(&self) -> u64 {
+        self.refused_record_batches.load(Ordering::SeqCst)
+    }
+    pub fn producer_rebuilds(&self) -> u64 {
+        self.producer_rebuilds.load(Ordering::SeqCst)
+    }
+    pub fn batch_done(&self) {
+        self.batches.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// The relay loop is working on a step and has just made progress.
+    pub fn loop_progress(&self) {
+        let now = process_clock().elapsed().as_millis().max(1) as u64;
+        self.step_progress_ms.store(now, Ordering::Relaxed);
+    }
+    /// The relay loop finished a step and waits on purpose (poll interval, backoff).
+    pub fn loop_waiting(&self) {
+        self.step_progress_ms.store(0, Ordering::Relaxed);
+    }
+    /// How long the loop has been inside one step without progress, if it is in one.
+    pub fn loop_stuck_for(&self) -> Option<Duration> {
+        match self.step_progress_ms.load(Ordering::Relaxed) {
+            0 => None,
+            since => Some(
+                process_clock()
+                    .elapsed()
+                    .saturating_sub(Duration::from_millis(since)),
+            ),
+        }
+    }
+
+    pub fn stalled(&self) -> bool {
+        self.stalled.load(Ordering::SeqCst)
+    }
+    pub fn in_flight(&self) -> u64 {
+        self.in_flight.load(Ordering::SeqCst)
+    }
+    pub fn batches(&self) -> u64 {
+        self.batches.load(Ordering::SeqCst)
+    }
+
+    /// Why the relay is not ready, or `None` when it is.
+    pub fn not_ready_reason(&self) -> Option<&'static str> {
+        if !self.started.load(Ordering::SeqCst) {
+            Some("starting")
+        } else if !self.database_ok.load(Ordering::SeqCst) {
+            Some("database unreachable or refusing writes")
+        } else if !self.leases_checked.load(Ordering::SeqCst) {
+            Some("starting: acquiring shard leases")
+        } else if !self.leases_ok.load(Ordering::SeqCst) {
+            Some("database unavailable for lease renewal")
+        } else if !self.producer_ok.load(Ordering::SeqCst) {
+            Some("producer unhealthy")
+        } else if self.blocked.load(Ordering::SeqCst) {
+            Some(
+                "publishing blocked by a permanent broker error (authorization, authentication); see the logs",
+            )
+        } else if self.stalled.load(Ordering::SeqCst) {
+            Some("stalled: broker acknowledgements have stopped")
+        } else {
+            None
+        }
+    }
+
+    fn update_ready_gauge(&self) {
+        gauge!(READY).set(if self.not_ready_reason().is_none() {
+            1.0
+        } else {
+            0.0
+        });
+    }
+}

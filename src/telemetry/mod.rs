@@ -1,0 +1,289 @@
+//! Metrics, logs and health. Every metric the relay exports is named here, with bounded
+//! labels and no ids; each `App` has a recorder of its own, so two relays in one process
+//! (as tests run them) never count into each other's metrics.
+
+mod events;
+mod health;
+
+pub use events::*;
+pub use health::Health;
+
+use std::io::IsTerminal;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusRecorder};
+
+use crate::config::{LogFormat, LogSettings};
+
+pub const ROWS_PUBLISHED: &str = "outbox_relay_rows_published_total";
+pub const ROWS_MARKED: &str = "outbox_relay_rows_marked_total";
+pub const ROWS_PARKED: &str = "outbox_relay_rows_parked_total";
+pub const PUBLISH_ERRORS: &str = "outbox_relay_publish_errors_total";
+pub const DATABASE_ERRORS: &str = "outbox_relay_database_errors_total";
+pub const PRODUCER_REBUILDS: &str = "outbox_relay_producer_rebuilds_total";
+pub const REFUSED_RECORD_BATCHES: &str = "outbox_relay_refused_record_batches_total";
+pub const DOORBELLS: &str = "outbox_relay_doorbell_notifications_total";
+pub const BATCH_SIZE: &str = "outbox_relay_batch_size_rows";
+pub const BATCH_DURATION: &str = "outbox_relay_batch_duration_seconds";
+pub const END_TO_END_LATENCY: &str = "outbox_relay_end_to_end_latency_seconds";
+pub const PENDING_ROWS: &str = "outbox_relay_pending_rows";
+pub const PARKED_ROWS: &str = "outbox_relay_parked_rows";
+pub const OLDEST_PENDING_AGE: &str = "outbox_relay_oldest_pending_age_seconds";
+pub const IN_FLIGHT_ROWS: &str = "outbox_relay_in_flight_rows";
+pub const STALLED: &str = "outbox_relay_stalled";
+pub const READY: &str = "outbox_relay_ready";
+pub const SHARDS_OWNED: &str = "outbox_relay_shards_owned";
+pub const LEASE_RENEWALS: &str = "outbox_relay_lease_renewals_total";
+pub const LEASE_RENEWAL_FAILURES: &str = "outbox_relay_lease_renewal_failures_total";
+pub const REBALANCES: &str = "outbox_relay_rebalances_total";
+pub const ROWS_FENCED: &str = "outbox_relay_rows_fenced_total";
+pub const PRODUCER_QUEUE_MESSAGES: &str = "outbox_relay_producer_queue_messages";
+pub const PRODUCER_QUEUE_BYTES: &str = "outbox_relay_producer_queue_bytes";
+pub const BROKER_RTT: &str = "outbox_relay_broker_rtt_seconds";
+pub const PRODUCER_BATCH_SIZE: &str = "outbox_relay_producer_batch_size_bytes";
+pub const BUILD_INFO: &str = "outbox_relay_build_info";
+pub const TOPICS_WAITING: &str = "outbox_relay_topics_waiting";
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    300.0, 900.0, 3600.0,
+];
+const BATCH_SIZE_BUCKETS: &[f64] = &[
+    1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0,
+];
+
+/// Metric labels whose values are known in advance, exported at zero from the start:
+/// `(metric, label, values)`. Layers above this one own some of these lists.
+pub type BoundedLabel = (&'static str, &'static str, &'static [&'static str]);
+
+/// One `App`'s metrics: its own Prometheus recorder, which the tasks of that `App` record
+/// into ([`Metrics::instrument`], [`Metrics::scope`]) and `/metrics` renders.
+#[derive(Clone)]
+pub struct Metrics {
+    recorder: Arc<PrometheusRecorder>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Metrics {
+    /// A recorder with every metric described and every bounded series at zero.
+    pub fn new(bounded: &[BoundedLabel]) -> Result<Metrics, String> {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Full(END_TO_END_LATENCY.into()), LATENCY_BUCKETS)
+            .and_then(|b| {
+                b.set_buckets_for_metric(Matcher::Full(BATCH_DURATION.into()), LATENCY_BUCKETS)
+            })
+            .and_then(|b| {
+                b.set_buckets_for_metric(Matcher::Full(BATCH_SIZE.into()), BATCH_SIZE_BUCKETS)
+            })
+            .map_err(|e| e.to_string())?
+            .build_recorder();
+        let metrics = Metrics {
+            recorder: Arc::new(recorder),
+        };
+        metrics.scope(|| {
+            describe_all();
+            register_all(bounded);
+        });
+        Ok(metrics)
+    }
+
+    /// The Prometheus text of every metric of this `App`.
+    pub fn render(&self) -> String {
+        self.recorder.handle().render()
+    }
+
+    /// Runs `f` with this `App`'s recorder as the one `counter!`, `gauge!` and
+    /// `histogram!` record into: for code on threads tokio does not run (librdkafka's).
+    pub fn scope<T>(&self, f: impl FnOnce() -> T) -> T {
+        metrics::with_local_recorder(&*self.recorder, f)
+    }
+
+    /// `future`, recording into this `App`'s metrics wherever it is polled.
+    pub fn instrument<F: Future>(&self, future: F) -> Instrumented<F> {
+        Instrumented {
+            metrics: self.clone(),
+            future,
+        }
+    }
+
+    /// `tokio::spawn` of an instrumented `future`.
+    pub fn spawn<F>(&self, future: F) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        tokio::spawn(self.instrument(future))
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A future polled inside [`Metrics::scope`]: see [`Metrics::instrument`].
+    pub struct Instrumented<F> {
+        metrics: Metrics,
+        #[pin]
+        future: F,
+    }
+}
+
+impl<F: Future> Future for Instrumented<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        let metrics = this.metrics;
+        let future = this.future;
+        metrics.scope(|| future.poll(cx))
+    }
+}
+
+fn describe_all() {
+    describe_counter!(ROWS_PUBLISHED, "Rows acknowledged by the broker, by topic.");
+    describe_counter!(
+        ROWS_MARKED,
+        "Acknowledged rows marked sent or deleted, by mode."
+    );
+    describe_counter!(
+        ROWS_PARKED,
+        "Rows parked because they can never be published, by reason."
+    );
+    describe_counter!(PUBLISH_ERRORS, "Produce and delivery errors, by kind.");
+    describe_counter!(DATABASE_ERRORS, "Database errors, by kind.");
+    describe_counter!(
+        PRODUCER_REBUILDS,
+        "Producers torn down and rebuilt after a fatal error."
+    );
+    describe_counter!(
+        REFUSED_RECORD_BATCHES,
+        "Record batches the broker refused as a whole; their rows were sent again one record per request."
+    );
+    describe_counter!(DOORBELLS, "LISTEN doorbell notifications received.");
+    describe_histogram!(BATCH_SIZE, "Rows per batch read from the outbox.");
+    describe_histogram!(
+        BATCH_DURATION,
+        metrics::Unit::Seconds,
+        "Time from reading a batch to marking it."
+    );
+    describe_histogram!(
+        END_TO_END_LATENCY,
+        metrics::Unit::Seconds,
+        "Time from a row's created_at to its acknowledgement by the broker."
+    );
+    describe_gauge!(
+        PENDING_ROWS,
+        "Rows waiting to be published (parked rows excluded)."
+    );
+    describe_gauge!(PARKED_ROWS, "Rows parked and waiting for an operator.");
+    describe_gauge!(
+        OLDEST_PENDING_AGE,
+        metrics::Unit::Seconds,
+        "Age of the oldest pending row; 0 when none is pending."
+    );
+    describe_gauge!(
+        IN_FLIGHT_ROWS,
+        "Rows handed to the producer and not yet acknowledged."
+    );
+    describe_gauge!(
+        STALLED,
+        "1 while acknowledgements have stopped arriving for longer than relay.stall_after."
+    );
+    describe_gauge!(READY, "1 when /readyz answers ready.");
+    describe_gauge!(SHARDS_OWNED, "Shards this replica holds a valid lease on.");
+    describe_counter!(LEASE_RENEWALS, "Shard leases renewed.");
+    describe_counter!(LEASE_RENEWAL_FAILURES, "Lease renewal rounds that failed.");
+    describe_counter!(REBALANCES, "Times this replica's share of shards changed.");
+    describe_gauge!(
+        PRODUCER_QUEUE_MESSAGES,
+        "Messages in the producer's queue, waiting to be sent or acknowledged (librdkafka statistics)."
+    );
+    describe_gauge!(
+        PRODUCER_QUEUE_BYTES,
+        metrics::Unit::Bytes,
+        "Bytes of the messages in the producer's queue (librdkafka statistics)."
+    );
+    describe_gauge!(
+        BROKER_RTT,
+        metrics::Unit::Seconds,
+        "Produce request round trip of the slowest broker over the last statistics window, by stat (avg, p99)."
+    );
+    describe_gauge!(
+        PRODUCER_BATCH_SIZE,
+        metrics::Unit::Bytes,
+        "Size of the record batches sent over the last statistics window, largest over topics, by stat (avg, p99)."
+    );
+    describe_gauge!(
+        BUILD_INFO,
+        "Always 1; the version label says which build runs."
+    );
+    describe_gauge!(
+        TOPICS_WAITING,
+        "Template topics the broker does not know: their rows wait while other topics flow; /readyz names them."
+    );
+    describe_counter!(
+        ROWS_FENCED,
+        "Acknowledged rows not marked because their shard's lease moved to another replica."
+    );
+}
+
+/// Exports every unlabelled series and every bounded label value from the start, at
+/// zero, so that `rate()` and alerts see a series before the first event happens.
+fn register_all(bounded: &[BoundedLabel]) {
+    for name in [
+        PRODUCER_REBUILDS,
+        DOORBELLS,
+        LEASE_RENEWALS,
+        LEASE_RENEWAL_FAILURES,
+        REBALANCES,
+        ROWS_FENCED,
+    ] {
+        counter!(name).absolute(0);
+    }
+    for (metric, label, values) in bounded {
+        for value in *values {
+            counter!(*metric, *label => *value).absolute(0);
+        }
+    }
+    for name in [
+        READY,
+        STALLED,
+        IN_FLIGHT_ROWS,
+        SHARDS_OWNED,
+        PRODUCER_QUEUE_MESSAGES,
+        PRODUCER_QUEUE_BYTES,
+        TOPICS_WAITING,
+    ] {
+        gauge!(name).set(0.0);
+    }
+    for stat in ["avg", "p99"] {
+        gauge!(BROKER_RTT, "stat" => stat).set(0.0);
+        gauge!(PRODUCER_BATCH_SIZE, "stat" => stat).set(0.0);
+    }
+    gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+}
+
+/// Sets up `tracing`: text on a terminal, JSON otherwise, `RUST_LOG` over `log.level`.
+pub fn init_logging(settings: &LogSettings) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&settings.level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let json = match settings.format {
+        LogFormat::Json => true,
+        LogFormat::Text => false,
+        LogFormat::Auto => !std::io::stderr().is_terminal(),
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = if json {
+        builder.json().flatten_event(true).try_init()
+    } else {
+        builder.try_init()
+    };
+}
