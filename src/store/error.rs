@@ -1,0 +1,89 @@
+//! Database errors, each able to say whether retrying can help, with a bounded `kind`
+//! label for metrics.
+
+/// Database errors, each able to say whether retrying can help. The display carries the
+/// database's own message once; there is no source chain to repeat it.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database unreachable or connection lost: {0}")]
+    Connection(sqlx::Error),
+    #[error("database refused the statement (SQLSTATE {code}): {message}")]
+    Statement { code: String, message: String },
+    #[error(
+        "the outbox table is missing or incomplete ({0}); run `outbox-relay migrate`, or set database.schema to the schema holding it and grant the relay's role USAGE on that schema"
+    )]
+    Schema(String),
+    #[error("database error: {0}")]
+    Other(sqlx::Error),
+}
+
+impl StoreError {
+    /// Whether waiting and reconnecting can fix it (lost connections, restarts, failover,
+    /// timeouts, serialization failures).
+    pub fn is_retriable(&self) -> bool {
+        match self {
+            StoreError::Connection(_) => true,
+            StoreError::Statement { code, .. } => {
+                // 08: connection exception, 25006: read-only (failover), 40: rollback,
+                // 53: insufficient resources, 57: operator intervention (restart,
+                // statement_timeout as 57014), 58: system error.
+                ["08", "40", "53", "57", "58"]
+                    .iter()
+                    .any(|c| code.starts_with(c))
+                    || code == "25006"
+            }
+            StoreError::Schema(_) => false,
+            StoreError::Other(_) => false,
+        }
+    }
+
+    /// Bounded label for metrics.
+    /// Bounded label for metrics; one of [`ERROR_KINDS`].
+    pub fn kind(&self) -> &'static str {
+        match self {
+            StoreError::Connection(_) => "connection",
+            StoreError::Statement { code, .. } if code == "25006" => "read_only",
+            StoreError::Statement { code, .. } if code == "57014" => "statement_timeout",
+            StoreError::Statement { code, .. } if code.starts_with("57") => "server_shutdown",
+            StoreError::Statement { code, .. } if code.starts_with("42") => "schema",
+            StoreError::Statement { .. } => "statement",
+            StoreError::Schema(_) => "schema",
+            StoreError::Other(_) => "other",
+        }
+    }
+}
+
+/// Every label [`StoreError::kind`] can return.
+pub const ERROR_KINDS: &[&str] = &[
+    "connection",
+    "read_only",
+    "statement_timeout",
+    "server_shutdown",
+    "schema",
+    "statement",
+    "other",
+];
+
+impl From<sqlx::Error> for StoreError {
+    fn from(err: sqlx::Error) -> Self {
+        match &err {
+            sqlx::Error::Io(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::Protocol(_)
+            | sqlx::Error::WorkerCrashed => StoreError::Connection(err),
+            sqlx::Error::Database(db) => match db.code() {
+                Some(code) if code == "42P01" || code == "42703" => {
+                    StoreError::Schema(db.message().to_string())
+                }
+                Some(code) => StoreError::Statement {
+                    code: code.into_owned(),
+                    message: db.message().to_string(),
+                },
+                None => StoreError::Other(err),
+            },
+            _ => StoreError::Other(err),
+        }
+    }
+}

@@ -1,0 +1,174 @@
+//! The schema the relay needs: migrations, the optional doorbell trigger, and the checks
+//! that the outbox is in place and the relay's role may do what it must (and that no one
+//! else may create in its schema).
+
+use sqlx::Row;
+
+use super::{Store, StoreError};
+use crate::model::Mode;
+
+/// The migrations in `migrations/`, embedded in the binary.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+impl Store {
+    pub async fn migrate(&self) -> Result<(), sqlx::migrate::MigrateError> {
+        MIGRATOR.run(&self.pool).await
+    }
+
+    /// Installs or removes the optional statement-level doorbell trigger, which notifies
+    /// `channel`.
+    pub async fn set_notify_trigger(&self, enabled: bool, channel: &str) -> Result<(), StoreError> {
+        self.in_session(async |conn| {
+            self.query("SELECT outbox_enable_notify($1, $2)")
+                .bind(enabled)
+                .bind(channel)
+                .execute(&mut *conn)
+                .await?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Confirms the database answers and the outbox table has the relay's columns.
+    /// Who, besides the owner of the outbox's schema (and its members) and superusers, may
+    /// create in that schema: `PUBLIC` alone when everyone may. Any of them could plant a
+    /// table, function or operator the relay's statements would resolve to.
+    pub async fn schema_creators(&self) -> Result<Vec<String>, StoreError> {
+        self.in_session(async |conn| {
+            Ok(self
+                .query_scalar(
+                    "WITH s AS (SELECT oid, nspowner, nspacl FROM pg_catalog.pg_namespace \
+                                WHERE nspname = pg_catalog.current_schema()), \
+                     public_may AS (SELECT 1 FROM s, pg_catalog.aclexplode(s.nspacl) a \
+                                    WHERE a.grantee = 0::oid \
+                                      AND a.privilege_type = 'CREATE'::text) \
+                     SELECT 'PUBLIC'::text FROM public_may \
+                     UNION ALL \
+                     (SELECT r.rolname::text FROM s, pg_catalog.pg_roles r \
+                      WHERE NOT EXISTS (SELECT 1 FROM public_may) \
+                        AND NOT r.rolsuper AND r.rolname::text !~ '^pg_'::text \
+                        AND NOT pg_catalog.pg_has_role(r.oid, s.nspowner, 'MEMBER') \
+                        AND pg_catalog.has_schema_privilege(r.oid, s.oid, 'CREATE') \
+                      ORDER BY 1)",
+                )
+                .fetch_all(&mut *conn)
+                .await?)
+        })
+        .await
+    }
+
+    /// The privileges `run` needs in `mode` that the connected role lacks, each written
+    /// as a grant (`UPDATE (sent_at) ON outbox`). Checked at start: a relay that can
+    /// publish but not mark would resend its first batch on every restart.
+    pub async fn missing_grants(&self, mode: Mode) -> Result<Vec<String>, StoreError> {
+        let mut needed: Vec<(&str, &str, &str)> = Vec::new();
+        let mut need = |privilege, table, columns: &[&'static str]| {
+            if columns.is_empty() {
+                needed.push((table, "", privilege));
+            }
+            for column in columns {
+                needed.push((table, column, privilege));
+            }
+        };
+        need("SELECT", "outbox", &[]);
+        need(
+            "UPDATE",
+            "outbox",
+            &["parked_at", "park_reason", "park_error"],
+        );
+        match mode {
+            Mode::Mark => need(
+                "UPDATE",
+                "outbox",
+                &["sent_at", "kafka_partition", "kafka_offset"],
+            ),
+            Mode::Delete => need("DELETE", "outbox", &[]),
+        }
+        need("SELECT", "outbox_shard_lease", &[]);
+        need(
+            "UPDATE",
+            "outbox_shard_lease",
+            &["owner", "epoch", "expires_at", "acquired_at", "renewed_at"],
+        );
+        need("SELECT", "outbox_replica", &[]);
+        need(
+            "INSERT",
+            "outbox_replica",
+            &["replica_id", "heartbeat_at", "expires_at"],
+        );
+        need("UPDATE", "outbox_replica", &["heartbeat_at", "expires_at"]);
+        need("DELETE", "outbox_replica", &[]);
+        let (tables, rest): (Vec<&str>, Vec<(&str, &str)>) =
+            needed.iter().map(|(t, c, p)| (*t, (*c, *p))).unzip();
+        let (columns, privileges): (Vec<&str>, Vec<&str>) = rest.into_iter().unzip();
+        let missing: Vec<(String, String, String)> = self
+            .in_session(async |conn| {
+            let rows = self
+                .query(
+                    "SELECT t, c, p FROM unnest($1::text[], $2::text[], $3::text[])                          WITH ORDINALITY AS g(t, c, p, n)                      WHERE NOT CASE WHEN c = '' THEN pg_catalog.has_table_privilege(t, p)                                     ELSE pg_catalog.has_column_privilege(t, c, p) END                      ORDER BY n",
+                )
+                .bind(&tables)
+                .bind(&columns)
+                .bind(&privileges)
+                .fetch_all(&mut *conn)
+                .await?;
+            rows.iter()
+                .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)))
+                .collect::<Result<Vec<_>, sqlx::Error>>()
+                .map_err(StoreError::from)
+        })
+            .await?;
+        // One grant per privilege and table, its columns together.
+        let mut grants: Vec<(String, String, Vec<String>)> = Vec::new();
+        for (table, column, privilege) in missing {
+            match grants
+                .iter_mut()
+                .find(|(t, p, _)| *t == table && *p == privilege)
+            {
+                Some((_, _, cols)) if !column.is_empty() => cols.push(column),
+                Some(_) => {}
+                None => grants.push((
+                    table,
+                    privilege,
+                    if column.is_empty() {
+                        vec![]
+                    } else {
+                        vec![column]
+                    },
+                )),
+            }
+        }
+        Ok(grants
+            .into_iter()
+            .map(|(table, privilege, cols)| {
+                if cols.is_empty() {
+                    format!("{privilege} ON {table}")
+                } else {
+                    format!("{privilege} ({}) ON {table}", cols.join(", "))
+                }
+            })
+            .collect())
+    }
+
+    pub async fn verify_schema(&self) -> Result<String, StoreError> {
+        self.in_session(async |conn| {
+            let version: String = self
+                .query_scalar("SHOW server_version")
+                .fetch_one(&mut *conn)
+                .await?;
+            self.query(
+                "SELECT id, aggregate_type, aggregate_id, event_type, payload, payload_bytes, \
+                        headers, topic, event_id, created_at, sent_at, kafka_partition, \
+                        kafka_offset, parked_at, park_reason, park_error, shard, discarded_at \
+                 FROM outbox LIMIT 0",
+            )
+            .execute(&mut *conn)
+            .await?;
+            self.query("SELECT shard, owner, epoch, expires_at FROM outbox_shard_lease LIMIT 0")
+                .execute(&mut *conn)
+                .await?;
+            Ok(version)
+        })
+        .await
+    }
+}
