@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
 use crate::config::{ConfigError, DEFAULT_CONFIG_PATH, Settings, redact_url};
-use crate::produce::RowProducer;
+use crate::kafka::producer::RowProducer;
 use crate::store::{self, Store};
 use crate::{App, telemetry};
 
@@ -529,7 +529,7 @@ async fn check(settings: Settings, timeout: Duration) -> anyhow::Result<()> {
     store.pool().close().await;
 
     let properties = settings.producer_properties();
-    let mut topic_limits = crate::topics::TopicLimits::new(&properties);
+    let mut topic_limits = crate::kafka::topics::TopicLimits::new(&properties);
     let bootstrap = settings.kafka.bootstrap_servers.clone();
     // `check` exports no metrics: the producer's statistics go to a recorder of its own.
     let metrics = crate::telemetry::Metrics::new(&[]).map_err(anyhow::Error::msg)?;

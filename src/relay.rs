@@ -17,12 +17,12 @@ use tokio::time::{Instant, sleep, sleep_until};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, warn};
 
-use crate::classify::{ErrorClass, classify};
+use crate::kafka::classify::{ErrorClass, classify};
 use crate::config::{RelaySettings, Settings};
 use crate::encode::{EncodedRecord, Encoder};
 use crate::lease::{Ownership, Snapshot};
 use crate::model::{Backoff, Mode, OutboxRow, ParkPolicy, ParkReason, TopicTemplate};
-use crate::produce::{
+use crate::kafka::producer::{
     ClusterTopics, EventReceiver, EventSender, ProducerEvent, RowProducer, TopicAnswer,
 };
 use crate::store::{Ack, Parking, ReadLimits, Store, StoreError};
@@ -30,7 +30,7 @@ use crate::telemetry::{
     BatchFinished, DatabaseError, Health, Metrics, ProducerClientError, PublishErrors, RowParked,
     RowsFenced, TopicLabels, emit,
 };
-use crate::topics::TopicLimits;
+use crate::kafka::topics::TopicLimits;
 use crate::waiting::{Hold, WaitingTopics};
 
 /// Kafka's record batch header, which a lone record is wrapped in.

@@ -17,7 +17,7 @@ use rdkafka::producer::{
 use rdkafka::statistics::Statistics;
 use tokio::sync::mpsc;
 
-use crate::classify::{ErrorClass, classify};
+use crate::kafka::classify::{ErrorClass, classify};
 use crate::encode::EncodedRecord;
 use crate::telemetry::{Metrics, ProducerStatistics, emit};
 

@@ -1,6 +1,6 @@
 //! One classification of every Kafka error the relay meets into what the relay does about
 //! it, with a bounded `kind` label for metrics. Database errors are classified by
-//! [`crate::store::StoreError`].
+//! the store's `StoreError`.
 
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 

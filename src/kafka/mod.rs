@@ -1,0 +1,7 @@
+//! Kafka: the idempotent producer and its delivery reports, what each Kafka error means
+//! to the relay, and the record size limit each topic has. Nothing here touches the
+//! database.
+
+pub mod classify;
+pub mod producer;
+pub mod topics;
