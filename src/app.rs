@@ -41,7 +41,11 @@ pub struct App {
 impl App {
     pub async fn build(settings: Settings) -> anyhow::Result<App> {
         let metrics = Metrics::new(&[
-            (telemetry::PUBLISH_ERRORS, "kind", crate::kafka::classify::KINDS),
+            (
+                telemetry::PUBLISH_ERRORS,
+                "kind",
+                crate::kafka::classify::KINDS,
+            ),
             (
                 telemetry::DATABASE_ERRORS,
                 "kind",

@@ -13,7 +13,6 @@ pub mod relay;
 pub mod store;
 pub mod systemd;
 pub mod telemetry;
-pub mod waiting;
 pub mod wake;
 
 pub use app::App;

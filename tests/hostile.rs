@@ -399,7 +399,7 @@ async fn a_row_naming_a_topic_that_does_not_exist_is_parked_at_once() {
 /// never stopping every other topic.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rows_for_more_missing_topics_than_the_cap_are_parked_and_the_rest_flows() {
-    use outbox_relay::waiting::MAX_WAITING_TOPICS;
+    use outbox_relay::relay::MAX_WAITING_TOPICS;
     let db = TestDb::new().await;
     let bootstrap = kafka_bootstrap();
     let prefix = unique_prefix();

@@ -17,8 +17,8 @@ use rdkafka::producer::{
 use rdkafka::statistics::Statistics;
 use tokio::sync::mpsc;
 
-use crate::kafka::classify::{ErrorClass, classify};
 use crate::encode::EncodedRecord;
+use crate::kafka::classify::{ErrorClass, classify};
 use crate::telemetry::{Metrics, ProducerStatistics, emit};
 
 /// What the producer reports back to the relay.
