@@ -253,7 +253,7 @@ impl Db {
 
     /// The make-rows step: `rows` pending 1 KB rows over [`AGGREGATES`] keys in one
     /// INSERT ... SELECT generate_series, then VACUUM ANALYZE. In delete mode, which never
-    /// rewrites a row, the pages are filled to 90 % as the README advises, not to the 45 %
+    /// rewrites a row, the pages are filled to 90 % as docs/design.md (fillfactor) advises, not to the 45 %
     /// that leaves room to mark each row on its page. Returns how long it took.
     pub async fn make_rows(&self, rows: u64, mode: &str) -> Result<Duration> {
         self.make_rows_of(rows, mode, ONE_KB_ROW).await
