@@ -17,14 +17,6 @@ use tracing::{debug, warn};
 const REFRESH_AFTER: Duration = Duration::from_secs(300);
 /// How long one question may take; the batch waits for it once per topic per hour.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-/// Producer-only settings an admin client must not inherit (it would start an
-/// idempotent session of its own).
-const PRODUCER_ONLY: &[&str] = &[
-    "enable.idempotence",
-    "enable.gapless.guarantee",
-    "statistics.interval.ms",
-    "transactional.id",
-];
 
 pub struct TopicLimits {
     admin: Option<AdminClient<DefaultClientContext>>,
@@ -37,17 +29,7 @@ pub struct TopicLimits {
 impl TopicLimits {
     /// The admin client is built on first use from the producer's connection settings.
     pub fn new(producer_properties: &[(String, String)]) -> Self {
-        let properties = producer_properties
-            .iter()
-            .filter(|(k, _)| !PRODUCER_ONLY.contains(&k.as_str()))
-            .map(|(k, v)| {
-                if k == "client.id" {
-                    (k.clone(), format!("{v}-admin"))
-                } else {
-                    (k.clone(), v.clone())
-                }
-            })
-            .collect();
+        let properties = crate::config::admin_properties(producer_properties);
         Self {
             admin: None,
             properties,

@@ -1,0 +1,339 @@
+//! Validation: every setting checked before anything connects, each refusal naming the key
+//! and the fix; and the settings accepted with a warning.
+
+use super::*;
+
+impl Settings {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        for (key, value) in self.durations() {
+            if value > MAX_DURATION {
+                return Err(ConfigError::new(
+                    key,
+                    format!(
+                        "{} is longer than the longest accepted duration ({}); use a realistic value such as \"30s\"",
+                        humantime::format_duration(value),
+                        humantime::format_duration(MAX_DURATION)
+                    ),
+                ));
+            }
+        }
+        if self.database.url.expose().trim().is_empty() {
+            return Err(ConfigError::new(
+                "database.url",
+                "is required: set it in the config file or OUTBOX_RELAY_DATABASE__URL, e.g. postgres://relay@db.internal/app",
+            ));
+        }
+        let url = url::Url::parse(self.database.url.expose()).map_err(|e| {
+            ConfigError::new(
+                "database.url",
+                format!("is not a valid URL ({e}); expected postgres://user@host:port/database"),
+            )
+        })?;
+        if !matches!(url.scheme(), "postgres" | "postgresql") {
+            return Err(ConfigError::new(
+                "database.url",
+                format!(
+                    "has scheme `{}`; expected postgres:// or postgresql://",
+                    url.scheme()
+                ),
+            ));
+        }
+        // sqlx logs a parameter it does not know with its value (a misspelt `passwd=`):
+        // refuse it here, naming only the key.
+        if let Some((key, _)) = url.query_pairs().find(|(k, _)| !is_connect_parameter(k)) {
+            return Err(ConfigError::new(
+                "database.url",
+                format!(
+                    "has the parameter `{}`, which PostgreSQL's client here does not know (its value is not shown); remove it, or spell it as one of: {}",
+                    crate::model::printable(&key, 64),
+                    CONNECT_PARAMETERS.join(", ")
+                ),
+            ));
+        }
+        if let Some(sslmode) = unverified_remote_sslmode(self.database.url.expose()) {
+            if !self.database.allow_unverified_tls {
+                return Err(ConfigError::new(
+                    "database.url",
+                    format!(
+                        "uses sslmode={sslmode} to a remote server, which does not verify who answers (verify-ca checks the chain but not the server's name, and trusts every public CA as well as sslrootcert); use sslmode=verify-full with sslrootcert=/path/to/ca.crt, or set database.allow_unverified_tls = true to accept the risk"
+                    ),
+                ));
+            }
+        }
+        if self.database.max_connections < 2 {
+            return Err(ConfigError::new(
+                "database.max_connections",
+                "must be at least 2 (the relay reads and marks on one, refreshes metrics on another)",
+            ));
+        }
+        if self.database.transaction_pooler && self.database.listen {
+            return Err(ConfigError::new(
+                "database.listen",
+                "LISTEN needs a session of its own, which a transaction-mode pooler does not keep; set database.listen = false when database.transaction_pooler = true (polling still wakes the relay)",
+            ));
+        }
+        if self.database.listen_channel.is_empty() || self.database.listen_channel.len() > 63 {
+            return Err(ConfigError::new(
+                "database.listen_channel",
+                "must be 1 to 63 bytes long (PostgreSQL's limit for a channel name)",
+            ));
+        }
+        if !is_plain_identifier(&self.database.schema) {
+            return Err(ConfigError::new(
+                "database.schema",
+                "must be a plain identifier: a letter or underscore, then letters, digits or underscores, at most 63 bytes (e.g. public)",
+            ));
+        }
+        if self.kafka.bootstrap_servers.trim().is_empty() {
+            return Err(ConfigError::new(
+                "kafka.bootstrap_servers",
+                "is required, e.g. kafka-1:9092,kafka-2:9092",
+            ));
+        }
+        if !matches!(
+            self.kafka.compression.as_str(),
+            "none" | "gzip" | "snappy" | "lz4" | "zstd"
+        ) {
+            return Err(ConfigError::new(
+                "kafka.compression",
+                format!(
+                    "`{}` is not one of none, gzip, snappy, lz4, zstd",
+                    self.kafka.compression
+                ),
+            ));
+        }
+        self.validate_producer_properties()?;
+        if self.relay.batch_size == 0 || self.relay.batch_size > 100_000 {
+            return Err(ConfigError::new(
+                "relay.batch_size",
+                format!(
+                    "{} is out of range; use 1 to 100000 (1000 is a good start)",
+                    self.relay.batch_size
+                ),
+            ));
+        }
+        if !(64 * 1024..=1024 * 1024 * 1024).contains(&self.relay.batch_max_bytes) {
+            return Err(ConfigError::new(
+                "relay.batch_max_bytes",
+                format!(
+                    "{} is out of range; use 65536 to 1073741824 (8388608, 8 MiB, is the default)",
+                    self.relay.batch_max_bytes
+                ),
+            ));
+        }
+        if self.relay.poll_interval.is_zero() {
+            return Err(ConfigError::new(
+                "relay.poll_interval",
+                "must be greater than zero, e.g. \"500ms\"",
+            ));
+        }
+        TopicTemplate::parse(&self.relay.topic_template)
+            .map_err(|e| ConfigError::new("relay.topic_template", e.to_string()))?;
+        if let Some(glob) = self
+            .relay
+            .allowed_topics
+            .iter()
+            .find(|glob| !crate::model::is_topic_glob(glob))
+        {
+            return Err(ConfigError::new(
+                "relay.allowed_topics",
+                format!(
+                    "`{}` is not a topic pattern: use letters, digits, '.', '_', '-', with `*` for any run of characters and `?` for one, e.g. \"orders.*\"",
+                    crate::model::printable(glob, 100)
+                ),
+            ));
+        }
+        if self.relay.max_message_bytes < 1024 {
+            return Err(ConfigError::new(
+                "relay.max_message_bytes",
+                "must be at least 1024",
+            ));
+        }
+        if self.relay.stall_after.is_zero() {
+            return Err(ConfigError::new(
+                "relay.stall_after",
+                "must be greater than zero, e.g. \"30s\"",
+            ));
+        }
+        if self.relay.liveness_timeout < Duration::from_secs(1) {
+            return Err(ConfigError::new(
+                "relay.liveness_timeout",
+                "must be at least 1s (5m is the default); keep it above database.statement_timeout",
+            ));
+        }
+        if self.relay.stats_interval.is_zero() {
+            return Err(ConfigError::new(
+                "relay.stats_interval",
+                "must be greater than zero, e.g. \"10s\"",
+            ));
+        }
+        if self.relay.lease_ttl < Duration::from_secs(1) {
+            return Err(ConfigError::new(
+                "relay.lease_ttl",
+                "must be at least 1s (10s is the default)",
+            ));
+        }
+        if self.relay.lease_renew_interval.is_zero()
+            || self.relay.lease_renew_interval * 2 > self.relay.lease_ttl - self.lease_margin()
+        {
+            return Err(ConfigError::new(
+                "relay.lease_renew_interval",
+                format!(
+                    "must be greater than zero and at most half of relay.lease_ttl minus its safety margin ({:?}), so that one failed renewal does not lose the leases",
+                    self.relay.lease_ttl - self.lease_margin()
+                ),
+            ));
+        }
+        tracing_subscriber::EnvFilter::try_new(&self.log.level).map_err(|e| {
+            ConfigError::new(
+                "log.level",
+                format!("`{}` is not a tracing filter ({e})", self.log.level),
+            )
+        })?;
+        Ok(())
+    }
+
+    /// Every duration setting with its key. Each is added to `Instant`s and multiplied,
+    /// so each is bounded by [`MAX_DURATION`].
+    pub(super) fn durations(&self) -> [(&'static str, Duration); 10] {
+        [
+            ("database.connect_timeout", self.database.connect_timeout),
+            (
+                "database.statement_timeout",
+                self.database.statement_timeout,
+            ),
+            ("kafka.linger", self.kafka.linger),
+            ("relay.poll_interval", self.relay.poll_interval),
+            ("relay.drain_timeout", self.relay.drain_timeout),
+            ("relay.stall_after", self.relay.stall_after),
+            ("relay.liveness_timeout", self.relay.liveness_timeout),
+            ("relay.stats_interval", self.relay.stats_interval),
+            ("relay.lease_ttl", self.relay.lease_ttl),
+            (
+                "relay.lease_renew_interval",
+                self.relay.lease_renew_interval,
+            ),
+        ]
+    }
+
+    /// Settings the relay accepts but an operator should hear about at start.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        if let Some((name, value)) = self.unverified_kafka_tls() {
+            warnings.push(format!(
+                "kafka.properties.\"{name}\" = {value}: the brokers' certificates are not verified (allowed by kafka.allow_unverified_tls)"
+            ));
+        }
+        let secret_files = self
+            .database
+            .url_file
+            .iter()
+            .map(|p| ("database.url_file".to_string(), p))
+            .chain(
+                self.database
+                    .password_file
+                    .iter()
+                    .map(|p| ("database.password_file".to_string(), p)),
+            )
+            .chain(
+                self.kafka
+                    .secret_files
+                    .iter()
+                    .map(|(name, p)| (format!("kafka.secret_files.\"{name}\""), p)),
+            );
+        for (key, path) in secret_files {
+            if let Some(exposure) = secret_file_exposure(path) {
+                warnings.push(format!(
+                    "{key}: {exposure}; chmod 0400 it (or 0440 for the relay's own group)"
+                ));
+            }
+        }
+        let protocol = self
+            .kafka
+            .properties
+            .get("security.protocol")
+            .map(|v| v.to_string().to_ascii_lowercase());
+        if protocol.as_deref() == Some("sasl_plaintext") {
+            warnings.push(
+                "kafka security.protocol = sasl_plaintext: the SASL credentials and every event cross the network unencrypted; use sasl_ssl".into(),
+            );
+        }
+        if let Some(sslmode) = unverified_remote_sslmode(self.database.url.expose()) {
+            warnings.push(format!(
+                "database.url uses sslmode={sslmode}: the server is not verified (allowed by database.allow_unverified_tls)"
+            ));
+        }
+        warnings
+    }
+}
+
+/// The URL query parameters sqlx's PostgreSQL client takes (`sqlx-postgres`'s
+/// `options/parse.rs`); it ignores any other with a warning that prints its value.
+pub(super) const CONNECT_PARAMETERS: &[&str] = &[
+    "sslmode",
+    "ssl-mode",
+    "sslrootcert",
+    "ssl-root-cert",
+    "ssl-ca",
+    "sslcert",
+    "ssl-cert",
+    "sslkey",
+    "ssl-key",
+    "statement-cache-capacity",
+    "host",
+    "hostaddr",
+    "port",
+    "dbname",
+    "user",
+    "password",
+    "application_name",
+    "options",
+];
+
+pub(super) fn is_connect_parameter(key: &str) -> bool {
+    CONNECT_PARAMETERS.contains(&key) || (key.starts_with("options[") && key.ends_with(']'))
+}
+
+/// The `sslmode` of `url` when the connection goes to a remote host without verifying
+/// the server's name (anything short of verify-full; libpq's default is `prefer`).
+/// Decided from the options the client will connect with, not from the URL's text: a
+/// `?host=` or `?hostaddr=` replaces the authority, `sslmode` is taken in any case and
+/// under either spelling. Loopback hosts and Unix sockets never leave the machine.
+pub(super) fn unverified_remote_sslmode(url: &str) -> Option<String> {
+    use sqlx::postgres::{PgConnectOptions, PgSslMode};
+    let options: PgConnectOptions = url.parse().ok()?;
+    let sslmode = match options.get_ssl_mode() {
+        PgSslMode::VerifyFull => return None,
+        PgSslMode::Disable => "disable",
+        PgSslMode::Allow => "allow",
+        PgSslMode::Prefer => "prefer",
+        PgSslMode::Require => "require",
+        PgSslMode::VerifyCa => "verify-ca",
+    };
+    if options.get_socket().is_some() {
+        return None;
+    }
+    let host = options.get_host();
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    let local = host.is_empty()
+        || host.starts_with('/')
+        || host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    (!local).then(|| sslmode.to_string())
+}
+
+/// A name PostgreSQL takes as it is written, once double-quoted: no quoting or escaping
+/// needed anywhere it is passed on (the `search_path` startup option takes no spaces).
+pub(super) fn is_plain_identifier(name: &str) -> bool {
+    let mut chars = name.chars();
+    name.len() <= 63
+        && chars
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
