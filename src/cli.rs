@@ -13,7 +13,8 @@ use tracing::{error, info};
 use crate::config::{ConfigError, DEFAULT_CONFIG_PATH, Settings, redact_url};
 use crate::kafka::producer::RowProducer;
 use crate::store::{self, Store};
-use crate::{App, telemetry};
+use crate::app::App;
+use crate::telemetry;
 
 /// Exit code for a configuration the relay refuses.
 pub const EXIT_CONFIG: u8 = 2;
