@@ -10,23 +10,23 @@ use crate::model::{
 };
 
 /// Header names the relay writes itself; a row's own headers may not reuse them.
-pub const HEADER_EVENT_ID: &str = "id";
-pub const HEADER_EVENT_TYPE: &str = "event_type";
-pub const HEADER_AGGREGATE_TYPE: &str = "aggregate_type";
+pub(crate) const HEADER_EVENT_ID: &str = "id";
+pub(crate) const HEADER_EVENT_TYPE: &str = "event_type";
+pub(crate) const HEADER_AGGREGATE_TYPE: &str = "aggregate_type";
 const RESERVED_HEADERS: [&str; 3] = [HEADER_EVENT_ID, HEADER_EVENT_TYPE, HEADER_AGGREGATE_TYPE];
 
 /// A row's own headers: at most this many, names of at most this many bytes, and names
 /// and values together of at most this many bytes. Beyond, the row is parked.
-pub const MAX_ROW_HEADERS: usize = 64;
-pub const MAX_HEADER_NAME_BYTES: usize = 256;
-pub const MAX_ROW_HEADER_BYTES: usize = 64 * 1024;
+pub(crate) const MAX_ROW_HEADERS: usize = 64;
+pub(crate) const MAX_HEADER_NAME_BYTES: usize = 256;
+pub(crate) const MAX_ROW_HEADER_BYTES: usize = 64 * 1024;
 /// Rough per-record framing overhead (lengths, varints, attributes) in the record batch.
 const RECORD_OVERHEAD_BYTES: usize = 64;
 
 /// Everything needed to produce one row, borrowed from the row: encoding copies nothing
 /// but the event id's text and the row's own headers.
 #[derive(Debug, Clone)]
-pub struct EncodedRecord<'a> {
+pub(crate) struct EncodedRecord<'a> {
     pub topic: Arc<str>,
     pub key: &'a str,
     pub value: Option<&'a [u8]>,
@@ -42,7 +42,7 @@ pub struct EncodedRecord<'a> {
 impl EncodedRecord<'_> {
     /// Header names and values in the order they are written: the relay's three, then the
     /// row's own.
-    pub fn headers(&self) -> impl Iterator<Item = (&str, &str)> {
+    pub(crate) fn headers(&self) -> impl Iterator<Item = (&str, &str)> {
         // The buffer holds a hyphenated UUID: ASCII only.
         let event_id = std::str::from_utf8(&self.event_id).unwrap_or_default();
         [
@@ -60,7 +60,7 @@ impl EncodedRecord<'_> {
 }
 
 /// Encodes rows for one relay; caches rendered topics per aggregate type and event type.
-pub struct Encoder {
+pub(crate) struct Encoder {
     template: TopicTemplate,
     policy: TopicPolicy,
     max_message_bytes: usize,
@@ -69,7 +69,7 @@ pub struct Encoder {
 }
 
 impl Encoder {
-    pub fn new(template: TopicTemplate, policy: TopicPolicy, max_message_bytes: usize) -> Self {
+    pub(crate) fn new(template: TopicTemplate, policy: TopicPolicy, max_message_bytes: usize) -> Self {
         Self {
             template,
             policy,
@@ -80,7 +80,7 @@ impl Encoder {
     }
 
     /// The row's topic: its own `topic` column, or the template's.
-    pub fn topic(&mut self, row: &OutboxRow) -> Result<Arc<str>, ParkReason> {
+    pub(crate) fn topic(&mut self, row: &OutboxRow) -> Result<Arc<str>, ParkReason> {
         match &row.topic {
             Some(topic) => {
                 validate_topic(topic)?;
@@ -91,7 +91,7 @@ impl Encoder {
         }
     }
 
-    pub fn encode<'a>(&mut self, row: &'a OutboxRow) -> Result<EncodedRecord<'a>, ParkReason> {
+    pub(crate) fn encode<'a>(&mut self, row: &'a OutboxRow) -> Result<EncodedRecord<'a>, ParkReason> {
         if let Some(column) = row.undecodable {
             return Err(ParkReason::Undecodable(column));
         }

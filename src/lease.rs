@@ -17,7 +17,7 @@ use crate::store::{Store, StoreError};
 use crate::telemetry::{Health, LeaseRenewalFailed, LeasesRenewed, Rebalanced, ShardsOwned, emit};
 
 /// Shards are fixed by the migration: `hashtextextended(aggregate_id, 0) & 255`.
-pub const SHARD_COUNT: i16 = 256;
+pub(crate) const SHARD_COUNT: i16 = 256;
 
 /// A lease this replica holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -216,7 +216,7 @@ impl Ownership {
 
 /// The shards replica `me` should hold when `live` (sorted) are the live replicas: shard
 /// `s` goes to `live[s % live.len()]`, an exactly balanced share.
-pub fn desired_shards(me: &str, live: &[String]) -> BTreeSet<i16> {
+pub(crate) fn desired_shards(me: &str, live: &[String]) -> BTreeSet<i16> {
     let Some(rank) = live.iter().position(|r| r == me) else {
         return BTreeSet::new();
     };
@@ -227,7 +227,7 @@ pub fn desired_shards(me: &str, live: &[String]) -> BTreeSet<i16> {
 
 /// Lease timing.
 #[derive(Debug, Clone)]
-pub struct LeaseTiming {
+pub(crate) struct LeaseTiming {
     pub ttl: Duration,
     pub renew_interval: Duration,
     /// Subtracted from the TTL: clock drift and the time a renewal takes to return.
@@ -236,7 +236,7 @@ pub struct LeaseTiming {
 
 /// Heartbeats, renews held leases, acquires this replica's share, asks the relay to
 /// release the rest. Runs until `cancel`.
-pub struct LeaseKeeper {
+pub(crate) struct LeaseKeeper {
     pub store: Store,
     pub replica_id: String,
     pub timing: LeaseTiming,
@@ -247,7 +247,7 @@ pub struct LeaseKeeper {
 }
 
 impl LeaseKeeper {
-    pub async fn run(self, cancel: CancellationToken) {
+    pub(crate) async fn run(self, cancel: CancellationToken) {
         let mut backoff = Backoff::new(self.timing.renew_interval);
         let mut last_desired: Option<BTreeSet<i16>> = None;
         while !cancel.is_cancelled() {

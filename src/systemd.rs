@@ -19,23 +19,23 @@ fn notify(state: NotifyState<'_>) {
     }
 }
 
-pub fn ready() {
+pub(crate) fn ready() {
     notify(NotifyState::Ready);
 }
 
-pub fn stopping() {
+pub(crate) fn stopping() {
     notify(NotifyState::Stopping);
 }
 
 /// The watchdog interval systemd asked for (`WatchdogSec=`), if any.
-pub fn watchdog_interval() -> Option<Duration> {
+pub(crate) fn watchdog_interval() -> Option<Duration> {
     let mut usec = 0;
     sd_notify::watchdog_enabled(false, &mut usec).then(|| Duration::from_micros(usec))
 }
 
 /// Pings the watchdog at half its interval while the relay loop has not been stuck in one
 /// step for longer than the interval; withholding the ping makes systemd restart us.
-pub async fn watchdog(interval: Duration, health: Arc<Health>, cancel: CancellationToken) {
+pub(crate) async fn watchdog(interval: Duration, health: Arc<Health>, cancel: CancellationToken) {
     info!(?interval, "systemd watchdog enabled");
     let mut withheld = false;
     loop {

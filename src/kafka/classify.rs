@@ -6,7 +6,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 
 /// What an error means for the relay.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorClass {
+pub(crate) enum ErrorClass {
     /// librdkafka retries in order; the relay waits (stall alarm after a threshold).
     Retriable,
     /// The producer is unusable: rebuild it and resend every unmarked row.
@@ -21,7 +21,7 @@ pub enum ErrorClass {
 }
 
 /// Every `kind` label [`classify`] can return, so metrics can export each at zero.
-pub const KINDS: &[&str] = &[
+pub(crate) const KINDS: &[&str] = &[
     "queue_full",
     "message_too_large",
     "invalid_record",
@@ -40,7 +40,7 @@ pub const KINDS: &[&str] = &[
 ];
 
 /// The class and bounded metric label of a produce or delivery error.
-pub fn classify(err: &KafkaError) -> (ErrorClass, &'static str) {
+pub(crate) fn classify(err: &KafkaError) -> (ErrorClass, &'static str) {
     let code = match err {
         KafkaError::MessageProduction(code) => *code,
         KafkaError::Global(code) => *code,
@@ -49,7 +49,7 @@ pub fn classify(err: &KafkaError) -> (ErrorClass, &'static str) {
     classify_code(code)
 }
 
-pub fn classify_code(code: RDKafkaErrorCode) -> (ErrorClass, &'static str) {
+pub(crate) fn classify_code(code: RDKafkaErrorCode) -> (ErrorClass, &'static str) {
     use RDKafkaErrorCode as C;
     match code {
         C::QueueFull => (ErrorClass::Retriable, "queue_full"),

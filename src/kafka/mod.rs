@@ -2,6 +2,6 @@
 //! to the relay, and the record size limit each topic has. Nothing here touches the
 //! database.
 
-pub mod classify;
-pub mod producer;
-pub mod topics;
+pub(crate) mod classify;
+pub(crate) mod producer;
+pub(crate) mod topics;

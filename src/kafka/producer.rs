@@ -23,7 +23,7 @@ use crate::telemetry::{Metrics, ProducerStatistics, emit};
 
 /// What the producer reports back to the relay.
 #[derive(Debug)]
-pub enum ProducerEvent {
+pub(crate) enum ProducerEvent {
     /// One row's delivery report.
     Delivered {
         generation: u64,
@@ -44,11 +44,11 @@ pub enum ProducerEvent {
 /// Bounded: a delivery report waits for room (it must not be lost), a client error is
 /// dropped when there is none (it is a hint, and a broker that stays away would otherwise
 /// fill memory with them while the relay is idle).
-pub type EventSender = mpsc::Sender<ProducerEvent>;
-pub type EventReceiver = mpsc::Receiver<ProducerEvent>;
+pub(crate) type EventSender = mpsc::Sender<ProducerEvent>;
+pub(crate) type EventReceiver = mpsc::Receiver<ProducerEvent>;
 
 /// librdkafka callbacks, run on the producer's polling thread.
-pub struct RelayContext {
+pub(crate) struct RelayContext {
     generation: u64,
     events: EventSender,
     metrics: Metrics,
@@ -139,18 +139,18 @@ impl ProducerContext for RelayContext {
 
 /// The cluster's topics, as [`RowProducer::cluster_topics`] found them.
 #[derive(Debug, Default)]
-pub struct ClusterTopics(std::collections::HashMap<String, TopicAnswer>);
+pub(crate) struct ClusterTopics(std::collections::HashMap<String, TopicAnswer>);
 
 impl ClusterTopics {
     /// A topic the answer does not list does not exist (or is hidden from this principal).
-    pub fn about(&self, topic: &str) -> TopicAnswer {
+    pub(crate) fn about(&self, topic: &str) -> TopicAnswer {
         self.0.get(topic).cloned().unwrap_or(TopicAnswer::Unknown)
     }
 }
 
 /// What the cluster says of a topic.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum TopicAnswer {
+pub(crate) enum TopicAnswer {
     Known,
     /// It does not exist.
     Unknown,
@@ -161,7 +161,7 @@ pub enum TopicAnswer {
 }
 
 /// A producer of one generation.
-pub struct RowProducer {
+pub(crate) struct RowProducer {
     inner: Arc<ThreadedProducer<RelayContext>>,
     generation: u64,
     /// `linger.ms`: how long [`RowProducer::send_queued_now`] holds its flush at most.
@@ -172,7 +172,7 @@ impl RowProducer {
     /// Builds a producer from `properties`; reports go to `events`. An `isolating`
     /// producer sends one record per request, one request at a time per broker, so that a
     /// refusal concerns one row alone; `batch_bytes` caps a record batch's size.
-    pub fn build(
+    pub(crate) fn build(
         properties: &[(String, String)],
         generation: u64,
         events: EventSender,
@@ -214,12 +214,12 @@ impl RowProducer {
         })
     }
 
-    pub fn generation(&self) -> u64 {
+    pub(crate) fn generation(&self) -> u64 {
         self.generation
     }
 
     /// Hands one row to librdkafka. On error the row was not queued.
-    pub fn send(&self, row_id: i64, record: &EncodedRecord<'_>) -> Result<(), KafkaError> {
+    pub(crate) fn send(&self, row_id: i64, record: &EncodedRecord<'_>) -> Result<(), KafkaError> {
         let mut headers = OwnedHeaders::new_with_capacity(3);
         for (key, value) in record.headers() {
             headers = headers.insert(Header {
@@ -243,7 +243,7 @@ impl RowProducer {
     /// a whole batch is queued, it still goes out as one request per partition, where
     /// `linger.ms=0` would send its first rows one request each. Must be called from
     /// within the tokio runtime.
-    pub fn send_queued_now(&self) {
+    pub(crate) fn send_queued_now(&self) {
         if self.linger_ms <= 0 {
             return;
         }
@@ -259,29 +259,23 @@ impl RowProducer {
 
     /// Purges every message queued or in flight; each gets a purge report. Used after a
     /// fatal error, when requests still in flight would otherwise never report.
-    pub fn purge_all(&self) {
+    pub(crate) fn purge_all(&self) {
         self.inner
             .purge(PurgeConfig::default().queue().inflight().non_blocking());
     }
 
-    pub fn fatal_error(&self) -> Option<String> {
+    pub(crate) fn fatal_error(&self) -> Option<String> {
         self.inner
             .client()
             .fatal_error()
             .map(|(code, reason)| format!("{code:?}: {reason}"))
     }
 
-    pub fn in_flight(&self) -> i32 {
-        self.inner.in_flight_count()
-    }
-
-    /// Lists the cluster's brokers and topics, as `check` and readiness need. Blocking:
-    /// call it off the async runtime.
     /// The cluster's topics as this principal sees them, each with its answer, from one
     /// metadata request for all topics: asking for one topic by name would make librdkafka
     /// keep an object for it (and query it every second) for the producer's lifetime,
     /// whatever name a row chose. Blocks up to `timeout`: call it off the async threads.
-    pub fn cluster_topics(&self, timeout: Duration) -> Result<ClusterTopics, String> {
+    pub(crate) fn cluster_topics(&self, timeout: Duration) -> Result<ClusterTopics, String> {
         use rdkafka::types::RDKafkaRespErr as E;
         let metadata = self
             .inner
@@ -306,7 +300,7 @@ impl RowProducer {
     }
 
     /// A handle on the same producer, for a blocking call on another thread.
-    pub fn handle(&self) -> RowProducer {
+    pub(crate) fn handle(&self) -> RowProducer {
         RowProducer {
             inner: self.inner.clone(),
             generation: self.generation,
@@ -314,7 +308,9 @@ impl RowProducer {
         }
     }
 
-    pub fn describe_cluster(&self, timeout: Duration) -> KafkaResult<ClusterSummary> {
+    /// Lists the cluster's brokers and topics, as `check` needs. Blocking: call it off the
+    /// async runtime.
+    pub(crate) fn describe_cluster(&self, timeout: Duration) -> KafkaResult<ClusterSummary> {
         let metadata = self.inner.client().fetch_metadata(None, timeout)?;
         Ok(ClusterSummary {
             brokers: metadata
@@ -333,10 +329,7 @@ impl RowProducer {
 
 /// What a metadata request said about the cluster.
 #[derive(Debug, Clone)]
-pub struct ClusterSummary {
+pub(crate) struct ClusterSummary {
     pub brokers: Vec<String>,
     pub topics: Vec<String>,
 }
-
-/// A producer that can be replaced, shared between the relay and `check`.
-pub type SharedProducer = Arc<RowProducer>;

@@ -18,7 +18,7 @@ const REFRESH_AFTER: Duration = Duration::from_secs(300);
 /// How long one question may take; the batch waits for it once per topic per hour.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
-pub struct TopicLimits {
+pub(crate) struct TopicLimits {
     admin: Option<AdminClient<DefaultClientContext>>,
     properties: Vec<(String, String)>,
     known: foldhash::HashMap<String, (Instant, Option<usize>)>,
@@ -28,7 +28,7 @@ pub struct TopicLimits {
 
 impl TopicLimits {
     /// The admin client is built on first use from the producer's connection settings.
-    pub fn new(producer_properties: &[(String, String)]) -> Self {
+    pub(crate) fn new(producer_properties: &[(String, String)]) -> Self {
         let properties = crate::config::admin_properties(producer_properties);
         Self {
             admin: None,
@@ -39,7 +39,7 @@ impl TopicLimits {
     }
 
     /// The topic's `max.message.bytes`, when the broker reports it.
-    pub async fn limit(&mut self, topic: &str) -> Option<usize> {
+    pub(crate) async fn limit(&mut self, topic: &str) -> Option<usize> {
         if let Some((asked_at, limit)) = self.known.get(topic) {
             if asked_at.elapsed() < REFRESH_AFTER {
                 return *limit;
@@ -77,7 +77,7 @@ impl TopicLimits {
     }
 
     /// Asks the broker now, without the cache: what `check` shows.
-    pub async fn describe(&mut self, topic: &str) -> KafkaResult<Option<usize>> {
+    pub(crate) async fn describe(&mut self, topic: &str) -> KafkaResult<Option<usize>> {
         let admin = match &self.admin {
             Some(admin) => admin,
             None => {

@@ -34,7 +34,7 @@ struct Waiting {
 
 /// What became of a topic the relay wanted to hold.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Hold {
+pub(super) enum Hold {
     /// Its rows wait; other topics flow.
     Waiting,
     /// Too many topics or aggregates wait already: the relay parks the row instead of
@@ -43,25 +43,25 @@ pub enum Hold {
 }
 
 #[derive(Debug, Default)]
-pub struct WaitingTopics {
+pub(super) struct WaitingTopics {
     topics: foldhash::HashMap<Arc<str>, Waiting>,
     /// Hashes of aggregates with a row waiting for a topic, and for how many topics.
     held: foldhash::HashMap<i64, u32>,
 }
 
 impl WaitingTopics {
-    pub fn is_empty(&self) -> bool {
+    pub(super) fn is_empty(&self) -> bool {
         self.topics.is_empty()
     }
 
     /// Whether rows for `topic` wait.
-    pub fn holds(&self, topic: &str) -> bool {
+    pub(super) fn holds(&self, topic: &str) -> bool {
         self.topics.contains_key(topic)
     }
 
     /// The cluster does not know `topic` (or did not answer): its rows wait until a retry
     /// finds it.
-    pub fn refused(&mut self, topic: &Arc<str>, reason: &str, now: Instant) -> Hold {
+    pub(super) fn refused(&mut self, topic: &Arc<str>, reason: &str, now: Instant) -> Hold {
         let full = self.topics.len() >= MAX_WAITING_TOPICS;
         match self.topics.get_mut(topic) {
             Some(waiting) => {
@@ -91,7 +91,7 @@ impl WaitingTopics {
 
     /// Holds a row's aggregate for a waiting topic: reads leave it out until the next
     /// retry.
-    pub fn hold_row(&mut self, topic: &str, aggregate_hash: i64) -> Hold {
+    pub(super) fn hold_row(&mut self, topic: &str, aggregate_hash: i64) -> Hold {
         let full = self.held.len() >= MAX_HELD_AGGREGATES;
         let Some(waiting) = self.topics.get_mut(topic) else {
             return Hold::Waiting;
@@ -109,7 +109,7 @@ impl WaitingTopics {
     }
 
     /// Waiting topics whose retry is due, at most `max` of them.
-    pub fn due(&self, now: Instant, max: usize) -> Vec<Arc<str>> {
+    pub(super) fn due(&self, now: Instant, max: usize) -> Vec<Arc<str>> {
         let mut due: Vec<(&Arc<str>, &Waiting)> = self
             .topics
             .iter()
@@ -126,7 +126,7 @@ impl WaitingTopics {
     /// The cluster still does not know `topic`: it waits on, unless no row was held for it
     /// since the last retry (its rows were fixed, discarded or parked), when it is
     /// forgotten. Either way its holds start over, so that reads find what still needs it.
-    pub fn still_unknown(&mut self, topic: &Arc<str>, reason: &str, now: Instant) {
+    pub(super) fn still_unknown(&mut self, topic: &Arc<str>, reason: &str, now: Instant) {
         let needed = self.topics.get(topic).is_some_and(|w| w.needed);
         if needed {
             self.refused(topic, reason, now);
@@ -143,7 +143,7 @@ impl WaitingTopics {
 
     /// The topic exists now: it waits no more, and its rows are read again, oldest first
     /// (an aggregate held for another topic too waits on).
-    pub fn accepted(&mut self, topic: &str) {
+    pub(super) fn accepted(&mut self, topic: &str) {
         if let Some(waiting) = self.topics.remove(topic) {
             info!(%topic, waited = ?waiting.since.elapsed(), "the topic exists now; its rows follow");
             self.release(waiting.held);
@@ -162,13 +162,13 @@ impl WaitingTopics {
     }
 
     /// The aggregate hashes reads leave out.
-    pub fn held_aggregates(&self) -> Vec<i64> {
+    pub(super) fn held_aggregates(&self) -> Vec<i64> {
         self.held.keys().copied().collect()
     }
 
     /// `topic (reason)` for the first waiting topics by name, and how many more, for
     /// readiness.
-    pub fn summary(&self) -> (Vec<String>, usize) {
+    pub(super) fn summary(&self) -> (Vec<String>, usize) {
         const SHOWN: usize = 10;
         let mut topics: Vec<(&Arc<str>, &Waiting)> = self.topics.iter().collect();
         topics.sort_by(|a, b| a.0.cmp(b.0));
