@@ -249,10 +249,10 @@ async fn hand_over(store: &Store, replica_id: &str, ownership: &Ownership) {
     .0.join(", "),
     if .0.len() == 1 { "it" } else { "them" }
 )]
-pub struct MissingGrants(pub Vec<String>);
+pub(crate) struct MissingGrants(pub Vec<String>);
 
 /// Said by `run` and `check` when roles other than the schema's owner may create in it.
-pub const SCHEMA_CREATORS_ADVICE: &str = "roles other than its owner may create in the outbox's schema, where a planted table, function or operator could stand in for one the relay uses; revoke it (REVOKE CREATE ON SCHEMA ... FROM PUBLIC, or from each role; deploy/sql/least-privilege.sql does)";
+pub(crate) const SCHEMA_CREATORS_ADVICE: &str = "roles other than its owner may create in the outbox's schema, where a planted table, function or operator could stand in for one the relay uses; revoke it (REVOKE CREATE ON SCHEMA ... FROM PUBLIC, or from each role; deploy/sql/least-privilege.sql does)";
 
 /// Retries until the database answers; fails at once if the outbox table is missing or
 /// the role lacks a privilege.

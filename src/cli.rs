@@ -10,14 +10,14 @@ use clap::{Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
+use crate::app::App;
 use crate::config::{ConfigError, DEFAULT_CONFIG_PATH, Settings, redact_url};
 use crate::kafka::producer::RowProducer;
 use crate::store::{self, Store};
-use crate::app::App;
 use crate::telemetry;
 
 /// Exit code for a configuration the relay refuses.
-pub const EXIT_CONFIG: u8 = 2;
+pub(crate) const EXIT_CONFIG: u8 = 2;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -25,7 +25,7 @@ pub const EXIT_CONFIG: u8 = 2;
     version,
     about = "Relays a PostgreSQL outbox table to Kafka: acks=all, idempotent, marked only after the ack."
 )]
-pub struct Cli {
+pub(crate) struct Cli {
     /// TOML configuration file; environment variables OUTBOX_RELAY_<SECTION>__<KEY> override it.
     #[arg(long, short, global = true, value_name = "PATH", help = format!("TOML configuration file [default: {DEFAULT_CONFIG_PATH}, if present]"))]
     pub config: Option<PathBuf>,
@@ -34,7 +34,7 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
-pub enum Command {
+pub(crate) enum Command {
     /// Run the relay until SIGTERM or SIGINT, then drain: stop reading, wait for
     /// outstanding acks up to relay.drain_timeout, mark them, exit 0.
     Run,
@@ -68,7 +68,7 @@ pub enum Command {
 }
 
 #[derive(Debug, Subcommand)]
-pub enum ParkedCommand {
+pub(crate) enum ParkedCommand {
     /// List parked rows, oldest first, with the reason and the error.
     List {
         /// Only this aggregate's rows.
@@ -101,7 +101,7 @@ pub enum ParkedCommand {
 /// Which parked rows an operation touches: exactly one of ids, an aggregate, or all.
 #[derive(Debug, clap::Args)]
 #[group(required = true, multiple = false)]
-pub struct ParkedSelection {
+pub(crate) struct ParkedSelection {
     /// Row ids (the `id` column).
     #[arg(value_name = "ID")]
     ids: Vec<i64>,
@@ -114,7 +114,7 @@ pub struct ParkedSelection {
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
-pub enum Toggle {
+pub(crate) enum Toggle {
     On,
     Off,
 }

@@ -69,7 +69,11 @@ pub(crate) struct Encoder {
 }
 
 impl Encoder {
-    pub(crate) fn new(template: TopicTemplate, policy: TopicPolicy, max_message_bytes: usize) -> Self {
+    pub(crate) fn new(
+        template: TopicTemplate,
+        policy: TopicPolicy,
+        max_message_bytes: usize,
+    ) -> Self {
         Self {
             template,
             policy,
@@ -91,7 +95,10 @@ impl Encoder {
         }
     }
 
-    pub(crate) fn encode<'a>(&mut self, row: &'a OutboxRow) -> Result<EncodedRecord<'a>, ParkReason> {
+    pub(crate) fn encode<'a>(
+        &mut self,
+        row: &'a OutboxRow,
+    ) -> Result<EncodedRecord<'a>, ParkReason> {
         if let Some(column) = row.undecodable {
             return Err(ParkReason::Undecodable(column));
         }

@@ -28,7 +28,7 @@ struct HttpState {
     liveness_timeout: Duration,
 }
 
-pub fn router(metrics: Metrics, health: Arc<Health>, liveness_timeout: Duration) -> Router {
+pub(crate) fn router(metrics: Metrics, health: Arc<Health>, liveness_timeout: Duration) -> Router {
     Router::new()
         .route("/metrics", get(render_metrics))
         .route("/healthz", get(liveness))
@@ -41,7 +41,7 @@ pub fn router(metrics: Metrics, health: Arc<Health>, liveness_timeout: Duration)
 }
 
 /// Connections served at once; more are closed on arrival until one ends.
-pub const MAX_CONNECTIONS: usize = 32;
+pub(crate) const MAX_CONNECTIONS: usize = 32;
 /// Connections served at once from one address, so that one client cannot take them all
 /// and starve the kubelet's probes and the scraper.
 pub const MAX_CONNECTIONS_PER_PEER: usize = 8;
@@ -54,7 +54,7 @@ const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
 
 /// Serves until `cancel`. The endpoints are read-only and unauthenticated, so what a
 /// client can hold is bounded: a few connections, headers within a timeout, a lifetime.
-pub async fn serve(
+pub(crate) async fn serve(
     listener: TcpListener,
     metrics: Metrics,
     health: Arc<Health>,

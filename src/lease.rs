@@ -21,7 +21,7 @@ pub(crate) const SHARD_COUNT: i16 = 256;
 
 /// A lease this replica holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Lease {
+pub(crate) struct Lease {
     pub epoch: i64,
     /// After this instant the replica must not produce for the shard.
     pub valid_until: Instant,
@@ -29,7 +29,7 @@ pub struct Lease {
 
 /// The shards this replica holds, shared between the lease keeper and the relay.
 #[derive(Debug, Default)]
-pub struct Ownership {
+pub(crate) struct Ownership {
     state: Mutex<OwnershipState>,
 }
 
@@ -42,13 +42,13 @@ struct OwnershipState {
 
 /// The leases usable for one batch.
 #[derive(Debug, Clone, Default)]
-pub struct Snapshot {
+pub(crate) struct Snapshot {
     pub leases: BTreeMap<i16, Lease>,
 }
 
 impl Snapshot {
     /// `None` when every shard is held: the read needs no shard filter.
-    pub fn shard_filter(&self) -> Option<Vec<i16>> {
+    pub(crate) fn shard_filter(&self) -> Option<Vec<i16>> {
         if self.leases.len() == SHARD_COUNT as usize {
             None
         } else {
@@ -56,12 +56,12 @@ impl Snapshot {
         }
     }
 
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.leases.is_empty()
     }
 
     /// The epoch to fence a mark with, if the shard may still be produced to.
-    pub fn producible(&self, shard: i16, now: Instant) -> Option<i64> {
+    pub(crate) fn producible(&self, shard: i16, now: Instant) -> Option<i64> {
         self.leases
             .get(&shard)
             .filter(|lease| lease.valid_until > now)
@@ -79,7 +79,7 @@ impl Ownership {
     }
 
     /// Leases valid now and not being released.
-    pub fn snapshot(&self) -> Snapshot {
+    pub(crate) fn snapshot(&self) -> Snapshot {
         let state = self.lock();
         let now = Instant::now();
         Snapshot {
@@ -94,7 +94,7 @@ impl Ownership {
         }
     }
 
-    pub fn owned_count(&self) -> usize {
+    pub(crate) fn owned_count(&self) -> usize {
         let now = Instant::now();
         let state = self.lock();
         state
@@ -105,7 +105,7 @@ impl Ownership {
     }
 
     /// Shards to give up, taken by the relay when nothing of theirs is in flight.
-    pub fn take_releases(&self) -> Vec<(i16, i64)> {
+    pub(crate) fn take_releases(&self) -> Vec<(i16, i64)> {
         let mut state = self.lock();
         let shards: Vec<i16> = std::mem::take(&mut state.to_release).into_iter().collect();
         shards
@@ -115,7 +115,7 @@ impl Ownership {
     }
 
     /// Every held shard, for the final release on shutdown.
-    pub fn take_all(&self) -> Vec<(i16, i64)> {
+    pub(crate) fn take_all(&self) -> Vec<(i16, i64)> {
         let mut state = self.lock();
         state.to_release.clear();
         std::mem::take(&mut state.leases)
@@ -168,7 +168,7 @@ impl Ownership {
     }
 
     /// Puts back shards whose release failed; they stay marked for release.
-    pub fn restore_releases(&self, releases: &[(i16, i64)], valid_until: Instant) {
+    pub(crate) fn restore_releases(&self, releases: &[(i16, i64)], valid_until: Instant) {
         let mut state = self.lock();
         for (shard, epoch) in releases {
             state.leases.insert(
@@ -183,7 +183,7 @@ impl Ownership {
     }
 
     /// Drops shards the database says this replica no longer holds (a fenced mark).
-    pub fn forget(&self, shards: &BTreeSet<i16>) {
+    pub(crate) fn forget(&self, shards: &BTreeSet<i16>) {
         let mut state = self.lock();
         for shard in shards {
             state.leases.remove(shard);
@@ -332,7 +332,6 @@ impl LeaseKeeper {
                 }
             }
         }
-        self.health.set_shards_owned(self.ownership.owned_count());
         Ok(next)
     }
 }

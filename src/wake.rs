@@ -16,7 +16,12 @@ use crate::model::Backoff;
 use crate::telemetry::{DoorbellRang, emit};
 
 /// Listens on `channel` until `cancel`, ringing `wake` for every notification.
-pub(crate) async fn listen(pool: PgPool, channel: String, wake: Arc<Notify>, cancel: CancellationToken) {
+pub(crate) async fn listen(
+    pool: PgPool,
+    channel: String,
+    wake: Arc<Notify>,
+    cancel: CancellationToken,
+) {
     let mut backoff = Backoff::new(Duration::from_secs(30));
     while !cancel.is_cancelled() {
         let mut listener = match connect(&pool, &channel).await {

@@ -18,9 +18,9 @@ mod producer;
 mod secrets;
 mod validate;
 
-pub use producer::admin_properties;
+pub(crate) use producer::admin_properties;
+pub(crate) use secrets::redact_url;
 use secrets::*;
-pub use secrets::{is_secret_property, redact_url};
 
 /// Where the configuration file is looked for when `--config` is not given.
 pub const DEFAULT_CONFIG_PATH: &str = "config/outbox-relay.toml";
@@ -397,7 +397,7 @@ impl Settings {
     }
 
     /// What rows may publish to: `relay.allowed_topics`, or the template's own glob.
-    pub fn topic_policy(&self) -> Result<crate::model::TopicPolicy, TemplateError> {
+    pub(crate) fn topic_policy(&self) -> Result<crate::model::TopicPolicy, TemplateError> {
         let allowed = if self.relay.allowed_topics.is_empty() {
             vec![TopicTemplate::parse(&self.relay.topic_template)?.glob()]
         } else {
@@ -411,7 +411,7 @@ impl Settings {
 
     /// How much sooner than the database a replica considers its lease gone: covers clock
     /// drift and the time a renewal takes to return.
-    pub fn lease_margin(&self) -> Duration {
+    pub(crate) fn lease_margin(&self) -> Duration {
         self.relay.lease_ttl / 5
     }
 
@@ -433,7 +433,7 @@ impl Settings {
     }
 
     /// The settings as TOML with every secret replaced, for `check` and logs.
-    pub fn redacted(&self) -> String {
+    pub(crate) fn redacted(&self) -> String {
         let mut copy = self.clone();
         copy.database.url = Secret(redact_url(self.database.url.expose()));
         for (k, v) in copy.kafka.properties.iter_mut() {

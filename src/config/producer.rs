@@ -51,7 +51,7 @@ const PRODUCER_ONLY: &[&str] = &[
 ];
 
 /// The connection settings of `producer_properties` for an admin client, named apart.
-pub fn admin_properties(producer_properties: &[(String, String)]) -> Vec<(String, String)> {
+pub(crate) fn admin_properties(producer_properties: &[(String, String)]) -> Vec<(String, String)> {
     producer_properties
         .iter()
         .filter(|(k, _)| !PRODUCER_ONLY.contains(&k.as_str()))

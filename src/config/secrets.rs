@@ -15,7 +15,7 @@ pub(super) const SECRET_PROPERTY_MARKERS: &[&str] = &[
 impl KafkaSettings {
     /// Whether the property's value is a secret: by its name, or because it was read
     /// from one of `secret_files`, whatever its name.
-    pub fn is_secret(&self, name: &str) -> bool {
+    pub(crate) fn is_secret(&self, name: &str) -> bool {
         is_secret_property(name) || self.secret_files.contains_key(name)
     }
 }
@@ -178,12 +178,12 @@ pub(super) fn check_readable(key: &str, path: &Path) -> Result<(), ConfigError> 
     })
 }
 
-pub fn is_secret_property(name: &str) -> bool {
+pub(crate) fn is_secret_property(name: &str) -> bool {
     SECRET_PROPERTY_MARKERS.iter().any(|m| name.contains(m))
 }
 
 /// `postgres://user:pw@host/db` → `postgres://user:[redacted]@host/db`.
-pub fn redact_url(raw: &str) -> String {
+pub(crate) fn redact_url(raw: &str) -> String {
     match url::Url::parse(raw) {
         Ok(mut url) => {
             if url.password().is_some() {

@@ -217,7 +217,7 @@ impl Settings {
     }
 
     /// Settings the relay accepts but an operator should hear about at start.
-    pub fn warnings(&self) -> Vec<String> {
+    pub(crate) fn warnings(&self) -> Vec<String> {
         let mut warnings = Vec::new();
         if let Some((name, value)) = self.unverified_kafka_tls() {
             warnings.push(format!(

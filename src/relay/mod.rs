@@ -31,8 +31,8 @@ use crate::telemetry::{
     BatchFinished, DatabaseError, Health, Metrics, ProducerClientError, PublishErrors, RowParked,
     RowsFenced, TopicLabels, emit,
 };
+pub use waiting::MAX_WAITING_TOPICS;
 use waiting::{Hold, WaitingTopics};
-pub use waiting::{MAX_HELD_AGGREGATES, MAX_WAITING_TOPICS};
 
 mod batch;
 mod produce;
@@ -51,7 +51,7 @@ const STALLED_RECHECK: Duration = Duration::from_secs(1);
 const FINAL_MARK_GRACE: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
-pub enum RelayError {
+pub(crate) enum RelayError {
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("cannot build the Kafka producer: {0}; check the [kafka] settings")]
@@ -63,7 +63,7 @@ pub enum RelayError {
 }
 
 impl RelayError {
-    pub fn is_retriable(&self) -> bool {
+    pub(crate) fn is_retriable(&self) -> bool {
         match self {
             RelayError::Store(e) => e.is_retriable(),
             RelayError::Producer(_) | RelayError::Template(_) | RelayError::Task(_) => false,
@@ -73,7 +73,7 @@ impl RelayError {
 
 /// What one tick did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Tick {
+pub(crate) enum Tick {
     /// Nothing was pending.
     Idle,
     /// A batch was read and processed.
@@ -95,7 +95,7 @@ fn event_channel_capacity(settings: &RelaySettings) -> usize {
 }
 
 /// One replica's relay loop.
-pub struct Relay {
+pub(crate) struct Relay {
     store: Store,
     writer: Writer,
     settings: RelaySettings,
@@ -183,7 +183,7 @@ struct Settled {
 }
 
 impl Relay {
-    pub fn new(
+    pub(crate) fn new(
         store: Store,
         settings: &Settings,
         health: Arc<Health>,
@@ -250,7 +250,7 @@ impl Relay {
 
     /// Runs until `cancel`, then drains the batch in flight and returns. Database errors
     /// are retried with backoff; readiness is false meanwhile.
-    pub async fn run(mut self, cancel: CancellationToken) -> Result<(), RelayError> {
+    pub(crate) async fn run(mut self, cancel: CancellationToken) -> Result<(), RelayError> {
         let mut backoff = Backoff::new(Duration::from_secs(30));
         let mut blocked_backoff = Backoff::new(Duration::from_secs(60));
         while !cancel.is_cancelled() {

@@ -15,7 +15,7 @@ use tracing::{info, warn};
 const FIRST_RETRY: Duration = Duration::from_secs(1);
 const LAST_RETRY: Duration = Duration::from_secs(30);
 /// At most this many aggregates are held (800 KB of hashes, sent with every read).
-pub const MAX_HELD_AGGREGATES: usize = 100_000;
+pub(crate) const MAX_HELD_AGGREGATES: usize = 100_000;
 /// At most this many topics wait: `aggregate_type` comes from rows, and each waiting
 /// topic costs a question to the cluster per retry.
 pub const MAX_WAITING_TOPICS: usize = 1_000;

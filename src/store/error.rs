@@ -20,7 +20,7 @@ pub enum StoreError {
 impl StoreError {
     /// Whether waiting and reconnecting can fix it (lost connections, restarts, failover,
     /// timeouts, serialization failures).
-    pub fn is_retriable(&self) -> bool {
+    pub(crate) fn is_retriable(&self) -> bool {
         match self {
             StoreError::Connection(_) => true,
             StoreError::Statement { code, .. } => {
@@ -54,7 +54,7 @@ impl StoreError {
 }
 
 /// Every label [`StoreError::kind`] can return.
-pub const ERROR_KINDS: &[&str] = &[
+pub(crate) const ERROR_KINDS: &[&str] = &[
     "connection",
     "read_only",
     "statement_timeout",

@@ -19,7 +19,11 @@ fn lease_pairs(rows: &[PgRow]) -> Result<Vec<(i16, i64)>, StoreError> {
 
 impl Store {
     /// Records that `replica` is alive for `ttl` and returns the live replicas, sorted.
-    pub async fn heartbeat(&self, replica: &str, ttl: Duration) -> Result<Vec<String>, StoreError> {
+    pub(crate) async fn heartbeat(
+        &self,
+        replica: &str,
+        ttl: Duration,
+    ) -> Result<Vec<String>, StoreError> {
         self.in_session(async |conn| {
             let live: Vec<String> = self.query_scalar(
                 "WITH me AS ( \
@@ -113,7 +117,7 @@ impl Store {
     }
 
     /// Gives shards up at once, so another replica can take them without waiting.
-    pub async fn release_leases(
+    pub(crate) async fn release_leases(
         &self,
         replica: &str,
         leases: &[(i16, i64)],
@@ -140,7 +144,7 @@ impl Store {
     }
 
     /// Which of these (shard, epoch) leases `replica` still holds in the database.
-    pub async fn still_held(
+    pub(crate) async fn still_held(
         &self,
         replica: &str,
         leases: &[(i16, i64)],
@@ -165,7 +169,7 @@ impl Store {
     }
 
     /// Removes `replica` from the live set (clean shutdown).
-    pub async fn deregister(&self, replica: &str) -> Result<(), StoreError> {
+    pub(crate) async fn deregister(&self, replica: &str) -> Result<(), StoreError> {
         self.in_session(async |conn| {
             self.query("DELETE FROM outbox_replica WHERE replica_id = $1")
                 .bind(replica)
@@ -177,7 +181,10 @@ impl Store {
     }
 
     /// How long until the first of these shards' current leases expires.
-    pub async fn next_lease_expiry(&self, shards: &[i16]) -> Result<Option<Duration>, StoreError> {
+    pub(crate) async fn next_lease_expiry(
+        &self,
+        shards: &[i16],
+    ) -> Result<Option<Duration>, StoreError> {
         self.in_session(async |conn| {
             let seconds: Option<f64> = self
                 .query_scalar(

@@ -22,11 +22,14 @@ mod schema;
 mod status;
 mod write;
 
-pub use error::{ERROR_KINDS, StoreError};
+pub(crate) use error::ERROR_KINDS;
+pub use error::StoreError;
 pub use read::ReadLimits;
 pub use schema::MIGRATOR;
-pub use status::{BacklogStats, EXACT_PENDING_UP_TO, ParkedRow, ReplicaStatus};
-pub use write::{Ack, MARK_SENT, Parking, leases_of};
+pub use status::BacklogStats;
+pub(crate) use status::{EXACT_PENDING_UP_TO, ReplicaStatus};
+pub(crate) use write::leases_of;
+pub use write::{Ack, MARK_SENT, Parking};
 
 /// The outbox as the relay sees it.
 #[derive(Clone)]
@@ -72,7 +75,7 @@ impl Store {
     }
 
     /// A store for a database reached through a transaction-mode pooler.
-    pub fn behind_transaction_pooler(pool: PgPool, transaction_pooler: bool) -> Self {
+    pub(crate) fn behind_transaction_pooler(pool: PgPool, transaction_pooler: bool) -> Self {
         Self {
             pool,
             transaction_pooler,
@@ -166,7 +169,7 @@ pub async fn probe(settings: &DatabaseSettings) -> Result<(), StoreError> {
 
 /// Builds the pool. Connections are opened lazily so a relay can start while the database
 /// is still coming up; the first statement says whether it is reachable.
-pub fn connect_lazy(settings: &DatabaseSettings) -> Result<PgPool, sqlx::Error> {
+pub(crate) fn connect_lazy(settings: &DatabaseSettings) -> Result<PgPool, sqlx::Error> {
     let options = connect_options(settings)?;
     Ok(PgPoolOptions::new()
         .max_connections(settings.max_connections)
@@ -177,7 +180,7 @@ pub fn connect_lazy(settings: &DatabaseSettings) -> Result<PgPool, sqlx::Error> 
 /// A pool of one connection for the doorbell's LISTEN session, which it holds for good:
 /// kept apart from the relay's pool so that `max_connections` counts only the connections
 /// that read, mark and renew leases.
-pub fn listener_pool(settings: &DatabaseSettings) -> Result<PgPool, sqlx::Error> {
+pub(crate) fn listener_pool(settings: &DatabaseSettings) -> Result<PgPool, sqlx::Error> {
     let options = connect_options(settings)?;
     Ok(PgPoolOptions::new()
         .max_connections(1)

@@ -285,7 +285,7 @@ impl Store {
     /// [`OutboxRow::aggregate_hash`] is `held` (those waiting for a topic: reading them
     /// again and again would fill every batch; a row of another aggregate with the same
     /// hash waits with them).
-    pub async fn read_pending_except(
+    pub(crate) async fn read_pending_except(
         &self,
         limits: ReadLimits,
         policy: ParkPolicy,

@@ -17,7 +17,11 @@ impl Store {
 
     /// Installs or removes the optional statement-level doorbell trigger, which notifies
     /// `channel`.
-    pub async fn set_notify_trigger(&self, enabled: bool, channel: &str) -> Result<(), StoreError> {
+    pub(crate) async fn set_notify_trigger(
+        &self,
+        enabled: bool,
+        channel: &str,
+    ) -> Result<(), StoreError> {
         self.in_session(async |conn| {
             self.query("SELECT outbox_enable_notify($1, $2)")
                 .bind(enabled)
@@ -60,7 +64,7 @@ impl Store {
     /// The privileges `run` needs in `mode` that the connected role lacks, each written
     /// as a grant (`UPDATE (sent_at) ON outbox`). Checked at start: a relay that can
     /// publish but not mark would resend its first batch on every restart.
-    pub async fn missing_grants(&self, mode: Mode) -> Result<Vec<String>, StoreError> {
+    pub(crate) async fn missing_grants(&self, mode: Mode) -> Result<Vec<String>, StoreError> {
         let mut needed: Vec<(&str, &str, &str)> = Vec::new();
         let mut need = |privilege, table, columns: &[&'static str]| {
             if columns.is_empty() {
@@ -150,7 +154,7 @@ impl Store {
             .collect())
     }
 
-    pub async fn verify_schema(&self) -> Result<String, StoreError> {
+    pub(crate) async fn verify_schema(&self) -> Result<String, StoreError> {
         self.in_session(async |conn| {
             let version: String = self
                 .query_scalar("SHOW server_version")

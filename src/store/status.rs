@@ -10,7 +10,7 @@ use super::{Store, StoreError};
 
 /// A replica as `status` shows it.
 #[derive(Debug, Clone, serde::Serialize)]
-pub struct ReplicaStatus {
+pub(crate) struct ReplicaStatus {
     pub replica_id: String,
     pub live: bool,
     pub started_at: DateTime<Utc>,
@@ -22,7 +22,7 @@ pub struct ReplicaStatus {
 
 /// A parked row, as `parked list` shows it.
 #[derive(Debug, Clone, serde::Serialize)]
-pub struct ParkedRow {
+pub(crate) struct ParkedRow {
     pub id: i64,
     pub aggregate_type: String,
     pub aggregate_id: String,
@@ -47,12 +47,12 @@ pub struct BacklogStats {
 /// Pending rows are counted exactly up to this many; beyond, they are estimated. Counting
 /// runs every `relay.stats_interval` on every replica: a million pending rows took 160 to
 /// 480 ms per count in the benchmark, a hundred thousand a tenth of that.
-pub const EXACT_PENDING_UP_TO: i64 = 100_000;
+pub(crate) const EXACT_PENDING_UP_TO: i64 = 100_000;
 
 impl Store {
     /// Pending and parked counts and the age of the oldest pending row. Pending rows are
     /// counted up to [`EXACT_PENDING_UP_TO`] and estimated beyond it.
-    pub async fn backlog_stats(&self) -> Result<BacklogStats, StoreError> {
+    pub(crate) async fn backlog_stats(&self) -> Result<BacklogStats, StoreError> {
         self.backlog_stats_counting_up_to(EXACT_PENDING_UP_TO).await
     }
 
@@ -116,7 +116,7 @@ impl Store {
     }
 
     /// Replicas known to the outbox and how many shards each holds.
-    pub async fn replica_status(&self) -> Result<(Vec<ReplicaStatus>, i64), StoreError> {
+    pub(crate) async fn replica_status(&self) -> Result<(Vec<ReplicaStatus>, i64), StoreError> {
         self.in_session(async |conn| {
             let rows = self
                 .query(
@@ -158,7 +158,7 @@ impl Store {
     }
 
     /// Parked rows still waiting for an operator, oldest first.
-    pub async fn list_parked(
+    pub(crate) async fn list_parked(
         &self,
         aggregate_id: Option<&str>,
         limit: i64,
@@ -202,7 +202,10 @@ impl Store {
     }
 
     /// Ids of parked rows (all, or one aggregate's), in id order.
-    pub async fn parked_ids(&self, aggregate_id: Option<&str>) -> Result<Vec<i64>, StoreError> {
+    pub(crate) async fn parked_ids(
+        &self,
+        aggregate_id: Option<&str>,
+    ) -> Result<Vec<i64>, StoreError> {
         self.in_session(async |conn| {
             Ok(self
                 .query_scalar(concat!(
@@ -222,7 +225,7 @@ impl Store {
 
     /// Puts parked rows back in the queue. They keep their ids, so they are published in
     /// their original order, ahead of the later rows of their aggregates that waited.
-    pub async fn replay_parked(&self, ids: &[i64]) -> Result<u64, StoreError> {
+    pub(crate) async fn replay_parked(&self, ids: &[i64]) -> Result<u64, StoreError> {
         self.in_session(async |conn| {
             let done = self
                 .query(concat!(
@@ -240,7 +243,11 @@ impl Store {
 
     /// Gives up on parked rows: they stay in the table for audit, with the reason, and no
     /// longer hold their aggregates back.
-    pub async fn discard_parked(&self, ids: &[i64], reason: &str) -> Result<u64, StoreError> {
+    pub(crate) async fn discard_parked(
+        &self,
+        ids: &[i64],
+        reason: &str,
+    ) -> Result<u64, StoreError> {
         self.in_session(async |conn| {
             let done = self
                 .query(concat!(

@@ -26,7 +26,7 @@ pub struct Parking {
 }
 
 /// The distinct (shard, epoch) leases a batch of acks was read under, sorted.
-pub fn leases_of(acks: &[Ack]) -> Vec<(i16, i64)> {
+pub(crate) fn leases_of(acks: &[Ack]) -> Vec<(i16, i64)> {
     let mut pairs: Vec<(i16, i64)> = acks.iter().map(|a| (a.shard, a.epoch)).collect();
     pairs.sort_unstable();
     pairs.dedup();

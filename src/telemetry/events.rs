@@ -13,17 +13,17 @@ use tracing::{debug, info, warn};
 use super::*;
 
 /// Something that happened, logged and counted by [`InternalEvent::emit`].
-pub trait InternalEvent {
+pub(crate) trait InternalEvent {
     fn emit(self);
 }
 
 /// Emits an internal event into the metrics of the `App` whose task runs it.
-pub fn emit(event: impl InternalEvent) {
+pub(crate) fn emit(event: impl InternalEvent) {
     event.emit();
 }
 
 /// One batch's outcome, reported as a handful of metric updates.
-pub struct BatchFinished<'a> {
+pub(crate) struct BatchFinished<'a> {
     pub read: usize,
     pub published_by_topic: &'a foldhash::HashMap<Arc<str>, u64>,
     pub topic_labels: &'a TopicLabels,
@@ -58,13 +58,13 @@ impl InternalEvent for BatchFinished<'_> {
 /// How many distinct topics get a `topic` label of their own; rows of any further topic
 /// are counted under [`OTHER_TOPICS`]. Topics can come from row data, and every label
 /// value is a time series Prometheus keeps.
-pub const MAX_TOPIC_LABELS: usize = 100;
+pub(crate) const MAX_TOPIC_LABELS: usize = 100;
 /// The `topic` label of rows published to topics beyond the first [`MAX_TOPIC_LABELS`].
-pub const OTHER_TOPICS: &str = "_other";
+pub(crate) const OTHER_TOPICS: &str = "_other";
 
 /// The topics that have a label of their own: the first `capacity` ever seen.
 #[derive(Debug)]
-pub struct TopicLabels {
+pub(crate) struct TopicLabels {
     capacity: usize,
     seen: std::sync::Mutex<std::collections::HashSet<String>>,
 }
@@ -76,7 +76,7 @@ impl Default for TopicLabels {
 }
 
 impl TopicLabels {
-    pub fn new(capacity: usize) -> Self {
+    pub(crate) fn new(capacity: usize) -> Self {
         Self {
             capacity,
             seen: Default::default(),
@@ -84,7 +84,7 @@ impl TopicLabels {
     }
 
     /// `topic` itself while it is among the first `capacity` topics, [`OTHER_TOPICS`] after.
-    pub fn label(&self, topic: &str) -> String {
+    pub(crate) fn label(&self, topic: &str) -> String {
         let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
         if seen.contains(topic) {
             return topic.to_string();
@@ -98,7 +98,7 @@ impl TopicLabels {
 }
 
 /// Produce and delivery errors of one batch, by kind; each was logged where it happened.
-pub struct PublishErrors<'a>(pub &'a HashMap<&'static str, u64>);
+pub(crate) struct PublishErrors<'a>(pub &'a HashMap<&'static str, u64>);
 
 impl InternalEvent for PublishErrors<'_> {
     fn emit(self) {
@@ -109,7 +109,7 @@ impl InternalEvent for PublishErrors<'_> {
 }
 
 /// A connection-level producer error (one broker failing authentication, say).
-pub struct ProducerClientError<'a> {
+pub(crate) struct ProducerClientError<'a> {
     pub kind: &'static str,
     pub reason: &'a str,
 }
@@ -127,7 +127,7 @@ impl InternalEvent for ProducerClientError<'_> {
 }
 
 /// A row parked: it can never be published as it stands.
-pub struct RowParked<'a> {
+pub(crate) struct RowParked<'a> {
     pub row_id: i64,
     pub reason: &'static str,
     pub error: &'a str,
@@ -141,7 +141,7 @@ impl InternalEvent for RowParked<'_> {
 }
 
 /// Acknowledged rows not marked because their shard's lease moved to another replica.
-pub struct RowsFenced {
+pub(crate) struct RowsFenced {
     pub rows: u64,
 }
 
@@ -156,7 +156,7 @@ impl InternalEvent for RowsFenced {
 }
 
 /// A database error; the caller logs it with what it was doing, or it is `logged` here.
-pub struct DatabaseError<'a> {
+pub(crate) struct DatabaseError<'a> {
     pub kind: &'static str,
     pub error: &'a dyn Display,
     pub while_doing: &'static str,
@@ -170,7 +170,7 @@ impl InternalEvent for DatabaseError<'_> {
 }
 
 /// The database is not usable yet at start-up; the relay retries.
-pub struct DatabaseUnavailable<'a> {
+pub(crate) struct DatabaseUnavailable<'a> {
     pub kind: &'static str,
     pub error: &'a dyn Display,
     pub retry_in: Duration,
@@ -184,7 +184,7 @@ impl InternalEvent for DatabaseUnavailable<'_> {
 }
 
 /// The backlog as the database last counted it.
-pub struct BacklogCounted {
+pub(crate) struct BacklogCounted {
     pub pending_rows: i64,
     pub parked_rows: i64,
     pub oldest_pending_age: Option<Duration>,
@@ -200,7 +200,7 @@ impl InternalEvent for BacklogCounted {
 
 /// A lease round that did not reach the database: shards are given up when their leases
 /// run out.
-pub struct LeaseRenewalFailed<'a> {
+pub(crate) struct LeaseRenewalFailed<'a> {
     pub kind: &'static str,
     pub error: &'a dyn Display,
 }
@@ -214,7 +214,7 @@ impl InternalEvent for LeaseRenewalFailed<'_> {
 }
 
 /// A lease round renewed this many leases.
-pub struct LeasesRenewed {
+pub(crate) struct LeasesRenewed {
     pub leases: usize,
 }
 
@@ -225,7 +225,7 @@ impl InternalEvent for LeasesRenewed {
 }
 
 /// The shards this replica holds a valid lease on, after a lease round.
-pub struct ShardsOwned {
+pub(crate) struct ShardsOwned {
     pub shards: usize,
 }
 
@@ -236,7 +236,7 @@ impl InternalEvent for ShardsOwned {
 }
 
 /// The live replicas changed, and with them this replica's share of shards.
-pub struct Rebalanced {
+pub(crate) struct Rebalanced {
     pub replicas: usize,
     pub shards: usize,
 }
@@ -253,7 +253,7 @@ impl InternalEvent for Rebalanced {
 }
 
 /// A LISTEN notification woke the relay.
-pub struct DoorbellRang;
+pub(crate) struct DoorbellRang;
 
 impl InternalEvent for DoorbellRang {
     fn emit(self) {
@@ -262,7 +262,7 @@ impl InternalEvent for DoorbellRang {
 }
 
 /// librdkafka's periodic statistics, turned into a few gauges.
-pub struct ProducerStatistics<'a>(pub &'a rdkafka::statistics::Statistics);
+pub(crate) struct ProducerStatistics<'a>(pub &'a rdkafka::statistics::Statistics);
 
 impl InternalEvent for ProducerStatistics<'_> {
     fn emit(self) {

@@ -26,7 +26,6 @@ pub struct Health {
     batches: AtomicU64,
     producer_rebuilds: AtomicU64,
     refused_record_batches: AtomicU64,
-    shards_owned: AtomicU64,
     /// Milliseconds since [`process_clock`] at the relay loop's last sign of progress
     /// inside a step; 0 while it waits between steps.
     step_progress_ms: AtomicU64,
@@ -41,26 +40,26 @@ fn process_clock() -> std::time::Instant {
 }
 
 impl Health {
-    pub fn set_started(&self) {
+    pub(crate) fn set_started(&self) {
         self.started.store(true, Ordering::SeqCst);
         self.update_ready_gauge();
     }
-    pub fn set_database_ok(&self, ok: bool) {
+    pub(crate) fn set_database_ok(&self, ok: bool) {
         self.database_ok.store(ok, Ordering::SeqCst);
         self.update_ready_gauge();
     }
-    pub fn set_producer_ok(&self, ok: bool) {
+    pub(crate) fn set_producer_ok(&self, ok: bool) {
         self.producer_ok.store(ok, Ordering::SeqCst);
         self.update_ready_gauge();
     }
-    pub fn set_stalled(&self, stalled: bool) {
+    pub(crate) fn set_stalled(&self, stalled: bool) {
         if self.stalled.swap(stalled, Ordering::SeqCst) != stalled {
             gauge!(STALLED).set(if stalled { 1.0 } else { 0.0 });
             self.update_ready_gauge();
         }
     }
     /// Whether the last lease renewal round reached the database.
-    pub fn set_leases_ok(&self, ok: bool) {
+    pub(crate) fn set_leases_ok(&self, ok: bool) {
         let first = !self.leases_checked.swap(true, Ordering::SeqCst);
         if self.leases_ok.swap(ok, Ordering::SeqCst) != ok || first {
             self.update_ready_gauge();
@@ -68,7 +67,7 @@ impl Health {
     }
     /// Topics whose rows wait (the others flow): not a reason to be unready, but named.
     /// `shown`: the first few as `topic (reason)`; `total`: how many wait.
-    pub fn set_waiting_topics(&self, mut shown: Vec<String>, total: usize) {
+    pub(crate) fn set_waiting_topics(&self, mut shown: Vec<String>, total: usize) {
         gauge!(TOPICS_WAITING).set(total as f64);
         if total > shown.len() {
             shown.push(format!("and {} more", total - shown.len()));
@@ -77,34 +76,28 @@ impl Health {
             *waiting = shown;
         }
     }
-    pub fn waiting_topics(&self) -> Vec<String> {
+    pub(crate) fn waiting_topics(&self) -> Vec<String> {
         self.waiting_topics
             .lock()
             .map(|w| w.clone())
             .unwrap_or_default()
     }
     /// A permanent global error (authorization, authentication) stops publishing.
-    pub fn set_blocked(&self, blocked: bool) {
+    pub(crate) fn set_blocked(&self, blocked: bool) {
         if self.blocked.swap(blocked, Ordering::SeqCst) != blocked {
             self.update_ready_gauge();
         }
     }
-    pub fn set_in_flight(&self, rows: u64) {
+    pub(crate) fn set_in_flight(&self, rows: u64) {
         self.in_flight.store(rows, Ordering::SeqCst);
         gauge!(IN_FLIGHT_ROWS).set(rows as f64);
     }
-    pub fn producer_rebuilt(&self) {
+    pub(crate) fn producer_rebuilt(&self) {
         self.producer_rebuilds.fetch_add(1, Ordering::SeqCst);
         counter!(PRODUCER_REBUILDS).increment(1);
     }
-    pub fn set_shards_owned(&self, shards: usize) {
-        self.shards_owned.store(shards as u64, Ordering::SeqCst);
-    }
-    pub fn shards_owned(&self) -> u64 {
-        self.shards_owned.load(Ordering::SeqCst)
-    }
     /// The broker refused a record batch as a whole; its rows go one record per request.
-    pub fn record_batch_refused(&self) {
+    pub(crate) fn record_batch_refused(&self) {
         self.refused_record_batches.fetch_add(1, Ordering::SeqCst);
         counter!(REFUSED_RECORD_BATCHES).increment(1);
     }
@@ -114,21 +107,21 @@ impl Health {
     pub fn producer_rebuilds(&self) -> u64 {
         self.producer_rebuilds.load(Ordering::SeqCst)
     }
-    pub fn batch_done(&self) {
+    pub(crate) fn batch_done(&self) {
         self.batches.fetch_add(1, Ordering::SeqCst);
     }
 
     /// The relay loop is working on a step and has just made progress.
-    pub fn loop_progress(&self) {
+    pub(crate) fn loop_progress(&self) {
         let now = process_clock().elapsed().as_millis().max(1) as u64;
         self.step_progress_ms.store(now, Ordering::Relaxed);
     }
     /// The relay loop finished a step and waits on purpose (poll interval, backoff).
-    pub fn loop_waiting(&self) {
+    pub(crate) fn loop_waiting(&self) {
         self.step_progress_ms.store(0, Ordering::Relaxed);
     }
     /// How long the loop has been inside one step without progress, if it is in one.
-    pub fn loop_stuck_for(&self) -> Option<Duration> {
+    pub(crate) fn loop_stuck_for(&self) -> Option<Duration> {
         match self.step_progress_ms.load(Ordering::Relaxed) {
             0 => None,
             since => Some(
@@ -150,7 +143,7 @@ impl Health {
     }
 
     /// Why the relay is not ready, or `None` when it is.
-    pub fn not_ready_reason(&self) -> Option<&'static str> {
+    pub(crate) fn not_ready_reason(&self) -> Option<&'static str> {
         if !self.started.load(Ordering::SeqCst) {
             Some("starting")
         } else if !self.database_ok.load(Ordering::SeqCst) {

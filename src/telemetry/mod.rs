@@ -5,7 +5,7 @@
 mod events;
 mod health;
 
-pub use events::*;
+pub(crate) use events::*;
 pub use health::Health;
 
 use std::io::IsTerminal;
@@ -18,34 +18,34 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusRecorder
 
 use crate::config::{LogFormat, LogSettings};
 
-pub const ROWS_PUBLISHED: &str = "outbox_relay_rows_published_total";
-pub const ROWS_MARKED: &str = "outbox_relay_rows_marked_total";
-pub const ROWS_PARKED: &str = "outbox_relay_rows_parked_total";
-pub const PUBLISH_ERRORS: &str = "outbox_relay_publish_errors_total";
-pub const DATABASE_ERRORS: &str = "outbox_relay_database_errors_total";
-pub const PRODUCER_REBUILDS: &str = "outbox_relay_producer_rebuilds_total";
-pub const REFUSED_RECORD_BATCHES: &str = "outbox_relay_refused_record_batches_total";
-pub const DOORBELLS: &str = "outbox_relay_doorbell_notifications_total";
-pub const BATCH_SIZE: &str = "outbox_relay_batch_size_rows";
-pub const BATCH_DURATION: &str = "outbox_relay_batch_duration_seconds";
-pub const END_TO_END_LATENCY: &str = "outbox_relay_end_to_end_latency_seconds";
-pub const PENDING_ROWS: &str = "outbox_relay_pending_rows";
-pub const PARKED_ROWS: &str = "outbox_relay_parked_rows";
-pub const OLDEST_PENDING_AGE: &str = "outbox_relay_oldest_pending_age_seconds";
-pub const IN_FLIGHT_ROWS: &str = "outbox_relay_in_flight_rows";
-pub const STALLED: &str = "outbox_relay_stalled";
+pub(crate) const ROWS_PUBLISHED: &str = "outbox_relay_rows_published_total";
+pub(crate) const ROWS_MARKED: &str = "outbox_relay_rows_marked_total";
+pub(crate) const ROWS_PARKED: &str = "outbox_relay_rows_parked_total";
+pub(crate) const PUBLISH_ERRORS: &str = "outbox_relay_publish_errors_total";
+pub(crate) const DATABASE_ERRORS: &str = "outbox_relay_database_errors_total";
+pub(crate) const PRODUCER_REBUILDS: &str = "outbox_relay_producer_rebuilds_total";
+pub(crate) const REFUSED_RECORD_BATCHES: &str = "outbox_relay_refused_record_batches_total";
+pub(crate) const DOORBELLS: &str = "outbox_relay_doorbell_notifications_total";
+pub(crate) const BATCH_SIZE: &str = "outbox_relay_batch_size_rows";
+pub(crate) const BATCH_DURATION: &str = "outbox_relay_batch_duration_seconds";
+pub(crate) const END_TO_END_LATENCY: &str = "outbox_relay_end_to_end_latency_seconds";
+pub(crate) const PENDING_ROWS: &str = "outbox_relay_pending_rows";
+pub(crate) const PARKED_ROWS: &str = "outbox_relay_parked_rows";
+pub(crate) const OLDEST_PENDING_AGE: &str = "outbox_relay_oldest_pending_age_seconds";
+pub(crate) const IN_FLIGHT_ROWS: &str = "outbox_relay_in_flight_rows";
+pub(crate) const STALLED: &str = "outbox_relay_stalled";
 pub const READY: &str = "outbox_relay_ready";
-pub const SHARDS_OWNED: &str = "outbox_relay_shards_owned";
-pub const LEASE_RENEWALS: &str = "outbox_relay_lease_renewals_total";
-pub const LEASE_RENEWAL_FAILURES: &str = "outbox_relay_lease_renewal_failures_total";
-pub const REBALANCES: &str = "outbox_relay_rebalances_total";
-pub const ROWS_FENCED: &str = "outbox_relay_rows_fenced_total";
-pub const PRODUCER_QUEUE_MESSAGES: &str = "outbox_relay_producer_queue_messages";
-pub const PRODUCER_QUEUE_BYTES: &str = "outbox_relay_producer_queue_bytes";
-pub const BROKER_RTT: &str = "outbox_relay_broker_rtt_seconds";
-pub const PRODUCER_BATCH_SIZE: &str = "outbox_relay_producer_batch_size_bytes";
-pub const BUILD_INFO: &str = "outbox_relay_build_info";
-pub const TOPICS_WAITING: &str = "outbox_relay_topics_waiting";
+pub(crate) const SHARDS_OWNED: &str = "outbox_relay_shards_owned";
+pub(crate) const LEASE_RENEWALS: &str = "outbox_relay_lease_renewals_total";
+pub(crate) const LEASE_RENEWAL_FAILURES: &str = "outbox_relay_lease_renewal_failures_total";
+pub(crate) const REBALANCES: &str = "outbox_relay_rebalances_total";
+pub(crate) const ROWS_FENCED: &str = "outbox_relay_rows_fenced_total";
+pub(crate) const PRODUCER_QUEUE_MESSAGES: &str = "outbox_relay_producer_queue_messages";
+pub(crate) const PRODUCER_QUEUE_BYTES: &str = "outbox_relay_producer_queue_bytes";
+pub(crate) const BROKER_RTT: &str = "outbox_relay_broker_rtt_seconds";
+pub(crate) const PRODUCER_BATCH_SIZE: &str = "outbox_relay_producer_batch_size_bytes";
+pub(crate) const BUILD_INFO: &str = "outbox_relay_build_info";
+pub(crate) const TOPICS_WAITING: &str = "outbox_relay_topics_waiting";
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
@@ -57,12 +57,12 @@ const BATCH_SIZE_BUCKETS: &[f64] = &[
 
 /// Metric labels whose values are known in advance, exported at zero from the start:
 /// `(metric, label, values)`. Layers above this one own some of these lists.
-pub type BoundedLabel = (&'static str, &'static str, &'static [&'static str]);
+pub(crate) type BoundedLabel = (&'static str, &'static str, &'static [&'static str]);
 
 /// One `App`'s metrics: its own Prometheus recorder, which the tasks of that `App` record
 /// into ([`Metrics::instrument`], [`Metrics::scope`]) and `/metrics` renders.
 #[derive(Clone)]
-pub struct Metrics {
+pub(crate) struct Metrics {
     recorder: Arc<PrometheusRecorder>,
 }
 
@@ -74,7 +74,7 @@ impl std::fmt::Debug for Metrics {
 
 impl Metrics {
     /// A recorder with every metric described and every bounded series at zero.
-    pub fn new(bounded: &[BoundedLabel]) -> Result<Metrics, String> {
+    pub(crate) fn new(bounded: &[BoundedLabel]) -> Result<Metrics, String> {
         let recorder = PrometheusBuilder::new()
             .set_buckets_for_metric(Matcher::Full(END_TO_END_LATENCY.into()), LATENCY_BUCKETS)
             .and_then(|b| {
@@ -96,18 +96,18 @@ impl Metrics {
     }
 
     /// The Prometheus text of every metric of this `App`.
-    pub fn render(&self) -> String {
+    pub(crate) fn render(&self) -> String {
         self.recorder.handle().render()
     }
 
     /// Runs `f` with this `App`'s recorder as the one `counter!`, `gauge!` and
     /// `histogram!` record into: for code on threads tokio does not run (librdkafka's).
-    pub fn scope<T>(&self, f: impl FnOnce() -> T) -> T {
+    pub(crate) fn scope<T>(&self, f: impl FnOnce() -> T) -> T {
         metrics::with_local_recorder(&*self.recorder, f)
     }
 
     /// `future`, recording into this `App`'s metrics wherever it is polled.
-    pub fn instrument<F: Future>(&self, future: F) -> Instrumented<F> {
+    pub(crate) fn instrument<F: Future>(&self, future: F) -> Instrumented<F> {
         Instrumented {
             metrics: self.clone(),
             future,
@@ -115,7 +115,7 @@ impl Metrics {
     }
 
     /// `tokio::spawn` of an instrumented `future`.
-    pub fn spawn<F>(&self, future: F) -> tokio::task::JoinHandle<F::Output>
+    pub(crate) fn spawn<F>(&self, future: F) -> tokio::task::JoinHandle<F::Output>
     where
         F: Future + Send + 'static,
         F::Output: Send + 'static,
@@ -126,7 +126,7 @@ impl Metrics {
 
 pin_project_lite::pin_project! {
     /// A future polled inside [`Metrics::scope`]: see [`Metrics::instrument`].
-    pub struct Instrumented<F> {
+    pub(crate) struct Instrumented<F> {
         metrics: Metrics,
         #[pin]
         future: F,
