@@ -60,7 +60,7 @@ impl App {
         }
         let store = Store::connect(&settings.database)
             .context("Failed to configure the database connection from database.url")?;
-        let health = Arc::new(Health::default());
+        let health = Arc::new(Health::new(metrics.clone()));
         let wake = Arc::new(Notify::new());
         let ownership = Arc::new(Ownership::default());
         let relay = metrics
@@ -317,7 +317,7 @@ async fn refresh_backlog_gauges(store: Store, every: Duration, cancel: Cancellat
             Err(err) => emit(DatabaseError {
                 kind: err.kind(),
                 error: &err,
-                while_doing: "counting the backlog",
+                message: "could not refresh backlog gauges",
             }),
         }
         tokio::select! {

@@ -55,7 +55,9 @@ fn violations(modules: &[(String, String)]) -> Vec<String> {
     let mut found = Vec::new();
     for (module, text) in modules {
         let Some(own) = layer(module) else {
-            found.push(format!("src/{module} has no layer in tests/architecture.rs"));
+            found.push(format!(
+                "src/{module} has no layer in tests/architecture.rs"
+            ));
             continue;
         };
         for imported in crate_references(text) {
@@ -130,5 +132,9 @@ fn an_upward_or_sideways_import_is_reported() {
         violations(&[source("store", "// crate::relay in a comment")]).is_empty(),
         "comments are not imports"
     );
-    assert_eq!(violations(&[source("newroom", "")]).len(), 1, "a module needs a layer");
+    assert_eq!(
+        violations(&[source("newroom", "")]).len(),
+        1,
+        "a module needs a layer"
+    );
 }

@@ -533,6 +533,53 @@ async fn http_endpoints_report_health_and_metrics() {
     relay.stop().await;
 }
 
+/// Each relay has metrics of its own: two relays in one process (as this binary's tests
+/// run) count only their own rows, so a test's figures are exact whatever runs beside it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_relay_counts_only_its_own_rows() {
+    let (busy_db, idle_db) = (TestDb::new().await, TestDb::new().await);
+    let bootstrap = kafka_bootstrap();
+    let prefix = unique_prefix();
+    create_topic(&bootstrap, &format!("{prefix}.own"), 3).await;
+    busy_db.insert(&stream("own", 4, 30)).await;
+    let idle = RunningRelay::start(template_settings(&idle_db, &bootstrap, &prefix, "")).await;
+    let busy = RunningRelay::start(template_settings(&busy_db, &bootstrap, &prefix, "")).await;
+    wait_for("all rows marked", CONDITION_TIMEOUT, || async {
+        busy_db.sent().await == 30
+    })
+    .await;
+    // The last batch's counters are recorded just after its mark commits.
+    wait_for(
+        "the busy relay counted its marks",
+        CONDITION_TIMEOUT,
+        || async {
+            let (_, metrics) = http_get(busy.http_addr, "/metrics").await;
+            metric_value(&metrics, "outbox_relay_rows_marked_total") == 30.0
+        },
+    )
+    .await;
+    let (_, busy_metrics) = http_get(busy.http_addr, "/metrics").await;
+    let (_, idle_metrics) = http_get(idle.http_addr, "/metrics").await;
+    for (series, busy_value, idle_value) in [
+        ("outbox_relay_rows_published_total", 30.0, 0.0),
+        ("outbox_relay_rows_marked_total", 30.0, 0.0),
+        ("outbox_relay_end_to_end_latency_seconds_count", 30.0, 0.0),
+    ] {
+        assert_eq!(
+            metric_value(&busy_metrics, series),
+            busy_value,
+            "{series} of the busy relay:\n{busy_metrics}"
+        );
+        assert_eq!(
+            metric_value(&idle_metrics, series),
+            idle_value,
+            "{series} of the idle relay:\n{idle_metrics}"
+        );
+    }
+    busy.stop().await;
+    idle.stop().await;
+}
+
 /// A template topic that does not exist yet (a service starts writing a new
 /// `aggregate_type`): only its rows wait, in order and unparked, while every other topic
 /// keeps flowing; `/readyz` stays ready and names the topic, a gauge counts it, and its
@@ -585,8 +632,12 @@ async fn a_missing_template_topic_holds_only_its_own_rows() {
             .await,
         40
     );
-    // (`outbox_relay_topics_waiting` is not read here: the tests of this binary share one
-    // metrics recorder, and a relay of another test sets the gauge too.)
+    let (_, metrics) = http_get(relay.http_addr, "/metrics").await;
+    assert_eq!(
+        metric_value(&metrics, "outbox_relay_topics_waiting"),
+        1.0,
+        "one topic waits:\n{metrics}"
+    );
 
     // Rows keep flowing to the present topic while the other waits.
     db.insert(&present_rows(20)).await;
@@ -608,6 +659,8 @@ async fn a_missing_template_topic_holds_only_its_own_rows() {
         http_get(relay.http_addr, "/readyz").await == (200, "ready\n".to_string())
     })
     .await;
+    let (_, metrics) = http_get(relay.http_addr, "/metrics").await;
+    assert_eq!(metric_value(&metrics, "outbox_relay_topics_waiting"), 0.0);
     relay.stop().await;
     let all = db.rows().await;
     for (topic, aggregate_type, count) in [(&missing, "missing", 40), (&present, "present", 60)] {

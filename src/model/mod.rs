@@ -10,8 +10,8 @@ mod topic;
 
 pub use backoff::Backoff;
 pub use mode::{Mode, ParkPolicy};
-pub use park::{MAX_REASON_BYTES, PARK_REASONS, ParkReason, QUOTED_BYTES, printable};
+pub(crate) use park::QUOTED_BYTES;
+pub use park::{MAX_REASON_BYTES, PARK_REASONS, ParkReason, printable};
 pub use row::OutboxRow;
-pub use topic::{
-    MAX_TOPIC_LEN, TemplateError, TopicPolicy, TopicTemplate, is_topic_glob, validate_topic,
-};
+pub(crate) use topic::{MAX_TOPIC_LEN, validate_topic};
+pub use topic::{TemplateError, TopicPolicy, TopicTemplate, is_topic_glob};

@@ -5,7 +5,7 @@
 use std::fmt;
 
 /// How much of a row's text a park reason quotes.
-pub const QUOTED_BYTES: usize = 200;
+pub(crate) const QUOTED_BYTES: usize = 200;
 /// The longest park reason stored in `park_error` and logged.
 pub const MAX_REASON_BYTES: usize = 1024;
 

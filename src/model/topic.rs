@@ -4,7 +4,7 @@
 use super::park::{ParkReason, QUOTED_BYTES, printable};
 
 /// Kafka's own limit on topic name length.
-pub const MAX_TOPIC_LEN: usize = 249;
+pub(crate) const MAX_TOPIC_LEN: usize = 249;
 
 /// A topic name with `{aggregate_type}` and `{event_type}` placeholders.
 #[derive(Debug, Clone)]
@@ -185,7 +185,7 @@ impl TopicPolicy {
 }
 
 /// Whether `topic` is a name Kafka accepts.
-pub fn validate_topic(topic: &str) -> Result<(), ParkReason> {
+pub(crate) fn validate_topic(topic: &str) -> Result<(), ParkReason> {
     if topic.is_empty() {
         return Err(ParkReason::InvalidTopic("the topic is empty".into()));
     }

@@ -159,7 +159,7 @@ pub(super) fn database_failed(health: &Health, err: &StoreError) {
     emit(DatabaseError {
         kind: err.kind(),
         error: err,
-        while_doing: "relaying",
+        message: "database error",
     });
     if err.is_retriable() {
         health.set_database_ok(false);

@@ -155,17 +155,17 @@ impl InternalEvent for RowsFenced {
     }
 }
 
-/// A database error; the caller logs it with what it was doing, or it is `logged` here.
+/// A database error, logged at debug with `message` (callers that retry warn on their own).
 pub(crate) struct DatabaseError<'a> {
     pub kind: &'static str,
     pub error: &'a dyn Display,
-    pub while_doing: &'static str,
+    pub message: &'static str,
 }
 
 impl InternalEvent for DatabaseError<'_> {
     fn emit(self) {
         counter!(DATABASE_ERRORS, "kind" => self.kind).increment(1);
-        debug!(kind = self.kind, error = %self.error, "database error while {}", self.while_doing);
+        debug!(kind = self.kind, error = %self.error, "{}", self.message);
     }
 }
 

@@ -8,12 +8,16 @@ use std::time::Duration;
 use metrics::{counter, gauge};
 
 use super::{
-    IN_FLIGHT_ROWS, PRODUCER_REBUILDS, READY, REFUSED_RECORD_BATCHES, STALLED, TOPICS_WAITING,
+    IN_FLIGHT_ROWS, Metrics, PRODUCER_REBUILDS, READY, REFUSED_RECORD_BATCHES, STALLED,
+    TOPICS_WAITING,
 };
 
 /// Shared state behind `/readyz`, and what tests wait on instead of sleeping.
 #[derive(Debug, Default)]
 pub struct Health {
+    /// The `App`'s metrics, which every gauge below is recorded into, whichever task or
+    /// thread changes it.
+    metrics: Option<Metrics>,
     started: AtomicBool,
     database_ok: AtomicBool,
     producer_ok: AtomicBool,
@@ -40,6 +44,21 @@ fn process_clock() -> std::time::Instant {
 }
 
 impl Health {
+    /// Health whose gauges are recorded into `metrics`.
+    pub(crate) fn new(metrics: Metrics) -> Self {
+        Self {
+            metrics: Some(metrics),
+            ..Self::default()
+        }
+    }
+
+    fn record(&self, update: impl FnOnce()) {
+        match &self.metrics {
+            Some(metrics) => metrics.scope(update),
+            None => update(),
+        }
+    }
+
     pub(crate) fn set_started(&self) {
         self.started.store(true, Ordering::SeqCst);
         self.update_ready_gauge();
@@ -54,7 +73,7 @@ impl Health {
     }
     pub(crate) fn set_stalled(&self, stalled: bool) {
         if self.stalled.swap(stalled, Ordering::SeqCst) != stalled {
-            gauge!(STALLED).set(if stalled { 1.0 } else { 0.0 });
+            self.record(|| gauge!(STALLED).set(if stalled { 1.0 } else { 0.0 }));
             self.update_ready_gauge();
         }
     }
@@ -68,7 +87,7 @@ impl Health {
     /// Topics whose rows wait (the others flow): not a reason to be unready, but named.
     /// `shown`: the first few as `topic (reason)`; `total`: how many wait.
     pub(crate) fn set_waiting_topics(&self, mut shown: Vec<String>, total: usize) {
-        gauge!(TOPICS_WAITING).set(total as f64);
+        self.record(|| gauge!(TOPICS_WAITING).set(total as f64));
         if total > shown.len() {
             shown.push(format!("and {} more", total - shown.len()));
         }
@@ -90,16 +109,16 @@ impl Health {
     }
     pub(crate) fn set_in_flight(&self, rows: u64) {
         self.in_flight.store(rows, Ordering::SeqCst);
-        gauge!(IN_FLIGHT_ROWS).set(rows as f64);
+        self.record(|| gauge!(IN_FLIGHT_ROWS).set(rows as f64));
     }
     pub(crate) fn producer_rebuilt(&self) {
         self.producer_rebuilds.fetch_add(1, Ordering::SeqCst);
-        counter!(PRODUCER_REBUILDS).increment(1);
+        self.record(|| counter!(PRODUCER_REBUILDS).increment(1));
     }
     /// The broker refused a record batch as a whole; its rows go one record per request.
     pub(crate) fn record_batch_refused(&self) {
         self.refused_record_batches.fetch_add(1, Ordering::SeqCst);
-        counter!(REFUSED_RECORD_BATCHES).increment(1);
+        self.record(|| counter!(REFUSED_RECORD_BATCHES).increment(1));
     }
     pub fn refused_record_batches(&self) -> u64 {
         self.refused_record_batches.load(Ordering::SeqCst)
@@ -166,10 +185,11 @@ impl Health {
     }
 
     fn update_ready_gauge(&self) {
-        gauge!(READY).set(if self.not_ready_reason().is_none() {
+        let ready = if self.not_ready_reason().is_none() {
             1.0
         } else {
             0.0
-        });
+        };
+        self.record(|| gauge!(READY).set(ready));
     }
 }

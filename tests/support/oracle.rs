@@ -1,6 +1,7 @@
 //! The contract oracle: what was read back from Kafka against the database. Every row is
 //! present (by event id), first occurrences keep outbox order per aggregate, each aggregate
-//! stays on one partition; duplicates are counted for the caller to bound.
+//! stays on one partition, a row marked sent names the offset its record is at; duplicates
+//! are counted for the caller to bound.
 
 use std::collections::HashMap;
 
@@ -9,7 +10,8 @@ use super::postgres::{DbRow, TestDb};
 
 /// Checks the contract on what was read back against the database: every row present
 /// (by event id), first occurrences in outbox order per aggregate, each aggregate on one
-/// partition. Returns the number of duplicates.
+/// partition, and each row marked sent found at the partition and offset its mark names.
+/// Returns the number of duplicates.
 pub fn assert_contract(rows: &[DbRow], records: &[Consumed]) -> usize {
     let by_event: HashMap<&str, &DbRow> = rows.iter().map(|r| (r.event_id.as_str(), r)).collect();
     let mut first_seen: HashMap<&str, i64> = HashMap::new();
@@ -51,6 +53,30 @@ pub fn assert_contract(rows: &[DbRow], records: &[Consumed]) -> usize {
                 previous < row.id,
                 "aggregate {aggregate:?}: row {} arrived after row {previous} (reordered)",
                 row.id
+            );
+        }
+    }
+    // Marked only after the ack: a row marked sent names where the broker stored it, and
+    // the record there is that row (one of its copies when it went out more than once).
+    let mut ids_at: HashMap<(i32, i64), Vec<&str>> = HashMap::new();
+    for record in records {
+        if let Some(id) = record.headers.get("id") {
+            ids_at
+                .entry((record.partition, record.offset))
+                .or_default()
+                .push(id.as_str());
+        }
+    }
+    for row in rows {
+        if let (true, Some(partition), Some(offset)) =
+            (row.sent, row.kafka_partition, row.kafka_offset)
+        {
+            let found = ids_at.get(&(partition, offset));
+            assert!(
+                found.is_some_and(|ids| ids.contains(&row.event_id.as_str())),
+                "row {} is marked as stored at partition {partition} offset {offset}, but the record there is {:?}",
+                row.id,
+                found
             );
         }
     }
