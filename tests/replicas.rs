@@ -474,5 +474,8 @@ async fn two_replicas_work_through_pgbouncer_in_transaction_mode() {
     b.stop().await;
 
     let records = consume(&bootstrap, &topic, 10_000);
-    assert_contract(&db.rows().await, &records);
+    let duplicates = assert_contract(&db.rows().await, &records);
+    // A shard handed over while its batch is in flight is sent again by its new owner: at
+    // most one batch (200 rows) per replica joining.
+    assert!(duplicates <= 200, "{duplicates} duplicates");
 }

@@ -180,8 +180,10 @@ pub struct Consumed {
     pub headers: HashMap<String, String>,
 }
 
-/// Reads `topic` from the beginning of every partition until `expected` records arrived
-/// (plus a short quiet period to catch duplicates), failing after CONDITION_TIMEOUT.
+/// Reads `topic` from the beginning of every partition until at least `expected` records
+/// arrived and every partition is read up to its high watermark (so duplicates beyond the
+/// count are read too, and an empty topic returns at once), failing after
+/// CONDITION_TIMEOUT.
 pub fn consume(bootstrap: &str, topic: &str, expected: usize) -> Vec<Consumed> {
     consume_with(bootstrap, &[], topic, expected)
 }
@@ -218,12 +220,24 @@ pub fn consume_with(
     consumer.assign(&assignment).unwrap();
     let mut out: Vec<Consumed> = Vec::new();
     let deadline = Instant::now() + CONDITION_TIMEOUT;
-    // Once the expected count is reached, keep reading briefly so that duplicates beyond
-    // it would be seen.
-    let mut quiet_until: Option<Instant> = None;
+    // The next offset to read in each partition.
+    let mut next_offset = vec![0i64; partitions as usize];
+    let mut last_check: Option<Instant> = None;
     loop {
-        if let Some(until) = quiet_until {
-            if Instant::now() >= until {
+        // Once the expected count is read (duplicates included), read on until every
+        // partition is read up to its high watermark: duplicates beyond the count are seen,
+        // and an empty topic ends at once.
+        if out.len() >= expected
+            && last_check.is_none_or(|at| at.elapsed() >= Duration::from_millis(200))
+        {
+            last_check = Some(Instant::now());
+            let caught_up = (0..partitions).all(|p| {
+                let (_, high) = consumer
+                    .fetch_watermarks(topic, p, Duration::from_secs(10))
+                    .expect("high watermark");
+                next_offset[p as usize] >= high
+            });
+            if caught_up {
                 break;
             }
         }
@@ -256,6 +270,9 @@ pub fn consume_with(
                         .collect()
                 })
                 .unwrap_or_default();
+            if let Some(next) = next_offset.get_mut(message.partition() as usize) {
+                *next = (*next).max(message.offset() + 1);
+            }
             out.push(Consumed {
                 topic: message.topic().to_string(),
                 partition: message.partition(),
@@ -269,9 +286,6 @@ pub fn consume_with(
                 value_bytes: message.payload().map(<[u8]>::to_vec),
                 headers,
             });
-            if out.len() >= expected && quiet_until.is_none() {
-                quiet_until = Some(Instant::now() + Duration::from_millis(500));
-            }
         }
     }
     out
