@@ -180,10 +180,9 @@ pub struct Consumed {
     pub headers: HashMap<String, String>,
 }
 
-/// Reads `topic` from the beginning of every partition until at least `expected` records
-/// arrived and every partition is read up to its high watermark (so duplicates beyond the
-/// count are read too, and an empty topic returns at once), failing after
-/// CONDITION_TIMEOUT.
+/// Reads `topic` from the beginning of every partition until `expected` distinct records
+/// (by their `id` header) arrived and then none for half a second, so that duplicates are
+/// read too; an empty topic is read for half a second. Fails after CONDITION_TIMEOUT.
 pub fn consume(bootstrap: &str, topic: &str, expected: usize) -> Vec<Consumed> {
     consume_with(bootstrap, &[], topic, expected)
 }
@@ -220,26 +219,16 @@ pub fn consume_with(
     consumer.assign(&assignment).unwrap();
     let mut out: Vec<Consumed> = Vec::new();
     let deadline = Instant::now() + CONDITION_TIMEOUT;
-    // The next offset to read in each partition.
-    let mut next_offset = vec![0i64; partitions as usize];
-    let mut last_check: Option<Instant> = None;
+    // Records are counted by their `id` header (by position when they have none), so that
+    // duplicates do not count towards `expected`; once it is reached, reading goes on until
+    // no record came for QUIET, so that duplicates beyond it are read too. An empty topic
+    // (`expected` 0) is read for QUIET as well.
+    const QUIET: Duration = Duration::from_millis(500);
+    let mut distinct: std::collections::HashSet<String> = std::collections::HashSet::new();
+    let mut last_record = Instant::now();
     loop {
-        // Once the expected count is read (duplicates included), read on until every
-        // partition is read up to its high watermark: duplicates beyond the count are seen,
-        // and an empty topic ends at once.
-        if out.len() >= expected
-            && last_check.is_none_or(|at| at.elapsed() >= Duration::from_millis(200))
-        {
-            last_check = Some(Instant::now());
-            let caught_up = (0..partitions).all(|p| {
-                let (_, high) = consumer
-                    .fetch_watermarks(topic, p, Duration::from_secs(10))
-                    .expect("high watermark");
-                next_offset[p as usize] >= high
-            });
-            if caught_up {
-                break;
-            }
+        if distinct.len() >= expected && last_record.elapsed() >= QUIET {
+            break;
         }
         if Instant::now() >= deadline {
             let mut per_partition: std::collections::BTreeMap<i32, (usize, i64)> =
@@ -250,14 +239,15 @@ pub fn consume_with(
                 entry.1 = entry.1.max(record.offset);
             }
             panic!(
-                "read {} of {expected} records from {topic} before timing out; \
-                 per partition (count, last offset): {per_partition:?}",
+                "read {} distinct of {expected} records ({} in all) from {topic} before \
+                 timing out; per partition (count, last offset): {per_partition:?}",
+                distinct.len(),
                 out.len()
             );
         }
         if let Some(result) = consumer.poll(Duration::from_millis(100)) {
             let message = result.expect("consume");
-            let headers = message
+            let headers: HashMap<String, String> = message
                 .headers()
                 .map(|h| {
                     h.iter()
@@ -270,9 +260,11 @@ pub fn consume_with(
                         .collect()
                 })
                 .unwrap_or_default();
-            if let Some(next) = next_offset.get_mut(message.partition() as usize) {
-                *next = (*next).max(message.offset() + 1);
-            }
+            last_record = Instant::now();
+            distinct.insert(match headers.get("id") {
+                Some(id) => id.clone(),
+                None => format!("{}@{}", message.partition(), message.offset()),
+            });
             out.push(Consumed {
                 topic: message.topic().to_string(),
                 partition: message.partition(),
