@@ -13,7 +13,7 @@ use tokio::time::sleep;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::config::Settings;
+use crate::config::{RelaySettings, Settings};
 use crate::lease::{LeaseKeeper, LeaseTiming, Ownership};
 use crate::model::{Backoff, Mode, PARK_REASONS};
 use crate::relay::Relay;
@@ -128,7 +128,7 @@ impl App {
 
         let outcome = metrics
             .instrument(async {
-                wait_for_schema(&store, settings.relay.mode, &health, &cancel).await?;
+                wait_for_schema(&store, &settings.relay, &health, &cancel).await?;
                 let listener_pool = crate::store::listener_pool(&settings.database)
                     .context("Failed to configure the LISTEN connection from database.url")?;
                 let listener = settings.database.listen.then(|| {
@@ -162,6 +162,13 @@ impl App {
                     settings.relay.stats_interval,
                     tasks_cancel.clone(),
                 ));
+                let sweeper = prunes_sent(&settings.relay).then(|| {
+                    metrics.spawn(crate::retention::sweep_sent_rows(
+                        store.clone(),
+                        settings.relay.retain_sent,
+                        tasks_cancel.clone(),
+                    ))
+                });
                 health.set_started();
                 crate::systemd::ready();
                 let watchdog = crate::systemd::watchdog_interval().map(|interval| {
@@ -200,6 +207,9 @@ impl App {
                 }
                 listener_pool.close().await;
                 let _ = stats.await;
+                if let Some(sweeper) = sweeper {
+                    let _ = sweeper.await;
+                }
                 keeper_cancel.cancel();
                 let _ = keeper.await;
                 // Bounded: the leases expire by themselves should the database not answer.
@@ -254,11 +264,16 @@ pub(crate) struct MissingGrants(pub Vec<String>);
 /// Said by `run` and `check` when roles other than the schema's owner may create in it.
 pub(crate) const SCHEMA_CREATORS_ADVICE: &str = "roles other than its owner may create in the outbox's schema, where a planted table, function or operator could stand in for one the relay uses; revoke it (REVOKE CREATE ON SCHEMA ... FROM PUBLIC, or from each role; deploy/sql/least-privilege.sql does)";
 
+/// Whether this relay deletes sent rows past `relay.retain_sent`.
+fn prunes_sent(relay: &RelaySettings) -> bool {
+    relay.mode == Mode::Mark && !relay.retain_sent.is_zero()
+}
+
 /// Retries until the database answers; fails at once if the outbox table is missing or
 /// the role lacks a privilege.
 async fn wait_for_schema(
     store: &Store,
-    mode: Mode,
+    relay: &RelaySettings,
     health: &Health,
     cancel: &CancellationToken,
 ) -> anyhow::Result<()> {
@@ -268,7 +283,7 @@ async fn wait_for_schema(
             Ok(version) => {
                 info!(%version, "connected to PostgreSQL");
                 let missing = store
-                    .missing_grants(mode)
+                    .missing_grants(relay.mode, prunes_sent(relay))
                     .await
                     .context("Failed to check the role's privileges")?;
                 if !missing.is_empty() {

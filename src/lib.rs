@@ -12,6 +12,7 @@ mod kafka;
 mod lease;
 pub mod model;
 pub mod relay;
+pub mod retention;
 pub mod store;
 mod systemd;
 pub mod telemetry;

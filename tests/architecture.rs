@@ -12,7 +12,7 @@ const LAYERS: &[&[&str]] = &[
     &["config", "encode"],
     &["telemetry"],
     &["store", "kafka"],
-    &["lease", "wake"],
+    &["lease", "wake", "retention"],
     &["relay"],
     &["http", "systemd"],
     &["app"],

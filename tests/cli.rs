@@ -685,3 +685,83 @@ async fn record_batches_fit_the_smallest_topic_limit() {
         2000
     );
 }
+
+/// `prune` deletes exactly the sent rows older than its cut-off, oldest first, and keeps
+/// pending, parked and recent rows; `--dry-run` only counts; it refuses to run beside
+/// another pruner and exits 2 on a bad duration.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prune_deletes_only_old_sent_rows_and_dry_run_deletes_nothing() {
+    let db = TestDb::new().await;
+    let bootstrap = kafka_bootstrap();
+    sqlx::query(
+        "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload, \
+                             sent_at, kafka_partition, kafka_offset, parked_at, park_reason) \
+         SELECT 'p', 'agg-' || n, 'E', '{}', \
+                CASE WHEN n <= 5 THEN now() - interval '10 days' \
+                     WHEN n <= 7 THEN now() - interval '1 day' END, \
+                CASE WHEN n <= 7 THEN 0 END, CASE WHEN n <= 7 THEN n END, \
+                CASE WHEN n = 8 THEN now() - interval '10 days' END, \
+                CASE WHEN n = 8 THEN 'bad_headers' END \
+         FROM generate_series(1, 9) AS n",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let prune = |args: &[&str]| {
+        relay_command(&db.url, &bootstrap)
+            .arg("prune")
+            .args(args)
+            .output()
+            .unwrap()
+    };
+
+    let dry = prune(&["--older-than", "7d", "--dry-run"]);
+    assert!(dry.status.success(), "{}", output_text(&dry));
+    assert!(
+        String::from_utf8_lossy(&dry.stdout).contains("5 sent rows are older than 7days"),
+        "{}",
+        output_text(&dry)
+    );
+    assert_eq!(db.count("true").await, 9, "a dry run deletes nothing");
+
+    // Another pruner holds the lock: this one says so and deletes nothing.
+    let mut holder = db.pool.acquire().await.unwrap();
+    sqlx::query("SELECT pg_advisory_lock(x'6f7574626f780001'::bigint)")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let busy = prune(&["--older-than", "7d"]);
+    assert_eq!(busy.status.code(), Some(1), "{}", output_text(&busy));
+    assert!(
+        output_text(&busy).contains("another relay or prune"),
+        "{}",
+        output_text(&busy)
+    );
+    assert_eq!(db.count("true").await, 9);
+    sqlx::query("SELECT pg_advisory_unlock(x'6f7574626f780001'::bigint)")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    drop(holder);
+
+    let done = prune(&["--older-than", "7d"]);
+    assert!(done.status.success(), "{}", output_text(&done));
+    assert!(
+        String::from_utf8_lossy(&done.stdout).contains("deleted 5 sent rows"),
+        "{}",
+        output_text(&done)
+    );
+    let kept: Vec<String> = sqlx::query_scalar("SELECT aggregate_id FROM outbox ORDER BY id")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(kept, ["agg-6", "agg-7", "agg-8", "agg-9"]);
+
+    let bad = prune(&["--older-than", "soon"]);
+    assert_eq!(bad.status.code(), Some(2), "{}", output_text(&bad));
+    assert!(
+        output_text(&bad).contains("--older-than"),
+        "{}",
+        output_text(&bad)
+    );
+}

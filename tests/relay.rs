@@ -866,3 +866,94 @@ async fn rows_over_the_topics_own_size_limit_are_parked_before_producing() {
     let published = assert_sent_rows_in_kafka(&db, &bootstrap, &topic).await;
     assert_eq!(published, good as usize);
 }
+
+/// Retention in mark mode: sent rows older than `relay.retain_sent` are deleted, the ones
+/// the relay sends itself too once they are that old (the sweeper keeps running), while
+/// pending, parked and discarded rows stay however old they are; the count is exported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sent_rows_past_the_retention_are_deleted_and_the_others_kept() {
+    let db = TestDb::new().await;
+    let bootstrap = kafka_bootstrap();
+    let prefix = unique_prefix();
+    let topic = format!("{prefix}.kept");
+    create_topic(&bootstrap, &topic, 3).await;
+    // Rows as a relay left them a month ago: 20 sent, one parked, one discarded; and five
+    // rows for a topic that does not exist, which stay pending.
+    sqlx::query(
+        "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload, created_at, \
+                             sent_at, kafka_partition, kafka_offset) \
+         SELECT 'kept', 'old-' || n, 'E', '{}', now() - interval '30 days', \
+                now() - interval '30 days', 0, n \
+         FROM generate_series(1, 20) AS n",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload, created_at, \
+                             parked_at, park_reason, park_error, discarded_at, discard_reason) \
+         VALUES ('kept', 'parked', 'E', '{}', now() - interval '30 days', \
+                 now() - interval '30 days', 'bad_headers', 'test', NULL, NULL), \
+                ('kept', 'discarded', 'E', '{}', now() - interval '30 days', \
+                 now() - interval '30 days', 'bad_headers', 'test', \
+                 now() - interval '29 days', 'test')",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    // Aggregates of their own: a waiting row holds its aggregate's later rows of any topic.
+    let waiting: Vec<NewRow> = stream("missing", 5, 5)
+        .into_iter()
+        .map(|mut r| {
+            r.aggregate_id = format!("waiting-{}", r.aggregate_id);
+            r
+        })
+        .collect();
+    db.insert(&waiting).await;
+    let fresh = stream("kept", 4, 10);
+    db.insert(&fresh).await;
+    let fresh_rows: Vec<DbRow> = db
+        .rows()
+        .await
+        .into_iter()
+        .filter(|r| r.aggregate_type == "kept" && r.aggregate_id.starts_with("agg-"))
+        .collect();
+    assert_eq!(fresh_rows.len(), 10);
+
+    let relay = RunningRelay::start(template_settings(
+        &db,
+        &bootstrap,
+        &prefix,
+        "retain_sent = \"2s\"\n",
+    ))
+    .await;
+    // The 20 old rows at the first sweep, the 10 the relay sends about 2 s after it sent them.
+    wait_for_metric_value(relay.http_addr, "outbox_relay_rows_pruned_total", 30.0).await;
+    assert_eq!(
+        db.count("sent_at IS NOT NULL").await,
+        0,
+        "every sent row deleted"
+    );
+    assert_eq!(
+        db.count("parked_at IS NOT NULL AND discarded_at IS NULL")
+            .await,
+        1,
+        "the parked row is kept"
+    );
+    assert_eq!(
+        db.count("discarded_at IS NOT NULL").await,
+        1,
+        "the discarded row is kept"
+    );
+    assert_eq!(
+        db.pending().await,
+        5,
+        "rows waiting for their topic are kept"
+    );
+    relay.stop().await;
+    // The rows it sent reached Kafka before they were deleted.
+    assert_eq!(
+        assert_contract(&fresh_rows, &consume(&bootstrap, &topic, fresh_rows.len())),
+        0
+    );
+}

@@ -19,7 +19,12 @@
 --   delete_mode    1|on|true|yes: relay.mode = "delete", grant       default 0 (mark mode)
 --                  DELETE on outbox instead of UPDATE of the sent
 --                  columns; 0|off|false|no or unset: relay.mode =
---                  "mark", and the relay role cannot delete rows
+--                  "mark"
+--   keep_sent      mark mode only. 1|on|true|yes: relay.retain_sent   default 0
+--                  = "0s", sent rows are kept for ever and the relay
+--                  role cannot delete rows; 0|off|false|no or unset:
+--                  DELETE on outbox too, for the retention of sent
+--                  rows (relay.retain_sent, 7 days by default)
 --   operator_role  a NOLOGIN group role for status / parked ...      default: not created
 --                  (give it to people: GRANT outbox_relay_operator TO alice)
 -- (relay_mode, which granted DELETE by default, is gone: the script refuses it.)
@@ -49,7 +54,7 @@
 -- statement_timeout: ALTER ROLE outbox_relay SET statement_timeout = '30s'.
 --
 -- What the relay role does NOT get: INSERT on outbox (services insert), DELETE on outbox
--- unless delete_mode is set, TRUNCATE, REFERENCES, TRIGGER, CREATE on the schema or any
+-- in mark mode with keep_sent set, TRUNCATE, REFERENCES, TRIGGER, CREATE on the schema or any
 -- other DDL (`outbox-relay migrate` runs as the owner), anything on
 -- _sqlx_migrations (only `migrate` reads it; `run` and `check` verify the schema by
 -- selecting the outbox columns, see verify_schema in src/store.rs), the outbox_id_seq
@@ -94,6 +99,10 @@ DO $$ BEGIN RAISE EXCEPTION 'relay_mode is no longer supported: use -v delete_mo
 \else
 \set delete_mode 0
 \endif
+\if :{?keep_sent}
+\else
+\set keep_sent 0
+\endif
 \if :{?operator_role}
 \else
 \set operator_role ''
@@ -106,6 +115,7 @@ BEGIN;
 SET LOCAL outbox_relay.relay_role = :'relay_role';
 SET LOCAL outbox_relay.schema = :'schema';
 SET LOCAL outbox_relay.delete_mode = :'delete_mode';
+SET LOCAL outbox_relay.keep_sent = :'keep_sent';
 SET LOCAL outbox_relay.operator_role = :'operator_role';
 
 -- Checks, then the relay role: created when missing; an existing role is used only if it
@@ -115,6 +125,7 @@ DECLARE
     relay  text := current_setting('outbox_relay.relay_role');
     schema text := current_setting('outbox_relay.schema');
     mode   text := lower(current_setting('outbox_relay.delete_mode'));
+    keep   text := lower(current_setting('outbox_relay.keep_sent'));
     r      pg_roles%ROWTYPE;
     t      text;
     member text;
@@ -125,6 +136,10 @@ BEGIN
     IF mode NOT IN ('1', 'on', 'true', 'yes', '0', 'off', 'false', 'no') THEN
         RAISE EXCEPTION 'delete_mode must be 1, on, true, yes (relay.mode = "delete") or 0, off, false, no, not "%"',
                         current_setting('outbox_relay.delete_mode');
+    END IF;
+    IF keep NOT IN ('1', 'on', 'true', 'yes', '0', 'off', 'false', 'no') THEN
+        RAISE EXCEPTION 'keep_sent must be 1, on, true, yes (relay.retain_sent = "0s") or 0, off, false, no, not "%"',
+                        current_setting('outbox_relay.keep_sent');
     END IF;
     FOREACH t IN ARRAY ARRAY['outbox', 'outbox_shard_lease', 'outbox_replica'] LOOP
         IF to_regclass(format('%I.%I', schema, t)) IS NULL THEN
@@ -165,7 +180,8 @@ $$;
 
 SELECT current_database() AS dbname,
        lower(:'delete_mode') NOT IN ('1', 'on', 'true', 'yes') AS grant_mark,
-       lower(:'delete_mode') IN ('1', 'on', 'true', 'yes') AS grant_delete,
+       (lower(:'delete_mode') IN ('1', 'on', 'true', 'yes')
+        OR lower(:'keep_sent') NOT IN ('1', 'on', 'true', 'yes')) AS grant_delete,
        :'operator_role' <> '' AS want_operator
 \gset
 
@@ -268,9 +284,12 @@ GRANT UPDATE (sent_at, kafka_partition, kafka_offset) ON TABLE :"schema".outbox 
 \endif
 
 \if :grant_delete
--- outbox, DELETE (relay.mode = "delete"; only with -v delete_mode=1, never by default):
+-- outbox, DELETE (relay.mode = "delete" with -v delete_mode=1; in mark mode, the retention
+-- of sent rows unless -v keep_sent=1):
 --   delete_sent:    WITH fence AS (... FOR SHARE OF l) DELETE FROM outbox o WHERE o.id = ANY($1)
 --                   AND o.shard = (fenced shards)[width_bucket(o.shard, fenced shards)]
+--   prune_sent:     DELETE FROM outbox o WHERE o.id = ANY(ARRAY(SELECT id FROM outbox
+--                   WHERE sent_at IS NOT NULL AND sent_at < now() - $1 ORDER BY sent_at LIMIT $2))
 GRANT DELETE ON TABLE :"schema".outbox TO :"relay_role";
 \endif
 

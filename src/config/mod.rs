@@ -27,6 +27,8 @@ pub const DEFAULT_CONFIG_PATH: &str = "config/outbox-relay.toml";
 /// The longest duration any setting accepts: long enough for any real use, short enough
 /// that adding it to a clock reading or doubling it cannot overflow.
 pub const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
+/// How long sent rows are kept in mark mode unless `relay.retain_sent` says otherwise.
+pub const DEFAULT_RETAIN_SENT: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Prefix of the environment variables that override the file.
 pub const ENV_PREFIX: &str = "OUTBOX_RELAY_";
 
@@ -172,6 +174,11 @@ pub struct RelaySettings {
     /// How often pending-row gauges are refreshed.
     #[serde(with = "humantime_serde")]
     pub stats_interval: Duration,
+    /// In mark mode, sent rows older than this are deleted: in batches, by one replica at
+    /// a time, at least every min(`retain_sent`, 1 minute). Zero keeps them for ever.
+    /// Parked and discarded rows are never deleted by it.
+    #[serde(with = "humantime_serde")]
+    pub retain_sent: Duration,
     /// This replica's name in the lease table; empty means `<hostname>-<pid>`. Give each
     /// replica a different one.
     pub replica_id: String,
@@ -257,6 +264,7 @@ impl Default for RelaySettings {
             stall_after: Duration::from_secs(30),
             liveness_timeout: Duration::from_secs(300),
             stats_interval: Duration::from_secs(10),
+            retain_sent: DEFAULT_RETAIN_SENT,
             replica_id: String::new(),
             lease_ttl: Duration::from_secs(10),
             lease_renew_interval: Duration::from_secs(2),

@@ -195,7 +195,7 @@ impl Settings {
 
     /// Every duration setting with its key. Each is added to `Instant`s and multiplied,
     /// so each is bounded by [`MAX_DURATION`].
-    pub(super) fn durations(&self) -> [(&'static str, Duration); 10] {
+    pub(super) fn durations(&self) -> [(&'static str, Duration); 11] {
         [
             ("database.connect_timeout", self.database.connect_timeout),
             (
@@ -208,6 +208,7 @@ impl Settings {
             ("relay.stall_after", self.relay.stall_after),
             ("relay.liveness_timeout", self.relay.liveness_timeout),
             ("relay.stats_interval", self.relay.stats_interval),
+            ("relay.retain_sent", self.relay.retain_sent),
             ("relay.lease_ttl", self.relay.lease_ttl),
             (
                 "relay.lease_renew_interval",

@@ -64,7 +64,11 @@ impl Store {
     /// The privileges `run` needs in `mode` that the connected role lacks, each written
     /// as a grant (`UPDATE (sent_at) ON outbox`). Checked at start: a relay that can
     /// publish but not mark would resend its first batch on every restart.
-    pub(crate) async fn missing_grants(&self, mode: Mode) -> Result<Vec<String>, StoreError> {
+    pub(crate) async fn missing_grants(
+        &self,
+        mode: Mode,
+        prunes_sent: bool,
+    ) -> Result<Vec<String>, StoreError> {
         let mut needed: Vec<(&str, &str, &str)> = Vec::new();
         let mut need = |privilege, table, columns: &[&'static str]| {
             if columns.is_empty() {
@@ -81,11 +85,16 @@ impl Store {
             &["parked_at", "park_reason", "park_error"],
         );
         match mode {
-            Mode::Mark => need(
-                "UPDATE",
-                "outbox",
-                &["sent_at", "kafka_partition", "kafka_offset"],
-            ),
+            Mode::Mark => {
+                need(
+                    "UPDATE",
+                    "outbox",
+                    &["sent_at", "kafka_partition", "kafka_offset"],
+                );
+                if prunes_sent {
+                    need("DELETE", "outbox", &[]);
+                }
+            }
             Mode::Delete => need("DELETE", "outbox", &[]),
         }
         need("SELECT", "outbox_shard_lease", &[]);

@@ -252,6 +252,23 @@ impl InternalEvent for Rebalanced {
     }
 }
 
+/// A sweep deleted sent rows past `relay.retain_sent`.
+pub(crate) struct RowsPruned {
+    pub(crate) rows: u64,
+    pub(crate) older_than: Duration,
+}
+
+impl InternalEvent for RowsPruned {
+    fn emit(self) {
+        counter!(ROWS_PRUNED).increment(self.rows);
+        info!(
+            rows = self.rows,
+            older_than = %humantime::format_duration(self.older_than),
+            "deleted sent rows past relay.retain_sent"
+        );
+    }
+}
+
 /// A LISTEN notification woke the relay.
 pub(crate) struct DoorbellRang;
 

@@ -20,6 +20,7 @@ use crate::config::{LogFormat, LogSettings};
 
 pub(crate) const ROWS_PUBLISHED: &str = "outbox_relay_rows_published_total";
 pub(crate) const ROWS_MARKED: &str = "outbox_relay_rows_marked_total";
+pub(crate) const ROWS_PRUNED: &str = "outbox_relay_rows_pruned_total";
 pub(crate) const ROWS_PARKED: &str = "outbox_relay_rows_parked_total";
 pub(crate) const PUBLISH_ERRORS: &str = "outbox_relay_publish_errors_total";
 pub(crate) const DATABASE_ERRORS: &str = "outbox_relay_database_errors_total";
@@ -154,6 +155,10 @@ fn describe_all() {
         ROWS_PARKED,
         "Rows parked because they can never be published, by reason."
     );
+    describe_counter!(
+        ROWS_PRUNED,
+        "Sent rows deleted because they were older than relay.retain_sent (mark mode)."
+    );
     describe_counter!(PUBLISH_ERRORS, "Produce and delivery errors, by kind.");
     describe_counter!(DATABASE_ERRORS, "Database errors, by kind.");
     describe_counter!(
@@ -242,6 +247,7 @@ fn register_all(bounded: &[BoundedLabel]) {
         LEASE_RENEWAL_FAILURES,
         REBALANCES,
         ROWS_FENCED,
+        ROWS_PRUNED,
     ] {
         counter!(name).absolute(0);
     }

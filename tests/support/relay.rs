@@ -144,6 +144,19 @@ pub async fn wait_for_metric(addr: std::net::SocketAddr, series: &str) {
     .await;
 }
 
+/// Waits until `series` (see [`metric_value`]) on the relay at `addr` equals `value`.
+pub async fn wait_for_metric_value(addr: std::net::SocketAddr, series: &str, value: f64) {
+    wait_for(
+        &format!("{series} = {value}"),
+        CONDITION_TIMEOUT,
+        || async {
+            let (_, metrics) = http_get(addr, "/metrics").await;
+            metric_value(&metrics, series) == value
+        },
+    )
+    .await;
+}
+
 /// Path of the built relay binary, for tests that need a real process.
 pub fn relay_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_outbox-relay"))

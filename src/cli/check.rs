@@ -1,0 +1,143 @@
+//! `outbox-relay check`: the configuration validated, both sides reached, and what the relay
+//! would do said, secrets redacted.
+
+use super::*;
+
+pub(super) async fn check(settings: Settings, timeout: Duration) -> anyhow::Result<()> {
+    println!("configuration is valid:\n");
+    println!("{}", settings.redacted());
+    for warning in settings.warnings() {
+        println!("warning: {warning}");
+    }
+    let mut failures = Vec::new();
+
+    let mut database = settings.database.clone();
+    database.connect_timeout = timeout;
+    let store = Store::connect(&database)
+        .context("Failed to configure the database connection from database.url")?;
+    let url = redact_url(settings.database.url.expose());
+    // A direct connection first: the pool would only say that it timed out.
+    let reachable = match tokio::time::timeout(timeout, store::probe(&settings.database)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(err)) => Err(err.to_string()),
+        Err(_) => Err(format!("no answer within {timeout:?}")),
+    };
+    let schema = match reachable {
+        Ok(()) => store.verify_schema().await.map_err(|e| e.to_string()),
+        Err(err) => Err(err),
+    };
+    match schema {
+        Ok(version) => {
+            println!("PostgreSQL {version} at {url}: outbox table present");
+            match store
+                .missing_grants(settings.relay.mode, !settings.relay.retain_sent.is_zero())
+                .await
+            {
+                Ok(missing) if missing.is_empty() => {
+                    println!("  the role holds every privilege the relay needs")
+                }
+                Ok(missing) => {
+                    failures.push(format!("database: {}", crate::app::MissingGrants(missing)))
+                }
+                Err(err) => failures.push(format!("database: checking privileges: {err}")),
+            }
+            match store.schema_creators().await {
+                Ok(creators) if !creators.is_empty() => println!(
+                    "  warning: {} (may create there: {})",
+                    crate::app::SCHEMA_CREATORS_ADVICE,
+                    creators.join(", ")
+                ),
+                Ok(_) => println!("  only the schema's owner may create in it"),
+                Err(err) => {
+                    failures.push(format!("database: checking the schema's privileges: {err}"))
+                }
+            }
+            match store.backlog_stats().await {
+                Ok(stats) => println!(
+                    "  pending rows: {}, oldest pending: {}, parked rows: {}",
+                    pending_text(stats.pending_rows, stats.pending_rows_estimated),
+                    stats
+                        .oldest_pending_age
+                        .map_or("none".to_string(), |d| format!(
+                            "{:.1}s ago",
+                            d.as_secs_f64()
+                        )),
+                    stats.parked_rows
+                ),
+                Err(err) => failures.push(format!("database: {err}")),
+            }
+        }
+        Err(err) => failures.push(format!(
+            "database at {url}: {err}; check database.url and that PostgreSQL accepts connections"
+        )),
+    }
+    store.pool().close().await;
+
+    let properties = settings.producer_properties();
+    let mut topic_limits = crate::kafka::topics::TopicLimits::new(&properties);
+    let bootstrap = settings.kafka.bootstrap_servers.clone();
+    // `check` exports no metrics: the producer's statistics go to a recorder of its own.
+    let metrics = crate::telemetry::Metrics::new(&[]).map_err(anyhow::Error::msg)?;
+    let cluster = tokio::task::spawn_blocking(move || {
+        let (tx, _rx) = tokio::sync::mpsc::channel(16);
+        let producer = RowProducer::build(&properties, 0, tx, metrics, false, None)?;
+        producer.describe_cluster(timeout)
+    })
+    .await
+    .context("Kafka check panicked")?;
+    match cluster {
+        Ok(summary) => {
+            println!(
+                "Kafka at {bootstrap}: brokers {}",
+                summary.brokers.join(", ")
+            );
+            println!("  {} topics visible", summary.topics.len());
+            // The size limit of the topics the template names, as the relay learns it.
+            let prefix = settings
+                .relay
+                .topic_template
+                .split('{')
+                .next()
+                .unwrap_or_default();
+            let ours = summary
+                .topics
+                .iter()
+                .filter(|t| !prefix.is_empty() && t.starts_with(prefix));
+            for topic in ours.take(5) {
+                match topic_limits.describe(topic).await {
+                    Ok(Some(limit)) => println!("  topic {topic}: max.message.bytes {limit}"),
+                    Ok(None) => println!(
+                        "  topic {topic}: max.message.bytes not reported; rows are checked against relay.max_message_bytes only"
+                    ),
+                    Err(err) => println!(
+                        "  topic {topic}: max.message.bytes unknown ({err}); grant the relay's principal DescribeConfigs on its topics, or rows over it are refused by the broker instead of parked"
+                    ),
+                }
+            }
+        }
+        Err(err) => failures.push(format!(
+            "Kafka at {bootstrap}: {err}; check kafka.bootstrap_servers and network access"
+        )),
+    }
+
+    println!(
+        "\nwould publish pending rows in batches of {} to `{}` (or each row's topic column), \
+         {} rows after the broker's ack, acks=all, idempotent, {} compression",
+        settings.relay.batch_size,
+        settings.relay.topic_template,
+        match settings.relay.mode {
+            crate::model::Mode::Mark => "marking",
+            crate::model::Mode::Delete => "deleting",
+        },
+        settings.kafka.compression,
+    );
+    if failures.is_empty() {
+        println!("check passed");
+        Ok(())
+    } else {
+        for failure in &failures {
+            eprintln!("FAILED: {failure}");
+        }
+        anyhow::bail!("{} check(s) failed", failures.len())
+    }
+}

@@ -1,0 +1,272 @@
+//! The command line: `run`, `migrate`, `check`, `status`, `parked` and `prune`. Exit codes: 0
+//! success, 1 runtime failure, 2 bad configuration (named key, nothing connected).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
+
+use crate::app::App;
+use crate::config::{ConfigError, DEFAULT_CONFIG_PATH, Settings, redact_url};
+use crate::kafka::producer::RowProducer;
+use crate::store::{self, Store};
+use crate::telemetry;
+
+mod check;
+mod parked;
+mod prune;
+mod status;
+
+use check::check;
+use parked::parked;
+use prune::prune;
+use status::{pending_text, status};
+
+/// Exit code for a configuration the relay refuses.
+pub(crate) const EXIT_CONFIG: u8 = 2;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "outbox-relay",
+    version,
+    about = "Relays a PostgreSQL outbox table to Kafka: acks=all, idempotent, marked only after the ack."
+)]
+pub(crate) struct Cli {
+    /// TOML configuration file; environment variables OUTBOX_RELAY_<SECTION>__<KEY> override it.
+    #[arg(long, short, global = true, value_name = "PATH", help = format!("TOML configuration file [default: {DEFAULT_CONFIG_PATH}, if present]"))]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum Command {
+    /// Run the relay until SIGTERM or SIGINT, then drain: stop reading, wait for
+    /// outstanding acks up to relay.drain_timeout, mark them, exit 0.
+    Run,
+    /// Create or upgrade the outbox table (the SQL in migrations/).
+    Migrate {
+        /// Install (`on`) or remove (`off`) the statement-level NOTIFY trigger that wakes
+        /// the relay at once. It costs a database-wide lock at each inserting commit.
+        #[arg(long, value_name = "on|off")]
+        notify_trigger: Option<Toggle>,
+    },
+    /// Rows that can never be published as they stand: list them, put them back in the
+    /// queue once the cause is fixed, or give up on them (kept for audit).
+    Parked {
+        #[command(subcommand)]
+        command: ParkedCommand,
+    },
+    /// Show the backlog and the replicas sharing it: pending and parked rows, the oldest
+    /// pending row's age, each replica's shards and lease ages.
+    Status {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete sent rows older than a duration, as relay.retain_sent does by itself in mark
+    /// mode: oldest first, in batches of 1000. Pending, parked and discarded rows are kept.
+    Prune {
+        /// Rows sent longer ago than this, e.g. 7d or 12h.
+        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+        older_than: Duration,
+        /// Count the rows it would delete; delete nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Validate the configuration, connect to PostgreSQL and Kafka, and say what the relay
+    /// would do (secrets redacted). Exits non-zero if anything is wrong.
+    Check {
+        /// How long to wait for each side to answer.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum ParkedCommand {
+    /// List parked rows, oldest first, with the reason and the error.
+    List {
+        /// Only this aggregate's rows.
+        #[arg(long, value_name = "AGGREGATE_ID")]
+        aggregate: Option<String>,
+        /// At most this many rows.
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put parked rows back in the queue; they are published in their original order,
+    /// ahead of the later rows of their aggregates that waited behind them.
+    Replay {
+        #[command(flatten)]
+        rows: ParkedSelection,
+    },
+    /// Give up on parked rows. They stay in the table with the reason, for audit, and stop
+    /// holding their aggregates back.
+    Discard {
+        #[command(flatten)]
+        rows: ParkedSelection,
+        /// Why, recorded with each row.
+        #[arg(long, required = true)]
+        reason: String,
+    },
+}
+
+/// Which parked rows an operation touches: exactly one of ids, an aggregate, or all.
+#[derive(Debug, clap::Args)]
+#[group(required = true, multiple = false)]
+pub(crate) struct ParkedSelection {
+    /// Row ids (the `id` column).
+    #[arg(value_name = "ID")]
+    ids: Vec<i64>,
+    /// Every parked row of this aggregate.
+    #[arg(long, value_name = "AGGREGATE_ID")]
+    aggregate: Option<String>,
+    /// Every parked row.
+    #[arg(long)]
+    all: bool,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub(crate) enum Toggle {
+    On,
+    Off,
+}
+
+/// Parses the command line, runs the command, returns the process exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if !matches!(cli.command, Command::Run) {
+        // A one-shot command whose reader went away (`outbox-relay status | head`) ends
+        // quietly, as other command-line tools do, instead of panicking in `println!`.
+        // The daemon keeps Rust's default (SIGPIPE ignored): a log pipe that closes under
+        // it is a write error, never a reason to die between an ack and its mark.
+        // SAFETY: called before any other thread starts; it only resets a disposition.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
+    let settings = match Settings::load(cli.config.as_deref()) {
+        Ok(settings) => settings,
+        Err(err) => return config_failure(&err),
+    };
+    telemetry::init_logging(&settings.log);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: Failed to start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let is_daemon = matches!(cli.command, Command::Run);
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Run => run(settings).await,
+            Command::Migrate { notify_trigger } => migrate(settings, notify_trigger).await,
+            Command::Check { timeout } => check(settings, timeout).await,
+            Command::Status { json } => status(settings, json).await,
+            Command::Parked { command } => parked(settings, command).await,
+            Command::Prune {
+                older_than,
+                dry_run,
+            } => prune(settings, older_than, dry_run).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            // The daemon logs (journal, Kubernetes); one-shot commands talk to a person.
+            if is_daemon {
+                error!("{err:#}");
+            } else {
+                eprintln!("error: {err:#}");
+            }
+            if err.downcast_ref::<crate::app::MissingGrants>().is_some() {
+                ExitCode::from(EXIT_CONFIG)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+fn config_failure(err: &ConfigError) -> ExitCode {
+    eprintln!("error: {err}");
+    ExitCode::from(EXIT_CONFIG)
+}
+
+async fn run(settings: Settings) -> anyhow::Result<()> {
+    // Listen for signals before anything else: a SIGTERM during startup (a slow database,
+    // a rollout that changes its mind) is then a clean stop, not the default kill.
+    let cancel = CancellationToken::new();
+    let signals = match StopSignals::install() {
+        Ok(signals) => Some(tokio::spawn(signals.cancel_on_first(cancel.clone()))),
+        Err(err) => {
+            error!(error = %err, "cannot install signal handlers; stop the relay with SIGKILL");
+            None
+        }
+    };
+    let result = async { App::build(settings).await?.run(cancel).await }.await;
+    if let Some(signals) = signals {
+        signals.abort();
+    }
+    result
+}
+
+/// SIGTERM and SIGINT, registered with the runtime as soon as they are created.
+struct StopSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn install() -> std::io::Result<StopSignals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(StopSignals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    async fn cancel_on_first(mut self, cancel: CancellationToken) {
+        tokio::select! {
+            _ = self.term.recv() => info!("SIGTERM received; draining"),
+            _ = self.int.recv() => info!("SIGINT received; draining"),
+        }
+        cancel.cancel();
+    }
+}
+
+async fn migrate(settings: Settings, notify_trigger: Option<Toggle>) -> anyhow::Result<()> {
+    let store = Store::connect(&settings.database)
+        .context("Failed to configure the database connection from database.url")?;
+    store
+        .migrate()
+        .await
+        .context("Failed to apply the migrations")?;
+    println!("outbox schema is up to date");
+    if let Some(toggle) = notify_trigger {
+        let enabled = matches!(toggle, Toggle::On);
+        store
+            .set_notify_trigger(enabled, &settings.database.listen_channel)
+            .await
+            .context("Failed to change the notify trigger")?;
+        if enabled {
+            println!(
+                "notify trigger installed (channel {})",
+                settings.database.listen_channel
+            );
+        } else {
+            println!("notify trigger removed");
+        }
+    }
+    store.pool().close().await;
+    Ok(())
+}

@@ -1,0 +1,49 @@
+//! `outbox-relay prune`: sent rows older than a duration deleted on demand, as
+//! `relay.retain_sent` does by itself in mark mode; `--dry-run` counts and deletes nothing.
+
+use super::*;
+use crate::retention::PRUNE_BATCH;
+use crate::store::Pruned;
+
+pub(super) async fn prune(
+    settings: Settings,
+    older_than: Duration,
+    dry_run: bool,
+) -> anyhow::Result<()> {
+    let store = Store::connect(&settings.database)
+        .context("Failed to configure the database connection from database.url")?;
+    store
+        .verify_schema()
+        .await
+        .context("Failed to read the outbox")?;
+    let age = humantime::format_duration(older_than);
+    if dry_run {
+        let rows = store
+            .count_prunable(older_than)
+            .await
+            .context("Failed to count the sent rows")?;
+        println!("{rows} sent rows are older than {age}; --dry-run: nothing deleted");
+        return Ok(());
+    }
+    let mut deleted = 0;
+    loop {
+        match store
+            .prune_sent(older_than, PRUNE_BATCH)
+            .await
+            .context("Failed to delete sent rows")?
+        {
+            Pruned::Rows(rows) => {
+                deleted += rows;
+                if rows < PRUNE_BATCH as u64 {
+                    break;
+                }
+            }
+            Pruned::Busy => anyhow::bail!(
+                "another relay or prune is deleting sent rows right now ({deleted} deleted here); run it again later"
+            ),
+        }
+    }
+    println!("deleted {deleted} sent rows older than {age}");
+    store.pool().close().await;
+    Ok(())
+}

@@ -1,0 +1,89 @@
+//! `outbox-relay status`: the backlog and the replicas sharing it, as a table or JSON.
+
+use super::*;
+
+#[derive(serde::Serialize)]
+struct StatusReport {
+    pending_rows: i64,
+    /// True when more rows are pending than the relay counts exactly (see `status`).
+    pending_rows_estimated: bool,
+    oldest_pending_age_seconds: Option<f64>,
+    parked_rows: i64,
+    shard_count: i16,
+    shards_unowned: i64,
+    replicas: Vec<crate::store::ReplicaStatus>,
+}
+
+/// The pending count as a person reads it: an estimate says so.
+pub(super) fn pending_text(rows: i64, estimated: bool) -> String {
+    if estimated {
+        format!(
+            "about {rows} (estimated: more than {} pending)",
+            crate::store::EXACT_PENDING_UP_TO
+        )
+    } else {
+        rows.to_string()
+    }
+}
+
+pub(super) async fn status(settings: Settings, json: bool) -> anyhow::Result<()> {
+    let store = Store::connect(&settings.database)
+        .context("Failed to configure the database connection from database.url")?;
+    let backlog = store
+        .backlog_stats()
+        .await
+        .context("Failed to read the outbox")?;
+    let (replicas, unowned) = store
+        .replica_status()
+        .await
+        .context("Failed to read the lease table")?;
+    store.pool().close().await;
+    let report = StatusReport {
+        pending_rows: backlog.pending_rows,
+        pending_rows_estimated: backlog.pending_rows_estimated,
+        oldest_pending_age_seconds: backlog.oldest_pending_age.map(|d| d.as_secs_f64()),
+        parked_rows: backlog.parked_rows,
+        shard_count: crate::lease::SHARD_COUNT,
+        shards_unowned: unowned,
+        replicas,
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    let age = |s: Option<f64>| s.map_or("-".to_string(), |s| format!("{s:.1}s"));
+    println!(
+        "pending rows     {}",
+        pending_text(report.pending_rows, report.pending_rows_estimated)
+    );
+    println!(
+        "oldest pending   {}",
+        age(report.oldest_pending_age_seconds)
+    );
+    println!("parked rows      {}", report.parked_rows);
+    println!(
+        "unowned shards   {} of {}",
+        report.shards_unowned, report.shard_count
+    );
+    println!();
+    println!(
+        "{:<32} {:>5} {:>7} {:>10} {:>14}  started",
+        "replica", "live", "shards", "heartbeat", "lease renewed"
+    );
+    for r in &report.replicas {
+        println!(
+            "{:<32} {:>5} {:>7} {:>10} {:>14}  {}",
+            r.replica_id,
+            if r.live { "yes" } else { "no" },
+            r.shards,
+            format!("{:.1}s ago", r.heartbeat_age_seconds),
+            r.oldest_lease_renewal_seconds
+                .map_or("-".to_string(), |s| format!("{s:.1}s ago")),
+            r.started_at.format("%Y-%m-%d %H:%M:%S UTC"),
+        );
+    }
+    if report.replicas.is_empty() {
+        println!("(no replica has registered)");
+    }
+    Ok(())
+}
