@@ -58,7 +58,7 @@ impl App {
         for warning in settings.warnings() {
             warn!("{warning}");
         }
-        let store = Store::connect(&settings.database)
+        let store = Store::open(&settings)
             .context("Failed to configure the database connection from database.url")?;
         let health = Arc::new(Health::new(metrics.clone()));
         let wake = Arc::new(Notify::new());

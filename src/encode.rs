@@ -4,22 +4,15 @@
 
 use std::sync::Arc;
 
+use crate::model::headers::{
+    HEADER_AGGREGATE_TYPE, HEADER_EVENT_ID, HEADER_EVENT_TYPE, MAX_HEADER_NAME_BYTES,
+    MAX_ROW_HEADER_BYTES, MAX_ROW_HEADERS, RESERVED_HEADERS,
+};
 use crate::model::{
     MAX_TOPIC_LEN, OutboxRow, ParkReason, QUOTED_BYTES, TopicPolicy, TopicTemplate, printable,
     validate_topic,
 };
 
-/// Header names the relay writes itself; a row's own headers may not reuse them.
-pub(crate) const HEADER_EVENT_ID: &str = "id";
-pub(crate) const HEADER_EVENT_TYPE: &str = "event_type";
-pub(crate) const HEADER_AGGREGATE_TYPE: &str = "aggregate_type";
-const RESERVED_HEADERS: [&str; 3] = [HEADER_EVENT_ID, HEADER_EVENT_TYPE, HEADER_AGGREGATE_TYPE];
-
-/// A row's own headers: at most this many, names of at most this many bytes, and names
-/// and values together of at most this many bytes. Beyond, the row is parked.
-pub(crate) const MAX_ROW_HEADERS: usize = 64;
-pub(crate) const MAX_HEADER_NAME_BYTES: usize = 256;
-pub(crate) const MAX_ROW_HEADER_BYTES: usize = 64 * 1024;
 /// Rough per-record framing overhead (lengths, varints, attributes) in the record batch.
 const RECORD_OVERHEAD_BYTES: usize = 64;
 
@@ -33,7 +26,7 @@ pub(crate) struct EncodedRecord<'a> {
     event_id: [u8; uuid::fmt::Hyphenated::LENGTH],
     event_type: &'a str,
     aggregate_type: &'a str,
-    /// The row's `headers` object, after the relay's own.
+    /// The row's `headers` object and its header columns, after the relay's own.
     extra_headers: Vec<(String, String)>,
     /// The record's uncompressed size as the broker counts it, framing included.
     pub bytes: usize,
@@ -66,6 +59,8 @@ pub(crate) struct Encoder {
     max_message_bytes: usize,
     topic_cache: foldhash::HashMap<String, foldhash::HashMap<String, Result<Arc<str>, ParkReason>>>,
     cached_topics: usize,
+    /// Header names of `outbox.header_columns`, in the order of [`OutboxRow::column_headers`].
+    column_headers: Vec<String>,
 }
 
 impl Encoder {
@@ -80,7 +75,14 @@ impl Encoder {
             max_message_bytes,
             topic_cache: foldhash::HashMap::default(),
             cached_topics: 0,
+            column_headers: Vec::new(),
         }
+    }
+
+    /// Sends the values of [`OutboxRow::column_headers`] as headers of these names.
+    pub(crate) fn with_column_headers(mut self, names: Vec<String>) -> Self {
+        self.column_headers = names;
+        self
     }
 
     /// The row's topic: its own `topic` column, or the template's.
@@ -121,6 +123,11 @@ impl Encoder {
         let mut extra_headers = Vec::new();
         if let Some(raw) = &row.headers_json {
             append_row_headers(raw, &mut extra_headers)?;
+        }
+        for (name, value) in self.column_headers.iter().zip(&row.column_headers) {
+            if let Some(value) = value {
+                extra_headers.push((name.clone(), value.clone()));
+            }
         }
         let mut record = EncodedRecord {
             topic,
@@ -283,6 +290,7 @@ mod tests {
             withheld_bytes: None,
             undecodable: None,
             aggregate_hash: 0,
+            column_headers: Vec::new(),
         }
     }
 

@@ -418,7 +418,7 @@ async fn marking_rewrites_each_row_on_its_own_page() {
 /// Also checks each row gets its own partition and offset when the acks come unsorted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_mark_joins_nothing_when_statistics_say_nothing_is_pending() {
-    use outbox_relay::store::{Ack, MARK_SENT, Store};
+    use outbox_relay::store::{Ack, Store};
 
     let db = TestDb::new().await;
     let insert = "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) \
@@ -457,7 +457,8 @@ async fn the_mark_joins_nothing_when_statistics_say_nothing_is_pending() {
     let epochs: Vec<i64> = shards.iter().map(|s| epoch_of[s]).collect();
     let partitions: Vec<i32> = ids.iter().map(|id| (id % 3) as i32).collect();
     let offsets: Vec<i64> = ids.iter().map(|id| id * 10).collect();
-    let plan: serde_json::Value = sqlx::query_scalar(&format!("EXPLAIN (FORMAT JSON) {MARK_SENT}"))
+    let mark_sent = Store::new(db.pool.clone()).mark_sent_statement().unwrap();
+    let plan: serde_json::Value = sqlx::query_scalar(&format!("EXPLAIN (FORMAT JSON) {mark_sent}"))
         .bind(&ids)
         .bind(&partitions)
         .bind(&offsets)

@@ -14,6 +14,12 @@ pub(super) async fn check(settings: Settings, timeout: Duration) -> anyhow::Resu
     let mut database = settings.database.clone();
     database.connect_timeout = timeout;
     let store = Store::connect(&database)
+        .map(|store| {
+            store.on_table(crate::store::TableSpec::from_settings(
+                &settings.outbox,
+                &settings.database.schema,
+            ))
+        })
         .context("Failed to configure the database connection from database.url")?;
     let url = redact_url(settings.database.url.expose());
     // A direct connection first: the pool would only say that it timed out.
@@ -23,12 +29,21 @@ pub(super) async fn check(settings: Settings, timeout: Duration) -> anyhow::Resu
         Err(_) => Err(format!("no answer within {timeout:?}")),
     };
     let schema = match reachable {
-        Ok(()) => store.verify_schema().await.map_err(|e| e.to_string()),
+        Ok(()) => match store.verify_schema().await {
+            // A mapping the table does not fit is the configuration's fault: exit 2.
+            Err(err @ store::StoreError::Config { .. }) => {
+                return Err(err).context("The table outbox.table names does not fit [outbox]");
+            }
+            other => other.map_err(|e| e.to_string()),
+        },
         Err(err) => Err(err),
     };
     match schema {
         Ok(version) => {
-            println!("PostgreSQL {version} at {url}: outbox table present");
+            println!(
+                "PostgreSQL {version} at {url}: outbox table present ({})",
+                store.table_display()
+            );
             match store
                 .missing_grants(settings.relay.mode, !settings.relay.retain_sent.is_zero())
                 .await

@@ -48,12 +48,19 @@ pub(crate) enum Command {
     /// Run the relay until SIGTERM or SIGINT, then drain: stop reading, wait for
     /// outstanding acks up to relay.drain_timeout, mark them, exit 0.
     Run,
-    /// Create or upgrade the outbox table (the SQL in migrations/).
+    /// Create or upgrade the relay's own outbox table (the SQL in migrations/), or adopt
+    /// the table outbox.table names: add only what the relay needs, nothing its writers
+    /// must supply.
     Migrate {
         /// Install (`on`) or remove (`off`) the statement-level NOTIFY trigger that wakes
         /// the relay at once. It costs a database-wide lock at each inserting commit.
         #[arg(long, value_name = "on|off")]
         notify_trigger: Option<Toggle>,
+        /// Print every statement it would run, with the lock each takes and whether it
+        /// rewrites or scans the table, and the rows that would be published; change
+        /// nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Rows that can never be published as they stand: list them, put them back in the
     /// queue once the cause is fixed, or give up on them (kept for audit).
@@ -169,7 +176,10 @@ pub fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Run => run(settings).await,
-            Command::Migrate { notify_trigger } => migrate(settings, notify_trigger).await,
+            Command::Migrate {
+                notify_trigger,
+                dry_run,
+            } => migrate(settings, notify_trigger, dry_run).await,
             Command::Check { timeout } => check(settings, timeout).await,
             Command::Status { json } => status(settings, json).await,
             Command::Parked { command } => parked(settings, command).await,
@@ -188,7 +198,13 @@ pub fn main() -> ExitCode {
             } else {
                 eprintln!("error: {err:#}");
             }
-            if err.downcast_ref::<crate::app::MissingGrants>().is_some() {
+            let misconfigured = err.chain().any(|cause| {
+                matches!(
+                    cause.downcast_ref::<store::StoreError>(),
+                    Some(store::StoreError::Config { .. })
+                )
+            });
+            if misconfigured || err.downcast_ref::<crate::app::MissingGrants>().is_some() {
                 ExitCode::from(EXIT_CONFIG)
             } else {
                 ExitCode::FAILURE
@@ -244,29 +260,113 @@ impl StopSignals {
     }
 }
 
-async fn migrate(settings: Settings, notify_trigger: Option<Toggle>) -> anyhow::Result<()> {
-    let store = Store::connect(&settings.database)
+async fn migrate(
+    settings: Settings,
+    notify_trigger: Option<Toggle>,
+    dry_run: bool,
+) -> anyhow::Result<()> {
+    let store = Store::open(&settings)
         .context("Failed to configure the database connection from database.url")?;
-    store
-        .migrate()
-        .await
-        .context("Failed to apply the migrations")?;
-    println!("outbox schema is up to date");
-    if let Some(toggle) = notify_trigger {
-        let enabled = matches!(toggle, Toggle::On);
-        store
-            .set_notify_trigger(enabled, &settings.database.listen_channel)
+    if store.adopts_table() {
+        adopt(&store, &settings, notify_trigger, dry_run).await?;
+    } else if dry_run {
+        let pending = store
+            .pending_migrations()
             .await
-            .context("Failed to change the notify trigger")?;
-        if enabled {
+            .context("Failed to read which migrations are applied")?;
+        if pending.is_empty() {
+            println!("outbox schema is up to date; --dry-run: nothing to run");
+        }
+        for (version, description, sql) in pending {
             println!(
-                "notify trigger installed (channel {})",
-                settings.database.listen_channel
+                "-- migration {version} ({description}); its comments say what it locks\n{sql}"
             );
-        } else {
-            println!("notify trigger removed");
+        }
+        println!("--dry-run: nothing changed");
+    } else {
+        store
+            .migrate()
+            .await
+            .context("Failed to apply the migrations")?;
+        println!("outbox schema is up to date");
+        if let Some(toggle) = notify_trigger {
+            let enabled = matches!(toggle, Toggle::On);
+            store
+                .set_notify_trigger(enabled, &settings.database.listen_channel)
+                .await
+                .context("Failed to change the notify trigger")?;
+            if enabled {
+                println!(
+                    "notify trigger installed (channel {})",
+                    settings.database.listen_channel
+                );
+            } else {
+                println!("notify trigger removed");
+            }
         }
     }
     store.pool().close().await;
+    Ok(())
+}
+
+/// `migrate` for a table `[outbox]` names: the plan, then (unless a dry run) each step.
+async fn adopt(
+    store: &Store,
+    settings: &Settings,
+    notify_trigger: Option<Toggle>,
+    dry_run: bool,
+) -> anyhow::Result<()> {
+    let channel = matches!(notify_trigger, Some(Toggle::On))
+        .then_some(settings.database.listen_channel.as_str());
+    let plan = store
+        .adoption_plan(channel)
+        .await
+        .context("Failed to read the table to adopt")?;
+    let mut out = std::io::stdout().lock();
+    use std::io::Write;
+    writeln!(
+        out,
+        "{} adoption of {}: {} steps{}",
+        if dry_run { "--dry-run:" } else { "migrate:" },
+        plan.table,
+        plan.steps.len(),
+        if dry_run { ", nothing is changed" } else { "" }
+    )?;
+    for (i, step) in plan.steps.iter().enumerate() {
+        writeln!(out, "\n{}. {}", i + 1, step.effect)?;
+        writeln!(out, "   lock: {}", step.lock)?;
+        for statement in &step.statements {
+            writeln!(out, "   {statement};")?;
+        }
+    }
+    writeln!(
+        out,
+        "\n{} rows already in {} will be published once the relay runs ({} get an ordering number, oldest transaction first, before any new row).",
+        plan.existing_rows, plan.table, plan.rows_to_number
+    )?;
+    drop(out);
+    if dry_run {
+        return Ok(());
+    }
+    store
+        .adopt(&plan, |i, step| {
+            println!("running step {}: {}", i + 1, step.effect)
+        })
+        .await
+        .context(
+            "Failed to adopt the table (steps already run stay; run migrate again to finish)",
+        )?;
+    if matches!(notify_trigger, Some(Toggle::Off)) {
+        store
+            .set_adopted_notify_trigger(None)
+            .await
+            .context("Failed to remove the notify trigger")?;
+        println!("notify trigger removed");
+    }
+    store
+        .verify_schema()
+        .await
+        .context("The adopted table is still incomplete")?;
+    println!("{} is adopted: the relay can run on it", plan.table);
     Ok(())
 }

@@ -5,7 +5,7 @@
 use super::*;
 
 pub(super) async fn parked(settings: Settings, command: ParkedCommand) -> anyhow::Result<()> {
-    let store = Store::connect(&settings.database)
+    let store = Store::open(&settings)
         .context("Failed to configure the database connection from database.url")?;
     let result = match command {
         ParkedCommand::List {

@@ -10,7 +10,7 @@ pub(super) async fn prune(
     older_than: Duration,
     dry_run: bool,
 ) -> anyhow::Result<()> {
-    let store = Store::connect(&settings.database)
+    let store = Store::open(&settings)
         .context("Failed to configure the database connection from database.url")?;
     store
         .verify_schema()

@@ -27,7 +27,7 @@ pub(super) fn pending_text(rows: i64, estimated: bool) -> String {
 }
 
 pub(super) async fn status(settings: Settings, json: bool) -> anyhow::Result<()> {
-    let store = Store::connect(&settings.database)
+    let store = Store::open(&settings)
         .context("Failed to configure the database connection from database.url")?;
     let backlog = store
         .backlog_stats()

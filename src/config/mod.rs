@@ -36,10 +36,75 @@ pub const ENV_PREFIX: &str = "OUTBOX_RELAY_";
 #[serde(deny_unknown_fields, default)]
 pub struct Settings {
     pub database: DatabaseSettings,
+    pub outbox: OutboxSettings,
     pub kafka: KafkaSettings,
     pub relay: RelaySettings,
     pub http: HttpSettings,
     pub log: LogSettings,
+}
+
+/// The outbox table: the relay's own (`outbox-relay migrate` creates it), or one a team
+/// already has, with the column behind each of the relay's roles.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutboxSettings {
+    /// `schema.table`, or `table` in `database.schema`. Empty: the relay's own `outbox`.
+    pub table: String,
+    pub columns: OutboxColumns,
+    /// Further columns sent as headers: header name = column (Debezium's
+    /// `table.fields.additional.placement` with `header`).
+    pub header_columns: BTreeMap<String, String>,
+}
+
+/// The column behind each of the relay's roles; the defaults are the relay's own names.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutboxColumns {
+    /// `uuid`: the `id` header, for consumers to drop duplicates.
+    pub event_id: String,
+    /// Text: the topic template's `{aggregate_type}`, and the `aggregate_type` header.
+    pub aggregate_type: String,
+    /// Text: the record key; rows of one aggregate keep their order.
+    pub aggregate_id: String,
+    /// Text: the template's `{event_type}`, and the `event_type` header.
+    pub event_type: String,
+    /// `jsonb` or `json` (the JSON text), `text` (its UTF-8) or `bytea` (the bytes as
+    /// they are): the record's value. NULL is a tombstone.
+    pub payload: String,
+    /// A `jsonb` object of headers. Unset: `headers` on the relay's own table, none on
+    /// another; `""`: none.
+    pub headers: Option<String>,
+    /// A text column naming the row's topic instead of the template. Unset: `topic` on
+    /// the relay's own table, none on another; `""`: none.
+    pub topic: Option<String>,
+}
+
+impl Default for OutboxColumns {
+    fn default() -> Self {
+        Self {
+            event_id: "event_id".into(),
+            aggregate_type: "aggregate_type".into(),
+            aggregate_id: "aggregate_id".into(),
+            event_type: "event_type".into(),
+            payload: "payload".into(),
+            headers: None,
+            topic: None,
+        }
+    }
+}
+
+impl OutboxSettings {
+    /// `(schema, table)` of a table `outbox.table` names; `None` for the relay's own.
+    pub fn table_name(&self, default_schema: &str) -> Option<(String, String)> {
+        let table = self.table.trim();
+        if table.is_empty() {
+            return None;
+        }
+        Some(match table.split_once('.') {
+            Some((schema, name)) => (schema.to_string(), name.to_string()),
+            None => (default_schema.to_string(), table.to_string()),
+        })
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

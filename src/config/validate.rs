@@ -103,6 +103,7 @@ impl Settings {
             ));
         }
         self.validate_producer_properties()?;
+        self.outbox.validate()?;
         if self.relay.batch_size == 0 || self.relay.batch_size > 100_000 {
             return Err(ConfigError::new(
                 "relay.batch_size",
@@ -337,4 +338,117 @@ pub(super) fn is_plain_identifier(name: &str) -> bool {
             .next()
             .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+/// PostgreSQL's longest identifier, in bytes.
+const MAX_IDENTIFIER_BYTES: usize = 63;
+
+/// `None` when `name` can name a table or column (it is quoted wherever it is used).
+fn identifier_problem(name: &str) -> Option<&'static str> {
+    if name.is_empty() {
+        Some("is empty")
+    } else if name.len() > MAX_IDENTIFIER_BYTES {
+        Some("is longer than PostgreSQL's 63 bytes")
+    } else if name.chars().any(char::is_control) {
+        Some("contains a control character")
+    } else {
+        None
+    }
+}
+
+impl OutboxSettings {
+    pub(super) fn validate(&self) -> Result<(), ConfigError> {
+        let table = self.table.trim();
+        if table.is_empty() {
+            if self.columns != OutboxColumns::default() || !self.header_columns.is_empty() {
+                return Err(ConfigError::new(
+                    "outbox.columns",
+                    "maps the columns of a table named by outbox.table; the relay's own outbox has its own names: set outbox.table = \"schema.table\" too, or remove [outbox.columns] and [outbox.header_columns]",
+                ));
+            }
+            return Ok(());
+        }
+        let parts: Vec<&str> = table.split('.').collect();
+        if parts.len() > 2 || parts.iter().any(|p| identifier_problem(p).is_some()) {
+            return Err(ConfigError::new(
+                "outbox.table",
+                format!(
+                    "`{}` is not a table name: use table or schema.table, each part 1 to 63 bytes (e.g. app.events)",
+                    crate::model::printable(table, 200)
+                ),
+            ));
+        }
+        let c = &self.columns;
+        let mut named: Vec<(&str, &str)> = vec![
+            ("event_id", &c.event_id),
+            ("aggregate_type", &c.aggregate_type),
+            ("aggregate_id", &c.aggregate_id),
+            ("event_type", &c.event_type),
+        ];
+        if !c.payload.is_empty() {
+            named.push(("payload", &c.payload));
+        }
+        for (key, column) in [("headers", &c.headers), ("topic", &c.topic)] {
+            if let Some(column) = column.as_deref().filter(|c| !c.is_empty()) {
+                named.push((key, column));
+            }
+        }
+        for (i, (key, column)) in named.iter().enumerate() {
+            if let Some(problem) = identifier_problem(column) {
+                return Err(ConfigError::new(
+                    format!("outbox.columns.{key}"),
+                    format!("{problem}; name a column of {table}"),
+                ));
+            }
+            if let Some((other, _)) = named[..i].iter().find(|(_, c)| c == column) {
+                return Err(ConfigError::new(
+                    format!("outbox.columns.{key}"),
+                    format!(
+                        "names the column `{column}`, as outbox.columns.{other} does; each role needs a column of its own"
+                    ),
+                ));
+            }
+        }
+        if self.header_columns.len() > crate::model::headers::MAX_ROW_HEADERS {
+            return Err(ConfigError::new(
+                "outbox.header_columns",
+                format!(
+                    "{} columns; at most {} are sent as headers",
+                    self.header_columns.len(),
+                    crate::model::headers::MAX_ROW_HEADERS
+                ),
+            ));
+        }
+        for (header, column) in &self.header_columns {
+            let key = format!(
+                "outbox.header_columns.\"{}\"",
+                crate::model::printable(header, 64)
+            );
+            if header.is_empty()
+                || header.len() > crate::model::headers::MAX_HEADER_NAME_BYTES
+                || header.chars().any(char::is_control)
+            {
+                return Err(ConfigError::new(
+                    key,
+                    "a header name is 1 to 256 bytes without control characters",
+                ));
+            }
+            if crate::model::headers::RESERVED_HEADERS
+                .iter()
+                .any(|r| r.eq_ignore_ascii_case(header))
+            {
+                return Err(ConfigError::new(
+                    key,
+                    "is a header the relay writes itself (id, event_type, aggregate_type); choose another name",
+                ));
+            }
+            if let Some(problem) = identifier_problem(column) {
+                return Err(ConfigError::new(
+                    key,
+                    format!("{problem}; name a column of {table}"),
+                ));
+            }
+        }
+        Ok(())
+    }
 }

@@ -3,6 +3,7 @@
 //! may import it.
 
 mod backoff;
+pub mod headers;
 mod mode;
 mod park;
 mod row;

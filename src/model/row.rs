@@ -30,6 +30,9 @@ pub struct OutboxRow {
     /// `hashtextextended(aggregate_id, 0)`: what a read is told to leave out, in eight
     /// bytes whatever the id's length.
     pub aggregate_hash: i64,
+    /// The values of the columns `outbox.header_columns` sends as headers, in the order of
+    /// their header names; `None` for NULL (no header) or a value over the read's limit.
+    pub column_headers: Vec<Option<String>>,
 }
 
 impl OutboxRow {

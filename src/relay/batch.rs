@@ -296,6 +296,7 @@ mod tests {
             withheld_bytes: None,
             undecodable: None,
             aggregate_hash: 0,
+            column_headers: Vec::new(),
         }
     }
 

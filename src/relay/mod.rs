@@ -224,7 +224,8 @@ impl Relay {
             producer,
             events_tx,
             events,
-            encoder: Encoder::new(template, policy, settings.relay.max_message_bytes),
+            encoder: Encoder::new(template, policy, settings.relay.max_message_bytes)
+                .with_column_headers(settings.outbox.header_columns.keys().cloned().collect()),
             health,
             metrics,
             topic_labels: TopicLabels::default(),

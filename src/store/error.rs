@@ -13,6 +13,10 @@ pub enum StoreError {
         "the outbox table is missing or incomplete ({0}); run `outbox-relay migrate`, or set database.schema to the schema holding it and grant the relay's role USAGE on that schema"
     )]
     Schema(String),
+    /// `[outbox]` names a table or column the catalog does not have, or of a type the
+    /// relay cannot use: a configuration error (exit 2), named by its key.
+    #[error("invalid configuration: `{key}`: {message}")]
+    Config { key: String, message: String },
     #[error("database error: {0}")]
     Other(sqlx::Error),
 }
@@ -32,7 +36,7 @@ impl StoreError {
                     .any(|c| code.starts_with(c))
                     || code == "25006"
             }
-            StoreError::Schema(_) => false,
+            StoreError::Schema(_) | StoreError::Config { .. } => false,
             StoreError::Other(_) => false,
         }
     }
@@ -47,7 +51,7 @@ impl StoreError {
             StoreError::Statement { code, .. } if code.starts_with("57") => "server_shutdown",
             StoreError::Statement { code, .. } if code.starts_with("42") => "schema",
             StoreError::Statement { .. } => "statement",
-            StoreError::Schema(_) => "schema",
+            StoreError::Schema(_) | StoreError::Config { .. } => "schema",
             StoreError::Other(_) => "other",
         }
     }

@@ -1,7 +1,7 @@
 //! All SQL the relay runs, behind one `Store`. Every statement runs through one session
 //! helper ([`Store::in_session`]), which commits behind a transaction-mode pooler; the
-//! lease fence and the "parked and still holding" predicate are written once
-//! ([`sql`]), the latter shared with a migration's partial index by a test.
+//! statements on the outbox table are built once from its quoted names ([`statements`]),
+//! the lease fence and the "parked and still holding" predicate written once there.
 
 use std::time::Duration;
 
@@ -13,16 +13,18 @@ use sqlx::{ConnectOptions, Connection, FromRow, Postgres, Transaction};
 
 use crate::config::DatabaseSettings;
 
-#[macro_use]
-mod sql;
+mod adopt;
 mod error;
 mod lease;
 mod read;
 mod retention;
 mod schema;
+mod statements;
 mod status;
+mod table;
 mod write;
 
+pub use adopt::{AdoptionPlan, Step};
 pub(crate) use error::ERROR_KINDS;
 pub use error::StoreError;
 pub use read::ReadLimits;
@@ -30,8 +32,11 @@ pub use retention::Pruned;
 pub use schema::MIGRATOR;
 pub use status::BacklogStats;
 pub(crate) use status::{EXACT_PENDING_UP_TO, ReplicaStatus};
+pub use table::{OutboxTable, TableSpec};
 pub(crate) use write::leases_of;
-pub use write::{Ack, MARK_SENT, Parking};
+pub use write::{Ack, Parking};
+
+use statements::Statements;
 
 /// The outbox as the relay sees it.
 #[derive(Clone)]
@@ -41,6 +46,12 @@ pub struct Store {
     /// explicit transaction with unnamed prepared statements, so the statement and its
     /// execution stay on one server connection and nothing outlives it.
     transaction_pooler: bool,
+    /// A table `[outbox]` names, to be checked against the catalog; `None` for the
+    /// relay's own `outbox`.
+    spec: Option<std::sync::Arc<TableSpec>>,
+    /// The statements on the outbox table: built at once for the relay's own table, after
+    /// [`Store::verify_schema`] has read the catalog for another.
+    statements: std::sync::Arc<std::sync::OnceLock<std::sync::Arc<Statements>>>,
 }
 
 /// One connection for one store call: a plain pooled connection, or an explicit
@@ -69,18 +80,20 @@ impl Session {
 }
 
 impl Store {
+    /// A store of the relay's own `outbox`.
     pub fn new(pool: PgPool) -> Self {
-        Self {
-            pool,
-            transaction_pooler: false,
-        }
+        Self::behind_transaction_pooler(pool, false)
     }
 
     /// A store for a database reached through a transaction-mode pooler.
     pub(crate) fn behind_transaction_pooler(pool: PgPool, transaction_pooler: bool) -> Self {
+        let statements = std::sync::OnceLock::new();
+        let _ = statements.set(std::sync::Arc::new(Statements::new(OutboxTable::own())));
         Self {
             pool,
             transaction_pooler,
+            spec: None,
+            statements: std::sync::Arc::new(statements),
         }
     }
 
@@ -90,6 +103,55 @@ impl Store {
             connect_lazy(settings)?,
             settings.transaction_pooler,
         ))
+    }
+
+    /// The store of the outbox `settings` name: the relay's own, or the table `[outbox]`
+    /// names.
+    pub fn open(settings: &crate::config::Settings) -> Result<Self, sqlx::Error> {
+        Ok(
+            Self::connect(&settings.database)?.on_table(TableSpec::from_settings(
+                &settings.outbox,
+                &settings.database.schema,
+            )),
+        )
+    }
+
+    /// This store on the table `spec` names (checked by [`Store::verify_schema`]), or on
+    /// the relay's own `outbox` when `None`.
+    pub fn on_table(mut self, spec: Option<TableSpec>) -> Self {
+        if let Some(spec) = spec {
+            self.spec = Some(std::sync::Arc::new(spec));
+            self.statements = std::sync::Arc::default();
+        }
+        self
+    }
+
+    /// Whether the outbox is a table `[outbox]` names, adopted by `migrate`.
+    pub fn adopts_table(&self) -> bool {
+        self.spec.is_some()
+    }
+
+    /// The statements on the outbox table, once it is known.
+    fn sql(&self) -> Result<&Statements, StoreError> {
+        self.statements.get().map(|s| &**s).ok_or_else(|| {
+            StoreError::Schema(
+                "the outbox table has not been checked against the catalog yet".into(),
+            )
+        })
+    }
+
+    /// The outbox table as people read it (`outbox`, `app.events`).
+    pub fn table_display(&self) -> String {
+        match (&self.spec, self.statements.get()) {
+            (_, Some(sql)) => sql.table.display.clone(),
+            (Some(spec), None) => spec.display(),
+            (None, None) => "outbox".into(),
+        }
+    }
+
+    /// The mark statement, for tests that ask the planner about it.
+    pub fn mark_sent_statement(&self) -> Result<String, StoreError> {
+        Ok(self.sql()?.mark_sent.clone())
     }
 
     /// Runs `work` on one connection of the pool and, behind a transaction-mode pooler,

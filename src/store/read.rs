@@ -63,6 +63,9 @@ fn decode_pending(r: &PgRow, check_types: bool) -> Result<OutboxRow, sqlx::Error
     let payload_json = text(4, "payload")?;
     let headers_json = text(6, "headers")?;
     let topic = text(7, "topic")?;
+    let column_headers = (13..r.len())
+        .map(|column| text(column, "a header column"))
+        .collect::<Result<Vec<_>, _>>()?;
     Ok(OutboxRow {
         id: get(r, 0, check_types)?,
         aggregate_type,
@@ -73,6 +76,7 @@ fn decode_pending(r: &PgRow, check_types: bool) -> Result<OutboxRow, sqlx::Error
         headers_json,
         topic,
         undecodable,
+        column_headers,
         event_id: get(r, 8, check_types)?,
         created_at: get(r, 9, check_types)?,
         shard: get(r, 10, check_types)?,
@@ -80,137 +84,6 @@ fn decode_pending(r: &PgRow, check_types: bool) -> Result<OutboxRow, sqlx::Error
         aggregate_hash: get(r, 12, check_types)?,
     })
 }
-
-/// The pending rows of one side of the skipped run, without the skipped ids on that side
-/// (`o.id < $5` without `$4`, then `o.id > $6` without `$7`); the two sides are merged in
-/// id order. Written out twice because a range is what lets the index step over the run.
-macro_rules! read_pending_side {
-    ($side:literal) => {
-        read_pending_side!(
-            concat!(
-                fetched!("o.aggregate_type", "o.aggregate_type"),
-                " AS aggregate_type, ",
-                fetched!("o.aggregate_id", "o.aggregate_id"),
-                " AS aggregate_id, ",
-                fetched!("o.event_type", "o.event_type"),
-                " AS event_type, "
-            ),
-            "o.payload::text",
-            "o.headers::text",
-            fetched!("o.topic", "o.topic"),
-            $side
-        )
-    };
-    (raw $side:literal) => {
-        read_pending_side!(
-            concat!(
-                fetched!(
-                    "o.aggregate_type",
-                    "pg_catalog.convert_to(o.aggregate_type, 'SQL_ASCII')"
-                ),
-                " AS aggregate_type, ",
-                fetched!(
-                    "o.aggregate_id",
-                    "pg_catalog.convert_to(o.aggregate_id, 'SQL_ASCII')"
-                ),
-                " AS aggregate_id, ",
-                fetched!(
-                    "o.event_type",
-                    "pg_catalog.convert_to(o.event_type, 'SQL_ASCII')"
-                ),
-                " AS event_type, "
-            ),
-            "pg_catalog.convert_to(o.payload::text, 'SQL_ASCII')",
-            "pg_catalog.convert_to(o.headers::text, 'SQL_ASCII')",
-            fetched!("o.topic", "pg_catalog.convert_to(o.topic, 'SQL_ASCII')"),
-            $side
-        )
-    };
-    ($names:expr, $payload:literal, $headers:literal, $topic:expr, $side:literal) => {
-        concat!(
-            "(SELECT o.id, ",
-            $names,
-            "CASE WHEN pg_catalog.pg_column_size(o.payload) <= 8192 \
-                       OR pg_catalog.octet_length(o.payload::text) <= $8 \
-                     THEN ",
-            $payload,
-            " END AS payload_json, \
-                CASE WHEN pg_catalog.octet_length(o.payload_bytes) <= $8 \
-                     THEN o.payload_bytes END AS payload_bytes, \
-                CASE WHEN pg_catalog.pg_column_size(o.headers) <= 8192 \
-                       OR pg_catalog.octet_length(o.headers::text) <= $8 \
-                     THEN ",
-            $headers,
-            " END AS headers_json, ",
-            $topic,
-            " AS topic, o.event_id, \
-                LEAST(GREATEST(o.created_at, '1970-01-01Z'::timestamptz), \
-                      '9999-12-31Z'::timestamptz) AS created_at, \
-                o.shard, \
-                CASE WHEN pg_catalog.octet_length(o.payload_bytes) > $8 \
-                       THEN pg_catalog.octet_length(o.payload_bytes) \
-                     WHEN pg_catalog.pg_column_size(o.payload) > 8192 \
-                       AND pg_catalog.octet_length(o.payload::text) > $8 \
-                       THEN pg_catalog.octet_length(o.payload::text) \
-                     WHEN pg_catalog.pg_column_size(o.headers) > 8192 \
-                       AND pg_catalog.octet_length(o.headers::text) > $8 \
-                       THEN pg_catalog.octet_length(o.headers::text) \
-                     ",
-            withheld!("o.aggregate_id"),
-            withheld!("o.aggregate_type"),
-            withheld!("o.event_type"),
-            withheld!("o.topic"),
-            " END::bigint AS withheld_bytes, \
-                pg_catalog.hashtextextended(o.aggregate_id, 0) AS aggregate_hash \
-             FROM outbox o \
-             WHERE o.sent_at IS NULL AND o.parked_at IS NULL AND ",
-            $side,
-            " AND ($3::smallint[] IS NULL OR o.shard = ANY($3)) \
-               AND ($9::bigint[] IS NULL \
-                    OR pg_catalog.hashtextextended(o.aggregate_id, 0) <> ALL($9)) \
-               AND ($2 \
-                    OR NOT EXISTS ( \
-                     SELECT 1 FROM outbox h WHERE ",
-            parked_holding!("h"),
-            ") \
-                    OR NOT EXISTS ( \
-                     SELECT 1 FROM outbox p WHERE ",
-            parked_holding!("p"),
-            " AND pg_catalog.hashtextextended(p.aggregate_id, 0) \
-                           = pg_catalog.hashtextextended(o.aggregate_id, 0) \
-                       AND p.aggregate_id = o.aggregate_id AND p.id < o.id)) \
-             ORDER BY o.id \
-             LIMIT $1)"
-        )
-    };
-}
-
-/// The read: pending rows in id order, without the skipped ids. The longest run of
-/// consecutive skipped ids (`$5..=$6`) is left out by two index ranges, below and above
-/// it, so its rows are never fetched; the other skipped ids are filtered row by row, each
-/// side by its own list (`$4` below the run, `$7` above it), so that planning estimates
-/// each skipped id once. With one replica the run is usually every row in flight
-/// (filtering the whole skip list fetched and dropped up to two batches of rows per read);
-/// with several, a replica's rows in flight are interleaved with other shards' ids and
-/// most of them are filtered as before.
-const READ_PENDING: &str = concat!(
-    "SELECT * FROM (",
-    read_pending_side!("o.id < $5::bigint AND o.id <> ALL($4::bigint[])"),
-    " UNION ALL ",
-    read_pending_side!("o.id > $6::bigint AND o.id <> ALL($7::bigint[])"),
-    ") AS pending ORDER BY id LIMIT $1"
-);
-
-/// [`READ_PENDING`] with every text column as the bytes the database stores, for when
-/// the server cannot send a row's text as UTF-8 (SQLSTATE 22021, a SQL_ASCII database):
-/// decoding then finds the row and it is parked instead of failing every read.
-const READ_PENDING_RAW: &str = concat!(
-    "SELECT * FROM (",
-    read_pending_side!(raw "o.id < $5::bigint AND o.id <> ALL($4::bigint[])"),
-    " UNION ALL ",
-    read_pending_side!(raw "o.id > $6::bigint AND o.id <> ALL($7::bigint[])"),
-    ") AS pending ORDER BY id LIMIT $1"
-);
 
 /// Ids a read leaves out, as the longest run of consecutive ids (`run_first..=run_last`,
 /// empty when `run_first > run_last`) and the others below and above it. Every id of the
@@ -296,11 +169,11 @@ impl Store {
         let skip = SkipList::new(skip);
         let held = (!held.is_empty()).then_some(held);
         match self
-            .read_pending_as(READ_PENDING, limits, policy, shards, &skip, held)
+            .read_pending_as(false, limits, policy, shards, &skip, held)
             .await
         {
             Err(StoreError::Statement { code, .. }) if code == "22021" => {
-                self.read_pending_as(READ_PENDING_RAW, limits, policy, shards, &skip, held)
+                self.read_pending_as(true, limits, policy, shards, &skip, held)
                     .await
             }
             read => read,
@@ -309,7 +182,7 @@ impl Store {
 
     async fn read_pending_as(
         &self,
-        sql: &'static str,
+        raw: bool,
         limits: ReadLimits,
         policy: ParkPolicy,
         shards: Option<&[i16]>,
@@ -317,6 +190,12 @@ impl Store {
         held: Option<&[i64]>,
     ) -> Result<Vec<OutboxRow>, StoreError> {
         let limit = limits.rows;
+        let statements = self.sql()?;
+        let sql = if raw {
+            &statements.read_pending_raw
+        } else {
+            &statements.read_pending
+        };
         self.in_session(async |conn| {
             let mut rows = self
                 .query(sql)

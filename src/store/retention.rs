@@ -8,8 +8,22 @@ use sqlx::Row;
 
 use super::{Store, StoreError};
 
-/// The advisory lock key that lets one replica at a time prune ("outbox" and 1).
+/// The advisory lock key that lets one replica at a time prune the relay's own outbox
+/// ("outbox" and 1); another table's key is derived from its name, so that the relays of
+/// two outboxes in one database do not take turns.
 const PRUNE_LOCK: i64 = 0x6f75_7462_6f78_0001;
+
+/// The prune lock of the table named `display`.
+fn prune_lock(display: &str) -> i64 {
+    if display == "outbox" {
+        return PRUNE_LOCK;
+    }
+    // FNV-1a: stable across builds and platforms.
+    let hash = display.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    hash as i64
+}
 
 /// One batch of retention: how many rows it deleted, or that another replica held the lock.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,23 +43,10 @@ impl Store {
     ) -> Result<Pruned, StoreError> {
         self.in_session(async |conn| {
             let row = self
-                .query(
-                    "WITH lock AS MATERIALIZED ( \
-                       SELECT pg_catalog.pg_try_advisory_xact_lock($3) AS held), \
-                     doomed AS ( \
-                       DELETE FROM outbox o WHERE o.id = ANY(ARRAY( \
-                         SELECT id FROM outbox \
-                         WHERE sent_at IS NOT NULL \
-                           AND sent_at < pg_catalog.now() - pg_catalog.make_interval(secs => $1) \
-                           AND (SELECT held FROM lock) \
-                         ORDER BY sent_at LIMIT $2)) \
-                       RETURNING 1) \
-                     SELECT (SELECT held FROM lock) AS held, \
-                            (SELECT pg_catalog.count(*) FROM doomed) AS deleted",
-                )
+                .query(&self.sql()?.prune_sent)
                 .bind(older_than.as_secs_f64())
                 .bind(max_rows)
-                .bind(PRUNE_LOCK)
+                .bind(prune_lock(&self.sql()?.table.display))
                 .fetch_one(&mut *conn)
                 .await?;
             let held: bool = row.try_get("held")?;
@@ -63,11 +64,7 @@ impl Store {
     pub async fn count_prunable(&self, older_than: Duration) -> Result<i64, StoreError> {
         self.in_session(async |conn| {
             Ok(self
-                .query_scalar(
-                    "SELECT pg_catalog.count(*) FROM outbox \
-                     WHERE sent_at IS NOT NULL \
-                       AND sent_at < pg_catalog.now() - pg_catalog.make_interval(secs => $1)",
-                )
+                .query_scalar(&self.sql()?.count_prunable)
                 .bind(older_than.as_secs_f64())
                 .fetch_one(&mut *conn)
                 .await?)

@@ -15,6 +15,32 @@ impl Store {
         MIGRATOR.run(&self.pool).await
     }
 
+    /// The migrations `migrate` would apply: (version, description, SQL).
+    pub(crate) async fn pending_migrations(
+        &self,
+    ) -> Result<Vec<(i64, String, String)>, StoreError> {
+        let applied: Vec<i64> = self
+            .in_session(async |conn| {
+                let exists: bool = self
+                    .query_scalar("SELECT pg_catalog.to_regclass('_sqlx_migrations') IS NOT NULL")
+                    .fetch_one(&mut *conn)
+                    .await?;
+                if !exists {
+                    return Ok(Vec::new());
+                }
+                Ok(self
+                    .query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
+                    .fetch_all(&mut *conn)
+                    .await?)
+            })
+            .await?;
+        Ok(MIGRATOR
+            .iter()
+            .filter(|m| !m.migration_type.is_down_migration() && !applied.contains(&m.version))
+            .map(|m| (m.version, m.description.to_string(), m.sql.to_string()))
+            .collect())
+    }
+
     /// Installs or removes the optional statement-level doorbell trigger, which notifies
     /// `channel`.
     pub(crate) async fn set_notify_trigger(
@@ -69,6 +95,8 @@ impl Store {
         mode: Mode,
         prunes_sent: bool,
     ) -> Result<Vec<String>, StoreError> {
+        let outbox_name = self.sql()?.table.name.clone();
+        let outbox = outbox_name.as_str();
         let mut needed: Vec<(&str, &str, &str)> = Vec::new();
         let mut need = |privilege, table, columns: &[&'static str]| {
             if columns.is_empty() {
@@ -78,24 +106,24 @@ impl Store {
                 needed.push((table, column, privilege));
             }
         };
-        need("SELECT", "outbox", &[]);
+        need("SELECT", outbox, &[]);
         need(
             "UPDATE",
-            "outbox",
+            outbox,
             &["parked_at", "park_reason", "park_error"],
         );
         match mode {
             Mode::Mark => {
                 need(
                     "UPDATE",
-                    "outbox",
+                    outbox,
                     &["sent_at", "kafka_partition", "kafka_offset"],
                 );
                 if prunes_sent {
-                    need("DELETE", "outbox", &[]);
+                    need("DELETE", outbox, &[]);
                 }
             }
-            Mode::Delete => need("DELETE", "outbox", &[]),
+            Mode::Delete => need("DELETE", outbox, &[]),
         }
         need("SELECT", "outbox_shard_lease", &[]);
         need(
@@ -163,24 +191,64 @@ impl Store {
             .collect())
     }
 
+    /// Checks that the outbox table and the relay's own tables are in place (and, for a
+    /// table `[outbox]` names, reads its columns from the catalog and builds the
+    /// statements on it). Returns the server's version.
     pub(crate) async fn verify_schema(&self) -> Result<String, StoreError> {
+        if let Some(spec) = &self.spec {
+            let columns = self.table_columns(spec).await?;
+            let table = spec.resolve(&columns)?;
+            let _ = self
+                .statements
+                .set(std::sync::Arc::new(super::Statements::new(table)));
+        }
         self.in_session(async |conn| {
             let version: String = self
                 .query_scalar("SHOW server_version")
                 .fetch_one(&mut *conn)
                 .await?;
-            self.query(
-                "SELECT id, aggregate_type, aggregate_id, event_type, payload, payload_bytes, \
+            if self.spec.is_none() {
+                self.query(
+                    "SELECT id, aggregate_type, aggregate_id, event_type, payload, payload_bytes, \
                         headers, topic, event_id, created_at, sent_at, kafka_partition, \
                         kafka_offset, parked_at, park_reason, park_error, shard, discarded_at \
                  FROM outbox LIMIT 0",
-            )
-            .execute(&mut *conn)
-            .await?;
+                )
+                .execute(&mut *conn)
+                .await?;
+            }
             self.query("SELECT shard, owner, epoch, expires_at FROM outbox_shard_lease LIMIT 0")
                 .execute(&mut *conn)
                 .await?;
             Ok(version)
+        })
+        .await
+    }
+
+    /// The columns of the table `spec` names, with their types (none if it does not exist).
+    pub(crate) async fn table_columns(
+        &self,
+        spec: &super::TableSpec,
+    ) -> Result<super::table::CatalogColumns, StoreError> {
+        self.in_session(async |conn| {
+            let rows = self
+                .query(
+                    "SELECT a.attname::text, pg_catalog.format_type(a.atttypid, NULL) \
+                     FROM pg_catalog.pg_attribute a \
+                     JOIN pg_catalog.pg_class c ON c.oid = a.attrelid \
+                     JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+                     WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p') \
+                       AND a.attnum > 0 AND NOT a.attisdropped \
+                     ORDER BY a.attnum",
+                )
+                .bind(&spec.schema)
+                .bind(&spec.table)
+                .fetch_all(&mut *conn)
+                .await?;
+            rows.iter()
+                .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+                .collect::<Result<Vec<_>, sqlx::Error>>()
+                .map_err(StoreError::from)
         })
         .await
     }

@@ -67,29 +67,13 @@ impl Store {
         exact_up_to: i64,
     ) -> Result<BacklogStats, StoreError> {
         self.in_session(async |conn| {
-            let row = self.query(
-                concat!("SELECT \
-                   (SELECT pg_catalog.count(*) FROM ( \
-                      SELECT 1 FROM outbox WHERE sent_at IS NULL AND parked_at IS NULL LIMIT $1 + 1) c) \
-                     AS counted, \
-                   (SELECT reltuples::float8 FROM pg_catalog.pg_class \
-                      WHERE oid = pg_catalog.to_regclass('outbox_pending_idx')) AS indexed_rows, \
-                   (SELECT id FROM outbox WHERE sent_at IS NULL AND parked_at IS NULL \
-                      ORDER BY id DESC LIMIT 1) AS newest_id, \
-                   o.id AS oldest_id, \
-                   EXTRACT(EPOCH FROM (pg_catalog.clock_timestamp() \
-                       - LEAST(GREATEST(o.created_at, '1970-01-01Z'::timestamptz), \
-                               pg_catalog.clock_timestamp())))::float8 AS oldest_age, \
-                   (SELECT pg_catalog.count(*) FROM outbox \
-                      WHERE ", parked_holding!(), ") AS parked \
-                 FROM (SELECT 1) AS one \
-                 LEFT JOIN LATERAL ( \
-                   SELECT id, created_at FROM outbox WHERE sent_at IS NULL AND parked_at IS NULL \
-                   ORDER BY id LIMIT 1) o ON true"),
-            )
-            .bind(exact_up_to)
-            .fetch_one(&mut *conn)
-            .await?;
+            let statements = self.sql()?;
+            let row = self
+                .query(&statements.backlog)
+                .bind(exact_up_to)
+                .bind(&statements.table.pending_index)
+                .fetch_one(&mut *conn)
+                .await?;
             let counted: i64 = row.try_get("counted")?;
             let oldest_id: Option<i64> = row.try_get("oldest_id")?;
             let newest_id: Option<i64> = row.try_get("newest_id")?;
@@ -108,7 +92,8 @@ impl Store {
             Ok(BacklogStats {
                 pending_rows,
                 pending_rows_estimated: estimated,
-                oldest_pending_age: oldest.map(|s| Duration::try_from_secs_f64(s).unwrap_or_default()),
+                oldest_pending_age: oldest
+                    .map(|s| Duration::try_from_secs_f64(s).unwrap_or_default()),
                 parked_rows: row.try_get("parked")?,
             })
         })
@@ -165,18 +150,7 @@ impl Store {
     ) -> Result<Vec<ParkedRow>, StoreError> {
         self.in_session(async |conn| {
             let rows = self
-                .query(concat!(
-                    "SELECT id, aggregate_type, aggregate_id, event_type, event_id, \
-                            LEAST(GREATEST(created_at, '1970-01-01Z'::timestamptz), \
-                                  '9999-12-31Z'::timestamptz) AS created_at, \
-                            parked_at, park_reason, park_error \
-                     FROM outbox \
-                     WHERE ",
-                    parked_holding!(),
-                    " \
-                       AND ($1::text IS NULL OR aggregate_id = $1) \
-                     ORDER BY id LIMIT $2"
-                ))
+                .query(&self.sql()?.list_parked)
                 .bind(aggregate_id)
                 .bind(limit)
                 .fetch_all(&mut *conn)
@@ -208,14 +182,7 @@ impl Store {
     ) -> Result<Vec<i64>, StoreError> {
         self.in_session(async |conn| {
             Ok(self
-                .query_scalar(concat!(
-                    "SELECT id FROM outbox \
-                     WHERE ",
-                    parked_holding!(),
-                    " \
-                       AND ($1::text IS NULL OR aggregate_id = $1) \
-                     ORDER BY id"
-                ))
+                .query_scalar(&self.sql()?.parked_ids)
                 .bind(aggregate_id)
                 .fetch_all(&mut *conn)
                 .await?)
@@ -228,11 +195,7 @@ impl Store {
     pub(crate) async fn replay_parked(&self, ids: &[i64]) -> Result<u64, StoreError> {
         self.in_session(async |conn| {
             let done = self
-                .query(concat!(
-                    "UPDATE outbox SET parked_at = NULL, park_reason = NULL, park_error = NULL \
-                     WHERE id = ANY($1::bigint[]) AND ",
-                    parked_holding!()
-                ))
+                .query(&self.sql()?.replay_parked)
                 .bind(ids)
                 .execute(&mut *conn)
                 .await?;
@@ -250,11 +213,7 @@ impl Store {
     ) -> Result<u64, StoreError> {
         self.in_session(async |conn| {
             let done = self
-                .query(concat!(
-                    "UPDATE outbox SET discarded_at = pg_catalog.now(), discard_reason = $2 \
-                     WHERE id = ANY($1::bigint[]) AND ",
-                    parked_holding!()
-                ))
+                .query(&self.sql()?.discard_parked)
                 .bind(ids)
                 .bind(reason)
                 .execute(&mut *conn)

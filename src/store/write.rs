@@ -38,28 +38,6 @@ pub(super) fn split_leases(leases: &[(i16, i64)]) -> (Vec<i16>, Vec<i64>) {
     leases.iter().copied().unzip()
 }
 
-/// The mark: one UPDATE of `outbox` by id, with no join. Each row finds its partition and
-/// offset by binary search (`width_bucket`) in the ids, which are sorted and distinct.
-///
-/// Joining the rows with `unnest` of the acks instead leaves the join order to estimates
-/// that are wrong exactly when it matters: with most rows sent, `sent_at IS NULL` looks
-/// rare, the planner expects one row, and it rescans the 1000 acks for every row marked
-/// (400 ms per batch instead of 15).
-///
-/// The fence is a sorted array of the shards still held under the epochs the rows were
-/// read with; each row finds its shard in it by binary search too (a plain `= ANY` of a
-/// computed array searches it linearly: about 128 comparisons per row when one replica
-/// holds all 256 shards).
-pub const MARK_SENT: &str = concat!(
-    lease_fence!("$4", "$5", "$6"),
-    "UPDATE outbox o \
-     SET sent_at = pg_catalog.now(), \
-         kafka_partition = ($2::int[])[pg_catalog.width_bucket(o.id, $1::bigint[])], \
-         kafka_offset = ($3::bigint[])[pg_catalog.width_bucket(o.id, $1::bigint[])] \
-     WHERE o.id = ANY($1::bigint[]) AND o.sent_at IS NULL AND ",
-    fenced_shard!()
-);
-
 impl Store {
     /// Marks acknowledged rows sent with where the broker put them, but only rows of
     /// shards `replica` still holds under the epoch they were read with (the lease rows are
@@ -78,7 +56,7 @@ impl Store {
             let offsets: Vec<i64> = by_id.iter().map(|a| a.offset).collect();
             let (shards, epochs) = split_leases(&leases_of(acks));
             let done = self
-                .query(MARK_SENT)
+                .query(&self.sql()?.mark_sent)
                 .bind(&ids)
                 .bind(&partitions)
                 .bind(&offsets)
@@ -101,11 +79,7 @@ impl Store {
             let ids: Vec<i64> = acks.iter().map(|a| a.id).collect();
             let (shards, epochs) = split_leases(&leases_of(acks));
             let done = self
-                .query(concat!(
-                    lease_fence!("$2", "$3", "$4"),
-                    "DELETE FROM outbox o WHERE o.id = ANY($1::bigint[]) AND ",
-                    fenced_shard!()
-                ))
+                .query(&self.sql()?.delete_sent)
                 .bind(&ids)
                 .bind(&shards)
                 .bind(&epochs)
@@ -176,15 +150,7 @@ impl Store {
             let reasons: Vec<&str> = by_id.iter().map(|p| p.reason).collect();
             let errors: Vec<&str> = by_id.iter().map(|p| p.error.as_str()).collect();
             let done = self
-                .query(
-                    "UPDATE outbox o \
-                 SET parked_at = pg_catalog.now(), \
-                     park_reason = ($2::text[])[pg_catalog.width_bucket(o.id, $1::bigint[])], \
-                     park_error = ($3::text[])[pg_catalog.width_bucket(o.id, $1::bigint[])] \
-                 WHERE o.id = ANY($1::bigint[]) \
-                   AND o.sent_at IS NULL AND o.parked_at IS NULL \
-                 RETURNING o.id",
-                )
+                .query(&self.sql()?.park)
                 .bind(&ids)
                 .bind(&reasons)
                 .bind(&errors)

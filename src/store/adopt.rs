@@ -1,0 +1,346 @@
+//! Adopting a table a team already has: `outbox-relay migrate` adds what the relay needs
+//! (an ordering column, a creation time, the sent and park bookkeeping, indexes, the
+//! relay's own lease tables) and nothing its writers must supply. Each step says the lock
+//! it takes and whether it rewrites or scans the table, so `--dry-run` can show them all.
+
+use sqlx::Row;
+
+use super::table::{ADOPTED_CREATED_AT, ADOPTED_ID, BOOKKEEPING, CatalogColumns, quote};
+use super::{Store, StoreError, TableSpec};
+
+/// What one step of an adoption does to the table and its writers.
+#[derive(Debug, Clone)]
+pub struct Step {
+    /// The statements, run in one transaction unless `concurrently`.
+    pub statements: Vec<String>,
+    /// The lock the step takes on the outbox table, and for how long.
+    pub lock: String,
+    /// Whether it rewrites or scans the table, and what its writers notice.
+    pub effect: String,
+    /// `CREATE INDEX CONCURRENTLY` and its kind, which cannot run in a transaction.
+    concurrently: bool,
+}
+
+/// Everything `migrate` would do to adopt a table.
+#[derive(Debug, Clone)]
+pub struct AdoptionPlan {
+    pub table: String,
+    /// Rows in the table now; they are published once the relay runs.
+    pub existing_rows: i64,
+    /// Rows that get an ordering number (all of them, the first time).
+    pub rows_to_number: i64,
+    pub steps: Vec<Step>,
+}
+
+/// The first value of the ordering sequence: far above any number given to the rows
+/// already there, so every new row is ordered after them.
+const SEQUENCE_START: i64 = 1 << 40;
+
+/// The relay's own tables, as migration 2 creates them.
+const LEASE_TABLES: &[&str] = &[
+    "CREATE TABLE IF NOT EXISTS outbox_shard_lease ( \
+         shard smallint PRIMARY KEY, owner text, epoch bigint NOT NULL DEFAULT 0, \
+         expires_at timestamptz, acquired_at timestamptz, renewed_at timestamptz)",
+    "INSERT INTO outbox_shard_lease (shard) SELECT s FROM pg_catalog.generate_series(0, 255) AS s \
+     ON CONFLICT (shard) DO NOTHING",
+    "CREATE TABLE IF NOT EXISTS outbox_replica ( \
+         replica_id text PRIMARY KEY, started_at timestamptz NOT NULL DEFAULT pg_catalog.now(), \
+         heartbeat_at timestamptz NOT NULL DEFAULT pg_catalog.now(), expires_at timestamptz NOT NULL)",
+];
+
+impl Store {
+    /// What adopting the table `[outbox]` names would do; changes nothing.
+    pub async fn adoption_plan(
+        &self,
+        notify_channel: Option<&str>,
+    ) -> Result<AdoptionPlan, StoreError> {
+        let Some(spec) = self.spec.clone() else {
+            return Err(StoreError::Config {
+                key: "outbox.table".into(),
+                message: "names no table: the relay's own outbox is created by its migrations"
+                    .into(),
+            });
+        };
+        let columns = self.table_columns(&spec).await?;
+        // The mapped columns must exist with usable types whatever is adopted; only the
+        // relay's bookkeeping may be missing.
+        if let Err(err @ StoreError::Config { .. }) = spec.resolve(&columns) {
+            return Err(err);
+        }
+        let (existing_rows, rows_to_number, indexes) = self.adoption_facts(&spec, &columns).await?;
+        let has = |name: &str| columns.iter().any(|(c, _)| c == name);
+        let t = spec.quoted_name();
+        let display = spec.display();
+        let mut steps = vec![Step {
+            statements: LEASE_TABLES.iter().map(|s| s.to_string()).collect(),
+            lock: format!("none on {display}: new tables of the relay's own, in database.schema"),
+            effect: "creates the lease and replica tables if missing".into(),
+            concurrently: false,
+        }];
+
+        let mut add = Vec::new();
+        let mut added = Vec::new();
+        if !has(ADOPTED_ID) {
+            add.push(format!("ADD COLUMN {} bigint", quote(ADOPTED_ID)));
+            added.push(ADOPTED_ID.to_string());
+        }
+        if !has(ADOPTED_CREATED_AT) {
+            add.push(format!(
+                "ADD COLUMN {} timestamptz NOT NULL DEFAULT pg_catalog.now()",
+                quote(ADOPTED_CREATED_AT)
+            ));
+            added.push(ADOPTED_CREATED_AT.to_string());
+        }
+        for (column, ty) in BOOKKEEPING {
+            if !has(column) {
+                add.push(format!("ADD COLUMN {} {ty}", quote(column)));
+                added.push(column.to_string());
+            }
+        }
+        if !add.is_empty() {
+            let mut statements = vec![format!("ALTER TABLE {t} {}", add.join(", "))];
+            if !has(ADOPTED_ID) {
+                let sequence = format!(
+                    "{}.{}",
+                    quote(&spec.schema),
+                    quote(&spec.object_name("seq"))
+                );
+                statements.push(format!(
+                    "CREATE SEQUENCE IF NOT EXISTS {sequence} START WITH {SEQUENCE_START} \
+                     OWNED BY {t}.{}",
+                    quote(ADOPTED_ID)
+                ));
+                statements.push(format!(
+                    "ALTER TABLE {t} ALTER COLUMN {} SET DEFAULT pg_catalog.nextval('{}')",
+                    quote(ADOPTED_ID),
+                    sequence.replace('\'', "''")
+                ));
+            }
+            steps.push(Step {
+                statements,
+                lock: format!(
+                    "ACCESS EXCLUSIVE on {display} for a moment, in one transaction: it waits for the transactions using the table, and inserts wait for it"
+                ),
+                effect: format!(
+                    "no rewrite, no scan: adds {} (nullable, or a default stored once in the catalog); new rows get their ordering number from a sequence",
+                    added.join(", ")
+                ),
+                concurrently: false,
+            });
+        }
+        if rows_to_number > 0 || !has(ADOPTED_ID) {
+            steps.push(Step {
+                statements: vec![format!(
+                    "UPDATE {t} AS o SET {id} = numbered.n \
+                     FROM (SELECT ctid AS row, \
+                                  pg_catalog.row_number() OVER (ORDER BY pg_catalog.age(xmin) DESC, ctid) AS n \
+                           FROM {t} WHERE {id} IS NULL) AS numbered \
+                     WHERE o.ctid = numbered.row",
+                    id = quote(ADOPTED_ID)
+                )],
+                lock: format!("ROW EXCLUSIVE on {display}: inserts go on"),
+                effect: format!(
+                    "writes a new version of each of the {rows_to_number} rows already in the table, numbered in the order their transactions began (oldest first), so that they are published before any new row"
+                ),
+                concurrently: false,
+            });
+        }
+        let aggregate_id = quote(&spec.columns[2].1);
+        let wanted = [
+            (
+                spec.index_name("seq"),
+                format!(
+                    "CREATE UNIQUE INDEX CONCURRENTLY IF NOT EXISTS {{}} ON {t} ({})",
+                    quote(ADOPTED_ID)
+                ),
+                "finds rows by their ordering number (marks, parks, replays)",
+            ),
+            (
+                spec.pending_index(),
+                format!(
+                    "CREATE INDEX CONCURRENTLY IF NOT EXISTS {{}} ON {t} ({}) \
+                     WHERE sent_at IS NULL AND parked_at IS NULL",
+                    quote(ADOPTED_ID)
+                ),
+                "the pending rows in order, for the read",
+            ),
+            (
+                spec.index_name("holding"),
+                format!(
+                    "CREATE INDEX CONCURRENTLY IF NOT EXISTS {{}} ON {t} \
+                     (pg_catalog.hashtextextended({aggregate_id}, 0), {}) WHERE {}",
+                    quote(ADOPTED_ID),
+                    super::statements::parked_holding("")
+                ),
+                "parked rows holding their aggregates back",
+            ),
+            (
+                spec.index_name("sent_at"),
+                format!(
+                    "CREATE INDEX CONCURRENTLY IF NOT EXISTS {{}} ON {t} (sent_at) \
+                     WHERE sent_at IS NOT NULL"
+                ),
+                "sent rows by age, for the retention of sent rows",
+            ),
+        ];
+        for (name, create, purpose) in wanted {
+            let qualified = format!("{}.{}", quote(&spec.schema), quote(&name));
+            let mut statements = Vec::new();
+            match indexes.iter().find(|(n, _)| *n == name) {
+                Some((_, true)) => continue,
+                Some((_, false)) => {
+                    statements.push(format!("DROP INDEX CONCURRENTLY IF EXISTS {qualified}"))
+                }
+                None => {}
+            }
+            statements.push(create.replace("{}", &quote(&name)));
+            steps.push(Step {
+                statements,
+                lock: format!(
+                    "SHARE UPDATE EXCLUSIVE on {display} while it builds: inserts, updates and deletes go on"
+                ),
+                effect: format!("scans the table to build {name}: {purpose}"),
+                concurrently: true,
+            });
+        }
+        if let Some(channel) = notify_channel {
+            steps.push(notify_step(&t, &display, Some(channel)));
+        }
+        Ok(AdoptionPlan {
+            table: display,
+            existing_rows,
+            rows_to_number,
+            steps,
+        })
+    }
+
+    /// Runs an adoption plan, step by step; `progress` hears of each before it runs.
+    pub async fn adopt(
+        &self,
+        plan: &AdoptionPlan,
+        mut progress: impl FnMut(usize, &Step),
+    ) -> Result<(), StoreError> {
+        for (i, step) in plan.steps.iter().enumerate() {
+            progress(i, step);
+            if step.concurrently {
+                for statement in &step.statements {
+                    sqlx::query(statement)
+                        .persistent(false)
+                        .execute(self.pool())
+                        .await?;
+                }
+            } else {
+                let mut tx = self.pool().begin().await?;
+                for statement in &step.statements {
+                    sqlx::query(statement)
+                        .persistent(false)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                tx.commit().await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Installs or removes the doorbell trigger on an adopted table.
+    pub async fn set_adopted_notify_trigger(
+        &self,
+        channel: Option<&str>,
+    ) -> Result<(), StoreError> {
+        let Some(spec) = self.spec.clone() else {
+            return self
+                .set_notify_trigger(channel.is_some(), channel.unwrap_or_default())
+                .await;
+        };
+        let step = notify_step(&spec.quoted_name(), &spec.display(), channel);
+        let mut tx = self.pool().begin().await?;
+        for statement in &step.statements {
+            sqlx::query(statement)
+                .persistent(false)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// How many rows the table has, how many lack an ordering number, and which of the
+    /// relay's indexes exist (name, valid).
+    async fn adoption_facts(
+        &self,
+        spec: &TableSpec,
+        columns: &CatalogColumns,
+    ) -> Result<(i64, i64, Vec<(String, bool)>), StoreError> {
+        let t = spec.quoted_name();
+        let numbered = columns.iter().any(|(c, _)| c == ADOPTED_ID);
+        self.in_session(async |conn| {
+            let existing: i64 = sqlx::query_scalar(&format!("SELECT pg_catalog.count(*) FROM {t}"))
+                .persistent(false)
+                .fetch_one(&mut *conn)
+                .await?;
+            let unnumbered: i64 = if numbered {
+                sqlx::query_scalar(&format!(
+                    "SELECT pg_catalog.count(*) FROM {t} WHERE {} IS NULL",
+                    quote(ADOPTED_ID)
+                ))
+                .persistent(false)
+                .fetch_one(&mut *conn)
+                .await?
+            } else {
+                existing
+            };
+            let indexes = sqlx::query(
+                "SELECT i.relname::text, x.indisvalid \
+                 FROM pg_catalog.pg_index x \
+                 JOIN pg_catalog.pg_class i ON i.oid = x.indexrelid \
+                 JOIN pg_catalog.pg_class c ON c.oid = x.indrelid \
+                 JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE n.nspname = $1 AND c.relname = $2",
+            )
+            .persistent(false)
+            .bind(&spec.schema)
+            .bind(&spec.table)
+            .fetch_all(&mut *conn)
+            .await?
+            .iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+            .collect::<Result<Vec<(String, bool)>, sqlx::Error>>()?;
+            Ok((existing, unnumbered, indexes))
+        })
+        .await
+    }
+}
+
+/// The doorbell on an adopted table: a statement-level trigger notifying `channel`, or
+/// none.
+fn notify_step(table: &str, display: &str, channel: Option<&str>) -> Step {
+    let mut statements = vec![format!(
+        "DROP TRIGGER IF EXISTS outbox_relay_notify ON {table}"
+    )];
+    if let Some(channel) = channel {
+        statements.insert(
+            0,
+            "CREATE OR REPLACE FUNCTION outbox_relay_notify() RETURNS trigger \
+             LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_catalog.pg_notify(TG_ARGV[0], ''); \
+             RETURN NULL; END $$"
+                .to_string(),
+        );
+        statements.push(format!(
+            "CREATE TRIGGER outbox_relay_notify AFTER INSERT ON {table} \
+             FOR EACH STATEMENT EXECUTE FUNCTION outbox_relay_notify('{}')",
+            channel.replace('\'', "''")
+        ));
+    }
+    Step {
+        statements,
+        lock: format!("SHARE ROW EXCLUSIVE on {display} for a moment"),
+        effect: match channel {
+            Some(channel) => format!(
+                "the doorbell: each inserting statement notifies {channel} (a database-wide lock at each inserting commit)"
+            ),
+            None => "removes the doorbell trigger".into(),
+        },
+        concurrently: false,
+    }
+}

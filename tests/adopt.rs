@@ -1,0 +1,307 @@
+//! An outbox a team already has, in Debezium's shape (`id uuid`, `aggregatetype`,
+//! `aggregateid`, `type`, `payload`, plus `tracingspancontext`): adopted by `migrate`
+//! (dry run first) while its writer goes on with the same SQL, then relayed, old rows and
+//! new, keyed by `aggregateid` with the row's uuid as the `id` header, in the order the
+//! writer wrote each aggregate; its sent rows pruned like the relay's own.
+
+mod support;
+
+use std::process::Output;
+
+use support::*;
+
+const TABLE: &str = "CREATE SCHEMA app; \
+     CREATE TABLE app.events ( \
+       id uuid PRIMARY KEY, \
+       aggregatetype varchar(255) NOT NULL, \
+       aggregateid varchar(255) NOT NULL, \
+       type varchar(255) NOT NULL, \
+       payload jsonb, \
+       tracingspancontext text)";
+
+/// The service's insert, byte for byte the same before and after the adoption.
+const WRITER: &str = "INSERT INTO app.events (id, aggregatetype, aggregateid, type, payload, tracingspancontext) \
+     VALUES (gen_random_uuid(), 'order', $1, 'OrderUpdated', jsonb_build_object('seq', $2::int), $3)";
+
+const MAPPING: &str = "
+[outbox]
+table = \"app.events\"
+[outbox.columns]
+event_id = \"id\"
+aggregate_type = \"aggregatetype\"
+aggregate_id = \"aggregateid\"
+event_type = \"type\"
+payload = \"payload\"
+[outbox.header_columns]
+tracingspancontext = \"tracingspancontext\"
+";
+
+/// Each insert in its own transaction, as a service writes: `aggregates` aggregates,
+/// `seq` counting on from `first_seq` within each.
+async fn write(db: &TestDb, aggregates: usize, per_aggregate: usize, first_seq: usize) {
+    for seq in first_seq..first_seq + per_aggregate {
+        for a in 0..aggregates {
+            sqlx::query(WRITER)
+                .bind(format!("order-{a}"))
+                .bind(seq as i32)
+                .bind(format!("00-trace{a}-span{seq}-01"))
+                .execute(&db.pool)
+                .await
+                .unwrap();
+        }
+    }
+}
+
+fn migrate(db: &TestDb, config: &std::path::Path, args: &[&str]) -> Output {
+    relay_command(&db.url, &kafka_bootstrap())
+        .arg("--config")
+        .arg(config)
+        .arg("migrate")
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+async fn columns(db: &TestDb) -> Vec<String> {
+    sqlx::query_scalar(
+        "SELECT column_name::text FROM information_schema.columns \
+         WHERE table_schema = 'app' AND table_name = 'events' ORDER BY ordinal_position",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap()
+}
+
+/// The rows as the oracle compares them: `relay_seq` orders them as the relay does.
+async fn rows(db: &TestDb) -> Vec<DbRow> {
+    sqlx::query_as::<
+        _,
+        (
+            i64,
+            String,
+            String,
+            String,
+            Option<String>,
+            String,
+            bool,
+            Option<i32>,
+            Option<i64>,
+        ),
+    >(
+        "SELECT relay_seq, aggregatetype::text, aggregateid::text, type::text, payload::text, \
+                id::text, sent_at IS NOT NULL, kafka_partition, kafka_offset \
+         FROM app.events ORDER BY relay_seq",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap()
+    .into_iter()
+    .map(
+        |(
+            id,
+            aggregate_type,
+            aggregate_id,
+            event_type,
+            payload,
+            event_id,
+            sent,
+            kafka_partition,
+            kafka_offset,
+        )| DbRow {
+            id,
+            aggregate_type,
+            aggregate_id,
+            event_type,
+            payload,
+            event_id,
+            sent,
+            kafka_partition,
+            kafka_offset,
+        },
+    )
+    .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_debezium_shaped_outbox_is_adopted_and_relayed_old_rows_and_new_in_order() {
+    let db = TestDb::empty().await;
+    sqlx::raw_sql(TABLE).execute(&db.pool).await.unwrap();
+    write(&db, 5, 10, 1).await;
+    let bootstrap = kafka_bootstrap();
+    let prefix = unique_prefix();
+    let topic = format!("{prefix}.order");
+    create_topic(&bootstrap, &topic, 3).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("relay.toml");
+    std::fs::write(&config, MAPPING).unwrap();
+
+    // The dry run says what it would do, and does nothing.
+    let before = columns(&db).await;
+    let dry = migrate(&db, &config, &["--dry-run"]);
+    assert!(dry.status.success(), "{}", output_text(&dry));
+    let plan = String::from_utf8_lossy(&dry.stdout).into_owned();
+    for expected in [
+        "adoption of app.events",
+        "lock: ACCESS EXCLUSIVE on app.events for a moment",
+        "no rewrite, no scan",
+        "CREATE INDEX CONCURRENTLY",
+        "scans the table",
+        "50 rows already in app.events will be published",
+    ] {
+        assert!(
+            plan.contains(expected),
+            "`{expected}` missing from:\n{plan}"
+        );
+    }
+    assert_eq!(columns(&db).await, before, "a dry run changes nothing");
+    let lease_table: Option<String> =
+        sqlx::query_scalar("SELECT to_regclass('outbox_shard_lease')::text")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(lease_table, None, "a dry run creates nothing");
+
+    // Before the adoption, the relay refuses the table and says what to do.
+    let check = relay_command(&db.url, &bootstrap)
+        .arg("--config")
+        .arg(&config)
+        .arg("check")
+        .output()
+        .unwrap();
+    assert!(!check.status.success());
+    assert!(
+        output_text(&check).contains("outbox-relay migrate"),
+        "{}",
+        output_text(&check)
+    );
+
+    let adopted = migrate(&db, &config, &[]);
+    assert!(adopted.status.success(), "{}", output_text(&adopted));
+    assert!(
+        String::from_utf8_lossy(&adopted.stdout).contains("app.events is adopted"),
+        "{}",
+        output_text(&adopted)
+    );
+    let after = columns(&db).await;
+    assert_eq!(
+        &after[..before.len()],
+        &before[..],
+        "the writer's columns are unchanged"
+    );
+    // Adopting twice is harmless.
+    let again = migrate(&db, &config, &[]);
+    assert!(again.status.success(), "{}", output_text(&again));
+
+    // The writer goes on, same SQL; then the relay publishes everything.
+    write(&db, 5, 6, 11).await;
+    let relay = RunningRelay::start(template_settings(&db, &bootstrap, &prefix, MAPPING)).await;
+    wait_for("all 80 rows sent", CONDITION_TIMEOUT, || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM app.events WHERE sent_at IS NOT NULL")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap()
+            == 80
+    })
+    .await;
+    relay.stop().await;
+
+    let rows = rows(&db).await;
+    assert_eq!(rows.len(), 80);
+    let records = consume(&bootstrap, &topic, rows.len());
+    assert_eq!(assert_contract(&rows, &records), 0, "no duplicates");
+    // In the order the writer wrote each aggregate: seq 1, 2, … 16, old rows and new.
+    let mut ordered = records.clone();
+    ordered.sort_by_key(|r| (r.partition, r.offset));
+    for a in 0..5 {
+        let aggregate = format!("order-{a}");
+        let seqs: Vec<i64> = ordered
+            .iter()
+            .filter(|r| r.key.as_deref() == Some(aggregate.as_str()))
+            .map(|r| {
+                let value: serde_json::Value =
+                    serde_json::from_str(r.value.as_deref().unwrap()).unwrap();
+                value["seq"].as_i64().unwrap()
+            })
+            .collect();
+        assert_eq!(seqs, (1..=16).collect::<Vec<i64>>(), "{aggregate}");
+    }
+    for record in &records {
+        let seq = serde_json::from_str::<serde_json::Value>(record.value.as_deref().unwrap())
+            .unwrap()["seq"]
+            .as_i64()
+            .unwrap();
+        let aggregate = record.key.as_deref().unwrap().trim_start_matches("order-");
+        assert_eq!(
+            record.headers.get("tracingspancontext").map(String::as_str),
+            Some(format!("00-trace{aggregate}-span{seq}-01").as_str()),
+            "the header column travels as a header"
+        );
+        assert_eq!(
+            record.headers.get("aggregate_type").map(String::as_str),
+            Some("order")
+        );
+        assert_eq!(
+            record.headers.get("event_type").map(String::as_str),
+            Some("OrderUpdated")
+        );
+    }
+
+    // Its sent rows are pruned like the relay's own.
+    let prune = relay_command(&db.url, &bootstrap)
+        .arg("--config")
+        .arg(&config)
+        .args(["prune", "--older-than", "0s"])
+        .output()
+        .unwrap();
+    assert!(prune.status.success(), "{}", output_text(&prune));
+    assert!(
+        String::from_utf8_lossy(&prune.stdout).contains("deleted 80 sent rows"),
+        "{}",
+        output_text(&prune)
+    );
+}
+
+/// A mapping that names a missing column, or a column of the wrong type, is a
+/// configuration error: `check` and `run` exit 2 naming the key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_column_that_is_missing_or_of_the_wrong_type_exits_2_naming_the_key() {
+    let db = TestDb::empty().await;
+    sqlx::raw_sql(TABLE).execute(&db.pool).await.unwrap();
+    let bootstrap = kafka_bootstrap();
+    let dir = tempfile::tempdir().unwrap();
+    for (mistake, key) in [
+        (
+            "aggregate_id = \"aggregate_id\"",
+            "outbox.columns.aggregate_id",
+        ),
+        ("event_id = \"type\"", "outbox.columns.event_id"),
+    ] {
+        let config = dir.path().join("relay.toml");
+        let mapping = MAPPING
+            .lines()
+            .filter(|line| !line.starts_with(mistake.split(' ').next().unwrap()))
+            .collect::<Vec<_>>()
+            .join("\n")
+            .replace("[outbox.columns]", &format!("[outbox.columns]\n{mistake}"));
+        std::fs::write(&config, mapping).unwrap();
+        for command in ["check", "run"] {
+            let output = relay_command(&db.url, &bootstrap)
+                .arg("--config")
+                .arg(&config)
+                .arg(command)
+                .output()
+                .unwrap();
+            assert_eq!(
+                output.status.code(),
+                Some(2),
+                "{command}: {}",
+                output_text(&output)
+            );
+            assert!(
+                output_text(&output).contains(key),
+                "{command}: {}",
+                output_text(&output)
+            );
+        }
+    }
+}
