@@ -8,6 +8,7 @@ mod infra;
 mod latency;
 mod plot;
 mod report;
+mod retention;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -35,6 +36,8 @@ enum Step {
     /// The relay (1 replica, mark) draining rows of --wide-row-bytes: its peak RSS against
     /// the 128 MiB limit of deploy/kubernetes.
     Wide,
+    /// Table size with rows flowing steadily in mark mode, retention on and off.
+    Retention,
     /// End-to-end latency at fixed insert rates, doorbell on and off.
     Latency,
     /// The NOTIFY trigger's cost on the insert commit rate.
@@ -138,6 +141,14 @@ struct Cli {
     /// transactions at every rate: a large value such as 1000000.
     #[arg(long, default_value_t = 400.0)]
     latency_max_tps: f64,
+    /// Retention: rows per second flowing in, seconds of flow (default 60, 20 with
+    /// --quick), and relay.retain_sent in seconds.
+    #[arg(long, default_value_t = 2000.0)]
+    retention_rate: f64,
+    #[arg(long)]
+    retention_seconds: Option<f64>,
+    #[arg(long, default_value_t = 10)]
+    retention_retain_seconds: u64,
     /// NOTIFY cost: seconds per measurement and connection counts.
     #[arg(long)]
     notify_seconds: Option<f64>,
@@ -165,6 +176,7 @@ impl Plan {
                 Step::Drain,
                 Step::Big,
                 Step::Wide,
+                Step::Retention,
                 Step::Latency,
                 Step::Notify,
             ]
@@ -407,6 +419,7 @@ async fn main() -> Result<()> {
         drains: Vec::new(),
         latency: Vec::new(),
         notify: Vec::new(),
+        retention: Vec::new(),
         targets: Vec::new(),
         notes: vec![
             "Each measurement gets a fresh tansu with in-memory storage and a topic of 3 partitions; \
@@ -567,6 +580,47 @@ async fn main() -> Result<()> {
         );
         report.drains.push(d);
         finish(&mut report)?;
+    }
+
+    if plan.runs(Step::Retention) {
+        let seconds = cli
+            .retention_seconds
+            .unwrap_or(if cli.quick { 20.0 } else { 60.0 });
+        for retain in [
+            Duration::from_secs(cli.retention_retain_seconds),
+            Duration::ZERO,
+        ] {
+            progress(
+                started,
+                format!(
+                    "table size, mark mode, {:.0} rows/s for {seconds:.0} s, relay.retain_sent = {}s",
+                    cli.retention_rate,
+                    retain.as_secs()
+                ),
+            );
+            let r = retention::measure(
+                &db,
+                &launcher,
+                brokers,
+                &work,
+                cli.retention_rate,
+                seconds,
+                retain,
+            )
+            .await?;
+            progress(
+                started,
+                format!(
+                    "  {} rows: table {:.1} MiB at its peak, {:.1} MiB at the end with {} rows left",
+                    r.rows,
+                    report::mib(r.peak_bytes().max(0) as u64),
+                    report::mib(r.final_bytes.max(0) as u64),
+                    r.rows_left
+                ),
+            );
+            report.retention.push(r);
+            finish(&mut report)?;
+        }
     }
 
     if plan.runs(Step::Latency) {

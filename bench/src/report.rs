@@ -100,6 +100,9 @@ pub struct Report {
     pub drains: Vec<Drain>,
     pub latency: Vec<Latency>,
     pub notify: Vec<NotifyCost>,
+    /// Table size with rows flowing, retention on and off (absent from older results).
+    #[serde(default)]
+    pub retention: Vec<crate::retention::RetentionRun>,
     pub targets: Vec<Target>,
     pub notes: Vec<String>,
 }
@@ -495,6 +498,30 @@ impl Report {
                     n.commits_per_second_trigger_off,
                     n.commits_per_second_trigger_on,
                     n.change * 100.0
+                );
+            }
+        }
+
+        if !self.retention.is_empty() {
+            let _ = writeln!(out, "\n### Table size with rows flowing (mark mode)\n");
+            let _ = writeln!(
+                out,
+                "| relay.retain_sent | rows/s | rows | peak MiB | MiB at the end | rows left |\n|---|---|---|---|---|---|"
+            );
+            for r in &self.retention {
+                let _ = writeln!(
+                    out,
+                    "| {} | {:.0} | {} | {:.1} | {:.1} | {} |",
+                    if r.retain_sent == "0s" {
+                        "0s (off)"
+                    } else {
+                        &r.retain_sent
+                    },
+                    r.rows_per_second,
+                    r.rows,
+                    mib(r.peak_bytes().max(0) as u64),
+                    mib(r.final_bytes.max(0) as u64),
+                    r.rows_left
                 );
             }
         }
