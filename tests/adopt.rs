@@ -305,3 +305,138 @@ async fn a_column_that_is_missing_or_of_the_wrong_type_exits_2_naming_the_key() 
         }
     }
 }
+
+/// Another shape, another writer: a `bytea` payload sent as is, the row's topic in a
+/// column, a `jsonb` headers object, the event id from a column default; a row with bad
+/// headers is parked, and `status` and `parked list` work on the table too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_shape_with_bytes_a_topic_column_and_headers_is_relayed() {
+    let db = TestDb::empty().await;
+    sqlx::raw_sql(
+        "CREATE TABLE public.my_outbox ( \
+           seq bigserial PRIMARY KEY, \
+           event_uuid uuid NOT NULL DEFAULT gen_random_uuid(), \
+           kind text NOT NULL, entity text NOT NULL, name text NOT NULL, \
+           body bytea, dest text, hdrs jsonb)",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let bootstrap = kafka_bootstrap();
+    let prefix = unique_prefix();
+    let (template_topic, own_topic) = (format!("{prefix}.thing"), format!("{prefix}.custom"));
+    create_topic(&bootstrap, &template_topic, 3).await;
+    create_topic(&bootstrap, &own_topic, 3).await;
+    let insert = "INSERT INTO my_outbox (kind, entity, name, body, dest, hdrs) VALUES ($1, $2, $3, $4, $5, $6::jsonb)";
+    for i in 0..10u8 {
+        let dest = (i % 2 == 0).then(|| own_topic.clone());
+        let headers = if i == 7 {
+            "[1]".to_string()
+        } else {
+            format!(r#"{{"traceparent": "00-row{i}"}}"#)
+        };
+        sqlx::query(insert)
+            .bind("thing")
+            .bind(format!("entity-{}", i % 3))
+            .bind("Changed")
+            .bind(vec![0u8, 159, 146, i])
+            .bind(dest)
+            .bind(headers)
+            .execute(&db.pool)
+            .await
+            .unwrap();
+    }
+    let mapping = "
+[outbox]
+table = \"my_outbox\"
+[outbox.columns]
+event_id = \"event_uuid\"
+aggregate_type = \"kind\"
+aggregate_id = \"entity\"
+event_type = \"name\"
+payload = \"body\"
+headers = \"hdrs\"
+topic = \"dest\"
+";
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("relay.toml");
+    std::fs::write(&config, mapping).unwrap();
+    let adopted = migrate(&db, &config, &[]);
+    assert!(adopted.status.success(), "{}", output_text(&adopted));
+
+    let relay = RunningRelay::start(template_settings(
+        &db,
+        &bootstrap,
+        &prefix,
+        &format!("on_park = \"skip\"\n{mapping}"),
+    ))
+    .await;
+    let count = |sql: &'static str| {
+        let pool = db.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(sql)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    wait_for("9 rows sent, 1 parked", CONDITION_TIMEOUT, || async {
+        count("SELECT count(*) FROM my_outbox WHERE sent_at IS NOT NULL").await == 9
+            && count("SELECT count(*) FROM my_outbox WHERE parked_at IS NOT NULL").await == 1
+    })
+    .await;
+    relay.stop().await;
+
+    let mut records = consume(&bootstrap, &template_topic, 4);
+    records.extend(consume(&bootstrap, &own_topic, 5));
+    assert_eq!(records.len(), 9);
+    let uuids: Vec<(String, Vec<u8>)> =
+        sqlx::query_as("SELECT event_uuid::text, body FROM my_outbox WHERE sent_at IS NOT NULL")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    for record in &records {
+        let id = record.headers.get("id").expect("an id header");
+        let (_, body) = uuids
+            .iter()
+            .find(|(uuid, _)| uuid == id)
+            .expect("the id header is the row's event_uuid");
+        assert_eq!(
+            record.value_bytes.as_deref(),
+            Some(body.as_slice()),
+            "bytes as they are"
+        );
+        let i = body[3];
+        assert_eq!(
+            record.topic,
+            if i % 2 == 0 {
+                own_topic.as_str()
+            } else {
+                template_topic.as_str()
+            },
+            "the row's own topic column, else the template"
+        );
+        assert_eq!(
+            record.headers.get("traceparent").map(String::as_str),
+            Some(format!("00-row{i}").as_str())
+        );
+    }
+
+    let cli = |args: &[&str]| {
+        relay_command(&db.url, &bootstrap)
+            .arg("--config")
+            .arg(&config)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let status = cli(&["status"]);
+    assert!(status.status.success(), "{}", output_text(&status));
+    let parked = cli(&["parked", "list"]);
+    assert!(parked.status.success(), "{}", output_text(&parked));
+    assert!(
+        output_text(&parked).contains("bad_headers"),
+        "{}",
+        output_text(&parked)
+    );
+}

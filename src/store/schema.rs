@@ -195,13 +195,7 @@ impl Store {
     /// table `[outbox]` names, reads its columns from the catalog and builds the
     /// statements on it). Returns the server's version.
     pub(crate) async fn verify_schema(&self) -> Result<String, StoreError> {
-        if let Some(spec) = &self.spec {
-            let columns = self.table_columns(spec).await?;
-            let table = spec.resolve(&columns)?;
-            let _ = self
-                .statements
-                .set(std::sync::Arc::new(super::Statements::new(table)));
-        }
+        self.resolve_table().await?;
         self.in_session(async |conn| {
             let version: String = self
                 .query_scalar("SHOW server_version")
@@ -223,6 +217,21 @@ impl Store {
             Ok(version)
         })
         .await
+    }
+
+    /// For a table `[outbox]` names: reads its columns from the catalog and builds the
+    /// statements on it (the relay's own needs nothing). Needs no privilege on the table.
+    pub async fn resolve_table(&self) -> Result<(), StoreError> {
+        if let Some(spec) = &self.spec {
+            if self.statements.get().is_none() {
+                let columns = self.table_columns(spec).await?;
+                let table = spec.resolve(&columns)?;
+                let _ = self
+                    .statements
+                    .set(std::sync::Arc::new(super::Statements::new(table)));
+            }
+        }
+        Ok(())
     }
 
     /// The columns of the table `spec` names, with their types (none if it does not exist).
