@@ -128,7 +128,7 @@ impl App {
 
         let outcome = metrics
             .instrument(async {
-                wait_for_schema(&store, &settings.relay, &health, &cancel).await?;
+                let may_prune = wait_for_schema(&store, &settings.relay, &health, &cancel).await?;
                 let listener_pool = crate::store::listener_pool(&settings.database)
                     .context("Failed to configure the LISTEN connection from database.url")?;
                 let listener = settings.database.listen.then(|| {
@@ -162,7 +162,7 @@ impl App {
                     settings.relay.stats_interval,
                     tasks_cancel.clone(),
                 ));
-                let sweeper = prunes_sent(&settings.relay).then(|| {
+                let sweeper = may_prune.then(|| {
                     metrics.spawn(crate::retention::sweep_sent_rows(
                         store.clone(),
                         settings.relay.retain_sent,
@@ -270,24 +270,40 @@ fn prunes_sent(relay: &RelaySettings) -> bool {
 }
 
 /// Retries until the database answers; fails at once if the outbox table is missing or
-/// the role lacks a privilege.
+/// the role lacks a privilege the relay cannot do without. Returns whether it may delete
+/// sent rows past `relay.retain_sent`: a role without DELETE (one made for an earlier
+/// version) keeps them, with a warning, rather than stop relaying.
 async fn wait_for_schema(
     store: &Store,
     relay: &RelaySettings,
     health: &Health,
     cancel: &CancellationToken,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<bool> {
     let mut backoff = Backoff::new(Duration::from_secs(10));
     loop {
         match store.verify_schema().await {
             Ok(version) => {
                 info!(%version, "connected to PostgreSQL");
                 let missing = store
-                    .missing_grants(relay.mode, prunes_sent(relay))
+                    .missing_grants(relay.mode, false)
                     .await
                     .context("Failed to check the role's privileges")?;
                 if !missing.is_empty() {
                     return Err(MissingGrants(missing).into());
+                }
+                let mut may_prune = prunes_sent(relay);
+                if may_prune {
+                    let without_delete = store
+                        .missing_grants(relay.mode, true)
+                        .await
+                        .context("Failed to check the role's privileges")?;
+                    if !without_delete.is_empty() {
+                        warn!(
+                            missing = %without_delete.join(", "),
+                            "relay.retain_sent is on but the role may not delete: sent rows are kept; grant it (deploy/sql/least-privilege.sql does) or set relay.retain_sent = \"0s\""
+                        );
+                        may_prune = false;
+                    }
                 }
                 match store.schema_creators().await {
                     Ok(creators) if !creators.is_empty() => {
@@ -299,7 +315,7 @@ async fn wait_for_schema(
                     }
                 }
                 health.set_database_ok(true);
-                return Ok(());
+                return Ok(may_prune);
             }
             Err(err) if err.is_retriable() => {
                 let delay = backoff.next_delay();
@@ -310,7 +326,7 @@ async fn wait_for_schema(
                 });
                 tokio::select! {
                     _ = sleep(delay) => {}
-                    _ = cancel.cancelled() => return Ok(()),
+                    _ = cancel.cancelled() => return Ok(false),
                 }
             }
             Err(err @ StoreError::Schema(_)) => {

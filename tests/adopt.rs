@@ -192,8 +192,53 @@ async fn a_debezium_shaped_outbox_is_adopted_and_relayed_old_rows_and_new_in_ord
     let again = migrate(&db, &config, &[]);
     assert!(again.status.success(), "{}", output_text(&again));
 
-    // The writer goes on, same SQL; then the relay publishes everything.
-    write(&db, 5, 6, 11).await;
+    // Half-adopted (rows not proven numbered), the table is refused until migrate is run
+    // again, which finishes the job.
+    sqlx::query("ALTER TABLE app.events DROP CONSTRAINT events_relay_seq_check")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let refused = relay_command(&db.url, &bootstrap)
+        .arg("--config")
+        .arg(&config)
+        .arg("check")
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(
+        output_text(&refused).contains("half-way"),
+        "{}",
+        output_text(&refused)
+    );
+    let repaired = migrate(&db, &config, &[]);
+    assert!(repaired.status.success(), "{}", output_text(&repaired));
+
+    // The writer goes on, same SQL, as a role that owns nothing and was granted nothing new:
+    // the ordering number is taken for it.
+    let writer = format!("writer_{}", unique_prefix());
+    sqlx::raw_sql(&format!(
+        "CREATE ROLE {writer}; GRANT USAGE ON SCHEMA app TO {writer}; \
+         GRANT INSERT ON app.events TO {writer}"
+    ))
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let mut as_writer = db.pool.begin().await.unwrap();
+    sqlx::query(&format!("SET LOCAL ROLE {writer}"))
+        .execute(&mut *as_writer)
+        .await
+        .unwrap();
+    for a in 0..5 {
+        sqlx::query(WRITER)
+            .bind(format!("order-{a}"))
+            .bind(11)
+            .bind(format!("00-trace{a}-span11-01"))
+            .execute(&mut *as_writer)
+            .await
+            .expect("a writer without privileges on the relay's sequence inserts");
+    }
+    as_writer.commit().await.unwrap();
+    write(&db, 5, 5, 12).await;
     let relay = RunningRelay::start(template_settings(&db, &bootstrap, &prefix, MAPPING)).await;
     wait_for("all 80 rows sent", CONDITION_TIMEOUT, || async {
         sqlx::query_scalar::<_, i64>("SELECT count(*) FROM app.events WHERE sent_at IS NOT NULL")

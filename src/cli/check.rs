@@ -44,10 +44,9 @@ pub(super) async fn check(settings: Settings, timeout: Duration) -> anyhow::Resu
                 "PostgreSQL {version} at {url}: outbox table present ({})",
                 store.table_display()
             );
-            match store
-                .missing_grants(settings.relay.mode, !settings.relay.retain_sent.is_zero())
-                .await
-            {
+            let prunes = settings.relay.mode == crate::model::Mode::Mark
+                && !settings.relay.retain_sent.is_zero();
+            match store.missing_grants(settings.relay.mode, false).await {
                 Ok(missing) if missing.is_empty() => {
                     println!("  the role holds every privilege the relay needs")
                 }
@@ -55,6 +54,16 @@ pub(super) async fn check(settings: Settings, timeout: Duration) -> anyhow::Resu
                     failures.push(format!("database: {}", crate::app::MissingGrants(missing)))
                 }
                 Err(err) => failures.push(format!("database: checking privileges: {err}")),
+            }
+            if prunes {
+                match store.missing_grants(settings.relay.mode, true).await {
+                    Ok(missing) if !missing.is_empty() => println!(
+                        "  warning: relay.retain_sent is on but the role lacks {}: sent rows will be kept; grant it or set relay.retain_sent = \"0s\"",
+                        missing.join(", ")
+                    ),
+                    Ok(_) => {}
+                    Err(err) => failures.push(format!("database: checking privileges: {err}")),
+                }
             }
             match store.schema_creators().await {
                 Ok(creators) if !creators.is_empty() => println!(

@@ -45,5 +45,10 @@ impl OutboxRow {
             + self.payload_bytes.as_ref().map_or(0, Vec::len)
             + self.headers_json.as_ref().map_or(0, String::len)
             + self.topic.as_ref().map_or(0, String::len)
+            + self
+                .column_headers
+                .iter()
+                .map(|h| h.as_ref().map_or(0, String::len))
+                .sum::<usize>()
     }
 }

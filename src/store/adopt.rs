@@ -3,9 +3,7 @@
 //! relay's own lease tables) and nothing its writers must supply. Each step says the lock
 //! it takes and whether it rewrites or scans the table, so `--dry-run` can show them all.
 
-use sqlx::Row;
-
-use super::table::{ADOPTED_CREATED_AT, ADOPTED_ID, BOOKKEEPING, CatalogColumns, quote};
+use super::table::{ADOPTED_CREATED_AT, ADOPTED_ID, BOOKKEEPING, Catalog, quote};
 use super::{Store, StoreError, TableSpec};
 
 /// What one step of an adoption does to the table and its writers.
@@ -19,6 +17,9 @@ pub struct Step {
     pub effect: String,
     /// `CREATE INDEX CONCURRENTLY` and its kind, which cannot run in a transaction.
     concurrently: bool,
+    /// Run again until it changes no row (the numbering: rows updated meanwhile by
+    /// someone else are numbered in the next round).
+    until_done: bool,
 }
 
 /// Everything `migrate` would do to adopt a table.
@@ -61,14 +62,14 @@ impl Store {
                     .into(),
             });
         };
-        let columns = self.table_columns(&spec).await?;
+        let catalog = self.table_columns(&spec).await?;
         // The mapped columns must exist with usable types whatever is adopted; only the
         // relay's bookkeeping may be missing.
-        if let Err(err @ StoreError::Config { .. }) = spec.resolve(&columns) {
+        if let Err(err @ StoreError::Config { .. }) = spec.resolve(&catalog) {
             return Err(err);
         }
-        let (existing_rows, rows_to_number, indexes) = self.adoption_facts(&spec, &columns).await?;
-        let has = |name: &str| columns.iter().any(|(c, _)| c == name);
+        let (existing_rows, rows_to_number) = self.adoption_counts(&spec, &catalog).await?;
+        let has = |name: &str| catalog.has(name);
         let t = spec.quoted_name();
         let display = spec.display();
         let mut steps = vec![Step {
@@ -76,6 +77,7 @@ impl Store {
             lock: format!("none on {display}: new tables of the relay's own, in database.schema"),
             effect: "creates the lease and replica tables if missing".into(),
             concurrently: false,
+            until_done: false,
         }];
 
         let mut add = Vec::new();
@@ -98,54 +100,91 @@ impl Store {
             }
         }
         if !add.is_empty() {
-            let mut statements = vec![format!("ALTER TABLE {t} {}", add.join(", "))];
+            // Fail fast rather than queue every insert behind a long transaction.
+            let mut statements = vec![
+                "SET LOCAL lock_timeout = '10s'".to_string(),
+                format!("ALTER TABLE {t} {}", add.join(", ")),
+            ];
             if !has(ADOPTED_ID) {
-                let sequence = format!(
-                    "{}.{}",
-                    quote(&spec.schema),
-                    quote(&spec.object_name("seq"))
-                );
+                let schema = quote(&spec.schema);
+                let sequence = format!("{schema}.{}", quote(&spec.object_name("seq")));
+                let next = format!("{schema}.{}", quote(&spec.object_name("next_seq")));
                 statements.push(format!(
                     "CREATE SEQUENCE IF NOT EXISTS {sequence} START WITH {SEQUENCE_START} \
                      OWNED BY {t}.{}",
                     quote(ADOPTED_ID)
                 ));
+                // A column default calls nextval with the inserting role's privileges; the
+                // writers hold none on a sequence they never heard of. This function runs
+                // as the table's owner and does nothing but take the next number.
                 statements.push(format!(
-                    "ALTER TABLE {t} ALTER COLUMN {} SET DEFAULT pg_catalog.nextval('{}')",
-                    quote(ADOPTED_ID),
+                    "CREATE OR REPLACE FUNCTION {next}() RETURNS bigint LANGUAGE sql \
+                     SECURITY DEFINER SET search_path = pg_catalog \
+                     AS $relay$ SELECT pg_catalog.nextval('{}') $relay$",
                     sequence.replace('\'', "''")
+                ));
+                statements.push(format!(
+                    "ALTER TABLE {t} ALTER COLUMN {} SET DEFAULT {next}()",
+                    quote(ADOPTED_ID)
                 ));
             }
             steps.push(Step {
                 statements,
                 lock: format!(
-                    "ACCESS EXCLUSIVE on {display} for a moment, in one transaction: it waits for the transactions using the table, and inserts wait for it"
+                    "ACCESS EXCLUSIVE on {display} for a moment, in one transaction: it waits (at most 10 s, else it fails and changes nothing) for the transactions using the table, and inserts wait for it"
                 ),
                 effect: format!(
-                    "no rewrite, no scan: adds {} (nullable, or a default stored once in the catalog); new rows get their ordering number from a sequence",
+                    "no rewrite, no scan: adds {} (nullable, or a default stored once in the catalog); new rows get their ordering number from a sequence, through a function that runs as the table's owner, so writers need no new privilege",
                     added.join(", ")
                 ),
                 concurrently: false,
+                until_done: false,
             });
         }
-        if rows_to_number > 0 || !has(ADOPTED_ID) {
+        if !catalog.numbered {
+            let id = quote(ADOPTED_ID);
             steps.push(Step {
                 statements: vec![format!(
-                    "UPDATE {t} AS o SET {id} = numbered.n \
+                    "UPDATE {t} AS o SET {id} = numbered.base + numbered.n \
                      FROM (SELECT ctid AS row, \
-                                  pg_catalog.row_number() OVER (ORDER BY pg_catalog.age(xmin) DESC, ctid) AS n \
+                                  pg_catalog.row_number() OVER (ORDER BY pg_catalog.age(xmin) DESC, cmin::text::bigint, ctid) AS n, \
+                                  (SELECT COALESCE(pg_catalog.max({id}), 0) FROM {t} WHERE {id} < {SEQUENCE_START}) AS base \
                            FROM {t} WHERE {id} IS NULL) AS numbered \
-                     WHERE o.ctid = numbered.row",
-                    id = quote(ADOPTED_ID)
+                     WHERE o.ctid = numbered.row AND o.{id} IS NULL"
                 )],
                 lock: format!("ROW EXCLUSIVE on {display}: inserts go on"),
                 effect: format!(
-                    "writes a new version of each of the {rows_to_number} rows already in the table, numbered in the order their transactions began (oldest first), so that they are published before any new row"
+                    "writes a new version of each of the {rows_to_number} rows already in the table, numbered by the age of the transaction that wrote them (oldest first), so that they are published before any new row; run again until none is left"
                 ),
                 concurrently: false,
+                until_done: true,
+            });
+            let check = quote(&spec.numbered_check());
+            let mut statements = Vec::new();
+            if !catalog.numbering_checked {
+                statements.push(format!(
+                    "ALTER TABLE {t} ADD CONSTRAINT {check} CHECK ({id} IS NOT NULL) NOT VALID"
+                ));
+            }
+            if !statements.is_empty() {
+                steps.push(Step {
+                    statements,
+                    lock: format!("ACCESS EXCLUSIVE on {display} for a moment"),
+                    effect: "no rewrite, no scan: a CHECK that every row has its ordering number, not validated yet".into(),
+                    concurrently: false,
+                    until_done: false,
+                });
+            }
+            steps.push(Step {
+                statements: vec![format!("ALTER TABLE {t} VALIDATE CONSTRAINT {check}")],
+                lock: format!("SHARE UPDATE EXCLUSIVE on {display}: writes go on"),
+                effect: "scans the table: proves every row is numbered; the relay starts on the table only then".into(),
+                concurrently: false,
+                until_done: false,
             });
         }
         let aggregate_id = quote(&spec.columns[2].1);
+        let indexes = &catalog.indexes;
         let wanted = [
             (
                 spec.index_name("seq"),
@@ -201,6 +240,7 @@ impl Store {
                 ),
                 effect: format!("scans the table to build {name}: {purpose}"),
                 concurrently: true,
+                until_done: false,
             });
         }
         if let Some(channel) = notify_channel {
@@ -214,30 +254,44 @@ impl Store {
         })
     }
 
-    /// Runs an adoption plan, step by step; `progress` hears of each before it runs.
+    /// Runs an adoption plan, step by step, on one connection without a statement
+    /// timeout (a big table's index builds take as long as they take); `progress` hears of
+    /// each step before it runs.
     pub async fn adopt(
         &self,
         plan: &AdoptionPlan,
         mut progress: impl FnMut(usize, &Step),
     ) -> Result<(), StoreError> {
+        let mut conn = self.pool().acquire().await?;
+        sqlx::query("SET statement_timeout = 0")
+            .persistent(false)
+            .execute(&mut *conn)
+            .await?;
         for (i, step) in plan.steps.iter().enumerate() {
             progress(i, step);
-            if step.concurrently {
-                for statement in &step.statements {
-                    sqlx::query(statement)
-                        .persistent(false)
-                        .execute(self.pool())
-                        .await?;
+            loop {
+                let mut changed = 0;
+                if step.concurrently {
+                    for statement in &step.statements {
+                        sqlx::query(statement)
+                            .persistent(false)
+                            .execute(&mut *conn)
+                            .await?;
+                    }
+                } else {
+                    let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+                    for statement in &step.statements {
+                        changed += sqlx::query(statement)
+                            .persistent(false)
+                            .execute(&mut *tx)
+                            .await?
+                            .rows_affected();
+                    }
+                    tx.commit().await?;
                 }
-            } else {
-                let mut tx = self.pool().begin().await?;
-                for statement in &step.statements {
-                    sqlx::query(statement)
-                        .persistent(false)
-                        .execute(&mut *tx)
-                        .await?;
+                if !step.until_done || changed == 0 {
+                    break;
                 }
-                tx.commit().await?;
             }
         }
         Ok(())
@@ -265,15 +319,14 @@ impl Store {
         Ok(())
     }
 
-    /// How many rows the table has, how many lack an ordering number, and which of the
-    /// relay's indexes exist (name, valid).
-    async fn adoption_facts(
+    /// How many rows the table has, and how many lack an ordering number.
+    async fn adoption_counts(
         &self,
         spec: &TableSpec,
-        columns: &CatalogColumns,
-    ) -> Result<(i64, i64, Vec<(String, bool)>), StoreError> {
+        catalog: &Catalog,
+    ) -> Result<(i64, i64), StoreError> {
         let t = spec.quoted_name();
-        let numbered = columns.iter().any(|(c, _)| c == ADOPTED_ID);
+        let numbered = catalog.has(ADOPTED_ID);
         self.in_session(async |conn| {
             let existing: i64 = sqlx::query_scalar(&format!("SELECT pg_catalog.count(*) FROM {t}"))
                 .persistent(false)
@@ -290,23 +343,7 @@ impl Store {
             } else {
                 existing
             };
-            let indexes = sqlx::query(
-                "SELECT i.relname::text, x.indisvalid \
-                 FROM pg_catalog.pg_index x \
-                 JOIN pg_catalog.pg_class i ON i.oid = x.indexrelid \
-                 JOIN pg_catalog.pg_class c ON c.oid = x.indrelid \
-                 JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
-                 WHERE n.nspname = $1 AND c.relname = $2",
-            )
-            .persistent(false)
-            .bind(&spec.schema)
-            .bind(&spec.table)
-            .fetch_all(&mut *conn)
-            .await?
-            .iter()
-            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
-            .collect::<Result<Vec<(String, bool)>, sqlx::Error>>()?;
-            Ok((existing, unnumbered, indexes))
+            Ok((existing, unnumbered))
         })
         .await
     }
@@ -334,7 +371,8 @@ fn notify_step(table: &str, display: &str, channel: Option<&str>) -> Step {
     }
     Step {
         statements,
-        lock: format!("SHARE ROW EXCLUSIVE on {display} for a moment"),
+        lock: format!("ACCESS EXCLUSIVE on {display} for a moment (DROP TRIGGER)"),
+        until_done: false,
         effect: match channel {
             Some(channel) => format!(
                 "the doorbell: each inserting statement notifies {channel} (a database-wide lock at each inserting commit)"

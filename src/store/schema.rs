@@ -11,8 +11,31 @@ use crate::model::Mode;
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 impl Store {
+    /// Applies the migrations on one connection without a statement timeout (an index
+    /// built concurrently on a big table takes as long as it takes; cut short, it would be
+    /// left invalid), then fails naming any of the outbox's indexes left invalid by an
+    /// earlier interrupted build, which `IF NOT EXISTS` would otherwise pass over.
     pub async fn migrate(&self) -> Result<(), sqlx::migrate::MigrateError> {
-        MIGRATOR.run(&self.pool).await
+        let mut conn = self.pool.acquire().await?;
+        sqlx::query("SET statement_timeout = 0")
+            .execute(&mut *conn)
+            .await?;
+        MIGRATOR.run(&mut *conn).await?;
+        let invalid: Vec<String> = sqlx::query_scalar(
+            "SELECT i.relname::text FROM pg_catalog.pg_index x \
+             JOIN pg_catalog.pg_class i ON i.oid = x.indexrelid \
+             WHERE x.indrelid = pg_catalog.to_regclass('outbox') AND NOT x.indisvalid",
+        )
+        .fetch_all(&mut *conn)
+        .await?;
+        if let Some(index) = invalid.first() {
+            return Err(sqlx::migrate::MigrateError::Execute(sqlx::Error::Protocol(
+                format!(
+                    "the index {index} on outbox is invalid (an earlier build was interrupted): DROP INDEX CONCURRENTLY {index}; then run `outbox-relay migrate` again"
+                ),
+            )));
+        }
+        Ok(())
     }
 
     /// The migrations `migrate` would apply: (version, description, SQL).
@@ -234,15 +257,15 @@ impl Store {
         Ok(())
     }
 
-    /// The columns of the table `spec` names, with their types (none if it does not exist).
+    /// What the catalog says about the table `spec` names (no columns if it does not exist).
     pub(crate) async fn table_columns(
         &self,
         spec: &super::TableSpec,
-    ) -> Result<super::table::CatalogColumns, StoreError> {
+    ) -> Result<super::table::Catalog, StoreError> {
         self.in_session(async |conn| {
             let rows = self
                 .query(
-                    "SELECT a.attname::text, pg_catalog.format_type(a.atttypid, NULL) \
+                    "SELECT a.attname::text, pg_catalog.format_type(a.atttypid, NULL), a.attnotnull \
                      FROM pg_catalog.pg_attribute a \
                      JOIN pg_catalog.pg_class c ON c.oid = a.attrelid \
                      JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
@@ -254,10 +277,45 @@ impl Store {
                 .bind(&spec.table)
                 .fetch_all(&mut *conn)
                 .await?;
-            rows.iter()
-                .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
-                .collect::<Result<Vec<_>, sqlx::Error>>()
-                .map_err(StoreError::from)
+            let columns = rows
+                .iter()
+                .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)))
+                .collect::<Result<Vec<_>, sqlx::Error>>()?;
+            let facts = self
+                .query(
+                    "SELECT c.relkind::text AS kind, \
+                       EXISTS (SELECT 1 FROM pg_catalog.pg_constraint k \
+                               WHERE k.conrelid = c.oid AND k.conname = $3) AS checked, \
+                       EXISTS (SELECT 1 FROM pg_catalog.pg_constraint k \
+                               WHERE k.conrelid = c.oid AND k.conname = $3 AND k.convalidated) AS numbered, \
+                       ARRAY(SELECT i.relname::text FROM pg_catalog.pg_index x \
+                             JOIN pg_catalog.pg_class i ON i.oid = x.indexrelid \
+                             WHERE x.indrelid = c.oid ORDER BY 1) AS indexes, \
+                       ARRAY(SELECT x.indisvalid FROM pg_catalog.pg_index x \
+                             JOIN pg_catalog.pg_class i ON i.oid = x.indexrelid \
+                             WHERE x.indrelid = c.oid ORDER BY i.relname) AS valid \
+                     FROM pg_catalog.pg_class c \
+                     JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+                     WHERE n.nspname = $1 AND c.relname = $2",
+                )
+                .bind(&spec.schema)
+                .bind(&spec.table)
+                .bind(spec.numbered_check())
+                .fetch_optional(&mut *conn)
+                .await?;
+            let mut catalog = super::table::Catalog {
+                columns,
+                ..Default::default()
+            };
+            if let Some(facts) = facts {
+                catalog.kind = facts.try_get("kind")?;
+                catalog.numbering_checked = facts.try_get("checked")?;
+                catalog.numbered = facts.try_get("numbered")?;
+                let names: Vec<String> = facts.try_get("indexes")?;
+                let valid: Vec<bool> = facts.try_get("valid")?;
+                catalog.indexes = names.into_iter().zip(valid).collect();
+            }
+            Ok(catalog)
         })
         .await
     }

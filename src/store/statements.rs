@@ -304,7 +304,9 @@ fn read_pending_side(t: &OutboxTable, raw: bool, side: &str) -> String {
         select += &withheld(&format!("o.{column}"));
     }
     for (_, column) in &t.header_columns {
-        select += &withheld(&format!("o.{column}::text"));
+        let c = format!("o.{column}::text");
+        select +=
+            &format!("WHEN pg_catalog.octet_length({c}) > $8 THEN pg_catalog.octet_length({c}) ");
     }
     select += &format!(
         "END::bigint AS withheld_bytes, \

@@ -161,8 +161,44 @@ pub(crate) const BOOKKEEPING: &[(&str, &str)] = &[
 
 const TEXT_TYPES: &[&str] = &["text", "character varying", "character"];
 
-/// The table's columns as the catalog has them: (name, type without modifiers).
-pub(crate) type CatalogColumns = Vec<(String, String)>;
+/// What the catalog says about a table `[outbox]` names.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Catalog {
+    /// (name, type without modifiers, NOT NULL); empty when the table does not exist.
+    pub(crate) columns: Vec<(String, String, bool)>,
+    /// `r` for a table; `p` for a partitioned one.
+    pub(crate) kind: String,
+    /// Whether the CHECK that every row has its `relay_seq` is validated: numbering ended.
+    pub(crate) numbered: bool,
+    /// Whether the CHECK exists at all (validated or not).
+    pub(crate) numbering_checked: bool,
+    /// The relay's indexes on it: (name, valid).
+    pub(crate) indexes: Vec<(String, bool)>,
+}
+
+impl Catalog {
+    pub(crate) fn has(&self, column: &str) -> bool {
+        self.columns.iter().any(|(c, _, _)| c == column)
+    }
+
+    fn type_of(&self, column: &str) -> Option<&str> {
+        self.columns
+            .iter()
+            .find(|(c, _, _)| c == column)
+            .map(|(_, ty, _)| ty.as_str())
+    }
+
+    fn not_null(&self, column: &str) -> bool {
+        self.columns.iter().any(|(c, _, n)| c == column && *n)
+    }
+
+    /// The relay's own table, made by its migrations (whatever name it was given).
+    fn is_the_relays_own(&self) -> bool {
+        ["id", "event_id", "payload_bytes", "shard", "created_at"]
+            .iter()
+            .all(|c| self.has(c))
+    }
+}
 
 fn config_error(key: impl Into<String>, message: impl Into<String>) -> super::StoreError {
     super::StoreError::Config {
@@ -175,12 +211,9 @@ impl TableSpec {
     /// The table as the relay will use it, from its columns in the catalog: each mapped
     /// column must exist with a type the relay can use (else a configuration error naming
     /// the key), and the relay's bookkeeping must be in place (else `migrate` adopts it).
-    pub(crate) fn resolve(
-        &self,
-        columns: &CatalogColumns,
-    ) -> Result<OutboxTable, super::StoreError> {
+    pub(crate) fn resolve(&self, catalog: &Catalog) -> Result<OutboxTable, super::StoreError> {
         let display = self.display();
-        if columns.is_empty() {
+        if catalog.columns.is_empty() {
             return Err(config_error(
                 "outbox.table",
                 format!(
@@ -188,15 +221,24 @@ impl TableSpec {
                 ),
             ));
         }
-        let type_of = |name: &str| {
-            columns
-                .iter()
-                .find(|(column, _)| column == name)
-                .map(|(_, ty)| ty.as_str())
-        };
-        let mapped = |key: &str, column: &str, allowed: &[&str], needs: &str| {
+        if catalog.kind != "r" {
+            return Err(config_error(
+                "outbox.table",
+                format!("{display} is partitioned; the relay adopts plain tables only"),
+            ));
+        }
+        if catalog.is_the_relays_own() {
+            // The relay's own table under an explicit name: its own columns and indexes.
+            return Ok(OutboxTable {
+                name: self.quoted_name(),
+                display,
+                pending_index: format!("{}.{}", quote(&self.schema), quote("outbox_pending_idx")),
+                ..OutboxTable::own()
+            });
+        }
+        let mapped = |key: &str, column: &str, allowed: &[&str], needs: &str, required: bool| {
             let key = format!("outbox.columns.{key}");
-            match type_of(column) {
+            match catalog.type_of(column) {
                 None => Err(config_error(
                     key,
                     format!("{display} has no column `{column}`; name one of its columns"),
@@ -205,14 +247,21 @@ impl TableSpec {
                     key,
                     format!("column `{column}` of {display} is {ty}; the relay needs {needs}"),
                 )),
+                Some(_) if required && !catalog.not_null(column) => Err(config_error(
+                    key,
+                    format!(
+                        "column `{column}` of {display} may be NULL, and a NULL there would stop the relay; make it NOT NULL (ALTER TABLE ... ALTER COLUMN ... SET NOT NULL)"
+                    ),
+                )),
                 Some(ty) => Ok((quote(column), ty.to_string())),
             }
         };
-        let (event_id, _) = mapped("event_id", &self.columns[0].1, &["uuid"], "uuid")?;
+        let (event_id, _) = mapped("event_id", &self.columns[0].1, &["uuid"], "uuid", true)?;
         let text = "text or varchar";
-        let (aggregate_type, _) = mapped("aggregate_type", &self.columns[1].1, TEXT_TYPES, text)?;
-        let (aggregate_id, _) = mapped("aggregate_id", &self.columns[2].1, TEXT_TYPES, text)?;
-        let (event_type, _) = mapped("event_type", &self.columns[3].1, TEXT_TYPES, text)?;
+        let (aggregate_type, _) =
+            mapped("aggregate_type", &self.columns[1].1, TEXT_TYPES, text, true)?;
+        let (aggregate_id, _) = mapped("aggregate_id", &self.columns[2].1, TEXT_TYPES, text, true)?;
+        let (event_type, _) = mapped("event_type", &self.columns[3].1, TEXT_TYPES, text, true)?;
         let optional = |key: &str| {
             self.optional
                 .iter()
@@ -227,6 +276,7 @@ impl TableSpec {
                     &column,
                     &["jsonb", "json", "text", "character varying", "bytea"],
                     "jsonb, json, text or bytea",
+                    false,
                 )?;
                 let kind = match ty.as_str() {
                     "jsonb" | "json" => PayloadKind::Json,
@@ -237,55 +287,62 @@ impl TableSpec {
             }
         };
         let headers = optional("headers")
-            .map(|column| mapped("headers", &column, &["jsonb"], "jsonb (an object)").map(|c| c.0))
+            .map(|column| {
+                mapped("headers", &column, &["jsonb"], "jsonb (an object)", false).map(|c| c.0)
+            })
             .transpose()?;
         let topic = optional("topic")
-            .map(|column| mapped("topic", &column, TEXT_TYPES, text).map(|c| c.0))
+            .map(|column| mapped("topic", &column, TEXT_TYPES, text, false).map(|c| c.0))
             .transpose()?;
         let mut header_columns = Vec::new();
         for (header, column) in &self.header_columns {
-            match type_of(column) {
-                Some(_) => header_columns.push((header.clone(), quote(column))),
-                None => {
-                    return Err(config_error(
-                        format!("outbox.header_columns.{header}"),
-                        format!("{display} has no column `{column}`; name one of its columns"),
-                    ));
-                }
+            if !catalog.has(column) {
+                return Err(config_error(
+                    format!("outbox.header_columns.{header}"),
+                    format!("{display} has no column `{column}`; name one of its columns"),
+                ));
             }
+            header_columns.push((header.clone(), quote(column)));
         }
         let adopt = |what: &str| {
             super::StoreError::Schema(format!(
-                "{display} has no {what} yet: run `outbox-relay migrate` to adopt it (`--dry-run` shows what it changes)"
+                "{display} {what}: run `outbox-relay migrate` to adopt it (`--dry-run` shows what it changes)"
             ))
         };
         for (column, ty) in BOOKKEEPING {
-            if type_of(column) != Some(*ty) {
-                return Err(adopt(&format!("column {column} ({ty})")));
+            if catalog.type_of(column) != Some(*ty) {
+                return Err(adopt(&format!("has no column {column} ({ty}) yet")));
             }
         }
-        let taken: Vec<&str> = self.columns.iter().map(|(_, c)| c.as_str()).collect();
-        let id = if type_of(ADOPTED_ID) == Some("bigint") {
-            quote(ADOPTED_ID)
-        } else if type_of("id") == Some("bigint") && !taken.contains(&"id") {
-            quote("id")
-        } else {
-            return Err(adopt(&format!("ordering column {ADOPTED_ID} (bigint)")));
-        };
-        let created_at = if type_of(ADOPTED_CREATED_AT) == Some("timestamp with time zone") {
+        if catalog.type_of(ADOPTED_ID) != Some("bigint") {
+            return Err(adopt(&format!("has no ordering column {ADOPTED_ID} yet")));
+        }
+        let created_at = if catalog.type_of(ADOPTED_CREATED_AT) == Some("timestamp with time zone")
+        {
             quote(ADOPTED_CREATED_AT)
-        } else if type_of("created_at") == Some("timestamp with time zone") {
-            quote("created_at")
         } else {
-            return Err(adopt(&format!(
-                "column {ADOPTED_CREATED_AT} (timestamp with time zone)"
-            )));
+            return Err(adopt(&format!("has no column {ADOPTED_CREATED_AT} yet")));
         };
-        let shard = (type_of("shard") == Some("smallint")).then(|| quote("shard"));
+        // Until every row has its number and the indexes are built, the rows already there
+        // would go out after newer ones, or not at all.
+        if !catalog.numbered {
+            return Err(adopt(
+                "is adopted only half-way (rows without their ordering number)",
+            ));
+        }
+        for name in self.relay_indexes() {
+            if !catalog
+                .indexes
+                .iter()
+                .any(|(n, valid)| *n == name && *valid)
+            {
+                return Err(adopt(&format!("lacks the valid index {name}")));
+            }
+        }
         Ok(OutboxTable {
             name: self.quoted_name(),
             display,
-            id,
+            id: quote(ADOPTED_ID),
             event_id,
             aggregate_type,
             aggregate_id,
@@ -296,9 +353,19 @@ impl TableSpec {
             topic,
             header_columns,
             created_at,
-            shard,
+            shard: None,
             pending_index: format!("{}.{}", quote(&self.schema), quote(&self.pending_index())),
         })
+    }
+
+    /// The indexes `migrate` gives an adopted table.
+    pub(crate) fn relay_indexes(&self) -> [String; 4] {
+        ["seq", "pending", "holding", "sent_at"].map(|what| self.index_name(what))
+    }
+
+    /// The CHECK that every row has its ordering number.
+    pub(crate) fn numbered_check(&self) -> String {
+        self.object_name("seq_check")
     }
 
     /// Name of the partial index of pending rows `migrate` gives an adopted table.
@@ -314,10 +381,18 @@ impl TableSpec {
     /// `<table>_relay_<what>`, the table's name cut so that it fits PostgreSQL's 63 bytes.
     pub(crate) fn object_name(&self, what: &str) -> String {
         let suffix = format!("_relay_{what}");
+        if self.table.len() + suffix.len() <= 63 {
+            return format!("{}{suffix}", self.table);
+        }
+        // Cut, with a hash of the whole name so that two long names do not collide.
+        let hash = self.table.bytes().fold(0xcbf2_9ce4_u32, |h, b| {
+            (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+        });
+        let tag = format!("_{hash:08x}");
         let mut table = self.table.clone();
-        while table.len() + suffix.len() > 63 {
+        while table.len() + tag.len() + suffix.len() > 63 {
             table.pop();
         }
-        format!("{table}{suffix}")
+        format!("{table}{tag}{suffix}")
     }
 }
