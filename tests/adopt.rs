@@ -406,8 +406,27 @@ topic = \"dest\"
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("relay.toml");
     std::fs::write(&config, mapping).unwrap();
-    let adopted = migrate(&db, &config, &[]);
+    let adopted = migrate(&db, &config, &["--notify-trigger", "on"]);
     assert!(adopted.status.success(), "{}", output_text(&adopted));
+    // The doorbell rings on the adopted table too.
+    let mut listener = sqlx::postgres::PgListener::connect(&db.url).await.unwrap();
+    listener.listen("outbox_relay").await.unwrap();
+    sqlx::query(insert)
+        .bind("thing")
+        .bind("entity-rung")
+        .bind("Changed")
+        .bind(vec![0u8, 159, 146, 11])
+        .bind(None::<String>)
+        .bind(r#"{"traceparent": "00-row11"}"#)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let rung = tokio::time::timeout(CONDITION_TIMEOUT, listener.recv())
+        .await
+        .expect("a notification within the timeout")
+        .unwrap();
+    assert_eq!(rung.channel(), "outbox_relay");
+    drop(listener);
 
     let relay = RunningRelay::start(template_settings(
         &db,
@@ -425,16 +444,16 @@ topic = \"dest\"
                 .unwrap()
         }
     };
-    wait_for("9 rows sent, 1 parked", CONDITION_TIMEOUT, || async {
-        count("SELECT count(*) FROM my_outbox WHERE sent_at IS NOT NULL").await == 9
+    wait_for("10 rows sent, 1 parked", CONDITION_TIMEOUT, || async {
+        count("SELECT count(*) FROM my_outbox WHERE sent_at IS NOT NULL").await == 10
             && count("SELECT count(*) FROM my_outbox WHERE parked_at IS NOT NULL").await == 1
     })
     .await;
     relay.stop().await;
 
-    let mut records = consume(&bootstrap, &template_topic, 4);
+    let mut records = consume(&bootstrap, &template_topic, 5);
     records.extend(consume(&bootstrap, &own_topic, 5));
-    assert_eq!(records.len(), 9);
+    assert_eq!(records.len(), 10);
     let uuids: Vec<(String, Vec<u8>)> =
         sqlx::query_as("SELECT event_uuid::text, body FROM my_outbox WHERE sent_at IS NOT NULL")
             .fetch_all(&db.pool)
