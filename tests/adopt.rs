@@ -52,14 +52,18 @@ async fn write(db: &TestDb, aggregates: usize, per_aggregate: usize, first_seq: 
     }
 }
 
-fn migrate(db: &TestDb, config: &std::path::Path, args: &[&str]) -> Output {
+/// `outbox-relay --config CONFIG ARGS...` against the test's database and broker.
+fn outbox_relay(db: &TestDb, config: &std::path::Path, args: &[&str]) -> Output {
     relay_command(&db.url, &kafka_bootstrap())
         .arg("--config")
         .arg(config)
-        .arg("migrate")
         .args(args)
         .output()
         .unwrap()
+}
+
+fn migrate(db: &TestDb, config: &std::path::Path, args: &[&str]) -> Output {
+    outbox_relay(db, config, &[&["migrate"], args].concat())
 }
 
 async fn columns(db: &TestDb) -> Vec<String> {
@@ -162,12 +166,7 @@ async fn a_debezium_shaped_outbox_is_adopted_and_relayed_old_rows_and_new_in_ord
     assert_eq!(lease_table, None, "a dry run creates nothing");
 
     // Before the adoption, the relay refuses the table and says what to do.
-    let check = relay_command(&db.url, &bootstrap)
-        .arg("--config")
-        .arg(&config)
-        .arg("check")
-        .output()
-        .unwrap();
+    let check = outbox_relay(&db, &config, &["check"]);
     assert!(!check.status.success());
     assert!(
         output_text(&check).contains("outbox-relay migrate"),
@@ -198,12 +197,7 @@ async fn a_debezium_shaped_outbox_is_adopted_and_relayed_old_rows_and_new_in_ord
         .execute(&db.pool)
         .await
         .unwrap();
-    let refused = relay_command(&db.url, &bootstrap)
-        .arg("--config")
-        .arg(&config)
-        .arg("check")
-        .output()
-        .unwrap();
+    let refused = outbox_relay(&db, &config, &["check"]);
     assert!(!refused.status.success());
     assert!(
         output_text(&refused).contains("half-way"),
@@ -292,12 +286,7 @@ async fn a_debezium_shaped_outbox_is_adopted_and_relayed_old_rows_and_new_in_ord
     }
 
     // Its sent rows are pruned like the relay's own.
-    let prune = relay_command(&db.url, &bootstrap)
-        .arg("--config")
-        .arg(&config)
-        .args(["prune", "--older-than", "0s"])
-        .output()
-        .unwrap();
+    let prune = outbox_relay(&db, &config, &["prune", "--older-than", "0s"]);
     assert!(prune.status.success(), "{}", output_text(&prune));
     assert!(
         String::from_utf8_lossy(&prune.stdout).contains("deleted 80 sent rows"),
@@ -312,7 +301,6 @@ async fn a_debezium_shaped_outbox_is_adopted_and_relayed_old_rows_and_new_in_ord
 async fn a_column_that_is_missing_or_of_the_wrong_type_exits_2_naming_the_key() {
     let db = TestDb::empty().await;
     sqlx::raw_sql(TABLE).execute(&db.pool).await.unwrap();
-    let bootstrap = kafka_bootstrap();
     let dir = tempfile::tempdir().unwrap();
     for (mistake, key) in [
         (
@@ -330,12 +318,7 @@ async fn a_column_that_is_missing_or_of_the_wrong_type_exits_2_naming_the_key() 
             .replace("[outbox.columns]", &format!("[outbox.columns]\n{mistake}"));
         std::fs::write(&config, mapping).unwrap();
         for command in ["check", "run"] {
-            let output = relay_command(&db.url, &bootstrap)
-                .arg("--config")
-                .arg(&config)
-                .arg(command)
-                .output()
-                .unwrap();
+            let output = outbox_relay(&db, &config, &[command]);
             assert_eq!(
                 output.status.code(),
                 Some(2),
@@ -486,17 +469,9 @@ topic = \"dest\"
         );
     }
 
-    let cli = |args: &[&str]| {
-        relay_command(&db.url, &bootstrap)
-            .arg("--config")
-            .arg(&config)
-            .args(args)
-            .output()
-            .unwrap()
-    };
-    let status = cli(&["status"]);
+    let status = outbox_relay(&db, &config, &["status"]);
     assert!(status.status.success(), "{}", output_text(&status));
-    let parked = cli(&["parked", "list"]);
+    let parked = outbox_relay(&db, &config, &["parked", "list"]);
     assert!(parked.status.success(), "{}", output_text(&parked));
     assert!(
         output_text(&parked).contains("bad_headers"),

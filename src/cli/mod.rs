@@ -309,6 +309,18 @@ async fn migrate(
     Ok(())
 }
 
+/// The store of the configured outbox, a table `[outbox]` names read from the catalog first
+/// (which needs no privilege on it).
+async fn open_outbox(settings: &Settings) -> anyhow::Result<Store> {
+    let store = Store::open(settings)
+        .context("Failed to configure the database connection from database.url")?;
+    store
+        .resolve_table()
+        .await
+        .context("Failed to read the outbox table's columns")?;
+    Ok(store)
+}
+
 /// `migrate` for a table `[outbox]` names: the plan, then (unless a dry run) each step.
 async fn adopt(
     store: &Store,

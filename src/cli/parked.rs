@@ -5,12 +5,7 @@
 use super::*;
 
 pub(super) async fn parked(settings: Settings, command: ParkedCommand) -> anyhow::Result<()> {
-    let store = Store::open(&settings)
-        .context("Failed to configure the database connection from database.url")?;
-    store
-        .resolve_table()
-        .await
-        .context("Failed to read the outbox table's columns")?;
+    let store = open_outbox(&settings).await?;
     let result = match command {
         ParkedCommand::List {
             aggregate,

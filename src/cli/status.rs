@@ -27,12 +27,7 @@ pub(super) fn pending_text(rows: i64, estimated: bool) -> String {
 }
 
 pub(super) async fn status(settings: Settings, json: bool) -> anyhow::Result<()> {
-    let store = Store::open(&settings)
-        .context("Failed to configure the database connection from database.url")?;
-    store
-        .resolve_table()
-        .await
-        .context("Failed to read the outbox table's columns")?;
+    let store = open_outbox(&settings).await?;
     let backlog = store
         .backlog_stats()
         .await
