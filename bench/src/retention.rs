@@ -72,7 +72,7 @@ pub async fn measure(
     while started.elapsed().as_secs_f64() < seconds {
         sqlx::query(
             "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) \
-             SELECT 'bench', 'agg-' || (g % 100), 'Flowed', \
+             SELECT 'order', 'agg-' || (g % 100), 'Flowed', \
                     jsonb_build_object('seq', g, 'pad', repeat('x', 960)) \
              FROM generate_series(1, $1) AS g",
         )
