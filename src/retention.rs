@@ -7,7 +7,7 @@ use std::time::Duration;
 use tokio::time::sleep;
 use tokio_util::sync::CancellationToken;
 
-use crate::store::{Pruned, Store};
+use crate::store::Store;
 use crate::telemetry::{DatabaseError, RowsPruned, emit};
 
 /// Rows deleted per statement: short statements, short row locks.
@@ -19,29 +19,20 @@ const LONGEST_SWEEP_INTERVAL: Duration = Duration::from_secs(60);
 pub(crate) async fn sweep_sent_rows(store: Store, retain: Duration, cancel: CancellationToken) {
     let every = retain.min(LONGEST_SWEEP_INTERVAL);
     while !cancel.is_cancelled() {
-        let mut deleted = 0;
-        loop {
-            match store.prune_sent(retain, PRUNE_BATCH).await {
-                Ok(Pruned::Rows(rows)) => {
-                    deleted += rows;
-                    if rows < PRUNE_BATCH as u64 || cancel.is_cancelled() {
-                        break;
-                    }
-                }
-                Ok(Pruned::Busy) => break,
-                Err(err) => {
-                    emit(DatabaseError {
-                        kind: err.kind(),
-                        error: &err,
-                        message: "could not delete sent rows past relay.retain_sent",
-                    });
-                    break;
-                }
-            }
+        // Another replica's sweep (`busy`) simply waits for the next round.
+        let sweep = store
+            .prune_all_sent(retain, PRUNE_BATCH, || cancel.is_cancelled())
+            .await;
+        if let Some(err) = &sweep.error {
+            emit(DatabaseError {
+                kind: err.kind(),
+                error: err,
+                message: "could not delete sent rows past relay.retain_sent",
+            });
         }
-        if deleted > 0 {
+        if sweep.deleted > 0 {
             emit(RowsPruned {
-                rows: deleted,
+                rows: sweep.deleted,
                 older_than: retain,
             });
         }

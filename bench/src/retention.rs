@@ -41,7 +41,7 @@ async fn table_bytes(db: &Db) -> Result<i64> {
 
 /// Inserts `rate` 1 KB rows a second for `seconds` (ten statements a second), the relay
 /// running with `retain_sent`, then waits until every row was sent and, with retention
-/// on, for two more sweeps.
+/// on, deleted.
 pub async fn measure(
     db: &Db,
     launcher: &RelayLauncher,
@@ -102,7 +102,16 @@ pub async fn measure(
     }
     if !retain.is_zero() {
         // Rows sent at the end are deleted retain later, at the next sweep after that.
-        tokio::time::sleep(retain + retain.min(Duration::from_secs(60)) * 2).await;
+        let deadline = Instant::now()
+            + retain
+            + retain.min(Duration::from_secs(60)) * 2
+            + Duration::from_secs(60);
+        while db.count("sent_at IS NOT NULL").await? > 0 {
+            if Instant::now() > deadline {
+                bail!("sent rows still in the table past relay.retain_sent and two sweeps");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
     samples.push((started.elapsed().as_secs_f64(), table_bytes(db).await?));
     let final_bytes = table_bytes(db).await?;

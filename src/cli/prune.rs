@@ -3,7 +3,6 @@
 
 use super::*;
 use crate::retention::PRUNE_BATCH;
-use crate::store::Pruned;
 
 pub(super) async fn prune(
     settings: Settings,
@@ -25,23 +24,19 @@ pub(super) async fn prune(
         println!("{rows} sent rows are older than {age}; --dry-run: nothing deleted");
         return Ok(());
     }
-    let mut deleted = 0;
-    loop {
-        match store
-            .prune_sent(older_than, PRUNE_BATCH)
-            .await
-            .context("Failed to delete sent rows")?
-        {
-            Pruned::Rows(rows) => {
-                deleted += rows;
-                if rows < PRUNE_BATCH as u64 {
-                    break;
-                }
-            }
-            Pruned::Busy => anyhow::bail!(
-                "another relay or prune is deleting sent rows right now ({deleted} deleted here); run it again later"
-            ),
-        }
+    let sweep = store
+        .prune_all_sent(older_than, PRUNE_BATCH, || false)
+        .await;
+    let deleted = sweep.deleted;
+    if let Some(err) = sweep.error {
+        return Err(err).context(format!(
+            "Failed to delete sent rows ({deleted} deleted before the failure)"
+        ));
+    }
+    if sweep.busy {
+        anyhow::bail!(
+            "another relay or prune is deleting sent rows right now ({deleted} deleted here); run it again later"
+        );
     }
     println!("deleted {deleted} sent rows older than {age}");
     store.pool().close().await;

@@ -183,7 +183,7 @@ impl Store {
                 until_done: false,
             });
         }
-        let aggregate_id = quote(&spec.columns[2].1);
+        let aggregate_id = quote(&spec.columns.aggregate_id);
         let indexes = &catalog.indexes;
         let wanted = [
             (
@@ -269,30 +269,7 @@ impl Store {
             .await?;
         for (i, step) in plan.steps.iter().enumerate() {
             progress(i, step);
-            loop {
-                let mut changed = 0;
-                if step.concurrently {
-                    for statement in &step.statements {
-                        sqlx::query(statement)
-                            .persistent(false)
-                            .execute(&mut *conn)
-                            .await?;
-                    }
-                } else {
-                    let mut tx = sqlx::Connection::begin(&mut *conn).await?;
-                    for statement in &step.statements {
-                        changed += sqlx::query(statement)
-                            .persistent(false)
-                            .execute(&mut *tx)
-                            .await?
-                            .rows_affected();
-                    }
-                    tx.commit().await?;
-                }
-                if !step.until_done || changed == 0 {
-                    break;
-                }
-            }
+            while run_step(&mut conn, step).await? > 0 && step.until_done {}
         }
         Ok(())
     }
@@ -308,14 +285,7 @@ impl Store {
                 .await;
         };
         let step = notify_step(&spec.quoted_name(), &spec.display(), channel);
-        let mut tx = self.pool().begin().await?;
-        for statement in &step.statements {
-            sqlx::query(statement)
-                .persistent(false)
-                .execute(&mut *tx)
-                .await?;
-        }
-        tx.commit().await?;
+        run_step(&mut *self.pool().acquire().await?, &step).await?;
         Ok(())
     }
 
@@ -347,6 +317,32 @@ impl Store {
         })
         .await
     }
+}
+
+/// Runs one step's statements, in one transaction unless it builds indexes concurrently.
+/// Returns the rows they changed.
+async fn run_step(conn: &mut sqlx::PgConnection, step: &Step) -> Result<u64, StoreError> {
+    let mut changed = 0;
+    if step.concurrently {
+        for statement in &step.statements {
+            changed += sqlx::query(statement)
+                .persistent(false)
+                .execute(&mut *conn)
+                .await?
+                .rows_affected();
+        }
+    } else {
+        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+        for statement in &step.statements {
+            changed += sqlx::query(statement)
+                .persistent(false)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+        }
+        tx.commit().await?;
+    }
+    Ok(changed)
 }
 
 /// The doorbell on an adopted table: a statement-level trigger notifying `channel`, or

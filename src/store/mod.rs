@@ -28,7 +28,7 @@ pub use adopt::{AdoptionPlan, Step};
 pub(crate) use error::ERROR_KINDS;
 pub use error::StoreError;
 pub use read::ReadLimits;
-pub use retention::Pruned;
+pub use retention::{Pruned, Sweep};
 pub use schema::MIGRATOR;
 pub use status::BacklogStats;
 pub(crate) use status::{EXACT_PENDING_UP_TO, ReplicaStatus};

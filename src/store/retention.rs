@@ -33,7 +33,50 @@ pub enum Pruned {
     Busy,
 }
 
+/// What deleting every row sent before a cut-off came to.
+#[derive(Debug)]
+pub struct Sweep {
+    pub deleted: u64,
+    /// It stopped because another session was pruning.
+    pub busy: bool,
+    /// It stopped on this database error.
+    pub error: Option<StoreError>,
+}
+
 impl Store {
+    /// Deletes the rows sent more than `older_than` ago, `batch` at a time, until none is
+    /// left, another session prunes, a statement fails, or `stop()` says so.
+    pub async fn prune_all_sent(
+        &self,
+        older_than: Duration,
+        batch: i64,
+        stop: impl Fn() -> bool,
+    ) -> Sweep {
+        let mut sweep = Sweep {
+            deleted: 0,
+            busy: false,
+            error: None,
+        };
+        loop {
+            match self.prune_sent(older_than, batch).await {
+                Ok(Pruned::Rows(rows)) => {
+                    sweep.deleted += rows;
+                    if rows < batch as u64 || stop() {
+                        return sweep;
+                    }
+                }
+                Ok(Pruned::Busy) => {
+                    sweep.busy = true;
+                    return sweep;
+                }
+                Err(err) => {
+                    sweep.error = Some(err);
+                    return sweep;
+                }
+            }
+        }
+    }
+
     /// Deletes at most `max_rows` of the rows sent more than `older_than` ago, oldest
     /// first, unless another session is pruning.
     pub async fn prune_sent(

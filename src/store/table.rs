@@ -2,7 +2,7 @@
 //! already has, whose columns `[outbox]` maps and the catalog confirms before anything runs.
 //! Every name is double-quoted here; nothing from the configuration reaches SQL otherwise.
 
-use crate::config::OutboxSettings;
+use crate::config::{OutboxColumns, OutboxSettings};
 
 /// A name as SQL reads it: double-quoted, inner quotes doubled.
 pub(crate) fn quote(name: &str) -> String {
@@ -102,8 +102,7 @@ impl OutboxTable {
 pub struct TableSpec {
     pub(crate) schema: String,
     pub(crate) table: String,
-    pub(crate) columns: Vec<(&'static str, String)>,
-    pub(crate) optional: Vec<(&'static str, Option<String>)>,
+    pub(crate) columns: OutboxColumns,
     pub(crate) header_columns: Vec<(String, String)>,
 }
 
@@ -111,24 +110,10 @@ impl TableSpec {
     /// `None` for the relay's own table (nothing to ask the catalog about).
     pub fn from_settings(outbox: &OutboxSettings, default_schema: &str) -> Option<Self> {
         let (schema, table) = outbox.table_name(default_schema)?;
-        let columns = &outbox.columns;
         Some(Self {
             schema,
             table,
-            columns: vec![
-                ("event_id", columns.event_id.clone()),
-                ("aggregate_type", columns.aggregate_type.clone()),
-                ("aggregate_id", columns.aggregate_id.clone()),
-                ("event_type", columns.event_type.clone()),
-            ],
-            optional: vec![
-                (
-                    "payload",
-                    Some(columns.payload.clone()).filter(|c| !c.is_empty()),
-                ),
-                ("headers", columns.headers.clone().filter(|c| !c.is_empty())),
-                ("topic", columns.topic.clone().filter(|c| !c.is_empty())),
-            ],
+            columns: outbox.columns.clone(),
             header_columns: outbox
                 .header_columns
                 .iter()
@@ -256,19 +241,32 @@ impl TableSpec {
                 Some(ty) => Ok((quote(column), ty.to_string())),
             }
         };
-        let (event_id, _) = mapped("event_id", &self.columns[0].1, &["uuid"], "uuid", true)?;
+        let (event_id, _) = mapped("event_id", &self.columns.event_id, &["uuid"], "uuid", true)?;
         let text = "text or varchar";
-        let (aggregate_type, _) =
-            mapped("aggregate_type", &self.columns[1].1, TEXT_TYPES, text, true)?;
-        let (aggregate_id, _) = mapped("aggregate_id", &self.columns[2].1, TEXT_TYPES, text, true)?;
-        let (event_type, _) = mapped("event_type", &self.columns[3].1, TEXT_TYPES, text, true)?;
-        let optional = |key: &str| {
-            self.optional
-                .iter()
-                .find(|(k, _)| *k == key)
-                .and_then(|(_, column)| column.clone())
-        };
-        let payload = match optional("payload") {
+        let (aggregate_type, _) = mapped(
+            "aggregate_type",
+            &self.columns.aggregate_type,
+            TEXT_TYPES,
+            text,
+            true,
+        )?;
+        let (aggregate_id, _) = mapped(
+            "aggregate_id",
+            &self.columns.aggregate_id,
+            TEXT_TYPES,
+            text,
+            true,
+        )?;
+        let (event_type, _) = mapped(
+            "event_type",
+            &self.columns.event_type,
+            TEXT_TYPES,
+            text,
+            true,
+        )?;
+        // An optional role is mapped when it names a column; unset or `""` is none.
+        let named = |column: Option<&String>| column.filter(|c| !c.is_empty()).cloned();
+        let payload = match named(Some(&self.columns.payload)) {
             None => None,
             Some(column) => {
                 let (quoted, ty) = mapped(
@@ -286,12 +284,12 @@ impl TableSpec {
                 Some((quoted, kind))
             }
         };
-        let headers = optional("headers")
+        let headers = named(self.columns.headers.as_ref())
             .map(|column| {
                 mapped("headers", &column, &["jsonb"], "jsonb (an object)", false).map(|c| c.0)
             })
             .transpose()?;
-        let topic = optional("topic")
+        let topic = named(self.columns.topic.as_ref())
             .map(|column| mapped("topic", &column, TEXT_TYPES, text, false).map(|c| c.0))
             .transpose()?;
         let mut header_columns = Vec::new();
