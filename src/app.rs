@@ -52,6 +52,11 @@ impl App {
                 crate::store::ERROR_KINDS,
             ),
             (telemetry::ROWS_PARKED, "reason", PARK_REASONS),
+            (
+                telemetry::IDLE_WAITS,
+                "doorbell",
+                &["armed", "busy", "waiting", "off"],
+            ),
         ])
         .map_err(anyhow::Error::msg)
         .context("Failed to set up the metrics recorder")?;
@@ -107,7 +112,7 @@ impl App {
         let App {
             settings,
             store,
-            relay,
+            mut relay,
             health,
             wake,
             ownership,
@@ -132,12 +137,14 @@ impl App {
                 let listener_pool = crate::store::listener_pool(&settings.database)
                     .context("Failed to configure the LISTEN connection from database.url")?;
                 let listener = settings.database.listen.then(|| {
-                    metrics.spawn(wake::listen(
+                    let (doorbell, listen) = wake::doorbell(
                         listener_pool.clone(),
                         settings.database.listen_channel.clone(),
                         wake.clone(),
                         tasks_cancel.clone(),
-                    ))
+                    );
+                    relay.set_doorbell(doorbell);
+                    metrics.spawn(listen)
                 });
                 // The keeper renews leases until the relay has drained and marked: stopping it
                 // at SIGTERM would let the leases lapse mid-drain and the shards be republished.

@@ -174,24 +174,33 @@ async fn migrate_creates_the_table_and_check_reports_both_sides() {
     // A password in the URL (trust authentication ignores it) must never be printed.
     let url = db.url.replace("postgres@", "postgres:hunter2@");
 
-    let output = relay_command(&url, &bootstrap)
-        .args(["migrate", "--notify-trigger", "on"])
-        .output()
-        .unwrap();
-    assert!(output.status.success(), "{}", output_text(&output));
-    let triggers: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM pg_trigger WHERE tgname = 'outbox_notify' AND NOT tgisinternal",
-    )
-    .fetch_one(&db.pool)
-    .await
-    .unwrap();
-    assert_eq!(triggers, 1);
-    // Applying the migrations again is a no-op.
+    // The doorbell comes with a plain migrate: low latency is the default.
     let output = relay_command(&url, &bootstrap)
         .arg("migrate")
         .output()
         .unwrap();
     assert!(output.status.success(), "{}", output_text(&output));
+    assert!(
+        output_text(&output).contains("doorbell trigger installed (channel outbox_relay)"),
+        "{}",
+        output_text(&output)
+    );
+    let triggers = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM pg_trigger WHERE tgname = 'outbox_notify' AND NOT tgisinternal",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+    };
+    assert_eq!(triggers().await, 1);
+    // It can be removed, and applying the migrations again changes nothing else.
+    let output = relay_command(&url, &bootstrap)
+        .args(["migrate", "--notify-trigger", "off"])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", output_text(&output));
+    assert_eq!(triggers().await, 0);
 
     // `check` shows the size limit of the template's topics, as the relay learns it.
     let prefix = unique_prefix();

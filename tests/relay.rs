@@ -388,6 +388,12 @@ async fn the_doorbell_wakes_an_idle_relay() {
         http_get(relay.http_addr, "/readyz").await.0 == 200
     })
     .await;
+    // Asleep with the doorbell armed: writers ring from now on.
+    wait_for_metric(
+        relay.http_addr,
+        r#"outbox_relay_idle_waits_total{doorbell="armed""#,
+    )
+    .await;
     let idle_batches = health.batches();
     db.insert(&[NewRow::new("bell", "a", 1)]).await;
     wait_for(
@@ -397,6 +403,106 @@ async fn the_doorbell_wakes_an_idle_relay() {
     )
     .await;
     assert!(health.batches() > idle_batches);
+    relay.stop().await;
+    assert_eq!(consume(&bootstrap, &topic, 1).len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writers_ring_only_while_a_relay_sleeps() {
+    let db = TestDb::new().await;
+    sqlx::query("SELECT outbox_enable_notify(true)")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let mut listener = sqlx::postgres::PgListener::connect_with(&db.pool)
+        .await
+        .unwrap();
+    listener.listen("outbox_relay").await.unwrap();
+    let marker = async |text: &str| {
+        sqlx::query("SELECT pg_notify('outbox_relay', $1)")
+            .bind(text)
+            .execute(&db.pool)
+            .await
+            .unwrap();
+    };
+
+    // No relay sleeps: the insert does not notify, so the marker sent after it comes first.
+    db.insert(&[NewRow::new("ring", "a", 1)]).await;
+    marker("after the first insert").await;
+    assert_eq!(
+        listener.recv().await.unwrap().payload(),
+        "after the first insert"
+    );
+
+    // A relay sleeps (holds the doorbell lock on its session): the insert notifies.
+    let mut sleeper = db.pool.acquire().await.unwrap();
+    sqlx::query("SELECT pg_advisory_lock(1868722808, hashtext('outbox_relay'))")
+        .execute(&mut *sleeper)
+        .await
+        .unwrap();
+    db.insert(&[NewRow::new("ring", "a", 1)]).await;
+    marker("after the second insert").await;
+    assert_eq!(listener.recv().await.unwrap().payload(), "");
+    assert_eq!(
+        listener.recv().await.unwrap().payload(),
+        "after the second insert"
+    );
+
+    // Awake again: silence.
+    sqlx::query("SELECT pg_advisory_unlock(1868722808, hashtext('outbox_relay'))")
+        .execute(&mut *sleeper)
+        .await
+        .unwrap();
+    db.insert(&[NewRow::new("ring", "a", 1)]).await;
+    marker("after the third insert").await;
+    assert_eq!(
+        listener.recv().await.unwrap().payload(),
+        "after the third insert"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_committing_while_the_relay_falls_asleep_is_published_without_a_ring() {
+    let db = TestDb::new().await;
+    let bootstrap = kafka_bootstrap();
+    let prefix = unique_prefix();
+    let topic = format!("{prefix}.dusk");
+    create_topic(&bootstrap, &topic, 3).await;
+    sqlx::query("SELECT outbox_enable_notify(true)")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    // The writer inserts while no relay sleeps, so its trigger does not ring, and commits
+    // only after the relay has tried to fall asleep.
+    let mut writer = db.pool.begin().await.unwrap();
+    sqlx::query(
+        "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) \
+         VALUES ('dusk', 'a', 'E', '{}')",
+    )
+    .execute(&mut *writer)
+    .await
+    .unwrap();
+    let relay = start_doorbell_only_relay(&db, &bootstrap, &prefix).await;
+    // The relay found the doorbell's lock taken by the writer: it must look again soon,
+    // not sleep out its hour-long poll interval.
+    wait_for_metric(
+        relay.http_addr,
+        r#"outbox_relay_idle_waits_total{doorbell="busy""#,
+    )
+    .await;
+    writer.commit().await.unwrap();
+    wait_for(
+        "the row committed behind the doorbell's lock marked",
+        Duration::from_secs(20),
+        || async { db.sent().await == 1 },
+    )
+    .await;
+    let (_, metrics) = http_get(relay.http_addr, "/metrics").await;
+    assert_eq!(
+        metric_value(&metrics, "outbox_relay_doorbell_notifications_total"),
+        0.0,
+        "the writer checked the doorbell while the relay was awake: it never rang"
+    );
     relay.stop().await;
     assert_eq!(consume(&bootstrap, &topic, 1).len(), 1);
 }

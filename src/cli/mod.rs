@@ -52,10 +52,12 @@ pub(crate) enum Command {
     /// the table outbox.table names: add only what the relay needs, nothing its writers
     /// must supply.
     Migrate {
-        /// Install (`on`) or remove (`off`) the statement-level NOTIFY trigger that wakes
-        /// the relay at once. It costs a database-wide lock at each inserting commit.
-        #[arg(long, value_name = "on|off")]
-        notify_trigger: Option<Toggle>,
+        /// Install (`on`, the default) or remove (`off`) the doorbell: a statement-level
+        /// trigger that wakes a sleeping relay at once. A writer notifies only while the
+        /// relay sleeps (NOTIFY takes a database-wide lock at commit); without it the
+        /// relay finds new rows at its next poll (relay.poll_interval).
+        #[arg(long, value_name = "on|off", default_value = "on")]
+        notify_trigger: Toggle,
         /// Print every statement it would run, with the lock each takes and whether it
         /// rewrites or scans the table, and the rows that would be published; change
         /// nothing.
@@ -260,11 +262,7 @@ impl StopSignals {
     }
 }
 
-async fn migrate(
-    settings: Settings,
-    notify_trigger: Option<Toggle>,
-    dry_run: bool,
-) -> anyhow::Result<()> {
+async fn migrate(settings: Settings, notify_trigger: Toggle, dry_run: bool) -> anyhow::Result<()> {
     let store = Store::open(&settings)
         .context("Failed to configure the database connection from database.url")?;
     if store.adopts_table() {
@@ -289,24 +287,32 @@ async fn migrate(
             .await
             .context("Failed to apply the migrations")?;
         println!("outbox schema is up to date");
-        if let Some(toggle) = notify_trigger {
-            let enabled = matches!(toggle, Toggle::On);
-            store
-                .set_notify_trigger(enabled, &settings.database.listen_channel)
-                .await
-                .context("Failed to change the notify trigger")?;
-            if enabled {
-                println!(
-                    "notify trigger installed (channel {})",
-                    settings.database.listen_channel
-                );
-            } else {
-                println!("notify trigger removed");
-            }
-        }
+        let enabled = matches!(notify_trigger, Toggle::On);
+        store
+            .set_notify_trigger(enabled, &settings.database.listen_channel)
+            .await
+            .context("Failed to change the notify trigger")?;
+        print_doorbell(&settings, enabled);
     }
     store.pool().close().await;
     Ok(())
+}
+
+fn print_doorbell(settings: &Settings, installed: bool) {
+    let channel = &settings.database.listen_channel;
+    match (installed, settings.database.listen) {
+        (true, true) => println!(
+            "doorbell trigger installed (channel {channel}): inserts wake a sleeping relay at once"
+        ),
+        (true, false) => println!(
+            "doorbell trigger installed (channel {channel}); database.listen = false here, so this relay polls every {:?}",
+            settings.relay.poll_interval
+        ),
+        (false, _) => println!(
+            "doorbell trigger removed: the relay finds new rows at its next poll (every {:?})",
+            settings.relay.poll_interval
+        ),
+    }
 }
 
 /// The store of the configured outbox, a table `[outbox]` names read from the catalog first
@@ -325,11 +331,11 @@ async fn open_outbox(settings: &Settings) -> anyhow::Result<Store> {
 async fn adopt(
     store: &Store,
     settings: &Settings,
-    notify_trigger: Option<Toggle>,
+    notify_trigger: Toggle,
     dry_run: bool,
 ) -> anyhow::Result<()> {
-    let channel = matches!(notify_trigger, Some(Toggle::On))
-        .then_some(settings.database.listen_channel.as_str());
+    let channel =
+        matches!(notify_trigger, Toggle::On).then_some(settings.database.listen_channel.as_str());
     let plan = store
         .adoption_plan(channel)
         .await
@@ -368,13 +374,13 @@ async fn adopt(
         .context(
             "Failed to adopt the table (steps already run stay; run migrate again to finish)",
         )?;
-    if matches!(notify_trigger, Some(Toggle::Off)) {
+    if matches!(notify_trigger, Toggle::Off) {
         store
             .set_adopted_notify_trigger(None)
             .await
             .context("Failed to remove the notify trigger")?;
-        println!("notify trigger removed");
     }
+    print_doorbell(settings, matches!(notify_trigger, Toggle::On));
     store
         .verify_schema()
         .await

@@ -1,4 +1,4 @@
-//! Retry delays: doubling from 100 ms up to a cap, each one drawn at random from its upper
+//! Retry delays: doubling from 100 ms (or another first step) up to a cap, each one drawn at random from its upper
 //! half, so that replicas failing together (a database failover, a broker restart) do not
 //! retry in lockstep.
 
@@ -9,13 +9,23 @@ const FIRST: Duration = Duration::from_millis(100);
 /// Delay that doubles from 100 ms up to a cap, reset after a success.
 #[derive(Debug)]
 pub struct Backoff {
+    first: Duration,
     next: Duration,
     cap: Duration,
 }
 
 impl Backoff {
     pub fn new(cap: Duration) -> Self {
-        Self { next: FIRST, cap }
+        Self::between(FIRST, cap)
+    }
+
+    /// Doubling from `first` instead of 100 ms.
+    pub fn between(first: Duration, cap: Duration) -> Self {
+        Self {
+            first,
+            next: first,
+            cap,
+        }
     }
 
     /// The next delay: between half of the doubling step and the step itself ("equal
@@ -28,7 +38,7 @@ impl Backoff {
     }
 
     pub fn reset(&mut self) {
-        self.next = FIRST;
+        self.next = self.first;
     }
 }
 

@@ -28,9 +28,10 @@ use crate::lease::{Ownership, Snapshot};
 use crate::model::{Backoff, Mode, OutboxRow, ParkPolicy, ParkReason, TopicTemplate};
 use crate::store::{Ack, Parking, ReadLimits, Store, StoreError};
 use crate::telemetry::{
-    BatchFinished, DatabaseError, Health, Metrics, ProducerClientError, PublishErrors, RowParked,
-    RowsFenced, TopicLabels, emit,
+    BatchFinished, DatabaseError, Health, Metrics, ProducerClientError, PublishErrors, RelayWaited,
+    RowParked, RowsFenced, TopicLabels, emit,
 };
+use crate::wake::{Doorbell, Sleep};
 pub use waiting::MAX_WAITING_TOPICS;
 use waiting::{Hold, WaitingTopics};
 
@@ -46,6 +47,13 @@ use writer::*;
 
 /// While waiting for acks, how often to re-check (fatal errors, stall, drain deadline).
 const STALLED_RECHECK: Duration = Duration::from_secs(1);
+
+/// The first look again after the doorbell's lock was found taken: a writer holds it only
+/// from its outbox insert to its commit.
+const BUSY_DOORBELL_FIRST: Duration = Duration::from_millis(1);
+/// ... and the longest: a writer that keeps its transaction open after its outbox insert
+/// keeps the relay from sleeping, and the rows other writers commit meanwhile do not ring.
+const BUSY_DOORBELL_CAP: Duration = Duration::from_millis(50);
 
 /// How long past the drain deadline the last mark may take before the relay exits anyway.
 const FINAL_MARK_GRACE: Duration = Duration::from_secs(5);
@@ -111,6 +119,12 @@ pub(crate) struct Relay {
     metrics: Metrics,
     topic_labels: TopicLabels,
     wake: Arc<Notify>,
+    /// Tells writers whether to ring; `None` polls only.
+    doorbell: Option<Doorbell>,
+    /// This replica holds (or waits for) the doorbell's lock: writers ring until it wakes.
+    asleep: bool,
+    /// How soon to look again while a writer still commits behind the doorbell's lock.
+    busy_doorbell: Backoff,
     ownership: Arc<Ownership>,
     replica_id: String,
     /// The previous batch's mark, running while this batch is read and produced.
@@ -230,6 +244,12 @@ impl Relay {
             metrics,
             topic_labels: TopicLabels::default(),
             wake,
+            doorbell: None,
+            asleep: false,
+            busy_doorbell: Backoff::between(
+                BUSY_DOORBELL_FIRST,
+                BUSY_DOORBELL_CAP.min(settings.relay.poll_interval),
+            ),
             ownership,
             replica_id: settings.replica_id(),
             pending_write: None,
@@ -247,6 +267,11 @@ impl Relay {
             cluster_topics: None,
             drain,
         })
+    }
+
+    /// Lets writers ring this relay awake through `doorbell` instead of waiting for its poll.
+    pub(crate) fn set_doorbell(&mut self, doorbell: Doorbell) {
+        self.doorbell = Some(doorbell);
     }
 
     /// Runs until `cancel`, then drains the batch in flight and returns. Database errors
@@ -272,10 +297,10 @@ impl Relay {
                     blocked_backoff.reset();
                     Ok(())
                 }
-                Ok(Tick::Batch { .. } | Tick::Idle) => {
+                Ok(tick @ (Tick::Batch { .. } | Tick::Idle)) => {
                     backoff.reset();
                     blocked_backoff.reset();
-                    self.wait_for_rows(&cancel).await
+                    self.wait_for_rows(tick != Tick::Idle, &cancel).await
                 }
                 Ok(Tick::Stopped) => break,
                 Err(err) => Err(err),
@@ -363,6 +388,9 @@ impl Relay {
             }
         };
         self.health.set_database_ok(true);
+        if !rows.is_empty() {
+            self.wake_up();
+        }
         if rows.is_empty() {
             // A mark still running is reported by `wait_for_rows` when it commits; waiting
             // for it here would leave a doorbell unanswered while a slow mark waits.
@@ -533,7 +561,16 @@ impl Relay {
 
     /// Waits for the doorbell, the poll interval or shutdown. A mark still running in the
     /// background is reported as soon as it commits, not when the next batch is read.
-    async fn wait_for_rows(&mut self, cancel: &CancellationToken) -> Result<(), RelayError> {
+    /// Returns at once when the doorbell was just armed: rows committed before it are
+    /// visible to the next read, and those after it ring.
+    async fn wait_for_rows(
+        &mut self,
+        found_rows: bool,
+        cancel: &CancellationToken,
+    ) -> Result<(), RelayError> {
+        if found_rows {
+            self.busy_doorbell.reset();
+        }
         let until = Instant::now() + self.settings.poll_interval;
         if let Some(pending) = self.pending_write.as_mut() {
             let written = tokio::select! {
@@ -552,12 +589,55 @@ impl Relay {
                 self.report(pending.settled, parked, marked);
             }
         }
+        let sleep = match &self.doorbell {
+            Some(doorbell) => doorbell.sleep().await,
+            None => Sleep::Off,
+        };
+        let until = match sleep {
+            Sleep::Armed => {
+                self.asleep = true;
+                self.busy_doorbell.reset();
+                return Ok(());
+            }
+            Sleep::Asleep => {
+                emit(RelayWaited("armed"));
+                until
+            }
+            Sleep::Busy => {
+                emit(RelayWaited("busy"));
+                self.asleep = true;
+                Instant::now() + self.busy_doorbell.next_delay()
+            }
+            Sleep::Waiting => {
+                emit(RelayWaited("waiting"));
+                self.asleep = true;
+                until
+            }
+            Sleep::Off => {
+                emit(RelayWaited("off"));
+                until
+            }
+        };
         tokio::select! {
             _ = self.wake.notified() => {}
             _ = sleep_until(until) => {}
             _ = cancel.cancelled() => {}
         }
+        // A waiter keeps waiting until its next read finds rows or it takes the sleeper's
+        // place; a sleeper lets writers stop ringing before it reads.
+        if sleep == Sleep::Asleep {
+            self.wake_up();
+        }
         Ok(())
+    }
+
+    /// Writers stop ringing: this relay is reading.
+    fn wake_up(&mut self) {
+        if std::mem::take(&mut self.asleep)
+            && let Some(doorbell) = &self.doorbell
+        {
+            doorbell.wake();
+        }
     }
 
     /// Waits for the background mark, if any, and reports its batch.

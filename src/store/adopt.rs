@@ -3,6 +3,7 @@
 //! relay's own lease tables) and nothing its writers must supply. Each step says the lock
 //! it takes and whether it rewrites or scans the table, so `--dry-run` can show them all.
 
+use super::schema::DOORBELL_LOCK;
 use super::table::{ADOPTED_CREATED_AT, ADOPTED_ID, BOOKKEEPING, Catalog, quote};
 use super::{Store, StoreError, TableSpec};
 
@@ -345,8 +346,8 @@ async fn run_step(conn: &mut sqlx::PgConnection, step: &Step) -> Result<u64, Sto
     Ok(changed)
 }
 
-/// The doorbell on an adopted table: a statement-level trigger notifying `channel`, or
-/// none.
+/// The doorbell on an adopted table: a statement-level trigger notifying `channel` while
+/// the relay sleeps (as migration 9's `outbox_notify`), or none.
 fn notify_step(table: &str, display: &str, channel: Option<&str>) -> Step {
     let mut statements = vec![format!(
         "DROP TRIGGER IF EXISTS outbox_relay_notify ON {table}"
@@ -354,10 +355,13 @@ fn notify_step(table: &str, display: &str, channel: Option<&str>) -> Step {
     if let Some(channel) = channel {
         statements.insert(
             0,
-            "CREATE OR REPLACE FUNCTION outbox_relay_notify() RETURNS trigger \
-             LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_catalog.pg_notify(TG_ARGV[0], ''); \
-             RETURN NULL; END $$"
-                .to_string(),
+            format!(
+                "CREATE OR REPLACE FUNCTION outbox_relay_notify() RETURNS trigger \
+                 LANGUAGE plpgsql AS $$ BEGIN \
+                 IF NOT pg_catalog.pg_try_advisory_xact_lock_shared({DOORBELL_LOCK}, pg_catalog.hashtext(TG_ARGV[0])) THEN \
+                 PERFORM pg_catalog.pg_notify(TG_ARGV[0], ''); END IF; \
+                 RETURN NULL; END $$"
+            ),
         );
         statements.push(format!(
             "CREATE TRIGGER outbox_relay_notify AFTER INSERT ON {table} \
@@ -371,7 +375,7 @@ fn notify_step(table: &str, display: &str, channel: Option<&str>) -> Step {
         until_done: false,
         effect: match channel {
             Some(channel) => format!(
-                "the doorbell: each inserting statement notifies {channel} (a database-wide lock at each inserting commit)"
+                "the doorbell: an inserting statement notifies {channel} while the relay sleeps (NOTIFY takes a database-wide lock at commit)"
             ),
             None => "removes the doorbell trigger".into(),
         },

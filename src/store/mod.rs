@@ -29,6 +29,7 @@ pub(crate) use error::ERROR_KINDS;
 pub use error::StoreError;
 pub use read::ReadLimits;
 pub use retention::{Pruned, Sweep};
+pub(crate) use schema::DOORBELL_LOCK;
 pub use schema::MIGRATOR;
 pub use status::BacklogStats;
 pub(crate) use status::{EXACT_PENDING_UP_TO, ReplicaStatus};

@@ -7,6 +7,10 @@ use sqlx::Row;
 use super::{Store, StoreError};
 use crate::model::Mode;
 
+/// The advisory lock a sleeping relay holds (with `hashtext(channel)` as its second key)
+/// and the doorbell trigger tries shared: the trigger notifies only when it cannot take it.
+pub(crate) const DOORBELL_LOCK: i32 = 1_868_722_808;
+
 /// The migrations in `migrations/`, embedded in the binary.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
@@ -318,5 +322,25 @@ impl Store {
             Ok(catalog)
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_doorbell_trigger_tries_the_lock_the_relay_sleeps_on() {
+        let trigger = MIGRATOR
+            .iter()
+            .rfind(|m| m.sql.contains("FUNCTION outbox_notify()"))
+            .expect("a migration defines outbox_notify()");
+        assert!(
+            trigger.sql.contains(&format!(
+                "pg_try_advisory_xact_lock_shared({DOORBELL_LOCK}, pg_catalog.hashtext(channel))"
+            )),
+            "{}",
+            trigger.sql
+        );
     }
 }

@@ -278,6 +278,17 @@ impl InternalEvent for DoorbellRang {
     }
 }
 
+/// The idle relay waited for rows: `armed` (writers ring), `busy` (a writer was
+/// committing: look again shortly), `waiting` (another replica sleeps and rings for this
+/// one) or `off` (polling only).
+pub(crate) struct RelayWaited(pub &'static str);
+
+impl InternalEvent for RelayWaited {
+    fn emit(self) {
+        counter!(IDLE_WAITS, "doorbell" => self.0).increment(1);
+    }
+}
+
 /// librdkafka's periodic statistics, turned into a few gauges.
 pub(crate) struct ProducerStatistics<'a>(pub &'a rdkafka::statistics::Statistics);
 

@@ -27,6 +27,7 @@ pub(crate) const DATABASE_ERRORS: &str = "outbox_relay_database_errors_total";
 pub(crate) const PRODUCER_REBUILDS: &str = "outbox_relay_producer_rebuilds_total";
 pub(crate) const REFUSED_RECORD_BATCHES: &str = "outbox_relay_refused_record_batches_total";
 pub(crate) const DOORBELLS: &str = "outbox_relay_doorbell_notifications_total";
+pub(crate) const IDLE_WAITS: &str = "outbox_relay_idle_waits_total";
 pub(crate) const BATCH_SIZE: &str = "outbox_relay_batch_size_rows";
 pub(crate) const BATCH_DURATION: &str = "outbox_relay_batch_duration_seconds";
 pub(crate) const END_TO_END_LATENCY: &str = "outbox_relay_end_to_end_latency_seconds";
@@ -170,6 +171,10 @@ fn describe_all() {
         "Record batches the broker refused as a whole; their rows were sent again one record per request."
     );
     describe_counter!(DOORBELLS, "LISTEN doorbell notifications received.");
+    describe_counter!(
+        IDLE_WAITS,
+        "Waits of the idle relay for rows, by doorbell: armed (writers ring), busy (a writer was committing; the relay looks again within 50 ms), waiting (another replica sleeps and rings for this one), off (polling only)."
+    );
     describe_histogram!(BATCH_SIZE, "Rows per batch read from the outbox.");
     describe_histogram!(
         BATCH_DURATION,
