@@ -11,7 +11,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio::time::sleep;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::config::{RelaySettings, Settings};
 use crate::lease::{LeaseKeeper, LeaseTiming, Ownership};
@@ -136,6 +136,9 @@ impl App {
                 let may_prune = wait_for_schema(&store, &settings.relay, &health, &cancel).await?;
                 let listener_pool = crate::store::listener_pool(&settings.database)
                     .context("Failed to configure the LISTEN connection from database.url")?;
+                if settings.database.listen {
+                    announce_doorbell(&store, &settings).await;
+                }
                 let listener = settings.database.listen.then(|| {
                     let (doorbell, listen) = wake::doorbell(
                         listener_pool.clone(),
@@ -243,6 +246,27 @@ impl App {
         }
         store.pool().close().await;
         outcome
+    }
+}
+
+/// Says at start whether writers can wake this relay, and how.
+async fn announce_doorbell(store: &Store, settings: &Settings) {
+    let listening = &settings.database.listen_channel;
+    match store.doorbell_trigger().await {
+        Ok(Some(trigger)) if &trigger.channel != listening => warn!(
+            trigger_channel = %trigger.channel,
+            %listening,
+            "the doorbell trigger notifies another channel than database.listen_channel: new rows wait for the next poll; run `outbox-relay migrate` with this configuration"
+        ),
+        Ok(Some(trigger)) if !trigger.only_while_asleep => warn!(
+            "the doorbell trigger notifies at every insert, which serialises the writers' commits; run `outbox-relay migrate` to install the one that notifies only while the relay sleeps"
+        ),
+        Ok(Some(_)) => info!(channel = %listening, "writers wake this relay while it sleeps"),
+        Ok(None) => warn!(
+            poll_interval = ?settings.relay.poll_interval,
+            "no doorbell trigger on the outbox: new rows wait for the next poll; `outbox-relay migrate` installs it"
+        ),
+        Err(err) => debug!(error = %err, "could not read the doorbell trigger"),
     }
 }
 

@@ -226,10 +226,46 @@ async fn migrate_creates_the_table_and_check_reports_both_sides() {
         "{text}"
     );
     assert!(text.contains("outbox table present"), "{text}");
+    assert!(
+        text.contains("warning: no doorbell trigger on outbox"),
+        "{text}"
+    );
     assert!(text.contains("brokers"), "{text}");
     assert!(
         !text.contains("hunter2"),
         "password printed by check: {text}"
+    );
+
+    // With the doorbell back, `check` says which channel it notifies; a trigger left from
+    // before migration 9 (notifying at every insert) is called out.
+    let output = relay_command(&url, &bootstrap)
+        .arg("migrate")
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", output_text(&output));
+    let check = || {
+        let output = relay_command(&url, &bootstrap)
+            .args(["check", "--timeout", "5s"])
+            .output()
+            .unwrap();
+        output_text(&output)
+    };
+    let text = check();
+    assert!(
+        text.contains("doorbell trigger notifies channel outbox_relay while the relay sleeps"),
+        "{text}"
+    );
+    sqlx::query(
+        "CREATE OR REPLACE FUNCTION outbox_notify() RETURNS trigger LANGUAGE plpgsql AS $$ \
+         BEGIN PERFORM pg_notify(COALESCE(TG_ARGV[0], 'outbox_relay'), ''); RETURN NULL; END $$",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let text = check();
+    assert!(
+        text.contains("warning: the doorbell trigger notifies at every insert"),
+        "{text}"
     );
 
     // An unreachable broker fails the check, naming what to fix.

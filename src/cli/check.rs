@@ -76,6 +76,31 @@ pub(super) async fn check(settings: Settings, timeout: Duration) -> anyhow::Resu
                     failures.push(format!("database: checking the schema's privileges: {err}"))
                 }
             }
+            match store.doorbell_trigger().await {
+                Ok(Some(_)) if !settings.database.listen => println!(
+                    "  doorbell trigger present, but database.listen = false: the relay polls every {:?}",
+                    settings.relay.poll_interval
+                ),
+                Ok(Some(trigger)) if trigger.channel != settings.database.listen_channel => {
+                    println!(
+                        "  warning: the doorbell trigger notifies channel {} but the relay listens on database.listen_channel = {}: run `outbox-relay migrate` with this configuration",
+                        trigger.channel, settings.database.listen_channel
+                    )
+                }
+                Ok(Some(trigger)) if !trigger.only_while_asleep => println!(
+                    "  warning: the doorbell trigger notifies at every insert, which serialises the writers' commits: run `outbox-relay migrate` to install the one that notifies only while the relay sleeps"
+                ),
+                Ok(Some(trigger)) => println!(
+                    "  doorbell trigger notifies channel {} while the relay sleeps",
+                    trigger.channel
+                ),
+                Ok(None) => println!(
+                    "  warning: no doorbell trigger on {}: the relay finds new rows at its next poll (every {:?}); `outbox-relay migrate` installs it",
+                    store.table_display(),
+                    settings.relay.poll_interval
+                ),
+                Err(err) => failures.push(format!("database: reading the doorbell trigger: {err}")),
+            }
             match store.backlog_stats().await {
                 Ok(stats) => println!(
                     "  pending rows: {}, oldest pending: {}, parked rows: {}",

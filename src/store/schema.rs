@@ -1,4 +1,4 @@
-//! The schema the relay needs: migrations, the optional doorbell trigger, and the checks
+//! The schema the relay needs: migrations, the doorbell trigger, and the checks
 //! that the outbox is in place and the relay's role may do what it must (and that no one
 //! else may create in its schema).
 
@@ -10,6 +10,12 @@ use crate::model::Mode;
 /// The advisory lock a sleeping relay holds (with `hashtext(channel)` as its second key)
 /// and the doorbell trigger tries shared: the trigger notifies only when it cannot take it.
 pub(crate) const DOORBELL_LOCK: i32 = 1_868_722_808;
+
+/// The doorbell trigger found on the outbox table.
+pub(crate) struct DoorbellTrigger {
+    pub(crate) channel: String,
+    pub(crate) only_while_asleep: bool,
+}
 
 /// The migrations in `migrations/`, embedded in the binary.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -82,6 +88,39 @@ impl Store {
                 .execute(&mut *conn)
                 .await?;
             Ok(())
+        })
+        .await
+    }
+
+    /// The doorbell trigger on the outbox table, if any: the channel it notifies, and
+    /// whether it notifies only while a relay sleeps (a trigger function installed before
+    /// migration 9, or before an adopted table's last `migrate`, notifies at every insert).
+    pub(crate) async fn doorbell_trigger(&self) -> Result<Option<DoorbellTrigger>, StoreError> {
+        let table = self.sql()?.table.name.clone();
+        self.in_session(async |conn| {
+            let found: Option<(Vec<u8>, String)> = self
+                .query(
+                    "SELECT t.tgargs, p.prosrc FROM pg_catalog.pg_trigger t \
+                     JOIN pg_catalog.pg_proc p ON p.oid = t.tgfoid \
+                     WHERE t.tgrelid = pg_catalog.to_regclass($1) AND NOT t.tgisinternal \
+                       AND t.tgname IN ('outbox_notify', 'outbox_relay_notify')",
+                )
+                .bind(&table)
+                .fetch_optional(&mut *conn)
+                .await?
+                .map(|row| (row.get(0), row.get(1)));
+            Ok(found.map(|(args, source)| DoorbellTrigger {
+                // Arguments are stored NUL-terminated; none means the function's default.
+                channel: args
+                    .split(|b| *b == 0)
+                    .next()
+                    .filter(|first| !first.is_empty())
+                    .map_or_else(
+                        || "outbox_relay".to_string(),
+                        |first| String::from_utf8_lossy(first).into_owned(),
+                    ),
+                only_while_asleep: source.contains("pg_try_advisory_xact_lock_shared"),
+            }))
         })
         .await
     }
