@@ -1,10 +1,14 @@
 //! The doorbell: a LISTEN session that wakes the relay when a writer rings, and that tells
-//! writers whether to ring at all. Writers ring only while the relay sleeps: before it
+//! writers whether to ring at all. Writers ring only while a relay sleeps: before it
 //! sleeps the relay takes an advisory lock on this session, and the notify trigger rings
 //! only when it cannot take the same lock shared. A writer that took it shared holds it
 //! until its commit is visible, so once the relay holds the lock, every row of a writer
-//! that did not ring is visible to the poll the relay makes next. A lost ring (a dropped
+//! that did not ring is visible to the read the relay makes next. A lost ring (a dropped
 //! connection) costs at most one poll interval: on reconnect the doorbell rings once.
+//!
+//! With several replicas one sleeps on the lock; the others register as waiters (a second
+//! lock, shared), read once more, and are rung by the sleeper whenever it takes or leaves
+//! the lock, so rows committed without a ring are read by every replica.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,7 +16,7 @@ use std::time::Duration;
 use sqlx::PgPool;
 use sqlx::postgres::PgListener;
 use tokio::sync::{Notify, mpsc, oneshot};
-use tokio::time::sleep;
+use tokio::time::{sleep, timeout};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
@@ -20,28 +24,34 @@ use crate::model::Backoff;
 use crate::store::DOORBELL_LOCK;
 use crate::telemetry::{DoorbellRang, emit};
 
-/// The advisory lock's first key, the same in the notify trigger (migration 9 and adopted
-/// tables); the second is `hashtext(channel)`, so relays on other channels do not meet.
+/// The lock a sleeping replica holds; the notify trigger (migration 9, adopted tables) tries
+/// it shared. The second key is `hashtext(channel)`, so relays on other channels never meet.
 const SLEEPER_LOCK: i32 = DOORBELL_LOCK;
-/// The lock replicas hold shared while they wait for another replica, the sleeper, to
-/// wake: the sleeper rings for them when it wakes, so one of them can take its place.
-const WAITER_LOCK: i32 = SLEEPER_LOCK + 1;
+/// The lock replicas hold shared while another replica sleeps.
+const WAITER_LOCK: i32 = DOORBELL_LOCK + 1;
+
+/// How long the relay waits for the doorbell session to answer before polling without
+/// it, and how long a statement on that session may take before it is dropped.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// What the relay may do after asking to sleep.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Sleep {
-    /// This replica now holds the sleeper lock: writers ring from here on. Poll once more
-    /// (rows committed before the lock are visible to it), then wait for a ring.
+    /// This replica now holds the sleeper lock: writers ring from here on. Read once more
+    /// (rows committed before the lock are visible to it), then ask again.
     Armed,
-    /// Already armed and the poll after arming found nothing: wait for a ring or the poll
-    /// interval.
+    /// Already armed: wait for a ring or the poll interval.
     Asleep,
-    /// A writer still committing holds the lock: look again shortly.
+    /// A writer still committing holds the lock: read again shortly.
     Busy,
-    /// Another replica sleeps, and rings for this one when it wakes: wait for a ring or
-    /// the poll interval.
+    /// Another replica sleeps, and this one has just registered to be rung by it: read
+    /// once more (rows committed before the sleeper took its lock rang no one), then ask
+    /// again.
+    Registered,
+    /// Registered, and the read after registering found nothing: wait for a ring or the
+    /// poll interval.
     Waiting,
-    /// No doorbell session: poll at the poll interval.
+    /// No doorbell session: wait for the poll interval.
     Off,
 }
 
@@ -57,22 +67,33 @@ pub(crate) struct Doorbell {
 }
 
 impl Doorbell {
-    /// Asks to sleep; `Off` when the doorbell session is down.
+    /// Asks to sleep; `Off` when the doorbell session is down or does not answer in time.
     pub(crate) async fn sleep(&self) -> Sleep {
         let (reply, answer) = oneshot::channel();
         if self.commands.send(Command::Sleep(reply)).is_err() {
             return Sleep::Off;
         }
-        answer.await.unwrap_or(Sleep::Off)
+        // A session that took a lock for a request the relay stopped waiting for gives it
+        // back (see `Session::answer`).
+        match timeout(ANSWER_TIMEOUT, answer).await {
+            Ok(Ok(sleep)) => sleep,
+            Ok(Err(_)) => Sleep::Off,
+            Err(_) => {
+                warn!(
+                    "the doorbell session did not answer within {ANSWER_TIMEOUT:?}; polling meanwhile"
+                );
+                Sleep::Off
+            }
+        }
     }
 
-    /// The relay is awake: writers stop ringing. Does not wait.
+    /// The relay is reading: writers stop ringing for it. Does not wait.
     pub(crate) fn wake(&self) {
         let _ = self.commands.send(Command::Wake);
     }
 }
 
-/// Where this session stands.
+/// The locks this session holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Held {
     Nothing,
@@ -80,6 +101,16 @@ enum Held {
     Sleeper,
     /// The waiter lock, shared.
     Waiter,
+}
+
+/// Who holds the sleeper lock, as one try found it.
+enum Try {
+    /// This session now holds it; other replicas wait to be rung.
+    Taken { waiters: bool },
+    /// Writers between their insert and their commit.
+    Writers,
+    /// Another relay's doorbell session.
+    Relay,
 }
 
 /// The doorbell task and the relay's handle on it.
@@ -96,8 +127,8 @@ pub(crate) fn doorbell(
     )
 }
 
-/// Listens on `channel` until `cancel`, ringing `wake` for every notification and taking
-/// or releasing the sleeper lock as the relay asks.
+/// Listens on `channel` until `cancel`, ringing `wake` for every notification another
+/// session sends, and taking or releasing the doorbell's locks as the relay asks.
 async fn listen(
     pool: PgPool,
     channel: String,
@@ -107,11 +138,23 @@ async fn listen(
 ) {
     let mut backoff = Backoff::new(Duration::from_secs(30));
     while !cancel.is_cancelled() {
-        let mut listener = match connect(&pool, &channel).await {
-            Ok(listener) => listener,
-            Err(err) => {
+        let connected = tokio::select! {
+            _ = cancel.cancelled() => return,
+            connected = timeout(ANSWER_TIMEOUT * 5, connect(&pool, &channel)) => connected,
+        };
+        let (mut listener, pid) = match connected {
+            Ok(Ok(connected)) => connected,
+            Ok(Err(err)) => {
                 let delay = backoff.next_delay();
                 warn!(error = %err, retry_in = ?delay, "LISTEN connection failed; polling covers the gap");
+                if !answer_off_until(&mut commands, sleep(delay), &cancel).await {
+                    return;
+                }
+                continue;
+            }
+            Err(_) => {
+                let delay = backoff.next_delay();
+                warn!(retry_in = ?delay, "LISTEN connection timed out; polling covers the gap");
                 if !answer_off_until(&mut commands, sleep(delay), &cancel).await {
                     return;
                 }
@@ -124,23 +167,23 @@ async fn listen(
             channel: &channel,
             held: Held::Nothing,
         };
-        // Anything committed while we were not listening is found by this poll.
+        // Anything committed while we were not listening is found by this read.
         wake.notify_one();
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 received = session.listener.try_recv() => match received {
+                    // Its own rings (for waiting replicas) come back to this session too.
+                    Ok(Some(notification)) if notification.process_id() == pid => {}
                     Ok(Some(_)) => {
                         backoff.reset();
                         emit(DoorbellRang);
                         wake.notify_one();
                     }
                     Ok(None) => {
-                        // The session was lost, and its locks with it; the next try_recv
-                        // reconnects and listens again.
                         warn!("LISTEN connection lost; reconnecting");
-                        session.held = Held::Nothing;
                         wake.notify_one();
+                        break;
                     }
                     Err(err) => {
                         warn!(error = %err, "LISTEN connection failed; reconnecting");
@@ -149,20 +192,23 @@ async fn listen(
                     }
                 },
                 Some(command) = commands.recv() => {
-                    let done = match command {
-                        Command::Sleep(reply) => session.sleep().await.map(|sleep| {
-                            let _ = reply.send(sleep);
-                        }),
-                        Command::Wake => session.wake().await,
+                    let handled = tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        handled = timeout(ANSWER_TIMEOUT, session.answer(command)) => handled,
                     };
-                    if let Err(err) = done {
-                        warn!(error = %err, "the doorbell session failed; reconnecting");
-                        wake.notify_one();
-                        break;
-                    }
+                    let failure = match handled {
+                        Ok(Ok(())) => continue,
+                        Ok(Err(err)) => err.to_string(),
+                        Err(_) => format!("no answer within {ANSWER_TIMEOUT:?}"),
+                    };
+                    warn!(error = %failure, "the doorbell session failed; reconnecting");
+                    wake.notify_one();
+                    break;
                 }
             }
         }
+        // The pool closes the connection instead of keeping it (see `listener_pool`), so
+        // the locks it may hold go with it.
         drop(listener);
         let delay = backoff.next_delay();
         if !answer_off_until(&mut commands, sleep(delay), &cancel).await {
@@ -198,85 +244,125 @@ struct Session<'a> {
 }
 
 impl Session<'_> {
-    async fn sleep(&mut self) -> Result<Sleep, sqlx::Error> {
-        match self.held {
-            Held::Sleeper => Ok(Sleep::Asleep),
-            Held::Waiter => self.take_sleeper().await,
-            Held::Nothing => {
-                if self.try_lock("pg_try_advisory_lock", SLEEPER_LOCK).await? {
-                    self.held = Held::Sleeper;
-                    return Ok(Sleep::Armed);
+    async fn answer(&mut self, command: Command) -> Result<(), sqlx::Error> {
+        match command {
+            Command::Sleep(reply) => {
+                let sleep = self.sleep().await?;
+                if reply.send(sleep).is_err() {
+                    // The relay stopped waiting and polls; it will never wake this session.
+                    self.wake().await?;
                 }
-                // Wait as a waiter, then try once more: a sleeper that woke between the
-                // two tries left the lock free; one that wakes later sees this waiter.
+                Ok(())
+            }
+            Command::Wake => self.wake().await,
+        }
+    }
+
+    async fn sleep(&mut self) -> Result<Sleep, sqlx::Error> {
+        let registered = match self.held {
+            Held::Sleeper => return Ok(Sleep::Asleep),
+            Held::Waiter => false,
+            Held::Nothing => {
+                if let Try::Taken { waiters } = self.try_sleeper().await? {
+                    return self.armed(waiters).await;
+                }
+                // Register, then try once more: a sleeper that left between the two tries
+                // left the lock free; one that takes it later rings this waiter.
                 if self
-                    .try_lock("pg_try_advisory_lock_shared", WAITER_LOCK)
+                    .call("pg_try_advisory_lock_shared", WAITER_LOCK)
                     .await?
                 {
                     self.held = Held::Waiter;
                 }
-                self.take_sleeper().await
+                true
             }
+        };
+        match self.try_sleeper().await? {
+            Try::Taken { waiters } => {
+                if self.held == Held::Waiter {
+                    self.call("pg_advisory_unlock_shared", WAITER_LOCK).await?;
+                    self.held = Held::Nothing;
+                }
+                self.armed(waiters).await
+            }
+            Try::Writers => Ok(Sleep::Busy),
+            Try::Relay if registered => Ok(Sleep::Registered),
+            Try::Relay => Ok(Sleep::Waiting),
         }
     }
 
-    async fn take_sleeper(&mut self) -> Result<Sleep, sqlx::Error> {
-        // pg_locks shows every database's locks, and the two keys as classid, objid
-        // (unsigned) and objsubid 2.
-        let (took, other_sleeper): (bool, bool) = sqlx::query_as(
-            "SELECT pg_catalog.pg_try_advisory_lock($1, pg_catalog.hashtext($2)), \
-                    EXISTS (SELECT FROM pg_catalog.pg_locks \
-                            WHERE locktype = 'advisory' AND objsubid = 2 AND granted \
-                              AND database = (SELECT oid FROM pg_catalog.pg_database \
-                                              WHERE datname = pg_catalog.current_database()) \
-                              AND mode = 'ExclusiveLock' AND pid <> pg_catalog.pg_backend_pid() \
-                              AND classid = $1::int8::oid \
-                              AND objid = (pg_catalog.hashtext($2)::int8 & 4294967295)::oid)",
+    /// This session took the sleeper lock: replicas waiting for one read once more.
+    async fn armed(&mut self, waiters: bool) -> Result<Sleep, sqlx::Error> {
+        self.held = Held::Sleeper;
+        if waiters {
+            self.ring().await?;
+        }
+        Ok(Sleep::Armed)
+    }
+
+    /// One try at the sleeper lock; CASE evaluates its branches in order.
+    async fn try_sleeper(&mut self) -> Result<Try, sqlx::Error> {
+        let found: String = sqlx::query_scalar(
+            "SELECT CASE \
+               WHEN pg_catalog.pg_try_advisory_lock($1, pg_catalog.hashtext($3)) THEN \
+                 CASE WHEN pg_catalog.pg_try_advisory_xact_lock($2, pg_catalog.hashtext($3)) \
+                      THEN 'taken' ELSE 'taken, waiters' END \
+               WHEN pg_catalog.pg_try_advisory_lock_shared($1, pg_catalog.hashtext($3)) THEN \
+                 CASE WHEN pg_catalog.pg_advisory_unlock_shared($1, pg_catalog.hashtext($3)) \
+                      THEN 'writers' ELSE 'writers' END \
+               ELSE 'relay' END",
         )
         .bind(SLEEPER_LOCK)
+        .bind(WAITER_LOCK)
         .bind(self.channel)
         .fetch_one(&mut *self.listener)
         .await?;
-        if !took {
-            return Ok(if other_sleeper {
-                Sleep::Waiting
-            } else {
-                Sleep::Busy
-            });
-        }
-        if self.held == Held::Waiter {
-            self.unlock("pg_advisory_unlock_shared", WAITER_LOCK)
-                .await?;
-        }
-        self.held = Held::Sleeper;
-        Ok(Sleep::Armed)
+        Ok(match found.as_str() {
+            "taken" => Try::Taken { waiters: false },
+            "taken, waiters" => Try::Taken { waiters: true },
+            "writers" => Try::Writers,
+            _ => Try::Relay,
+        })
     }
 
     async fn wake(&mut self) -> Result<(), sqlx::Error> {
         match self.held {
-            Held::Nothing => return Ok(()),
+            Held::Nothing => {}
             Held::Waiter => {
-                self.unlock("pg_advisory_unlock_shared", WAITER_LOCK)
-                    .await?
+                self.call("pg_advisory_unlock_shared", WAITER_LOCK).await?;
             }
             Held::Sleeper => {
-                self.unlock("pg_advisory_unlock", SLEEPER_LOCK).await?;
-                // Replicas waiting for this one to wake hold the waiter lock shared.
-                sqlx::query(
-                    "SELECT pg_catalog.pg_notify($1, '') \
-                     WHERE NOT pg_catalog.pg_try_advisory_xact_lock($2, pg_catalog.hashtext($1))",
+                let waiters: bool = sqlx::query_scalar(
+                    "SELECT CASE WHEN pg_catalog.pg_advisory_unlock($1, pg_catalog.hashtext($3)) \
+                                 THEN NOT pg_catalog.pg_try_advisory_xact_lock($2, pg_catalog.hashtext($3)) \
+                                 ELSE NOT pg_catalog.pg_try_advisory_xact_lock($2, pg_catalog.hashtext($3)) END",
                 )
-                .bind(self.channel)
+                .bind(SLEEPER_LOCK)
                 .bind(WAITER_LOCK)
-                .execute(&mut *self.listener)
+                .bind(self.channel)
+                .fetch_one(&mut *self.listener)
                 .await?;
+                if waiters {
+                    self.ring().await?;
+                }
             }
         }
         self.held = Held::Nothing;
         Ok(())
     }
 
-    async fn try_lock(&mut self, function: &str, key: i32) -> Result<bool, sqlx::Error> {
+    /// Rings every replica listening on the channel (this session ignores its own).
+    async fn ring(&mut self) -> Result<(), sqlx::Error> {
+        sqlx::query("SELECT pg_catalog.pg_notify($1, '')")
+            .bind(self.channel)
+            .execute(&mut *self.listener)
+            .await?;
+        Ok(())
+    }
+
+    /// Calls one of PostgreSQL's advisory lock functions (`pg_try_advisory_lock_shared`,
+    /// `pg_advisory_unlock_shared`) on `key` and the channel.
+    async fn call(&mut self, function: &str, key: i32) -> Result<bool, sqlx::Error> {
         sqlx::query_scalar(&format!(
             "SELECT pg_catalog.{function}($1, pg_catalog.hashtext($2))"
         ))
@@ -285,21 +371,18 @@ impl Session<'_> {
         .fetch_one(&mut *self.listener)
         .await
     }
-
-    async fn unlock(&mut self, function: &str, key: i32) -> Result<(), sqlx::Error> {
-        let released: bool = self.try_lock(function, key).await?;
-        if !released {
-            warn!(
-                key,
-                "the doorbell's advisory lock was not held by this session"
-            );
-        }
-        Ok(())
-    }
 }
 
-async fn connect(pool: &PgPool, channel: &str) -> Result<PgListener, sqlx::Error> {
+/// A LISTEN session holding no advisory lock, and its backend's pid.
+async fn connect(pool: &PgPool, channel: &str) -> Result<(PgListener, u32), sqlx::Error> {
     let mut listener = PgListener::connect_with(pool).await?;
+    // A lost connection ends this session (and its locks); a new one is made by `listen`.
+    listener.eager_reconnect(false);
     listener.listen(channel).await?;
-    Ok(listener)
+    let pid: i32 = sqlx::query_scalar(
+        "SELECT pg_catalog.pg_backend_pid() FROM (SELECT pg_catalog.pg_advisory_unlock_all()) AS none",
+    )
+    .fetch_one(&mut listener)
+    .await?;
+    Ok((listener, pid.unsigned_abs()))
 }

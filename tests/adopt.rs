@@ -391,9 +391,14 @@ topic = \"dest\"
     std::fs::write(&config, mapping).unwrap();
     let adopted = migrate(&db, &config, &["--notify-trigger", "on"]);
     assert!(adopted.status.success(), "{}", output_text(&adopted));
-    // The doorbell rings on the adopted table too.
+    // The doorbell rings on the adopted table too, while a relay sleeps (holds its lock).
     let mut listener = sqlx::postgres::PgListener::connect(&db.url).await.unwrap();
     listener.listen("outbox_relay").await.unwrap();
+    let mut sleeper = db.pool.acquire().await.unwrap();
+    sqlx::query("SELECT pg_advisory_lock(1868722808, hashtext('outbox_relay'))")
+        .execute(&mut *sleeper)
+        .await
+        .unwrap();
     sqlx::query(insert)
         .bind("thing")
         .bind("entity-rung")
@@ -410,6 +415,7 @@ topic = \"dest\"
         .unwrap();
     assert_eq!(rung.channel(), "outbox_relay");
     drop(listener);
+    drop(sleeper);
 
     let relay = RunningRelay::start(template_settings(
         &db,

@@ -101,19 +101,11 @@ async fn a_killed_listen_connection_reconnects() {
         .unwrap();
     // Polling is an hour away: only the doorbell can deliver within the waits below.
     let relay = start_doorbell_only_relay(&db, &bootstrap, &prefix).await;
-    let listening = || async {
-        sqlx::query_scalar::<_, i64>(
-            "SELECT count(*) FROM pg_stat_activity \
-             WHERE application_name = 'outbox-relay' AND datname = current_database() \
-               AND query ILIKE 'LISTEN%'",
-        )
-        .fetch_one(&db.pool)
-        .await
-        .unwrap()
-    };
-    wait_for("the relay listening", CONDITION_TIMEOUT, || async {
-        listening().await == 1
-    })
+    wait_for(
+        "the relay asleep on the doorbell",
+        CONDITION_TIMEOUT,
+        || async { sleeping_relays(&db, "outbox_relay").await.len() == 1 },
+    )
     .await;
     db.insert(&[NewRow::new("bell", "a", 1)]).await;
     wait_for(
@@ -123,18 +115,25 @@ async fn a_killed_listen_connection_reconnects() {
     )
     .await;
 
-    let killed: i64 = sqlx::query_scalar(
-        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
-         WHERE application_name = 'outbox-relay' AND datname = current_database() \
-           AND query ILIKE 'LISTEN%'",
-    )
-    .fetch_one(&db.pool)
-    .await
-    .unwrap();
-    assert_eq!(killed, 1);
-    wait_for("the relay listening again", CONDITION_TIMEOUT, || async {
-        listening().await == 1
+    wait_for("the relay asleep again", CONDITION_TIMEOUT, || async {
+        sleeping_relays(&db, "outbox_relay").await.len() == 1
     })
+    .await;
+    let pid = sleeping_relays(&db, "outbox_relay").await[0];
+    let killed: i64 = sqlx::query_scalar("SELECT count(pg_terminate_backend($1))")
+        .bind(pid)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(killed, 1);
+    wait_for(
+        "the relay asleep on a new session",
+        CONDITION_TIMEOUT,
+        || async {
+            let sleeping = sleeping_relays(&db, "outbox_relay").await;
+            sleeping.len() == 1 && sleeping[0] != pid
+        },
+    )
     .await;
     db.insert(&[NewRow::new("bell", "a", 2)]).await;
     wait_for(
@@ -606,17 +605,11 @@ async fn the_doorbell_rings_on_the_configured_channel() {
         "poll_interval = \"1h\"\n[database]\nlisten_channel = \"orders_bell\"\n",
     ))
     .await;
-    wait_for("the relay listening", CONDITION_TIMEOUT, || async {
-        sqlx::query_scalar::<_, i64>(
-            "SELECT count(*) FROM pg_stat_activity \
-             WHERE application_name = 'outbox-relay' AND datname = current_database() \
-               AND query ILIKE 'LISTEN%orders_bell%'",
-        )
-        .fetch_one(&db.pool)
-        .await
-        .unwrap()
-            == 1
-    })
+    wait_for(
+        "the relay asleep on orders_bell",
+        CONDITION_TIMEOUT,
+        || async { sleeping_relays(&db, "orders_bell").await.len() == 1 },
+    )
     .await;
     db.insert(&[NewRow::new("chan", "a", 1)]).await;
     wait_for(

@@ -479,3 +479,74 @@ async fn two_replicas_work_through_pgbouncer_in_transaction_mode() {
     // most one batch (200 rows) per replica joining.
     assert!(duplicates <= 200, "{duplicates} duplicates");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sleeping_replicas_wake_for_rows_of_either_without_ringing_each_other_awake() {
+    let db = TestDb::new().await;
+    let bootstrap = kafka_bootstrap();
+    let prefix = unique_prefix();
+    let topic = format!("{prefix}.duo");
+    create_topic(&bootstrap, &topic, 3).await;
+    sqlx::query("SELECT outbox_enable_notify(true)")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    // An hour between polls: within the test only the doorbell wakes either replica.
+    let replica = |id: &str| {
+        settings(
+            &db,
+            &bootstrap,
+            &format!(
+                "[relay]\nreplica_id = \"{id}\"\ntopic_template = \"{prefix}.{{aggregate_type}}\"\npoll_interval = \"1h\"\n{LEASES}"
+            ),
+        )
+    };
+    let a = RunningRelay::start(replica("sleeper-a")).await;
+    let b = RunningRelay::start(replica("sleeper-b")).await;
+    wait_for("both replicas hold shards", CONDITION_TIMEOUT, || async {
+        owned_by(&db, "sleeper-a").await == 128 && owned_by(&db, "sleeper-b").await == 128
+    })
+    .await;
+    let waits = async |series: &str| {
+        let mut total = 0.0;
+        for relay in [&a, &b] {
+            total += metric_value(&http_get(relay.http_addr, "/metrics").await.1, series);
+        }
+        total
+    };
+    // One sleeps on the doorbell's lock, the other waits to be rung by it.
+    wait_for(
+        "one replica asleep, the other waiting",
+        CONDITION_TIMEOUT,
+        || async {
+            waits(r#"outbox_relay_idle_waits_total{doorbell="armed""#).await > 0.0
+                && waits(r#"outbox_relay_idle_waits_total{doorbell="waiting""#).await > 0.0
+        },
+    )
+    .await;
+
+    let rounds = 5;
+    for round in 1..=rounds {
+        // 40 aggregates fall in the shards of both replicas.
+        db.insert(&stream("duo", 40, 80)).await;
+        wait_for(
+            &format!("round {round} marked by whichever replica owns each row"),
+            Duration::from_secs(20),
+            || async { db.sent().await == 80 * round },
+        )
+        .await;
+    }
+    // A replica rung awake by its own ring, or by the other's for ever, waits thousands of
+    // times a second; each round costs each replica a handful of waits.
+    let all_waits = waits("outbox_relay_idle_waits_total").await;
+
+    assert!(
+        all_waits < 40.0 * rounds as f64,
+        "{all_waits} idle waits in {rounds} rounds"
+    );
+    a.stop().await;
+    b.stop().await;
+
+    let records = consume(&bootstrap, &topic, 80 * rounds as usize);
+    assert_eq!(assert_contract(&db.rows().await, &records), 0, "duplicates");
+}

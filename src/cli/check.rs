@@ -90,10 +90,17 @@ pub(super) async fn check(settings: Settings, timeout: Duration) -> anyhow::Resu
                 Ok(Some(trigger)) if !trigger.only_while_asleep => println!(
                     "  warning: the doorbell trigger notifies at every insert, which serialises the writers' commits: run `outbox-relay migrate` to install the one that notifies only while the relay sleeps"
                 ),
-                Ok(Some(trigger)) => println!(
-                    "  doorbell trigger notifies channel {} while the relay sleeps",
-                    trigger.channel
-                ),
+                Ok(Some(trigger)) => {
+                    println!(
+                        "  doorbell trigger notifies channel {} while the relay sleeps",
+                        trigger.channel
+                    );
+                    if let Ok(prepared @ 1..) = store.max_prepared_transactions().await {
+                        println!(
+                            "  warning: max_prepared_transactions = {prepared}: PostgreSQL refuses PREPARE TRANSACTION after a NOTIFY, so a writer using two-phase commit fails while the relay sleeps; if yours do, run `outbox-relay migrate --notify-trigger off`"
+                        );
+                    }
+                }
                 Ok(None) => println!(
                     "  warning: no doorbell trigger on {}: the relay finds new rows at its next poll (every {:?}); `outbox-relay migrate` installs it",
                     store.table_display(),

@@ -121,8 +121,9 @@ pub(crate) struct Relay {
     wake: Arc<Notify>,
     /// Tells writers whether to ring; `None` polls only.
     doorbell: Option<Doorbell>,
-    /// This replica holds (or waits for) the doorbell's lock: writers ring until it wakes.
-    asleep: bool,
+    /// This replica may hold one of the doorbell's locks (it sleeps, or waits for another
+    /// replica that sleeps): writers ring for it until it tells the doorbell it is awake.
+    holds_doorbell_lock: bool,
     /// How soon to look again while a writer still commits behind the doorbell's lock.
     busy_doorbell: Backoff,
     ownership: Arc<Ownership>,
@@ -245,7 +246,7 @@ impl Relay {
             topic_labels: TopicLabels::default(),
             wake,
             doorbell: None,
-            asleep: false,
+            holds_doorbell_lock: false,
             busy_doorbell: Backoff::between(
                 BUSY_DOORBELL_FIRST,
                 BUSY_DOORBELL_CAP.min(settings.relay.poll_interval),
@@ -388,14 +389,12 @@ impl Relay {
             }
         };
         self.health.set_database_ok(true);
-        if !rows.is_empty() {
-            self.wake_up();
-        }
         if rows.is_empty() {
             // A mark still running is reported by `wait_for_rows` when it commits; waiting
             // for it here would leave a doorbell unanswered while a slow mark waits.
             return Ok(Tick::Idle);
         }
+        self.wake_up();
         if cancel.is_cancelled() {
             return Ok(Tick::Stopped);
         }
@@ -571,7 +570,42 @@ impl Relay {
         if found_rows {
             self.busy_doorbell.reset();
         }
-        let until = Instant::now() + self.settings.poll_interval;
+        let poll_due = Instant::now() + self.settings.poll_interval;
+        // Armed before waiting for a mark still running: rows committed meanwhile ring.
+        // A replica without shards reads nothing, so writers need not ring for it; the
+        // lease keeper wakes it when it gets some.
+        let sleep = match &self.doorbell {
+            Some(doorbell) if !self.ownership.snapshot().is_empty() => doorbell.sleep().await,
+            _ => Sleep::Off,
+        };
+        let until = match sleep {
+            Sleep::Armed | Sleep::Registered => {
+                self.holds_doorbell_lock = true;
+                if sleep == Sleep::Armed {
+                    self.busy_doorbell.reset();
+                }
+                return Ok(());
+            }
+            Sleep::Asleep => {
+                emit(RelayWaited("armed"));
+                poll_due
+            }
+            Sleep::Busy => {
+                emit(RelayWaited("busy"));
+                self.holds_doorbell_lock = true;
+                Instant::now() + self.busy_doorbell.next_delay()
+            }
+            Sleep::Waiting => {
+                emit(RelayWaited("waiting"));
+                poll_due
+            }
+            Sleep::Off => {
+                emit(RelayWaited("off"));
+                self.wake_up();
+                poll_due
+            }
+        };
+        let mut woken = false;
         if let Some(pending) = self.pending_write.as_mut() {
             let written = tokio::select! {
                 written = &mut pending.task => Some(written),
@@ -579,49 +613,24 @@ impl Relay {
                 _ = sleep_until(until) => None,
                 _ = cancel.cancelled() => None,
             };
-            // Woken before the mark committed: it stays pending, and the next read skips
-            // its rows.
-            let Some(written) = written else {
-                return Ok(());
-            };
-            if let Some(pending) = self.pending_write.take() {
-                let (parked, marked) = written.map_err(RelayError::Task)??;
-                self.report(pending.settled, parked, marked);
+            match written {
+                // Woken before the mark committed: it stays pending, and the next read
+                // skips its rows.
+                None => woken = true,
+                Some(written) => {
+                    if let Some(pending) = self.pending_write.take() {
+                        let (parked, marked) = written.map_err(RelayError::Task)??;
+                        self.report(pending.settled, parked, marked);
+                    }
+                }
             }
         }
-        let sleep = match &self.doorbell {
-            Some(doorbell) => doorbell.sleep().await,
-            None => Sleep::Off,
-        };
-        let until = match sleep {
-            Sleep::Armed => {
-                self.asleep = true;
-                self.busy_doorbell.reset();
-                return Ok(());
+        if !woken {
+            tokio::select! {
+                _ = self.wake.notified() => {}
+                _ = sleep_until(until) => {}
+                _ = cancel.cancelled() => {}
             }
-            Sleep::Asleep => {
-                emit(RelayWaited("armed"));
-                until
-            }
-            Sleep::Busy => {
-                emit(RelayWaited("busy"));
-                self.asleep = true;
-                Instant::now() + self.busy_doorbell.next_delay()
-            }
-            Sleep::Waiting => {
-                emit(RelayWaited("waiting"));
-                self.asleep = true;
-                until
-            }
-            Sleep::Off => {
-                emit(RelayWaited("off"));
-                until
-            }
-        };
-        tokio::select! {
-            _ = self.wake.notified() => {}
-            _ = sleep_until(until) => {}
-            _ = cancel.cancelled() => {}
         }
         // A waiter keeps waiting until its next read finds rows or it takes the sleeper's
         // place; a sleeper lets writers stop ringing before it reads.
@@ -631,9 +640,9 @@ impl Relay {
         Ok(())
     }
 
-    /// Writers stop ringing: this relay is reading.
+    /// Writers stop ringing for this relay: it is reading rows.
     fn wake_up(&mut self) {
-        if std::mem::take(&mut self.asleep)
+        if std::mem::take(&mut self.holds_doorbell_lock)
             && let Some(doorbell) = &self.doorbell
         {
             doorbell.wake();

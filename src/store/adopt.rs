@@ -3,7 +3,7 @@
 //! relay's own lease tables) and nothing its writers must supply. Each step says the lock
 //! it takes and whether it rewrites or scans the table, so `--dry-run` can show them all.
 
-use super::schema::DOORBELL_LOCK;
+use super::schema::{DOORBELL_LOCK, DoorbellTrigger};
 use super::table::{ADOPTED_CREATED_AT, ADOPTED_ID, BOOKKEEPING, Catalog, quote};
 use super::{Store, StoreError, TableSpec};
 
@@ -244,8 +244,9 @@ impl Store {
                 until_done: false,
             });
         }
-        if let Some(channel) = notify_channel {
-            steps.push(notify_step(&t, &display, Some(channel)));
+        if notify_channel.is_some() {
+            let existing = self.doorbell_trigger_on(&t).await?;
+            steps.extend(notify_step(&t, &display, notify_channel, existing.as_ref()));
         }
         Ok(AdoptionPlan {
             table: display,
@@ -285,8 +286,11 @@ impl Store {
                 .set_notify_trigger(channel.is_some(), channel.unwrap_or_default())
                 .await;
         };
-        let step = notify_step(&spec.quoted_name(), &spec.display(), channel);
-        run_step(&mut *self.pool().acquire().await?, &step).await?;
+        let table = spec.quoted_name();
+        let existing = self.doorbell_trigger_on(&table).await?;
+        if let Some(step) = notify_step(&table, &spec.display(), channel, existing.as_ref()) {
+            run_step(&mut *self.pool().acquire().await?, &step).await?;
+        }
         Ok(())
     }
 
@@ -347,38 +351,64 @@ async fn run_step(conn: &mut sqlx::PgConnection, step: &Step) -> Result<u64, Sto
 }
 
 /// The doorbell on an adopted table: a statement-level trigger notifying `channel` while
-/// the relay sleeps (as migration 9's `outbox_notify`), or none.
-fn notify_step(table: &str, display: &str, channel: Option<&str>) -> Step {
-    let mut statements = vec![format!(
-        "DROP TRIGGER IF EXISTS outbox_relay_notify ON {table}"
-    )];
-    if let Some(channel) = channel {
-        statements.insert(
-            0,
-            format!(
-                "CREATE OR REPLACE FUNCTION outbox_relay_notify() RETURNS trigger \
-                 LANGUAGE plpgsql AS $$ BEGIN \
-                 IF NOT pg_catalog.pg_try_advisory_xact_lock_shared({DOORBELL_LOCK}, pg_catalog.hashtext(TG_ARGV[0])) THEN \
-                 PERFORM pg_catalog.pg_notify(TG_ARGV[0], ''); END IF; \
-                 RETURN NULL; END $$"
-            ),
-        );
-        statements.push(format!(
-            "CREATE TRIGGER outbox_relay_notify AFTER INSERT ON {table} \
-             FOR EACH STATEMENT EXECUTE FUNCTION outbox_relay_notify('{}')",
-            channel.replace('\'', "''")
-        ));
-    }
-    Step {
-        statements,
-        lock: format!("ACCESS EXCLUSIVE on {display} for a moment (DROP TRIGGER)"),
-        until_done: false,
-        effect: match channel {
-            Some(channel) => format!(
+/// the relay sleeps (as migration 9's `outbox_notify`), or none. `None` when `existing`
+/// is already what is asked for; a trigger already on the channel only gets its function
+/// replaced, which locks nothing. Dropping or creating a trigger waits at most 10 s for
+/// the table's lock rather than queue every insert behind a long transaction.
+fn notify_step(
+    table: &str,
+    display: &str,
+    channel: Option<&str>,
+    existing: Option<&DoorbellTrigger>,
+) -> Option<Step> {
+    let function = format!(
+        "CREATE OR REPLACE FUNCTION outbox_relay_notify() RETURNS trigger \
+         LANGUAGE plpgsql AS $$ BEGIN \
+         IF NOT pg_catalog.pg_try_advisory_xact_lock_shared({DOORBELL_LOCK}, pg_catalog.hashtext(TG_ARGV[0])) THEN \
+         PERFORM pg_catalog.pg_notify(TG_ARGV[0], ''); END IF; \
+         RETURN NULL; END $$"
+    );
+    let lock_briefly = "SET LOCAL lock_timeout = '10s'".to_string();
+    let drop = format!("DROP TRIGGER IF EXISTS outbox_relay_notify ON {table}");
+    let table_lock =
+        format!("ACCESS EXCLUSIVE on {display} for a moment (at most 10 s waiting for it)");
+    match (channel, existing) {
+        (None, None) => None,
+        (None, Some(_)) => Some(Step {
+            statements: vec![lock_briefly, drop],
+            lock: table_lock,
+            until_done: false,
+            effect: "removes the doorbell trigger".into(),
+            concurrently: false,
+        }),
+        (Some(channel), Some(trigger)) if trigger.channel == channel => {
+            (!trigger.only_while_asleep).then(|| Step {
+                statements: vec![function],
+                lock: "none (replaces the trigger's function)".into(),
+                until_done: false,
+                effect: format!(
+                    "the doorbell on {channel} notifies only while the relay sleeps from now on"
+                ),
+                concurrently: false,
+            })
+        }
+        (Some(channel), _) => Some(Step {
+            statements: vec![
+                lock_briefly,
+                function,
+                drop,
+                format!(
+                    "CREATE TRIGGER outbox_relay_notify AFTER INSERT ON {table} \
+                     FOR EACH STATEMENT EXECUTE FUNCTION outbox_relay_notify('{}')",
+                    channel.replace('\'', "''")
+                ),
+            ],
+            lock: table_lock,
+            until_done: false,
+            effect: format!(
                 "the doorbell: an inserting statement notifies {channel} while the relay sleeps (NOTIFY takes a database-wide lock at commit)"
             ),
-            None => "removes the doorbell trigger".into(),
-        },
-        concurrently: false,
+            concurrently: false,
+        }),
     }
 }

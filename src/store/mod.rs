@@ -250,5 +250,8 @@ pub(crate) fn listener_pool(settings: &DatabaseSettings) -> Result<PgPool, sqlx:
     Ok(PgPoolOptions::new()
         .max_connections(1)
         .acquire_timeout(settings.connect_timeout)
+        // A released LISTEN session is closed, never reused: it may hold the doorbell's
+        // advisory locks, or be half-way through a statement that timed out.
+        .after_release(|_, _| Box::pin(async { Ok(false) }))
         .connect_lazy_with(options))
 }

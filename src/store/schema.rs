@@ -74,19 +74,50 @@ impl Store {
             .collect())
     }
 
-    /// Installs or removes the optional statement-level doorbell trigger, which notifies
-    /// `channel`.
+    /// The server's `max_prepared_transactions`: above 0, writers may use two-phase
+    /// commit, and PostgreSQL refuses to prepare a transaction that ran NOTIFY.
+    pub(crate) async fn max_prepared_transactions(&self) -> Result<i64, StoreError> {
+        self.in_session(async |conn| {
+            Ok(self
+                .query_scalar::<String>(
+                    "SELECT pg_catalog.current_setting('max_prepared_transactions')",
+                )
+                .fetch_one(&mut *conn)
+                .await?
+                .parse()
+                .unwrap_or(0))
+        })
+        .await
+    }
+
+    /// Installs or removes the statement-level doorbell trigger, which notifies `channel`.
+    /// A trigger already as asked is left alone: replacing it would lock the outbox. Waits
+    /// at most 10 s for the table's lock rather than queue every insert behind a long
+    /// transaction.
     pub(crate) async fn set_notify_trigger(
         &self,
         enabled: bool,
         channel: &str,
     ) -> Result<(), StoreError> {
+        let existing = self.doorbell_trigger().await?;
+        let unchanged = match &existing {
+            Some(trigger) => enabled && trigger.channel == channel,
+            None => !enabled,
+        };
+        if unchanged {
+            return Ok(());
+        }
         self.in_session(async |conn| {
+            let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+            self.query("SET LOCAL lock_timeout = '10s'")
+                .execute(&mut *tx)
+                .await?;
             self.query("SELECT outbox_enable_notify($1, $2)")
                 .bind(enabled)
                 .bind(channel)
-                .execute(&mut *conn)
+                .execute(&mut *tx)
                 .await?;
+            tx.commit().await?;
             Ok(())
         })
         .await
@@ -97,6 +128,14 @@ impl Store {
     /// migration 9, or before an adopted table's last `migrate`, notifies at every insert).
     pub(crate) async fn doorbell_trigger(&self) -> Result<Option<DoorbellTrigger>, StoreError> {
         let table = self.sql()?.table.name.clone();
+        self.doorbell_trigger_on(&table).await
+    }
+
+    /// [`Store::doorbell_trigger`] on `table`, a quoted name.
+    pub(crate) async fn doorbell_trigger_on(
+        &self,
+        table: &str,
+    ) -> Result<Option<DoorbellTrigger>, StoreError> {
         self.in_session(async |conn| {
             let found: Option<(Vec<u8>, String)> = self
                 .query(
@@ -105,7 +144,7 @@ impl Store {
                      WHERE t.tgrelid = pg_catalog.to_regclass($1) AND NOT t.tgisinternal \
                        AND t.tgname IN ('outbox_notify', 'outbox_relay_notify')",
                 )
-                .bind(&table)
+                .bind(table)
                 .fetch_optional(&mut *conn)
                 .await?
                 .map(|row| (row.get(0), row.get(1)));

@@ -183,3 +183,19 @@ fn relay_environment(mut command: Command, db_url: &str, bootstrap: &str) -> Com
         .stdin(Stdio::null());
     command
 }
+
+/// Backends of relays asleep on `channel`'s doorbell in `db`: each holds the doorbell's
+/// advisory lock on its LISTEN session.
+pub async fn sleeping_relays(db: &TestDb, channel: &str) -> Vec<i32> {
+    sqlx::query_scalar(
+        "SELECT pid FROM pg_locks \
+         WHERE locktype = 'advisory' AND mode = 'ExclusiveLock' AND granted \
+           AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+           AND classid = 1868722808 AND objsubid = 2 \
+           AND objid = (hashtext($1)::int8 & 4294967295)::oid",
+    )
+    .bind(channel)
+    .fetch_all(&db.pool)
+    .await
+    .unwrap()
+}
