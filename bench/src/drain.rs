@@ -1,6 +1,8 @@
 //! Draining a backlog: the relay (1 or several replicas, as subprocesses) and the peer
 //! (bench/peer.py, the loop a team writes by hand), timed from start until nothing is
-//! pending, with the start-up (until the first retirement) measured apart.
+//! pending, with the start-up (until the first retirement) measured apart, and the WAL the
+//! server wrote meanwhile counted per row. (Debezium's drain, in debezium.rs, fills the
+//! same record.)
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -24,8 +26,10 @@ const MAX_SCRAPE_INTERVAL: Duration = Duration::from_millis(500);
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Drain {
-    /// `relay` or `peer`.
+    /// `relay`, `peer` or `debezium`.
     pub who: String,
+    /// `mark` or `delete`; `wal` for Debezium, which reads the inserts from the WAL and
+    /// leaves the rows in the table.
     pub mode: String,
     pub replicas: u32,
     pub rows: u64,
@@ -61,6 +65,10 @@ pub struct Drain {
     /// Checkpoints the server began while the backlog was made and drained.
     #[serde(default)]
     pub checkpoints_during: Option<i64>,
+    /// WAL the server wrote from the start of the drain until it was done, per row of the
+    /// backlog (the marks or deletes; Debezium only reads). Absent from older results.
+    #[serde(default)]
+    pub wal_bytes_per_row: Option<f64>,
 }
 
 fn one_kb_row() -> u64 {
@@ -86,6 +94,7 @@ impl Drain {
         let size = self.backlog();
         match self.who.as_str() {
             "peer" => format!("peer {} {}", self.mode, size),
+            "debezium" => format!("debezium {size}"),
             _ => format!("relay {} {} x{}", self.mode, size, self.replicas),
         }
     }
@@ -119,7 +128,7 @@ impl Backlog {
 }
 
 /// A timeout proportional to the backlog: nothing here should drain slower than 500 rows/s.
-fn drain_timeout(rows: u64) -> Duration {
+pub fn drain_timeout(rows: u64) -> Duration {
     Duration::from_secs(120 + rows / 500)
 }
 
@@ -141,6 +150,7 @@ pub async fn relay(
     broker.create_topic().await?;
     db.statements_reset().await;
 
+    let wal_before = db.wal_position().await?;
     let started = Instant::now();
     let mut procs: Vec<RelayProcess> = Vec::new();
     for i in 0..replicas {
@@ -210,6 +220,7 @@ pub async fn relay(
         tokio::time::sleep(wait).await;
     }
     let done = Instant::now();
+    let wal_after = db.wal_position().await?;
     let mut cpu = Duration::ZERO;
     let mut rss = 0u64;
     for p in &procs {
@@ -271,7 +282,13 @@ pub async fn relay(
         },
         statements,
         checkpoints_during: Some(checkpoints_during),
+        wal_bytes_per_row: Some(wal_per_row(wal_before, wal_after, rows)),
     })
+}
+
+/// WAL bytes per row of a backlog between two [`Db::wal_position`] readings.
+pub fn wal_per_row(before: i64, after: i64, rows: u64) -> f64 {
+    (after - before).max(0) as f64 / rows.max(1) as f64
 }
 
 async fn check_retired(db: &Db, rows: u64, mode: &str) -> Result<()> {
@@ -330,6 +347,7 @@ pub async fn peer(
         .args(["--topic", TOPIC, "--mode", mode, "--batch", "1000"])
         .stdout(std::fs::File::create(&out)?)
         .stderr(std::fs::File::create(&log)?);
+    let wal_before = db.wal_position().await?;
     let started = Instant::now();
     let mut child = spawn_tied(command).context("starting the peer")?;
     let deadline = started + drain_timeout(rows);
@@ -344,6 +362,7 @@ pub async fn peer(
         tokio::time::sleep(POLL).await;
     };
     let total_seconds = started.elapsed().as_secs_f64();
+    let wal_after = db.wal_position().await?;
     if !status.success() {
         bail!(
             "the peer failed ({status}): {}",
@@ -384,5 +403,6 @@ pub async fn peer(
         mean_batch_ms: report.seconds_total * 1000.0 / report.batches.max(1) as f64,
         statements,
         checkpoints_during: Some(checkpoints_during),
+        wal_bytes_per_row: Some(wal_per_row(wal_before, wal_after, rows)),
     })
 }

@@ -349,6 +349,16 @@ impl Db {
         )
     }
 
+    /// The server's WAL insert position, in bytes from the start of the WAL: two readings
+    /// apart are the WAL written in between, by anyone.
+    pub async fn wal_position(&self) -> Result<i64> {
+        Ok(
+            sqlx::query_scalar("SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::bigint")
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+
     pub async fn show(&self, setting: &str) -> Result<String> {
         Ok(sqlx::query_scalar(&format!("SHOW {setting}"))
             .fetch_one(&self.pool)

@@ -212,7 +212,7 @@ fn seq_of(payload: &[u8]) -> Option<u64> {
 
 /// Reads the topic from the beginning on a thread of its own, stamping each record's
 /// arrival by its sequence number.
-fn start_consumer(
+pub(crate) fn start_consumer(
     bootstrap: &str,
     base: Instant,
     received: Arc<Vec<AtomicU64>>,
@@ -273,48 +273,46 @@ async fn wait_ready(relay: &mut RelayProcess) -> Result<()> {
     }
 }
 
-/// One latency measurement: inserts single-row transactions at `rate` rows/s for the
-/// warm-up plus the measured window, from `plan.connections` connections.
-#[allow(clippy::too_many_arguments)]
-pub async fn measure(
+/// Rows inserted at a fixed rate and read back by a consumer ([`insert_and_consume`]).
+pub(crate) struct LoadRun {
+    /// Per sequence number: when its row's transaction committed and when its record
+    /// reached the consumer, in nanoseconds on one clock (0: never).
+    pub committed: Arc<Vec<AtomicU64>>,
+    pub received: Arc<Vec<AtomicU64>>,
+    /// Rows of the warm-up (the sequence numbers below), not measured.
+    pub warmup_rows: u64,
+    pub per_tx: u64,
+    /// The wall clock at the stamps' zero (PostgreSQL's `now()` reads the wall clock).
+    pub base_wall: SystemTime,
+}
+
+/// What every latency measurement shares, with whatever publishes the outbox (the relay,
+/// Debezium) already running against `db` and the broker at `bootstrap`: rows inserted at
+/// `rate` rows/s from `plan.connections` connections for the warm-up plus the measured
+/// window, each row's commit and its record's arrival at a consumer stamped, until every
+/// measured row has arrived or 60 s have passed since the last commit. `window_opens` is
+/// told, before the first insert, when the measured window opens.
+pub(crate) async fn insert_and_consume(
     db: &Db,
-    launcher: &RelayLauncher,
-    broker_source: (Option<&Path>, Option<&str>),
-    work: &Path,
-    doorbell: bool,
-    load: &str,
+    bootstrap: &str,
     rate: f64,
     plan: &LatencyPlan,
-) -> Result<Latency> {
-    db.reset().await?;
-    launcher.migrate(&db.url, Some(doorbell))?;
-    let broker = Broker::start(broker_source.0, broker_source.1, work).await?;
-    broker.create_topic().await?;
-    let settled = db.settle().await?;
-    let mut relay = launcher.spawn(&db.url, &broker.bootstrap, "mark", "bench-latency", &[])?;
-    wait_ready(&mut relay).await?;
-    db.statements_reset().await;
-
+    window_opens: impl FnOnce(tokio::time::Instant),
+) -> Result<LoadRun> {
     let warmup_rows = (rate * plan.warmup.as_secs_f64()).round() as u64;
     let total = warmup_rows + (rate * plan.measure.as_secs_f64()).round() as u64;
     let (base, base_wall) = (Instant::now(), SystemTime::now());
     let committed: Arc<Vec<AtomicU64>> = Arc::new((0..total).map(|_| AtomicU64::new(0)).collect());
     let received: Arc<Vec<AtomicU64>> = Arc::new((0..total).map(|_| AtomicU64::new(0)).collect());
     let stop = Arc::new(AtomicBool::new(false));
-    let consumer = start_consumer(&broker.bootstrap, base, received.clone(), stop.clone())?;
+    let consumer = start_consumer(bootstrap, base, received.clone(), stop.clone())?;
 
     let pool = Db::pool(&db.url, plan.connections).await?;
     let per_tx = plan.rows_per_transaction(rate);
-    // The relay's histogram as the measured window opens (after the warm-up).
-    let scrape_port = relay.http_port;
-    let warmup = plan.warmup + Duration::from_millis(200);
-    let opening = tokio::spawn(async move {
-        tokio::time::sleep(warmup).await;
-        crate::infra::http_get(scrape_port, "/metrics").await
-    });
     let transactions = total.div_ceil(per_tx);
     let period_ns = 1e9 * per_tx as f64 / rate;
     let start = tokio::time::Instant::now() + Duration::from_millis(200);
+    window_opens(start + plan.warmup);
     let mut workers = Vec::new();
     for w in 0..plan.connections as u64 {
         let pool = pool.clone();
@@ -373,8 +371,52 @@ pub async fn measure(
     let _consumed = consumer
         .join()
         .map_err(|_| anyhow::anyhow!("consumer panicked"))??;
-    let ack = commit_to_marked(db, &committed, warmup_rows, base_wall).await?;
-    let before = opening.await?.unwrap_or_default();
+    Ok(LoadRun {
+        committed,
+        received,
+        warmup_rows,
+        per_tx,
+        base_wall,
+    })
+}
+
+/// One latency measurement: inserts single-row transactions at `rate` rows/s for the
+/// warm-up plus the measured window, from `plan.connections` connections.
+#[allow(clippy::too_many_arguments)]
+pub async fn measure(
+    db: &Db,
+    launcher: &RelayLauncher,
+    broker_source: (Option<&Path>, Option<&str>),
+    work: &Path,
+    doorbell: bool,
+    load: &str,
+    rate: f64,
+    plan: &LatencyPlan,
+) -> Result<Latency> {
+    db.reset().await?;
+    launcher.migrate(&db.url, Some(doorbell))?;
+    let broker = Broker::start(broker_source.0, broker_source.1, work).await?;
+    broker.create_topic().await?;
+    let settled = db.settle().await?;
+    let mut relay = launcher.spawn(&db.url, &broker.bootstrap, "mark", "bench-latency", &[])?;
+    wait_ready(&mut relay).await?;
+    db.statements_reset().await;
+
+    // The relay's histogram as the measured window opens (after the warm-up).
+    let scrape_port = relay.http_port;
+    let mut opening = None;
+    let run = insert_and_consume(db, &broker.bootstrap, rate, plan, |window| {
+        opening = Some(tokio::spawn(async move {
+            tokio::time::sleep_until(window).await;
+            crate::infra::http_get(scrape_port, "/metrics").await
+        }));
+    })
+    .await?;
+    let ack = commit_to_marked(db, &run.committed, run.warmup_rows, run.base_wall).await?;
+    let before = match opening {
+        Some(opening) => opening.await?.unwrap_or_default(),
+        None => String::new(),
+    };
     let after = relay.metrics().await.unwrap_or_default();
     let checkpoints_during = db.checkpoints_since(settled).await?;
     let statements = db.top_statements(5).await;
@@ -382,14 +424,14 @@ pub async fn measure(
     broker.stop().await;
 
     let mut result = summarize(
-        &committed,
-        &received,
-        warmup_rows,
+        &run.committed,
+        &run.received,
+        run.warmup_rows,
         Summary {
             doorbell,
             load,
             rate,
-            per_tx,
+            per_tx: run.per_tx,
             connections: plan.connections,
         },
     )?;
@@ -418,16 +460,16 @@ pub async fn measure(
     Ok(result)
 }
 
-struct Summary<'a> {
-    doorbell: bool,
-    load: &'a str,
-    rate: f64,
-    per_tx: u64,
-    connections: u32,
+pub(crate) struct Summary<'a> {
+    pub doorbell: bool,
+    pub load: &'a str,
+    pub rate: f64,
+    pub per_tx: u64,
+    pub connections: u32,
 }
 
 /// Percentiles of arrival − commit over the rows after the warm-up.
-fn summarize(
+pub(crate) fn summarize(
     committed: &[AtomicU64],
     received: &[AtomicU64],
     warmup_rows: u64,

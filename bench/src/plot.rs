@@ -219,6 +219,9 @@ pub fn throughput(report: &Report, path: &Path) -> Result<()> {
     for p in &report.peers {
         bars.push((p.label(), p.rows_per_second, RGBColor(190, 60, 60)));
     }
+    for d in &report.debezium {
+        bars.push((d.label(), d.rows_per_second, RGBColor(60, 150, 80)));
+    }
     for d in &report.drains {
         bars.push((d.label(), d.rows_per_second, RGBColor(40, 100, 190)));
     }
@@ -242,7 +245,7 @@ fn draw_bars(
     let max = bars.iter().map(|b| b.1).fold(0.0, f64::max) * 1.15;
     let mut chart = ChartBuilder::on(root)
         .caption(
-            "Draining 1 KB rows: relay (blue), peer (red) and ceilings (grey: database, orange: broker)",
+            "Draining 1 KB rows: relay (blue), peer (red), Debezium (green), ceilings (grey: database, orange: broker)",
             ("sans-serif", 20),
         )
         .margin(20)

@@ -22,6 +22,9 @@ pub struct Machine {
     pub tansu_version: String,
     pub relay_version: String,
     pub git_commit: String,
+    /// Debezium's and Kafka Connect's versions when the debezium step ran.
+    #[serde(default)]
+    pub debezium_version: Option<String>,
 }
 
 impl Machine {
@@ -57,6 +60,7 @@ impl Machine {
                 |t| run(Command::new(t).arg("--version")),
             ),
             relay_version: run(Command::new(relay).arg("--version")),
+            debezium_version: None,
             git_commit: {
                 let head = run(Command::new("git").args(["rev-parse", "--short", "HEAD"]));
                 let dirty = !run(Command::new("git").args(["status", "--porcelain"])).is_empty();
@@ -97,6 +101,11 @@ pub struct Report {
     pub machine: Machine,
     pub ceilings: Vec<Ceiling>,
     pub peers: Vec<Drain>,
+    /// Debezium's drains and latencies (absent from older results).
+    #[serde(default)]
+    pub debezium: Vec<Drain>,
+    #[serde(default)]
+    pub debezium_latency: Vec<Latency>,
     pub drains: Vec<Drain>,
     pub latency: Vec<Latency>,
     pub notify: Vec<NotifyCost>,
@@ -296,6 +305,12 @@ impl Report {
         let _ = writeln!(out, "| PostgreSQL settings | {} |", settings.join(", "));
         let _ = writeln!(out, "| broker | {} (in-memory storage) |", m.tansu_version);
         let _ = writeln!(out, "| relay | {} at {} |", m.relay_version, m.git_commit);
+        if let Some(debezium) = &m.debezium_version {
+            let _ = writeln!(
+                out,
+                "| Debezium | {debezium} (PostgresConnector, pgoutput, outbox EventRouter; Kafka Connect standalone) |"
+            );
+        }
         let _ = writeln!(out, "| command | `{}` |", self.command);
         let _ = writeln!(
             out,
@@ -342,19 +357,26 @@ impl Report {
             }
         }
 
-        if !self.drains.is_empty() || !self.peers.is_empty() {
+        if !self.drains.is_empty() || !self.peers.is_empty() || !self.debezium.is_empty() {
             let _ = writeln!(out, "\n### Draining a backlog of 1 KB rows\n");
             let _ = writeln!(
                 out,
-                "Rows/s from the first retirement until nothing is pending (start-up apart). \
-                 Ratios against the ceilings and the peer of the same mode and backlog.\n"
+                "Rows/s from the first retirement until nothing is pending (start-up apart); Debezium's \
+                 (mode `wal`: it reads the inserts from the WAL and leaves the rows) from the first record \
+                 a consumer reads to the last. Ratios against the ceilings and the peer of the same mode \
+                 and backlog. WAL: bytes the server wrote during the drain, per row.\n"
             );
             let _ = writeln!(
                 out,
-                "| who | mode | rows | replicas | rows/s | × DB ceiling | × broker ceiling | × peer | start-up s | total s | CPU µs/row | peak RSS MiB | mean batch ms | records in Kafka |\n\
-                 |---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+                "| who | mode | rows | replicas | rows/s | × DB ceiling | × broker ceiling | × peer | start-up s | total s | CPU µs/row | peak RSS MiB | WAL B/row | mean batch ms | records in Kafka |\n\
+                 |---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
             );
-            for d in self.peers.iter().chain(self.drains.iter()) {
+            for d in self
+                .peers
+                .iter()
+                .chain(self.debezium.iter())
+                .chain(self.drains.iter())
+            {
                 // Ceilings and peers are measured on 1 KB rows only.
                 let one_kb = d.of_one_kb_rows();
                 let ratio = |base: Option<f64>| match base {
@@ -370,7 +392,7 @@ impl Report {
                 };
                 let _ = writeln!(
                     out,
-                    "| {} | {} | {} | {} | {:.0} | {} | {} | {} | {:.2} | {:.1} | {:.1} | {:.1} | {:.1} | {} |",
+                    "| {} | {} | {} | {} | {:.0} | {} | {} | {} | {:.2} | {:.1} | {:.1} | {:.1} | {} | {} | {} |",
                     d.who,
                     d.mode,
                     d.backlog(),
@@ -383,7 +405,12 @@ impl Report {
                     d.total_seconds,
                     d.cpu_us_per_row,
                     mib(d.peak_rss_bytes),
-                    d.mean_batch_ms,
+                    d.wal_bytes_per_row.map_or("–".into(), wal_bytes),
+                    if d.batches > 0 {
+                        format!("{:.1}", d.mean_batch_ms)
+                    } else {
+                        "–".into()
+                    },
                     d.records_in_kafka
                 );
             }
@@ -392,6 +419,7 @@ impl Report {
         let with_statements: Vec<&Drain> = self
             .peers
             .iter()
+            .chain(self.debezium.iter())
             .chain(self.drains.iter())
             .filter(|d| !d.statements.is_empty())
             .collect();
@@ -474,6 +502,39 @@ impl Report {
                         (Some(rows), Some(ms)) => format!("{rows:.0}, {ms:.1}"),
                         _ => "–".into(),
                     }
+                );
+            }
+        }
+
+        if !self.debezium_latency.is_empty() {
+            let _ = writeln!(
+                out,
+                "\n### Debezium's end-to-end latency: insert commit → record read by a consumer\n"
+            );
+            let _ = writeln!(
+                out,
+                "The same inserting clients and consumer as the relay's, with Debezium streaming from its slot \
+                 before the first insert; the relay's figures at the same load (doorbell on) beside them.\n\n\
+                 | load | rows/tx | target rows/s | achieved rows/s | rows | missing | p50 ms | p99 ms | p99.9 ms | max ms | relay p50 ms | relay p99 ms |\n\
+                 |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+            );
+            for l in &self.debezium_latency {
+                let relay = self.latency.iter().find(|r| r.doorbell && r.load == l.load);
+                let _ = writeln!(
+                    out,
+                    "| {} | {} | {:.0} | {:.0} | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {} |",
+                    l.load,
+                    l.rows_per_transaction,
+                    l.target_rows_per_second,
+                    l.achieved_rows_per_second,
+                    l.measured_rows,
+                    l.missing_rows,
+                    l.p50_ms,
+                    l.p99_ms,
+                    l.p999_ms,
+                    l.max_ms,
+                    relay.map_or("–".into(), |r| format!("{:.1}", r.p50_ms)),
+                    relay.map_or("–".into(), |r| format!("{:.1}", r.p99_ms)),
                 );
             }
         }
@@ -569,6 +630,7 @@ impl Report {
         let drains = self
             .peers
             .iter()
+            .chain(&self.debezium)
             .chain(&self.drains)
             .filter_map(|d| Some((d.label(), d.checkpoints_during?)));
         let latency = self.latency.iter().filter_map(|l| {
@@ -576,7 +638,17 @@ impl Report {
             let name = format!("latency {} doorbell {doorbell}", l.load);
             Some((name, l.checkpoints_during?))
         });
-        let counted: Vec<(String, i64)> = ceilings.chain(drains).chain(latency).collect();
+        let debezium_latency = self.debezium_latency.iter().filter_map(|l| {
+            Some((
+                format!("Debezium latency {}", l.load),
+                l.checkpoints_during?,
+            ))
+        });
+        let counted: Vec<(String, i64)> = ceilings
+            .chain(drains)
+            .chain(latency)
+            .chain(debezium_latency)
+            .collect();
         if counted.is_empty() {
             return None;
         }
@@ -596,6 +668,16 @@ impl Report {
                 during.join(", ")
             }
         ))
+    }
+}
+
+/// WAL bytes per row: whole bytes, or two decimals below 10 (Debezium's reads write
+/// almost nothing).
+pub fn wal_bytes(per_row: f64) -> String {
+    if per_row < 10.0 {
+        format!("{per_row:.2}")
+    } else {
+        format!("{per_row:.0}")
     }
 }
 
