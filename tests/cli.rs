@@ -267,6 +267,17 @@ async fn migrate_creates_the_table_and_check_reports_both_sides() {
         text.contains("warning: the doorbell trigger notifies at every insert"),
         "{text}"
     );
+    // migrate puts the doorbell's own function back.
+    let output = relay_command(&url, &bootstrap)
+        .arg("migrate")
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", output_text(&output));
+    let text = check();
+    assert!(
+        text.contains("doorbell trigger notifies channel outbox_relay while the relay sleeps"),
+        "{text}"
+    );
 
     // An unreachable broker fails the check, naming what to fix.
     let output = relay_command(&url, &format!("127.0.0.1:{}", free_port()))

@@ -566,6 +566,7 @@ pub async fn latency(
         )?;
         result.statements = statements;
         result.checkpoints_during = Some(checkpoints_during);
+        result.commit = latency::Percentiles::of(run.commit_micros.iter().copied())?;
         Ok(result)
     })
     .await

@@ -28,9 +28,77 @@ const INSERT_MANY: &str = "INSERT INTO outbox (aggregate_type, aggregate_id, eve
      SELECT 'order', a, 'OrderUpdated', p::jsonb \
      FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS x(a, p, n) ORDER BY n";
 
+/// What wakes the relay when rows come in: the alternatives the latency and the commit
+/// cost are measured for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Wakeup {
+    /// The default install: `migrate`'s trigger notifies only while the relay sleeps.
+    Doorbell,
+    /// No trigger, `relay.poll_interval` 500 ms (the default) and no LISTEN.
+    Polling,
+    /// The trigger before migration 9: every inserting statement notifies.
+    RingAlways,
+    /// No trigger, no LISTEN, and `relay.poll_interval` 5 ms.
+    FastPolling,
+}
+
+impl Wakeup {
+    pub fn label(self) -> &'static str {
+        match self {
+            Wakeup::Doorbell => "doorbell (default)",
+            Wakeup::Polling => "polling 500 ms",
+            Wakeup::RingAlways => "trigger ringing at every insert",
+            Wakeup::FastPolling => "polling 5 ms",
+        }
+    }
+
+    fn trigger(self) -> bool {
+        matches!(self, Wakeup::Doorbell | Wakeup::RingAlways)
+    }
+
+    /// Installs the trigger this alternative needs (or none) on the database.
+    pub async fn install(self, launcher: &RelayLauncher, db: &Db) -> Result<()> {
+        launcher.migrate(&db.url, Some(self.trigger()))?;
+        if self == Wakeup::RingAlways {
+            let pool = Db::pool(&db.url, 1).await?;
+            sqlx::query(
+                "CREATE OR REPLACE FUNCTION outbox_notify() RETURNS trigger LANGUAGE plpgsql AS $$ \
+                 BEGIN PERFORM pg_catalog.pg_notify(COALESCE(TG_ARGV[0], 'outbox_relay'), ''); \
+                 RETURN NULL; END $$",
+            )
+            .execute(&pool)
+            .await?;
+            pool.close().await;
+        }
+        Ok(())
+    }
+
+    /// The relay's settings for this alternative, as environment variables.
+    pub fn relay_env(self) -> Vec<(&'static str, String)> {
+        match self {
+            Wakeup::Doorbell | Wakeup::RingAlways => Vec::new(),
+            Wakeup::Polling => vec![("OUTBOX_RELAY_DATABASE__LISTEN", "false".into())],
+            Wakeup::FastPolling => vec![
+                ("OUTBOX_RELAY_DATABASE__LISTEN", "false".into()),
+                ("OUTBOX_RELAY_RELAY__POLL_INTERVAL", "5ms".into()),
+            ],
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Latency {
+    /// A trigger wakes the relay (the doorbell, or a trigger ringing at every insert).
     pub doorbell: bool,
+    /// Which wake-up was measured (absent from older results, where `doorbell` tells the
+    /// trigger ringing at every insert from polling).
+    #[serde(default)]
+    pub wakeup: Option<Wakeup>,
+    /// How long the inserting clients' transactions took (execute → commit), measured
+    /// window only: what the wake-up costs the application at this load.
+    #[serde(default)]
+    pub commit: Option<Percentiles>,
     /// What the rate was chosen as: `1k`, `50%`, `80%` (of the measured max drain rate);
     /// `broker only` for the floor: the relay's producer straight to a consumer.
     pub load: String,
@@ -77,6 +145,36 @@ pub struct Latency {
     pub checkpoints_during: Option<i64>,
 }
 
+impl Latency {
+    /// Which wake-up it measured, for results from before `wakeup` was recorded too.
+    pub fn wakeup_or_legacy(&self) -> Option<Wakeup> {
+        match (self.wakeup, self.load.as_str()) {
+            (Some(w), _) => Some(w),
+            (None, "broker only") => None,
+            (None, _) if self.doorbell => Some(Wakeup::RingAlways),
+            (None, _) => Some(Wakeup::Polling),
+        }
+    }
+
+    /// The row the latency targets are judged on: the default install's. Older results
+    /// judged the trigger of their day.
+    pub fn is_default_install(&self) -> bool {
+        match self.wakeup {
+            Some(w) => w == Wakeup::Doorbell,
+            None => self.doorbell && self.load != "broker only",
+        }
+    }
+
+    pub fn wakeup_label(&self) -> &'static str {
+        match (self.wakeup, self.wakeup_or_legacy()) {
+            (None, Some(Wakeup::RingAlways)) => "on",
+            (None, Some(_)) => "off",
+            (_, Some(w)) => w.label(),
+            (_, None) => "–",
+        }
+    }
+}
+
 /// Percentiles of one latency, in milliseconds.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Percentiles {
@@ -91,7 +189,7 @@ pub struct Percentiles {
 
 impl Percentiles {
     /// From latencies in microseconds.
-    fn of(micros: impl IntoIterator<Item = u64>) -> Result<Option<Self>> {
+    pub(crate) fn of(micros: impl IntoIterator<Item = u64>) -> Result<Option<Self>> {
         let mut histogram = Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3)?;
         for us in micros {
             histogram.record(us.max(1))?;
@@ -181,6 +279,7 @@ fn relay_window(before: &[(f64, f64)], after: &[(f64, f64)]) -> Option<(f64, f64
     Some((total, within(0.010), within(0.050), p99))
 }
 
+#[derive(Clone)]
 pub struct LatencyPlan {
     pub warmup: Duration,
     pub measure: Duration,
@@ -282,6 +381,8 @@ pub(crate) struct LoadRun {
     /// Rows of the warm-up (the sequence numbers below), not measured.
     pub warmup_rows: u64,
     pub per_tx: u64,
+    /// Each measured transaction's duration (execute → commit), in microseconds.
+    pub commit_micros: Vec<u64>,
     /// The wall clock at the stamps' zero (PostgreSQL's `now()` reads the wall clock).
     pub base_wall: SystemTime,
 }
@@ -320,11 +421,13 @@ pub(crate) async fn insert_and_consume(
         let step = plan.connections as u64;
         workers.push(tokio::spawn(async move {
             let mut conn = pool.acquire().await?;
+            let mut durations = Vec::new();
             let mut tx = w;
             while tx < transactions {
                 let due = start + Duration::from_nanos((tx as f64 * period_ns) as u64);
                 tokio::time::sleep_until(due).await;
                 let seqs = tx * per_tx..((tx + 1) * per_tx).min(total);
+                let began = Instant::now();
                 if per_tx == 1 {
                     sqlx::query(INSERT)
                         .bind(format!("agg-{}", tx % crate::infra::AGGREGATES as u64))
@@ -344,16 +447,20 @@ pub(crate) async fn insert_and_consume(
                         .await?;
                 }
                 let now = stamp(base);
+                if seqs.start >= warmup_rows {
+                    durations.push(began.elapsed().as_micros() as u64);
+                }
                 for seq in seqs {
                     committed[seq as usize].store(now, Ordering::Relaxed);
                 }
                 tx += step;
             }
-            anyhow::Ok(())
+            anyhow::Ok(durations)
         }));
     }
+    let mut commit_micros = Vec::new();
     for worker in workers {
-        worker.await??;
+        commit_micros.extend(worker.await??);
     }
     pool.close().await;
 
@@ -376,6 +483,7 @@ pub(crate) async fn insert_and_consume(
         received,
         warmup_rows,
         per_tx,
+        commit_micros,
         base_wall,
     })
 }
@@ -388,17 +496,23 @@ pub async fn measure(
     launcher: &RelayLauncher,
     broker_source: (Option<&Path>, Option<&str>),
     work: &Path,
-    doorbell: bool,
+    wakeup: Wakeup,
     load: &str,
     rate: f64,
     plan: &LatencyPlan,
 ) -> Result<Latency> {
     db.reset().await?;
-    launcher.migrate(&db.url, Some(doorbell))?;
+    wakeup.install(launcher, db).await?;
     let broker = Broker::start(broker_source.0, broker_source.1, work).await?;
     broker.create_topic().await?;
     let settled = db.settle().await?;
-    let mut relay = launcher.spawn(&db.url, &broker.bootstrap, "mark", "bench-latency", &[])?;
+    let mut relay = launcher.spawn(
+        &db.url,
+        &broker.bootstrap,
+        "mark",
+        "bench-latency",
+        &wakeup.relay_env(),
+    )?;
     wait_ready(&mut relay).await?;
     db.statements_reset().await;
 
@@ -428,7 +542,7 @@ pub async fn measure(
         &run.received,
         run.warmup_rows,
         Summary {
-            doorbell,
+            doorbell: wakeup.trigger(),
             load,
             rate,
             per_tx: run.per_tx,
@@ -436,6 +550,8 @@ pub async fn measure(
         },
     )?;
     result.ack = ack;
+    result.wakeup = Some(wakeup);
+    result.commit = Percentiles::of(run.commit_micros.iter().copied())?;
     if let Some((rows, ten, fifty, p99)) = relay_window(
         &RelayProcess::histogram_buckets(&before, RELAY_LATENCY),
         &RelayProcess::histogram_buckets(&after, RELAY_LATENCY),
@@ -495,6 +611,8 @@ pub(crate) fn summarize(
     let percentiles = Percentiles::of(latencies_us)?.unwrap_or_default();
     Ok(Latency {
         doorbell: s.doorbell,
+        wakeup: None,
+        commit: None,
         load: s.load.into(),
         rows_per_transaction: s.per_tx,
         target_rows_per_second: s.rate,
@@ -637,21 +755,9 @@ pub async fn broker_floor(
     Ok(floor)
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct NotifyCost {
-    pub connections: u32,
-    pub seconds: f64,
-    pub commits_per_second_trigger_off: f64,
-    pub commits_per_second_trigger_on: f64,
-    /// (on − off) / off: negative when the trigger slows commits down.
-    pub change: f64,
-}
-
 /// Single-row INSERT transactions (autocommit) from `connections` connections for
-/// `duration`, no relay running; returns commits per second.
+/// `duration`; returns commits per second.
 async fn commit_rate(db: &Db, connections: u32, duration: Duration) -> Result<f64> {
-    db.reset().await?;
-    db.settle().await?;
     let pool = Db::pool(&db.url, connections).await?;
     let count = Arc::new(AtomicU64::new(0));
     let start = Instant::now() + Duration::from_millis(200);
@@ -684,27 +790,78 @@ async fn commit_rate(db: &Db, connections: u32, duration: Duration) -> Result<f6
     Ok(count.load(Ordering::Relaxed) as f64 / seconds)
 }
 
-/// The insert commit rate with the trigger off, then on (`outbox-relay migrate
-/// --notify-trigger`), from `connections` connections.
-pub async fn notify_cost(
+/// The application's single-row commit rate with one way of waking the relay in place,
+/// the relay running and publishing what is committed (no relay and no trigger for
+/// `None`, the application alone).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WakeupCost {
+    pub connections: u32,
+    pub seconds: f64,
+    /// `None`: no relay, no trigger.
+    pub wakeup: Option<Wakeup>,
+    pub commits_per_second: f64,
+    /// Rows the relay published meanwhile (its rows_marked_total), 0 without a relay.
+    pub rows_published: f64,
+}
+
+/// [`WakeupCost`] of `wakeup` from `connections` connections for `duration`.
+pub async fn wakeup_cost(
     db: &Db,
     launcher: &RelayLauncher,
+    broker_source: (Option<&Path>, Option<&str>),
+    work: &Path,
+    wakeup: Option<Wakeup>,
     connections: u32,
     duration: Duration,
-) -> Result<NotifyCost> {
-    launcher.migrate(&db.url, Some(false))?;
-    let off = commit_rate(db, connections, duration).await?;
-    launcher.migrate(&db.url, Some(true))?;
-    let on = commit_rate(db, connections, duration).await?;
-    launcher.migrate(&db.url, Some(false))?;
+) -> Result<WakeupCost> {
     db.reset().await?;
-    Ok(NotifyCost {
+    let Some(wakeup) = wakeup else {
+        launcher.migrate(&db.url, Some(false))?;
+        db.settle().await?;
+        let rate = commit_rate(db, connections, duration).await?;
+        return Ok(WakeupCost {
+            connections,
+            seconds: duration.as_secs_f64(),
+            wakeup: None,
+            commits_per_second: rate,
+            rows_published: 0.0,
+        });
+    };
+    wakeup.install(launcher, db).await?;
+    let broker = Broker::start(broker_source.0, broker_source.1, work).await?;
+    broker.create_topic().await?;
+    db.settle().await?;
+    let mut relay = launcher.spawn(
+        &db.url,
+        &broker.bootstrap,
+        "mark",
+        "bench-wakeup",
+        &wakeup.relay_env(),
+    )?;
+    wait_ready(&mut relay).await?;
+    let rate = commit_rate(db, connections, duration).await;
+    let metrics = relay.metrics().await.unwrap_or_default();
+    let _ = relay.stop().await;
+    broker.stop().await;
+    Ok(WakeupCost {
         connections,
         seconds: duration.as_secs_f64(),
-        commits_per_second_trigger_off: off,
-        commits_per_second_trigger_on: on,
-        change: (on - off) / off,
+        wakeup: Some(wakeup),
+        commits_per_second: rate?,
+        rows_published: RelayProcess::metric_sum(&metrics, "outbox_relay_rows_marked_total"),
     })
+}
+
+/// The trigger's cost as older runs measured it: commits/s with no relay running, trigger
+/// off and on (kept so their results still load).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NotifyCost {
+    pub connections: u32,
+    pub seconds: f64,
+    pub commits_per_second_trigger_off: f64,
+    pub commits_per_second_trigger_on: f64,
+    /// (on − off) / off: negative when the trigger slows commits down.
+    pub change: f64,
 }
 
 #[cfg(test)]

@@ -140,6 +140,9 @@ struct Cli {
     /// Latency: inserting connections.
     #[arg(long, default_value_t = 16)]
     latency_connections: u32,
+    /// Latency at 1k rows/s: single-row transactions from this many connections.
+    #[arg(long, default_value_t = 4)]
+    latency_1k_connections: u32,
     /// Latency: at most this many inserting transactions per second; higher row rates
     /// put several rows in each transaction (one INSERT statement). Single-row
     /// transactions at every rate: a large value such as 1000000.
@@ -464,6 +467,7 @@ async fn main() -> Result<()> {
         drains: Vec::new(),
         latency: Vec::new(),
         notify: Vec::new(),
+        wakeup_costs: Vec::new(),
         retention: Vec::new(),
         targets: Vec::new(),
         notes: vec![
@@ -698,57 +702,71 @@ async fn main() -> Result<()> {
             ("50%", (0.5 * max).round()),
             ("80%", (0.8 * max).round()),
         ];
-        for doorbell in [true, false] {
-            for (load, rate) in loads {
-                progress(
-                    started,
-                    format!(
-                        "latency, doorbell {}, {load} load = {rate} rows/s, {} row(s) per transaction",
-                        if doorbell { "on" } else { "off" },
-                        plan.latency.rows_per_transaction(rate)
-                    ),
-                );
-                let l = latency::measure(
-                    &db,
-                    &launcher,
-                    brokers,
-                    &work,
-                    doorbell,
-                    load,
-                    rate,
-                    &plan.latency,
-                )
-                .await?;
-                progress(
-                    started,
-                    format!(
-                        "  achieved {:.0} rows/s: to the consumer p50 {:.1} ms, p99 {:.1} ms, p99.9 {:.1} ms, \
-                         {} missing; to sent_at p50 {}, p99 {}",
-                        l.achieved_rows_per_second,
-                        l.p50_ms,
-                        l.p99_ms,
-                        l.p999_ms,
-                        l.missing_rows,
-                        l.ack
-                            .as_ref()
-                            .map_or("–".into(), |a| format!("{:.1} ms", a.p50_ms)),
-                        l.ack
-                            .as_ref()
-                            .map_or("–".into(), |a| format!("{:.1} ms", a.p99_ms)),
-                    ),
-                );
-                for st in l.statements.iter().take(3) {
-                    eprintln!(
-                        "      {:>7} calls  mean {:>8.2} ms  total {:>9.0} ms  {}",
-                        st.calls,
-                        st.mean_ms,
-                        st.total_ms,
-                        st.query.chars().take(110).collect::<String>()
-                    );
+        use latency::Wakeup;
+        // The default install and plain polling at every load; the other ways of waking
+        // the relay at 1k rows/s and 50 %.
+        let runs = [Wakeup::Doorbell, Wakeup::Polling]
+            .into_iter()
+            .flat_map(|w| loads.iter().map(move |&l| (w, l)))
+            .chain(
+                [Wakeup::RingAlways, Wakeup::FastPolling]
+                    .into_iter()
+                    .flat_map(|w| loads[..2].iter().map(move |&l| (w, l))),
+            );
+        for (wakeup, (load, rate)) in runs {
+            // 1k rows/s is measured as single-row commits from a few writers, as an
+            // application doing that much commits them.
+            let plan_here = if load == "1k" {
+                latency::LatencyPlan {
+                    connections: cli.latency_1k_connections,
+                    max_transactions_per_second: f64::INFINITY,
+                    ..plan.latency.clone()
                 }
-                report.latency.push(l);
-                finish(&mut report)?;
+            } else {
+                plan.latency.clone()
+            };
+            progress(
+                started,
+                format!(
+                    "latency, {}, {load} load = {rate} rows/s, {} row(s) per transaction from {} connections",
+                    wakeup.label(),
+                    plan_here.rows_per_transaction(rate),
+                    plan_here.connections
+                ),
+            );
+            let l = latency::measure(
+                &db, &launcher, brokers, &work, wakeup, load, rate, &plan_here,
+            )
+            .await?;
+            progress(
+                started,
+                format!(
+                    "  achieved {:.0} rows/s: to the consumer p50 {:.1} ms, p99 {:.1} ms, p99.9 {:.1} ms, \
+                         {} missing; to sent_at p50 {}, p99 {}",
+                    l.achieved_rows_per_second,
+                    l.p50_ms,
+                    l.p99_ms,
+                    l.p999_ms,
+                    l.missing_rows,
+                    l.ack
+                        .as_ref()
+                        .map_or("–".into(), |a| format!("{:.1} ms", a.p50_ms)),
+                    l.ack
+                        .as_ref()
+                        .map_or("–".into(), |a| format!("{:.1} ms", a.p99_ms)),
+                ),
+            );
+            for st in l.statements.iter().take(3) {
+                eprintln!(
+                    "      {:>7} calls  mean {:>8.2} ms  total {:>9.0} ms  {}",
+                    st.calls,
+                    st.mean_ms,
+                    st.total_ms,
+                    st.query.chars().take(110).collect::<String>()
+                );
             }
+            report.latency.push(l);
+            finish(&mut report)?;
         }
         launcher.migrate(&db.url, Some(false))?;
     }
@@ -825,30 +843,43 @@ async fn main() -> Result<()> {
     }
 
     if plan.runs(Step::Notify) {
+        use latency::Wakeup;
         for &connections in &cli.notify_connections {
-            progress(
-                started,
-                format!("NOTIFY trigger cost, {connections} connection(s)"),
-            );
-            let n = latency::notify_cost(
-                &db,
-                &launcher,
-                connections,
-                Duration::from_secs_f64(plan.notify_seconds),
-            )
-            .await?;
-            progress(
-                started,
-                format!(
-                    "  off {:.0}/s, on {:.0}/s ({:+.1}%)",
-                    n.commits_per_second_trigger_off,
-                    n.commits_per_second_trigger_on,
-                    n.change * 100.0
-                ),
-            );
-            report.notify.push(n);
-            finish(&mut report)?;
+            for wakeup in [
+                None,
+                Some(Wakeup::Polling),
+                Some(Wakeup::Doorbell),
+                Some(Wakeup::RingAlways),
+                Some(Wakeup::FastPolling),
+            ] {
+                let what = wakeup.map_or("no relay, no trigger", Wakeup::label);
+                progress(
+                    started,
+                    format!("commit rate, {connections} connection(s): {what}"),
+                );
+                let cost = latency::wakeup_cost(
+                    &db,
+                    &launcher,
+                    brokers,
+                    &work,
+                    wakeup,
+                    connections,
+                    Duration::from_secs_f64(plan.notify_seconds),
+                )
+                .await?;
+                progress(
+                    started,
+                    format!(
+                        "  {:.0} commits/s; the relay published {:.0} rows",
+                        cost.commits_per_second, cost.rows_published
+                    ),
+                );
+                report.wakeup_costs.push(cost);
+                finish(&mut report)?;
+            }
         }
+        launcher.migrate(&db.url, Some(false))?;
+        db.reset().await?;
     }
 
     db.reset().await?;

@@ -26,7 +26,8 @@ fn err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
 /// Reads one percentile of a latency measurement.
 type Percentile = fn(&crate::latency::Latency) -> f64;
 
-/// Latency percentiles against the insert rate, doorbell on and off.
+/// Latency percentiles against the insert rate: the default install's doorbell, and
+/// polling every 500 ms.
 pub fn latency(report: &Report, path: &Path) -> Result<()> {
     if report.latency.is_empty() {
         return Ok(());
@@ -70,7 +71,14 @@ pub fn latency(report: &Report, path: &Path) -> Result<()> {
         let mut points: Vec<_> = report
             .latency
             .iter()
-            .filter(|l| l.doorbell == doorbell && l.load != "broker only")
+            .filter(|l| {
+                l.load != "broker only"
+                    && if doorbell {
+                        l.is_default_install()
+                    } else {
+                        l.wakeup_or_legacy() == Some(crate::latency::Wakeup::Polling)
+                    }
+            })
             .collect();
         points.sort_by(|a, b| {
             a.target_rows_per_second
@@ -91,8 +99,12 @@ pub fn latency(report: &Report, path: &Path) -> Result<()> {
                 .map(|l| (l.achieved_rows_per_second, get(l).max(min_ms)))
                 .collect();
             let label = format!(
-                "{name} to the consumer, doorbell {}",
-                if doorbell { "on" } else { "off (polling)" }
+                "{name} to the consumer, {}",
+                if doorbell {
+                    "doorbell"
+                } else {
+                    "polling 500 ms"
+                }
             );
             let style = color.stroke_width(if doorbell { 3 } else { 2 });
             if doorbell {
@@ -117,7 +129,7 @@ pub fn latency(report: &Report, path: &Path) -> Result<()> {
     let mut acked: Vec<(f64, f64)> = report
         .latency
         .iter()
-        .filter(|l| l.doorbell && l.load != "broker only")
+        .filter(|l| l.is_default_install())
         .filter_map(|l| {
             Some((
                 l.achieved_rows_per_second,
@@ -133,7 +145,7 @@ pub fn latency(report: &Report, path: &Path) -> Result<()> {
         chart
             .draw_series(LineSeries::new(acked.clone(), style))
             .map_err(err)?
-            .label("p99 commit -> acked (row's sent_at), doorbell on")
+            .label("p99 commit -> acked (row's sent_at), doorbell")
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], style));
         chart
             .draw_series(acked.iter().map(|&p| Circle::new(p, 5, color.filled())))
@@ -168,7 +180,7 @@ pub fn latency(report: &Report, path: &Path) -> Result<()> {
     for (rate, ms) in report
         .latency
         .iter()
-        .filter(|l| l.doorbell && (l.load == "1k" || l.load == "50%"))
+        .filter(|l| l.is_default_install() && (l.load == "1k" || l.load == "50%"))
         .map(|l| {
             (
                 l.achieved_rows_per_second,

@@ -108,7 +108,13 @@ pub struct Report {
     pub debezium_latency: Vec<Latency>,
     pub drains: Vec<Drain>,
     pub latency: Vec<Latency>,
+    /// The trigger's cost as older runs measured it (no relay running).
+    #[serde(default)]
     pub notify: Vec<NotifyCost>,
+    /// The application's commit rate with each way of waking the relay (absent from older
+    /// results).
+    #[serde(default)]
+    pub wakeup_costs: Vec<crate::latency::WakeupCost>,
     /// Table size with rows flowing, retention on and off (absent from older results).
     #[serde(default)]
     pub retention: Vec<crate::retention::RetentionRun>,
@@ -201,7 +207,7 @@ impl Report {
         let at = |load: &str| {
             self.latency
                 .iter()
-                .find(|l| l.doorbell && l.load == load)
+                .find(|l| l.is_default_install() && l.load == load)
                 .cloned()
         };
         for (load, goal_ms) in [("1k", 10.0), ("50%", 50.0)] {
@@ -214,7 +220,7 @@ impl Report {
                 }
             };
             targets.push(Target {
-                name: format!("p99 commit → ack, {load} load, doorbell on"),
+                name: format!("p99 commit → ack, {load} load, default install"),
                 goal: format!("p99 <= {goal_ms} ms"),
                 measured: found.as_ref().map_or("not measured".into(), |l| {
                     format!(
@@ -462,8 +468,8 @@ impl Report {
                  `sent_at` (the relay's mark, which starts after the ack: an upper bound on commit → ack; for the \
                  broker-only row, from the produce call to the delivery report). The relay-ack columns are the relay's own \
                  created_at → ack histogram over the same window (bucketed: share within 10 ms, upper bound of the p99 bucket).\n\n\
-                 | doorbell | load | rows/tx | target rows/s | achieved rows/s | rows | missing | p50 ms | p99 ms | p99.9 ms | max ms | → ack p50 ms | → ack p99 ms | → ack p99.9 ms | relay ack ≤ 10 ms | relay ack p99 ≤ ms | relay batches: rows, ms |\n\
-                 |---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+                 | wake-up | load | conns | rows/tx | target rows/s | achieved rows/s | rows | missing | p50 ms | p99 ms | p99.9 ms | max ms | → ack p50 ms | → ack p99 ms | → ack p99.9 ms | relay ack ≤ 10 ms | relay ack p99 ≤ ms | relay batches: rows, ms | commit p50 ms | commit p99 ms |\n\
+                 |---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
             );
             for l in &self.latency {
                 let ack = |pick: fn(&crate::latency::Percentiles) -> f64| {
@@ -473,15 +479,10 @@ impl Report {
                 };
                 let _ = writeln!(
                     out,
-                    "| {} | {} | {} | {:.0} | {:.0} | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {} | {} | {} | {} | {} |",
-                    if l.load == "broker only" {
-                        "–"
-                    } else if l.doorbell {
-                        "on"
-                    } else {
-                        "off"
-                    },
+                    "| {} | {} | {} | {} | {:.0} | {:.0} | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                    l.wakeup_label(),
                     l.load,
+                    l.connections,
                     l.rows_per_transaction,
                     l.target_rows_per_second,
                     l.achieved_rows_per_second,
@@ -501,8 +502,32 @@ impl Report {
                     match (l.relay_mean_batch_rows, l.relay_mean_batch_ms) {
                         (Some(rows), Some(ms)) => format!("{rows:.0}, {ms:.1}"),
                         _ => "–".into(),
-                    }
+                    },
+                    l.commit
+                        .as_ref()
+                        .map_or("–".into(), |c| format!("{:.2}", c.p50_ms)),
+                    l.commit
+                        .as_ref()
+                        .map_or("–".into(), |c| format!("{:.2}", c.p99_ms)),
                 );
+            }
+            if let Some(floor) = self.latency.iter().find(|l| l.load == "broker only") {
+                let _ = writeln!(
+                    out,
+                    "\nOver the broker's own floor (p50 {:.1} ms, p99 {:.1} ms), commit → consumer:\n\n\
+                     | wake-up | load | + p50 ms | + p99 ms |\n|---|---|---:|---:|",
+                    floor.p50_ms, floor.p99_ms
+                );
+                for l in self.latency.iter().filter(|l| l.load != "broker only") {
+                    let _ = writeln!(
+                        out,
+                        "| {} | {} | {:+.1} | {:+.1} |",
+                        l.wakeup_label(),
+                        l.load,
+                        l.p50_ms - floor.p50_ms,
+                        l.p99_ms - floor.p99_ms
+                    );
+                }
             }
         }
 
@@ -514,12 +539,15 @@ impl Report {
             let _ = writeln!(
                 out,
                 "The same inserting clients and consumer as the relay's, with Debezium streaming from its slot \
-                 before the first insert; the relay's figures at the same load (doorbell on) beside them.\n\n\
+                 before the first insert; the relay's figures at the same load (default install) beside them.\n\n\
                  | load | rows/tx | target rows/s | achieved rows/s | rows | missing | p50 ms | p99 ms | p99.9 ms | max ms | relay p50 ms | relay p99 ms |\n\
                  |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
             );
             for l in &self.debezium_latency {
-                let relay = self.latency.iter().find(|r| r.doorbell && r.load == l.load);
+                let relay = self
+                    .latency
+                    .iter()
+                    .find(|r| r.is_default_install() && r.load == l.load);
                 let _ = writeln!(
                     out,
                     "| {} | {} | {:.0} | {:.0} | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {} |",
@@ -559,6 +587,38 @@ impl Report {
                     n.commits_per_second_trigger_off,
                     n.commits_per_second_trigger_on,
                     n.change * 100.0
+                );
+            }
+        }
+
+        if !self.wakeup_costs.is_empty() {
+            let _ = writeln!(
+                out,
+                "\n### What waking the relay costs the application\n\n\
+                 Single-row INSERT transactions, autocommit, as fast as they go, with the relay running and \
+                 publishing them (but for the first row of each group); the change is against polling 500 ms, \
+                 which costs the writers nothing but latency.\n\n\
+                 | connections | seconds | wake-up | commits/s | change vs polling | rows the relay published |\n\
+                 |---:|---:|---|---:|---:|---:|"
+            );
+            for c in &self.wakeup_costs {
+                let polling = self.wakeup_costs.iter().find(|p| {
+                    p.connections == c.connections
+                        && p.wakeup == Some(crate::latency::Wakeup::Polling)
+                });
+                let _ = writeln!(
+                    out,
+                    "| {} | {:.0} | {} | {:.0} | {} | {:.0} |",
+                    c.connections,
+                    c.seconds,
+                    c.wakeup
+                        .map_or("no relay, no trigger", crate::latency::Wakeup::label),
+                    c.commits_per_second,
+                    polling.map_or("–".into(), |p| format!(
+                        "{:+.1}%",
+                        (c.commits_per_second / p.commits_per_second - 1.0) * 100.0
+                    )),
+                    c.rows_published
                 );
             }
         }
@@ -634,8 +694,7 @@ impl Report {
             .chain(&self.drains)
             .filter_map(|d| Some((d.label(), d.checkpoints_during?)));
         let latency = self.latency.iter().filter_map(|l| {
-            let doorbell = if l.doorbell { "on" } else { "off" };
-            let name = format!("latency {} doorbell {doorbell}", l.load);
+            let name = format!("latency {} {}", l.load, l.wakeup_label());
             Some((name, l.checkpoints_during?))
         });
         let debezium_latency = self.debezium_latency.iter().filter_map(|l| {

@@ -55,6 +55,18 @@ const BUSY_DOORBELL_FIRST: Duration = Duration::from_millis(1);
 /// keeps the relay from sleeping, and the rows other writers commit meanwhile do not ring.
 const BUSY_DOORBELL_CAP: Duration = Duration::from_millis(50);
 
+/// After the last rows, how long to wait before each of the next reads, before the relay
+/// sleeps on the doorbell: 22 ms of quiet in all.
+const QUIET_STEPS: [Duration; 7] = [
+    Duration::from_millis(1),
+    Duration::from_millis(1),
+    Duration::from_millis(2),
+    Duration::from_millis(2),
+    Duration::from_millis(4),
+    Duration::from_millis(4),
+    Duration::from_millis(8),
+];
+
 /// How long past the drain deadline the last mark may take before the relay exits anyway.
 const FINAL_MARK_GRACE: Duration = Duration::from_secs(5);
 
@@ -88,6 +100,9 @@ pub(crate) enum Tick {
     Batch {
         /// The batch was full: more rows are probably waiting.
         full: bool,
+        /// Every row of it was acknowledged: read again at once, the doorbell is only for
+        /// a relay that found nothing.
+        all_acked: bool,
         /// A permanent global error (unknown topic, authorization) held rows back.
         blocked: bool,
     },
@@ -126,6 +141,8 @@ pub(crate) struct Relay {
     holds_doorbell_lock: bool,
     /// How soon to look again while a writer still commits behind the doorbell's lock.
     busy_doorbell: Backoff,
+    /// Reads that found nothing since the last rows, while fewer than `QUIET_STEPS`.
+    quiet_steps: usize,
     ownership: Arc<Ownership>,
     replica_id: String,
     /// The previous batch's mark, running while this batch is read and produced.
@@ -247,6 +264,7 @@ impl Relay {
             wake,
             doorbell: None,
             holds_doorbell_lock: false,
+            quiet_steps: 0,
             busy_doorbell: Backoff::between(
                 BUSY_DOORBELL_FIRST,
                 BUSY_DOORBELL_CAP.min(settings.relay.poll_interval),
@@ -293,7 +311,14 @@ impl Relay {
                     }
                     Ok(())
                 }
-                Ok(Tick::Batch { full: true, .. }) => {
+                Ok(
+                    Tick::Batch { full: true, .. }
+                    | Tick::Batch {
+                        all_acked: true, ..
+                    },
+                ) => {
+                    self.busy_doorbell.reset();
+                    self.quiet_steps = 0;
                     backoff.reset();
                     blocked_backoff.reset();
                     Ok(())
@@ -554,6 +579,7 @@ impl Relay {
             // A batch whose rows all waited for topics is full too: the next read leaves
             // them out and goes on to the rows behind them.
             full,
+            all_acked: clean,
             blocked: batch.blocked.is_some(),
         })
     }
@@ -571,38 +597,52 @@ impl Relay {
             self.busy_doorbell.reset();
         }
         let poll_due = Instant::now() + self.settings.poll_interval;
-        // Armed before waiting for a mark still running: rows committed meanwhile ring.
-        // A replica without shards reads nothing, so writers need not ring for it; the
-        // lease keeper wakes it when it gets some.
-        let sleep = match &self.doorbell {
-            Some(doorbell) if !self.ownership.snapshot().is_empty() => doorbell.sleep().await,
-            _ => Sleep::Off,
-        };
-        let until = match sleep {
-            Sleep::Armed | Sleep::Registered => {
-                self.holds_doorbell_lock = true;
-                if sleep == Sleep::Armed {
-                    self.busy_doorbell.reset();
-                }
-                return Ok(());
+        let (sleep, until) = match QUIET_STEPS.get(self.quiet_steps) {
+            // Rows came a moment ago and more are likely: a relay that slept after every
+            // batch would have the writers ring at nearly every commit. Look again shortly
+            // first, and sleep on the doorbell only once the outbox has been quiet a while.
+            Some(step) => {
+                self.quiet_steps += 1;
+                (None, Instant::now() + *step)
             }
-            Sleep::Asleep => {
-                emit(RelayWaited("armed"));
-                poll_due
-            }
-            Sleep::Busy => {
-                emit(RelayWaited("busy"));
-                self.holds_doorbell_lock = true;
-                Instant::now() + self.busy_doorbell.next_delay()
-            }
-            Sleep::Waiting => {
-                emit(RelayWaited("waiting"));
-                poll_due
-            }
-            Sleep::Off => {
-                emit(RelayWaited("off"));
-                self.wake_up();
-                poll_due
+            None => {
+                // Armed before waiting for a mark still running: rows committed meanwhile
+                // ring. A replica without shards reads nothing, so writers need not ring
+                // for it; the lease keeper wakes it when it gets some.
+                let sleep = match &self.doorbell {
+                    Some(doorbell) if !self.ownership.snapshot().is_empty() => {
+                        doorbell.sleep().await
+                    }
+                    _ => Sleep::Off,
+                };
+                let until = match sleep {
+                    Sleep::Armed | Sleep::Registered => {
+                        self.holds_doorbell_lock = true;
+                        if sleep == Sleep::Armed {
+                            self.busy_doorbell.reset();
+                        }
+                        return Ok(());
+                    }
+                    Sleep::Asleep => {
+                        emit(RelayWaited("armed"));
+                        poll_due
+                    }
+                    Sleep::Busy => {
+                        emit(RelayWaited("busy"));
+                        self.holds_doorbell_lock = true;
+                        Instant::now() + self.busy_doorbell.next_delay()
+                    }
+                    Sleep::Waiting => {
+                        emit(RelayWaited("waiting"));
+                        poll_due
+                    }
+                    Sleep::Off => {
+                        emit(RelayWaited("off"));
+                        self.wake_up();
+                        poll_due
+                    }
+                };
+                (Some(sleep), until)
             }
         };
         let mut woken = false;
@@ -634,7 +674,7 @@ impl Relay {
         }
         // A waiter keeps waiting until its next read finds rows or it takes the sleeper's
         // place; a sleeper lets writers stop ringing before it reads.
-        if sleep == Sleep::Asleep {
+        if sleep == Some(Sleep::Asleep) {
             self.wake_up();
         }
         Ok(())
