@@ -799,33 +799,51 @@ pub struct WakeupCost {
     pub seconds: f64,
     /// `None`: no relay, no trigger.
     pub wakeup: Option<Wakeup>,
+    /// Whether the relay ran: without it, the trigger's own cost (absent from older
+    /// results, where it always ran).
+    #[serde(default = "yes")]
+    pub relay_running: bool,
     pub commits_per_second: f64,
     /// Rows the relay published meanwhile (its rows_marked_total), 0 without a relay.
     pub rows_published: f64,
 }
 
-/// [`WakeupCost`] of `wakeup` from `connections` connections for `duration`.
+fn yes() -> bool {
+    true
+}
+
+/// [`WakeupCost`] of `wakeup` from `connections` connections for `duration`, with the
+/// relay running or not.
+#[allow(clippy::too_many_arguments)]
 pub async fn wakeup_cost(
     db: &Db,
     launcher: &RelayLauncher,
     broker_source: (Option<&Path>, Option<&str>),
     work: &Path,
     wakeup: Option<Wakeup>,
+    relay_running: bool,
     connections: u32,
     duration: Duration,
 ) -> Result<WakeupCost> {
     db.reset().await?;
-    let Some(wakeup) = wakeup else {
-        launcher.migrate(&db.url, Some(false))?;
-        db.settle().await?;
-        let rate = commit_rate(db, connections, duration).await?;
-        return Ok(WakeupCost {
-            connections,
-            seconds: duration.as_secs_f64(),
-            wakeup: None,
-            commits_per_second: rate,
-            rows_published: 0.0,
-        });
+    let wakeup = match wakeup {
+        Some(wakeup) if relay_running => wakeup,
+        _ => {
+            match wakeup {
+                Some(wakeup) => wakeup.install(launcher, db).await?,
+                None => launcher.migrate(&db.url, Some(false))?,
+            }
+            db.settle().await?;
+            let rate = commit_rate(db, connections, duration).await?;
+            return Ok(WakeupCost {
+                connections,
+                seconds: duration.as_secs_f64(),
+                wakeup,
+                relay_running: false,
+                commits_per_second: rate,
+                rows_published: 0.0,
+            });
+        }
     };
     wakeup.install(launcher, db).await?;
     let broker = Broker::start(broker_source.0, broker_source.1, work).await?;
@@ -847,6 +865,7 @@ pub async fn wakeup_cost(
         connections,
         seconds: duration.as_secs_f64(),
         wakeup: Some(wakeup),
+        relay_running: true,
         commits_per_second: rate?,
         rows_published: RelayProcess::metric_sum(&metrics, "outbox_relay_rows_marked_total"),
     })

@@ -845,14 +845,23 @@ async fn main() -> Result<()> {
     if plan.runs(Step::Notify) {
         use latency::Wakeup;
         for &connections in &cli.notify_connections {
-            for wakeup in [
-                None,
-                Some(Wakeup::Polling),
-                Some(Wakeup::Doorbell),
-                Some(Wakeup::RingAlways),
-                Some(Wakeup::FastPolling),
+            for (wakeup, relay_running) in [
+                (None, false),
+                (Some(Wakeup::Doorbell), false),
+                (Some(Wakeup::Polling), true),
+                (Some(Wakeup::Doorbell), true),
+                (Some(Wakeup::RingAlways), true),
+                (Some(Wakeup::FastPolling), true),
             ] {
-                let what = wakeup.map_or("no relay, no trigger", Wakeup::label);
+                let what = format!(
+                    "{}, {}",
+                    if relay_running {
+                        "relay running"
+                    } else {
+                        "no relay"
+                    },
+                    wakeup.map_or("no trigger", Wakeup::label)
+                );
                 progress(
                     started,
                     format!("commit rate, {connections} connection(s): {what}"),
@@ -863,6 +872,7 @@ async fn main() -> Result<()> {
                     brokers,
                     &work,
                     wakeup,
+                    relay_running,
                     connections,
                     Duration::from_secs_f64(plan.notify_seconds),
                 )
