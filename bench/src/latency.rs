@@ -806,6 +806,9 @@ pub struct WakeupCost {
     pub commits_per_second: f64,
     /// Rows the relay published meanwhile (its rows_marked_total), 0 without a relay.
     pub rows_published: f64,
+    /// Notifications the relay received meanwhile (its doorbell_notifications_total).
+    #[serde(default)]
+    pub notifications: f64,
 }
 
 fn yes() -> bool {
@@ -842,6 +845,7 @@ pub async fn wakeup_cost(
                 relay_running: false,
                 commits_per_second: rate,
                 rows_published: 0.0,
+                notifications: 0.0,
             });
         }
     };
@@ -868,6 +872,10 @@ pub async fn wakeup_cost(
         relay_running: true,
         commits_per_second: rate?,
         rows_published: RelayProcess::metric_sum(&metrics, "outbox_relay_rows_marked_total"),
+        notifications: RelayProcess::metric_sum(
+            &metrics,
+            "outbox_relay_doorbell_notifications_total",
+        ),
     })
 }
 

@@ -686,7 +686,7 @@ impl Report {
                  publishing them under each way of waking it. With the relay running, the change is against the same \
                  relay with no trigger (polling), which costs the writers only the relay's own work on the shared \
                  cores; without it, against the application alone.\n\n\
-                 | connections | seconds | relay | wake-up | commits/s, median | each measurement | change of the median | rows the relay published (first) |\n\
+                 | connections | seconds | relay | wake-up | commits/s, median | each measurement | change of the median | rows the relay published, notifications it received (first measurement) |\n\
                  |---:|---:|---|---|---:|---|---:|---:|"
             );
             let groups = self.wakeup_cost_medians();
@@ -701,7 +701,7 @@ impl Report {
                 });
                 let _ = writeln!(
                     out,
-                    "| {} | {:.0} | {} | {} | {:.0} | {} | {} | {:.0} |",
+                    "| {} | {:.0} | {} | {} | {:.0} | {} | {} | {:.0}, {:.0} |",
                     c.connections,
                     c.seconds,
                     if c.relay_running { "running" } else { "none" },
@@ -715,7 +715,8 @@ impl Report {
                         "–".into(),
                         |(_, base, _)| format!("{:+.1}%", (median / base - 1.0) * 100.0)
                     ),
-                    c.rows_published
+                    c.rows_published,
+                    c.notifications
                 );
             }
         }
