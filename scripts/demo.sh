@@ -52,8 +52,8 @@ export OUTBOX_RELAY_KAFKA__BOOTSTRAP_SERVERS="$BOOTSTRAP"
 export OUTBOX_RELAY_HTTP__LISTEN="127.0.0.1:$(free_port)"
 export OUTBOX_RELAY_LOG__FORMAT=text
 
-log "outbox-relay migrate --notify-trigger on"
-"$RELAY" migrate --notify-trigger on
+log "outbox-relay migrate (with the doorbell trigger, the default)"
+"$RELAY" migrate
 log "outbox-relay check"
 "$RELAY" check
 log "outbox-relay run (in the background)"
