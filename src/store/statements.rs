@@ -183,23 +183,23 @@ fn fenced_shard(t: &OutboxTable) -> String {
     )
 }
 
-/// A text value (`value`) of `column` when it is at most the read's per-row limit (`$8`),
-/// NULL otherwise: its stored size decides first, so that a small value is never measured
-/// and a large one never sent.
-fn fetched(column: &str, value: &str) -> String {
+/// A value (`value`) of `column` when its text (`text`: the column itself, or its cast
+/// to text) is at most the read's per-row limit (`$8`), NULL otherwise: its stored size
+/// decides first, so that a small value is never measured and a large one never sent.
+fn fetched(column: &str, text: &str, value: &str) -> String {
     format!(
         "CASE WHEN pg_catalog.pg_column_size({column}) <= 8192 \
-              OR pg_catalog.octet_length({column}) <= $8 \
+              OR pg_catalog.octet_length({text}) <= $8 \
          THEN {value} END"
     )
 }
 
-/// The `withheld_bytes` arm of a text column [`fetched`] leaves out: its length.
-fn withheld(column: &str) -> String {
+/// The `withheld_bytes` arm of a column [`fetched`] leaves out: the length of its text.
+fn withheld(column: &str, text: &str) -> String {
     format!(
         "WHEN pg_catalog.pg_column_size({column}) > 8192 \
-           AND pg_catalog.octet_length({column}) > $8 \
-         THEN pg_catalog.octet_length({column}) "
+           AND pg_catalog.octet_length({text}) > $8 \
+         THEN pg_catalog.octet_length({text}) "
     )
 }
 
@@ -221,7 +221,10 @@ fn read_pending_side(t: &OutboxTable, raw: bool, side: &str) -> String {
     let agg_id = format!("o.{}", t.aggregate_id);
     let text = |column: &str, alias: &str| {
         let column = format!("o.{column}");
-        format!("{} AS {alias}, ", fetched(&column, &as_sent(&column, raw)))
+        format!(
+            "{} AS {alias}, ",
+            fetched(&column, &column, &as_sent(&column, raw))
+        )
     };
     let mut select = format!("(SELECT {}, ", t.id_as_id("o"));
     select += &text(&t.aggregate_type, "aggregate_type");
@@ -229,25 +232,21 @@ fn read_pending_side(t: &OutboxTable, raw: bool, side: &str) -> String {
     select += &text(&t.event_type, "event_type");
     // (value measured, value sent, withheld arm) per payload-like column.
     let mut withheld_arms = String::new();
+    // A json or jsonb column, measured and sent as its text.
+    let json = |column: &str, alias: &str, withheld_arms: &mut String| {
+        let c = format!("o.{column}");
+        let text = format!("{c}::text");
+        *withheld_arms += &withheld(&c, &text);
+        format!("{} AS {alias}, ", fetched(&c, &text, &as_sent(&text, raw)))
+    };
     match &t.payload {
         Some((column, PayloadKind::Json)) => {
-            let c = format!("o.{column}");
-            select += &format!(
-                "CASE WHEN pg_catalog.pg_column_size({c}) <= 8192 \
-                      OR pg_catalog.octet_length({c}::text) <= $8 \
-                 THEN {} END AS payload_json, ",
-                as_sent(&format!("{c}::text"), raw)
-            );
-            withheld_arms += &format!(
-                "WHEN pg_catalog.pg_column_size({c}) > 8192 \
-                   AND pg_catalog.octet_length({c}::text) > $8 \
-                 THEN pg_catalog.octet_length({c}::text) "
-            );
+            select += &json(column, "payload_json", &mut withheld_arms);
         }
         Some((column, PayloadKind::Text)) => {
+            select += &text(column, "payload_json");
             let c = format!("o.{column}");
-            select += &format!("{} AS payload_json, ", fetched(&c, &as_sent(&c, raw)));
-            withheld_arms += &withheld(&c);
+            withheld_arms += &withheld(&c, &c);
         }
         Some((_, PayloadKind::Bytes)) | None => select += "NULL::text AS payload_json, ",
     }
@@ -268,20 +267,7 @@ fn read_pending_side(t: &OutboxTable, raw: bool, side: &str) -> String {
         None => select += "NULL::bytea AS payload_bytes, ",
     }
     match &t.headers {
-        Some(column) => {
-            let c = format!("o.{column}");
-            select += &format!(
-                "CASE WHEN pg_catalog.pg_column_size({c}) <= 8192 \
-                      OR pg_catalog.octet_length({c}::text) <= $8 \
-                 THEN {} END AS headers_json, ",
-                as_sent(&format!("{c}::text"), raw)
-            );
-            withheld_arms += &format!(
-                "WHEN pg_catalog.pg_column_size({c}) > 8192 \
-                   AND pg_catalog.octet_length({c}::text) > $8 \
-                 THEN pg_catalog.octet_length({c}::text) "
-            );
-        }
+        Some(column) => select += &json(column, "headers_json", &mut withheld_arms),
         None => select += "NULL::text AS headers_json, ",
     }
     match &t.topic {
@@ -298,10 +284,12 @@ fn read_pending_side(t: &OutboxTable, raw: bool, side: &str) -> String {
         shard = t.shard_of("o"),
     );
     for column in [&t.aggregate_id, &t.aggregate_type, &t.event_type] {
-        select += &withheld(&format!("o.{column}"));
+        let c = format!("o.{column}");
+        select += &withheld(&c, &c);
     }
     if let Some(column) = &t.topic {
-        select += &withheld(&format!("o.{column}"));
+        let c = format!("o.{column}");
+        select += &withheld(&c, &c);
     }
     for (_, column) in &t.header_columns {
         let c = format!("o.{column}::text");
