@@ -251,21 +251,16 @@ impl App {
 
 /// Says at start whether writers can wake this relay, and how.
 async fn announce_doorbell(store: &Store, settings: &Settings) {
-    let listening = &settings.database.listen_channel;
     match store.doorbell_trigger().await {
-        Ok(Some(trigger)) if &trigger.channel != listening => warn!(
-            trigger_channel = %trigger.channel,
-            %listening,
-            "the doorbell trigger notifies another channel than database.listen_channel: new rows wait for the next poll; run `outbox-relay migrate` with this configuration"
-        ),
-        Ok(Some(trigger)) if !trigger.only_while_asleep => warn!(
-            "the doorbell trigger notifies at every insert, which serialises the writers' commits; run `outbox-relay migrate` to install the one that notifies only while the relay sleeps"
-        ),
-        Ok(Some(_)) => info!(channel = %listening, "writers wake this relay while it sleeps"),
-        Ok(None) => warn!(
-            poll_interval = ?settings.relay.poll_interval,
-            "no doorbell trigger on the outbox: new rows wait for the next poll; `outbox-relay migrate` installs it"
-        ),
+        Ok(trigger) => match crate::store::doorbell_finding(
+            trigger.as_ref(),
+            &settings.database.listen_channel,
+            settings.relay.poll_interval,
+            &store.table_display(),
+        ) {
+            Ok(finding) => info!("{finding}"),
+            Err(advice) => warn!("{advice}"),
+        },
         Err(err) => debug!(error = %err, "could not read the doorbell trigger"),
     }
 }

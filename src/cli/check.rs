@@ -81,31 +81,22 @@ pub(super) async fn check(settings: Settings, timeout: Duration) -> anyhow::Resu
                     "  doorbell trigger present, but database.listen = false: the relay polls every {:?}",
                     settings.relay.poll_interval
                 ),
-                Ok(Some(trigger)) if trigger.channel != settings.database.listen_channel => {
-                    println!(
-                        "  warning: the doorbell trigger notifies channel {} but the relay listens on database.listen_channel = {}: run `outbox-relay migrate` with this configuration",
-                        trigger.channel, settings.database.listen_channel
-                    )
-                }
-                Ok(Some(trigger)) if !trigger.only_while_asleep => println!(
-                    "  warning: the doorbell trigger notifies at every insert, which serialises the writers' commits: run `outbox-relay migrate` to install the one that notifies only while the relay sleeps"
-                ),
-                Ok(Some(trigger)) => {
-                    println!(
-                        "  doorbell trigger notifies channel {} while the relay sleeps",
-                        trigger.channel
-                    );
-                    if let Ok(prepared @ 1..) = store.max_prepared_transactions().await {
-                        println!(
-                            "  warning: max_prepared_transactions = {prepared}: PostgreSQL refuses PREPARE TRANSACTION after a NOTIFY, so a writer using two-phase commit fails while the relay sleeps; if yours do, run `outbox-relay migrate --notify-trigger off`"
-                        );
+                Ok(trigger) => match store::doorbell_finding(
+                    trigger.as_ref(),
+                    &settings.database.listen_channel,
+                    settings.relay.poll_interval,
+                    &store.table_display(),
+                ) {
+                    Ok(finding) => {
+                        println!("  {finding}");
+                        if let Ok(prepared @ 1..) = store.max_prepared_transactions().await {
+                            println!(
+                                "  warning: max_prepared_transactions = {prepared}: PostgreSQL refuses PREPARE TRANSACTION after a NOTIFY, so a writer using two-phase commit fails while the relay sleeps; if yours do, run `outbox-relay migrate --notify-trigger off`"
+                            );
+                        }
                     }
-                }
-                Ok(None) => println!(
-                    "  warning: no doorbell trigger on {}: the relay finds new rows at its next poll (every {:?}); `outbox-relay migrate` installs it",
-                    store.table_display(),
-                    settings.relay.poll_interval
-                ),
+                    Err(advice) => println!("  warning: {advice}"),
+                },
                 Err(err) => failures.push(format!("database: reading the doorbell trigger: {err}")),
             }
             match store.backlog_stats().await {

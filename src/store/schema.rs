@@ -17,6 +17,33 @@ pub(crate) struct DoorbellTrigger {
     pub(crate) only_while_asleep: bool,
 }
 
+/// What the doorbell trigger found on `table` (`None`: none) means for a relay listening on
+/// `listen_channel`: `Ok` when writers wake it while it sleeps, else what to fix. `check`
+/// prints it and `run` logs it at start.
+pub(crate) fn doorbell_finding(
+    trigger: Option<&DoorbellTrigger>,
+    listen_channel: &str,
+    poll_interval: std::time::Duration,
+    table: &str,
+) -> Result<String, String> {
+    match trigger {
+        None => Err(format!(
+            "no doorbell trigger on {table}: the relay finds new rows at its next poll (every {poll_interval:?}); `outbox-relay migrate` installs it"
+        )),
+        Some(trigger) if trigger.channel != listen_channel => Err(format!(
+            "the doorbell trigger notifies channel {} but the relay listens on database.listen_channel = {listen_channel}: run `outbox-relay migrate` with this configuration",
+            trigger.channel
+        )),
+        Some(trigger) if !trigger.only_while_asleep => Err(
+            "the doorbell trigger notifies at every insert, which serialises the writers' commits: run `outbox-relay migrate` to install the one that notifies only while the relay sleeps".into(),
+        ),
+        Some(trigger) => Ok(format!(
+            "doorbell trigger notifies channel {} while the relay sleeps",
+            trigger.channel
+        )),
+    }
+}
+
 /// The migrations in `migrations/`, embedded in the binary.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
