@@ -68,7 +68,7 @@ pub(crate) struct Doorbell {
 
 impl Doorbell {
     /// Asks to sleep; `Off` when the doorbell session is down or does not answer in time.
-    pub(crate) async fn sleep(&self) -> Sleep {
+    pub(crate) async fn ask_to_sleep(&self) -> Sleep {
         let (reply, answer) = oneshot::channel();
         if self.commands.send(Command::Sleep(reply)).is_err() {
             return Sleep::Off;
@@ -247,8 +247,8 @@ impl Session<'_> {
     async fn answer(&mut self, command: Command) -> Result<(), sqlx::Error> {
         match command {
             Command::Sleep(reply) => {
-                let sleep = self.sleep().await?;
-                if reply.send(sleep).is_err() {
+                let answer = self.ask_to_sleep().await?;
+                if reply.send(answer).is_err() {
                     // The relay stopped waiting and polls; it will never wake this session.
                     self.wake().await?;
                 }
@@ -258,7 +258,7 @@ impl Session<'_> {
         }
     }
 
-    async fn sleep(&mut self) -> Result<Sleep, sqlx::Error> {
+    async fn ask_to_sleep(&mut self) -> Result<Sleep, sqlx::Error> {
         let registered = match self.held {
             Held::Sleeper => return Ok(Sleep::Asleep),
             Held::Waiter => false,

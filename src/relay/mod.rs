@@ -596,7 +596,6 @@ impl Relay {
         if found_rows {
             self.busy_doorbell.reset();
         }
-        let poll_due = Instant::now() + self.settings.poll_interval;
         let (sleep, until) = match QUIET_STEPS.get(self.quiet_steps) {
             // Rows came a moment ago and more are likely: a relay that slept after every
             // batch would have the writers ring at nearly every commit. Look again shortly
@@ -605,45 +604,10 @@ impl Relay {
                 self.quiet_steps += 1;
                 (None, Instant::now() + *step)
             }
-            None => {
-                // Armed before waiting for a mark still running: rows committed meanwhile
-                // ring. A replica without shards reads nothing, so writers need not ring
-                // for it; the lease keeper wakes it when it gets some.
-                let sleep = match &self.doorbell {
-                    Some(doorbell) if !self.ownership.snapshot().is_empty() => {
-                        doorbell.sleep().await
-                    }
-                    _ => Sleep::Off,
-                };
-                let until = match sleep {
-                    Sleep::Armed | Sleep::Registered => {
-                        self.holds_doorbell_lock = true;
-                        if sleep == Sleep::Armed {
-                            self.busy_doorbell.reset();
-                        }
-                        return Ok(());
-                    }
-                    Sleep::Asleep => {
-                        emit(RelayWaited("armed"));
-                        poll_due
-                    }
-                    Sleep::Busy => {
-                        emit(RelayWaited("busy"));
-                        self.holds_doorbell_lock = true;
-                        Instant::now() + self.busy_doorbell.next_delay()
-                    }
-                    Sleep::Waiting => {
-                        emit(RelayWaited("waiting"));
-                        poll_due
-                    }
-                    Sleep::Off => {
-                        emit(RelayWaited("off"));
-                        self.wake_up();
-                        poll_due
-                    }
-                };
-                (Some(sleep), until)
-            }
+            None => match self.ask_doorbell().await {
+                Some((sleep, until)) => (Some(sleep), until),
+                None => return Ok(()),
+            },
         };
         let mut woken = false;
         if let Some(pending) = self.pending_write.as_mut() {
@@ -678,6 +642,49 @@ impl Relay {
             self.wake_up();
         }
         Ok(())
+    }
+
+    /// Asks the doorbell to let this relay sleep: how, and until when at the latest; `None`
+    /// when it was just armed (or registered), and the relay must read once more first.
+    /// Armed before waiting for a mark still running: rows committed meanwhile ring. A
+    /// replica without shards reads nothing, so writers need not ring for it; the lease
+    /// keeper wakes it when it gets some.
+    async fn ask_doorbell(&mut self) -> Option<(Sleep, Instant)> {
+        let poll_due = Instant::now() + self.settings.poll_interval;
+        let sleep = match &self.doorbell {
+            Some(doorbell) if !self.ownership.snapshot().is_empty() => {
+                doorbell.ask_to_sleep().await
+            }
+            _ => Sleep::Off,
+        };
+        let until = match sleep {
+            Sleep::Armed | Sleep::Registered => {
+                self.holds_doorbell_lock = true;
+                if sleep == Sleep::Armed {
+                    self.busy_doorbell.reset();
+                }
+                return None;
+            }
+            Sleep::Asleep => {
+                emit(RelayWaited("armed"));
+                poll_due
+            }
+            Sleep::Busy => {
+                emit(RelayWaited("busy"));
+                self.holds_doorbell_lock = true;
+                Instant::now() + self.busy_doorbell.next_delay()
+            }
+            Sleep::Waiting => {
+                emit(RelayWaited("waiting"));
+                poll_due
+            }
+            Sleep::Off => {
+                emit(RelayWaited("off"));
+                self.wake_up();
+                poll_due
+            }
+        };
+        Some((sleep, until))
     }
 
     /// Writers stop ringing for this relay: it is reading rows.
