@@ -14,7 +14,7 @@ use sqlx::postgres::PgConnectOptions;
 
 use crate::drain::{Drain, drain_timeout, wal_per_row};
 use crate::infra::{Broker, Db, ONE_KB_ROW, cpu_time, free_port, peak_rss, spawn_tied, stop_child};
-use crate::latency::{self, Latency, LatencyPlan, Summary};
+use crate::latency::{self, Latency, LatencyPlan};
 
 /// The publication's and the replication slot's name.
 const SLOT: &str = "bench_debezium";
@@ -552,21 +552,9 @@ pub async fn latency(
         let statements = db.top_statements(5).await;
         connect.stop().await;
         broker.stop().await;
-        let mut result = latency::summarize(
-            &run.committed,
-            &run.received,
-            run.warmup_rows,
-            Summary {
-                doorbell: false,
-                load,
-                rate,
-                per_tx: run.per_tx,
-                connections: plan.connections,
-            },
-        )?;
+        let mut result = run.summarize(false, load, rate, plan.connections)?;
         result.statements = statements;
         result.checkpoints_during = Some(checkpoints_during);
-        result.commit = latency::Percentiles::of(run.commit_micros.iter().copied())?;
         Ok(result)
     })
     .await

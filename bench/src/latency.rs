@@ -537,21 +537,9 @@ pub async fn measure(
     let _ = relay.stop().await;
     broker.stop().await;
 
-    let mut result = summarize(
-        &run.committed,
-        &run.received,
-        run.warmup_rows,
-        Summary {
-            doorbell: wakeup.trigger(),
-            load,
-            rate,
-            per_tx: run.per_tx,
-            connections: plan.connections,
-        },
-    )?;
+    let mut result = run.summarize(wakeup.trigger(), load, rate, plan.connections)?;
     result.ack = ack;
     result.wakeup = Some(wakeup);
-    result.commit = Percentiles::of(run.commit_micros.iter().copied())?;
     if let Some((rows, ten, fifty, p99)) = relay_window(
         &RelayProcess::histogram_buckets(&before, RELAY_LATENCY),
         &RelayProcess::histogram_buckets(&after, RELAY_LATENCY),
@@ -576,16 +564,42 @@ pub async fn measure(
     Ok(result)
 }
 
-pub(crate) struct Summary<'a> {
-    pub doorbell: bool,
-    pub load: &'a str,
-    pub rate: f64,
-    pub per_tx: u64,
-    pub connections: u32,
+impl LoadRun {
+    /// The latency of this run's measured rows, and how long their transactions took.
+    pub(crate) fn summarize(
+        &self,
+        doorbell: bool,
+        load: &str,
+        rate: f64,
+        connections: u32,
+    ) -> Result<Latency> {
+        let mut latency = summarize(
+            &self.committed,
+            &self.received,
+            self.warmup_rows,
+            Summary {
+                doorbell,
+                load,
+                rate,
+                per_tx: self.per_tx,
+                connections,
+            },
+        )?;
+        latency.commit = Percentiles::of(self.commit_micros.iter().copied())?;
+        Ok(latency)
+    }
+}
+
+struct Summary<'a> {
+    doorbell: bool,
+    load: &'a str,
+    rate: f64,
+    per_tx: u64,
+    connections: u32,
 }
 
 /// Percentiles of arrival − commit over the rows after the warm-up.
-pub(crate) fn summarize(
+fn summarize(
     committed: &[AtomicU64],
     received: &[AtomicU64],
     warmup_rows: u64,
