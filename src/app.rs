@@ -57,6 +57,11 @@ impl App {
                 "doorbell",
                 &["armed", "busy", "waiting", "off"],
             ),
+            (
+                telemetry::AUDIT_MISMATCHES,
+                "kind",
+                &["missing", "different"],
+            ),
         ])
         .map_err(anyhow::Error::msg)
         .context("Failed to set up the metrics recorder")?;
@@ -179,6 +184,13 @@ impl App {
                         tasks_cancel.clone(),
                     ))
                 });
+                let auditor = (settings.relay.audit_sample_rate > 0.0).then(|| {
+                    metrics.spawn(crate::proof::audit::audit_sent_rows(
+                        store.clone(),
+                        settings.clone(),
+                        tasks_cancel.clone(),
+                    ))
+                });
                 health.set_started();
                 crate::systemd::ready();
                 let watchdog = crate::systemd::watchdog_interval().map(|interval| {
@@ -219,6 +231,10 @@ impl App {
                 let _ = stats.await;
                 if let Some(sweeper) = sweeper {
                     let _ = sweeper.await;
+                }
+                // It only reads; a look in progress is not worth waiting for.
+                if let Some(auditor) = auditor {
+                    auditor.abort();
                 }
                 keeper_cancel.cancel();
                 let _ = keeper.await;

@@ -33,6 +33,13 @@ pub(crate) struct EncodedRecord<'a> {
 }
 
 impl EncodedRecord<'_> {
+    /// The record with one more header after the others (counted in its size).
+    pub(crate) fn with_header(mut self, name: &str, value: String) -> Self {
+        self.bytes += name.len() + value.len() + 8;
+        self.extra_headers.push((name.to_string(), value));
+        self
+    }
+
     /// Header names and values in the order they are written: the relay's three, then the
     /// row's own.
     pub(crate) fn headers(&self) -> impl Iterator<Item = (&str, &str)> {

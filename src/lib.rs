@@ -11,6 +11,7 @@ pub mod http;
 mod kafka;
 mod lease;
 pub mod model;
+mod proof;
 pub mod relay;
 pub mod retention;
 pub mod store;

@@ -12,7 +12,7 @@ const LAYERS: &[&[&str]] = &[
     &["config", "encode"],
     &["telemetry"],
     &["store", "kafka"],
-    &["lease", "wake", "retention"],
+    &["lease", "wake", "retention", "proof"],
     &["relay"],
     &["http", "systemd"],
     &["app"],

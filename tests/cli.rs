@@ -79,6 +79,18 @@ fn bad_configuration_exits_2_naming_the_key() {
             "nonsense",
             "unknown environment key",
         ),
+        (
+            "[relay]\naudit_sample_rate = 1.5\n",
+            vec![],
+            "relay.audit_sample_rate",
+            "an audit share above 1",
+        ),
+        (
+            "[relay]\nmode = \"delete\"\naudit_sample_rate = 0.01\n",
+            vec![],
+            "relay.audit_sample_rate",
+            "an audit in delete mode, which keeps no offsets",
+        ),
     ];
     for (i, (file, env, key, what)) in cases.into_iter().enumerate() {
         let path = dir.path().join(format!("case{i}.toml"));

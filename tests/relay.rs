@@ -1063,3 +1063,79 @@ async fn sent_rows_past_the_retention_are_deleted_and_the_others_kept() {
         0
     );
 }
+
+/// The auditor reads every sampled row's record back from Kafka: rows whose marks recorded
+/// a wrong offset (a trigger moves it as the mark writes it) are counted as missing (past
+/// the partition's end) or different (another row's record is there); the rest are found.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_auditor_counts_rows_whose_records_are_not_where_their_marks_say() {
+    let db = TestDb::new().await;
+    let bootstrap = kafka_bootstrap();
+    let prefix = unique_prefix();
+    let topic = format!("{prefix}.audit");
+    create_topic(&bootstrap, &topic, 1).await;
+    sqlx::raw_sql(
+        "CREATE FUNCTION misrecord() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             IF NEW.aggregate_id = 'shifted' THEN
+                 NEW.kafka_offset := NEW.kafka_offset + 1000000;
+             ELSIF NEW.aggregate_id = 'swapped' THEN
+                 NEW.kafka_offset := NEW.kafka_offset - 1;
+             END IF;
+             RETURN NEW;
+         END $$;
+         CREATE TRIGGER misrecord BEFORE UPDATE OF kafka_offset ON outbox
+             FOR EACH ROW WHEN (OLD.kafka_offset IS NULL AND NEW.kafka_offset IS NOT NULL)
+             EXECUTE FUNCTION misrecord();",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let relay = RunningRelay::start(template_settings(
+        &db,
+        &bootstrap,
+        &prefix,
+        "audit_sample_rate = 1.0\naudit_interval = \"200ms\"\n",
+    ))
+    .await;
+    // One partition: the healthy rows take offsets 0 to 19, so every swapped row's offset
+    // minus one holds another row's record.
+    let mut rows = stream("audit", 4, 20);
+    rows.extend((0..5).map(|seq| NewRow::new("audit", "swapped", seq)));
+    rows.extend((0..5).map(|seq| NewRow::new("audit", "shifted", seq)));
+    db.insert(&rows).await;
+    wait_for("all rows marked", CONDITION_TIMEOUT, || async {
+        db.sent().await == 30
+    })
+    .await;
+    wait_for("30 rows audited", CONDITION_TIMEOUT, || async {
+        let (_, metrics) = http_get(relay.http_addr, "/metrics").await;
+        metric_value(&metrics, "outbox_relay_audit_checked_total") >= 30.0
+    })
+    .await;
+    let (_, metrics) = http_get(relay.http_addr, "/metrics").await;
+    relay.stop().await;
+    let value = |series: &str| metric_value(&metrics, series);
+    assert_eq!(value("outbox_relay_audit_checked_total"), 30.0, "{metrics}");
+    assert_eq!(
+        value(r#"outbox_relay_audit_mismatches_total{kind="missing""#),
+        5.0,
+        "the shifted rows' offsets are past the partition's end"
+    );
+    assert_eq!(
+        value(r#"outbox_relay_audit_mismatches_total{kind="different""#),
+        5.0,
+        "the swapped rows' offsets hold other rows' records"
+    );
+    // The broker has every row, whatever the marks say.
+    let records = consume(&bootstrap, &topic, 30);
+    let delivered: std::collections::HashSet<&String> =
+        records.iter().filter_map(|r| r.headers.get("id")).collect();
+    for row in db.rows().await {
+        assert!(
+            delivered.contains(&row.event_id),
+            "row {} not in Kafka",
+            row.id
+        );
+    }
+}

@@ -1,5 +1,7 @@
-//! The command line: `run`, `migrate`, `check`, `status`, `parked` and `prune`. Exit codes: 0
-//! success, 1 runtime failure, 2 bad configuration (named key, nothing connected).
+//! The command line: `run`, `migrate`, `check`, `status`, `parked`, `prune`, and the proof
+//! of delivery (`where`, `verify`, `republish`). Exit codes: 0 success, 1 runtime failure
+//! (or, for the proofs, a row not where the outbox says), 2 bad configuration or arguments
+//! (named, nothing changed).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -17,14 +19,22 @@ use crate::store::{self, Store};
 use crate::telemetry;
 
 mod check;
+mod locate;
+mod moment;
 mod parked;
 mod prune;
+mod republish;
 mod status;
+mod verify;
 
 use check::check;
+use locate::locate;
+use moment::Moment;
 use parked::parked;
 use prune::prune;
+use republish::{Republish, republish};
 use status::{pending_text, status};
+use verify::verify;
 
 /// Exit code for a configuration the relay refuses.
 pub(crate) const EXIT_CONFIG: u8 = 2;
@@ -87,6 +97,48 @@ pub(crate) enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Where one event is: pending (its shard and the replica that owns it), sent (when,
+    /// topic, partition, offset), parked or discarded. With --verify, its record is read
+    /// back from Kafka and compared with the row. Exit 0 when it is where the database
+    /// says, 1 otherwise.
+    Where {
+        /// The event id (a UUID, the `id` header of its record) or the row id (an integer).
+        #[arg(value_name = "EVENT", value_parser = parse_row_key)]
+        event: store::RowKey,
+        /// Read the record back at its partition and offset and compare it with the row.
+        #[arg(long)]
+        verify: bool,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Read back the records of sent rows (a random sample, or all, sent in a time range)
+    /// and report how many are where their acks said, missing, different, or expired
+    /// (removed by the topic's retention, not lost). Exit 1 on any missing or different
+    /// record, or any row that could not be checked.
+    Verify {
+        /// Rows sent at or after this: an RFC 3339 time, or a duration meaning that long
+        /// ago (24h, 30m).
+        #[arg(long, value_name = "TIME", default_value = "24h")]
+        since: Moment,
+        /// Rows sent before this (RFC 3339, or a duration ago) [default: now].
+        #[arg(long, value_name = "TIME")]
+        until: Option<Moment>,
+        /// Check this many rows, drawn at random from the range [default: 1000].
+        #[arg(long, value_name = "N", conflicts_with = "all", value_parser = clap::value_parser!(u32).range(1..))]
+        sample: Option<u32>,
+        /// Check every row sent in the range, in the order they were sent.
+        #[arg(long)]
+        all: bool,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send already-sent rows again, in id order, with their key, value and headers and a
+    /// header `outbox-relay-republished-at`; their marks do not change. Pending, parked and
+    /// discarded rows of the range are skipped and counted. Interrupted (Ctrl-C, or a
+    /// failure), it says how to resume.
+    Republish(Republish),
     /// Validate the configuration, connect to PostgreSQL and Kafka, and say what the relay
     /// would do (secrets redacted). Exits non-zero if anything is wrong.
     Check {
@@ -189,6 +241,28 @@ pub fn main() -> ExitCode {
                 older_than,
                 dry_run,
             } => prune(settings, older_than, dry_run).await,
+            Command::Where {
+                event,
+                verify,
+                json,
+            } => locate(settings, event, verify, json).await,
+            Command::Verify {
+                since,
+                until,
+                sample,
+                all,
+                json,
+            } => {
+                verify(
+                    settings,
+                    since,
+                    until,
+                    (!all).then(|| sample.unwrap_or(1000)),
+                    json,
+                )
+                .await
+            }
+            Command::Republish(args) => republish(settings, args).await,
         }
     });
     match result {
@@ -206,12 +280,34 @@ pub fn main() -> ExitCode {
                     Some(store::StoreError::Config { .. })
                 )
             });
-            if misconfigured || err.downcast_ref::<crate::app::MissingGrants>().is_some() {
+            if misconfigured
+                || err.downcast_ref::<crate::app::MissingGrants>().is_some()
+                || err.downcast_ref::<BadArguments>().is_some()
+            {
                 ExitCode::from(EXIT_CONFIG)
             } else {
                 ExitCode::FAILURE
             }
         }
+    }
+}
+
+/// Arguments that parse but cannot be honoured together (checked once the command knows
+/// more than clap does): exit 2, nothing changed.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub(crate) struct BadArguments(pub String);
+
+fn parse_row_key(text: &str) -> Result<store::RowKey, String> {
+    if let Ok(event_id) = uuid::Uuid::parse_str(text) {
+        return Ok(store::RowKey::EventId(event_id));
+    }
+    match text.parse::<i64>() {
+        Ok(id) => Ok(store::RowKey::RowId(id)),
+        Err(_) => Err(format!(
+            "`{}` is neither an event id (a UUID) nor a row id (an integer)",
+            crate::model::printable(text, 64)
+        )),
     }
 }
 

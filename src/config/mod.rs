@@ -18,7 +18,7 @@ mod producer;
 mod secrets;
 mod validate;
 
-pub(crate) use producer::admin_properties;
+pub(crate) use producer::{admin_properties, consumer_properties};
 pub(crate) use secrets::redact_url;
 use secrets::*;
 
@@ -254,6 +254,12 @@ pub struct RelaySettings {
     /// How often leases are renewed and membership is checked.
     #[serde(with = "humantime_serde")]
     pub lease_renew_interval: Duration,
+    /// The share of sent rows (0 to 1) whose records the auditor reads back from Kafka and
+    /// compares with the row; 0 turns it off. Mark mode only.
+    pub audit_sample_rate: f64,
+    /// How often the auditor samples the rows sent since its last look.
+    #[serde(with = "humantime_serde")]
+    pub audit_interval: Duration,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -333,6 +339,8 @@ impl Default for RelaySettings {
             replica_id: String::new(),
             lease_ttl: Duration::from_secs(10),
             lease_renew_interval: Duration::from_secs(2),
+            audit_sample_rate: 0.0,
+            audit_interval: Duration::from_secs(30),
         }
     }
 }

@@ -65,6 +65,51 @@ pub(crate) fn admin_properties(producer_properties: &[(String, String)]) -> Vec<
         .collect()
 }
 
+/// Properties only a producer takes: a consumer would warn about each.
+const PRODUCER_SIDE: &[&str] = &[
+    "acks",
+    "request.required.acks",
+    "linger.ms",
+    "queue.buffering.max.ms",
+    "queue.buffering.max.kbytes",
+    "queue.buffering.max.messages",
+    "compression.type",
+    "compression.codec",
+    "compression.level",
+    "batch.size",
+    "batch.num.messages",
+    "message.timeout.ms",
+    "delivery.timeout.ms",
+    "request.timeout.ms",
+    "retries",
+    "message.send.max.retries",
+    "partitioner",
+    "sticky.partitioning.linger.ms",
+    "max.in.flight.requests.per.connection",
+    "max.in.flight",
+];
+
+/// The connection settings of `producer_properties` for a consumer that reads records
+/// back, named apart.
+pub(crate) fn consumer_properties(
+    producer_properties: &[(String, String)],
+) -> Vec<(String, String)> {
+    admin_properties(producer_properties)
+        .into_iter()
+        .filter(|(k, _)| !PRODUCER_SIDE.contains(&k.as_str()))
+        .map(|(k, v)| {
+            if k == "client.id" {
+                let named = v
+                    .strip_suffix("-admin")
+                    .map(|base| format!("{base}-verify"));
+                (k, named.unwrap_or(v))
+            } else {
+                (k, v)
+            }
+        })
+        .collect()
+}
+
 /// The contract's entry for `name` (itself or an alias): (property, value, accepted, why).
 fn contract_entry(
     name: &str,

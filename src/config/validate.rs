@@ -60,6 +60,27 @@ impl Settings {
                 ));
             }
         }
+        let rate = self.relay.audit_sample_rate;
+        if !(0.0..=1.0).contains(&rate) {
+            return Err(ConfigError::new(
+                "relay.audit_sample_rate",
+                format!(
+                    "is {rate}; it is the share of sent rows to audit, from 0 (off) to 1 (every row), e.g. 0.001"
+                ),
+            ));
+        }
+        if rate > 0.0 && self.relay.mode == Mode::Delete {
+            return Err(ConfigError::new(
+                "relay.audit_sample_rate",
+                "audits the partition and offset each sent row keeps, which relay.mode = \"delete\" does not keep; set relay.mode = \"mark\" or relay.audit_sample_rate = 0",
+            ));
+        }
+        if rate > 0.0 && self.relay.audit_interval.is_zero() {
+            return Err(ConfigError::new(
+                "relay.audit_interval",
+                "must be longer than 0 while relay.audit_sample_rate is above 0, e.g. \"30s\"",
+            ));
+        }
         if self.database.max_connections < 2 {
             return Err(ConfigError::new(
                 "database.max_connections",
@@ -196,7 +217,7 @@ impl Settings {
 
     /// Every duration setting with its key. Each is added to `Instant`s and multiplied,
     /// so each is bounded by [`MAX_DURATION`].
-    pub(super) fn durations(&self) -> [(&'static str, Duration); 11] {
+    pub(super) fn durations(&self) -> [(&'static str, Duration); 12] {
         [
             ("database.connect_timeout", self.database.connect_timeout),
             (
@@ -215,6 +236,7 @@ impl Settings {
                 "relay.lease_renew_interval",
                 self.relay.lease_renew_interval,
             ),
+            ("relay.audit_interval", self.relay.audit_interval),
         ]
     }
 

@@ -20,8 +20,13 @@ pub struct ReadLimits {
 
 /// One row of `read_pending`'s answer, by position. With `check_types` each column's type
 /// is first compared with its field's; without, the value is decoded as it comes, which is
-/// for the rows after the first, whose column types are the same.
-fn decode_pending(r: &PgRow, check_types: bool) -> Result<OutboxRow, sqlx::Error> {
+/// for the rows after the first, whose column types are the same. The last `trailing`
+/// columns are not the row's (a statement that selects more than the read).
+pub(super) fn decode_pending(
+    r: &PgRow,
+    check_types: bool,
+    trailing: usize,
+) -> Result<OutboxRow, sqlx::Error> {
     fn get<'r, T>(r: &'r PgRow, column: usize, check_types: bool) -> Result<T, sqlx::Error>
     where
         T: sqlx::Decode<'r, Postgres> + sqlx::Type<Postgres>,
@@ -63,7 +68,7 @@ fn decode_pending(r: &PgRow, check_types: bool) -> Result<OutboxRow, sqlx::Error
     let payload_json = text(4, "payload")?;
     let headers_json = text(6, "headers")?;
     let topic = text(7, "topic")?;
-    let column_headers = (13..r.len())
+    let column_headers = (13..r.len() - trailing)
         .map(|column| text(column, "a header column"))
         .collect::<Result<Vec<_>, _>>()?;
     Ok(OutboxRow {
@@ -217,7 +222,7 @@ impl Store {
             let mut decoded = Vec::with_capacity(limit.min(1024) as usize);
             let mut bytes = 0;
             while let Some(row) = rows.try_next().await? {
-                let row = decode_pending(&row, decoded.is_empty())?;
+                let row = decode_pending(&row, decoded.is_empty(), 0)?;
                 bytes += row.approximate_bytes();
                 decoded.push(row);
                 // Dropping the answer's stream here makes the connection skip the rest.

@@ -32,6 +32,20 @@ pub(crate) struct Statements {
     pub(crate) discard_parked: String,
     pub(crate) prune_sent: String,
     pub(crate) count_prunable: String,
+    /// Proof of delivery ([`super::proof`]): one row with its state, by event id or row id.
+    pub(crate) locate_by_event_id: String,
+    pub(crate) locate_by_id: String,
+    /// Sent rows after a (sent_at, id) key, in that order, each kept with a probability.
+    pub(crate) sent_page: String,
+    pub(crate) sent_by_ids: String,
+    pub(crate) sample_sent_ids: String,
+    pub(crate) count_sent_between: String,
+    pub(crate) sent_id_bounds: String,
+    /// Sent rows of an id range (and a sent_at range, an aggregate), in id order.
+    pub(crate) republish_page: String,
+    pub(crate) count_republishable: String,
+    /// The rows of an id range, counted by state.
+    pub(crate) range_census: String,
 }
 
 impl Statements {
@@ -139,9 +153,84 @@ impl Statements {
                  WHERE sent_at IS NOT NULL \
                    AND sent_at < pg_catalog.now() - pg_catalog.make_interval(secs => $1)"
             ),
+            locate_by_event_id: locate(t, &t.event_id),
+            locate_by_id: locate(t, id),
+            sent_page: format!(
+                "{columns}, {SENT_COLUMNS} FROM {n} o \
+                 WHERE o.sent_at >= $2 AND (o.sent_at, o.{id}) > ($2, $3) AND o.sent_at < $4 \
+                   AND ($5::float8 >= 1 OR pg_catalog.random() < $5::float8) \
+                 ORDER BY o.sent_at, o.{id} LIMIT $6",
+                columns = row_columns(t, false, "$1"),
+            ),
+            sent_by_ids: format!(
+                "{columns}, {SENT_COLUMNS} FROM {n} o \
+                 WHERE o.{id} = ANY($2::bigint[]) AND o.sent_at IS NOT NULL ORDER BY o.{id}",
+                columns = row_columns(t, false, "$1"),
+            ),
+            sample_sent_ids: format!(
+                "SELECT {id} FROM {n} WHERE sent_at >= $1 AND sent_at < $2 \
+                 ORDER BY pg_catalog.random() LIMIT $3"
+            ),
+            count_sent_between: format!(
+                "SELECT pg_catalog.count(*) FROM {n} WHERE sent_at >= $1 AND sent_at < $2"
+            ),
+            sent_id_bounds: format!(
+                "SELECT pg_catalog.min({id}), pg_catalog.max({id}) FROM {n} \
+                 WHERE sent_at >= $1 AND sent_at < $2"
+            ),
+            republish_page: format!(
+                "{columns}, {SENT_COLUMNS} FROM {n} o \
+                 WHERE o.{id} > $2 AND o.{id} <= $3 AND o.sent_at IS NOT NULL \
+                   AND ($4::timestamptz IS NULL OR o.sent_at >= $4) \
+                   AND ($5::timestamptz IS NULL OR o.sent_at < $5) \
+                   AND ($6::text IS NULL OR o.{agg_id} = $6) \
+                 ORDER BY o.{id} LIMIT $7",
+                columns = row_columns(t, false, "$1"),
+                agg_id = t.aggregate_id,
+            ),
+            count_republishable: format!(
+                "SELECT pg_catalog.count(*) FROM {n} o \
+                 WHERE o.{id} > $1 AND o.{id} <= $2 AND o.sent_at IS NOT NULL \
+                   AND ($3::timestamptz IS NULL OR o.sent_at >= $3) \
+                   AND ($4::timestamptz IS NULL OR o.sent_at < $4) \
+                   AND ($5::text IS NULL OR o.{agg_id} = $5)",
+                agg_id = t.aggregate_id,
+            ),
+            range_census: format!(
+                "SELECT \
+                   pg_catalog.count(*) FILTER (WHERE sent_at IS NULL AND parked_at IS NULL) \
+                     AS pending, \
+                   pg_catalog.count(*) FILTER (WHERE {holding}) AS parked, \
+                   pg_catalog.count(*) FILTER ( \
+                     WHERE sent_at IS NULL AND discarded_at IS NOT NULL) AS discarded \
+                 FROM {n} WHERE {id} >= $1 AND {id} <= $2 \
+                   AND ($3::text IS NULL OR {agg_id} = $3)",
+                holding = parked_holding(""),
+                agg_id = t.aggregate_id,
+            ),
             table,
         }
     }
+}
+
+/// What the proof statements select after a row's columns, by position: when it was sent
+/// and where its ack put it.
+pub(crate) const SENT_COLUMNS: &str = "o.sent_at, o.kafka_partition, o.kafka_offset";
+
+/// One row by `column` (`$2`) with everything known of its state: [`SENT_COLUMNS`], its
+/// parking and discarding, and the replica whose live lease holds its shard.
+fn locate(t: &OutboxTable, column: &str) -> String {
+    format!(
+        "{columns}, {SENT_COLUMNS}, o.parked_at, o.park_reason, o.park_error, \
+           o.discarded_at, o.discard_reason, \
+           (SELECT l.owner FROM outbox_shard_lease l \
+             WHERE l.shard = {shard} AND l.expires_at > pg_catalog.now()) AS owner \
+         FROM {n} o WHERE o.{column} = $2 ORDER BY o.{id} LIMIT 10",
+        columns = row_columns(t, false, "$1"),
+        shard = t.shard_of("o"),
+        n = t.name,
+        id = t.id,
+    )
 }
 
 /// A row "parked and still holding" its aggregate back: parked, neither discarded nor
@@ -184,21 +273,22 @@ fn fenced_shard(t: &OutboxTable) -> String {
 }
 
 /// A value (`value`) of `column` when its text (`text`: the column itself, or its cast
-/// to text) is at most the read's per-row limit (`$8`), NULL otherwise: its stored size
-/// decides first, so that a small value is never measured and a large one never sent.
-fn fetched(column: &str, text: &str, value: &str) -> String {
+/// to text) is at most the per-row limit (the parameter `limit`), NULL otherwise: its
+/// stored size decides first, so that a small value is never measured and a large one
+/// never sent.
+fn fetched(column: &str, text: &str, value: &str, limit: &str) -> String {
     format!(
         "CASE WHEN pg_catalog.pg_column_size({column}) <= 8192 \
-              OR pg_catalog.octet_length({text}) <= $8 \
+              OR pg_catalog.octet_length({text}) <= {limit} \
          THEN {value} END"
     )
 }
 
 /// The `withheld_bytes` arm of a column [`fetched`] leaves out: the length of its text.
-fn withheld(column: &str, text: &str) -> String {
+fn withheld(column: &str, text: &str, limit: &str) -> String {
     format!(
         "WHEN pg_catalog.pg_column_size({column}) > 8192 \
-           AND pg_catalog.octet_length({text}) > $8 \
+           AND pg_catalog.octet_length({text}) > {limit} \
          THEN pg_catalog.octet_length({text}) "
     )
 }
@@ -212,21 +302,19 @@ fn as_sent(expression: &str, raw: bool) -> String {
     }
 }
 
-/// The pending rows of one side of the skipped run, without the skipped ids on that side;
-/// the two sides are merged in id order. Written out twice because a range is what lets
-/// the index step over the run. Columns by position, as `decode_pending` reads them.
-fn read_pending_side(t: &OutboxTable, raw: bool, side: &str) -> String {
-    let n = &t.name;
-    let id = &t.id;
+/// The columns of one row as `decode_pending` reads them, by position: `SELECT …` up to
+/// the `FROM`, over the table aliased `o`. A value over the per-row limit (the parameter
+/// `limit`) is measured and left out.
+fn row_columns(t: &OutboxTable, raw: bool, limit: &str) -> String {
     let agg_id = format!("o.{}", t.aggregate_id);
     let text = |column: &str, alias: &str| {
         let column = format!("o.{column}");
         format!(
             "{} AS {alias}, ",
-            fetched(&column, &column, &as_sent(&column, raw))
+            fetched(&column, &column, &as_sent(&column, raw), limit)
         )
     };
-    let mut select = format!("(SELECT {}, ", t.id_as_id("o"));
+    let mut select = format!("SELECT {}, ", t.id_as_id("o"));
     select += &text(&t.aggregate_type, "aggregate_type");
     select += &text(&t.aggregate_id, "aggregate_id");
     select += &text(&t.event_type, "event_type");
@@ -236,8 +324,11 @@ fn read_pending_side(t: &OutboxTable, raw: bool, side: &str) -> String {
     let json = |column: &str, alias: &str, withheld_arms: &mut String| {
         let c = format!("o.{column}");
         let text = format!("{c}::text");
-        *withheld_arms += &withheld(&c, &text);
-        format!("{} AS {alias}, ", fetched(&c, &text, &as_sent(&text, raw)))
+        *withheld_arms += &withheld(&c, &text, limit);
+        format!(
+            "{} AS {alias}, ",
+            fetched(&c, &text, &as_sent(&text, raw), limit)
+        )
     };
     match &t.payload {
         Some((column, PayloadKind::Json)) => {
@@ -246,7 +337,7 @@ fn read_pending_side(t: &OutboxTable, raw: bool, side: &str) -> String {
         Some((column, PayloadKind::Text)) => {
             select += &text(column, "payload_json");
             let c = format!("o.{column}");
-            withheld_arms += &withheld(&c, &c);
+            withheld_arms += &withheld(&c, &c, limit);
         }
         Some((_, PayloadKind::Bytes)) | None => select += "NULL::text AS payload_json, ",
     }
@@ -258,10 +349,10 @@ fn read_pending_side(t: &OutboxTable, raw: bool, side: &str) -> String {
         Some(column) => {
             let c = format!("o.{column}");
             select += &format!(
-                "CASE WHEN pg_catalog.octet_length({c}) <= $8 THEN {c} END AS payload_bytes, "
+                "CASE WHEN pg_catalog.octet_length({c}) <= {limit} THEN {c} END AS payload_bytes, "
             );
             withheld_arms = format!(
-                "WHEN pg_catalog.octet_length({c}) > $8 THEN pg_catalog.octet_length({c}) {withheld_arms}"
+                "WHEN pg_catalog.octet_length({c}) > {limit} THEN pg_catalog.octet_length({c}) {withheld_arms}"
             );
         }
         None => select += "NULL::bytea AS payload_bytes, ",
@@ -285,16 +376,17 @@ fn read_pending_side(t: &OutboxTable, raw: bool, side: &str) -> String {
     );
     for column in [&t.aggregate_id, &t.aggregate_type, &t.event_type] {
         let c = format!("o.{column}");
-        select += &withheld(&c, &c);
+        select += &withheld(&c, &c, limit);
     }
     if let Some(column) = &t.topic {
         let c = format!("o.{column}");
-        select += &withheld(&c, &c);
+        select += &withheld(&c, &c, limit);
     }
     for (_, column) in &t.header_columns {
         let c = format!("o.{column}::text");
-        select +=
-            &format!("WHEN pg_catalog.octet_length({c}) > $8 THEN pg_catalog.octet_length({c}) ");
+        select += &format!(
+            "WHEN pg_catalog.octet_length({c}) > {limit} THEN pg_catalog.octet_length({c}) "
+        );
     }
     select += &format!(
         "END::bigint AS withheld_bytes, \
@@ -303,10 +395,21 @@ fn read_pending_side(t: &OutboxTable, raw: bool, side: &str) -> String {
     for (i, (_, column)) in t.header_columns.iter().enumerate() {
         let c = format!("o.{column}::text");
         select += &format!(
-            ", CASE WHEN pg_catalog.octet_length({c}) <= $8 THEN {} END AS header_{i}",
+            ", CASE WHEN pg_catalog.octet_length({c}) <= {limit} THEN {} END AS header_{i}",
             as_sent(&c, raw)
         );
     }
+    select
+}
+
+/// The pending rows of one side of the skipped run, without the skipped ids on that side;
+/// the two sides are merged in id order. Written out twice because a range is what lets
+/// the index step over the run. Columns by position, as `decode_pending` reads them.
+fn read_pending_side(t: &OutboxTable, raw: bool, side: &str) -> String {
+    let n = &t.name;
+    let id = &t.id;
+    let agg_id = format!("o.{}", t.aggregate_id);
+    let mut select = format!("({}", row_columns(t, raw, "$8"));
     select += &format!(
         " FROM {n} o \
          WHERE o.sent_at IS NULL AND o.parked_at IS NULL AND {side} \

@@ -28,6 +28,8 @@ pub(crate) const PRODUCER_REBUILDS: &str = "outbox_relay_producer_rebuilds_total
 pub(crate) const REFUSED_RECORD_BATCHES: &str = "outbox_relay_refused_record_batches_total";
 pub(crate) const DOORBELLS: &str = "outbox_relay_doorbell_notifications_total";
 pub(crate) const IDLE_WAITS: &str = "outbox_relay_idle_waits_total";
+pub(crate) const AUDIT_CHECKED: &str = "outbox_relay_audit_checked_total";
+pub(crate) const AUDIT_MISMATCHES: &str = "outbox_relay_audit_mismatches_total";
 pub(crate) const BATCH_SIZE: &str = "outbox_relay_batch_size_rows";
 pub(crate) const BATCH_DURATION: &str = "outbox_relay_batch_duration_seconds";
 pub(crate) const END_TO_END_LATENCY: &str = "outbox_relay_end_to_end_latency_seconds";
@@ -175,6 +177,14 @@ fn describe_all() {
         IDLE_WAITS,
         "Waits of the idle relay for rows, by doorbell: armed (writers ring), busy (a writer was committing; the relay looks again within 50 ms), waiting (another replica sleeps and rings for this one), off (polling only)."
     );
+    describe_counter!(
+        AUDIT_CHECKED,
+        "Sent rows whose records the auditor read back from Kafka (relay.audit_sample_rate)."
+    );
+    describe_counter!(
+        AUDIT_MISMATCHES,
+        "Audited rows whose record was not where their ack said, by kind: missing (no record at that offset) or different (another record is there)."
+    );
     describe_histogram!(BATCH_SIZE, "Rows per batch read from the outbox.");
     describe_histogram!(
         BATCH_DURATION,
@@ -253,6 +263,7 @@ fn register_all(bounded: &[BoundedLabel]) {
         REBALANCES,
         ROWS_FENCED,
         ROWS_PRUNED,
+        AUDIT_CHECKED,
     ] {
         counter!(name).absolute(0);
     }
