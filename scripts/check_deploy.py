@@ -54,6 +54,8 @@ COUNTERS = {
     "outbox_relay_lease_renewal_failures_total",
     "outbox_relay_rebalances_total",
     "outbox_relay_rows_fenced_total",
+    "outbox_relay_audit_checked_total",
+    "outbox_relay_audit_mismatches_total",
 }
 HISTOGRAMS = {
     "outbox_relay_batch_size_rows",
