@@ -56,6 +56,7 @@ COUNTERS = {
     "outbox_relay_rows_fenced_total",
     "outbox_relay_audit_checked_total",
     "outbox_relay_audit_mismatches_total",
+    "outbox_relay_audit_unchecked_total",
 }
 HISTOGRAMS = {
     "outbox_relay_batch_size_rows",
@@ -72,9 +73,12 @@ GAUGES = {
     "outbox_relay_shards_owned",
     "outbox_relay_producer_queue_messages",
     "outbox_relay_producer_queue_bytes",
-    "outbox_relay_broker_rtt_seconds",
-    "outbox_relay_producer_batch_size_bytes",
+    "outbox_relay_broker_rtt_avg_seconds",
+    "outbox_relay_broker_rtt_p99_seconds",
+    "outbox_relay_producer_batch_avg_bytes",
+    "outbox_relay_producer_batch_p99_bytes",
     "outbox_relay_build_info",
+    "outbox_relay_audit_running",
 }
 KNOWN_SERIES = (
     COUNTERS

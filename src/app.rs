@@ -62,6 +62,11 @@ impl App {
                 "kind",
                 &["missing", "different"],
             ),
+            (
+                telemetry::AUDIT_UNCHECKED,
+                "reason",
+                &["expired", "unreadable", "unverifiable"],
+            ),
         ])
         .map_err(anyhow::Error::msg)
         .context("Failed to set up the metrics recorder")?;
@@ -188,6 +193,7 @@ impl App {
                     metrics.spawn(crate::proof::audit::audit_sent_rows(
                         store.clone(),
                         settings.clone(),
+                        ownership.clone(),
                         tasks_cancel.clone(),
                     ))
                 });
@@ -232,9 +238,10 @@ impl App {
                 if let Some(sweeper) = sweeper {
                     let _ = sweeper.await;
                 }
-                // It only reads; a look in progress is not worth waiting for.
+                // It only reads; a look in progress stops at the cancel within a fraction of
+                // a second.
                 if let Some(auditor) = auditor {
-                    auditor.abort();
+                    let _ = auditor.await;
                 }
                 keeper_cancel.cancel();
                 let _ = keeper.await;

@@ -4,6 +4,7 @@
 #![warn(unreachable_pub)]
 
 pub mod app;
+pub mod build;
 pub mod cli;
 pub mod config;
 mod encode;

@@ -286,7 +286,7 @@ async fn a_debezium_shaped_outbox_is_adopted_and_relayed_old_rows_and_new_in_ord
     }
 
     // Its sent rows are pruned like the relay's own.
-    let prune = outbox_relay(&db, &config, &["prune", "--older-than", "0s"]);
+    let prune = outbox_relay(&db, &config, &["prune", "--older-than", "0s", "--yes"]);
     assert!(prune.status.success(), "{}", output_text(&prune));
     assert!(
         String::from_utf8_lossy(&prune.stdout).contains("deleted 80 sent rows"),

@@ -8,11 +8,12 @@ use std::path::{Path, PathBuf};
 /// From the bottom up. A module may import any module of a lower layer, none of its own
 /// layer or above.
 const LAYERS: &[&[&str]] = &[
-    &["model"],
+    &["model", "build"],
     &["config", "encode"],
     &["telemetry"],
     &["store", "kafka"],
-    &["lease", "wake", "retention", "proof"],
+    &["lease", "wake", "retention"],
+    &["proof"],
     &["relay"],
     &["http", "systemd"],
     &["app"],

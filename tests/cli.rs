@@ -75,8 +75,8 @@ fn bad_configuration_exits_2_naming_the_key() {
         ),
         (
             "",
-            vec![("OUTBOX_RELAY_NONSENSE", "1")],
-            "nonsense",
+            vec![("OUTBOX_RELAY_RELAY__NONSENSE", "1")],
+            "relay.nonsense",
             "unknown environment key",
         ),
         (
@@ -169,6 +169,9 @@ fn every_subcommand_has_help() {
         vec!["run", "--help"],
         vec!["migrate", "--help"],
         vec!["check", "--help"],
+        vec!["where", "--help"],
+        vec!["verify", "--help"],
+        vec!["republish", "--help"],
     ] {
         let output = Command::new(relay_bin()).args(&args).output().unwrap();
         assert!(output.status.success(), "{args:?}");
@@ -506,6 +509,42 @@ async fn parked_rows_are_listed_replayed_in_order_and_discarded_for_audit() {
     assert_eq!(listed[0]["park_reason"], "bad_headers");
     assert_eq!(listed[1]["park_reason"], "invalid_topic");
     assert!(cli(&["parked", "list", "--aggregate", "hopeless"]).contains("invalid_topic"));
+    let by_reason: serde_json::Value = serde_json::from_str(&cli(&[
+        "parked",
+        "list",
+        "--park-reason",
+        "invalid_topic",
+        "--json",
+    ]))
+    .unwrap();
+    assert_eq!(by_reason.as_array().unwrap().len(), 1, "{by_reason}");
+    assert_eq!(by_reason[0]["id"], hopeless_id);
+    assert!(cli(&["parked", "list", "--parked-until", "1h"]).contains("no parked rows"));
+
+    // An id that is not parked is refused, naming it, and nothing changes.
+    let healthy_id = ids[2];
+    let output = relay_command(&db.url, &bootstrap)
+        .args([
+            "parked",
+            "replay",
+            &fixable_id.to_string(),
+            &healthy_id.to_string(),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2), "{}", output_text(&output));
+    assert!(
+        output_text(&output).contains(&format!(
+            "not parked (never parked, already replayed or discarded, or no such row): {healthy_id}"
+        )),
+        "{}",
+        output_text(&output)
+    );
+    assert_eq!(
+        db.count("parked_at IS NOT NULL").await,
+        2,
+        "nothing was replayed"
+    );
 
     // The operator fixes the row, then replays it: it goes first, then the rows behind it.
     sqlx::query("UPDATE outbox SET headers = NULL WHERE id = $1")
@@ -519,18 +558,32 @@ async fn parked_rows_are_listed_replayed_in_order_and_discarded_for_audit() {
     })
     .await;
 
-    // The other is given up on: it stays for audit, and its aggregate flows again.
+    // The other is given up on: it stays for audit, and its aggregate flows again. Giving
+    // up on an aggregate's rows at once asks for --yes; --dry-run names them.
+    let discard = [
+        "parked",
+        "discard",
+        "--aggregate",
+        "hopeless",
+        "--reason",
+        "bad topic name",
+    ];
+    let output = relay_command(&db.url, &bootstrap)
+        .args(discard)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2), "{}", output_text(&output));
+    assert!(output_text(&output).contains("--yes"));
     assert!(
-        cli(&[
-            "parked",
-            "discard",
-            "--aggregate",
-            "hopeless",
-            "--reason",
-            "bad topic name"
-        ])
-        .contains("1 parked row")
+        cli(&[&discard[..], &["--dry-run"]].concat())
+            .contains(&format!("would discard 1 parked row(s): {hopeless_id}"))
     );
+    assert_eq!(
+        db.count("discarded_at IS NOT NULL").await,
+        0,
+        "a dry run discards nothing"
+    );
+    assert!(cli(&[&discard[..], &["--yes"]].concat()).contains("1 parked row"));
     wait_for(
         "the discarded row's aggregate marked",
         CONDITION_TIMEOUT,
@@ -554,7 +607,7 @@ async fn parked_rows_are_listed_replayed_in_order_and_discarded_for_audit() {
         .unwrap();
     assert_eq!(output.status.code(), Some(2));
     let output = relay_command(&db.url, &bootstrap)
-        .args(["parked", "discard", "--all"])
+        .args(["parked", "discard", "--all", "--yes"])
         .output()
         .unwrap();
     assert_eq!(output.status.code(), Some(2), "--reason is required");
@@ -798,7 +851,7 @@ async fn prune_deletes_only_old_sent_rows_and_dry_run_deletes_nothing() {
         .execute(&mut *holder)
         .await
         .unwrap();
-    let busy = prune(&["--older-than", "7d"]);
+    let busy = prune(&["--older-than", "7d", "--yes"]);
     assert_eq!(busy.status.code(), Some(1), "{}", output_text(&busy));
     assert!(
         output_text(&busy).contains("another relay or prune"),
@@ -812,7 +865,17 @@ async fn prune_deletes_only_old_sent_rows_and_dry_run_deletes_nothing() {
         .unwrap();
     drop(holder);
 
-    let done = prune(&["--older-than", "7d"]);
+    // A bulk deletion asks for --yes, and deletes nothing without it.
+    let unconfirmed = prune(&["--older-than", "7d"]);
+    assert_eq!(
+        unconfirmed.status.code(),
+        Some(2),
+        "{}",
+        output_text(&unconfirmed)
+    );
+    assert!(output_text(&unconfirmed).contains("--yes"));
+    assert_eq!(db.count("true").await, 9);
+    let done = prune(&["--older-than", "7d", "--yes"]);
     assert!(done.status.success(), "{}", output_text(&done));
     assert!(
         String::from_utf8_lossy(&done.stdout).contains("deleted 5 sent rows"),
@@ -832,4 +895,128 @@ async fn prune_deletes_only_old_sent_rows_and_dry_run_deletes_nothing() {
         "{}",
         output_text(&bad)
     );
+}
+
+/// What trips an operator up in the configuration: Kubernetes service links
+/// (`OUTBOX_RELAY_PORT`…) are ignored with a warning instead of stopping the relay, a file
+/// named by `OUTBOX_RELAY_CONFIG` is read (and must exist), and a command that only needs the
+/// database reads no Kafka secret file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_links_a_config_variable_and_database_only_commands_do_not_trip_the_relay() {
+    let db = TestDb::new().await;
+    let bootstrap = kafka_bootstrap();
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str], env: &[(&str, String)]| {
+        let mut command = relay_command(&db.url, &bootstrap);
+        command.current_dir(dir.path()).args(args);
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        command.output().unwrap()
+    };
+
+    let links = [
+        ("OUTBOX_RELAY_PORT", "tcp://10.0.0.7:9090".to_string()),
+        ("OUTBOX_RELAY_SERVICE_HOST", "10.0.0.7".to_string()),
+    ];
+    let output = run(&["check"], &links);
+    let text = output_text(&output);
+    assert_eq!(output.status.code(), Some(0), "{text}");
+    assert!(
+        text.contains("ignored environment variables OUTBOX_RELAY_PORT, OUTBOX_RELAY_SERVICE_HOST"),
+        "{text}"
+    );
+    assert!(!text.contains("10.0.0.7"), "a value was printed: {text}");
+
+    let file = dir.path().join("elsewhere.toml");
+    std::fs::write(&file, "[relay]\nreplica_id = \"named-by-the-variable\"\n").unwrap();
+    let output = run(
+        &["check"],
+        &[("OUTBOX_RELAY_CONFIG", file.display().to_string())],
+    );
+    let text = output_text(&output);
+    assert_eq!(output.status.code(), Some(0), "{text}");
+    assert!(text.contains("named-by-the-variable"), "{text}");
+    let output = run(
+        &["status"],
+        &[("OUTBOX_RELAY_CONFIG", "/nonexistent/relay.toml".to_string())],
+    );
+    assert_eq!(output.status.code(), Some(2));
+    assert!(output_text(&output).contains("OUTBOX_RELAY_CONFIG"));
+
+    let secret = [(
+        "OUTBOX_RELAY_KAFKA__SECRET_FILES__SASL_PASSWORD",
+        "/nonexistent/kafka-password".to_string(),
+    )];
+    for args in [
+        &["status"][..],
+        &["parked", "list"],
+        &["prune", "--older-than", "7d", "--dry-run"],
+    ] {
+        let output = run(args, &secret);
+        assert_eq!(
+            output.status.code(),
+            Some(0),
+            "{args:?} needs only the database: {}",
+            output_text(&output)
+        );
+    }
+    let output = run(&["check"], &secret);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(output_text(&output).contains("kafka.secret_files"));
+}
+
+/// `--version` names the git revision and the bundled librdkafka; completions and the manual
+/// page need no configuration at all (a package builds them with none).
+#[test]
+fn the_version_names_revision_and_librdkafka_and_completions_and_man_need_no_configuration() {
+    let plain = |args: &[&str]| {
+        let output = Command::new(relay_bin())
+            .env_clear()
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{args:?}: {}",
+            output_text(&output)
+        );
+        String::from_utf8(output.stdout).unwrap()
+    };
+    let version = plain(&["--version"]);
+    let head = Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    let revision = head.unwrap_or_else(|| "unknown".into());
+    assert!(
+        version.starts_with(&format!(
+            "outbox-relay {} (git {revision}",
+            env!("CARGO_PKG_VERSION")
+        )),
+        "{version}"
+    );
+    assert!(version.contains(", librdkafka 2."), "{version}");
+    assert!(
+        version.contains(outbox_relay::build::GIT_REVISION),
+        "--version and build_info must name the same revision: {version}"
+    );
+
+    let bash = plain(&["completions", "bash"]);
+    assert!(
+        bash.contains("complete -F") && bash.contains("outbox-relay") && bash.contains("republish"),
+        "{bash}"
+    );
+    for shell in ["zsh", "fish"] {
+        assert!(plain(&["completions", shell]).contains("verify"), "{shell}");
+    }
+    let man = plain(&["man"]);
+    assert!(
+        man.starts_with(".ie") || man.contains(".TH outbox-relay"),
+        "{man}"
+    );
+    assert!(man.contains(outbox_relay::build::GIT_REVISION), "{man}");
 }

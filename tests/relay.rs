@@ -636,6 +636,25 @@ async fn http_endpoints_report_health_and_metrics() {
             "{name} missing from /metrics:\n{metrics}"
         );
     }
+    // build_info names what `--version` names.
+    let build_info = metrics
+        .lines()
+        .find(|line| line.starts_with("outbox_relay_build_info{"))
+        .unwrap_or_default();
+    for label in [
+        format!("version=\"{}\"", env!("CARGO_PKG_VERSION")),
+        format!("revision=\"{}\"", outbox_relay::build::GIT_REVISION),
+        format!(
+            "librdkafka=\"{}\"",
+            outbox_relay::build::librdkafka_version()
+        ),
+    ] {
+        assert!(build_info.contains(&label), "{label} not in `{build_info}`");
+    }
+    // The process's own metrics, for hosts without a container runtime to report them.
+    for name in ["process_resident_memory_bytes", "process_open_fds"] {
+        assert!(metric_value(&metrics, name) > 0.0, "{name}:\n{metrics}");
+    }
     relay.stop().await;
 }
 

@@ -4,7 +4,14 @@
 use super::*;
 
 pub(super) async fn check(settings: Settings, timeout: Duration) -> anyhow::Result<()> {
-    println!("configuration is valid:\n");
+    match &settings.config_file {
+        Some(file) => println!("configuration is valid (file {}):\n", file.display()),
+        None => println!(
+            "configuration is valid (no file: neither {} nor {} exists; defaults and the environment):\n",
+            crate::config::DEFAULT_CONFIG_PATH,
+            crate::config::SYSTEM_CONFIG_PATH
+        ),
+    }
     println!("{}", settings.redacted());
     for warning in settings.warnings() {
         println!("warning: {warning}");

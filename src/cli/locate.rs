@@ -83,8 +83,12 @@ pub(super) async fn locate(
     let mut encoder = proof::encoder(&settings)?;
     let reader = if verify {
         Some(
-            RecordReader::new(&settings.producer_properties(), VERIFY_TIMEOUT)
-                .context("Failed to create the Kafka consumer that reads records back")?,
+            RecordReader::new(
+                &settings.producer_properties(),
+                VERIFY_TIMEOUT,
+                settings.relay.max_message_bytes,
+            )
+            .context("Failed to create the Kafka consumer that reads records back")?,
         )
     } else {
         None
@@ -100,6 +104,7 @@ pub(super) async fn locate(
                     sent_at: row.sent_at.unwrap_or_default(),
                     partition: row.partition,
                     offset: row.offset,
+                    value: row.value,
                 };
                 let outcome = tokio::task::block_in_place(|| {
                     proof::check(reader, &mut encoder, std::slice::from_ref(&sent))
@@ -153,7 +158,8 @@ pub(super) async fn locate(
         .iter()
         .filter_map(|r| {
             let v = r.verified.as_ref()?;
-            (v.result != "found" && v.result != "unsent")
+            // Expired (retention) and changed (the row was rewritten) are not losses.
+            (!matches!(v.result, "found" | "unsent" | "expired" | "changed"))
                 .then(|| format!("row {}: {} ({})", r.row_id, v.result, v.detail))
         })
         .collect();
@@ -222,6 +228,7 @@ fn print_report(r: &Report) {
                 r.offset.unwrap_or_default()
             ),
             "unsent" => println!("  not verified: {}", v.detail),
+            "expired" | "changed" => println!("  not verified: {}: {}", v.result, v.detail),
             result => println!("  NOT verified: {result}: {}", v.detail),
         }
     }

@@ -8,12 +8,15 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
 use crate::app::App;
-use crate::config::{ConfigError, DEFAULT_CONFIG_PATH, Settings, redact_url};
+use crate::config::{
+    CONFIG_PATH_VARIABLE, ConfigError, DEFAULT_CONFIG_PATH, Needs, SYSTEM_CONFIG_PATH, Settings,
+    redact_url,
+};
 use crate::kafka::producer::RowProducer;
 use crate::store::{self, Store};
 use crate::telemetry;
@@ -47,7 +50,7 @@ pub(crate) const EXIT_CONFIG: u8 = 2;
 )]
 pub(crate) struct Cli {
     /// TOML configuration file; environment variables OUTBOX_RELAY_<SECTION>__<KEY> override it.
-    #[arg(long, short, global = true, value_name = "PATH", help = format!("TOML configuration file [default: {DEFAULT_CONFIG_PATH}, if present]"))]
+    #[arg(long, short, global = true, value_name = "PATH", help = format!("TOML configuration file [default: ${CONFIG_PATH_VARIABLE}, else {DEFAULT_CONFIG_PATH} or {SYSTEM_CONFIG_PATH}, the first present]"))]
     pub config: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
@@ -96,6 +99,9 @@ pub(crate) enum Command {
         /// Count the rows it would delete; delete nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Confirm the deletion (without --dry-run).
+        #[arg(long)]
+        yes: bool,
     },
     /// Where one event is: pending (its shard and the replica that owns it), sent (when,
     /// topic, partition, offset), parked or discarded. With --verify, its record is read
@@ -139,6 +145,14 @@ pub(crate) enum Command {
     /// discarded rows of the range are skipped and counted. Interrupted (Ctrl-C, or a
     /// failure), it says how to resume.
     Republish(Republish),
+    /// Print a shell completion script: `outbox-relay completions bash >
+    /// /usr/share/bash-completion/completions/outbox-relay`. Reads no configuration.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff): `outbox-relay man | man -l -`. Reads no configuration.
+    Man,
     /// Validate the configuration, connect to PostgreSQL and Kafka, and say what the relay
     /// would do (secrets redacted). Exits non-zero if anything is wrong.
     Check {
@@ -155,6 +169,8 @@ pub(crate) enum ParkedCommand {
         /// Only this aggregate's rows.
         #[arg(long, value_name = "AGGREGATE_ID")]
         aggregate: Option<String>,
+        #[command(flatten)]
+        filter: ParkedFilterArgs,
         /// At most this many rows.
         #[arg(long, default_value_t = 100)]
         limit: i64,
@@ -167,16 +183,43 @@ pub(crate) enum ParkedCommand {
     Replay {
         #[command(flatten)]
         rows: ParkedSelection,
+        #[command(flatten)]
+        filter: ParkedFilterArgs,
+        /// Say which rows it would put back; change nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Give up on parked rows. They stay in the table with the reason, for audit, and stop
     /// holding their aggregates back.
     Discard {
         #[command(flatten)]
         rows: ParkedSelection,
+        #[command(flatten)]
+        filter: ParkedFilterArgs,
         /// Why, recorded with each row.
         #[arg(long, required = true)]
         reason: String,
+        /// Say which rows it would give up on; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Confirm giving up on every row --aggregate or --all selects.
+        #[arg(long)]
+        yes: bool,
     },
+}
+
+/// Narrows the parked rows --aggregate or --all (or a listing) selects.
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct ParkedFilterArgs {
+    /// Only rows parked for this reason (as `parked list` shows it, e.g. invalid_topic).
+    #[arg(long, value_name = "REASON")]
+    park_reason: Option<String>,
+    /// Only rows parked at or after this: RFC 3339, or a duration ago (24h).
+    #[arg(long, value_name = "TIME")]
+    parked_since: Option<Moment>,
+    /// Only rows parked before this: RFC 3339, or a duration ago.
+    #[arg(long, value_name = "TIME")]
+    parked_until: Option<Moment>,
 }
 
 /// Which parked rows an operation touches: exactly one of ids, an aggregate, or all.
@@ -202,7 +245,16 @@ pub(crate) enum Toggle {
 
 /// Parses the command line, runs the command, returns the process exit code.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // The version names the git revision and librdkafka, known only once running.
+    let version: &'static str = Box::leak(crate::build::version_line().into_boxed_str());
+    let cli = match Cli::command()
+        .version(version)
+        .try_get_matches()
+        .and_then(|matches| Cli::from_arg_matches(&matches))
+    {
+        Ok(cli) => cli,
+        Err(err) => err.exit(),
+    };
     if !matches!(cli.command, Command::Run) {
         // A one-shot command whose reader went away (`outbox-relay status | head`) ends
         // quietly, as other command-line tools do, instead of panicking in `println!`.
@@ -211,7 +263,38 @@ pub fn main() -> ExitCode {
         // SAFETY: called before any other thread starts; it only resets a disposition.
         unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     }
-    let settings = match Settings::load(cli.config.as_deref()) {
+    match &cli.command {
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                *shell,
+                &mut Cli::command(),
+                "outbox-relay",
+                &mut std::io::stdout(),
+            );
+            return ExitCode::SUCCESS;
+        }
+        Command::Man => {
+            let page = clap_mangen::Man::new(Cli::command().version(version));
+            return match page.render(&mut std::io::stdout()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(err) => {
+                    eprintln!("error: Failed to write the manual page: {err}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        _ => {}
+    }
+    // Commands that only talk to the database read no Kafka secret file.
+    let needs = match &cli.command {
+        Command::Status { .. }
+        | Command::Parked { .. }
+        | Command::Prune { .. }
+        | Command::Migrate { .. }
+        | Command::Where { verify: false, .. } => Needs::DatabaseOnly,
+        _ => Needs::Everything,
+    };
+    let settings = match Settings::load_for(cli.config.as_deref(), needs) {
         Ok(settings) => settings,
         Err(err) => return config_failure(&err),
     };
@@ -240,7 +323,8 @@ pub fn main() -> ExitCode {
             Command::Prune {
                 older_than,
                 dry_run,
-            } => prune(settings, older_than, dry_run).await,
+                yes,
+            } => prune(settings, older_than, dry_run, yes).await,
             Command::Where {
                 event,
                 verify,
@@ -263,6 +347,7 @@ pub fn main() -> ExitCode {
                 .await
             }
             Command::Republish(args) => republish(settings, args).await,
+            Command::Completions { .. } | Command::Man => Ok(()),
         }
     });
     match result {

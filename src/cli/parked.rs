@@ -1,19 +1,44 @@
 //! `outbox-relay parked list|replay|discard`: rows that can never be published as they
 //! stand, listed with their reasons, put back in the queue in their order, or given up on
-//! (kept for audit).
+//! (kept for audit). Ids that are not parked are refused, nothing changed; giving up on many
+//! rows at once asks for `--yes`, and `--dry-run` says what would change.
 
 use super::*;
+use crate::store::ParkedFilter;
 
 pub(super) async fn parked(settings: Settings, command: ParkedCommand) -> anyhow::Result<()> {
     let store = open_outbox(&settings).await?;
-    let result = match command {
+    let result = run(&store, command).await;
+    store.pool().close().await;
+    result
+}
+
+async fn run(store: &Store, command: ParkedCommand) -> anyhow::Result<()> {
+    match command {
         ParkedCommand::List {
             aggregate,
+            filter,
             limit,
             json,
-        } => list_parked(&store, aggregate.as_deref(), limit, json).await,
-        ParkedCommand::Replay { rows } => {
-            let ids = select_parked(&store, &rows).await?;
+        } => {
+            let now = store.database_now().await?;
+            let filter = filter.resolve(aggregate.as_deref(), now);
+            list_parked(store, &filter, limit, json).await
+        }
+        ParkedCommand::Replay {
+            rows,
+            filter,
+            dry_run,
+        } => {
+            let ids = select_parked(store, &rows, &filter).await?;
+            if dry_run {
+                println!(
+                    "--dry-run: would put {} parked row(s) back in the queue{}",
+                    ids.len(),
+                    listed(&ids)
+                );
+                return Ok(());
+            }
             let done = in_chunks(&ids, "replaying", |chunk| {
                 let store = store.clone();
                 async move { store.replay_parked(&chunk).await }
@@ -22,8 +47,29 @@ pub(super) async fn parked(settings: Settings, command: ParkedCommand) -> anyhow
             println!("{done} parked row(s) put back in the queue");
             Ok(())
         }
-        ParkedCommand::Discard { rows, reason } => {
-            let ids = select_parked(&store, &rows).await?;
+        ParkedCommand::Discard {
+            rows,
+            filter,
+            reason,
+            dry_run,
+            yes,
+        } => {
+            let bulk = rows.all || rows.aggregate.is_some();
+            if bulk && !yes && !dry_run {
+                return Err(BadArguments(
+                    "discarding every parked row --all or --aggregate selects gives up on publishing them: pass --yes to do it, or --dry-run to see which rows first".into(),
+                )
+                .into());
+            }
+            let ids = select_parked(store, &rows, &filter).await?;
+            if dry_run {
+                println!(
+                    "--dry-run: would discard {} parked row(s){}",
+                    ids.len(),
+                    listed(&ids)
+                );
+                return Ok(());
+            }
             let done = in_chunks(&ids, "discarding", |chunk| {
                 let store = store.clone();
                 let reason = reason.clone();
@@ -33,19 +79,49 @@ pub(super) async fn parked(settings: Settings, command: ParkedCommand) -> anyhow
             println!("{done} parked row(s) discarded (kept in the table for audit)");
             Ok(())
         }
-    };
-    store.pool().close().await;
-    result
+    }
+}
+
+/// `: 1, 2, 3` for a few ids, `: 1, 2, … 9` for many.
+fn listed(ids: &[i64]) -> String {
+    const SHOWN: usize = 20;
+    if ids.is_empty() {
+        return String::new();
+    }
+    let mut text: Vec<String> = ids.iter().take(SHOWN).map(i64::to_string).collect();
+    if ids.len() > SHOWN {
+        text.push(format!("… ({} more)", ids.len() - SHOWN));
+    }
+    format!(": {}", text.join(", "))
+}
+
+impl ParkedFilterArgs {
+    fn resolve<'a>(
+        &'a self,
+        aggregate_id: Option<&'a str>,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> ParkedFilter<'a> {
+        ParkedFilter {
+            aggregate_id,
+            reason: self.park_reason.as_deref(),
+            since: self.parked_since.map(|m| m.resolve(now)),
+            until: self.parked_until.map(|m| m.resolve(now)),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.park_reason.is_none() && self.parked_since.is_none() && self.parked_until.is_none()
+    }
 }
 
 async fn list_parked(
     store: &Store,
-    aggregate: Option<&str>,
+    filter: &ParkedFilter<'_>,
     limit: i64,
     json: bool,
 ) -> anyhow::Result<()> {
     let rows = store
-        .list_parked(aggregate, limit)
+        .list_parked(filter, limit)
         .await
         .context("Failed to read parked rows")?;
     if json {
@@ -80,11 +156,43 @@ async fn list_parked(
     Ok(())
 }
 
-async fn select_parked(store: &Store, selection: &ParkedSelection) -> anyhow::Result<Vec<i64>> {
+/// The parked rows `selection` names. Ids that are not parked (never, or no longer) are
+/// refused, naming them, before anything changes.
+async fn select_parked(
+    store: &Store,
+    selection: &ParkedSelection,
+    filter: &ParkedFilterArgs,
+) -> anyhow::Result<Vec<i64>> {
     if !selection.ids.is_empty() {
+        if !filter.is_empty() {
+            return Err(BadArguments(
+                "--park-reason, --parked-since and --parked-until narrow --aggregate or --all; with row ids, name only the rows you mean".into(),
+            )
+            .into());
+        }
         let mut ids = selection.ids.clone();
         ids.sort_unstable();
         ids.dedup();
+        let parked = store
+            .parked_among(&ids)
+            .await
+            .context("Failed to read parked rows")?;
+        let not_parked: Vec<i64> = ids
+            .iter()
+            .filter(|id| !parked.contains(id))
+            .copied()
+            .collect();
+        if !not_parked.is_empty() {
+            return Err(BadArguments(format!(
+                "not parked (never parked, already replayed or discarded, or no such row): {}; nothing was changed. `outbox-relay parked list` shows the parked rows, `outbox-relay where ID` what became of one",
+                not_parked
+                    .iter()
+                    .map(i64::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+            .into());
+        }
         return Ok(ids);
     }
     let aggregate = if selection.all {
@@ -92,8 +200,9 @@ async fn select_parked(store: &Store, selection: &ParkedSelection) -> anyhow::Re
     } else {
         selection.aggregate.as_deref()
     };
+    let now = store.database_now().await?;
     store
-        .parked_ids(aggregate)
+        .parked_ids(&filter.resolve(aggregate, now))
         .await
         .context("Failed to read parked rows")
 }

@@ -8,7 +8,15 @@ pub(super) async fn prune(
     settings: Settings,
     older_than: Duration,
     dry_run: bool,
+    yes: bool,
 ) -> anyhow::Result<()> {
+    if !dry_run && !yes {
+        return Err(BadArguments(format!(
+            "prune deletes every sent row older than {}: pass --yes to do it, or --dry-run to count them first",
+            humantime::format_duration(older_than)
+        ))
+        .into());
+    }
     let store = Store::open(&settings)
         .context("Failed to configure the database connection from database.url")?;
     store

@@ -71,7 +71,7 @@ pub(super) async fn republish(settings: Settings, args: Republish) -> anyhow::Re
     }
     if args.to_topic.is_none() && !args.yes && !args.dry_run {
         return Err(BadArguments(
-            "without --to-topic the rows go back to their own topics, where every consumer sees them a second time (duplicates it can drop by the `id` header): pass --yes to do that, or --to-topic TOPIC to send them elsewhere; --dry-run counts them first"
+            "without --to-topic the rows go back to their own topics, where every consumer sees them a second time (duplicates it can drop by the `id` header) after the newer events of their aggregates, and on a compacted topic a re-sent record becomes the latest for its key: pass --yes to do that, or --to-topic TOPIC to send them elsewhere; --dry-run counts them first"
                 .into(),
         )
         .into());
@@ -117,10 +117,24 @@ pub(super) async fn republish(settings: Settings, args: Republish) -> anyhow::Re
     progress.finish_and_clear();
     store.pool().close().await;
     let resent = outcome.acknowledged;
+    let unencodable = if outcome.unencodable.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "; left out {} row(s) that no longer encode (fix them and re-send with --from-id/--to-id): {}",
+            outcome.unencodable.len(),
+            outcome
+                .unencodable
+                .iter()
+                .map(|(id, why)| format!("{id} ({why})"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    };
     match outcome.stopped {
         None => {
             println!(
-                "re-sent {resent} rows (ids {}..={}) to {}; {skipped}",
+                "re-sent {resent} rows (ids {}..={}) to {}; {skipped}{unencodable}",
                 range.after.saturating_add(1),
                 range.last,
                 destination(&args)
@@ -131,7 +145,7 @@ pub(super) async fn republish(settings: Settings, args: Republish) -> anyhow::Re
             let resume = match outcome.first_unacknowledged {
                 Some(id) => format!(
                     "; resume with: outbox-relay republish {}",
-                    resume_arguments(&args, id, since, until)
+                    resume_arguments(&args, id, range.last, since, until)
                 ),
                 None => String::new(),
             };
@@ -208,13 +222,12 @@ fn skipped_text(census: &RangeCensus) -> String {
 fn resume_arguments(
     args: &Republish,
     next_id: i64,
+    last_id: i64,
     since: Option<DateTime<Utc>>,
     until: Option<DateTime<Utc>>,
 ) -> String {
-    let mut words = vec![format!("--from-id {next_id}")];
-    if let Some(to) = args.to_id {
-        words.push(format!("--to-id {to}"));
-    }
+    // The range as resolved: rows sent since the first run began are not part of it.
+    let mut words = vec![format!("--from-id {next_id}"), format!("--to-id {last_id}")];
     if let Some(since) = since {
         words.push(format!("--since {}", since.to_rfc3339()));
     }
@@ -240,13 +253,19 @@ fn resume_arguments(
 }
 
 /// How far a run got.
+#[derive(Default)]
 struct Outcome {
     acknowledged: u64,
     /// Why it stopped before the end of the range.
     stopped: Option<String>,
     /// The lowest id not acknowledged when it stopped: where to resume.
     first_unacknowledged: Option<i64>,
+    /// Rows left out because they no longer encode (id, why); the rest went on.
+    unencodable: Vec<(i64, String)>,
 }
+
+/// How long an interrupted run waits for the records in flight before it purges them.
+const INTERRUPTED_DRAIN: Duration = Duration::from_secs(10);
 
 /// One run of re-sending: the producer, its reports, and the pacing.
 struct Run {
@@ -259,8 +278,18 @@ struct Run {
     rate: Option<u32>,
     started: tokio::time::Instant,
     sent: u64,
-    /// Ctrl-C: stop sending, purge what librdkafka still retries, report.
+    page_bytes: usize,
+    /// The first Ctrl-C: send nothing more, wait for what is in flight.
     interrupt: CancellationToken,
+    /// The second: purge what is in flight now.
+    force: CancellationToken,
+}
+
+/// Delivery reports awaited for one page.
+#[derive(Default)]
+struct InFlight {
+    ids: HashSet<i64>,
+    failed: Vec<i64>,
 }
 
 impl Run {
@@ -286,7 +315,9 @@ impl Run {
             rate: args.rate,
             started: tokio::time::Instant::now(),
             sent: 0,
+            page_bytes: settings.relay.batch_max_bytes,
             interrupt: CancellationToken::new(),
+            force: CancellationToken::new(),
         })
     }
 
@@ -297,9 +328,13 @@ impl Run {
         aggregate: Option<&str>,
         progress: &indicatif::ProgressBar,
     ) -> Outcome {
-        let interrupt = self.interrupt.clone();
+        let (interrupt, force) = (self.interrupt.clone(), self.force.clone());
         let listener = tokio::spawn(async move {
-            if tokio::signal::ctrl_c().await.is_ok() {
+            while tokio::signal::ctrl_c().await.is_ok() {
+                if interrupt.is_cancelled() {
+                    force.cancel();
+                    return;
+                }
                 interrupt.cancel();
             }
         });
@@ -315,15 +350,18 @@ impl Run {
         aggregate: Option<&str>,
         progress: &indicatif::ProgressBar,
     ) -> Outcome {
-        let mut outcome = Outcome {
-            acknowledged: 0,
-            stopped: None,
-            first_unacknowledged: None,
-        };
+        let mut outcome = Outcome::default();
         let mut after = range.after;
         loop {
             let page = match store
-                .republish_page(after, range.last, range.sent, aggregate, PROOF_PAGE_ROWS)
+                .republish_page(
+                    after,
+                    range.last,
+                    range.sent,
+                    aggregate,
+                    PROOF_PAGE_ROWS,
+                    self.page_bytes,
+                )
                 .await
             {
                 Ok(page) => page,
@@ -339,12 +377,10 @@ impl Run {
             let last_id = last.row.id;
             let page_outcome = self.send_page(&page, progress).await;
             outcome.acknowledged += page_outcome.acknowledged;
+            outcome.unencodable.extend(page_outcome.unencodable);
             if page_outcome.stopped.is_some() {
                 outcome.stopped = page_outcome.stopped;
                 outcome.first_unacknowledged = page_outcome.first_unacknowledged;
-                return outcome;
-            }
-            if (page.len() as i64) < PROOF_PAGE_ROWS {
                 return outcome;
             }
             after = last_id;
@@ -354,13 +390,12 @@ impl Run {
     /// Sends one page in id order and waits for every report of what it sent.
     async fn send_page(&mut self, page: &[SentRow], progress: &indicatif::ProgressBar) -> Outcome {
         let interrupt = self.interrupt.clone();
-        let mut stopped = None;
-        let mut in_flight: HashSet<i64> = HashSet::new();
-        let mut failed: Vec<i64> = Vec::new();
+        let mut outcome = Outcome::default();
+        let mut in_flight = InFlight::default();
         let mut unsent_from = None;
         for sent in page {
             if let Some(why) = self.check_topic(sent) {
-                stopped = Some(why);
+                outcome.stopped = Some(why);
                 unsent_from = Some(sent.row.id);
                 break;
             }
@@ -373,54 +408,84 @@ impl Run {
                 }
             }
             if interrupt.is_cancelled() {
-                stopped = Some("interrupted".to_string());
+                outcome.stopped = Some("interrupted".to_string());
                 unsent_from = Some(sent.row.id);
                 break;
             }
-            match self
-                .send_one(sent, &mut in_flight, &mut failed, progress)
-                .await
-            {
-                Ok(()) => {
-                    in_flight.insert(sent.row.id);
+            match self.send_one(sent, &mut in_flight, progress).await {
+                Ok(true) => {
+                    in_flight.ids.insert(sent.row.id);
                     self.sent += 1;
                 }
+                Ok(false) => {
+                    outcome
+                        .unencodable
+                        .push((sent.row.id, self.unencodable_reason(sent)));
+                }
                 Err(why) => {
-                    stopped = Some(why);
+                    outcome.stopped = Some(why);
                     unsent_from = Some(sent.row.id);
                     break;
                 }
             }
         }
         self.producer.send_queued_now();
-        let mut purged = false;
-        while !in_flight.is_empty() {
-            tokio::select! {
-                _ = self.receive(&mut in_flight, &mut failed, progress) => {}
-                _ = interrupt.cancelled(), if !purged => {
-                    // librdkafka retries for ever; what is still queued is reported failed.
-                    self.producer.purge_all();
-                    purged = true;
-                    stopped.get_or_insert_with(|| "interrupted".to_string());
-                }
-            }
-        }
-        let acknowledged = (page
+        self.drain(&mut in_flight, &mut outcome, progress).await;
+        let sent_rows = page
             .iter()
             .take_while(|s| Some(s.row.id) != unsent_from)
             .count()
-            - failed.len()) as u64;
-        if stopped.is_none() && !failed.is_empty() {
-            stopped = Some("the broker refused a row".into());
+            - outcome.unencodable.len();
+        outcome.acknowledged = (sent_rows - in_flight.failed.len()) as u64;
+        if outcome.stopped.is_none() && !in_flight.failed.is_empty() {
+            outcome.stopped = Some("the broker refused a row".into());
         }
-        let first_failed = failed.iter().min().copied();
-        Outcome {
-            acknowledged,
-            first_unacknowledged: match (first_failed, unsent_from) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            },
-            stopped,
+        let first_failed = in_flight.failed.iter().min().copied();
+        outcome.first_unacknowledged = match (first_failed, unsent_from) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        outcome
+    }
+
+    /// Waits for every report of `in_flight`. Interrupted, it waits [`INTERRUPTED_DRAIN`]
+    /// (or until a second Ctrl-C) and then purges what librdkafka still retries, which is
+    /// then reported failed.
+    async fn drain(
+        &mut self,
+        in_flight: &mut InFlight,
+        outcome: &mut Outcome,
+        progress: &indicatif::ProgressBar,
+    ) {
+        let (interrupt, force) = (self.interrupt.clone(), self.force.clone());
+        let mut purged = false;
+        let mut deadline = None;
+        while !in_flight.ids.is_empty() {
+            if interrupt.is_cancelled() && deadline.is_none() {
+                deadline = Some(tokio::time::Instant::now() + INTERRUPTED_DRAIN);
+                outcome
+                    .stopped
+                    .get_or_insert_with(|| "interrupted".to_string());
+                progress.suspend(|| {
+                    eprintln!(
+                        "interrupted: waiting up to {INTERRUPTED_DRAIN:?} for {} record(s) in flight (Ctrl-C again to stop now)",
+                        in_flight.ids.len()
+                    )
+                });
+            }
+            let purge_at = deadline.filter(|_| !purged);
+            tokio::select! {
+                _ = self.receive(in_flight, progress) => {}
+                _ = interrupt.cancelled(), if deadline.is_none() => {}
+                _ = force.cancelled(), if !purged => {
+                    self.producer.purge_all();
+                    purged = true;
+                }
+                _ = async { tokio::time::sleep_until(purge_at.unwrap_or_else(tokio::time::Instant::now)).await }, if purge_at.is_some() => {
+                    self.producer.purge_all();
+                    purged = true;
+                }
+            }
         }
     }
 
@@ -455,36 +520,42 @@ impl Run {
         }
     }
 
-    /// Hands one row to the producer, waiting for room in its queue.
+    fn unencodable_reason(&mut self, sent: &SentRow) -> String {
+        match self.encoder.encode(&sent.row) {
+            Ok(_) => "encodes now".into(),
+            Err(reason) => reason.to_string(),
+        }
+    }
+
+    /// Hands one row to the producer, waiting for room in its queue: `Ok(false)` when the
+    /// row no longer encodes (it is left out), `Err` when it was refused.
     async fn send_one(
         &mut self,
         sent: &SentRow,
-        in_flight: &mut HashSet<i64>,
-        failed: &mut Vec<i64>,
+        in_flight: &mut InFlight,
         progress: &indicatif::ProgressBar,
-    ) -> Result<(), String> {
-        let mut record = match self.encoder.encode(&sent.row) {
-            Ok(record) => record,
-            Err(reason) => {
-                return Err(format!(
-                    "row {} no longer encodes ({reason}); re-send the rows after it with --from-id {}",
-                    sent.row.id,
-                    sent.row.id.saturating_add(1)
-                ));
-            }
-        }
-        .with_header(HEADER_REPUBLISHED_AT, self.republished_at.clone());
+    ) -> Result<bool, String> {
+        let Ok(record) = self.encoder.encode(&sent.row) else {
+            return Ok(false);
+        };
+        let mut record = record.with_header(HEADER_REPUBLISHED_AT, self.republished_at.clone());
         if let Some(topic) = &self.to_topic {
             record.topic = topic.clone();
         }
+        let interrupt = self.interrupt.clone();
         loop {
             match self.producer.send(sent.row.id, &record) {
-                Ok(()) => return Ok(()),
+                Ok(()) => return Ok(true),
                 Err(KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull))
-                    if !in_flight.is_empty() =>
+                    if !in_flight.ids.is_empty() =>
                 {
                     self.producer.send_queued_now();
-                    self.receive(in_flight, failed, progress).await;
+                    tokio::select! {
+                        _ = self.receive(in_flight, progress) => {}
+                        _ = interrupt.cancelled() => {
+                            return Err("interrupted".to_string());
+                        }
+                    }
                 }
                 Err(error) => return Err(format!("row {} was not sent: {error}", sent.row.id)),
             }
@@ -492,22 +563,17 @@ impl Run {
     }
 
     /// Waits for one delivery report.
-    async fn receive(
-        &mut self,
-        in_flight: &mut HashSet<i64>,
-        failed: &mut Vec<i64>,
-        progress: &indicatif::ProgressBar,
-    ) {
+    async fn receive(&mut self, in_flight: &mut InFlight, progress: &indicatif::ProgressBar) {
         match self.events.recv().await {
             Some(ProducerEvent::Delivered { row_id, result, .. }) => {
-                if in_flight.remove(&row_id) {
+                if in_flight.ids.remove(&row_id) {
                     match result {
                         Ok(_) => progress.inc(1),
                         Err(error) => {
                             progress.suspend(|| {
                                 eprintln!("row {row_id} was refused: {error}");
                             });
-                            failed.push(row_id);
+                            in_flight.failed.push(row_id);
                         }
                     }
                 }
@@ -521,7 +587,7 @@ impl Run {
                 progress.suspend(|| eprintln!("Kafka: {reason}"));
             }
             None => {
-                failed.extend(in_flight.drain());
+                in_flight.failed.extend(in_flight.ids.drain());
             }
         }
     }

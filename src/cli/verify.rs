@@ -49,8 +49,12 @@ pub(super) async fn verify(
     }
     let mut encoder = proof::encoder(&settings)?;
     let reader = Arc::new(
-        RecordReader::new(&settings.producer_properties(), VERIFY_TIMEOUT)
-            .context("Failed to create the Kafka consumer that reads records back")?,
+        RecordReader::new(
+            &settings.producer_properties(),
+            VERIFY_TIMEOUT,
+            settings.relay.max_message_bytes,
+        )
+        .context("Failed to create the Kafka consumer that reads records back")?,
     );
     let mut report = Report {
         since,
@@ -104,7 +108,7 @@ pub(super) async fn verify(
 fn print_report(report: &Report) {
     let t = &report.tally;
     println!(
-        "checked {} sent rows ({}, sent from {} to {}): {} found where recorded, {} missing, {} different, {} expired (removed by the topic's retention), {} unverifiable",
+        "checked {} sent rows ({}, sent from {} to {}): {} found where recorded, {} missing, {} different, {} expired (removed by the topic's retention), {} unverifiable, {} changed since sent",
         t.checked,
         if report.selection == "all" {
             "all"
@@ -117,7 +121,8 @@ fn print_report(report: &Report) {
         t.missing,
         t.different,
         t.expired,
-        t.unverifiable
+        t.unverifiable,
+        t.changed
     );
     for p in report.problems.iter().take(PROBLEMS_SHOWN) {
         println!(
@@ -210,7 +215,7 @@ impl Pages {
             }
             None => {
                 store
-                    .sent_page(self.after, self.until, 1.0, PROOF_PAGE_ROWS)
+                    .sent_page(self.after, self.until, 1.0, None, PROOF_PAGE_ROWS)
                     .await
             }
         }

@@ -22,8 +22,13 @@ pub(crate) use producer::{admin_properties, consumer_properties};
 pub(crate) use secrets::redact_url;
 use secrets::*;
 
-/// Where the configuration file is looked for when `--config` is not given.
+/// Where the configuration file is looked for when neither `--config` nor
+/// [`CONFIG_PATH_VARIABLE`] names one: here (a checkout), then [`SYSTEM_CONFIG_PATH`].
 pub const DEFAULT_CONFIG_PATH: &str = "config/outbox-relay.toml";
+/// The configuration file of a host install (the Debian package puts it there).
+pub const SYSTEM_CONFIG_PATH: &str = "/etc/outbox-relay/outbox-relay.toml";
+/// The environment variable naming the configuration file, as `--config` does.
+pub const CONFIG_PATH_VARIABLE: &str = "OUTBOX_RELAY_CONFIG";
 /// The longest duration any setting accepts: long enough for any real use, short enough
 /// that adding it to a clock reading or doubling it cannot overflow.
 pub const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
@@ -41,6 +46,22 @@ pub struct Settings {
     pub relay: RelaySettings,
     pub http: HttpSettings,
     pub log: LogSettings,
+    /// `OUTBOX_RELAY_*` variables without `__`, which are not configuration (Kubernetes
+    /// sets `OUTBOX_RELAY_PORT` and the like for a Service of that name): ignored, and
+    /// named in one warning.
+    #[serde(skip)]
+    pub(crate) ignored_environment: Vec<String>,
+    /// The configuration file read, if any.
+    #[serde(skip)]
+    pub(crate) config_file: Option<PathBuf>,
+}
+
+/// What a command needs of the configuration: a command that only talks to the database
+/// reads no Kafka secret file and checks no Kafka TLS file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Needs {
+    Everything,
+    DatabaseOnly,
 }
 
 /// The outbox table: the relay's own (`outbox-relay migrate` creates it), or one a team
@@ -430,35 +451,46 @@ impl ConfigError {
 }
 
 impl Settings {
-    /// Loads defaults, then `path` (which must exist unless it is the default path), then
-    /// the environment, and validates the result.
+    /// Loads defaults, then the configuration file ([`config_file`]), then the environment,
+    /// and validates the result.
     pub fn load(path: Option<&Path>) -> Result<Settings, ConfigError> {
-        let (path, explicit) = match path {
-            Some(p) => (p.to_path_buf(), true),
-            None => (PathBuf::from(DEFAULT_CONFIG_PATH), false),
-        };
-        if explicit && !path.exists() {
-            return Err(ConfigError::new(
-                "--config",
-                format!(
-                    "file {} does not exist; pass an existing TOML file or omit --config",
-                    path.display()
-                ),
-            ));
+        Self::load_for(path, Needs::Everything)
+    }
+
+    /// [`Settings::load`] for a command that needs only `needs`.
+    pub fn load_for(path: Option<&Path>, needs: Needs) -> Result<Settings, ConfigError> {
+        let variable = std::env::var_os(CONFIG_PATH_VARIABLE).map(PathBuf::from);
+        let file = config_file(path, variable.as_deref(), |p| p.exists())?;
+        let mut figment = Figment::from(Serialized::defaults(Settings::default()));
+        if let Some(file) = &file {
+            figment = figment.merge(Toml::file(file));
         }
-        let figment = Figment::from(Serialized::defaults(Settings::default()))
-            .merge(Toml::file(&path))
-            .merge(Env::prefixed(ENV_PREFIX).split("__"));
-        Self::from_figment(figment)
+        // A configuration variable is OUTBOX_RELAY_<SECTION>__<KEY>; one without `__`
+        // is someone else's (a Kubernetes service link) and must not stop the relay.
+        figment = figment.merge(
+            Env::prefixed(ENV_PREFIX)
+                .filter(|key| key.as_str().contains("__"))
+                .split("__"),
+        );
+        let mut settings = Self::from_figment_for(figment, needs)?;
+        settings.ignored_environment = ignored_environment(std::env::vars_os().map(|(k, _)| k));
+        settings.config_file = file;
+        Ok(settings)
     }
 
     /// Extracts and validates settings from any figment (tests build their own).
     pub fn from_figment(figment: Figment) -> Result<Settings, ConfigError> {
+        Self::from_figment_for(figment, Needs::Everything)
+    }
+
+    fn from_figment_for(figment: Figment, needs: Needs) -> Result<Settings, ConfigError> {
         let mut settings: Settings = figment.extract().map_err(from_figment_error)?;
         settings.normalize();
-        settings.read_secret_files()?;
+        settings.read_secret_files(needs)?;
         settings.validate()?;
-        settings.check_files()?;
+        if needs == Needs::Everything {
+            settings.check_files()?;
+        }
         Ok(settings)
     }
 
@@ -549,6 +581,50 @@ fn toml_string(settings: &Settings) -> String {
         }
     }
     out
+}
+
+/// The configuration file to read: `--config`, else [`CONFIG_PATH_VARIABLE`] (either must
+/// exist), else the first of [`DEFAULT_CONFIG_PATH`] and [`SYSTEM_CONFIG_PATH`] that
+/// exists, else none (defaults and the environment only).
+pub(crate) fn config_file(
+    flag: Option<&Path>,
+    variable: Option<&Path>,
+    exists: impl Fn(&Path) -> bool,
+) -> Result<Option<PathBuf>, ConfigError> {
+    if let Some((key, path)) = flag
+        .map(|p| ("--config", p))
+        .or(variable.map(|p| (CONFIG_PATH_VARIABLE, p)))
+    {
+        if !exists(path) {
+            return Err(ConfigError::new(
+                key,
+                format!(
+                    "names {}, which does not exist; name an existing TOML file, or leave it out to use {DEFAULT_CONFIG_PATH} or {SYSTEM_CONFIG_PATH}",
+                    path.display()
+                ),
+            ));
+        }
+        return Ok(Some(path.to_path_buf()));
+    }
+    Ok([DEFAULT_CONFIG_PATH, SYSTEM_CONFIG_PATH]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| exists(p)))
+}
+
+/// The `OUTBOX_RELAY_*` variable names in `names` that are not configuration: no `__`, and
+/// not [`CONFIG_PATH_VARIABLE`].
+fn ignored_environment(names: impl Iterator<Item = std::ffi::OsString>) -> Vec<String> {
+    let mut ignored: Vec<String> = names
+        .filter_map(|name| name.into_string().ok())
+        .filter(|name| {
+            name.strip_prefix(ENV_PREFIX)
+                .is_some_and(|key| !key.contains("__"))
+                && name != CONFIG_PATH_VARIABLE
+        })
+        .collect();
+    ignored.sort();
+    ignored
 }
 
 fn from_figment_error(err: figment::Error) -> ConfigError {

@@ -23,7 +23,8 @@ impl KafkaSettings {
 impl Settings {
     /// Replaces `*_file` settings with the files' contents; a missing or unreadable file is
     /// a configuration error naming the key (never the content).
-    pub(super) fn read_secret_files(&mut self) -> Result<(), ConfigError> {
+    /// Kafka's are left unread when the command `needs` only the database.
+    pub(super) fn read_secret_files(&mut self, needs: Needs) -> Result<(), ConfigError> {
         if let Some(path) = &self.database.url_file {
             let url = read_secret_file("database.url_file", path)?;
             self.database.url = Secret(url);
@@ -45,6 +46,9 @@ impl Settings {
                 )
             })?;
             self.database.url = Secret(url.to_string());
+        }
+        if needs == Needs::DatabaseOnly {
+            return Ok(());
         }
         for (name, path) in &self.kafka.secret_files {
             let key = format!("kafka.secret_files.\"{name}\"");

@@ -332,3 +332,52 @@ fn unverified_tls_to_a_remote_server_is_refused_unless_allowed() {
         assert!(s.warnings().is_empty(), "{url}");
     }
 }
+
+#[test]
+fn the_configuration_file_is_the_flag_the_variable_or_the_first_default_present() {
+    let here = Path::new(DEFAULT_CONFIG_PATH);
+    let system = Path::new(SYSTEM_CONFIG_PATH);
+    let mine = Path::new("/srv/relay.toml");
+    fn only<'a>(present: &'a [&'a Path]) -> impl Fn(&Path) -> bool + 'a {
+        move |p: &Path| present.contains(&p)
+    }
+    // Nothing named: the checkout's file, then the host's, then none.
+    assert_eq!(
+        config_file(None, None, only(&[here, system])).unwrap(),
+        Some(here.to_path_buf())
+    );
+    assert_eq!(
+        config_file(None, None, only(&[system])).unwrap(),
+        Some(system.to_path_buf())
+    );
+    assert_eq!(config_file(None, None, only(&[])).unwrap(), None);
+    // The variable wins over the defaults, the flag over the variable; either must exist.
+    assert_eq!(
+        config_file(None, Some(mine), only(&[here, mine])).unwrap(),
+        Some(mine.to_path_buf())
+    );
+    assert_eq!(
+        config_file(Some(here), Some(mine), only(&[here, mine])).unwrap(),
+        Some(here.to_path_buf())
+    );
+    let err = config_file(None, Some(mine), only(&[here])).unwrap_err();
+    assert!(err.to_string().contains(CONFIG_PATH_VARIABLE), "{err}");
+    let err = config_file(Some(mine), None, only(&[here])).unwrap_err();
+    assert!(err.to_string().contains("--config"), "{err}");
+}
+
+#[test]
+fn variables_without_a_section_separator_are_ignored_and_named() {
+    let names = [
+        "OUTBOX_RELAY_PORT",
+        "OUTBOX_RELAY_SERVICE_HOST",
+        "OUTBOX_RELAY_CONFIG",
+        "OUTBOX_RELAY_RELAY__BATCH_SIZE",
+        "PATH",
+    ]
+    .map(std::ffi::OsString::from);
+    assert_eq!(
+        ignored_environment(names.into_iter()),
+        ["OUTBOX_RELAY_PORT", "OUTBOX_RELAY_SERVICE_HOST"]
+    );
+}

@@ -243,6 +243,12 @@ impl Settings {
     /// Settings the relay accepts but an operator should hear about at start.
     pub(crate) fn warnings(&self) -> Vec<String> {
         let mut warnings = Vec::new();
+        if !self.ignored_environment.is_empty() {
+            warnings.push(format!(
+                "ignored environment variables {}: a configuration variable is OUTBOX_RELAY_<SECTION>__<KEY> (two underscores); Kubernetes sets variables like these for a Service named outbox-relay unless the pod has enableServiceLinks: false",
+                self.ignored_environment.join(", ")
+            ));
+        }
         if let Some((name, value)) = self.unverified_kafka_tls() {
             warnings.push(format!(
                 "kafka.properties.\"{name}\" = {value}: the brokers' certificates are not verified (allowed by kafka.allow_unverified_tls)"

@@ -1,5 +1,5 @@
 //! Proof of delivery: a sent row's record read back from Kafka at the partition and offset
-//! its ack recorded and compared with what the row encodes to (its `id` header, key and
+//! its ack recorded and compared with the row (its `id` header, key, and the digest of its
 //! value), for `where --verify`, `verify` and the daemon's auditor. Nothing here writes.
 
 use std::sync::Arc;
@@ -14,8 +14,8 @@ mod reader;
 
 pub(crate) use reader::{Expected, RecordReader};
 
-/// The encoder the relay runs with under `settings`: a sent row encodes to the record it was
-/// sent as, as long as the topic template and the row have not changed since.
+/// The encoder the relay runs with under `settings`: a sent row's topic is the one it was
+/// sent to, as long as the topic template has not changed since.
 pub(crate) fn encoder(settings: &Settings) -> anyhow::Result<Encoder> {
     let template = TopicTemplate::parse(&settings.relay.topic_template)?;
     let policy = settings.topic_policy()?;
@@ -30,10 +30,17 @@ pub(crate) fn expected(encoder: &mut Encoder, sent: &SentRow) -> Result<Expected
     let (Some(partition), Some(offset)) = (sent.partition, sent.offset) else {
         return Err("its mark recorded no partition and offset".into());
     };
-    let record = encoder
-        .encode(&sent.row)
-        .map_err(|reason| format!("it no longer encodes: {reason}"))?;
-    Ok(Expected::new(&record, partition, offset))
+    let topic = encoder
+        .topic(&sent.row)
+        .map_err(|reason| format!("its topic no longer renders: {reason}"))?;
+    Ok(Expected {
+        topic,
+        partition,
+        offset,
+        event_id: sent.row.event_id.hyphenated().to_string(),
+        key: sent.row.aggregate_id.as_bytes().to_vec(),
+        value: sent.value,
+    })
 }
 
 /// One row's outcome, for a report.
@@ -44,7 +51,7 @@ pub(crate) struct Outcome {
     pub topic: Option<Arc<str>>,
     pub partition: Option<i32>,
     pub offset: Option<i64>,
-    /// found, different, missing, expired, unreadable or unverifiable.
+    /// found, changed, different, missing, expired, unreadable or unverifiable.
     pub result: &'static str,
     pub detail: String,
 }
@@ -89,6 +96,8 @@ pub(crate) fn check(
 pub(crate) struct Tally {
     pub checked: u64,
     pub found: u64,
+    /// The record is the row's event, but the row's value changed after it was sent.
+    pub changed: u64,
     pub missing: u64,
     pub different: u64,
     pub expired: u64,
@@ -102,6 +111,7 @@ impl Tally {
         self.checked += 1;
         match outcome.result {
             "found" => self.found += 1,
+            "changed" => self.changed += 1,
             "missing" => self.missing += 1,
             "different" => self.different += 1,
             "expired" => self.expired += 1,

@@ -1,5 +1,6 @@
 //! What proving delivery asks of the outbox, read only: one row and its state, pages of sent
-//! rows with the partition and offset of their acks, and the sent rows of a range to re-send.
+//! rows with the partition and offset of their acks and a digest of their values (never the
+//! values themselves), and the sent rows of a range to re-send, whole, bounded in bytes.
 
 use chrono::{DateTime, Utc};
 use futures_util::TryStreamExt;
@@ -16,19 +17,32 @@ pub const PROOF_PAGE_ROWS: i64 = 500;
 /// A sent row and where its ack put it (`None` when the mark recorded no position).
 #[derive(Debug, Clone)]
 pub struct SentRow {
+    /// Without its payload and headers, except in [`Store::republish_page`].
     pub row: OutboxRow,
     pub sent_at: DateTime<Utc>,
     pub partition: Option<i32>,
     pub offset: Option<i64>,
+    /// The value the relay sends for the row, digested by the database; `None` for a row
+    /// without a value, and in [`Store::republish_page`].
+    pub value: Option<ValueDigest>,
+}
+
+/// A record value as a proof compares it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ValueDigest {
+    pub sha256: [u8; 32],
+    pub length: usize,
 }
 
 /// One row with everything the outbox knows of its state.
 #[derive(Debug, Clone)]
 pub struct LocatedRow {
+    /// Without its payload and headers.
     pub row: OutboxRow,
     pub sent_at: Option<DateTime<Utc>>,
     pub partition: Option<i32>,
     pub offset: Option<i64>,
+    pub value: Option<ValueDigest>,
     pub parked_at: Option<DateTime<Utc>>,
     pub park_reason: Option<String>,
     pub park_error: Option<String>,
@@ -56,13 +70,66 @@ pub enum RowKey {
 /// Values are fetched whole: a sent row was small enough to publish.
 const WHOLE: i64 = i64::MAX;
 
-fn decode_sent(r: &PgRow, first: bool) -> Result<SentRow, sqlx::Error> {
+/// Columns after a row's in a proof statement: sent_at, partition, offset, SHA-256, length.
+const PROOF_TRAILING: usize = 5;
+
+/// A row of a proof statement whose `sent_at` is not NULL; `after` more columns follow the
+/// proof's own.
+fn decode_sent(r: &PgRow, first: bool, after: usize) -> Result<SentRow, sqlx::Error> {
+    let (row, sent_at, partition, offset, value) = decode_proof(r, first, after)?;
+    Ok(SentRow {
+        row,
+        sent_at: sent_at.ok_or_else(|| sqlx::Error::ColumnDecode {
+            index: "sent_at".into(),
+            source: "NULL for a sent row".into(),
+        })?,
+        partition,
+        offset,
+        value,
+    })
+}
+
+type ProofColumns = (
+    OutboxRow,
+    Option<DateTime<Utc>>,
+    Option<i32>,
+    Option<i64>,
+    Option<ValueDigest>,
+);
+
+/// A row of a proof statement, its sent_at NULL for a row not sent.
+fn decode_proof(r: &PgRow, first: bool, after: usize) -> Result<ProofColumns, sqlx::Error> {
+    let at = r.len() - after - PROOF_TRAILING;
+    let sha256: Option<Vec<u8>> = r.try_get(at + 3)?;
+    let length: Option<i32> = r.try_get(at + 4)?;
+    let value = match (sha256, length) {
+        (Some(sha), Some(length)) => Some(ValueDigest {
+            sha256: sha.try_into().map_err(|_| sqlx::Error::ColumnDecode {
+                index: "value_sha256".into(),
+                source: "not 32 bytes".into(),
+            })?,
+            length: usize::try_from(length).unwrap_or_default(),
+        }),
+        _ => None,
+    };
+    Ok((
+        decode_pending(r, first, after + PROOF_TRAILING)?,
+        r.try_get(at)?,
+        r.try_get(at + 1)?,
+        r.try_get(at + 2)?,
+        value,
+    ))
+}
+
+/// A row of [`Store::republish_page`]: the whole row and [`super::statements::SENT_COLUMNS`].
+fn decode_whole(r: &PgRow, first: bool) -> Result<SentRow, sqlx::Error> {
     let at = r.len() - 3;
     Ok(SentRow {
         row: decode_pending(r, first, 3)?,
         sent_at: r.try_get(at)?,
         partition: r.try_get(at + 1)?,
         offset: r.try_get(at + 2)?,
+        value: None,
     })
 }
 
@@ -81,18 +148,20 @@ impl Store {
             let rows = query.fetch_all(&mut *conn).await?;
             let mut located = Vec::with_capacity(rows.len());
             for r in &rows {
-                let at = r.len() - 9;
+                let (row, sent_at, partition, offset, value) = decode_proof(r, true, 6)?;
+                let at = r.len() - 6;
                 located.push(LocatedRow {
-                    row: decode_pending(r, true, 9)?,
-                    sent_at: r.try_get(at)?,
-                    partition: r.try_get(at + 1)?,
-                    offset: r.try_get(at + 2)?,
-                    parked_at: r.try_get(at + 3)?,
-                    park_reason: r.try_get(at + 4)?,
-                    park_error: r.try_get(at + 5)?,
-                    discarded_at: r.try_get(at + 6)?,
-                    discard_reason: r.try_get(at + 7)?,
-                    owner: r.try_get(at + 8)?,
+                    row,
+                    sent_at,
+                    partition,
+                    offset,
+                    value,
+                    parked_at: r.try_get(at)?,
+                    park_reason: r.try_get(at + 1)?,
+                    park_error: r.try_get(at + 2)?,
+                    discarded_at: r.try_get(at + 3)?,
+                    discard_reason: r.try_get(at + 4)?,
+                    owner: r.try_get(at + 5)?,
                 });
             }
             Ok(located)
@@ -101,13 +170,13 @@ impl Store {
     }
 
     /// Up to `limit` rows sent after `after` (sent_at, id) and before `until`, in that
-    /// order, each kept with probability `keep` (1 keeps all: the next page then starts
-    /// after the last row of this one).
+    /// order, of `shards` where given, each kept with probability `keep` (1 keeps all).
     pub async fn sent_page(
         &self,
         after: (DateTime<Utc>, i64),
         until: DateTime<Utc>,
         keep: f64,
+        shards: Option<&[i16]>,
         limit: i64,
     ) -> Result<Vec<SentRow>, StoreError> {
         let statements = self.sql()?;
@@ -120,10 +189,11 @@ impl Store {
                 .bind(until)
                 .bind(keep)
                 .bind(limit)
+                .bind(shards)
                 .fetch(&mut *conn);
             let mut sent = Vec::new();
             while let Some(r) = rows.try_next().await? {
-                sent.push(decode_sent(&r, sent.is_empty())?);
+                sent.push(decode_sent(&r, sent.is_empty(), 0)?);
             }
             Ok(sent)
         })
@@ -142,7 +212,7 @@ impl Store {
                 .await?;
             let mut sent = Vec::with_capacity(rows.len());
             for r in &rows {
-                sent.push(decode_sent(r, sent.is_empty())?);
+                sent.push(decode_sent(r, sent.is_empty(), 0)?);
             }
             Ok(sent)
         })
@@ -207,8 +277,9 @@ impl Store {
         .await
     }
 
-    /// Up to `limit` sent rows with ids in `(after, last]`, sent in `[since, until)` where
-    /// given and of `aggregate` where given, in id order.
+    /// Up to `limit` whole sent rows with ids in `(after, last]`, sent in `[since, until)`
+    /// where given and of `aggregate` where given, in id order; the page ends after the row
+    /// that takes it to `max_bytes`.
     pub async fn republish_page(
         &self,
         after: i64,
@@ -216,6 +287,7 @@ impl Store {
         sent: (Option<DateTime<Utc>>, Option<DateTime<Utc>>),
         aggregate: Option<&str>,
         limit: i64,
+        max_bytes: usize,
     ) -> Result<Vec<SentRow>, StoreError> {
         let statements = self.sql()?;
         self.in_session(async |conn| {
@@ -230,8 +302,15 @@ impl Store {
                 .bind(limit)
                 .fetch(&mut *conn);
             let mut page = Vec::new();
+            let mut bytes = 0;
             while let Some(r) = rows.try_next().await? {
-                page.push(decode_sent(&r, page.is_empty())?);
+                let row = decode_whole(&r, page.is_empty())?;
+                bytes += row.row.approximate_bytes();
+                page.push(row);
+                // Dropping the answer's stream here makes the connection skip the rest.
+                if bytes >= max_bytes {
+                    break;
+                }
             }
             Ok(page)
         })

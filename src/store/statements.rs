@@ -28,6 +28,7 @@ pub(crate) struct Statements {
     pub(crate) backlog: String,
     pub(crate) list_parked: String,
     pub(crate) parked_ids: String,
+    pub(crate) parked_among: String,
     pub(crate) replay_parked: String,
     pub(crate) discard_parked: String,
     pub(crate) prune_sent: String,
@@ -109,6 +110,9 @@ impl Statements {
                         parked_at, park_reason, park_error \
                  FROM {n} \
                  WHERE {holding} AND ($1::text IS NULL OR {agg_id} = $1) \
+                   AND ($3::text IS NULL OR park_reason = $3) \
+                   AND ($4::timestamptz IS NULL OR parked_at >= $4) \
+                   AND ($5::timestamptz IS NULL OR parked_at < $5) \
                  ORDER BY {id} LIMIT $2",
                 agg_type = t.aggregate_type,
                 agg_id = t.aggregate_id,
@@ -120,8 +124,15 @@ impl Statements {
             parked_ids: format!(
                 "SELECT {id} FROM {n} \
                  WHERE {holding} AND ($1::text IS NULL OR {agg_id} = $1) \
+                   AND ($2::text IS NULL OR park_reason = $2) \
+                   AND ($3::timestamptz IS NULL OR parked_at >= $3) \
+                   AND ($4::timestamptz IS NULL OR parked_at < $4) \
                  ORDER BY {id}",
                 agg_id = t.aggregate_id,
+                holding = parked_holding(""),
+            ),
+            parked_among: format!(
+                "SELECT {id} FROM {n} WHERE {id} = ANY($1::bigint[]) AND {holding} ORDER BY {id}",
                 holding = parked_holding(""),
             ),
             replay_parked: format!(
@@ -156,16 +167,18 @@ impl Statements {
             locate_by_event_id: locate(t, &t.event_id),
             locate_by_id: locate(t, id),
             sent_page: format!(
-                "{columns}, {SENT_COLUMNS} FROM {n} o \
+                "{columns} FROM {n} o \
                  WHERE o.sent_at >= $2 AND (o.sent_at, o.{id}) > ($2, $3) AND o.sent_at < $4 \
                    AND ($5::float8 >= 1 OR pg_catalog.random() < $5::float8) \
+                   AND ($7::smallint[] IS NULL OR {shard} = ANY($7)) \
                  ORDER BY o.sent_at, o.{id} LIMIT $6",
-                columns = row_columns(t, false, "$1"),
+                columns = proof_columns(t),
+                shard = t.shard_of("o"),
             ),
             sent_by_ids: format!(
-                "{columns}, {SENT_COLUMNS} FROM {n} o \
+                "{columns} FROM {n} o \
                  WHERE o.{id} = ANY($2::bigint[]) AND o.sent_at IS NOT NULL ORDER BY o.{id}",
-                columns = row_columns(t, false, "$1"),
+                columns = proof_columns(t),
             ),
             sample_sent_ids: format!(
                 "SELECT {id} FROM {n} WHERE sent_at >= $1 AND sent_at < $2 \
@@ -217,16 +230,66 @@ impl Statements {
 /// and where its ack put it.
 pub(crate) const SENT_COLUMNS: &str = "o.sent_at, o.kafka_partition, o.kafka_offset";
 
-/// One row by `column` (`$2`) with everything known of its state: [`SENT_COLUMNS`], its
+/// A row's columns for proving its delivery ([`row_columns`] without the payload, headers
+/// and header columns), then [`SENT_COLUMNS`], then the SHA-256 and the length of the value
+/// the relay sends for it, computed by the database: proving a row never fetches its
+/// payload.
+fn proof_columns(t: &OutboxTable) -> String {
+    let lean = OutboxTable {
+        payload: None,
+        payload_bytes: None,
+        headers: None,
+        header_columns: Vec::new(),
+        ..t.clone()
+    };
+    let value = sent_value(t);
+    format!(
+        "{}, {SENT_COLUMNS}, pg_catalog.sha256({value}) AS value_sha256, \
+         pg_catalog.octet_length({value}) AS value_length",
+        row_columns(&lean, false, "$1")
+    )
+}
+
+/// The bytes of a row's record value, as SQL: a json or text payload as its UTF-8 text, a
+/// `bytea` payload as it is; NULL for a row without one.
+fn sent_value(t: &OutboxTable) -> String {
+    let mut arms = String::new();
+    match &t.payload {
+        Some((column, PayloadKind::Json)) => {
+            arms += &format!(
+                "WHEN o.{column} IS NOT NULL THEN pg_catalog.convert_to(o.{column}::text, 'UTF8') "
+            )
+        }
+        Some((column, PayloadKind::Text)) => {
+            arms += &format!(
+                "WHEN o.{column} IS NOT NULL THEN pg_catalog.convert_to(o.{column}, 'UTF8') "
+            )
+        }
+        Some((column, PayloadKind::Bytes)) => {
+            arms += &format!("WHEN o.{column} IS NOT NULL THEN o.{column} ")
+        }
+        None => {}
+    }
+    if let Some(column) = &t.payload_bytes {
+        arms += &format!("WHEN o.{column} IS NOT NULL THEN o.{column} ");
+    }
+    if arms.is_empty() {
+        "NULL::bytea".into()
+    } else {
+        format!("(CASE {arms}END)")
+    }
+}
+
+/// One row by `column` (`$2`) with everything known of its state: [`proof_columns`], its
 /// parking and discarding, and the replica whose live lease holds its shard.
 fn locate(t: &OutboxTable, column: &str) -> String {
     format!(
-        "{columns}, {SENT_COLUMNS}, o.parked_at, o.park_reason, o.park_error, \
+        "{columns}, o.parked_at, o.park_reason, o.park_error, \
            o.discarded_at, o.discard_reason, \
            (SELECT l.owner FROM outbox_shard_lease l \
              WHERE l.shard = {shard} AND l.expires_at > pg_catalog.now()) AS owner \
          FROM {n} o WHERE o.{column} = $2 ORDER BY o.{id} LIMIT 10",
-        columns = row_columns(t, false, "$1"),
+        columns = proof_columns(t),
         shard = t.shard_of("o"),
         n = t.name,
         id = t.id,

@@ -49,6 +49,18 @@ pub struct BacklogStats {
 /// 480 ms per count in the benchmark, a hundred thousand a tenth of that.
 pub(crate) const EXACT_PENDING_UP_TO: i64 = 100_000;
 
+/// Which parked rows an operator means: each field narrows (`None` lets every row through).
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct ParkedFilter<'a> {
+    pub aggregate_id: Option<&'a str>,
+    /// `park_reason`, e.g. `invalid_topic`.
+    pub reason: Option<&'a str>,
+    /// Parked at or after.
+    pub since: Option<chrono::DateTime<chrono::Utc>>,
+    /// Parked before.
+    pub until: Option<chrono::DateTime<chrono::Utc>>,
+}
+
 impl Store {
     /// Pending and parked counts and the age of the oldest pending row. Pending rows are
     /// counted up to [`EXACT_PENDING_UP_TO`] and estimated beyond it.
@@ -142,17 +154,20 @@ impl Store {
         .await
     }
 
-    /// Parked rows still waiting for an operator, oldest first.
+    /// Parked rows still waiting for an operator that `filter` lets through, oldest first.
     pub(crate) async fn list_parked(
         &self,
-        aggregate_id: Option<&str>,
+        filter: &ParkedFilter<'_>,
         limit: i64,
     ) -> Result<Vec<ParkedRow>, StoreError> {
         self.in_session(async |conn| {
             let rows = self
                 .query(&self.sql()?.list_parked)
-                .bind(aggregate_id)
+                .bind(filter.aggregate_id)
                 .bind(limit)
+                .bind(filter.reason)
+                .bind(filter.since)
+                .bind(filter.until)
                 .fetch_all(&mut *conn)
                 .await?;
             rows.iter()
@@ -175,15 +190,30 @@ impl Store {
         .await
     }
 
-    /// Ids of parked rows (all, or one aggregate's), in id order.
+    /// Ids of the parked rows `filter` lets through, in id order.
     pub(crate) async fn parked_ids(
         &self,
-        aggregate_id: Option<&str>,
+        filter: &ParkedFilter<'_>,
     ) -> Result<Vec<i64>, StoreError> {
         self.in_session(async |conn| {
             Ok(self
                 .query_scalar(&self.sql()?.parked_ids)
-                .bind(aggregate_id)
+                .bind(filter.aggregate_id)
+                .bind(filter.reason)
+                .bind(filter.since)
+                .bind(filter.until)
+                .fetch_all(&mut *conn)
+                .await?)
+        })
+        .await
+    }
+
+    /// Which of `ids` are parked and still holding their aggregates, in id order.
+    pub(crate) async fn parked_among(&self, ids: &[i64]) -> Result<Vec<i64>, StoreError> {
+        self.in_session(async |conn| {
+            Ok(self
+                .query_scalar(&self.sql()?.parked_among)
+                .bind(ids)
                 .fetch_all(&mut *conn)
                 .await?)
         })

@@ -53,7 +53,13 @@ impl Store {
             by_id.dedup_by_key(|a| a.id);
             let ids: Vec<i64> = by_id.iter().map(|a| a.id).collect();
             let partitions: Vec<i32> = by_id.iter().map(|a| a.partition).collect();
-            let offsets: Vec<i64> = by_id.iter().map(|a| a.offset).collect();
+            // librdkafka reports a negative offset for a record whose position the broker did
+            // not say (an old broker's DUPLICATE_SEQUENCE_NUMBER): no position is recorded
+            // rather than a false one.
+            let offsets: Vec<Option<i64>> = by_id
+                .iter()
+                .map(|a| (a.offset >= 0).then_some(a.offset))
+                .collect();
             let (shards, epochs) = split_leases(&leases_of(acks));
             let done = self
                 .query(&self.sql()?.mark_sent)

@@ -300,12 +300,12 @@ impl InternalEvent for ProducerStatistics<'_> {
         // Windows are in microseconds (rtt) and bytes (batchsize); empty windows are zero.
         let rtt = stats.brokers.values().filter_map(|b| b.rtt.as_ref());
         let (rtt_avg, rtt_p99) = rtt.fold((0, 0), |(a, p), w| (a.max(w.avg), p.max(w.p99)));
-        gauge!(BROKER_RTT, "stat" => "avg").set(rtt_avg as f64 / 1e6);
-        gauge!(BROKER_RTT, "stat" => "p99").set(rtt_p99 as f64 / 1e6);
+        gauge!(BROKER_RTT_AVG).set(rtt_avg as f64 / 1e6);
+        gauge!(BROKER_RTT_P99).set(rtt_p99 as f64 / 1e6);
         let batches = stats.topics.values().map(|t| &t.batchsize);
         let (size_avg, size_p99) = batches.fold((0, 0), |(a, p), w| (a.max(w.avg), p.max(w.p99)));
-        gauge!(PRODUCER_BATCH_SIZE, "stat" => "avg").set(size_avg as f64);
-        gauge!(PRODUCER_BATCH_SIZE, "stat" => "p99").set(size_p99 as f64);
+        gauge!(PRODUCER_BATCH_AVG).set(size_avg as f64);
+        gauge!(PRODUCER_BATCH_P99).set(size_p99 as f64);
     }
 }
 

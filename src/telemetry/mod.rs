@@ -30,6 +30,8 @@ pub(crate) const DOORBELLS: &str = "outbox_relay_doorbell_notifications_total";
 pub(crate) const IDLE_WAITS: &str = "outbox_relay_idle_waits_total";
 pub(crate) const AUDIT_CHECKED: &str = "outbox_relay_audit_checked_total";
 pub(crate) const AUDIT_MISMATCHES: &str = "outbox_relay_audit_mismatches_total";
+pub(crate) const AUDIT_UNCHECKED: &str = "outbox_relay_audit_unchecked_total";
+pub(crate) const AUDIT_RUNNING: &str = "outbox_relay_audit_running";
 pub(crate) const BATCH_SIZE: &str = "outbox_relay_batch_size_rows";
 pub(crate) const BATCH_DURATION: &str = "outbox_relay_batch_duration_seconds";
 pub(crate) const END_TO_END_LATENCY: &str = "outbox_relay_end_to_end_latency_seconds";
@@ -46,8 +48,10 @@ pub(crate) const REBALANCES: &str = "outbox_relay_rebalances_total";
 pub(crate) const ROWS_FENCED: &str = "outbox_relay_rows_fenced_total";
 pub(crate) const PRODUCER_QUEUE_MESSAGES: &str = "outbox_relay_producer_queue_messages";
 pub(crate) const PRODUCER_QUEUE_BYTES: &str = "outbox_relay_producer_queue_bytes";
-pub(crate) const BROKER_RTT: &str = "outbox_relay_broker_rtt_seconds";
-pub(crate) const PRODUCER_BATCH_SIZE: &str = "outbox_relay_producer_batch_size_bytes";
+pub(crate) const BROKER_RTT_AVG: &str = "outbox_relay_broker_rtt_avg_seconds";
+pub(crate) const BROKER_RTT_P99: &str = "outbox_relay_broker_rtt_p99_seconds";
+pub(crate) const PRODUCER_BATCH_AVG: &str = "outbox_relay_producer_batch_avg_bytes";
+pub(crate) const PRODUCER_BATCH_P99: &str = "outbox_relay_producer_batch_p99_bytes";
 pub(crate) const BUILD_INFO: &str = "outbox_relay_build_info";
 pub(crate) const TOPICS_WAITING: &str = "outbox_relay_topics_waiting";
 
@@ -68,6 +72,8 @@ pub(crate) type BoundedLabel = (&'static str, &'static str, &'static [&'static s
 #[derive(Clone)]
 pub(crate) struct Metrics {
     recorder: Arc<PrometheusRecorder>,
+    /// The process's memory, CPU and file descriptors (`process_*`), read at each render.
+    process: Arc<metrics_process::Collector>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -91,9 +97,11 @@ impl Metrics {
             .build_recorder();
         let metrics = Metrics {
             recorder: Arc::new(recorder),
+            process: Arc::new(metrics_process::Collector::default()),
         };
         metrics.scope(|| {
             describe_all();
+            metrics.process.describe();
             register_all(bounded);
         });
         Ok(metrics)
@@ -101,6 +109,7 @@ impl Metrics {
 
     /// The Prometheus text of every metric of this `App`.
     pub(crate) fn render(&self) -> String {
+        self.scope(|| self.process.collect());
         self.recorder.handle().render()
     }
 
@@ -182,6 +191,14 @@ fn describe_all() {
         "Sent rows whose records the auditor read back from Kafka (relay.audit_sample_rate)."
     );
     describe_counter!(
+        AUDIT_UNCHECKED,
+        "Sampled rows the auditor could not check, by reason: expired (removed by the topic's retention), unreadable (the broker did not serve the partition: grants, a topic that does not exist, timeouts), unverifiable (no recorded offset, a topic that no longer renders)."
+    );
+    describe_gauge!(
+        AUDIT_RUNNING,
+        "1 while the auditor runs (relay.audit_sample_rate above 0 and its consumer built)."
+    );
+    describe_counter!(
         AUDIT_MISMATCHES,
         "Audited rows whose record was not where their ack said, by kind: missing (no record at that offset) or different (another record is there)."
     );
@@ -229,14 +246,24 @@ fn describe_all() {
         "Bytes of the messages in the producer's queue (librdkafka statistics)."
     );
     describe_gauge!(
-        BROKER_RTT,
+        BROKER_RTT_AVG,
         metrics::Unit::Seconds,
-        "Produce request round trip of the slowest broker over the last statistics window, by stat (avg, p99)."
+        "Average produce request round trip of the slowest broker over the last statistics window."
     );
     describe_gauge!(
-        PRODUCER_BATCH_SIZE,
+        BROKER_RTT_P99,
+        metrics::Unit::Seconds,
+        "99th percentile of the produce request round trip of the slowest broker over the last statistics window."
+    );
+    describe_gauge!(
+        PRODUCER_BATCH_AVG,
         metrics::Unit::Bytes,
-        "Size of the record batches sent over the last statistics window, largest over topics, by stat (avg, p99)."
+        "Average size of the record batches sent over the last statistics window, largest over topics."
+    );
+    describe_gauge!(
+        PRODUCER_BATCH_P99,
+        metrics::Unit::Bytes,
+        "99th percentile of the size of the record batches sent over the last statistics window, largest over topics."
     );
     describe_gauge!(
         BUILD_INFO,
@@ -280,14 +307,25 @@ fn register_all(bounded: &[BoundedLabel]) {
         PRODUCER_QUEUE_MESSAGES,
         PRODUCER_QUEUE_BYTES,
         TOPICS_WAITING,
+        AUDIT_RUNNING,
     ] {
         gauge!(name).set(0.0);
     }
-    for stat in ["avg", "p99"] {
-        gauge!(BROKER_RTT, "stat" => stat).set(0.0);
-        gauge!(PRODUCER_BATCH_SIZE, "stat" => stat).set(0.0);
+    for name in [
+        BROKER_RTT_AVG,
+        BROKER_RTT_P99,
+        PRODUCER_BATCH_AVG,
+        PRODUCER_BATCH_P99,
+    ] {
+        gauge!(name).set(0.0);
     }
-    gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    gauge!(
+        BUILD_INFO,
+        "version" => crate::build::VERSION,
+        "revision" => crate::build::GIT_REVISION,
+        "librdkafka" => crate::build::librdkafka_version()
+    )
+    .set(1.0);
 }
 
 /// Sets up `tracing`: text on a terminal, JSON otherwise, `RUST_LOG` over `log.level`.
