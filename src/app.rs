@@ -140,10 +140,23 @@ impl App {
             tasks_cancel.clone(),
         ));
         info!(%http_addr, "serving /metrics, /healthz and /readyz");
+        let brokers = metrics.spawn(crate::kafka::reachability::watch_brokers(
+            settings.producer_properties(),
+            health.clone(),
+            settings.relay.stats_interval,
+            tasks_cancel.clone(),
+        ));
 
         let outcome = metrics
             .instrument(async {
                 let may_prune = wait_for_schema(&store, &settings.relay, &health, &cancel).await?;
+                refuse_a_twin(
+                    &store,
+                    &replica_id,
+                    settings.relay.lease_renew_interval,
+                    &cancel,
+                )
+                .await?;
                 let listener_pool = crate::store::listener_pool(&settings.database)
                     .context("Failed to configure the LISTEN connection from database.url")?;
                 if settings.database.listen {
@@ -238,6 +251,8 @@ impl App {
                 if let Some(sweeper) = sweeper {
                     let _ = sweeper.await;
                 }
+                // A round trip in progress is not waited for.
+                brokers.abort();
                 // It only reads; a look in progress stops at the cancel within a fraction of
                 // a second.
                 if let Some(auditor) = auditor {
@@ -290,6 +305,49 @@ async fn announce_doorbell(store: &Store, settings: &Settings) {
 
 /// On a clean stop, gives every shard up and leaves the live set, so the other replicas
 /// take over at their next heartbeat instead of waiting for the leases to expire.
+/// Refuses to start (exit 2) while another running relay heartbeats under `replica_id`: two
+/// relays with one name share its leases, and the second would report ready and publish
+/// nothing. A registration left by a relay that died is told apart by its heartbeat, which
+/// stops: it is waited out for two heartbeat intervals at most.
+async fn refuse_a_twin(
+    store: &Store,
+    replica_id: &str,
+    renew_interval: Duration,
+    cancel: &CancellationToken,
+) -> anyhow::Result<()> {
+    let Some(first) = store
+        .live_heartbeat(replica_id)
+        .await
+        .context("Failed to read the replica registrations")?
+    else {
+        return Ok(());
+    };
+    info!(
+        replica = %replica_id,
+        "a live registration under this replica id exists; watching its heartbeat to tell a running twin from one that died"
+    );
+    let deadline = tokio::time::Instant::now() + renew_interval * 2 + Duration::from_secs(1);
+    while tokio::time::Instant::now() < deadline && !cancel.is_cancelled() {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        match store.live_heartbeat(replica_id).await {
+            Ok(Some(beat)) if beat != first => {
+                return Err(crate::store::StoreError::Config {
+                    key: "relay.replica_id".into(),
+                    message: format!(
+                        "another running relay uses the replica id `{replica_id}` (its heartbeat moved at {}); give each replica its own relay.replica_id (empty means <hostname>-<pid>), or stop the other",
+                        beat.to_rfc3339()
+                    ),
+                }
+                .into());
+            }
+            Ok(None) => return Ok(()),
+            _ => {}
+        }
+    }
+    info!(replica = %replica_id, "the earlier registration under this replica id is not heartbeating; taking it over");
+    Ok(())
+}
+
 async fn hand_over(store: &Store, replica_id: &str, ownership: &Ownership) {
     let held = ownership.take_all();
     match store.release_leases(replica_id, &held).await {

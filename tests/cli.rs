@@ -1020,3 +1020,61 @@ fn the_version_names_revision_and_librdkafka_and_completions_and_man_need_no_con
     );
     assert!(man.contains(outbox_relay::build::GIT_REVISION), "{man}");
 }
+
+/// A database the relay cannot use is named with the reason PostgreSQL or the network gave:
+/// nothing listening, a database or a role that does not exist; never only "pool timed out",
+/// and once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_errors_name_the_server_the_user_and_the_cause() {
+    let db = TestDb::new().await;
+    let mut url = url::Url::parse(&db.url).unwrap();
+    let closed = free_port();
+    let cases = {
+        let mut refused = url.clone();
+        refused.set_port(Some(closed)).unwrap();
+        let mut no_database = url.clone();
+        no_database.set_path("/no_such_database");
+        url.set_username("no_such_role").unwrap();
+        [
+            (
+                refused.to_string(),
+                format!("at 127.0.0.1:{closed}"),
+                "connection refused",
+            ),
+            (
+                no_database.to_string(),
+                "database no_such_database".to_string(),
+                "does not exist",
+            ),
+            (
+                url.to_string(),
+                "as user no_such_role".to_string(),
+                "no_such_role",
+            ),
+        ]
+    };
+    for (database_url, target, cause) in cases {
+        for args in [&["status"][..], &["migrate"]] {
+            let output = relay_command(&database_url, "127.0.0.1:1")
+                .env("OUTBOX_RELAY_DATABASE__CONNECT_TIMEOUT", "2s")
+                .args(args)
+                .output()
+                .unwrap();
+            let text = output_text(&output);
+            assert_eq!(output.status.code(), Some(1), "{args:?}: {text}");
+            assert!(
+                text.contains("cannot connect to PostgreSQL") && text.contains(&target),
+                "{args:?} does not name {target}: {text}"
+            );
+            assert!(
+                text.contains(cause),
+                "{args:?} does not say {cause}: {text}"
+            );
+            assert_eq!(
+                text.matches("cannot connect").count(),
+                1,
+                "{args:?} says it more than once: {text}"
+            );
+        }
+    }
+}

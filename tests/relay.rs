@@ -1158,3 +1158,31 @@ async fn the_auditor_counts_rows_whose_records_are_not_where_their_marks_say() {
         );
     }
 }
+
+/// An idle relay pointed at an address where no broker listens is not ready and says why,
+/// and counts the transport errors, though it has nothing to send.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_relay_whose_brokers_do_not_answer_is_not_ready() {
+    let db = TestDb::new().await;
+    let nowhere = format!("127.0.0.1:{}", free_port());
+    let relay = RunningRelay::start(settings(&db, &nowhere, "")).await;
+    wait_for(
+        "readiness to name the brokers",
+        CONDITION_TIMEOUT,
+        || async {
+            let (status, body) = http_get(relay.http_addr, "/readyz").await;
+            status == 503 && body.contains("brokers unreachable")
+        },
+    )
+    .await;
+    let (_, metrics) = http_get(relay.http_addr, "/metrics").await;
+    assert_eq!(metric_value(&metrics, "outbox_relay_ready"), 0.0);
+    assert!(
+        metric_value(
+            &metrics,
+            r#"outbox_relay_publish_errors_total{kind="transport""#
+        ) > 0.0,
+        "{metrics}"
+    );
+    relay.stop().await;
+}

@@ -550,3 +550,75 @@ async fn sleeping_replicas_wake_for_rows_of_either_without_ringing_each_other_aw
     let records = consume(&bootstrap, &topic, 80 * rounds as usize);
     assert_eq!(assert_contract(&db.rows().await, &records), 0, "duplicates");
 }
+
+/// Two relays under one replica id would share its leases, the second reporting ready and
+/// publishing nothing: the second is refused (exit 2, naming the key). A registration left
+/// by a relay that died (live, but no heartbeat moves) is taken over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_relay_with_a_replica_id_in_use_is_refused_and_a_dead_ones_is_taken_over() {
+    let db = TestDb::new().await;
+    let bootstrap = kafka_bootstrap();
+    let prefix = unique_prefix();
+    create_topic(&bootstrap, &format!("{prefix}.twin"), 3).await;
+    let first = RunningRelay::start(template_settings(
+        &db,
+        &bootstrap,
+        &prefix,
+        "replica_id = \"twin\"\n",
+    ))
+    .await;
+    wait_for("the first relay registered", CONDITION_TIMEOUT, || async {
+        let live: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM outbox_replica WHERE replica_id = 'twin' AND expires_at > now()",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        live == 1
+    })
+    .await;
+    let mut second = relay_command(&db.url, &bootstrap)
+        .env("OUTBOX_RELAY_RELAY__REPLICA_ID", "twin")
+        .env(
+            "OUTBOX_RELAY_RELAY__TOPIC_TEMPLATE",
+            format!("{prefix}.{{aggregate_type}}"),
+        )
+        .arg("run")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = wait_exit(&mut second, Duration::from_secs(30));
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut second.stderr.take().unwrap(), &mut text).unwrap();
+    assert_eq!(status.code(), Some(2), "{text}");
+    assert!(
+        text.contains("relay.replica_id") && text.contains("`twin`"),
+        "{text}"
+    );
+    first.stop().await;
+
+    // A relay killed without handing over leaves its registration live until it expires.
+    sqlx::query(
+        "INSERT INTO outbox_replica (replica_id, heartbeat_at, expires_at) \
+         VALUES ('ghost', now() - interval '1 second', now() + interval '1 hour')",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let ghost = RunningRelay::start(template_settings(
+        &db,
+        &bootstrap,
+        &prefix,
+        "replica_id = \"ghost\"\n",
+    ))
+    .await;
+    db.insert(&stream("twin", 5, 50)).await;
+    wait_for(
+        "the rows marked by the relay that took over",
+        CONDITION_TIMEOUT,
+        || async { db.sent().await == 50 },
+    )
+    .await;
+    ghost.stop().await;
+}

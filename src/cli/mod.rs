@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::app::App;
 use crate::config::{
@@ -298,7 +298,7 @@ pub fn main() -> ExitCode {
         Ok(settings) => settings,
         Err(err) => return config_failure(&err),
     };
-    telemetry::init_logging(&settings.log);
+    telemetry::init_logging(&settings.log, matches!(cli.command, Command::Run));
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -350,6 +350,9 @@ pub fn main() -> ExitCode {
             Command::Completions { .. } | Command::Man => Ok(()),
         }
     });
+    // A blocking call still waiting on a broker (a metadata round trip, a read-back) is not
+    // waited for: everything that mattered has finished.
+    runtime.shutdown_timeout(Duration::from_secs(2));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
@@ -419,10 +422,13 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     result
 }
 
-/// SIGTERM and SIGINT, registered with the runtime as soon as they are created.
+/// SIGTERM and SIGINT, registered with the runtime as soon as they are created, and SIGHUP,
+/// whose default action would kill the relay without a drain: it reloads nothing, so it is
+/// logged and ignored.
 struct StopSignals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
 }
 
 impl StopSignals {
@@ -431,13 +437,25 @@ impl StopSignals {
         Ok(StopSignals {
             term: signal(SignalKind::terminate())?,
             int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
         })
     }
 
     async fn cancel_on_first(mut self, cancel: CancellationToken) {
-        tokio::select! {
-            _ = self.term.recv() => info!("SIGTERM received; draining"),
-            _ = self.int.recv() => info!("SIGINT received; draining"),
+        loop {
+            tokio::select! {
+                _ = self.term.recv() => {
+                    info!("SIGTERM received; draining");
+                    break;
+                }
+                _ = self.int.recv() => {
+                    info!("SIGINT received; draining");
+                    break;
+                }
+                _ = self.hup.recv() => warn!(
+                    "SIGHUP received and ignored: the relay does not reload its configuration; restart it to apply a change (systemctl restart outbox-relay), which drains first"
+                ),
+            }
         }
         cancel.cancel();
     }
@@ -463,11 +481,27 @@ async fn migrate(settings: Settings, notify_trigger: Toggle, dry_run: bool) -> a
         }
         println!("--dry-run: nothing changed");
     } else {
+        let pending = store
+            .pending_migrations()
+            .await
+            .context("Failed to read which migrations are applied")?;
         store
             .migrate()
             .await
             .context("Failed to apply the migrations")?;
-        println!("outbox schema is up to date");
+        if pending.is_empty() {
+            println!("outbox schema is up to date: no migration to apply");
+        } else {
+            println!(
+                "applied {} migration(s): {}; the outbox schema is up to date",
+                pending.len(),
+                pending
+                    .iter()
+                    .map(|(version, description, _)| format!("{version} ({description})"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
         let enabled = matches!(notify_trigger, Toggle::On);
         store
             .set_notify_trigger(enabled, &settings.database.listen_channel)

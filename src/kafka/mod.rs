@@ -4,4 +4,5 @@
 
 pub(crate) mod classify;
 pub(crate) mod producer;
+pub(crate) mod reachability;
 pub(crate) mod topics;

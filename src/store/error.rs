@@ -7,6 +7,15 @@
 pub enum StoreError {
     #[error("database unreachable or connection lost: {0}")]
     Connection(sqlx::Error),
+    /// A connection could not be opened, with the reason PostgreSQL or the network gave.
+    #[error("cannot connect to PostgreSQL {target}: {cause}")]
+    Unreachable {
+        /// `at host:port, database d, as user u`.
+        target: String,
+        cause: String,
+        /// Whether waiting can help (a server down or restarting, not a wrong password).
+        retriable: bool,
+    },
     #[error("database refused the statement (SQLSTATE {code}): {message}")]
     Statement { code: String, message: String },
     #[error(
@@ -27,6 +36,7 @@ impl StoreError {
     pub(crate) fn is_retriable(&self) -> bool {
         match self {
             StoreError::Connection(_) => true,
+            StoreError::Unreachable { retriable, .. } => *retriable,
             StoreError::Statement { code, .. } => {
                 // 08: connection exception, 25006: read-only (failover), 40: rollback,
                 // 53: insufficient resources, 57: operator intervention (restart,
@@ -45,7 +55,7 @@ impl StoreError {
     /// Bounded label for metrics; one of [`ERROR_KINDS`].
     pub fn kind(&self) -> &'static str {
         match self {
-            StoreError::Connection(_) => "connection",
+            StoreError::Connection(_) | StoreError::Unreachable { .. } => "connection",
             StoreError::Statement { code, .. } if code == "25006" => "read_only",
             StoreError::Statement { code, .. } if code == "57014" => "statement_timeout",
             StoreError::Statement { code, .. } if code.starts_with("57") => "server_shutdown",

@@ -18,6 +18,24 @@ fn lease_pairs(rows: &[PgRow]) -> Result<Vec<(i16, i64)>, StoreError> {
 }
 
 impl Store {
+    /// When `replica` last heartbeated, if its registration has not expired.
+    pub(crate) async fn live_heartbeat(
+        &self,
+        replica: &str,
+    ) -> Result<Option<chrono::DateTime<chrono::Utc>>, StoreError> {
+        self.in_session(async |conn| {
+            Ok(self
+                .query_scalar(
+                    "SELECT heartbeat_at FROM outbox_replica \
+                     WHERE replica_id = $1 AND expires_at > pg_catalog.now()",
+                )
+                .bind(replica)
+                .fetch_optional(&mut *conn)
+                .await?)
+        })
+        .await
+    }
+
     /// Records that `replica` is alive for `ttl` and returns the live replicas, sorted.
     pub(crate) async fn heartbeat(
         &self,

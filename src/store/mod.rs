@@ -171,11 +171,51 @@ impl Store {
     }
 
     async fn session(&self) -> Result<Session, StoreError> {
-        Ok(if self.transaction_pooler {
-            Session::Transaction(self.pool.begin().await?)
+        let session = if self.transaction_pooler {
+            self.pool.begin().await.map(Session::Transaction)
         } else {
-            Session::Plain(self.pool.acquire().await?)
-        })
+            self.pool.acquire().await.map(Session::Plain)
+        };
+        match session {
+            Ok(session) => Ok(session),
+            Err(err) => Err(self.connection_failure(err).await),
+        }
+    }
+
+    /// Says why a connection could not be had: the pool only says that it timed out, so a
+    /// connection is tried once more directly for the server's or the network's reason.
+    async fn connection_failure(&self, err: sqlx::Error) -> StoreError {
+        let options = self.pool.connect_options();
+        let target = format!(
+            "at {}:{}, database {}, as user {}",
+            options.get_host(),
+            options.get_port(),
+            options.get_database().unwrap_or("(the user's name)"),
+            options.get_username()
+        );
+        let cause = match err {
+            sqlx::Error::PoolTimedOut => {
+                let direct =
+                    tokio::time::timeout(std::time::Duration::from_secs(5), options.connect())
+                        .await;
+                match direct {
+                    Ok(Ok(connection)) => {
+                        let _ = connection.close().await;
+                        return StoreError::Connection(sqlx::Error::PoolTimedOut);
+                    }
+                    Ok(Err(cause)) => cause,
+                    Err(_) => {
+                        return StoreError::Unreachable {
+                            target,
+                            cause: "no answer within 5 s (a firewall, a wrong host, or a server that hangs)".into(),
+                            retriable: true,
+                        };
+                    }
+                }
+            }
+            other => other,
+        };
+        describe_connect_error(target, cause)
     }
 
     fn query<'q>(&self, sql: &'q str) -> Query<'q, Postgres, PgArguments> {
@@ -232,6 +272,39 @@ pub async fn probe(settings: &DatabaseSettings) -> Result<(), StoreError> {
     let connection = connect_options(settings)?.connect().await?;
     connection.close().await?;
     Ok(())
+}
+
+/// What a failed connection attempt means, in the words an operator acts on.
+fn describe_connect_error(target: String, err: sqlx::Error) -> StoreError {
+    let (cause, retriable) = match &err {
+        sqlx::Error::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused => (
+            "connection refused: nothing listens there (is PostgreSQL running, on that host and port?)".to_string(),
+            true,
+        ),
+        sqlx::Error::Io(io) => (format!("{io}"), true),
+        sqlx::Error::Tls(tls) => (format!("TLS failed: {tls}"), false),
+        sqlx::Error::Database(db) => match db.code().as_deref() {
+            Some("28P01") => (
+                "authentication failed: the password is wrong for this user (database.url, database.password_file)".to_string(),
+                false,
+            ),
+            Some(code) if code.starts_with("28") => (
+                format!("the server refused this user: {} (pg_hba.conf, or the role does not exist)", db.message()),
+                false,
+            ),
+            Some("3D000") => (format!("{} (database.url names it)", db.message()), false),
+            Some(code) if code.starts_with("57") || code.starts_with("53") => {
+                (db.message().to_string(), true)
+            }
+            _ => return StoreError::from(err),
+        },
+        _ => return StoreError::from(err),
+    };
+    StoreError::Unreachable {
+        target,
+        cause,
+        retriable,
+    }
 }
 
 /// Builds the pool. Connections are opened lazily so a relay can start while the database

@@ -21,6 +21,8 @@ pub struct Health {
     started: AtomicBool,
     database_ok: AtomicBool,
     producer_ok: AtomicBool,
+    /// The last metadata round trip to the brokers failed (an idle relay learns it here).
+    broker_unreachable: AtomicBool,
     stalled: AtomicBool,
     blocked: AtomicBool,
     leases_ok: AtomicBool,
@@ -70,6 +72,14 @@ impl Health {
     pub(crate) fn set_producer_ok(&self, ok: bool) {
         self.producer_ok.store(ok, Ordering::SeqCst);
         self.update_ready_gauge();
+    }
+    /// Returns whether this changes what was known.
+    pub(crate) fn set_broker_reachable(&self, reachable: bool) -> bool {
+        let changed = self.broker_unreachable.swap(!reachable, Ordering::SeqCst) == reachable;
+        if changed {
+            self.update_ready_gauge();
+        }
+        changed
     }
     pub(crate) fn set_stalled(&self, stalled: bool) {
         if self.stalled.swap(stalled, Ordering::SeqCst) != stalled {
@@ -173,6 +183,10 @@ impl Health {
             Some("database unavailable for lease renewal")
         } else if !self.producer_ok.load(Ordering::SeqCst) {
             Some("producer unhealthy")
+        } else if self.broker_unreachable.load(Ordering::SeqCst) {
+            Some(
+                "brokers unreachable: no metadata answer from kafka.bootstrap_servers (see the logs)",
+            )
         } else if self.blocked.load(Ordering::SeqCst) {
             Some(
                 "publishing blocked by a permanent broker error (authorization, authentication); see the logs",

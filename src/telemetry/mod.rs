@@ -329,17 +329,22 @@ fn register_all(bounded: &[BoundedLabel]) {
 }
 
 /// Sets up `tracing`: text on a terminal, JSON otherwise, `RUST_LOG` over `log.level`.
-pub fn init_logging(settings: &LogSettings) {
+/// A one-shot command (`daemon` false) talks to a person: its log lines (PostgreSQL's
+/// notices among them) are text unless `log.format = "json"` says otherwise. Colours only
+/// on a terminal, never into a file or a pipe.
+pub fn init_logging(settings: &LogSettings, daemon: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(&settings.level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let terminal = std::io::stderr().is_terminal();
     let json = match settings.format {
         LogFormat::Json => true,
         LogFormat::Text => false,
-        LogFormat::Auto => !std::io::stderr().is_terminal(),
+        LogFormat::Auto => daemon && !terminal,
     };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(terminal)
         .with_writer(std::io::stderr);
     let _ = if json {
         builder.json().flatten_event(true).try_init()

@@ -59,7 +59,7 @@ pub struct RunningRelay {
 impl RunningRelay {
     pub async fn start(settings: Settings) -> RunningRelay {
         if std::env::var("TEST_LOG").is_ok() {
-            outbox_relay::telemetry::init_logging(&settings.log);
+            outbox_relay::telemetry::init_logging(&settings.log, true);
         }
         let app = App::build(settings).await.expect("build the relay");
         let http_addr = app.http_addr();
