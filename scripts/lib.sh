@@ -6,6 +6,8 @@ TANSU_VERSION="0.6.0"
 TANSU_BIN="${TANSU_BIN:-$OUTBOX_RELAY_CACHE/tansu-$TANSU_VERSION/bin/tansu}"
 CARGO_DENY_VERSION="0.20.2"
 CARGO_DENY_BIN="$OUTBOX_RELAY_CACHE/cargo-deny-$CARGO_DENY_VERSION/bin/cargo-deny"
+CARGO_DEB_VERSION="3.8.0"
+CARGO_DEB_BIN="$OUTBOX_RELAY_CACHE/cargo-deb-$CARGO_DEB_VERSION/bin/cargo-deb"
 
 log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 
@@ -79,6 +81,11 @@ ensure_tansu() {
 
 ensure_cargo_deny() {
     cached_cargo_install cargo-deny "$CARGO_DENY_VERSION" "$CARGO_DENY_BIN" "about 2 minutes"
+}
+
+# cargo-deb builds the Debian package (scripts/package.sh).
+ensure_cargo_deb() {
+    cached_cargo_install cargo-deb "$CARGO_DEB_VERSION" "$CARGO_DEB_BIN" "about a minute"
 }
 
 free_port() {

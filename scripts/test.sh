@@ -2,9 +2,10 @@
 # Runs the whole test suite on a fresh machine: installs PostgreSQL and the pinned tansu
 # broker where missing, checks the deployment files with their own tools
 # (scripts/check-deploy.sh) and the dependencies (cargo deny: licences, sources, bans, and
-# RustSec advisories where GitHub answers), then `cargo test --workspace` (the relay and the
-# bench). The tests start their own throwaway PostgreSQL
-# and tansu on free loopback ports (or use DATABASE_URL / KAFKA_BOOTSTRAP when set).
+# RustSec advisories where GitHub answers), builds the Debian package and checks it
+# (scripts/check-package.sh: dpkg-deb, lintian, an install into a scratch root), then
+# `cargo test --workspace` (the relay and the bench). The tests start their own throwaway
+# PostgreSQL and tansu on free loopback ports (or use DATABASE_URL / KAFKA_BOOTSTRAP when set).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
@@ -26,5 +27,7 @@ if timeout 20 git ls-remote https://github.com/rustsec/advisory-db HEAD >/dev/nu
 else
     log "RustSec's advisory database (github.com) does not answer from here: advisories not checked"
 fi
+log "Debian package: build and check (scripts/check-package.sh)"
+scripts/check-package.sh
 log "cargo test"
 cargo test --locked --workspace "$@"
