@@ -94,13 +94,23 @@ impl Encoder {
 
     /// The row's topic: its own `topic` column, or the template's.
     pub(crate) fn topic(&mut self, row: &OutboxRow) -> Result<Arc<str>, ParkReason> {
-        match &row.topic {
+        self.topic_of(&row.aggregate_type, &row.event_type, row.topic.as_deref())
+    }
+
+    /// The topic of a row with these columns: `own` (its `topic` column), or the template's.
+    pub(crate) fn topic_of(
+        &mut self,
+        aggregate_type: &str,
+        event_type: &str,
+        own: Option<&str>,
+    ) -> Result<Arc<str>, ParkReason> {
+        match own {
             Some(topic) => {
                 validate_topic(topic)?;
                 self.policy.check(topic, true)?;
-                Ok(Arc::from(topic.as_str()))
+                Ok(Arc::from(topic))
             }
-            None => self.template_topic(&row.aggregate_type, &row.event_type),
+            None => self.template_topic(aggregate_type, event_type),
         }
     }
 

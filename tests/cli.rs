@@ -1078,3 +1078,46 @@ async fn database_errors_name_the_server_the_user_and_the_cause() {
         }
     }
 }
+
+/// `check` names the topics the pending rows need and fails on one that does not exist
+/// (the relay never creates topics), instead of passing with "0 topics visible".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_names_each_topic_the_pending_rows_need_and_fails_on_a_missing_one() {
+    let db = TestDb::new().await;
+    let bootstrap = kafka_bootstrap();
+    let prefix = unique_prefix();
+    create_topic(&bootstrap, &format!("{prefix}.present"), 1).await;
+    db.insert(&[
+        NewRow::new("present", "a", 1),
+        NewRow::new("absent", "b", 1),
+    ])
+    .await;
+    let check = || {
+        relay_command(&db.url, &bootstrap)
+            .env(
+                "OUTBOX_RELAY_RELAY__TOPIC_TEMPLATE",
+                format!("{prefix}.{{aggregate_type}}"),
+            )
+            .arg("check")
+            .output()
+            .unwrap()
+    };
+    let output = check();
+    let text = output_text(&output);
+    assert_eq!(output.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains(&format!(
+            "topic {prefix}.present exists (pending rows of present)"
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "topic {prefix}.absent does not exist (or the relay's principal may not describe it), and pending rows of aggregate type absent need it"
+        )),
+        "{text}"
+    );
+    create_topic(&bootstrap, &format!("{prefix}.absent"), 1).await;
+    let output = check();
+    assert_eq!(output.status.code(), Some(0), "{}", output_text(&output));
+}

@@ -17,6 +17,8 @@ pub(super) async fn check(settings: Settings, timeout: Duration) -> anyhow::Resu
         println!("warning: {warning}");
     }
     let mut failures = Vec::new();
+    // What decides the topics the pending rows need, checked against the cluster below.
+    let mut pending_sources = Vec::new();
 
     let mut database = settings.database.clone();
     database.connect_timeout = timeout;
@@ -120,6 +122,12 @@ pub(super) async fn check(settings: Settings, timeout: Duration) -> anyhow::Resu
                 ),
                 Err(err) => failures.push(format!("database: {err}")),
             }
+            match store.pending_topic_sources(1000).await {
+                Ok(sources) => pending_sources = sources,
+                Err(err) => {
+                    failures.push(format!("database: reading the pending rows' topics: {err}"))
+                }
+            }
         }
         Err(err) => failures.push(format!(
             "database at {url}: {err}; check database.url and that PostgreSQL accepts connections"
@@ -146,6 +154,7 @@ pub(super) async fn check(settings: Settings, timeout: Duration) -> anyhow::Resu
                 summary.brokers.join(", ")
             );
             println!("  {} topics visible", summary.topics.len());
+            check_needed_topics(&settings, &pending_sources, &summary.topics, &mut failures)?;
             // The size limit of the topics the template names, as the relay learns it.
             let prefix = settings
                 .relay
@@ -194,4 +203,57 @@ pub(super) async fn check(settings: Settings, timeout: Duration) -> anyhow::Resu
         }
         anyhow::bail!("{} check(s) failed", failures.len())
     }
+}
+
+/// The topics the pending rows need (the template's, or their own), each said to exist or
+/// counted as a failure naming it: the relay never creates topics, and their rows would wait.
+fn check_needed_topics(
+    settings: &Settings,
+    sources: &[(String, String, Option<String>)],
+    visible: &[String],
+    failures: &mut Vec<String>,
+) -> anyhow::Result<()> {
+    const SHOWN: usize = 20;
+    let mut encoder = crate::proof::encoder(settings)?;
+    let mut needed: std::collections::BTreeMap<String, std::collections::BTreeSet<String>> =
+        std::collections::BTreeMap::new();
+    let shown = |text: &str| crate::model::printable(text, 128);
+    for (aggregate_type, event_type, own) in sources {
+        match encoder.topic_of(aggregate_type, event_type, own.as_deref()) {
+            Ok(topic) => {
+                needed
+                    .entry(topic.to_string())
+                    .or_default()
+                    .insert(shown(aggregate_type));
+            }
+            Err(reason) => println!(
+                "  a pending row of aggregate type {} has no topic it may be published to ({reason}): it will be parked",
+                shown(aggregate_type)
+            ),
+        }
+    }
+    if needed.is_empty() {
+        println!(
+            "  no pending rows: each aggregate type needs its topic (`{}`), which the relay never creates; create them before rows arrive",
+            settings.relay.topic_template
+        );
+        return Ok(());
+    }
+    for (i, (topic, types)) in needed.iter().enumerate() {
+        let types = types.iter().cloned().collect::<Vec<_>>().join(", ");
+        if visible.iter().any(|t| t == topic) {
+            if i < SHOWN {
+                println!("  topic {} exists (pending rows of {types})", shown(topic));
+            }
+        } else {
+            failures.push(format!(
+                "Kafka: topic {} does not exist (or the relay's principal may not describe it), and pending rows of aggregate type {types} need it: create it; the relay never creates topics",
+                shown(topic)
+            ));
+        }
+    }
+    if needed.len() > SHOWN {
+        println!("  … and {} more topics", needed.len() - SHOWN);
+    }
+    Ok(())
 }

@@ -121,7 +121,10 @@ impl Batch {
                 self.topic_refusals
                     .push((topic.clone(), err.to_string(), pos));
             }
-            _ => self.blocked = Some(err.to_string()),
+            // Named with the topic the refused row was for: an authorization failure is
+            // usually one topic's ACL.
+            Some(topic) => self.blocked = Some(format!("{err} (producing to topic {topic})")),
+            None => self.blocked = Some(err.to_string()),
         }
     }
 }

@@ -568,7 +568,7 @@ impl Relay {
 
         match &batch.blocked {
             Some(reason) => {
-                error!(%reason, "publishing blocked by a permanent broker error; create the topic or fix the grants, the relay retries slowly");
+                error!(%reason, "publishing blocked by a permanent broker error: grant the relay's principal Write (and Describe) on the topic named, or fix the credentials; the relay retries slowly");
                 self.health.set_blocked(true);
             }
             None if any_acked => self.health.set_blocked(false),

@@ -368,6 +368,24 @@ impl Store {
         .await
     }
 
+    /// (aggregate type, event type, topic column) of the oldest pending rows, distinct, at
+    /// most `limit`.
+    pub async fn pending_topic_sources(
+        &self,
+        limit: i64,
+    ) -> Result<Vec<(String, String, Option<String>)>, StoreError> {
+        let statements = self.sql()?;
+        self.in_session(async |conn| {
+            Ok(self
+                .query(&statements.pending_topic_sources)
+                .bind(limit)
+                .try_map(|r: PgRow| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)))
+                .fetch_all(&mut *conn)
+                .await?)
+        })
+        .await
+    }
+
     /// The database's clock.
     pub async fn database_now(&self) -> Result<DateTime<Utc>, StoreError> {
         self.in_session(async |conn| {

@@ -45,6 +45,9 @@ pub(crate) struct Statements {
     /// Sent rows of an id range (and a sent_at range, an aggregate), in id order.
     pub(crate) republish_page: String,
     pub(crate) count_republishable: String,
+    /// What decides the topics of the oldest pending rows: (aggregate type, event type,
+    /// topic column), distinct.
+    pub(crate) pending_topic_sources: String,
     /// The rows of an id range, counted by state.
     pub(crate) range_census: String,
 }
@@ -208,6 +211,20 @@ impl Statements {
                    AND ($4::timestamptz IS NULL OR o.sent_at < $4) \
                    AND ($5::text IS NULL OR o.{agg_id} = $5)",
                 agg_id = t.aggregate_id,
+            ),
+            pending_topic_sources: format!(
+                "SELECT DISTINCT aggregate_type, event_type, topic FROM ( \
+                   SELECT {agg_type}::text AS aggregate_type, {event_type}::text AS event_type, \
+                          {topic} AS topic \
+                   FROM {n} WHERE sent_at IS NULL AND parked_at IS NULL \
+                   ORDER BY {id} LIMIT 100000) p \
+                 LIMIT $1",
+                agg_type = t.aggregate_type,
+                event_type = t.event_type,
+                topic = t
+                    .topic
+                    .as_ref()
+                    .map_or("NULL::text".to_string(), |c| format!("{c}::text")),
             ),
             range_census: format!(
                 "SELECT \
