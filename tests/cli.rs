@@ -1121,3 +1121,35 @@ async fn check_names_each_topic_the_pending_rows_need_and_fails_on_a_missing_one
     let output = check();
     assert_eq!(output.status.code(), Some(0), "{}", output_text(&output));
 }
+
+/// `status --watch` refreshes until Ctrl-C (with --json, a document per line) and then
+/// exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_watch_refreshes_until_interrupted() {
+    let db = TestDb::new().await;
+    db.insert(&stream("watched", 2, 3)).await;
+    let mut child = relay_command(&db.url, "127.0.0.1:1")
+        .args(["status", "--watch", "200ms", "--json"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
+            if tx.send(line.unwrap()).is_err() {
+                return;
+            }
+        }
+    });
+    for _ in 0..2 {
+        let line = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("a refresh within 20 s");
+        let report: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(report["pending_rows"], 3, "{line}");
+    }
+    signal(child.id(), libc::SIGINT);
+    let status = wait_exit(&mut child, Duration::from_secs(10));
+    assert_eq!(status.code(), Some(0));
+}

@@ -598,10 +598,12 @@ async fn a_second_relay_with_a_replica_id_in_use_is_refused_and_a_dead_ones_is_t
     );
     first.stop().await;
 
-    // A relay killed without handing over leaves its registration live until it expires.
+    // A relay killed without handing over leaves its registration live until it expires;
+    // one that died long ago is deleted by the next heartbeat of any relay.
     sqlx::query(
         "INSERT INTO outbox_replica (replica_id, heartbeat_at, expires_at) \
-         VALUES ('ghost', now() - interval '1 second', now() + interval '1 hour')",
+         VALUES ('ghost', now() - interval '1 second', now() + interval '1 hour'), \
+                ('long-gone', now() - interval '3 hours', now() - interval '2 hours')",
     )
     .execute(&db.pool)
     .await
@@ -620,5 +622,11 @@ async fn a_second_relay_with_a_replica_id_in_use_is_refused_and_a_dead_ones_is_t
         || async { db.sent().await == 50 },
     )
     .await;
+    let long_gone: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM outbox_replica WHERE replica_id = 'long-gone'")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(long_gone, 0, "a registration expired for hours is dropped");
     ghost.stop().await;
 }

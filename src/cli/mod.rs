@@ -89,6 +89,10 @@ pub(crate) enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Refresh in place at this interval until Ctrl-C (e.g. 2s); with --json, one JSON
+        /// document per line.
+        #[arg(long, value_name = "INTERVAL", value_parser = humantime::parse_duration, num_args = 0..=1, default_missing_value = "2s")]
+        watch: Option<Duration>,
     },
     /// Delete sent rows older than a duration, as relay.retain_sent does by itself in mark
     /// mode: oldest first, in batches of 1000. Pending, parked and discarded rows are kept.
@@ -318,7 +322,7 @@ pub fn main() -> ExitCode {
                 dry_run,
             } => migrate(settings, notify_trigger, dry_run).await,
             Command::Check { timeout } => check(settings, timeout).await,
-            Command::Status { json } => status(settings, json).await,
+            Command::Status { json, watch } => status(settings, json, watch).await,
             Command::Parked { command } => parked(settings, command).await,
             Command::Prune {
                 older_than,

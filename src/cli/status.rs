@@ -26,8 +26,43 @@ pub(super) fn pending_text(rows: i64, estimated: bool) -> String {
     }
 }
 
-pub(super) async fn status(settings: Settings, json: bool) -> anyhow::Result<()> {
+pub(super) async fn status(
+    settings: Settings,
+    json: bool,
+    watch: Option<Duration>,
+) -> anyhow::Result<()> {
     let store = open_outbox(&settings).await?;
+    let Some(every) = watch else {
+        let result = show(&store, json, false).await;
+        store.pool().close().await;
+        return result;
+    };
+    if every.is_zero() {
+        return Err(BadArguments("--watch needs an interval above 0, e.g. 2s".into()).into());
+    }
+    let terminal = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = tokio::signal::ctrl_c() => break,
+        }
+        if terminal && !json {
+            // Home and clear: the table is redrawn in place.
+            print!("\x1b[H\x1b[2J");
+        }
+        if let Err(err) = show(&store, json, true).await {
+            // A database that goes away is shown, not fatal: the watch goes on.
+            println!("{err:#}");
+        }
+    }
+    store.pool().close().await;
+    Ok(())
+}
+
+/// Prints the status once; `compact` JSON is one line (for --watch).
+async fn show(store: &Store, json: bool, compact: bool) -> anyhow::Result<()> {
     let backlog = store
         .backlog_stats()
         .await
@@ -36,7 +71,6 @@ pub(super) async fn status(settings: Settings, json: bool) -> anyhow::Result<()>
         .replica_status()
         .await
         .context("Failed to read the lease table")?;
-    store.pool().close().await;
     let report = StatusReport {
         pending_rows: backlog.pending_rows,
         pending_rows_estimated: backlog.pending_rows_estimated,
@@ -47,7 +81,11 @@ pub(super) async fn status(settings: Settings, json: bool) -> anyhow::Result<()>
         replicas,
     };
     if json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        if compact {
+            println!("{}", serde_json::to_string(&report)?);
+        } else {
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        }
         return Ok(());
     }
     let age = |s: Option<f64>| s.map_or("-".to_string(), |s| format!("{s:.1}s"));

@@ -37,6 +37,8 @@ impl Store {
     }
 
     /// Records that `replica` is alive for `ttl` and returns the live replicas, sorted.
+    /// Registrations expired for an hour (relays that died without handing over) are
+    /// deleted on the way, so that `status` does not list them for ever.
     pub(crate) async fn heartbeat(
         &self,
         replica: &str,
@@ -44,7 +46,10 @@ impl Store {
     ) -> Result<Vec<String>, StoreError> {
         self.in_session(async |conn| {
             let live: Vec<String> = self.query_scalar(
-                "WITH me AS ( \
+                "WITH gone AS ( \
+                     DELETE FROM outbox_replica \
+                     WHERE expires_at < pg_catalog.now() - interval '1 hour' AND replica_id <> $1), \
+                 me AS ( \
                      INSERT INTO outbox_replica (replica_id, heartbeat_at, expires_at) \
                      VALUES ($1, pg_catalog.now(), pg_catalog.now() + pg_catalog.make_interval(secs => $2)) \
                      ON CONFLICT (replica_id) DO UPDATE \
