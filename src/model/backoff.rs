@@ -1,16 +1,20 @@
-//! Retry delays: doubling from 100 ms (or another first step) up to a cap, each one drawn at random from its upper
-//! half, so that replicas failing together (a database failover, a broker restart) do not
-//! retry in lockstep.
+//! Retry delays: doubling from 100 ms (or another first step) up to a cap, each one drawn at
+//! random from its upper half (backon's exponential backoff with jitter), so that replicas
+//! failing together (a database failover, a broker restart) do not retry in lockstep.
 
 use std::time::Duration;
 
+use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
+
 const FIRST: Duration = Duration::from_millis(100);
 
-/// Delay that doubles from 100 ms up to a cap, reset after a success.
+/// Delay that doubles from 100 ms up to a cap, reset after a success: backon's exponential
+/// backoff with jitter, each delay drawn from `[step / 2, step)` ("equal jitter"), so a
+/// retry never comes sooner than half the plain backoff nor later than the cap.
 #[derive(Debug)]
 pub struct Backoff {
-    first: Duration,
-    next: Duration,
+    builder: ExponentialBuilder,
+    delays: ExponentialBackoff,
     cap: Duration,
 }
 
@@ -21,24 +25,30 @@ impl Backoff {
 
     /// Doubling from `first` instead of 100 ms.
     pub fn between(first: Duration, cap: Duration) -> Self {
+        // backon adds a jitter within [0, delay): half the steps, jittered, are the steps'
+        // upper halves. Seeded per process, so that replicas do not draw the same delays.
+        let builder = ExponentialBuilder::default()
+            .with_min_delay(first / 2)
+            .with_max_delay(cap / 2)
+            .with_factor(2.0)
+            .with_jitter()
+            .with_jitter_seed(fastrand::u64(..))
+            .without_max_times();
         Self {
-            first,
-            next: first,
+            builder,
+            delays: builder.build(),
             cap,
         }
     }
 
-    /// The next delay: between half of the doubling step and the step itself ("equal
-    /// jitter"), so a retry never comes sooner than half the plain backoff.
+    /// The next delay: between half of the doubling step and the step itself.
     pub fn next_delay(&mut self) -> Duration {
-        let step = self.next.min(self.cap);
-        self.next = (self.next * 2).min(self.cap);
-        let half = step / 2;
-        half + half.mul_f64(fastrand::f64())
+        self.delays.next().unwrap_or(self.cap).min(self.cap)
     }
 
     pub fn reset(&mut self) {
-        self.next = self.first;
+        self.builder = self.builder.with_jitter_seed(fastrand::u64(..));
+        self.delays = self.builder.build();
     }
 }
 
