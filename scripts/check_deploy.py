@@ -321,7 +321,7 @@ def check_manifests(rendered: Path, outdir: Path, name: str) -> int:
             grace > drain + 10,
             f"Deployment: terminationGracePeriodSeconds {grace} must exceed relay.drain_timeout ({drain:g}s) plus 10 s (the last mark and the hand-over)",
         )
-        listen = config.get("http", {}).get("listen", "0.0.0.0:9090")
+        listen = config.get("http", {}).get("listen", "0.0.0.0:9743")
         p.check(
             int(listen.rsplit(":", 1)[1]) == ports.get("metrics"),
             f"http.listen {listen} and the metrics container port {ports.get('metrics')} differ",

@@ -369,7 +369,7 @@ impl Default for RelaySettings {
 impl Default for HttpSettings {
     fn default() -> Self {
         Self {
-            listen: SocketAddr::from(([0, 0, 0, 0], 9090)),
+            listen: SocketAddr::from(([0, 0, 0, 0], 9743)),
         }
     }
 }

@@ -381,3 +381,11 @@ fn variables_without_a_section_separator_are_ignored_and_named() {
         ["OUTBOX_RELAY_PORT", "OUTBOX_RELAY_SERVICE_HOST"]
     );
 }
+
+#[test]
+fn the_default_metrics_port_is_not_prometheuss_own() {
+    // 9090 is the Prometheus server's port: a relay on the same host must not take it.
+    let port = Settings::default().http.listen.port();
+    assert_ne!(port, 9090);
+    assert_eq!(port, 9743, "the documented default");
+}
