@@ -1153,3 +1153,72 @@ async fn status_watch_refreshes_until_interrupted() {
     let status = wait_exit(&mut child, Duration::from_secs(10));
     assert_eq!(status.code(), Some(0));
 }
+
+/// A stall is logged when it begins and, once, when it is over: the operator reading the
+/// log at 3 a.m. sees that the relay recovered without being told to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stall_and_its_end_are_each_logged_once() {
+    let db = TestDb::new().await;
+    let tansu = Tansu::start();
+    let prefix = unique_prefix();
+    create_topic(&tansu.bootstrap, &format!("{prefix}.stalling"), 1).await;
+    let mut relay = relay_command(&db.url, &tansu.bootstrap)
+        .env(
+            "OUTBOX_RELAY_RELAY__TOPIC_TEMPLATE",
+            format!("{prefix}.{{aggregate_type}}"),
+        )
+        .env("OUTBOX_RELAY_RELAY__STALL_AFTER", "1s")
+        .arg("run")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stderr = relay.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)).map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let mut log = Vec::new();
+    let wait_for_line = |what: &str, log: &mut Vec<String>| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while std::time::Instant::now() < deadline {
+            if let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) {
+                let found = line.contains(what);
+                log.push(line);
+                if found {
+                    return;
+                }
+            }
+        }
+        panic!("no log line with `{what}`:\n{}", log.join("\n"));
+    };
+    wait_for_line("relaying the outbox to Kafka", &mut log);
+    tansu.freeze();
+    db.insert(&stream("stalling", 2, 10)).await;
+    wait_for_line("stalled:", &mut log);
+    tansu.thaw();
+    wait_for_line("the stall is over", &mut log);
+    wait_for(
+        "the rows marked after the stall",
+        CONDITION_TIMEOUT,
+        || async { db.sent().await == 10 },
+    )
+    .await;
+    signal(relay.id(), libc::SIGTERM);
+    assert_eq!(
+        wait_exit(&mut relay, Duration::from_secs(30)).code(),
+        Some(0)
+    );
+    while let Ok(line) = rx.recv_timeout(Duration::from_millis(500)) {
+        log.push(line);
+    }
+    let recoveries = log
+        .iter()
+        .filter(|l| l.contains("the stall is over"))
+        .count();
+    assert_eq!(recoveries, 1, "{}", log.join("\n"));
+}

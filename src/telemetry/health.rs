@@ -65,8 +65,12 @@ impl Health {
         self.started.store(true, Ordering::SeqCst);
         self.update_ready_gauge();
     }
+    /// A recovery is logged once, at info (the failure was logged where it happened).
     pub(crate) fn set_database_ok(&self, ok: bool) {
-        self.database_ok.store(ok, Ordering::SeqCst);
+        let was = self.database_ok.swap(ok, Ordering::SeqCst);
+        if ok && !was && self.started.load(Ordering::SeqCst) {
+            tracing::info!("the database answers again");
+        }
         self.update_ready_gauge();
     }
     pub(crate) fn set_producer_ok(&self, ok: bool) {
@@ -83,6 +87,9 @@ impl Health {
     }
     pub(crate) fn set_stalled(&self, stalled: bool) {
         if self.stalled.swap(stalled, Ordering::SeqCst) != stalled {
+            if !stalled {
+                tracing::info!("broker acknowledgements arrive again: the stall is over");
+            }
             self.record(|| gauge!(STALLED).set(if stalled { 1.0 } else { 0.0 }));
             self.update_ready_gauge();
         }
@@ -114,6 +121,11 @@ impl Health {
     /// A permanent global error (authorization, authentication) stops publishing.
     pub(crate) fn set_blocked(&self, blocked: bool) {
         if self.blocked.swap(blocked, Ordering::SeqCst) != blocked {
+            if !blocked {
+                tracing::info!(
+                    "publishing is unblocked: the broker accepts the relay's records again"
+                );
+            }
             self.update_ready_gauge();
         }
     }
