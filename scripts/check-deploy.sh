@@ -218,6 +218,12 @@ check_dashboard() {
 main() {
     local started=$SECONDS
     ensure_tools
+    # The configuration files are judged by the relay itself (`check --config-only`).
+    if [ -z "${OUTBOX_RELAY_BIN:-}" ]; then
+        log "building the relay to judge the configuration files (cargo build --locked)"
+        cargo build --locked --quiet --bin outbox-relay
+        export OUTBOX_RELAY_BIN="$PWD/target/debug/outbox-relay"
+    fi
     log "tools: hadolint $("$VENV/bin/hadolint" --version | awk '{print $NF}'), $("$VENV/bin/kubectl" version --client | tr '\n' ' '), kubernetes-validate $KUBERNETES_VALIDATE_VERSION, promtool $(cat "$PROMTOOL_DIR/VERSION" 2>/dev/null || "$PROMTOOL" --version | head -1), $(systemd-analyze --version | head -1)"
 
     check "systemd unit: systemd-analyze verify + security" check_systemd_unit

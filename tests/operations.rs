@@ -246,3 +246,41 @@ async fn healthz_fails_while_the_relay_loop_is_wedged_and_recovers() {
     .await;
     relay.stop().await;
 }
+
+/// The deployment check judges configuration with the relay itself (`check --config-only`):
+/// durations the relay reads (`1min`, `2d`) pass, a misspelt key is refused naming it, and
+/// Kubernetes' service-link variables are no reason to refuse anything.
+#[test]
+fn the_deployment_check_judges_configuration_with_the_relay_itself() {
+    let cache = std::env::var("OUTBOX_RELAY_CACHE")
+        .unwrap_or_else(|_| format!("{}/.cache/outbox-relay", std::env::var("HOME").unwrap()));
+    let python = format!("{cache}/venv/bin/python");
+    assert!(
+        std::path::Path::new(&python).exists(),
+        "{python} is missing: scripts/test.sh runs scripts/check-deploy.sh first, which makes it"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let check = |lines: &str| {
+        let file = dir.path().join("relay.env");
+        std::fs::write(&file, lines).unwrap();
+        let output = std::process::Command::new(&python)
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/scripts/check_deploy.py"
+            ))
+            .arg("envfile")
+            .arg(&file)
+            .env("OUTBOX_RELAY_BIN", relay_bin())
+            .output()
+            .unwrap();
+        (output.status.code(), output_text(&output))
+    };
+    let url = "OUTBOX_RELAY_DATABASE__URL=postgres://relay@127.0.0.1/app\n";
+    let (code, text) = check(&format!(
+        "{url}OUTBOX_RELAY_RELAY__DRAIN_TIMEOUT=1min\nOUTBOX_RELAY_RELAY__RETAIN_SENT=2d\nOUTBOX_RELAY_PORT=tcp://10.0.0.7:9743\n"
+    ));
+    assert_eq!(code, Some(0), "{text}");
+    let (code, text) = check(&format!("{url}OUTBOX_RELAY_RELAY__BATCH_SISE=10\n"));
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("relay.batch_sise"), "{text}");
+}

@@ -163,6 +163,10 @@ pub(crate) enum Command {
         /// How long to wait for each side to answer.
         #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
         timeout: Duration,
+        /// Validate the configuration (file and environment) and stop: connect to nothing,
+        /// read no secret file. Exit 0 or 2 naming the key.
+        #[arg(long)]
+        config_only: bool,
     },
 }
 
@@ -296,6 +300,9 @@ pub fn main() -> ExitCode {
         | Command::Prune { .. }
         | Command::Migrate { .. }
         | Command::Where { verify: false, .. } => Needs::DatabaseOnly,
+        Command::Check {
+            config_only: true, ..
+        } => Needs::Validation,
         _ => Needs::Everything,
     };
     let settings = match Settings::load_for(cli.config.as_deref(), needs) {
@@ -321,7 +328,22 @@ pub fn main() -> ExitCode {
                 notify_trigger,
                 dry_run,
             } => migrate(settings, notify_trigger, dry_run).await,
-            Command::Check { timeout } => check(settings, timeout).await,
+            Command::Check {
+                config_only: true, ..
+            } => {
+                println!(
+                    "configuration is valid ({})",
+                    settings
+                        .config_file
+                        .as_ref()
+                        .map_or("no file".to_string(), |f| format!("file {}", f.display()))
+                );
+                for warning in settings.warnings() {
+                    println!("warning: {warning}");
+                }
+                Ok(())
+            }
+            Command::Check { timeout, .. } => check(settings, timeout).await,
             Command::Status { json, watch } => status(settings, json, watch).await,
             Command::Parked { command } => parked(settings, command).await,
             Command::Prune {

@@ -62,6 +62,9 @@ pub struct Settings {
 pub enum Needs {
     Everything,
     DatabaseOnly,
+    /// Only to be validated (`check --config-only`): no secret file is read, and none need
+    /// exist where it runs (a build machine checking a ConfigMap).
+    Validation,
 }
 
 /// The outbox table: the relay's own (`outbox-relay migrate` creates it), or one a team
@@ -486,7 +489,14 @@ impl Settings {
     fn from_figment_for(figment: Figment, needs: Needs) -> Result<Settings, ConfigError> {
         let mut settings: Settings = figment.extract().map_err(from_figment_error)?;
         settings.normalize();
-        settings.read_secret_files(needs)?;
+        if needs == Needs::Validation {
+            if settings.database.url_file.is_some() && settings.database.url.expose().is_empty() {
+                // Read at run time; what validation needs is that a URL will come.
+                settings.database.url = Secret::new("postgres://from-url-file@localhost/unread");
+            }
+        } else {
+            settings.read_secret_files(needs)?;
+        }
         settings.validate()?;
         if needs == Needs::Everything {
             settings.check_files()?;

@@ -47,7 +47,7 @@ impl Settings {
             })?;
             self.database.url = Secret(url.to_string());
         }
-        if needs == Needs::DatabaseOnly {
+        if needs != Needs::Everything {
             return Ok(());
         }
         for (name, path) in &self.kafka.secret_files {
