@@ -1222,3 +1222,29 @@ async fn a_stall_and_its_end_are_each_logged_once() {
         .count();
     assert_eq!(recoveries, 1, "{}", log.join("\n"));
 }
+
+/// config/outbox-relay.schema.json, which editors complete the TOML from, is what the binary
+/// says its configuration is: regenerate it with `outbox-relay config-schema` when a key
+/// changes.
+#[test]
+fn the_committed_config_schema_is_the_binarys() {
+    let output = Command::new(relay_bin())
+        .env_clear()
+        .arg("config-schema")
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", output_text(&output));
+    let printed: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let committed: serde_json::Value =
+        serde_json::from_str(include_str!("../config/outbox-relay.schema.json")).unwrap();
+    assert_eq!(
+        printed, committed,
+        "config/outbox-relay.schema.json is stale: outbox-relay config-schema > config/outbox-relay.schema.json"
+    );
+    let relay = &printed["$defs"]["RelaySettings"];
+    assert_eq!(relay["additionalProperties"], false, "{relay}");
+    assert!(
+        relay["properties"]["audit_sample_rate"].is_object(),
+        "{relay}"
+    );
+}

@@ -157,6 +157,9 @@ pub(crate) enum Command {
     },
     /// Print the manual page (roff): `outbox-relay man | man -l -`. Reads no configuration.
     Man,
+    /// Print the JSON Schema of the configuration file, for editors that complete TOML
+    /// (config/outbox-relay.schema.json is this output). Reads no configuration.
+    ConfigSchema,
     /// Validate the configuration, connect to PostgreSQL and Kafka, and say what the relay
     /// would do (secrets redacted). Exits non-zero if anything is wrong.
     Check {
@@ -281,6 +284,19 @@ pub fn main() -> ExitCode {
             );
             return ExitCode::SUCCESS;
         }
+        Command::ConfigSchema => {
+            let schema = schemars::schema_for!(Settings);
+            return match serde_json::to_string_pretty(&schema) {
+                Ok(text) => {
+                    println!("{text}");
+                    ExitCode::SUCCESS
+                }
+                Err(err) => {
+                    eprintln!("error: Failed to write the schema: {err}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
         Command::Man => {
             let page = clap_mangen::Man::new(Cli::command().version(version));
             return match page.render(&mut std::io::stdout()) {
@@ -373,7 +389,7 @@ pub fn main() -> ExitCode {
                 .await
             }
             Command::Republish(args) => republish(settings, args).await,
-            Command::Completions { .. } | Command::Man => Ok(()),
+            Command::Completions { .. } | Command::Man | Command::ConfigSchema => Ok(()),
         }
     });
     // A blocking call still waiting on a broker (a metadata round trip, a read-back) is not

@@ -37,7 +37,7 @@ pub const DEFAULT_RETAIN_SENT: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Prefix of the environment variables that override the file.
 pub const ENV_PREFIX: &str = "OUTBOX_RELAY_";
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct Settings {
     pub database: DatabaseSettings,
@@ -69,7 +69,7 @@ pub enum Needs {
 
 /// The outbox table: the relay's own (`outbox-relay migrate` creates it), or one a team
 /// already has, with the column behind each of the relay's roles.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct OutboxSettings {
     /// `schema.table`, or `table` in `database.schema`. Empty: the relay's own `outbox`.
@@ -81,7 +81,7 @@ pub struct OutboxSettings {
 }
 
 /// The column behind each of the relay's roles; the defaults are the relay's own names.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct OutboxColumns {
     /// `uuid`: the `id` header, for consumers to drop duplicates.
@@ -131,7 +131,7 @@ impl OutboxSettings {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct DatabaseSettings {
     /// PostgreSQL connection URL. Required, here or through `url_file`.
@@ -145,9 +145,11 @@ pub struct DatabaseSettings {
     /// LISTEN connection comes on top of these.
     pub max_connections: u32,
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub connect_timeout: Duration,
     /// `statement_timeout` set on every connection; zero disables it.
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub statement_timeout: Duration,
     /// LISTEN for the doorbell NOTIFY; polling always runs as well.
     pub listen: bool,
@@ -169,7 +171,7 @@ pub struct DatabaseSettings {
     pub allow_unverified_tls: bool,
 }
 
-#[derive(Clone, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct KafkaSettings {
     /// Comma-separated `host:port` list.
@@ -179,6 +181,7 @@ pub struct KafkaSettings {
     /// librdkafka's `linger.ms`. The relay queues a whole batch, then sends it without
     /// waiting this out (see `RowProducer::send_queued_now`).
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub linger: Duration,
     /// Any librdkafka producer property, passed through as is. Properties that would
     /// weaken the contract, or that one of the typed keys above already sets, are refused.
@@ -217,7 +220,7 @@ impl fmt::Debug for KafkaSettings {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct RelaySettings {
     pub mode: Mode,
@@ -233,6 +236,7 @@ pub struct RelaySettings {
     pub pipeline: bool,
     /// How long an idle relay waits before polling again (a doorbell wakes it sooner).
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub poll_interval: Duration,
     /// Topic of a row whose `topic` column is NULL. Placeholders: `{aggregate_type}`,
     /// `{event_type}`.
@@ -251,22 +255,27 @@ pub struct RelaySettings {
     pub on_park: ParkPolicy,
     /// On SIGTERM, how long to wait for outstanding acknowledgements before exiting.
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub drain_timeout: Duration,
     /// Acks missing for this long raise the stall alarm (readiness false).
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub stall_after: Duration,
     /// `/healthz` fails once the relay loop has been stuck inside one step (a read, a mark,
     /// a send) for this long, so a liveness probe restarts a wedged relay. Waiting for acks
     /// or backing off after an error is not stuck.
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub liveness_timeout: Duration,
     /// How often pending-row gauges are refreshed.
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub stats_interval: Duration,
     /// In mark mode, sent rows older than this are deleted: in batches, by one replica at
     /// a time, at least every min(`retain_sent`, 1 minute). Zero keeps them for ever.
     /// Parked and discarded rows are never deleted by it.
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub retain_sent: Duration,
     /// This replica's name in the lease table; empty means `<hostname>-<pid>`. Give each
     /// replica a different one.
@@ -274,26 +283,29 @@ pub struct RelaySettings {
     /// A shard lease lasts this long unless renewed; a replica that dies loses its shards
     /// to the others within it.
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub lease_ttl: Duration,
     /// How often leases are renewed and membership is checked.
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub lease_renew_interval: Duration,
     /// The share of sent rows (0 to 1) whose records the auditor reads back from Kafka and
     /// compares with the row; 0 turns it off. Mark mode only.
     pub audit_sample_rate: f64,
     /// How often the auditor samples the rows sent since its last look.
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub audit_interval: Duration,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct HttpSettings {
     /// Address of `/metrics`, `/healthz` and `/readyz`; port 0 picks a free port.
     pub listen: SocketAddr,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     /// Text on a terminal, JSON otherwise (systemd journal, Kubernetes).
@@ -302,7 +314,7 @@ pub enum LogFormat {
     Json,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogSettings {
     pub format: LogFormat,
@@ -387,7 +399,7 @@ impl Default for LogSettings {
 }
 
 /// A librdkafka property value as TOML or the environment spells it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(untagged)]
 pub enum PropertyValue {
     Bool(bool),
@@ -408,7 +420,7 @@ impl fmt::Display for PropertyValue {
 }
 
 /// A value that never appears in `Debug` output, logs or errors.
-#[derive(Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Default, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
 #[serde(transparent)]
 pub struct Secret(String);
 
