@@ -786,3 +786,35 @@ async fn a_park_refused_for_one_row_parks_the_others() {
     assert_eq!(db.count("parked_at IS NOT NULL").await, 2);
     assert_eq!(db.pending().await, 1);
 }
+
+/// With nothing pending (an empty outbox, or every row sent) the oldest pending row has no
+/// age and the gauge reads 0: an idle relay must not look decades behind to
+/// OutboxRelayLagHigh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_backlog_has_no_oldest_pending_age() {
+    use outbox_relay::store::Store;
+
+    let db = TestDb::new().await;
+    let store = Store::new(db.pool.clone());
+    let age = |stats: outbox_relay::store::BacklogStats| stats.oldest_pending_age;
+    assert_eq!(
+        age(store.backlog_stats_counting_up_to(1000).await.unwrap()),
+        None
+    );
+    db.insert(&stream("aged", 1, 2)).await;
+    sqlx::query("UPDATE outbox SET sent_at = now()")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        age(store.backlog_stats_counting_up_to(1000).await.unwrap()),
+        None,
+        "every row sent"
+    );
+    db.insert(&stream("aged", 1, 1)).await;
+    let pending = age(store.backlog_stats_counting_up_to(1000).await.unwrap());
+    assert!(
+        pending.is_some_and(|a| a < std::time::Duration::from_secs(60)),
+        "{pending:?}"
+    );
+}

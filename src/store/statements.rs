@@ -93,9 +93,10 @@ impl Statements {
                    (SELECT {id} FROM {n} WHERE sent_at IS NULL AND parked_at IS NULL \
                       ORDER BY {id} DESC LIMIT 1) AS newest_id, \
                    o.{id} AS oldest_id, \
-                   EXTRACT(EPOCH FROM (pg_catalog.clock_timestamp() \
+                   CASE WHEN o.{id} IS NOT NULL THEN \
+                     EXTRACT(EPOCH FROM (pg_catalog.clock_timestamp() \
                        - LEAST(GREATEST(o.{created}, '1970-01-01Z'::timestamptz), \
-                               pg_catalog.clock_timestamp())))::float8 AS oldest_age, \
+                               pg_catalog.clock_timestamp())))::float8 END AS oldest_age, \
                    (SELECT pg_catalog.count(*) FROM {n} WHERE {holding}) AS parked \
                  FROM (SELECT 1) AS one \
                  LEFT JOIN LATERAL ( \
