@@ -3,11 +3,8 @@
 
 use super::*;
 use crate::model::printable;
-use crate::proof::{self, RecordReader};
+use crate::proof;
 use crate::store::{LocatedRow, RowKey};
-
-/// How long `--verify` waits for each broker call.
-const VERIFY_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, serde::Serialize)]
 struct Report {
@@ -83,12 +80,8 @@ pub(super) async fn locate(
     let mut encoder = proof::encoder(&settings)?;
     let reader = if verify {
         Some(
-            RecordReader::new(
-                &settings.producer_properties(),
-                VERIFY_TIMEOUT,
-                settings.relay.max_message_bytes,
-            )
-            .context("Failed to create the Kafka consumer that reads records back")?,
+            proof::reader(&settings)
+                .context("Failed to create the Kafka consumer that reads records back")?,
         )
     } else {
         None

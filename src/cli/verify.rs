@@ -6,11 +6,9 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 
 use super::*;
-use crate::proof::{self, Outcome, RecordReader, Tally};
+use crate::proof::{self, Outcome, Tally};
 use crate::store::{PROOF_PAGE_ROWS, SentRow};
 
-/// How long each broker call waits.
-const VERIFY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Problem rows named in the text report; JSON lists up to [`PROBLEMS_KEPT`].
 const PROBLEMS_SHOWN: usize = 20;
 const PROBLEMS_KEPT: usize = 1000;
@@ -49,12 +47,8 @@ pub(super) async fn verify(
     }
     let mut encoder = proof::encoder(&settings)?;
     let reader = Arc::new(
-        RecordReader::new(
-            &settings.producer_properties(),
-            VERIFY_TIMEOUT,
-            settings.relay.max_message_bytes,
-        )
-        .context("Failed to create the Kafka consumer that reads records back")?,
+        proof::reader(&settings)
+            .context("Failed to create the Kafka consumer that reads records back")?,
     );
     let mut report = Report {
         since,

@@ -4,14 +4,13 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use metrics::{counter, gauge};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use super::{Outcome, RecordReader};
+use super::Outcome;
 use crate::config::Settings;
 use crate::lease::Ownership;
 use crate::store::{PROOF_PAGE_ROWS, Store};
@@ -22,8 +21,6 @@ const AUDIT_ROWS_PER_LOOK: usize = 5000;
 /// Rows marked this recently are left for the next look, so that a mark that commits
 /// late with an earlier `sent_at` is not passed by.
 const MARK_SETTLING: chrono::TimeDelta = chrono::TimeDelta::seconds(5);
-/// How long one broker call of the auditor waits.
-const READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Runs until `cancel`. `settings.relay.audit_sample_rate` must be above 0.
 pub(crate) async fn audit_sent_rows(
@@ -40,11 +37,7 @@ pub(crate) async fn audit_sent_rows(
             return;
         }
     };
-    let reader = match RecordReader::new(
-        &settings.producer_properties(),
-        READ_TIMEOUT,
-        settings.relay.max_message_bytes,
-    ) {
+    let reader = match super::reader(&settings) {
         Ok(reader) => Arc::new(reader),
         Err(err) => {
             warn!(error = %err, "the auditor cannot build its consumer; it is off (outbox_relay_audit_running 0)");

@@ -25,6 +25,16 @@ pub(crate) fn encoder(settings: &Settings) -> anyhow::Result<Encoder> {
     )
 }
 
+/// The reader the relay's settings describe: the producer's connection settings, each
+/// broker call waiting at most 10 s, a fetch queue sized to `relay.max_message_bytes`.
+pub(crate) fn reader(settings: &Settings) -> rdkafka::error::KafkaResult<RecordReader> {
+    RecordReader::new(
+        &settings.producer_properties(),
+        std::time::Duration::from_secs(10),
+        settings.relay.max_message_bytes,
+    )
+}
+
 /// What a sent row's record must be, or why that cannot be said.
 pub(crate) fn expected(encoder: &mut Encoder, sent: &SentRow) -> Result<Expected, String> {
     let (Some(partition), Some(offset)) = (sent.partition, sent.offset) else {
