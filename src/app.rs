@@ -149,7 +149,10 @@ impl App {
 
         let outcome = metrics
             .instrument(async {
-                let may_prune = wait_for_schema(&store, &settings.relay, &health, &cancel).await?;
+                let SchemaFindings {
+                    may_prune,
+                    reports_state,
+                } = wait_for_schema(&store, &settings.relay, &health, &cancel).await?;
                 refuse_a_twin(
                     &store,
                     &replica_id,
@@ -187,6 +190,7 @@ impl App {
                         ownership: ownership.clone(),
                         health: health.clone(),
                         wake_relay: wake.clone(),
+                        reports_state,
                     }
                     .run(keeper_cancel.clone()),
                 );
@@ -220,9 +224,10 @@ impl App {
                     ))
                 });
                 let announce_stop = metrics.spawn({
-                    let cancel = cancel.clone();
+                    let (cancel, health) = (cancel.clone(), health.clone());
                     async move {
                         cancel.cancelled().await;
+                        health.set_draining();
                         crate::systemd::stopping();
                     }
                 });
@@ -376,16 +381,25 @@ fn prunes_sent(relay: &RelaySettings) -> bool {
     relay.mode == Mode::Mark && !relay.retain_sent.is_zero()
 }
 
+/// What the relay may do besides relaying, as the schema and the role's grants allow.
+struct SchemaFindings {
+    /// Delete sent rows past `relay.retain_sent`.
+    may_prune: bool,
+    /// Record its state in each heartbeat, for `status`.
+    reports_state: bool,
+}
+
 /// Retries until the database answers; fails at once if the outbox table is missing or
-/// the role lacks a privilege the relay cannot do without. Returns whether it may delete
-/// sent rows past `relay.retain_sent`: a role without DELETE (one made for an earlier
-/// version) keeps them, with a warning, rather than stop relaying.
+/// the role lacks a privilege the relay cannot do without. What is optional and missing
+/// (DELETE for `relay.retain_sent`, the state columns of `outbox_replica`, on a role or
+/// schema made for an earlier version) is warned about and done without, rather than stop
+/// relaying.
 async fn wait_for_schema(
     store: &Store,
     relay: &RelaySettings,
     health: &Health,
     cancel: &CancellationToken,
-) -> anyhow::Result<bool> {
+) -> anyhow::Result<SchemaFindings> {
     let mut backoff = Backoff::new(Duration::from_secs(10));
     loop {
         match store.verify_schema().await {
@@ -421,8 +435,22 @@ async fn wait_for_schema(
                         warn!(error = %err, "cannot tell who may create in the outbox's schema")
                     }
                 }
+                let reports_state = match store.replica_state_unrecordable().await {
+                    Ok(None) => true,
+                    Ok(Some(advice)) => {
+                        warn!("{advice}");
+                        false
+                    }
+                    Err(err) => {
+                        warn!(error = %err, "cannot tell whether the heartbeat may record the replica's state; it does not");
+                        false
+                    }
+                };
                 health.set_database_ok(true);
-                return Ok(may_prune);
+                return Ok(SchemaFindings {
+                    may_prune,
+                    reports_state,
+                });
             }
             Err(err) if err.is_retriable() => {
                 let delay = backoff.next_delay();
@@ -433,7 +461,7 @@ async fn wait_for_schema(
                 });
                 tokio::select! {
                     _ = sleep(delay) => {}
-                    _ = cancel.cancelled() => return Ok(false),
+                    _ = cancel.cancelled() => return Ok(SchemaFindings { may_prune: false, reports_state: false }),
                 }
             }
             Err(err @ StoreError::Schema(_)) => {

@@ -244,6 +244,8 @@ pub(crate) struct LeaseKeeper {
     pub health: Arc<Health>,
     /// Woken when a held shard should be released, so an idle relay does it at once.
     pub wake_relay: Arc<Notify>,
+    /// Whether the heartbeat records the replica's state (the schema and grants allow it).
+    pub reports_state: bool,
 }
 
 impl LeaseKeeper {
@@ -284,9 +286,13 @@ impl LeaseKeeper {
     ) -> Result<Duration, StoreError> {
         let started = Instant::now();
         let valid_until = started + self.timing.ttl.saturating_sub(self.timing.margin);
+        let (state, reason) = self.health.reported_state();
+        let report = self
+            .reports_state
+            .then_some((state.as_str(), reason.as_deref()));
         let live = self
             .store
-            .heartbeat(&self.replica_id, self.timing.ttl)
+            .heartbeat(&self.replica_id, self.timing.ttl, report)
             .await?;
         let desired = desired_shards(&self.replica_id, &live);
         if last_desired.as_ref() != Some(&desired) {

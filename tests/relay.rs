@@ -185,6 +185,8 @@ async fn nothing_is_marked_while_the_broker_is_frozen() {
     .await;
     let (status, body) = http_get(relay.http_addr, "/readyz").await;
     assert_eq!(status, 503, "not ready while stalled: {body}");
+    // `status`, from another process, says which replica is stalled and why.
+    wait_for_status_state(&db, "stalled", "broker acknowledgements have stopped").await;
     assert_eq!(
         db.sent().await,
         50,
@@ -202,6 +204,7 @@ async fn nothing_is_marked_while_the_broker_is_frozen() {
         !health.stalled()
     })
     .await;
+    wait_for_status_state(&db, "ready", "").await;
     relay.stop().await;
 
     let records = consume(&broker.bootstrap, &topic, 1050);

@@ -100,11 +100,13 @@ async fn refused_sasl_credentials_stop_publishing_park_nothing_and_never_print_t
     .await;
     let (status, body) = http_get(relay.http_addr, "/readyz").await;
     assert_eq!(status, 503, "{body}");
+    // `status`, from another process, names the replica blocked and the broker's refusal.
+    let status_table = wait_for_status_state(&db, "blocked", "Authentication").await;
     let (_, metrics) = http_get(relay.http_addr, "/metrics").await;
     assert_eq!(db.sent().await, 0);
     assert_eq!(db.count("parked_at IS NOT NULL").await, 0, "nothing parked");
     relay.stop().await;
-    for text in [&body, &metrics] {
+    for text in [&body, &metrics, &status_table] {
         assert!(!text.contains(password), "the password leaked: {text}");
     }
 
@@ -279,6 +281,8 @@ async fn the_relay_runs_under_the_least_privilege_role_and_names_a_missing_grant
         || async { db.sent().await == 100 },
     )
     .await;
+    // The role may record the replica's state for `status`.
+    wait_for_status_state(&db, "ready", "").await;
     signal(child.id(), libc::SIGTERM);
     let output = child.wait_with_output().unwrap();
     assert_eq!(output.status.code(), Some(0), "{}", output_text(&output));
@@ -286,6 +290,39 @@ async fn the_relay_runs_under_the_least_privilege_role_and_names_a_missing_grant
         !output_text(&output).contains("permission denied"),
         "{}",
         output_text(&output)
+    );
+
+    // A role made before the state was recorded relays all the same, and says what to grant.
+    sqlx::query(&format!(
+        "REVOKE INSERT (state, state_reason), UPDATE (state, state_reason) ON outbox_replica FROM {role}"
+    ))
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    db.insert(&stream("grants", 10, 10)).await;
+    let child = relay_command(&role_url, &bootstrap)
+        .env("OUTBOX_RELAY_RELAY__TOPIC_TEMPLATE", &template)
+        .arg("run")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for(
+        "the rows marked by a role that may not record its state",
+        CONDITION_TIMEOUT,
+        || async { db.sent().await == 110 },
+    )
+    .await;
+    let status_table = wait_for_status_state(&db, "-", "a role that may not record it").await;
+    signal(child.id(), libc::SIGTERM);
+    let output = child.wait_with_output().unwrap();
+    let text = output_text(&output);
+    assert_eq!(output.status.code(), Some(0), "{text}");
+    assert!(
+        text.contains(
+            "GRANT INSERT (state, state_reason), UPDATE (state, state_reason) ON outbox_replica"
+        ),
+        "the relay names the grant: {text}\n{status_table}"
     );
 
     // Without one grant the relay refuses to start, naming it, before publishing anything.
@@ -312,7 +349,7 @@ async fn the_relay_runs_under_the_least_privilege_role_and_names_a_missing_grant
         check_text.contains("UPDATE (sent_at) ON outbox"),
         "{check_text}"
     );
-    let records = consume(&bootstrap, &topic, 100);
-    assert_eq!(records.len(), 100, "nothing published without the grant");
-    assert_eq!(assert_contract(&db.rows().await[..100], &records), 0);
+    let records = consume(&bootstrap, &topic, 110);
+    assert_eq!(records.len(), 110, "nothing published without the grant");
+    assert_eq!(assert_contract(&db.rows().await[..110], &records), 0);
 }

@@ -319,11 +319,15 @@ GRANT UPDATE (owner, epoch, expires_at, acquired_at, renewed_at)
 GRANT SELECT ON TABLE :"schema".outbox_replica TO :"relay_role";
 
 -- outbox_replica, INSERT and UPDATE of the heartbeat columns:
---   heartbeat:      INSERT INTO outbox_replica (replica_id, heartbeat_at, expires_at) VALUES ...
---                   ON CONFLICT (replica_id) DO UPDATE SET heartbeat_at = now(), expires_at = ...
---                   (started_at takes its default)
-GRANT INSERT (replica_id, heartbeat_at, expires_at) ON TABLE :"schema".outbox_replica TO :"relay_role";
-GRANT UPDATE (heartbeat_at, expires_at) ON TABLE :"schema".outbox_replica TO :"relay_role";
+--   heartbeat:      INSERT INTO outbox_replica (replica_id, heartbeat_at, expires_at, state,
+--                   state_reason) VALUES ... ON CONFLICT (replica_id) DO UPDATE
+--                   SET heartbeat_at = now(), expires_at = ..., state = ..., state_reason = ...
+--                   (started_at takes its default; state and state_reason, for `status`,
+--                   are optional: without them the relay warns and relays all the same)
+GRANT INSERT (replica_id, heartbeat_at, expires_at, state, state_reason)
+    ON TABLE :"schema".outbox_replica TO :"relay_role";
+GRANT UPDATE (heartbeat_at, expires_at, state, state_reason)
+    ON TABLE :"schema".outbox_replica TO :"relay_role";
 
 -- outbox_replica, DELETE:
 --   deregister:     DELETE FROM outbox_replica WHERE replica_id = $1   (clean shutdown)
@@ -387,7 +391,8 @@ GRANT UPDATE (parked_at, park_reason, park_error, discarded_at, discard_reason)
     ON TABLE :"schema".outbox TO :"operator_role";
 
 -- replica_status (`status`): outbox_replica r LEFT JOIN outbox_shard_lease l ...
---   r.replica_id, r.expires_at, r.started_at, r.heartbeat_at; l.shard, l.owner,
+--   r.replica_id, r.expires_at, r.started_at, r.heartbeat_at, r.state, r.state_reason;
+--   l.shard, l.owner,
 --   l.expires_at, l.renewed_at; count(*) FROM outbox_shard_lease WHERE owner / expires_at
 GRANT SELECT ON TABLE :"schema".outbox_replica TO :"operator_role";
 GRANT SELECT (shard, owner, expires_at, renewed_at) ON TABLE :"schema".outbox_shard_lease

@@ -74,6 +74,11 @@ pub(super) async fn check(settings: Settings, timeout: Duration) -> anyhow::Resu
                     Err(err) => failures.push(format!("database: checking privileges: {err}")),
                 }
             }
+            match store.replica_state_unrecordable().await {
+                Ok(Some(advice)) => println!("  warning: {advice}"),
+                Ok(None) => {}
+                Err(err) => failures.push(format!("database: checking privileges: {err}")),
+            }
             match store.schema_creators().await {
                 Ok(creators) if !creators.is_empty() => println!(
                     "  warning: {} (may create there: {})",

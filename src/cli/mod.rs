@@ -84,7 +84,7 @@ pub(crate) enum Command {
         command: ParkedCommand,
     },
     /// Show the backlog and the replicas sharing it: pending and parked rows, the oldest
-    /// pending row's age, each replica's shards and lease ages.
+    /// pending row's age, each replica's state and why, its shards and lease ages.
     Status {
         /// Print JSON instead of a table.
         #[arg(long)]

@@ -104,23 +104,52 @@ async fn show(store: &Store, json: bool, compact: bool) -> anyhow::Result<()> {
     );
     println!();
     println!(
-        "{:<32} {:>5} {:>7} {:>10} {:>14}  started",
-        "replica", "live", "shards", "heartbeat", "lease renewed"
+        "{:<32} {:<9} {:>7} {:>10} {:>14}  {:<23}  why",
+        "replica", "state", "shards", "heartbeat", "lease renewed", "started"
     );
     for r in &report.replicas {
+        let (state, why) = replica_state_text(r);
         println!(
-            "{:<32} {:>5} {:>7} {:>10} {:>14}  {}",
+            "{:<32} {:<9} {:>7} {:>10} {:>14}  {:<23}  {}",
             r.replica_id,
-            if r.live { "yes" } else { "no" },
+            state,
             r.shards,
             format!("{:.1}s ago", r.heartbeat_age_seconds),
             r.oldest_lease_renewal_seconds
                 .map_or("-".to_string(), |s| format!("{s:.1}s ago")),
             r.started_at.format("%Y-%m-%d %H:%M:%S UTC"),
+            why,
         );
     }
     if report.replicas.is_empty() {
         println!("(no replica has registered)");
     }
     Ok(())
+}
+
+/// A replica's state and why, as the table shows them. A replica whose heartbeat expired
+/// is `gone` (it died without handing over, or cannot reach the database), whatever it
+/// last said; its registration is deleted an hour later.
+fn replica_state_text(replica: &crate::store::ReplicaStatus) -> (String, String) {
+    let said = replica.state.as_deref().unwrap_or("-");
+    if !replica.live {
+        let last = match (&replica.state, &replica.state_reason) {
+            (Some(state), Some(reason)) => format!(" (last said: {state}: {reason})"),
+            (Some(state), None) => format!(" (last said: {state})"),
+            _ => String::new(),
+        };
+        return (
+            "gone".into(),
+            format!(
+                "no heartbeat for {:.0}s: stopped without handing over, or cannot reach the database{last}",
+                replica.heartbeat_age_seconds
+            ),
+        );
+    }
+    let why = match (&replica.state, &replica.state_reason) {
+        (_, Some(reason)) => reason.clone(),
+        (None, None) => "a relay of an earlier version, or a role that may not record it".into(),
+        (Some(_), None) => String::new(),
+    };
+    (said.to_string(), why)
 }

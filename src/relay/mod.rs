@@ -569,9 +569,9 @@ impl Relay {
         match &batch.blocked {
             Some(reason) => {
                 error!(%reason, "publishing blocked by a permanent broker error: grant the relay's principal Write (and Describe) on the topic named, or fix the credentials; the relay retries slowly");
-                self.health.set_blocked(true);
+                self.health.block(reason);
             }
-            None if any_acked => self.health.set_blocked(false),
+            None if any_acked => self.health.unblock(),
             None => {}
         }
         self.after_producer_trouble(&batch, cancel).await?;

@@ -229,7 +229,7 @@ impl Relay {
                     }
                     if let Some(reason) = batch.client_error.take() {
                         error!(%reason, "the Kafka client reports an error that holds rows back; fix the credentials or grants, librdkafka keeps retrying");
-                        self.health.set_blocked(true);
+                        self.health.block(&reason);
                     }
                 }
                 _ = cancel.cancelled(), if self.drain.deadline().is_none() => {

@@ -38,7 +38,7 @@ pub struct AdoptionPlan {
 /// already there, so every new row is ordered after them.
 const SEQUENCE_START: i64 = 1 << 40;
 
-/// The relay's own tables, as migration 2 creates them.
+/// The relay's own tables, as migrations 2 and 10 create them.
 const LEASE_TABLES: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS outbox_shard_lease ( \
          shard smallint PRIMARY KEY, owner text, epoch bigint NOT NULL DEFAULT 0, \
@@ -48,6 +48,8 @@ const LEASE_TABLES: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS outbox_replica ( \
          replica_id text PRIMARY KEY, started_at timestamptz NOT NULL DEFAULT pg_catalog.now(), \
          heartbeat_at timestamptz NOT NULL DEFAULT pg_catalog.now(), expires_at timestamptz NOT NULL)",
+    "ALTER TABLE outbox_replica ADD COLUMN IF NOT EXISTS state text, \
+         ADD COLUMN IF NOT EXISTS state_reason text",
 ];
 
 impl Store {

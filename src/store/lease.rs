@@ -36,33 +36,50 @@ impl Store {
         .await
     }
 
-    /// Records that `replica` is alive for `ttl` and returns the live replicas, sorted.
-    /// Registrations expired for an hour (relays that died without handing over) are
-    /// deleted on the way, so that `status` does not list them for ever.
+    /// Records that `replica` is alive for `ttl`, and in which state and why when
+    /// `state` is given (a schema before migration 10, or a role without the grant, has no
+    /// place for it), and returns the live replicas, sorted. Registrations expired for an
+    /// hour (relays that died without handing over) are deleted on the way, so that
+    /// `status` does not list them for ever.
     pub(crate) async fn heartbeat(
         &self,
         replica: &str,
         ttl: Duration,
+        state: Option<(&str, Option<&str>)>,
     ) -> Result<Vec<String>, StoreError> {
+        let me = match state {
+            Some(_) => {
+                "INSERT INTO outbox_replica (replica_id, heartbeat_at, expires_at, state, state_reason) \
+                 VALUES ($1, pg_catalog.now(), pg_catalog.now() + pg_catalog.make_interval(secs => $2), $3, $4) \
+                 ON CONFLICT (replica_id) DO UPDATE \
+                 SET heartbeat_at = pg_catalog.now(), expires_at = pg_catalog.now() + pg_catalog.make_interval(secs => $2), \
+                     state = $3, state_reason = $4"
+            }
+            None => {
+                "INSERT INTO outbox_replica (replica_id, heartbeat_at, expires_at) \
+                 VALUES ($1, pg_catalog.now(), pg_catalog.now() + pg_catalog.make_interval(secs => $2)) \
+                 ON CONFLICT (replica_id) DO UPDATE \
+                 SET heartbeat_at = pg_catalog.now(), expires_at = pg_catalog.now() + pg_catalog.make_interval(secs => $2)"
+            }
+        };
+        let statement = format!(
+            "WITH gone AS ( \
+                 DELETE FROM outbox_replica \
+                 WHERE expires_at < pg_catalog.now() - interval '1 hour' AND replica_id <> $1), \
+             me AS ({me} RETURNING replica_id) \
+             SELECT replica_id FROM outbox_replica WHERE expires_at > pg_catalog.now() AND replica_id <> $1 \
+             UNION SELECT replica_id FROM me \
+             ORDER BY 1"
+        );
         self.in_session(async |conn| {
-            let live: Vec<String> = self.query_scalar(
-                "WITH gone AS ( \
-                     DELETE FROM outbox_replica \
-                     WHERE expires_at < pg_catalog.now() - interval '1 hour' AND replica_id <> $1), \
-                 me AS ( \
-                     INSERT INTO outbox_replica (replica_id, heartbeat_at, expires_at) \
-                     VALUES ($1, pg_catalog.now(), pg_catalog.now() + pg_catalog.make_interval(secs => $2)) \
-                     ON CONFLICT (replica_id) DO UPDATE \
-                     SET heartbeat_at = pg_catalog.now(), expires_at = pg_catalog.now() + pg_catalog.make_interval(secs => $2) \
-                     RETURNING replica_id) \
-                 SELECT replica_id FROM outbox_replica WHERE expires_at > pg_catalog.now() AND replica_id <> $1 \
-                 UNION SELECT replica_id FROM me \
-                 ORDER BY 1",
-            )
-            .bind(replica)
-            .bind(ttl.as_secs_f64())
-            .fetch_all(&mut *conn)
-            .await?;
+            let mut query = self
+                .query_scalar(&statement)
+                .bind(replica)
+                .bind(ttl.as_secs_f64());
+            if let Some((state, reason)) = state {
+                query = query.bind(state).bind(reason);
+            }
+            let live: Vec<String> = query.fetch_all(&mut *conn).await?;
             Ok(live)
         })
         .await

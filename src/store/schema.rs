@@ -236,6 +236,34 @@ impl Store {
         .await
     }
 
+    /// Whether each heartbeat may record the replica's state for `status`; if not, what
+    /// to do about it. Optional: a relay upgraded before `migrate` ran, or whose role was
+    /// made for an earlier version, relays all the same.
+    pub(crate) async fn replica_state_unrecordable(&self) -> Result<Option<String>, StoreError> {
+        self.in_session(async |conn| {
+            let finding: Option<String> = self
+                .query_scalar(
+                    "SELECT CASE \
+                       WHEN (SELECT pg_catalog.count(*) FROM pg_catalog.pg_attribute \
+                             WHERE attrelid = pg_catalog.to_regclass('outbox_replica') \
+                               AND attname IN ('state', 'state_reason') AND NOT attisdropped) < 2 \
+                         THEN 'columns' \
+                       WHEN NOT (pg_catalog.has_column_privilege('outbox_replica', 'state', 'INSERT') \
+                             AND pg_catalog.has_column_privilege('outbox_replica', 'state_reason', 'INSERT') \
+                             AND pg_catalog.has_column_privilege('outbox_replica', 'state', 'UPDATE') \
+                             AND pg_catalog.has_column_privilege('outbox_replica', 'state_reason', 'UPDATE')) \
+                         THEN 'grant' END",
+                )
+                .fetch_one(&mut *conn)
+                .await?;
+            Ok(finding.map(|finding| match finding.as_str() {
+                "columns" => "outbox_replica has no state columns yet: `outbox-relay status` cannot show this replica's state until `outbox-relay migrate` runs; relaying goes on".to_string(),
+                _ => "the role may not record its state for `outbox-relay status`: GRANT INSERT (state, state_reason), UPDATE (state, state_reason) ON outbox_replica (deploy/sql/least-privilege.sql does); relaying goes on".to_string(),
+            }))
+        })
+        .await
+    }
+
     /// The privileges `run` needs in `mode` that the connected role lacks, each written
     /// as a grant (`UPDATE (sent_at) ON outbox`). Checked at start: a relay that can
     /// publish but not mark would resend its first batch on every restart.

@@ -18,6 +18,11 @@ pub(crate) struct ReplicaStatus {
     pub shards: i64,
     /// Age of the least recently renewed of its leases.
     pub oldest_lease_renewal_seconds: Option<f64>,
+    /// What it said of itself in its last heartbeat (`ready`, `stalled`, `blocked`...);
+    /// `None` from a relay of an earlier version or a role without the grant.
+    pub state: Option<String>,
+    /// Why, unless all was well.
+    pub state_reason: Option<String>,
 }
 
 /// A parked row, as `parked list` shows it.
@@ -112,7 +117,9 @@ impl Store {
         .await
     }
 
-    /// Replicas known to the outbox and how many shards each holds.
+    /// Replicas known to the outbox, what each last said of itself and how many shards it
+    /// holds. The state columns are read through the row's JSON, so that `status` works
+    /// on a schema from before migration 10.
     pub(crate) async fn replica_status(&self) -> Result<(Vec<ReplicaStatus>, i64), StoreError> {
         self.in_session(async |conn| {
             let rows = self
@@ -120,7 +127,9 @@ impl Store {
                     "SELECT r.replica_id, r.expires_at > pg_catalog.now() AS live, r.started_at, \
                         EXTRACT(EPOCH FROM (pg_catalog.now() - r.heartbeat_at))::float8 AS heartbeat_age, \
                         pg_catalog.count(l.shard) AS shards, \
-                        EXTRACT(EPOCH FROM (pg_catalog.now() - pg_catalog.min(l.renewed_at)))::float8 AS oldest_renewal \
+                        EXTRACT(EPOCH FROM (pg_catalog.now() - pg_catalog.min(l.renewed_at)))::float8 AS oldest_renewal, \
+                        pg_catalog.max(pg_catalog.to_jsonb(r) OPERATOR(pg_catalog.->>) 'state') AS state, \
+                        pg_catalog.max(pg_catalog.to_jsonb(r) OPERATOR(pg_catalog.->>) 'state_reason') AS state_reason \
                  FROM outbox_replica r \
                  LEFT JOIN outbox_shard_lease l \
                    ON l.owner = r.replica_id AND l.expires_at > pg_catalog.now() \
@@ -139,6 +148,8 @@ impl Store {
                         heartbeat_age_seconds: r.try_get("heartbeat_age")?,
                         shards: r.try_get("shards")?,
                         oldest_lease_renewal_seconds: r.try_get("oldest_renewal")?,
+                        state: r.try_get("state")?,
+                        state_reason: r.try_get("state_reason")?,
                     })
                 })
                 .collect::<Result<Vec<_>, sqlx::Error>>()?;

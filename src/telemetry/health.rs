@@ -12,6 +12,31 @@ use super::{
     TOPICS_WAITING,
 };
 
+/// A replica's state as its heartbeat records it and `outbox-relay status` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ReplicaState {
+    Starting,
+    Ready,
+    /// Not ready for a reason of the database's, the producer's or the brokers' reach.
+    Unready,
+    Stalled,
+    Blocked,
+    Draining,
+}
+
+impl ReplicaState {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Self::Starting => "starting",
+            Self::Ready => "ready",
+            Self::Unready => "unready",
+            Self::Stalled => "stalled",
+            Self::Blocked => "blocked",
+            Self::Draining => "draining",
+        }
+    }
+}
+
 /// Shared state behind `/readyz`, and what tests wait on instead of sleeping.
 #[derive(Debug, Default)]
 pub struct Health {
@@ -25,6 +50,10 @@ pub struct Health {
     broker_unreachable: AtomicBool,
     stalled: AtomicBool,
     blocked: AtomicBool,
+    /// The permanent broker error that blocks publishing, as the broker or client said it.
+    blocked_by: std::sync::Mutex<Option<String>>,
+    /// SIGTERM (or Ctrl-C) arrived: the relay finishes the rows in flight and stops.
+    draining: AtomicBool,
     leases_ok: AtomicBool,
     /// Whether a lease round has finished yet, so start-up is not reported as a failure.
     leases_checked: AtomicBool,
@@ -119,7 +148,17 @@ impl Health {
             .unwrap_or_default()
     }
     /// A permanent global error (authorization, authentication) stops publishing.
-    pub(crate) fn set_blocked(&self, blocked: bool) {
+    pub(crate) fn block(&self, reason: &str) {
+        if let Ok(mut by) = self.blocked_by.lock() {
+            *by = Some(reason.to_string());
+        }
+        self.set_blocked(true);
+    }
+    /// The broker accepts the relay's records again.
+    pub(crate) fn unblock(&self) {
+        self.set_blocked(false);
+    }
+    fn set_blocked(&self, blocked: bool) {
         if self.blocked.swap(blocked, Ordering::SeqCst) != blocked {
             if !blocked {
                 tracing::info!(
@@ -173,6 +212,11 @@ impl Health {
         }
     }
 
+    /// Shutdown has begun.
+    pub(crate) fn set_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
     pub fn stalled(&self) -> bool {
         self.stalled.load(Ordering::SeqCst)
     }
@@ -185,28 +229,69 @@ impl Health {
 
     /// Why the relay is not ready, or `None` when it is.
     pub(crate) fn not_ready_reason(&self) -> Option<&'static str> {
+        self.condition().map(|(_, reason)| reason)
+    }
+
+    /// The state that keeps the relay from being ready, and why: `(state, reason)`.
+    fn condition(&self) -> Option<(ReplicaState, &'static str)> {
+        use ReplicaState::*;
         if !self.started.load(Ordering::SeqCst) {
-            Some("starting")
+            Some((Starting, "starting"))
         } else if !self.database_ok.load(Ordering::SeqCst) {
-            Some("database unreachable or refusing writes")
+            Some((Unready, "database unreachable or refusing writes"))
         } else if !self.leases_checked.load(Ordering::SeqCst) {
-            Some("starting: acquiring shard leases")
+            Some((Starting, "starting: acquiring shard leases"))
         } else if !self.leases_ok.load(Ordering::SeqCst) {
-            Some("database unavailable for lease renewal")
+            Some((Unready, "database unavailable for lease renewal"))
         } else if !self.producer_ok.load(Ordering::SeqCst) {
-            Some("producer unhealthy")
+            Some((Unready, "producer unhealthy"))
         } else if self.broker_unreachable.load(Ordering::SeqCst) {
-            Some(
+            Some((
+                Unready,
                 "brokers unreachable: no metadata answer from kafka.bootstrap_servers (see the logs)",
-            )
+            ))
         } else if self.blocked.load(Ordering::SeqCst) {
-            Some(
+            Some((
+                Blocked,
                 "publishing blocked by a permanent broker error (authorization, authentication); see the logs",
-            )
+            ))
         } else if self.stalled.load(Ordering::SeqCst) {
-            Some("stalled: broker acknowledgements have stopped")
+            Some((Stalled, "stalled: broker acknowledgements have stopped"))
         } else {
             None
+        }
+    }
+
+    /// What this replica says of itself in each heartbeat, for `outbox-relay status`: its
+    /// state and, unless all is well, why (a blocked relay names the broker's error, a
+    /// ready one the topics whose rows wait).
+    pub(crate) fn reported_state(&self) -> (ReplicaState, Option<String>) {
+        if self.draining.load(Ordering::SeqCst) {
+            return (
+                ReplicaState::Draining,
+                Some(
+                    "shutting down: waiting for the acknowledgements of the rows in flight".into(),
+                ),
+            );
+        }
+        match self.condition() {
+            Some((ReplicaState::Blocked, general)) => {
+                let by = self.blocked_by.lock().ok().and_then(|by| by.clone());
+                (
+                    ReplicaState::Blocked,
+                    Some(by.map_or_else(
+                        || general.to_string(),
+                        |by| format!("publishing blocked by a permanent broker error: {by}"),
+                    )),
+                )
+            }
+            Some((state, reason)) => (state, Some(reason.to_string())),
+            None => {
+                let waiting = self.waiting_topics();
+                let reason = (!waiting.is_empty())
+                    .then(|| format!("rows wait for topics: {}", waiting.join(", ")));
+                (ReplicaState::Ready, reason)
+            }
         }
     }
 

@@ -199,3 +199,35 @@ pub async fn sleeping_relays(db: &TestDb, channel: &str) -> Vec<i32> {
     .await
     .unwrap()
 }
+
+/// Waits until `outbox-relay status` shows a replica in `state` whose reason contains
+/// `reason`, and returns its table.
+pub async fn wait_for_status_state(db: &TestDb, state: &str, reason: &str) -> String {
+    let mut table = String::new();
+    wait_for(
+        &format!("status to show a replica {state} ({reason})"),
+        CONDITION_TIMEOUT,
+        || {
+            let output = Command::new(relay_bin())
+                .env_clear()
+                .env("OUTBOX_RELAY_DATABASE__URL", &db.url)
+                .arg("status")
+                .output()
+                .unwrap();
+            assert!(
+                output.status.success(),
+                "{}",
+                super::process::output_text(&output)
+            );
+            table = String::from_utf8_lossy(&output.stdout).into_owned();
+            let found = table
+                .lines()
+                .skip_while(|l| !l.starts_with("replica "))
+                .skip(1)
+                .any(|line| line.split_whitespace().nth(1) == Some(state) && line.contains(reason));
+            async move { found }
+        },
+    )
+    .await;
+    table
+}
