@@ -10,9 +10,10 @@
 #                         justifies each tag accepted; info tags are shown
 #   dpkg --root           a real install into a scratch root (dpkg's own database there, the
 #                         dependencies' entries copied from this host's): the binary, unit,
-#                         config (a registered conffile), completions and man page where the
+#                         config (a registered conffile), completions and man pages where the
 #                         FHS and systemd expect them; `dpkg --verify`; the installed binary's
-#                         --version, and its man page and completions equal to what it prints;
+#                         --version, its man pages (each one a page names among them) and
+#                         completions equal to what it writes;
 #                         the unit disabled (systemctl --root) and clean (systemd-analyze
 #                         verify); a reinstall keeps an edited config; remove keeps the
 #                         config, purge removes it.
@@ -45,7 +46,8 @@ fail() {
     exit 1
 }
 
-# What the package must hold, exactly: mode and path of every file.
+# What the package must hold, exactly: mode and path of every file; expect_man_pages adds
+# the manual pages.
 EXPECTED_FILES="\
 -rw-r--r-- ./etc/outbox-relay/outbox-relay.toml
 -rwxr-xr-x ./usr/bin/outbox-relay
@@ -59,8 +61,23 @@ EXPECTED_FILES="\
 -rw-r--r-- ./usr/share/doc/outbox-relay/examples/outbox-relay.env.example
 -rw-r--r-- ./usr/share/fish/vendor_completions.d/outbox-relay.fish
 -rw-r--r-- ./usr/share/lintian/overrides/outbox-relay
--rw-r--r-- ./usr/share/man/man1/outbox-relay.1.gz
 -rw-r--r-- ./usr/share/zsh/vendor-completions/_outbox-relay"
+
+# The manual pages the package's own binary writes (`outbox-relay man --dir`: the main page
+# and one per command) join the expected files; they land in $WORK/pages.
+expect_man_pages() {
+    local deb=$1 page
+    mkdir -p "$WORK/extract" "$WORK/pages"
+    dpkg-deb --fsys-tarfile "$deb" | tar -x -C "$WORK/extract" ./usr/bin/outbox-relay
+    "$WORK/extract/usr/bin/outbox-relay" man --dir "$WORK/pages" || fail "outbox-relay man --dir failed"
+    for page in outbox-relay.1 outbox-relay-run.1 outbox-relay-migrate.1 outbox-relay-parked-list.1; do
+        [ -s "$WORK/pages/$page" ] || fail "outbox-relay man --dir wrote no $page"
+    done
+    for page in "$WORK"/pages/*.1; do
+        EXPECTED_FILES+=$'\n'"-rw-r--r-- ./usr/share/man/man1/$(basename "$page").gz"
+    done
+    echo "manual pages: $(ls "$WORK/pages" | wc -l) from outbox-relay man --dir" >&2
+}
 
 check_info() {
     local deb=$1 version=$2 field value
@@ -229,6 +246,20 @@ check_install() {
         || fail "the installed man page is not what the installed binary prints"
     zcat "$root/usr/share/man/man1/outbox-relay.1.gz" | grep -q '^\.TH outbox-relay 1' \
         || fail "the man page has no .TH outbox-relay 1 header"
+    local page name referenced
+    for page in "$WORK"/pages/*.1; do
+        name=$(basename "$page" .1)
+        cmp -s "$page" <(zcat "$root/usr/share/man/man1/$name.1.gz") \
+            || fail "the installed $name(1) is not what the installed binary writes"
+        zcat "$root/usr/share/man/man1/$name.1.gz" | grep -q "^\.TH $name 1" \
+            || fail "$name(1) has no .TH $name 1 header"
+        # Every page a page refers to (a command's subcommands: outbox\-relay\-run(1)) is there.
+        for referenced in $(zcat "$root/usr/share/man/man1/$name.1.gz" \
+            | grep -o 'outbox\\-relay\(\\-[a-z]*\)*(1)' | sed -e 's/\\-/-/g' -e 's/(1)$//' | sort -u); do
+            [ -f "$root/usr/share/man/man1/$referenced.1.gz" ] \
+                || fail "$name(1) refers to $referenced(1), which is not installed"
+        done
+    done
     "$binary" completions bash | cmp -s - "$root/usr/share/bash-completion/completions/outbox-relay" \
         || fail "the bash completion is not what the installed binary prints"
     "$binary" completions zsh | cmp -s - "$root/usr/share/zsh/vendor-completions/_outbox-relay" \
@@ -249,7 +280,7 @@ check_install() {
         fish --no-execute "$root/usr/share/fish/vendor_completions.d/outbox-relay.fish" \
             || fail "fish --no-execute rejects the fish completion"
     fi
-    echo "man page and bash, zsh and fish completions: installed, equal to what the installed binary prints, the bash one registers" >&2
+    echo "man pages (every one a page refers to among them) and bash, zsh and fish completions: installed, equal to what the installed binary writes, the bash one registers" >&2
 
     local unit="$root/usr/lib/systemd/system/outbox-relay.service"
     grep -qx 'ExecStart=/usr/bin/outbox-relay --config /etc/outbox-relay/outbox-relay.toml run' "$unit" \
@@ -307,6 +338,7 @@ main() {
     version=$(sed -n '/^\[package\]/,/^\[/s/^version = "\(.*\)"$/\1/p' Cargo.toml | head -1)
     [ -n "$version" ] || fail "no version in Cargo.toml's [package]"
     deb=$(scripts/package.sh | tail -1)
+    expect_man_pages "$deb"
     log "dpkg-deb --info $deb"
     check_info "$deb" "$version"
     log "dpkg-deb --contents $deb"

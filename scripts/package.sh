@@ -2,8 +2,8 @@
 # Builds the Debian package: target/debian/outbox-relay_<version>-1_<arch>.deb.
 #
 #   1. `cargo build --release --locked` of the relay's binary (reused when up to date);
-#   2. from that binary and deploy/systemd/, into target/package/: the manual page
-#      (`outbox-relay man`), the bash, zsh and fish completions (`outbox-relay completions`)
+#   2. from that binary and deploy/systemd/, into target/package/: the manual pages
+#      (`outbox-relay man --dir`, one per command), the bash, zsh and fish completions (`outbox-relay completions`)
 #      and the unit, whose ExecStart names /usr/bin/outbox-relay instead of /usr/local/bin;
 #   3. `cargo deb --no-build` (cargo-deb, pinned in scripts/lib.sh and built once into
 #      $OUTBOX_RELAY_CACHE) with the assets of [package.metadata.deb] in Cargo.toml.
@@ -38,13 +38,13 @@ fi
 # cargo-deb takes these from the paths Cargo.toml names, relative to the repository root.
 generated=target/package
 rm -rf "$generated"
-mkdir -p "$generated/completions"
-log "manual page and completions from $binary --version: $("$binary" --version)"
-"$binary" man >"$generated/outbox-relay.1"
+mkdir -p "$generated/completions" "$generated/man"
+log "manual pages and completions from $binary --version: $("$binary" --version)"
+"$binary" man --dir "$generated/man"
 "$binary" completions bash >"$generated/completions/outbox-relay"
 "$binary" completions zsh >"$generated/completions/_outbox-relay"
 "$binary" completions fish >"$generated/completions/outbox-relay.fish"
-for file in "$generated/outbox-relay.1" "$generated"/completions/*; do
+for file in "$generated/man/outbox-relay.1" "$generated"/man/*.1 "$generated"/completions/*; do
     [ -s "$file" ] || { echo "$file is empty" >&2; exit 1; }
 done
 

@@ -1019,6 +1019,47 @@ fn the_version_names_revision_and_librdkafka_and_completions_and_man_need_no_con
         "{man}"
     );
     assert!(man.contains(outbox_relay::build::GIT_REVISION), "{man}");
+
+    // `man --dir` writes the main page and one per command: every page a page names is
+    // among them, as the Debian package installs them.
+    let pages = tempfile::tempdir().unwrap();
+    plain(&["man", "--dir", pages.path().to_str().unwrap()]);
+    let page = |name: &str| std::fs::read_to_string(pages.path().join(format!("{name}.1")));
+    assert_eq!(
+        page("outbox-relay").unwrap(),
+        man,
+        "man and man --dir disagree"
+    );
+    let mut checked = 0;
+    for entry in std::fs::read_dir(pages.path()).unwrap() {
+        let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+        // A reference reads `outbox\-relay\-parked\-list(1)` in roff.
+        for (at, _) in text.match_indices("outbox\\-relay") {
+            let rest = &text[at..];
+            let end = rest
+                .find(|c: char| !(c.is_ascii_lowercase() || c == '\\' || c == '-'))
+                .unwrap_or(rest.len());
+            if rest[end..].starts_with("(1)") {
+                let name = rest[..end].replace("\\-", "-");
+                assert!(
+                    page(&name).is_ok(),
+                    "a page names {name}(1), which man --dir did not write"
+                );
+                checked += 1;
+            }
+        }
+    }
+    for command in ["run", "status", "parked-list", "republish"] {
+        let text = page(&format!("outbox-relay-{command}")).unwrap();
+        assert!(
+            text.contains(outbox_relay::build::GIT_REVISION),
+            "{command}: {text}"
+        );
+    }
+    assert!(
+        checked >= 10,
+        "the main page names each command's page: {man}"
+    );
 }
 
 /// A database the relay cannot use is named with the reason PostgreSQL or the network gave:

@@ -155,8 +155,14 @@ pub(crate) enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
-    /// Print the manual page (roff): `outbox-relay man | man -l -`. Reads no configuration.
-    Man,
+    /// Print the manual page (roff): `outbox-relay man | man -l -`; with --dir, write it and
+    /// one page per subcommand (outbox-relay-run.1, outbox-relay-parked-list.1...) there.
+    /// Reads no configuration.
+    Man {
+        /// Directory to write every page into, instead of printing the main one.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
     /// Print the JSON Schema of the configuration file, for editors that complete TOML
     /// (config/outbox-relay.schema.json is this output). Reads no configuration.
     ConfigSchema,
@@ -297,12 +303,23 @@ pub fn main() -> ExitCode {
                 }
             };
         }
-        Command::Man => {
-            let page = clap_mangen::Man::new(Cli::command().version(version));
-            return match page.render(&mut std::io::stdout()) {
+        Command::Man { dir } => {
+            // As generate_to builds every page: no help subcommand, whose page it never writes.
+            let command = Cli::command()
+                .version(version)
+                .propagate_version(true)
+                .disable_help_subcommand(true);
+            let written = match &dir {
+                None => clap_mangen::Man::new(command).render(&mut std::io::stdout()),
+                Some(dir) => clap_mangen::generate_to(command, dir),
+            };
+            return match written {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(err) => {
-                    eprintln!("error: Failed to write the manual page: {err}");
+                    let into = dir
+                        .as_ref()
+                        .map_or(String::new(), |dir| format!(" into {}", dir.display()));
+                    eprintln!("error: Failed to write the manual pages{into}: {err}");
                     ExitCode::FAILURE
                 }
             };
@@ -389,7 +406,7 @@ pub fn main() -> ExitCode {
                 .await
             }
             Command::Republish(args) => republish(settings, args).await,
-            Command::Completions { .. } | Command::Man | Command::ConfigSchema => Ok(()),
+            Command::Completions { .. } | Command::Man { .. } | Command::ConfigSchema => Ok(()),
         }
     });
     // A blocking call still waiting on a broker (a metadata round trip, a read-back) is not
