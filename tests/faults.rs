@@ -39,6 +39,18 @@ impl MockBrokers {
 
     /// The next `count` Produce requests that `broker` receives fail with `err`.
     fn push_produce_errors(&self, broker: i32, err: RDKafkaRespErr, count: usize) {
+        self.push_produce_answers(broker, err, Duration::ZERO, count);
+    }
+
+    /// The next `count` Produce requests that `broker` receives are answered with `err`
+    /// (success: `RD_KAFKA_RESP_ERR_NO_ERROR`) after `delay`.
+    fn push_produce_answers(
+        &self,
+        broker: i32,
+        err: RDKafkaRespErr,
+        delay: Duration,
+        count: usize,
+    ) {
         // SAFETY: the cluster belongs to `host`, alive as long as `self`; each call pushes
         // one (error, round trip) pair, the variadic arguments the function reads.
         unsafe {
@@ -51,7 +63,7 @@ impl MockBrokers {
                     RDKafkaApiKey::Produce as i16,
                     1,
                     err as std::os::raw::c_int,
-                    0 as std::os::raw::c_int,
+                    delay.as_millis() as std::os::raw::c_int,
                 );
             }
         }
@@ -592,4 +604,76 @@ async fn a_full_queue_with_the_broker_gone_honours_stall_and_shutdown() {
     let records = consume(&cluster.bootstrap_servers(), "outbox.event.full", 520);
     let duplicates = assert_contract(&db.rows().await, &records);
     assert!(duplicates <= 500, "{duplicates} duplicates");
+}
+
+/// A stop whose drain deadline passes with produce requests in flight abandons them (their
+/// rows stay pending and are sent again). The purge that abandons them is the relay's own
+/// doing, not a fault: librdkafka's fatal "Purged in flight" (its gap-less guarantee) must
+/// not reach the log as an error, nor a FATAL line at 3 a.m.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_that_abandons_requests_in_flight_logs_no_fatal_error() {
+    let db = TestDb::new().await;
+    let brokers = MockBrokers::new(1);
+    let cluster = brokers.cluster();
+    cluster.create_topic("outbox.event.abandon", 3, 1).unwrap();
+    let http_port = free_port();
+    let child = relay_command(&db.url, &cluster.bootstrap_servers())
+        .env(
+            "OUTBOX_RELAY_HTTP__LISTEN",
+            format!("127.0.0.1:{http_port}"),
+        )
+        .env("OUTBOX_RELAY_RELAY__DRAIN_TIMEOUT", "1s")
+        .arg("run")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    db.insert(&stream("abandon", 5, 10)).await;
+    wait_for("warm-up rows marked", CONDITION_TIMEOUT, || async {
+        db.sent().await == 10
+    })
+    .await;
+
+    // The broker now answers produce requests after a minute: the rows stay in flight.
+    brokers.push_produce_answers(
+        1,
+        RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR,
+        Duration::from_secs(60),
+        10,
+    );
+    db.insert(&stream("abandon", 5, 10)).await;
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{http_port}").parse().unwrap();
+    wait_for("rows in flight", CONDITION_TIMEOUT, || async {
+        let (_, metrics) = http_get(addr, "/metrics").await;
+        metric_value(&metrics, "outbox_relay_in_flight_rows") > 0.0
+    })
+    .await;
+    let pid = child.id();
+    signal(pid, libc::SIGTERM);
+    let (exited, exit) = std::sync::mpsc::channel();
+    std::thread::spawn(move || exited.send(child.wait_with_output()));
+    let Ok(output) = exit.recv_timeout(Duration::from_secs(30)) else {
+        signal(pid, libc::SIGKILL);
+        panic!("the relay did not stop within 30 s of SIGTERM with a 1 s drain timeout");
+    };
+    let output = output.unwrap();
+    let text = output_text(&output);
+    assert_eq!(output.status.code(), Some(0), "{text}");
+    assert!(
+        text.contains("drain deadline passed"),
+        "the relay says the rows in flight stay pending: {text}"
+    );
+    let errors: Vec<&str> = text
+        .lines()
+        .filter(|line| line.contains("FATAL") || line.contains(" ERROR "))
+        .collect();
+    assert!(
+        errors.is_empty(),
+        "a clean stop logged errors: {errors:#?}\n{text}"
+    );
+    assert_eq!(
+        db.sent().await,
+        10,
+        "nothing marked without an acknowledgement"
+    );
 }

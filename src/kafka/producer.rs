@@ -47,6 +47,15 @@ pub(crate) enum ProducerEvent {
 pub(crate) type EventSender = mpsc::Sender<ProducerEvent>;
 pub(crate) type EventReceiver = mpsc::Receiver<ProducerEvent>;
 
+/// Whether librdkafka's message reports the consequence of a purge of requests in flight,
+/// which only the relay asks for: at a drain deadline (the producer's drop purges), or after
+/// a fatal error. The gap-less guarantee turns it into a fatal error logged as `FATAL` at
+/// emergency level, while the relay has already logged, as a warning, that those rows stay
+/// pending and are sent again.
+fn is_own_purge(message: &str) -> bool {
+    message.contains("Purged in flight")
+}
+
 /// librdkafka callbacks, run on the producer's polling thread.
 pub(crate) struct RelayContext {
     generation: u64,
@@ -59,6 +68,10 @@ impl ClientContext for RelayContext {
         // librdkafka calls the gap-less guarantee experimental each time a producer is
         // built; the relay turns it on deliberately, so this is not worth a warning.
         if facility == "CONFWARN" && message.contains("enable.gapless.guarantee") {
+            tracing::debug!(target: "librdkafka", "{facility} {message}");
+            return;
+        }
+        if is_own_purge(message) {
             tracing::debug!(target: "librdkafka", "{facility} {message}");
             return;
         }
@@ -84,6 +97,12 @@ impl ClientContext for RelayContext {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
+        if is_own_purge(reason) {
+            // The relay purged the requests itself and says so; the producer is dropped or
+            // rebuilt next either way.
+            tracing::debug!(target: "librdkafka", error = %error, "{reason}");
+            return;
+        }
         if matches!(
             error.rdkafka_error_code(),
             Some(rdkafka::types::RDKafkaErrorCode::Fatal)
