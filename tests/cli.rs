@@ -209,6 +209,21 @@ async fn migrate_creates_the_table_and_check_reports_both_sides() {
         .unwrap()
     };
     assert_eq!(triggers().await, 1);
+    // Run again, it says what it found rather than what it did the first time.
+    let output = relay_command(&url, &bootstrap)
+        .arg("migrate")
+        .output()
+        .unwrap();
+    let again = output_text(&output);
+    assert!(output.status.success(), "{again}");
+    assert!(
+        again.contains("no migration to apply")
+            && again.contains("doorbell trigger already in place (channel outbox_relay)")
+            && !again.contains("installed")
+            && !again.contains("already exists, skipping"),
+        "{again}"
+    );
+    assert_eq!(triggers().await, 1);
     // It can be removed, and applying the migrations again changes nothing else.
     let output = relay_command(&url, &bootstrap)
         .args(["migrate", "--notify-trigger", "off"])

@@ -562,28 +562,36 @@ async fn migrate(settings: Settings, notify_trigger: Toggle, dry_run: bool) -> a
             );
         }
         let enabled = matches!(notify_trigger, Toggle::On);
-        store
+        let changed = store
             .set_notify_trigger(enabled, &settings.database.listen_channel)
             .await
             .context("Failed to change the notify trigger")?;
-        print_doorbell(&settings, enabled);
+        print_doorbell(&settings, enabled, changed);
     }
     store.pool().close().await;
     Ok(())
 }
 
-fn print_doorbell(settings: &Settings, installed: bool) {
+/// Says where the doorbell trigger stands; `changed`: whether this run installed or removed
+/// it (a second `migrate` finds it in place).
+fn print_doorbell(settings: &Settings, installed: bool, changed: bool) {
     let channel = &settings.database.listen_channel;
+    let done = match (installed, changed) {
+        (true, true) => "doorbell trigger installed",
+        (true, false) => "doorbell trigger already in place",
+        (false, true) => "doorbell trigger removed",
+        (false, false) => "no doorbell trigger",
+    };
     match (installed, settings.database.listen) {
-        (true, true) => println!(
-            "doorbell trigger installed (channel {channel}): inserts wake a sleeping relay at once"
-        ),
+        (true, true) => {
+            println!("{done} (channel {channel}): inserts wake a sleeping relay at once")
+        }
         (true, false) => println!(
-            "doorbell trigger installed (channel {channel}); database.listen = false here, so this relay polls every {:?}",
+            "{done} (channel {channel}); database.listen = false here, so this relay polls every {:?}",
             settings.relay.poll_interval
         ),
         (false, _) => println!(
-            "doorbell trigger removed: the relay finds new rows at its next poll (every {:?})",
+            "{done}: the relay finds new rows at its next poll (every {:?})",
             settings.relay.poll_interval
         ),
     }
@@ -654,7 +662,7 @@ async fn adopt(
             .await
             .context("Failed to remove the notify trigger")?;
     }
-    print_doorbell(settings, matches!(notify_trigger, Toggle::On));
+    print_doorbell(settings, matches!(notify_trigger, Toggle::On), true);
     store
         .verify_schema()
         .await

@@ -286,7 +286,8 @@ impl Store {
         let Some(spec) = self.spec.clone() else {
             return self
                 .set_notify_trigger(channel.is_some(), channel.unwrap_or_default())
-                .await;
+                .await
+                .map(|_| ());
         };
         let table = spec.quoted_name();
         let existing = self.doorbell_trigger_on(&table).await?;

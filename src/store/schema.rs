@@ -125,15 +125,15 @@ impl Store {
         .await
     }
 
-    /// Installs or removes the statement-level doorbell trigger, which notifies `channel`.
-    /// A trigger already as asked is left alone: replacing it would lock the outbox. Waits
-    /// at most 10 s for the table's lock rather than queue every insert behind a long
-    /// transaction.
+    /// Installs or removes the statement-level doorbell trigger, which notifies `channel`;
+    /// returns whether anything changed. A trigger already as asked is left alone: replacing
+    /// it would lock the outbox. Waits at most 10 s for the table's lock rather than queue
+    /// every insert behind a long transaction.
     pub(crate) async fn set_notify_trigger(
         &self,
         enabled: bool,
         channel: &str,
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
         let existing = self.doorbell_trigger().await?;
         let (replace_function, replace_trigger) = match &existing {
             Some(trigger) if enabled => (!trigger.only_while_asleep, trigger.channel != channel),
@@ -141,7 +141,7 @@ impl Store {
             None => (enabled, enabled),
         };
         if !replace_function && !replace_trigger {
-            return Ok(());
+            return Ok(false);
         }
         self.in_session(async |conn| {
             let mut tx = sqlx::Connection::begin(&mut *conn).await?;
@@ -162,7 +162,7 @@ impl Store {
                     .await?;
             }
             tx.commit().await?;
-            Ok(())
+            Ok(true)
         })
         .await
     }
