@@ -658,6 +658,21 @@ async fn http_endpoints_report_health_and_metrics() {
     for name in ["process_resident_memory_bytes", "process_open_fds"] {
         assert!(metric_value(&metrics, name) > 0.0, "{name}:\n{metrics}");
     }
+    // Every family exposed is described: a # HELP line for each # TYPE line.
+    let families: Vec<&str> = metrics
+        .lines()
+        .filter_map(|line| line.strip_prefix("# TYPE "))
+        .filter_map(|rest| rest.split_whitespace().next())
+        .collect();
+    assert!(families.len() > 20, "{metrics}");
+    for family in families {
+        assert!(
+            metrics
+                .lines()
+                .any(|line| line.starts_with(&format!("# HELP {family} "))),
+            "{family} has no # HELP line:\n{metrics}"
+        );
+    }
     relay.stop().await;
 }
 
