@@ -76,9 +76,7 @@ async fn shares_rebalance_as_replicas_join_and_leave() {
     db.insert(&stream("acct", 300, 3000)).await;
 
     // `status` shows the three replicas and their shares.
-    let output = Command::new(relay_bin())
-        .env_clear()
-        .env("OUTBOX_RELAY_DATABASE__URL", &db.url)
+    let output = database_command(&db.url)
         .args(["status", "--json"])
         .output()
         .unwrap();
@@ -102,12 +100,7 @@ async fn shares_rebalance_as_replicas_join_and_leave() {
     assert_eq!(shares.iter().map(|s| s.1).sum::<i64>(), 256, "{status}");
     assert_eq!(status["shards_unowned"], 0, "{status}");
     assert!(status["pending_rows"].as_i64().is_some(), "{status}");
-    let output = Command::new(relay_bin())
-        .env_clear()
-        .env("OUTBOX_RELAY_DATABASE__URL", &db.url)
-        .arg("status")
-        .output()
-        .unwrap();
+    let output = database_command(&db.url).arg("status").output().unwrap();
     let table = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success());
     for replica in ["a", "b", "c"] {
@@ -457,9 +450,7 @@ async fn two_replicas_work_through_pgbouncer_in_transaction_mode() {
     })
     .await;
 
-    let output = Command::new(relay_bin())
-        .env_clear()
-        .env("OUTBOX_RELAY_DATABASE__URL", &pooled)
+    let output = database_command(&pooled)
         .env("OUTBOX_RELAY_DATABASE__TRANSACTION_POOLER", "true")
         .env("OUTBOX_RELAY_DATABASE__LISTEN", "false")
         .arg("status")

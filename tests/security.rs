@@ -267,14 +267,25 @@ async fn the_relay_runs_under_the_least_privilege_role_and_names_a_missing_grant
     let role_url = role_url.to_string();
     let template = format!("{prefix}.{{aggregate_type}}");
 
+    let start_restricted = || {
+        relay_command(&role_url, &bootstrap)
+            .env("OUTBOX_RELAY_RELAY__TOPIC_TEMPLATE", &template)
+            .arg("run")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let stop = |child: std::process::Child| {
+        signal(child.id(), libc::SIGTERM);
+        let output = child.wait_with_output().unwrap();
+        let text = output_text(&output);
+        assert_eq!(output.status.code(), Some(0), "{text}");
+        text
+    };
+
     db.insert(&stream("grants", 10, 100)).await;
-    let child = relay_command(&role_url, &bootstrap)
-        .env("OUTBOX_RELAY_RELAY__TOPIC_TEMPLATE", &template)
-        .arg("run")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = start_restricted();
     wait_for(
         "every row marked by the restricted role",
         CONDITION_TIMEOUT,
@@ -283,14 +294,8 @@ async fn the_relay_runs_under_the_least_privilege_role_and_names_a_missing_grant
     .await;
     // The role may record the replica's state for `status`.
     wait_for_status_state(&db, "ready", "").await;
-    signal(child.id(), libc::SIGTERM);
-    let output = child.wait_with_output().unwrap();
-    assert_eq!(output.status.code(), Some(0), "{}", output_text(&output));
-    assert!(
-        !output_text(&output).contains("permission denied"),
-        "{}",
-        output_text(&output)
-    );
+    let text = stop(child);
+    assert!(!text.contains("permission denied"), "{text}");
 
     // A role made before the state was recorded relays all the same, and says what to grant.
     sqlx::query(&format!(
@@ -300,13 +305,7 @@ async fn the_relay_runs_under_the_least_privilege_role_and_names_a_missing_grant
     .await
     .unwrap();
     db.insert(&stream("grants", 10, 10)).await;
-    let child = relay_command(&role_url, &bootstrap)
-        .env("OUTBOX_RELAY_RELAY__TOPIC_TEMPLATE", &template)
-        .arg("run")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = start_restricted();
     wait_for(
         "the rows marked by a role that may not record its state",
         CONDITION_TIMEOUT,
@@ -314,10 +313,7 @@ async fn the_relay_runs_under_the_least_privilege_role_and_names_a_missing_grant
     )
     .await;
     let status_table = wait_for_status_state(&db, "-", "a role that may not record it").await;
-    signal(child.id(), libc::SIGTERM);
-    let output = child.wait_with_output().unwrap();
-    let text = output_text(&output);
-    assert_eq!(output.status.code(), Some(0), "{text}");
+    let text = stop(child);
     assert!(
         text.contains(
             "GRANT INSERT (state, state_reason), UPDATE (state, state_reason) ON outbox_replica"

@@ -167,6 +167,16 @@ pub fn relay_command(db_url: &str, bootstrap: &str) -> Command {
     relay_environment(Command::new(relay_bin()), db_url, bootstrap)
 }
 
+/// The relay binary with a clean environment and only `db_url`: for the commands that need
+/// the database alone (`status`, `parked`, `migrate`...).
+pub fn database_command(db_url: &str) -> Command {
+    let mut command = Command::new(relay_bin());
+    command
+        .env_clear()
+        .env("OUTBOX_RELAY_DATABASE__URL", db_url);
+    command
+}
+
 /// `sh` with the relay's environment, for a test that must wrap the relay (`exec`).
 pub fn relay_shell(db_url: &str, bootstrap: &str) -> Command {
     relay_environment(Command::new("sh"), db_url, bootstrap)
@@ -208,12 +218,7 @@ pub async fn wait_for_status_state(db: &TestDb, state: &str, reason: &str) -> St
         &format!("status to show a replica {state} ({reason})"),
         CONDITION_TIMEOUT,
         || {
-            let output = Command::new(relay_bin())
-                .env_clear()
-                .env("OUTBOX_RELAY_DATABASE__URL", &db.url)
-                .arg("status")
-                .output()
-                .unwrap();
+            let output = database_command(&db.url).arg("status").output().unwrap();
             assert!(
                 output.status.success(),
                 "{}",
