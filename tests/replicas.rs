@@ -621,3 +621,49 @@ async fn a_second_relay_with_a_replica_id_in_use_is_refused_and_a_dead_ones_is_t
     assert_eq!(long_gone, 0, "a registration expired for hours is dropped");
     ghost.stop().await;
 }
+
+/// A relay upgraded before `migrate` added the state columns (a schema from before
+/// migration 10) relays all the same; `status` shows its state as unknown and a killed
+/// replica as gone, quoting what it last said when it could.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_reads_a_schema_from_before_the_replica_state_and_shows_the_dead_as_gone() {
+    let db = TestDb::new().await;
+    let bootstrap = kafka_bootstrap();
+    let prefix = unique_prefix();
+    create_topic(&bootstrap, &format!("{prefix}.old"), 3).await;
+    sqlx::query("ALTER TABLE outbox_replica DROP COLUMN state, DROP COLUMN state_reason")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    db.insert(&stream("old", 5, 50)).await;
+    let relay = RunningRelay::start(replica_settings(&db, &bootstrap, &prefix, "old")).await;
+    wait_for(
+        "rows marked on the old schema",
+        CONDITION_TIMEOUT,
+        || async { db.sent().await == 50 },
+    )
+    .await;
+    wait_for_status_state(&db, "-", "earlier version").await;
+    relay.stop().await;
+
+    // With the columns back, a replica that stops heartbeating is gone, with its last word.
+    sqlx::query("ALTER TABLE outbox_replica ADD COLUMN state text, ADD COLUMN state_reason text")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO outbox_replica (replica_id, heartbeat_at, expires_at, state, state_reason) \
+         VALUES ('killed', now() - interval '5 minutes', now() - interval '4 minutes', \
+                 'stalled', 'stalled: broker acknowledgements have stopped')",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let table = wait_for_status_state(&db, "gone", "last said: stalled").await;
+    assert!(
+        ["300s", "301s"]
+            .iter()
+            .any(|age| table.contains(&format!("no heartbeat for {age}"))),
+        "{table}"
+    );
+}
