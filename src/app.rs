@@ -160,6 +160,13 @@ impl App {
                     &cancel,
                 )
                 .await?;
+                if !reports_state {
+                    // A registration left under this id by a run that recorded its state
+                    // would show that state for good: this run cannot overwrite it.
+                    if let Err(err) = store.deregister(&replica_id).await {
+                        warn!(error = %err, "could not clear an earlier registration under this replica id; status may show its last state");
+                    }
+                }
                 let listener_pool = crate::store::listener_pool(&settings.database)
                     .context("Failed to configure the LISTEN connection from database.url")?;
                 if settings.database.listen {
@@ -190,7 +197,7 @@ impl App {
                         ownership: ownership.clone(),
                         health: health.clone(),
                         wake_relay: wake.clone(),
-                        reports_state,
+                        reports_state: reports_state.into(),
                     }
                     .run(keeper_cancel.clone()),
                 );

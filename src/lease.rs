@@ -4,6 +4,7 @@
 //! can hand the shard to another replica; marks are fenced by the epoch in the database.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -244,8 +245,9 @@ pub(crate) struct LeaseKeeper {
     pub health: Arc<Health>,
     /// Woken when a held shard should be released, so an idle relay does it at once.
     pub wake_relay: Arc<Notify>,
-    /// Whether the heartbeat records the replica's state (the schema and grants allow it).
-    pub reports_state: bool,
+    /// Whether the heartbeat records the replica's state (the schema and grants allowed it
+    /// at start; a heartbeat that finds them gone stops trying).
+    pub reports_state: AtomicBool,
 }
 
 impl LeaseKeeper {
@@ -289,11 +291,23 @@ impl LeaseKeeper {
         let (state, reason) = self.health.reported_state();
         let report = self
             .reports_state
+            .load(Ordering::Relaxed)
             .then_some((state.as_str(), reason.as_deref()));
-        let live = self
+        let live = match self
             .store
             .heartbeat(&self.replica_id, self.timing.ttl, report)
-            .await?;
+            .await
+        {
+            // The state is optional; the heartbeat, which keeps the leases, is not.
+            Err(err) if report.is_some() && err.is_missing_column_or_grant() => {
+                warn!(error = %err, "the heartbeat can no longer record this replica's state for `outbox-relay status` (a grant or a column of outbox_replica went away); it goes on without: run `outbox-relay migrate` and deploy/sql/least-privilege.sql again");
+                self.reports_state.store(false, Ordering::Relaxed);
+                self.store
+                    .heartbeat(&self.replica_id, self.timing.ttl, None)
+                    .await?
+            }
+            other => other?,
+        };
         let desired = desired_shards(&self.replica_id, &live);
         if last_desired.as_ref() != Some(&desired) {
             emit(Rebalanced {

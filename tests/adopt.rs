@@ -187,9 +187,35 @@ async fn a_debezium_shaped_outbox_is_adopted_and_relayed_old_rows_and_new_in_ord
         &before[..],
         "the writer's columns are unchanged"
     );
-    // Adopting twice is harmless.
+    // Adopting twice is harmless: nothing to add takes no lock on the replica table, and the
+    // doorbell is found in place.
     let again = migrate(&db, &config, &[]);
     assert!(again.status.success(), "{}", output_text(&again));
+    let again = output_text(&again);
+    assert!(!again.contains("ALTER TABLE outbox_replica"), "{again}");
+    assert!(
+        again.contains("doorbell trigger already in place"),
+        "{again}"
+    );
+    // A replica table from an adoption by an earlier version gets the state columns.
+    sqlx::query("ALTER TABLE outbox_replica DROP COLUMN state, DROP COLUMN state_reason")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let upgraded = migrate(&db, &config, &[]);
+    let upgraded = output_text(&upgraded);
+    assert!(
+        upgraded.contains("ALTER TABLE outbox_replica ADD COLUMN IF NOT EXISTS state text"),
+        "{upgraded}"
+    );
+    let state_columns: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_attribute WHERE attrelid = 'outbox_replica'::regclass \
+         AND attname IN ('state', 'state_reason') AND NOT attisdropped",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(state_columns, 2, "{upgraded}");
 
     // Half-adopted (rows not proven numbered), the table is refused until migrate is run
     // again, which finishes the job.

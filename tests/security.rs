@@ -294,22 +294,58 @@ async fn the_relay_runs_under_the_least_privilege_role_and_names_a_missing_grant
     .await;
     // The role may record the replica's state for `status`.
     wait_for_status_state(&db, "ready", "").await;
-    let text = stop(child);
-    assert!(!text.contains("permission denied"), "{text}");
-
-    // A role made before the state was recorded relays all the same, and says what to grant.
-    sqlx::query(&format!(
+    // Its state grants taken away while it runs, the relay keeps its leases and relays.
+    let revoke_state = format!(
         "REVOKE INSERT (state, state_reason), UPDATE (state, state_reason) ON outbox_replica FROM {role}"
+    );
+    let revoked_at: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT now()")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    sqlx::query(&revoke_state).execute(&db.pool).await.unwrap();
+    wait_for(
+        "a heartbeat after the state grants went away",
+        CONDITION_TIMEOUT,
+        || async {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT count(*) FROM outbox_replica WHERE heartbeat_at > $1",
+            )
+            .bind(revoked_at)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap()
+                == 1
+        },
+    )
+    .await;
+    db.insert(&stream("grants", 10, 10)).await;
+    wait_for(
+        "rows marked after the state grants went away",
+        CONDITION_TIMEOUT,
+        || async { db.sent().await == 110 },
+    )
+    .await;
+    let text = stop(child);
+    assert!(
+        text.contains("can no longer record this replica's state"),
+        "{text}"
+    );
+    assert!(!text.contains("lease renewal failed"), "{text}");
+    sqlx::query(&format!(
+        "GRANT INSERT (state, state_reason), UPDATE (state, state_reason) ON outbox_replica TO {role}"
     ))
     .execute(&db.pool)
     .await
     .unwrap();
+
+    // A role made before the state was recorded relays all the same, and says what to grant.
+    sqlx::query(&revoke_state).execute(&db.pool).await.unwrap();
     db.insert(&stream("grants", 10, 10)).await;
     let child = start_restricted();
     wait_for(
         "the rows marked by a role that may not record its state",
         CONDITION_TIMEOUT,
-        || async { db.sent().await == 110 },
+        || async { db.sent().await == 120 },
     )
     .await;
     let status_table = wait_for_status_state(&db, "-", "a role that may not record it").await;
@@ -345,7 +381,7 @@ async fn the_relay_runs_under_the_least_privilege_role_and_names_a_missing_grant
         check_text.contains("UPDATE (sent_at) ON outbox"),
         "{check_text}"
     );
-    let records = consume(&bootstrap, &topic, 110);
-    assert_eq!(records.len(), 110, "nothing published without the grant");
-    assert_eq!(assert_contract(&db.rows().await[..110], &records), 0);
+    let records = consume(&bootstrap, &topic, 120);
+    assert_eq!(records.len(), 120, "nothing published without the grant");
+    assert_eq!(assert_contract(&db.rows().await[..120], &records), 0);
 }

@@ -311,7 +311,8 @@ pub fn main() -> ExitCode {
                 .disable_help_subcommand(true);
             let written = match &dir {
                 None => clap_mangen::Man::new(command).render(&mut std::io::stdout()),
-                Some(dir) => clap_mangen::generate_to(command, dir),
+                Some(dir) => std::fs::create_dir_all(dir)
+                    .and_then(|()| clap_mangen::generate_to(command, dir)),
             };
             return match written {
                 Ok(()) => ExitCode::SUCCESS,
@@ -656,13 +657,18 @@ async fn adopt(
         .context(
             "Failed to adopt the table (steps already run stay; run migrate again to finish)",
         )?;
-    if matches!(notify_trigger, Toggle::Off) {
-        store
+    let doorbell_changed = match notify_trigger {
+        Toggle::Off => store
             .set_adopted_notify_trigger(None)
             .await
-            .context("Failed to remove the notify trigger")?;
-    }
-    print_doorbell(settings, matches!(notify_trigger, Toggle::On), true);
+            .context("Failed to remove the notify trigger")?,
+        Toggle::On => plan.doorbell_changes,
+    };
+    print_doorbell(
+        settings,
+        matches!(notify_trigger, Toggle::On),
+        doorbell_changed,
+    );
     store
         .verify_schema()
         .await

@@ -32,13 +32,15 @@ pub struct AdoptionPlan {
     /// Rows that get an ordering number (all of them, the first time).
     pub rows_to_number: i64,
     pub steps: Vec<Step>,
+    /// Whether a step installs or changes the doorbell trigger (else it is as asked).
+    pub doorbell_changes: bool,
 }
 
 /// The first value of the ordering sequence: far above any number given to the rows
 /// already there, so every new row is ordered after them.
 const SEQUENCE_START: i64 = 1 << 40;
 
-/// The relay's own tables, as migrations 2 and 10 create them.
+/// The relay's own tables, as migrations 2 and 10 leave them.
 const LEASE_TABLES: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS outbox_shard_lease ( \
          shard smallint PRIMARY KEY, owner text, epoch bigint NOT NULL DEFAULT 0, \
@@ -47,9 +49,8 @@ const LEASE_TABLES: &[&str] = &[
      ON CONFLICT (shard) DO NOTHING",
     "CREATE TABLE IF NOT EXISTS outbox_replica ( \
          replica_id text PRIMARY KEY, started_at timestamptz NOT NULL DEFAULT pg_catalog.now(), \
-         heartbeat_at timestamptz NOT NULL DEFAULT pg_catalog.now(), expires_at timestamptz NOT NULL)",
-    "ALTER TABLE outbox_replica ADD COLUMN IF NOT EXISTS state text, \
-         ADD COLUMN IF NOT EXISTS state_reason text",
+         heartbeat_at timestamptz NOT NULL DEFAULT pg_catalog.now(), expires_at timestamptz NOT NULL, \
+         state text, state_reason text)",
 ];
 
 impl Store {
@@ -82,6 +83,22 @@ impl Store {
             concurrently: false,
             until_done: false,
         }];
+        if self.replica_table_lacks_state().await? {
+            steps.push(Step {
+                statements: vec![
+                    "SET LOCAL lock_timeout = '10s'".into(),
+                    "ALTER TABLE outbox_replica ADD COLUMN IF NOT EXISTS state text, \
+                     ADD COLUMN IF NOT EXISTS state_reason text"
+                        .into(),
+                ],
+                lock: format!(
+                    "none on {display}; ACCESS EXCLUSIVE on outbox_replica for an instant (waits 10 s at most): running relays' heartbeats wait for it"
+                ),
+                effect: "adds the columns in which each replica records its state for `status` (migration 10)".into(),
+                concurrently: false,
+                until_done: false,
+            });
+        }
 
         let mut add = Vec::new();
         let mut added = Vec::new();
@@ -246,15 +263,19 @@ impl Store {
                 until_done: false,
             });
         }
+        let mut doorbell_changes = false;
         if notify_channel.is_some() {
             let existing = self.doorbell_trigger_on(&t).await?;
-            steps.extend(notify_step(&t, &display, notify_channel, existing.as_ref()));
+            let doorbell = notify_step(&t, &display, notify_channel, existing.as_ref());
+            doorbell_changes = doorbell.is_some();
+            steps.extend(doorbell);
         }
         Ok(AdoptionPlan {
             table: display,
             existing_rows,
             rows_to_number,
             steps,
+            doorbell_changes,
         })
     }
 
@@ -278,23 +299,42 @@ impl Store {
         Ok(())
     }
 
-    /// Installs or removes the doorbell trigger on an adopted table.
+    /// Installs or removes the doorbell trigger on an adopted table; returns whether
+    /// anything changed.
     pub async fn set_adopted_notify_trigger(
         &self,
         channel: Option<&str>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
         let Some(spec) = self.spec.clone() else {
             return self
                 .set_notify_trigger(channel.is_some(), channel.unwrap_or_default())
-                .await
-                .map(|_| ());
+                .await;
         };
         let table = spec.quoted_name();
         let existing = self.doorbell_trigger_on(&table).await?;
-        if let Some(step) = notify_step(&table, &spec.display(), channel, existing.as_ref()) {
-            run_step(&mut *self.pool().acquire().await?, &step).await?;
-        }
-        Ok(())
+        let Some(step) = notify_step(&table, &spec.display(), channel, existing.as_ref()) else {
+            return Ok(false);
+        };
+        run_step(&mut *self.pool().acquire().await?, &step).await?;
+        Ok(true)
+    }
+
+    /// Whether `outbox_replica` exists without the state columns of migration 10 (an
+    /// adoption made by an earlier version). Asked first: `ADD COLUMN IF NOT EXISTS` would
+    /// take the table's exclusive lock at every `migrate` even with nothing to add.
+    async fn replica_table_lacks_state(&self) -> Result<bool, StoreError> {
+        self.in_session(async |conn| {
+            Ok(self
+                .query_scalar(
+                    "SELECT pg_catalog.to_regclass('outbox_replica') IS NOT NULL \
+                       AND (SELECT pg_catalog.count(*) FROM pg_catalog.pg_attribute \
+                            WHERE attrelid = pg_catalog.to_regclass('outbox_replica') \
+                              AND attname IN ('state', 'state_reason') AND NOT attisdropped) < 2",
+                )
+                .fetch_one(&mut *conn)
+                .await?)
+        })
+        .await
     }
 
     /// How many rows the table has, and how many lack an ordering number.

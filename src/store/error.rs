@@ -53,6 +53,16 @@ impl StoreError {
 
     /// Bounded label for metrics.
     /// Bounded label for metrics; one of [`ERROR_KINDS`].
+    /// A column the statement names is missing, or the role may not use it (SQLSTATE 42703,
+    /// 42P01, 42501): what an optional column does when a schema or a grant goes back.
+    pub(crate) fn is_missing_column_or_grant(&self) -> bool {
+        match self {
+            StoreError::Schema(_) => true,
+            StoreError::Statement { code, .. } => code == "42501",
+            _ => false,
+        }
+    }
+
     pub fn kind(&self) -> &'static str {
         match self {
             StoreError::Connection(_) | StoreError::Unreachable { .. } => "connection",

@@ -12,6 +12,32 @@ use super::{
     TOPICS_WAITING,
 };
 
+/// Longest reason a heartbeat records.
+const REASON_CHARS: usize = 500;
+
+/// A reason as the heartbeat stores it: printable ASCII, at most [`REASON_CHARS`]. It quotes
+/// the broker's or librdkafka's words, which must neither fail the heartbeat (a character
+/// the database's encoding cannot store would cost the leases a round) nor reach an
+/// operator's terminal as control characters.
+fn storable_reason(reason: &str) -> String {
+    let mut storable: String = reason
+        .chars()
+        .map(|c| {
+            if c == ' ' || c.is_ascii_graphic() {
+                c
+            } else {
+                '?'
+            }
+        })
+        .take(REASON_CHARS + 1)
+        .collect();
+    if storable.len() > REASON_CHARS {
+        storable.truncate(REASON_CHARS - 3);
+        storable.push_str("...");
+    }
+    storable
+}
+
 /// A replica's state as its heartbeat records it and `outbox-relay status` shows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum ReplicaState {
@@ -245,15 +271,16 @@ impl Health {
             Some((Unready, "database unavailable for lease renewal"))
         } else if !self.producer_ok.load(Ordering::SeqCst) {
             Some((Unready, "producer unhealthy"))
+        } else if self.blocked.load(Ordering::SeqCst) {
+            // Before the brokers' reach: a refused login fails the metadata round trip too.
+            Some((
+                Blocked,
+                "publishing blocked by a permanent broker error (authorization, authentication); see the logs",
+            ))
         } else if self.broker_unreachable.load(Ordering::SeqCst) {
             Some((
                 Unready,
                 "brokers unreachable: no metadata answer from kafka.bootstrap_servers (see the logs)",
-            ))
-        } else if self.blocked.load(Ordering::SeqCst) {
-            Some((
-                Blocked,
-                "publishing blocked by a permanent broker error (authorization, authentication); see the logs",
             ))
         } else if self.stalled.load(Ordering::SeqCst) {
             Some((Stalled, "stalled: broker acknowledgements have stopped"))
@@ -264,8 +291,13 @@ impl Health {
 
     /// What this replica says of itself in each heartbeat, for `outbox-relay status`: its
     /// state and, unless all is well, why (a blocked relay names the broker's error, a
-    /// ready one the topics whose rows wait).
+    /// ready one the topics whose rows wait), as [`storable_reason`] makes it.
     pub(crate) fn reported_state(&self) -> (ReplicaState, Option<String>) {
+        let (state, reason) = self.current_state();
+        (state, reason.map(|reason| storable_reason(&reason)))
+    }
+
+    fn current_state(&self) -> (ReplicaState, Option<String>) {
         if self.draining.load(Ordering::SeqCst) {
             return (
                 ReplicaState::Draining,
@@ -302,5 +334,40 @@ impl Health {
             0.0
         };
         self.record(|| gauge!(READY).set(ready));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stored_reason_is_printable_ascii_and_bounded() {
+        assert_eq!(storable_reason("ok: fine"), "ok: fine");
+        assert_eq!(storable_reason("a\nb\u{1b}[31m\u{e9}"), "a?b?[31m?");
+        let long = storable_reason(&"x".repeat(2 * REASON_CHARS));
+        assert_eq!(long.len(), REASON_CHARS);
+        assert!(long.ends_with("..."));
+        assert_eq!(
+            storable_reason(&"y".repeat(REASON_CHARS)).len(),
+            REASON_CHARS
+        );
+    }
+
+    #[test]
+    fn a_refused_login_reads_blocked_not_unreachable() {
+        let health = Health::default();
+        health.set_started();
+        health.set_database_ok(true);
+        health.set_leases_ok(true);
+        health.set_producer_ok(true);
+        assert_eq!(health.reported_state(), (ReplicaState::Ready, None));
+        health.set_broker_reachable(false);
+        health.block("Authentication failed");
+        let (state, reason) = health.reported_state();
+        assert_eq!(state, ReplicaState::Blocked);
+        assert!(reason.unwrap().contains("Authentication failed"));
+        health.set_draining();
+        assert_eq!(health.reported_state().0, ReplicaState::Draining);
     }
 }

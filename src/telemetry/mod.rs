@@ -333,15 +333,16 @@ fn register_all(bounded: &[BoundedLabel]) {
 /// notices among them) are text unless `log.format = "json"` says otherwise. Colours only
 /// on a terminal, never into a file or a pipe.
 pub fn init_logging(settings: &LogSettings, daemon: bool) {
-    let from_environment = std::env::var_os("RUST_LOG").is_some();
-    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
+    let from_environment = tracing_subscriber::EnvFilter::try_from_default_env();
+    let chosen_by_environment = from_environment.is_ok();
+    let mut filter = from_environment
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(&settings.level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // PostgreSQL's notices to a one-shot command are its own chatter ("relation ... already
     // exists, skipping" at every `migrate`); warnings still show, and a filter that names
     // sqlx decides for itself.
     if !daemon
-        && !from_environment
+        && !chosen_by_environment
         && !settings.level.contains("sqlx")
         && let Ok(quiet_notices) = "sqlx::postgres::notice=warn".parse()
     {
