@@ -1184,12 +1184,14 @@ async fn an_idle_relay_whose_brokers_do_not_answer_is_not_ready() {
     let db = TestDb::new().await;
     let nowhere = format!("127.0.0.1:{}", free_port());
     let relay = RunningRelay::start(settings(&db, &nowhere, "")).await;
+    // Never ready, not even in the seconds before the first metadata request times out.
     wait_for(
         "readiness to name the brokers",
         CONDITION_TIMEOUT,
         || async {
             let (status, body) = http_get(relay.http_addr, "/readyz").await;
-            status == 503 && body.contains("brokers unreachable")
+            assert_eq!(status, 503, "ready before any broker answered: {body}");
+            body.contains("brokers unreachable")
         },
     )
     .await;

@@ -35,6 +35,7 @@ pub(crate) async fn watch_brokers(
         Ok(client) => client,
         Err(err) => {
             warn!(error = %err, "cannot create the client that checks the brokers answer; readiness follows produce results only");
+            health.set_broker_reachable(true);
             return;
         }
     };

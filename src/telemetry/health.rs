@@ -74,6 +74,9 @@ pub struct Health {
     producer_ok: AtomicBool,
     /// The last metadata round trip to the brokers failed (an idle relay learns it here).
     broker_unreachable: AtomicBool,
+    /// Whether a metadata round trip has ended yet: until then the brokers are unknown,
+    /// and a relay pointed at a wrong address must not look ready meanwhile.
+    brokers_checked: AtomicBool,
     stalled: AtomicBool,
     blocked: AtomicBool,
     /// The permanent broker error that blocks publishing, as the broker or client said it.
@@ -132,10 +135,12 @@ impl Health {
         self.producer_ok.store(ok, Ordering::SeqCst);
         self.update_ready_gauge();
     }
-    /// Returns whether this changes what was known.
+    /// Returns whether this changes what was known (the first answer only when it says
+    /// the brokers are unreachable).
     pub(crate) fn set_broker_reachable(&self, reachable: bool) -> bool {
         let changed = self.broker_unreachable.swap(!reachable, Ordering::SeqCst) == reachable;
-        if changed {
+        let first = !self.brokers_checked.swap(true, Ordering::SeqCst);
+        if changed || first {
             self.update_ready_gauge();
         }
         changed
@@ -271,6 +276,11 @@ impl Health {
             Some((Unready, "database unavailable for lease renewal"))
         } else if !self.producer_ok.load(Ordering::SeqCst) {
             Some((Unready, "producer unhealthy"))
+        } else if !self.brokers_checked.load(Ordering::SeqCst) {
+            Some((
+                Starting,
+                "starting: waiting for the brokers to answer a metadata request",
+            ))
         } else if self.blocked.load(Ordering::SeqCst) {
             // Before the brokers' reach: a refused login fails the metadata round trip too.
             Some((
@@ -361,6 +371,8 @@ mod tests {
         health.set_database_ok(true);
         health.set_leases_ok(true);
         health.set_producer_ok(true);
+        assert_eq!(health.reported_state().0, ReplicaState::Starting);
+        health.set_broker_reachable(true);
         assert_eq!(health.reported_state(), (ReplicaState::Ready, None));
         health.set_broker_reachable(false);
         health.block("Authentication failed");
