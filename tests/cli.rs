@@ -942,6 +942,20 @@ async fn service_links_a_config_variable_and_database_only_commands_do_not_trip_
         "{text}"
     );
     assert!(!text.contains("10.0.0.7"), "a value was printed: {text}");
+    // A one-shot command says it too: a misspelt variable is never ignored in silence.
+    let output = run(
+        &["status"],
+        &[(
+            "OUTBOX_RELAY_DATABASE_URL",
+            "postgres://x@nowhere/y".to_string(),
+        )],
+    );
+    let text = output_text(&output);
+    assert_eq!(output.status.code(), Some(0), "{text}");
+    assert!(
+        text.contains("ignored environment variables OUTBOX_RELAY_DATABASE_URL"),
+        "{text}"
+    );
 
     let file = dir.path().join("elsewhere.toml");
     std::fs::write(&file, "[relay]\nreplica_id = \"named-by-the-variable\"\n").unwrap();

@@ -355,6 +355,13 @@ pub fn main() -> ExitCode {
         }
     };
     let is_daemon = matches!(cli.command, Command::Run);
+    // `run` logs them at start and `check` prints them; the other commands warn here, so
+    // that a misspelt variable (one underscore) is never ignored in silence.
+    if !matches!(cli.command, Command::Run | Command::Check { .. }) {
+        for warning in settings.warnings() {
+            warn!("{warning}");
+        }
+    }
     let result = runtime.block_on(async {
         match cli.command {
             Command::Run => run(settings).await,
