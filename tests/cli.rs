@@ -1042,6 +1042,24 @@ fn the_version_names_revision_and_librdkafka_and_completions_and_man_need_no_con
     for shell in ["zsh", "fish"] {
         assert!(plain(&["completions", shell]).contains("verify"), "{shell}");
     }
+    // Bash completes a subcommand's options, not only the subcommands.
+    let script = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(script.path(), &bash).unwrap();
+    let completed = Command::new("bash")
+        .arg("-c")
+        .arg(
+            r#"source "$1"; COMP_WORDS=(outbox-relay parked discard --); COMP_CWORD=3; _outbox__relay outbox-relay -- discard; printf '%s\n' "${COMPREPLY[@]}""#,
+        )
+        .arg("bash")
+        .arg(script.path())
+        .output()
+        .unwrap();
+    let offered = String::from_utf8_lossy(&completed.stdout);
+    assert!(
+        offered.lines().any(|l| l == "--yes") && offered.lines().any(|l| l == "--dry-run"),
+        "`outbox-relay parked discard --<TAB>` offered: {offered:?} {}",
+        String::from_utf8_lossy(&completed.stderr)
+    );
     let man = plain(&["man"]);
     assert!(
         man.starts_with(".ie") || man.contains(".TH outbox-relay"),

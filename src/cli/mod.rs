@@ -282,12 +282,16 @@ pub fn main() -> ExitCode {
     }
     match &cli.command {
         Command::Completions { shell } => {
-            clap_complete::generate(
-                *shell,
-                &mut Cli::command(),
-                "outbox-relay",
-                &mut std::io::stdout(),
-            );
+            let mut script = Vec::new();
+            clap_complete::generate(*shell, &mut Cli::command(), "outbox-relay", &mut script);
+            let mut script = String::from_utf8_lossy(&script).into_owned();
+            if *shell == clap_complete::Shell::Bash {
+                // clap_complete 4.6 names the bash states of a hyphenated binary's
+                // subcommands `outbox__relay__subcmd__x` but matches `outbox__subcmd__relay__
+                // subcmd__x`, so no subcommand's options would complete (clap-rs/clap#6421).
+                script = script.replace("outbox__subcmd__relay__", "outbox__relay__");
+            }
+            print!("{script}");
             return ExitCode::SUCCESS;
         }
         Command::ConfigSchema => {
