@@ -16,7 +16,10 @@ pub enum StoreError {
         /// Whether waiting can help (a server down or restarting, not a wrong password).
         retriable: bool,
     },
-    #[error("database refused the statement (SQLSTATE {code}): {message}")]
+    #[error(
+        "database refused the statement (SQLSTATE {code}): {message}{}",
+        privilege_hint(code)
+    )]
     Statement { code: String, message: String },
     #[error(
         "the outbox table is missing or incomplete ({0}); run `outbox-relay migrate`, or set database.schema to the schema holding it and grant the relay's role USAGE on that schema"
@@ -28,6 +31,15 @@ pub enum StoreError {
     Config { key: String, message: String },
     #[error("database error: {0}")]
     Other(sqlx::Error),
+}
+
+/// What to do about a refused privilege (SQLSTATE 42501): which role each command runs as.
+fn privilege_hint(code: &str) -> &'static str {
+    if code == "42501" {
+        ": the connected role lacks this privilege. deploy/sql/least-privilege.sql grants the relay's role what `run` needs, and the operator role (-v operator_role=...) what `status`, `parked`, `where`, `verify` and `prune` need; `migrate` runs as the tables' owner"
+    } else {
+        ""
+    }
 }
 
 impl StoreError {
@@ -109,5 +121,29 @@ impl From<sqlx::Error> for StoreError {
             },
             _ => StoreError::Other(err),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refused_privilege_says_which_role_runs_which_command() {
+        let refused = StoreError::Statement {
+            code: "42501".into(),
+            message: "permission denied for table outbox".into(),
+        };
+        let text = refused.to_string();
+        assert!(
+            text.contains("permission denied for table outbox"),
+            "{text}"
+        );
+        assert!(text.contains("operator role"), "{text}");
+        let other = StoreError::Statement {
+            code: "23505".into(),
+            message: "duplicate key".into(),
+        };
+        assert!(!other.to_string().contains("operator role"));
     }
 }
