@@ -66,10 +66,16 @@ impl TopicLimits {
 
     fn warn_once(&mut self, topic: &str, why: String) {
         if self.warned.len() < 10_000 && self.warned.insert(topic.to_string()) {
+            // A request that timed out says nothing of the grants: the brokers did not answer.
+            let advice = if why.contains("Timed out") || why.contains("TimedOut") {
+                "the brokers did not answer in time (see whether they are reachable), or the principal lacks DescribeConfigs on its topics"
+            } else {
+                "grant the relay's principal DescribeConfigs on its topics"
+            };
             warn!(
                 topic,
                 error = %why,
-                "cannot learn the topic's max.message.bytes, so rows are checked only against relay.max_message_bytes; grant the relay's principal DescribeConfigs on its topics"
+                "cannot learn the topic's max.message.bytes, so rows are checked only against relay.max_message_bytes; {advice}"
             );
         } else {
             debug!(topic, error = %why, "the topic's max.message.bytes is still unknown");
