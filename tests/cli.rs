@@ -942,6 +942,18 @@ async fn service_links_a_config_variable_and_database_only_commands_do_not_trip_
         "{text}"
     );
     assert!(!text.contains("10.0.0.7"), "a value was printed: {text}");
+    // A required key missing with no file read says that no file was found.
+    let output = run(
+        &["status"],
+        &[("OUTBOX_RELAY_DATABASE__URL", String::new())],
+    );
+    let text = output_text(&output);
+    assert_eq!(output.status.code(), Some(2), "{text}");
+    assert!(
+        text.contains("`database.url`: is required")
+            && text.contains("no configuration file was read"),
+        "{text}"
+    );
     // A one-shot command says it too: a misspelt variable is never ignored in silence.
     let output = run(
         &["status"],

@@ -672,6 +672,11 @@ fn from_figment_error(err: figment::Error) -> ConfigError {
     };
     let source = err.metadata.as_ref().map(|m| match &m.source {
         Some(figment::Source::File(file)) => file.display().to_string(),
+        // An unknown section leaves only its own name in the path: the key is not known.
+        _ if m.name.contains("environment") && path.len() < 2 => format!(
+            "an environment variable {ENV_PREFIX}{}__...",
+            path.join("__").to_uppercase()
+        ),
         _ if m.name.contains("environment") => format!(
             "environment variable {ENV_PREFIX}{}",
             path.join("__").to_uppercase()

@@ -20,7 +20,10 @@ impl Settings {
         if self.database.url.expose().trim().is_empty() {
             return Err(ConfigError::new(
                 "database.url",
-                "is required: set it in the config file or OUTBOX_RELAY_DATABASE__URL, e.g. postgres://relay@db.internal/app",
+                format!(
+                    "is required: set it in the config file or OUTBOX_RELAY_DATABASE__URL, e.g. postgres://relay@db.internal/app{}",
+                    self.no_file_found()
+                ),
             ));
         }
         let url = url::Url::parse(self.database.url.expose()).map_err(|e| {
@@ -108,7 +111,10 @@ impl Settings {
         if self.kafka.bootstrap_servers.trim().is_empty() {
             return Err(ConfigError::new(
                 "kafka.bootstrap_servers",
-                "is required, e.g. kafka-1:9092,kafka-2:9092",
+                format!(
+                    "is required, e.g. kafka-1:9092,kafka-2:9092{}",
+                    self.no_file_found()
+                ),
             ));
         }
         if !matches!(
@@ -238,6 +244,20 @@ impl Settings {
             ),
             ("relay.audit_interval", self.relay.audit_interval),
         ]
+    }
+
+    /// Said after a required key is missing when no configuration file was read: the
+    /// likelier cause.
+    fn no_file_found(&self) -> String {
+        if self.config_file.is_some() {
+            return String::new();
+        }
+        format!(
+            " (no configuration file was read: none given with --config or ${}, and neither {} nor {} exists)",
+            super::CONFIG_PATH_VARIABLE,
+            super::DEFAULT_CONFIG_PATH,
+            super::SYSTEM_CONFIG_PATH
+        )
     }
 
     /// Settings the relay accepts but an operator should hear about at start.

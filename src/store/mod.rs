@@ -285,7 +285,7 @@ fn describe_connect_error(target: String, err: sqlx::Error) -> StoreError {
         sqlx::Error::Tls(tls) => (format!("TLS failed: {tls}"), false),
         sqlx::Error::Database(db) => match db.code().as_deref() {
             Some("28P01") => (
-                "authentication failed: the server wants a password for this user, and the one given is wrong or none was given (database.url, database.password_file)".to_string(),
+                "authentication failed: the server wants a password for this user, and the one given is wrong or none was given (database.url, database.password_file, or else $PGPASSWORD, then ~/.pgpass)".to_string(),
                 false,
             ),
             Some(code) if code.starts_with("28") => (
