@@ -63,6 +63,14 @@ EXPECTED_FILES="\
 -rw-r--r-- ./usr/share/lintian/overrides/outbox-relay
 -rw-r--r-- ./usr/share/zsh/vendor-completions/_outbox-relay"
 
+# The documentation the README links to, docs/*.md, installed beside it.
+expect_docs() {
+    local doc
+    for doc in docs/*.md; do
+        EXPECTED_FILES+=$'\n'"-rw-r--r-- ./usr/share/doc/outbox-relay/$doc"
+    done
+}
+
 # The manual pages the package's own binary writes (`outbox-relay man --dir`: the main page
 # and one per command) join the expected files; they land in $WORK/pages.
 expect_man_pages() {
@@ -236,6 +244,11 @@ check_install() {
         || fail "/etc/outbox-relay/outbox-relay.toml differs from config/outbox-relay.toml"
     cmp -s deploy/debian/copyright "$root/usr/share/doc/outbox-relay/copyright" \
         || fail "/usr/share/doc/outbox-relay/copyright is not deploy/debian/copyright"
+    local linked
+    for linked in $(grep -o '](docs/[a-z-]*\.md' "$root/usr/share/doc/outbox-relay/README.md" | sed 's/^](//' | sort -u); do
+        [ -f "$root/usr/share/doc/outbox-relay/$linked" ] \
+            || fail "the installed README links to $linked, which is not installed"
+    done
 
     local binary="$root/usr/bin/outbox-relay" line
     line=$("$binary" --version)
@@ -339,6 +352,7 @@ main() {
     [ -n "$version" ] || fail "no version in Cargo.toml's [package]"
     deb=$(scripts/package.sh | tail -1)
     expect_man_pages "$deb"
+    expect_docs
     log "dpkg-deb --info $deb"
     check_info "$deb" "$version"
     log "dpkg-deb --contents $deb"

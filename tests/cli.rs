@@ -1078,6 +1078,12 @@ fn the_version_names_revision_and_librdkafka_and_completions_and_man_need_no_con
         "{man}"
     );
     assert!(man.contains(outbox_relay::build::GIT_REVISION), "{man}");
+    for section in ["EXIT STATUS", "ENVIRONMENT", "FILES", "SEE ALSO"] {
+        assert!(
+            man.contains(&format!(".SH \"{section}\"")) || man.contains(&format!(".SH {section}")),
+            "{section}: {man}"
+        );
+    }
 
     // `man --dir` writes the main page and one per command: every page a page names is
     // among them, as the Debian package installs them.

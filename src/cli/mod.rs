@@ -23,6 +23,7 @@ use crate::telemetry;
 
 mod check;
 mod locate;
+mod manual;
 mod moment;
 mod parked;
 mod prune;
@@ -314,9 +315,8 @@ pub fn main() -> ExitCode {
                 .propagate_version(true)
                 .disable_help_subcommand(true);
             let written = match &dir {
-                None => clap_mangen::Man::new(command).render(&mut std::io::stdout()),
-                Some(dir) => std::fs::create_dir_all(dir)
-                    .and_then(|()| clap_mangen::generate_to(command, dir)),
+                None => manual::write_main_page(command, &mut std::io::stdout()),
+                Some(dir) => manual::write_all_pages(command, dir),
             };
             return match written {
                 Ok(()) => ExitCode::SUCCESS,
