@@ -535,6 +535,13 @@ async fn parked_rows_are_listed_replayed_in_order_and_discarded_for_audit() {
     assert_eq!(by_reason.as_array().unwrap().len(), 1, "{by_reason}");
     assert_eq!(by_reason[0]["id"], hopeless_id);
     assert!(cli(&["parked", "list", "--parked-until", "1h"]).contains("no parked rows"));
+    // A reason the relay never gives is named as such, with the ones it does.
+    let misspelt = cli(&["parked", "list", "--park-reason", "invalid_topics"]);
+    assert!(
+        misspelt.contains("no parked rows with park reason \"invalid_topics\"")
+            && misspelt.contains("invalid_topic, bad_headers"),
+        "{misspelt}"
+    );
 
     // An id that is not parked is refused, naming it, and nothing changes.
     let healthy_id = ids[2];

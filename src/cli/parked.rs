@@ -129,7 +129,14 @@ async fn list_parked(
         return Ok(());
     }
     if rows.is_empty() {
-        println!("no parked rows");
+        match filter.reason {
+            // A reason the relay never gives is likelier a typo than an empty set.
+            Some(reason) if !crate::model::PARK_REASONS.contains(&reason) => println!(
+                "no parked rows with park reason {reason:?}: the relay parks rows for {}",
+                crate::model::PARK_REASONS.join(", ")
+            ),
+            _ => println!("no parked rows"),
+        }
         return Ok(());
     }
     println!(
