@@ -955,3 +955,170 @@ mod tests {
         assert_eq!(seq_of(br#"{"blob": "x"}"#), None);
     }
 }
+
+/// The doorbell trigger's cost to the application measured in pairs of windows on one
+/// running relay, the writers never stopping: the trigger installed for one window and
+/// removed for the other, in the order ABBA ABBA..., so that the host's drift (autovacuum,
+/// checkpoints, the table's growth) falls on both alike. Measurements made each on a fresh
+/// relay, broker and table differ by up to 15 % between rounds; neighbouring windows of
+/// one session much less.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PairedWakeupCost {
+    pub connections: u32,
+    pub window_seconds: f64,
+    /// Commits per second in each window with the doorbell trigger in place, in pair order.
+    pub with_trigger: Vec<f64>,
+    /// The same without the trigger (the relay polls).
+    pub without_trigger: Vec<f64>,
+    /// Notifications the relay received over the whole session.
+    pub notifications: f64,
+    pub rows_published: f64,
+}
+
+impl PairedWakeupCost {
+    /// Each pair's change of the commit rate with the trigger, as a fraction.
+    pub fn changes(&self) -> Vec<f64> {
+        self.with_trigger
+            .iter()
+            .zip(&self.without_trigger)
+            .map(|(with, without)| with / without - 1.0)
+            .collect()
+    }
+}
+
+/// Writers committing single-row INSERT transactions until stopped, counting commits.
+struct Writers {
+    count: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<Result<()>>>,
+    pool: sqlx::PgPool,
+}
+
+impl Writers {
+    async fn start(db: &Db, connections: u32) -> Result<Self> {
+        let pool = Db::pool(&db.url, connections).await?;
+        let count = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut tasks = Vec::new();
+        for w in 0..connections as u64 {
+            let (pool, count, stop) = (pool.clone(), count.clone(), stop.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut conn = pool.acquire().await?;
+                let mut seq = w;
+                while !stop.load(Ordering::Relaxed) {
+                    sqlx::query(INSERT)
+                        .bind(format!("agg-{}", seq % crate::infra::AGGREGATES as u64))
+                        .bind(payload_json(seq))
+                        .execute(&mut *conn)
+                        .await?;
+                    count.fetch_add(1, Ordering::Relaxed);
+                    seq += connections as u64;
+                }
+                anyhow::Ok(())
+            }));
+        }
+        Ok(Self {
+            count,
+            stop,
+            tasks,
+            pool,
+        })
+    }
+
+    /// Commits per second over the next `window`.
+    async fn rate_over(&self, window: Duration) -> f64 {
+        let (before, started) = (self.count.load(Ordering::Relaxed), Instant::now());
+        tokio::time::sleep(window).await;
+        let commits = self.count.load(Ordering::Relaxed) - before;
+        commits as f64 / started.elapsed().as_secs_f64()
+    }
+
+    async fn stop(self) -> Result<()> {
+        self.stop.store(true, Ordering::Relaxed);
+        for task in self.tasks {
+            task.await??;
+        }
+        self.pool.close().await;
+        Ok(())
+    }
+}
+
+/// [`PairedWakeupCost`] from `connections` connections, `pairs` pairs of `window`.
+#[allow(clippy::too_many_arguments)]
+pub async fn paired_wakeup_cost(
+    db: &Db,
+    launcher: &RelayLauncher,
+    broker_source: (Option<&Path>, Option<&str>),
+    work: &Path,
+    connections: u32,
+    window: Duration,
+    pairs: usize,
+    mut progress: impl FnMut(String),
+) -> Result<PairedWakeupCost> {
+    db.reset().await?;
+    launcher.migrate(&db.url, Some(true))?;
+    let broker = Broker::start(broker_source.0, broker_source.1, work).await?;
+    broker.create_topic().await?;
+    db.settle().await?;
+    let mut relay = launcher.spawn(
+        &db.url,
+        &broker.bootstrap,
+        "mark",
+        "bench-wakeup-paired",
+        &Wakeup::Doorbell.relay_env(),
+    )?;
+    wait_ready(&mut relay).await?;
+    let writers = Writers::start(db, connections).await?;
+    // Past the writers' start and the relay's first batches.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut cost = PairedWakeupCost {
+        connections,
+        window_seconds: window.as_secs_f64(),
+        with_trigger: Vec::new(),
+        without_trigger: Vec::new(),
+        notifications: 0.0,
+        rows_published: 0.0,
+    };
+    let mut measured = Ok(());
+    for pair in 0..pairs {
+        let order = if pair % 2 == 0 {
+            [true, false]
+        } else {
+            [false, true]
+        };
+        let mut rates = [0.0; 2];
+        for trigger in order {
+            // Installing or removing the trigger locks the table for a moment: the window
+            // starts once it is done and the writers are past it.
+            if let Err(err) = launcher.migrate(&db.url, Some(trigger)) {
+                measured = Err(err);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            rates[usize::from(!trigger)] = writers.rate_over(window).await;
+        }
+        if measured.is_err() {
+            break;
+        }
+        cost.with_trigger.push(rates[0]);
+        cost.without_trigger.push(rates[1]);
+        progress(format!(
+            "  pair {} of {pairs}: {:.0} commits/s with the trigger, {:.0} without ({:+.1}%)",
+            pair + 1,
+            rates[0],
+            rates[1],
+            (rates[0] / rates[1] - 1.0) * 100.0
+        ));
+    }
+    let stopped = writers.stop().await;
+    let metrics = relay.metrics().await.unwrap_or_default();
+    cost.rows_published = RelayProcess::metric_sum(&metrics, "outbox_relay_rows_marked_total");
+    cost.notifications =
+        RelayProcess::metric_sum(&metrics, "outbox_relay_doorbell_notifications_total");
+    let _ = relay.stop().await;
+    broker.stop().await;
+    launcher.migrate(&db.url, Some(false))?;
+    measured?;
+    stopped?;
+    Ok(cost)
+}

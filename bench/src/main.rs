@@ -46,6 +46,9 @@ enum Step {
     Debezium,
     /// The NOTIFY trigger's cost on the insert commit rate.
     Notify,
+    /// The doorbell trigger's cost measured in pairs of windows on one running relay
+    /// (trigger in place, then removed, ABBA), the writers never stopping.
+    WakeupPaired,
 }
 
 #[derive(Debug, Parser)]
@@ -165,6 +168,11 @@ struct Cli {
     /// (1 with --quick); the report compares medians.
     #[arg(long, default_value_t = 3)]
     notify_repeats: u32,
+    /// Paired wake-up cost: pairs of windows (3 with --quick) and seconds per window.
+    #[arg(long, default_value_t = 10)]
+    paired_pairs: usize,
+    #[arg(long, default_value_t = 5.0)]
+    paired_seconds: f64,
     /// Backlogs Debezium drains (default 200k, 20k with --quick).
     #[arg(long, value_delimiter = ',')]
     debezium_rows: Vec<u64>,
@@ -211,6 +219,7 @@ impl Plan {
                 Step::Latency,
                 Step::Debezium,
                 Step::Notify,
+                Step::WakeupPaired,
             ]
         } else {
             cli.steps.clone()
@@ -482,6 +491,7 @@ async fn main() -> Result<()> {
         latency: Vec::new(),
         notify: Vec::new(),
         wakeup_costs: Vec::new(),
+        wakeup_paired: Vec::new(),
         retention: Vec::new(),
         targets: Vec::new(),
         notes: vec![
@@ -917,6 +927,36 @@ async fn main() -> Result<()> {
         }
         launcher.migrate(&db.url, Some(false))?;
         db.reset().await?;
+    }
+
+    if plan.runs(Step::WakeupPaired) {
+        let pairs = if cli.quick {
+            3
+        } else {
+            cli.paired_pairs.max(1)
+        };
+        for &connections in &cli.notify_connections {
+            progress(
+                started,
+                format!(
+                    "doorbell trigger in place and removed in turns, {connections} connection(s), {pairs} pairs of {:.0} s, one relay running",
+                    cli.paired_seconds
+                ),
+            );
+            let cost = latency::paired_wakeup_cost(
+                &db,
+                &launcher,
+                brokers,
+                &work,
+                connections,
+                Duration::from_secs_f64(cli.paired_seconds),
+                pairs,
+                |line| progress(started, line),
+            )
+            .await?;
+            report.wakeup_paired.push(cost);
+            finish(&mut report)?;
+        }
     }
 
     db.reset().await?;
