@@ -770,38 +770,13 @@ pub async fn broker_floor(
 }
 
 /// Single-row INSERT transactions (autocommit) from `connections` connections for
-/// `duration`; returns commits per second.
+/// `duration`, counted once every connection has started; returns commits per second.
 async fn commit_rate(db: &Db, connections: u32, duration: Duration) -> Result<f64> {
-    let pool = Db::pool(&db.url, connections).await?;
-    let count = Arc::new(AtomicU64::new(0));
-    let start = Instant::now() + Duration::from_millis(200);
-    let end = start + duration;
-    let mut workers = Vec::new();
-    for w in 0..connections as u64 {
-        let pool = pool.clone();
-        let count = count.clone();
-        workers.push(tokio::spawn(async move {
-            let mut conn = pool.acquire().await?;
-            tokio::time::sleep_until(start.into()).await;
-            let mut seq = w;
-            while Instant::now() < end {
-                sqlx::query(INSERT)
-                    .bind(format!("agg-{}", seq % crate::infra::AGGREGATES as u64))
-                    .bind(payload_json(seq))
-                    .execute(&mut *conn)
-                    .await?;
-                count.fetch_add(1, Ordering::Relaxed);
-                seq += connections as u64;
-            }
-            anyhow::Ok(())
-        }));
-    }
-    for worker in workers {
-        worker.await??;
-    }
-    let seconds = (Instant::now() - start).as_secs_f64();
-    pool.close().await;
-    Ok(count.load(Ordering::Relaxed) as f64 / seconds)
+    let writers = Writers::start(db, connections).await?;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let rate = writers.rate_over(duration).await;
+    writers.stop().await?;
+    Ok(rate)
 }
 
 /// The application's single-row commit rate with one way of waking the relay in place,
@@ -827,6 +802,23 @@ pub struct WakeupCost {
 
 fn yes() -> bool {
     true
+}
+
+/// A fresh broker with the bench's topic, and a relay (mark mode) on it, ready.
+async fn broker_and_relay(
+    db: &Db,
+    launcher: &RelayLauncher,
+    broker_source: (Option<&Path>, Option<&str>),
+    work: &Path,
+    replica_id: &str,
+    env: &[(&str, String)],
+) -> Result<(Broker, RelayProcess)> {
+    let broker = Broker::start(broker_source.0, broker_source.1, work).await?;
+    broker.create_topic().await?;
+    db.settle().await?;
+    let mut relay = launcher.spawn(&db.url, &broker.bootstrap, "mark", replica_id, env)?;
+    wait_ready(&mut relay).await?;
+    Ok((broker, relay))
 }
 
 /// [`WakeupCost`] of `wakeup` from `connections` connections for `duration`, with the
@@ -864,17 +856,15 @@ pub async fn wakeup_cost(
         }
     };
     wakeup.install(launcher, db).await?;
-    let broker = Broker::start(broker_source.0, broker_source.1, work).await?;
-    broker.create_topic().await?;
-    db.settle().await?;
-    let mut relay = launcher.spawn(
-        &db.url,
-        &broker.bootstrap,
-        "mark",
+    let (broker, relay) = broker_and_relay(
+        db,
+        launcher,
+        broker_source,
+        work,
         "bench-wakeup",
         &wakeup.relay_env(),
-    )?;
-    wait_ready(&mut relay).await?;
+    )
+    .await?;
     let rate = commit_rate(db, connections, duration).await;
     let metrics = relay.metrics().await.unwrap_or_default();
     let _ = relay.stop().await;
@@ -1057,17 +1047,15 @@ pub async fn paired_wakeup_cost(
 ) -> Result<PairedWakeupCost> {
     db.reset().await?;
     launcher.migrate(&db.url, Some(true))?;
-    let broker = Broker::start(broker_source.0, broker_source.1, work).await?;
-    broker.create_topic().await?;
-    db.settle().await?;
-    let mut relay = launcher.spawn(
-        &db.url,
-        &broker.bootstrap,
-        "mark",
+    let (broker, relay) = broker_and_relay(
+        db,
+        launcher,
+        broker_source,
+        work,
         "bench-wakeup-paired",
         &Wakeup::Doorbell.relay_env(),
-    )?;
-    wait_ready(&mut relay).await?;
+    )
+    .await?;
     let writers = Writers::start(db, connections).await?;
     // Past the writers' start and the relay's first batches.
     tokio::time::sleep(Duration::from_secs(2)).await;
