@@ -417,6 +417,17 @@ topic = \"dest\"
     std::fs::write(&config, mapping).unwrap();
     let adopted = migrate(&db, &config, &["--notify-trigger", "on"]);
     assert!(adopted.status.success(), "{}", output_text(&adopted));
+    // The doorbell tries the sleeper's lock before it calls a function.
+    let doorbell: String = sqlx::query_scalar(
+        "SELECT pg_get_triggerdef(oid) FROM pg_trigger WHERE tgname = 'outbox_relay_notify'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert!(
+        doorbell.contains("WHEN ((NOT pg_try_advisory_xact_lock_shared(1868722808"),
+        "{doorbell}"
+    );
     // The doorbell rings on the adopted table too, while a relay sleeps (holds its lock).
     let mut listener = sqlx::postgres::PgListener::connect(&db.url).await.unwrap();
     listener.listen("outbox_relay").await.unwrap();

@@ -285,6 +285,14 @@ async fn migrate_creates_the_table_and_check_reports_both_sides() {
         text.contains("doorbell trigger notifies channel outbox_relay while the relay sleeps"),
         "{text}"
     );
+    // The trigger before migration 11 (no WHEN clause), with the function before 9.
+    let trigger_without_when = "DROP TRIGGER outbox_notify ON outbox; \
+         CREATE TRIGGER outbox_notify AFTER INSERT ON outbox FOR EACH STATEMENT \
+         EXECUTE FUNCTION outbox_notify('outbox_relay')";
+    sqlx::raw_sql(trigger_without_when)
+        .execute(&db.pool)
+        .await
+        .unwrap();
     sqlx::query(
         "CREATE OR REPLACE FUNCTION outbox_notify() RETURNS trigger LANGUAGE plpgsql AS $$ \
          BEGIN PERFORM pg_notify(COALESCE(TG_ARGV[0], 'outbox_relay'), ''); RETURN NULL; END $$",
@@ -297,7 +305,7 @@ async fn migrate_creates_the_table_and_check_reports_both_sides() {
         text.contains("warning: the doorbell trigger notifies at every insert"),
         "{text}"
     );
-    // migrate puts the doorbell's own function back.
+    // migrate puts the doorbell's own function and trigger back.
     let output = relay_command(&url, &bootstrap)
         .arg("migrate")
         .output()
@@ -307,6 +315,37 @@ async fn migrate_creates_the_table_and_check_reports_both_sides() {
     assert!(
         text.contains("doorbell trigger notifies channel outbox_relay while the relay sleeps"),
         "{text}"
+    );
+    // A trigger from before migration 11, without the WHEN clause, calls its function at
+    // every insert: called out, and replaced by migrate.
+    sqlx::raw_sql(trigger_without_when)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let text = check();
+    assert!(
+        text.contains("warning: the doorbell trigger calls its function at every insert"),
+        "{text}"
+    );
+    let output = relay_command(&url, &bootstrap)
+        .arg("migrate")
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", output_text(&output));
+    let text = check();
+    assert!(
+        text.contains("doorbell trigger notifies channel outbox_relay while the relay sleeps"),
+        "{text}"
+    );
+    let when: String = sqlx::query_scalar(
+        "SELECT pg_get_triggerdef(oid) FROM pg_trigger WHERE tgname = 'outbox_notify'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert!(
+        when.contains("WHEN ((NOT pg_try_advisory_xact_lock_shared(1868722808"),
+        "{when}"
     );
 
     // An unreachable broker fails the check, naming what to fix.

@@ -429,7 +429,37 @@ async fn writers_ring_only_while_a_relay_sleeps() {
             .unwrap();
     };
 
-    // No relay sleeps: the insert does not notify, so the marker sent after it comes first.
+    // How many times one INSERT statement calls the trigger's function, on a new session
+    // (a session's counts stay pending across its transactions until flushed).
+    let function_calls = async || {
+        let mut session = <sqlx::PgConnection as sqlx::Connection>::connect(&db.url)
+            .await
+            .unwrap();
+        let mut tx = sqlx::Connection::begin(&mut session).await.unwrap();
+        sqlx::query("SET LOCAL track_functions = 'pl'")
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        sqlx::query(
+            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) \
+             VALUES ('ring', 'a', 'Counted', '{}')",
+        )
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+        let calls: i64 = sqlx::query_scalar(
+            "SELECT COALESCE(pg_stat_get_xact_function_calls('outbox_notify()'::regprocedure), 0)",
+        )
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+        tx.commit().await.unwrap();
+        calls
+    };
+
+    // No relay sleeps: the insert does not notify, so the marker sent after it comes first;
+    // nor does it call the trigger's function (its WHEN clause tries the lock).
+    assert_eq!(function_calls().await, 0);
     db.insert(&[NewRow::new("ring", "a", 1)]).await;
     marker("after the first insert").await;
     assert_eq!(
@@ -450,6 +480,13 @@ async fn writers_ring_only_while_a_relay_sleeps() {
         listener.recv().await.unwrap().payload(),
         "after the second insert"
     );
+    assert_eq!(function_calls().await, 1);
+    marker("after the counted insert").await;
+    assert_eq!(listener.recv().await.unwrap().payload(), "");
+    assert_eq!(
+        listener.recv().await.unwrap().payload(),
+        "after the counted insert"
+    );
 
     // Awake again: silence.
     sqlx::query("SELECT pg_advisory_unlock(1868722808, hashtext('outbox_relay'))")
@@ -462,6 +499,7 @@ async fn writers_ring_only_while_a_relay_sleeps() {
         listener.recv().await.unwrap().payload(),
         "after the third insert"
     );
+    assert_eq!(function_calls().await, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

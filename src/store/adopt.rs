@@ -3,7 +3,7 @@
 //! relay's own lease tables) and nothing its writers must supply. Each step says the lock
 //! it takes and whether it rewrites or scans the table, so `--dry-run` can show them all.
 
-use super::schema::{DOORBELL_LOCK, DoorbellTrigger};
+use super::schema::{DOORBELL_LOCK, DoorbellTrigger, doorbell_when};
 use super::table::{ADOPTED_CREATED_AT, ADOPTED_ID, BOOKKEEPING, Catalog, quote};
 use super::{Store, StoreError, TableSpec};
 
@@ -394,10 +394,10 @@ async fn run_step(conn: &mut sqlx::PgConnection, step: &Step) -> Result<u64, Sto
 }
 
 /// The doorbell on an adopted table: a statement-level trigger notifying `channel` while
-/// the relay sleeps (as migration 9's `outbox_notify`), or none. `None` when `existing`
-/// is already what is asked for; a trigger already on the channel only gets its function
-/// replaced, which locks nothing. Dropping or creating a trigger waits at most 10 s for
-/// the table's lock rather than queue every insert behind a long transaction.
+/// the relay sleeps (as migration 11's `outbox_notify`: the lock tried in its WHEN clause,
+/// and again in its function), or none. `None` when `existing` is already what is asked
+/// for. Dropping or creating a trigger waits at most 10 s for the table's lock rather than
+/// queue every insert behind a long transaction.
 fn notify_step(
     table: &str,
     display: &str,
@@ -424,16 +424,10 @@ fn notify_step(
             effect: "removes the doorbell trigger".into(),
             concurrently: false,
         }),
-        (Some(channel), Some(trigger)) if trigger.channel == channel => {
-            (!trigger.only_while_asleep).then(|| Step {
-                statements: vec![function],
-                lock: "none (replaces the trigger's function)".into(),
-                until_done: false,
-                effect: format!(
-                    "the doorbell on {channel} notifies only while the relay sleeps from now on"
-                ),
-                concurrently: false,
-            })
+        (Some(channel), Some(trigger))
+            if trigger.channel == channel && trigger.tries_lock_in_when =>
+        {
+            None
         }
         (Some(channel), _) => Some(Step {
             statements: vec![
@@ -442,7 +436,8 @@ fn notify_step(
                 drop,
                 format!(
                     "CREATE TRIGGER outbox_relay_notify AFTER INSERT ON {table} \
-                     FOR EACH STATEMENT EXECUTE FUNCTION outbox_relay_notify('{}')",
+                     FOR EACH STATEMENT {} EXECUTE FUNCTION outbox_relay_notify('{}')",
+                    doorbell_when(channel),
                     channel.replace('\'', "''")
                 ),
             ],
