@@ -14,7 +14,9 @@ use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, T
 use serde::{Deserialize, Serialize};
 use sqlx::Row;
 
-use crate::infra::{Broker, Db, TOPIC, relay_producer_properties};
+use crate::infra::{
+    Broker, Db, TOPIC, busy_cores_since, machine_busy_time, relay_producer_properties,
+};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Ceiling {
@@ -36,6 +38,10 @@ pub struct Ceiling {
     /// is the fastest.
     #[serde(default)]
     pub measured_rows_per_second: Vec<f64>,
+    /// Cores the whole machine kept busy on average while it was measured (the fastest
+    /// measurement's). Absent from older results.
+    #[serde(default)]
+    pub busy_cores: Option<f64>,
 }
 
 /// The columns the relay reads (src/store.rs `read_pending`).
@@ -61,6 +67,7 @@ pub async fn database(db: &Db, rows: u64, mode: &str) -> Result<Ceiling> {
         other => bail!("unknown mode {other}"),
     };
     let mut conn = db.pool.acquire().await?;
+    let busy_before = machine_busy_time();
     let started = Instant::now();
     let mut retired = 0u64;
     let mut bytes = 0usize;
@@ -78,6 +85,7 @@ pub async fn database(db: &Db, rows: u64, mode: &str) -> Result<Ceiling> {
         retired += batch.len() as u64;
     }
     let seconds = started.elapsed().as_secs_f64();
+    let busy_cores = busy_cores_since(busy_before, started.elapsed());
     if retired != rows {
         bail!("database ceiling ({mode}) retired {retired} of {rows} rows");
     }
@@ -92,6 +100,7 @@ pub async fn database(db: &Db, rows: u64, mode: &str) -> Result<Ceiling> {
         batch: 1000,
         checkpoints_during: Some(db.checkpoints_since(settled).await?),
         measured_rows_per_second: vec![rows as f64 / seconds],
+        busy_cores,
     })
 }
 
@@ -226,5 +235,6 @@ pub async fn broker(broker: &Broker, records: Arc<Vec<Record>>, make: Duration) 
         batch: 0,
         checkpoints_during: None,
         measured_rows_per_second: Vec::new(),
+        busy_cores: None,
     })
 }

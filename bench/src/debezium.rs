@@ -522,6 +522,8 @@ pub async fn drain(
             statements,
             checkpoints_during: Some(checkpoints_during),
             wal_bytes_per_row: Some(wal_per_row(wal_before, wal_after, rows)),
+            busy_cores: None,
+            broker_cpu_us_per_row: None,
         })
     })
     .await

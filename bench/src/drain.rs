@@ -12,8 +12,8 @@ use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
 use crate::infra::{
-    Broker, Db, ONE_KB_ROW, RelayLauncher, RelayProcess, Statement, TOPIC, cpu_time, peak_rss,
-    spawn_tied,
+    Broker, Db, ONE_KB_ROW, RelayLauncher, RelayProcess, Statement, TOPIC, busy_cores_since,
+    cpu_time, machine_busy_time, peak_rss, spawn_tied,
 };
 
 /// How often the peer's process is polled, and the relays' /metrics at the start and
@@ -69,6 +69,19 @@ pub struct Drain {
     /// backlog (the marks or deletes; Debezium only reads). Absent from older results.
     #[serde(default)]
     pub wal_bytes_per_row: Option<f64>,
+    /// Cores the whole machine kept busy on average from start to drained (PostgreSQL,
+    /// the broker, the contender and the bench together). Absent from older results.
+    #[serde(default)]
+    pub busy_cores: Option<f64>,
+    /// The broker's CPU (user + system) from start to drained, per row.
+    #[serde(default)]
+    pub broker_cpu_us_per_row: Option<f64>,
+}
+
+/// The broker's CPU since `before` (a [`Broker::cpu_time`] reading), per row.
+pub fn broker_cpu_per_row(broker: &Broker, before: Option<Duration>, rows: u64) -> Option<f64> {
+    let used = broker.cpu_time()?.checked_sub(before?)?;
+    Some(used.as_secs_f64() * 1e6 / rows.max(1) as f64)
 }
 
 fn one_kb_row() -> u64 {
@@ -151,6 +164,7 @@ pub async fn relay(
     db.statements_reset().await;
 
     let wal_before = db.wal_position().await?;
+    let (busy_before, broker_before) = (machine_busy_time(), broker.cpu_time());
     let started = Instant::now();
     let mut procs: Vec<RelayProcess> = Vec::new();
     for i in 0..replicas {
@@ -220,6 +234,8 @@ pub async fn relay(
         tokio::time::sleep(wait).await;
     }
     let done = Instant::now();
+    let busy_cores = busy_cores_since(busy_before, done - started);
+    let broker_cpu_us_per_row = broker_cpu_per_row(&broker, broker_before, rows);
     let wal_after = db.wal_position().await?;
     let mut cpu = Duration::ZERO;
     let mut rss = 0u64;
@@ -283,6 +299,8 @@ pub async fn relay(
         statements,
         checkpoints_during: Some(checkpoints_during),
         wal_bytes_per_row: Some(wal_per_row(wal_before, wal_after, rows)),
+        busy_cores,
+        broker_cpu_us_per_row,
     })
 }
 
@@ -348,6 +366,7 @@ pub async fn peer(
         .stdout(std::fs::File::create(&out)?)
         .stderr(std::fs::File::create(&log)?);
     let wal_before = db.wal_position().await?;
+    let (busy_before, broker_before) = (machine_busy_time(), broker.cpu_time());
     let started = Instant::now();
     let mut child = spawn_tied(command).context("starting the peer")?;
     let deadline = started + drain_timeout(rows);
@@ -362,6 +381,8 @@ pub async fn peer(
         tokio::time::sleep(POLL).await;
     };
     let total_seconds = started.elapsed().as_secs_f64();
+    let busy_cores = busy_cores_since(busy_before, started.elapsed());
+    let broker_cpu_us_per_row = broker_cpu_per_row(&broker, broker_before, rows);
     let wal_after = db.wal_position().await?;
     if !status.success() {
         bail!(
@@ -404,5 +425,7 @@ pub async fn peer(
         statements,
         checkpoints_during: Some(checkpoints_during),
         wal_bytes_per_row: Some(wal_per_row(wal_before, wal_after, rows)),
+        busy_cores,
+        broker_cpu_us_per_row,
     })
 }

@@ -96,6 +96,38 @@ pub async fn stop_child(child: &mut Child, timeout: Duration) -> Option<std::pro
     }
 }
 
+/// CPU time the whole machine has spent busy so far (every state of /proc/stat's `cpu`
+/// line but idle and iowait), summed over its cores.
+pub fn machine_busy_time() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let ticks: Vec<u64> = stat
+        .lines()
+        .next()?
+        .strip_prefix("cpu ")?
+        .split_whitespace()
+        .map(|field| field.parse().ok())
+        .collect::<Option<_>>()?;
+    // user nice system idle iowait irq softirq steal (guest time is counted in user).
+    let busy: u64 = [0, 1, 2, 5, 6, 7]
+        .iter()
+        .filter_map(|&i| ticks.get(i))
+        .sum();
+    Some(ticks_to_duration(busy))
+}
+
+/// Cores the machine kept busy on average since `busy_before` (a [`machine_busy_time`]
+/// reading) over `wall`: how close a measurement came to using every core.
+pub fn busy_cores_since(busy_before: Option<Duration>, wall: Duration) -> Option<f64> {
+    let busy = machine_busy_time()?.checked_sub(busy_before?)?;
+    (wall > Duration::ZERO).then(|| busy.as_secs_f64() / wall.as_secs_f64())
+}
+
+fn ticks_to_duration(ticks: u64) -> Duration {
+    // SAFETY: sysconf has no preconditions.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Duration::from_nanos(ticks * 1_000_000_000 / per_second)
+}
+
 /// CPU time (user + system) a live process has used so far, from /proc/PID/stat.
 pub fn cpu_time(pid: u32) -> Option<Duration> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -105,11 +137,7 @@ pub fn cpu_time(pid: u32) -> Option<Duration> {
     // Fields 14 and 15 of stat(5) are utime and stime; `rest` starts at field 3.
     let utime: u64 = fields.get(11)?.parse().ok()?;
     let stime: u64 = fields.get(12)?.parse().ok()?;
-    // SAFETY: sysconf has no preconditions.
-    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-    Some(Duration::from_nanos(
-        (utime + stime) * 1_000_000_000 / ticks,
-    ))
+    Some(ticks_to_duration(utime + stime))
 }
 
 /// Peak resident set size (VmHWM) of a live process, in bytes.
@@ -570,6 +598,11 @@ impl Broker {
 
     pub fn peak_rss(&self) -> Option<u64> {
         self.child.as_ref().and_then(|c| peak_rss(c.id()))
+    }
+
+    /// CPU time the broker's process has used so far (None for an external broker).
+    pub fn cpu_time(&self) -> Option<Duration> {
+        self.child.as_ref().and_then(|c| cpu_time(c.id()))
     }
 
     pub async fn stop(mut self) {

@@ -958,11 +958,58 @@ pub struct PairedWakeupCost {
     pub window_seconds: f64,
     /// Commits per second in each window with the doorbell trigger in place, in pair order.
     pub with_trigger: Vec<f64>,
-    /// The same without the trigger (the relay polls).
+    /// The same in the other window of each pair: without the trigger (the relay polls),
+    /// or with the baseline `against` names.
     pub without_trigger: Vec<f64>,
+    /// What the doorbell is compared with: `none` (no trigger) or `trigger-without-when`
+    /// (the doorbell before migration 11, its function called at every insert).
+    #[serde(default = "no_trigger")]
+    pub against: PairedBaseline,
     /// Notifications the relay received over the whole session.
     pub notifications: f64,
     pub rows_published: f64,
+}
+
+/// What the paired step compares the doorbell with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum PairedBaseline {
+    /// No trigger: the relay polls. What the ≤ 5 % target is judged against.
+    None,
+    /// The doorbell before migration 11: the same function, no WHEN clause, so every
+    /// inserting statement calls it.
+    TriggerWithoutWhen,
+}
+
+fn no_trigger() -> PairedBaseline {
+    PairedBaseline::None
+}
+
+impl PairedBaseline {
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::None => "without",
+            Self::TriggerWithoutWhen => "with the trigger before migration 11 (no WHEN clause)",
+        }
+    }
+
+    /// Puts this baseline in place of the doorbell.
+    async fn install(self, db: &Db, launcher: &RelayLauncher) -> Result<()> {
+        match self {
+            Self::None => launcher.migrate(&db.url, Some(false)),
+            Self::TriggerWithoutWhen => {
+                sqlx::raw_sql(
+                    "BEGIN; SET LOCAL lock_timeout = '10s'; \
+                     DROP TRIGGER IF EXISTS outbox_notify ON outbox; \
+                     CREATE TRIGGER outbox_notify AFTER INSERT ON outbox FOR EACH STATEMENT \
+                     EXECUTE FUNCTION outbox_notify('outbox_relay'); COMMIT",
+                )
+                .execute(&db.pool)
+                .await?;
+                Ok(())
+            }
+        }
+    }
 }
 
 impl PairedWakeupCost {
@@ -1043,6 +1090,7 @@ pub async fn paired_wakeup_cost(
     connections: u32,
     window: Duration,
     pairs: usize,
+    against: PairedBaseline,
     mut progress: impl FnMut(String),
 ) -> Result<PairedWakeupCost> {
     db.reset().await?;
@@ -1064,6 +1112,7 @@ pub async fn paired_wakeup_cost(
         window_seconds: window.as_secs_f64(),
         with_trigger: Vec::new(),
         without_trigger: Vec::new(),
+        against,
         notifications: 0.0,
         rows_published: 0.0,
     };
@@ -1078,7 +1127,12 @@ pub async fn paired_wakeup_cost(
         for trigger in order {
             // Installing or removing the trigger locks the table for a moment: the window
             // starts once it is done and the writers are past it.
-            if let Err(err) = launcher.migrate(&db.url, Some(trigger)) {
+            let installed = if trigger {
+                launcher.migrate(&db.url, Some(true))
+            } else {
+                against.install(db, launcher).await
+            };
+            if let Err(err) = installed {
                 measured = Err(err);
                 break;
             }
@@ -1091,10 +1145,11 @@ pub async fn paired_wakeup_cost(
         cost.with_trigger.push(rates[0]);
         cost.without_trigger.push(rates[1]);
         progress(format!(
-            "  pair {} of {pairs}: {:.0} commits/s with the trigger, {:.0} without ({:+.1}%)",
+            "  pair {} of {pairs}: {:.0} commits/s with the trigger, {:.0} {} ({:+.1}%)",
             pair + 1,
             rates[0],
             rates[1],
+            against.describe(),
             (rates[0] / rates[1] - 1.0) * 100.0
         ));
     }

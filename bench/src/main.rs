@@ -173,6 +173,10 @@ struct Cli {
     paired_pairs: usize,
     #[arg(long, default_value_t = 5.0)]
     paired_seconds: f64,
+    /// Paired wake-up cost: what the doorbell is compared with in the other window of each
+    /// pair (`none` judges the target; `trigger-without-when` measures migration 11's gain).
+    #[arg(long, value_enum, default_value = "none")]
+    paired_against: latency::PairedBaseline,
     /// Backlogs Debezium drains (default 200k, 20k with --quick).
     #[arg(long, value_delimiter = ',')]
     debezium_rows: Vec<u64>,
@@ -939,7 +943,12 @@ async fn main() -> Result<()> {
             progress(
                 started,
                 format!(
-                    "doorbell trigger in place and removed in turns, {connections} connection(s), {pairs} pairs of {:.0} s, one relay running",
+                    "doorbell trigger in place and {} in turns, {connections} connection(s), {pairs} pairs of {:.0} s, one relay running",
+                    match cli.paired_against {
+                        latency::PairedBaseline::None => "removed",
+                        latency::PairedBaseline::TriggerWithoutWhen =>
+                            "replaced by the one before migration 11",
+                    },
                     cli.paired_seconds
                 ),
             );
@@ -951,6 +960,7 @@ async fn main() -> Result<()> {
                 connections,
                 Duration::from_secs_f64(cli.paired_seconds),
                 pairs,
+                cli.paired_against,
                 |line| progress(started, line),
             )
             .await?;

@@ -74,6 +74,11 @@ impl Machine {
     }
 }
 
+/// Mean busy cores, or a dash where the run did not measure them.
+fn cores(busy: Option<f64>) -> String {
+    busy.map_or("–".into(), |cores| format!("{cores:.2}"))
+}
+
 fn run(command: &mut Command) -> String {
     command
         .output()
@@ -322,7 +327,11 @@ impl Report {
             },
             met: change.map(|c| c >= -0.05),
         });
-        if let Some(paired) = self.wakeup_paired.iter().find(|p| p.connections == 16) {
+        if let Some(paired) = self
+            .wakeup_paired
+            .iter()
+            .find(|p| p.connections == 16 && p.against == crate::latency::PairedBaseline::None)
+        {
             let change = median(&paired.changes());
             targets.push(Target {
                 name: "what the doorbell costs the application, 16 connections, in pairs of windows"
@@ -442,7 +451,7 @@ impl Report {
             let _ = writeln!(out, "\n### Ceilings\n");
             let _ = writeln!(
                 out,
-                "| ceiling | rows | rows/s | seconds | make-rows s | every measurement, rows/s |\n|---|---:|---:|---:|---:|---|"
+                "| ceiling | rows | rows/s | seconds | make-rows s | busy cores | every measurement, rows/s |\n|---|---:|---:|---:|---:|---:|---|"
             );
             for c in &self.ceilings {
                 let name = match c.kind.as_str() {
@@ -464,12 +473,13 @@ impl Report {
                 };
                 let _ = writeln!(
                     out,
-                    "| {} | {} | {:.0} | {:.2} | {:.1} | {} |",
+                    "| {} | {} | {:.0} | {:.2} | {:.1} | {} | {} |",
                     name,
                     human_rows(c.rows),
                     c.rows_per_second,
                     c.seconds,
                     c.make_rows_seconds,
+                    cores(c.busy_cores),
                     measured
                 );
             }
@@ -482,12 +492,13 @@ impl Report {
                 "Rows/s from the first retirement until nothing is pending (start-up apart); Debezium's \
                  (mode `wal`: it reads the inserts from the WAL and leaves the rows) from the first record \
                  a consumer reads to the last. Ratios against the ceilings and the peer of the same mode \
-                 and backlog. WAL: bytes the server wrote during the drain, per row.\n"
+                 and backlog. WAL: bytes the server wrote during the drain, per row. Busy cores: the \
+                 whole machine's mean from start to drained (PostgreSQL, broker, contender and bench).\n"
             );
             let _ = writeln!(
                 out,
-                "| who | mode | rows | replicas | rows/s | × DB ceiling | × broker ceiling | × peer | start-up s | total s | CPU µs/row | peak RSS MiB | WAL B/row | mean batch ms | records in Kafka |\n\
-                 |---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+                "| who | mode | rows | replicas | rows/s | × DB ceiling | × broker ceiling | × peer | start-up s | total s | CPU µs/row | broker CPU µs/row | busy cores | peak RSS MiB | WAL B/row | mean batch ms | records in Kafka |\n\
+                 |---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
             );
             for d in self
                 .peers
@@ -510,7 +521,7 @@ impl Report {
                 };
                 let _ = writeln!(
                     out,
-                    "| {} | {} | {} | {} | {:.0} | {} | {} | {} | {:.2} | {:.1} | {:.1} | {:.1} | {} | {} | {} |",
+                    "| {} | {} | {} | {} | {:.0} | {} | {} | {} | {:.2} | {:.1} | {:.1} | {} | {} | {:.1} | {} | {} | {} |",
                     d.who,
                     d.mode,
                     d.backlog(),
@@ -522,6 +533,9 @@ impl Report {
                     d.startup_seconds,
                     d.total_seconds,
                     d.cpu_us_per_row,
+                    d.broker_cpu_us_per_row
+                        .map_or("–".into(), |us| format!("{us:.1}")),
+                    cores(d.busy_cores),
                     mib(d.peak_rss_bytes),
                     d.wal_bytes_per_row.map_or("–".into(), wal_bytes),
                     if d.batches > 0 {
@@ -754,9 +768,10 @@ impl Report {
                  One relay runs and publishes throughout while the writers commit single-row INSERT transactions \
                  as fast as they go; the doorbell trigger is installed for one window and removed for the next, \
                  in the order ABBA, so that drift falls on both. The change is each pair's commits/s with the \
-                 trigger against without.\n\n\
-                 | connections | pairs × seconds | with the trigger, median commits/s | without, median | change per pair: median | middle half | min … max | notifications, rows published |\n\
-                 |---:|---:|---:|---:|---:|---:|---:|---:|"
+                 trigger against the other window: no trigger, or the trigger before migration 11 (no WHEN \
+                 clause: its function called at every insert).\n\n\
+                 | connections | against | pairs × seconds | with the trigger, median commits/s | against, median | change per pair: median | middle half | min … max | notifications, rows published |\n\
+                 |---:|---|---:|---:|---:|---:|---:|---:|---:|"
             );
             for p in &self.wakeup_paired {
                 let mut changes = p.changes();
@@ -768,8 +783,13 @@ impl Report {
                 };
                 let _ = writeln!(
                     out,
-                    "| {} | {} × {:.0} | {:.0} | {:.0} | {:+.1} % | {:+.1} … {:+.1} % | {:+.1} … {:+.1} % | {:.0}, {:.0} |",
+                    "| {} | {} | {} × {:.0} | {:.0} | {:.0} | {:+.1} % | {:+.1} … {:+.1} % | {:+.1} … {:+.1} % | {:.0}, {:.0} |",
                     p.connections,
+                    match p.against {
+                        crate::latency::PairedBaseline::None => "no trigger",
+                        crate::latency::PairedBaseline::TriggerWithoutWhen =>
+                            "trigger without WHEN",
+                    },
                     changes.len(),
                     p.window_seconds,
                     median(&p.with_trigger),
