@@ -1,0 +1,115 @@
+#!/usr/bin/env bash
+# What the doorbell trigger costs a writer while the relay is awake, with nothing else on
+# the machine: pgbench commits single-row outbox INSERTs from 16 connections against a
+# throwaway PostgreSQL, with no relay and no broker running (no relay holds the sleeper
+# lock, which is the writers' path while a relay is awake), in rounds of windows that
+# alternate between
+#   none     no trigger;
+#   when     the doorbell `outbox-relay migrate` installs (migration 11): the sleeper's lock
+#            tried in the trigger's WHEN clause, so no function is called;
+#   no-when  the doorbell before migration 11: the same function, called at every insert,
+#            which tries the lock itself.
+# Prints each window's commits/s and, per variant, the median and its change against none.
+#
+#   bench/trigger-cost.sh                  8 rounds of 8 s windows, 16 connections
+#   ROUNDS=4 SECONDS_PER=5 CLIENTS=4 bench/trigger-cost.sh
+#   SYNCHRONOUS_COMMIT=off bench/trigger-cost.sh
+# With synchronous_commit=off the commits no longer wait for the disk, so the windows vary
+# far less on a host whose fsync times wander, and the trigger's CPU is a larger share of
+# each commit: its relative cost there bounds the cost under durable commits from above.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/lib.sh
+
+ROUNDS=${ROUNDS:-8}
+SECONDS_PER=${SECONDS_PER:-8}
+CLIENTS=${CLIENTS:-16}
+SYNCHRONOUS_COMMIT=${SYNCHRONOUS_COMMIT:-on}
+
+ensure_postgres
+log "building outbox-relay (release)"
+flock /tmp/outbox-relay-cargo.lock cargo build --locked --release --quiet -p outbox-relay
+RELAY=$PWD/target/release/outbox-relay
+
+WORK=$(mktemp -d "${BENCH_WORK_DIR:-/tmp}/outbox-relay-trigger-cost.XXXXXX")
+chmod 755 "$WORK"
+if [ "$(id -u)" -eq 0 ]; then AS_PG=(runuser -u postgres --); chown postgres "$WORK"; else AS_PG=(); fi
+PG_BIN=$(postgres_bin)
+PG_PORT=$(free_port)
+PG_PID=""
+cleanup() {
+    if [ -n "$PG_PID" ]; then
+        "${AS_PG[@]}" "$PG_BIN/pg_ctl" -D "$WORK/pg" -m fast -w stop >/dev/null 2>&1 \
+            || kill "$PG_PID" 2>/dev/null || true
+    fi
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+"${AS_PG[@]}" "$PG_BIN/initdb" -D "$WORK/pg" -U postgres --auth=trust -E UTF8 >/dev/null
+# Durable commits as in production (as bench/run.sh runs it) unless told otherwise.
+"${AS_PG[@]}" "$PG_BIN/postgres" -D "$WORK/pg" -p "$PG_PORT" -k "$WORK" \
+    -c listen_addresses=127.0.0.1 -c fsync=on -c synchronous_commit="$SYNCHRONOUS_COMMIT" \
+    -c shared_buffers=1GB -c max_wal_size=32GB -c checkpoint_timeout=30min \
+    >"$WORK/postgres.log" 2>&1 &
+PG_PID=$!
+until "$PG_BIN/pg_isready" -q -h 127.0.0.1 -p "$PG_PORT"; do
+    kill -0 "$PG_PID" 2>/dev/null || { cat "$WORK/postgres.log"; exit 1; }
+    sleep 0.2
+done
+URL="postgres://postgres@127.0.0.1:$PG_PORT/postgres"
+OUTBOX_RELAY_DATABASE__URL=$URL "$RELAY" migrate --notify-trigger off >/dev/null
+
+cat >"$WORK/insert.sql" <<'SQL'
+\set n random(1, 10000)
+INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload)
+VALUES ('order', 'agg-' || :n, 'created', '{"amount": 42, "note": "a small event"}');
+SQL
+
+psql_() { "$PG_BIN/psql" -q -X -v ON_ERROR_STOP=1 "$URL" "$@"; }
+
+install() {
+    case $1 in
+        none) OUTBOX_RELAY_DATABASE__URL=$URL "$RELAY" migrate --notify-trigger off >/dev/null ;;
+        when) OUTBOX_RELAY_DATABASE__URL=$URL "$RELAY" migrate --notify-trigger on >/dev/null ;;
+        no-when)
+            psql_ -c "SET client_min_messages = warning" \
+                -c "DROP TRIGGER IF EXISTS outbox_notify ON outbox" \
+                -c "CREATE TRIGGER outbox_notify AFTER INSERT ON outbox FOR EACH STATEMENT EXECUTE FUNCTION outbox_notify('outbox_relay')"
+            ;;
+    esac
+    # The same start for every window: the table emptied, no checkpoint due inside it.
+    psql_ -c "TRUNCATE outbox" -c "CHECKPOINT"
+}
+
+RESULTS="$WORK/results"
+log "PostgreSQL $("$PG_BIN/postgres" --version | awk '{print $3}') (synchronous_commit=$SYNCHRONOUS_COMMIT), $CLIENTS connections, $ROUNDS rounds of ${SECONDS_PER} s windows"
+for round in $(seq 1 "$ROUNDS"); do
+    # Each round takes the three variants in another order, so drift falls on all alike.
+    case $((round % 3)) in
+        1) order="none when no-when" ;;
+        2) order="when no-when none" ;;
+        0) order="no-when none when" ;;
+    esac
+    for variant in $order; do
+        install "$variant"
+        tps=$("$PG_BIN/pgbench" -n -h 127.0.0.1 -p "$PG_PORT" -U postgres -c "$CLIENTS" -j 2 \
+            -T "$SECONDS_PER" -f "$WORK/insert.sql" postgres 2>/dev/null |
+            awk '/^tps/ {print $3; exit}')
+        printf 'round %d  %-8s %s commits/s\n' "$round" "$variant" "$tps"
+        echo "$variant $tps" >>"$RESULTS"
+    done
+done
+
+python3 - "$RESULTS" <<'PY'
+import statistics, sys
+rates = {}
+for line in open(sys.argv[1]):
+    variant, tps = line.split()
+    rates.setdefault(variant, []).append(float(tps))
+base = statistics.median(rates["none"])
+print("\n| trigger | windows | median commits/s | against no trigger |\n|---|---:|---:|---:|")
+for variant in ("none", "when", "no-when"):
+    med = statistics.median(rates[variant])
+    print(f"| {variant} | {len(rates[variant])} | {med:.0f} | {(med / base - 1) * 100:+.1f} % |")
+PY
