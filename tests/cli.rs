@@ -327,11 +327,36 @@ async fn migrate_creates_the_table_and_check_reports_both_sides() {
         text.contains("warning: the doorbell trigger calls its function at every insert"),
         "{text}"
     );
+    // While a transaction holds the outbox, migrate keeps that trigger (it works) rather
+    // than queue every writer behind the lock replacing it, and says so.
+    let mut reader = db.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE outbox IN ACCESS SHARE MODE")
+        .execute(&mut *reader)
+        .await
+        .unwrap();
+    let output = relay_command(&url, &bootstrap)
+        .arg("migrate")
+        .output()
+        .unwrap();
+    let text = output_text(&output);
+    assert!(output.status.success(), "{text}");
+    assert!(text.contains("doorbell trigger kept as it was"), "{text}");
+    reader.rollback().await.unwrap();
+    let text = check();
+    assert!(
+        text.contains("warning: the doorbell trigger calls its function at every insert"),
+        "{text}"
+    );
     let output = relay_command(&url, &bootstrap)
         .arg("migrate")
         .output()
         .unwrap();
     assert!(output.status.success(), "{}", output_text(&output));
+    assert!(
+        output_text(&output).contains("doorbell trigger installed"),
+        "{}",
+        output_text(&output)
+    );
     let text = check();
     assert!(
         text.contains("doorbell trigger notifies channel outbox_relay while the relay sleeps"),

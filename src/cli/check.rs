@@ -101,17 +101,17 @@ pub(super) async fn check(settings: Settings, timeout: Duration) -> anyhow::Resu
                     settings.relay.poll_interval,
                     &store.table_display(),
                 ) {
-                    Ok(finding) => {
-                        println!("  {finding}");
-                        if let Ok(prepared @ 1..) = store.max_prepared_transactions().await {
-                            println!(
-                                "  warning: max_prepared_transactions = {prepared}: PostgreSQL refuses PREPARE TRANSACTION after a NOTIFY, so a writer using two-phase commit fails while the relay sleeps; if yours do, run `outbox-relay migrate --notify-trigger off`"
-                            );
-                        }
-                    }
+                    Ok(finding) => println!("  {finding}"),
                     Err(advice) => println!("  warning: {advice}"),
                 },
                 Err(err) => failures.push(format!("database: reading the doorbell trigger: {err}")),
+            }
+            if matches!(store.doorbell_trigger().await, Ok(Some(_)))
+                && let Ok(prepared @ 1..) = store.max_prepared_transactions().await
+            {
+                println!(
+                    "  warning: max_prepared_transactions = {prepared}: PostgreSQL refuses PREPARE TRANSACTION after a NOTIFY, so a writer using two-phase commit fails while the relay sleeps; if yours do, run `outbox-relay migrate --notify-trigger off`"
+                );
             }
             match store.backlog_stats().await {
                 Ok(stats) => println!(

@@ -18,7 +18,7 @@ use crate::config::{
     redact_url,
 };
 use crate::kafka::producer::RowProducer;
-use crate::store::{self, Store};
+use crate::store::{self, Store, TriggerChange};
 use crate::telemetry;
 
 mod check;
@@ -574,25 +574,28 @@ async fn migrate(settings: Settings, notify_trigger: Toggle, dry_run: bool) -> a
             );
         }
         let enabled = matches!(notify_trigger, Toggle::On);
-        let changed = store
+        let change = store
             .set_notify_trigger(enabled, &settings.database.listen_channel)
             .await
             .context("Failed to change the notify trigger")?;
-        print_doorbell(&settings, enabled, changed);
+        print_doorbell(&settings, enabled, change);
     }
     store.pool().close().await;
     Ok(())
 }
 
-/// Says where the doorbell trigger stands; `changed`: whether this run installed or removed
-/// it (a second `migrate` finds it in place).
-fn print_doorbell(settings: &Settings, installed: bool, changed: bool) {
+/// Says where the doorbell trigger stands after this run changed it or not (a second
+/// `migrate` finds it in place).
+fn print_doorbell(settings: &Settings, installed: bool, change: TriggerChange) {
     let channel = &settings.database.listen_channel;
-    let done = match (installed, changed) {
-        (true, true) => "doorbell trigger installed",
-        (true, false) => "doorbell trigger already in place",
-        (false, true) => "doorbell trigger removed",
-        (false, false) => "no doorbell trigger",
+    let done = match (installed, change) {
+        (true, TriggerChange::Changed) => "doorbell trigger installed",
+        (true, TriggerChange::Unchanged) => "doorbell trigger already in place",
+        (true, TriggerChange::KeptOld) => {
+            "doorbell trigger kept as it was: the outbox stayed locked by other transactions for the five 200 ms tries to replace it with the one that tries the relay's lock in its WHEN clause (it works as it is, calling its function at every insert); run `outbox-relay migrate` again at a quieter moment"
+        }
+        (false, TriggerChange::Unchanged) => "no doorbell trigger",
+        (false, _) => "doorbell trigger removed",
     };
     match (installed, settings.database.listen) {
         (true, true) => {
@@ -668,17 +671,18 @@ async fn adopt(
         .context(
             "Failed to adopt the table (steps already run stay; run migrate again to finish)",
         )?;
-    let doorbell_changed = match notify_trigger {
+    let doorbell_change = match notify_trigger {
         Toggle::Off => store
             .set_adopted_notify_trigger(None)
             .await
             .context("Failed to remove the notify trigger")?,
-        Toggle::On => plan.doorbell_changes,
+        Toggle::On if plan.doorbell_changes => TriggerChange::Changed,
+        Toggle::On => TriggerChange::Unchanged,
     };
     print_doorbell(
         settings,
         matches!(notify_trigger, Toggle::On),
-        doorbell_changed,
+        doorbell_change,
     );
     store
         .verify_schema()

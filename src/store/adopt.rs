@@ -3,7 +3,7 @@
 //! relay's own lease tables) and nothing its writers must supply. Each step says the lock
 //! it takes and whether it rewrites or scans the table, so `--dry-run` can show them all.
 
-use super::schema::{DOORBELL_LOCK, DoorbellTrigger, doorbell_when};
+use super::schema::{DOORBELL_LOCK, DoorbellTrigger, TriggerChange, doorbell_when, quote_literal};
 use super::table::{ADOPTED_CREATED_AT, ADOPTED_ID, BOOKKEEPING, Catalog, quote};
 use super::{Store, StoreError, TableSpec};
 
@@ -299,12 +299,11 @@ impl Store {
         Ok(())
     }
 
-    /// Installs or removes the doorbell trigger on an adopted table; returns whether
-    /// anything changed.
+    /// Installs or removes the doorbell trigger on an adopted table.
     pub async fn set_adopted_notify_trigger(
         &self,
         channel: Option<&str>,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<TriggerChange, StoreError> {
         let Some(spec) = self.spec.clone() else {
             return self
                 .set_notify_trigger(channel.is_some(), channel.unwrap_or_default())
@@ -313,28 +312,25 @@ impl Store {
         let table = spec.quoted_name();
         let existing = self.doorbell_trigger_on(&table).await?;
         let Some(step) = notify_step(&table, &spec.display(), channel, existing.as_ref()) else {
-            return Ok(false);
+            return Ok(TriggerChange::Unchanged);
         };
         run_step(&mut *self.pool().acquire().await?, &step).await?;
-        Ok(true)
+        Ok(TriggerChange::Changed)
     }
 
     /// Whether `outbox_replica` exists without the state columns of migration 10 (an
     /// adoption made by an earlier version). Asked first: `ADD COLUMN IF NOT EXISTS` would
     /// take the table's exclusive lock at every `migrate` even with nothing to add.
     async fn replica_table_lacks_state(&self) -> Result<bool, StoreError> {
-        self.in_session(async |conn| {
-            Ok(self
-                .query_scalar(
-                    "SELECT pg_catalog.to_regclass('outbox_replica') IS NOT NULL \
-                       AND (SELECT pg_catalog.count(*) FROM pg_catalog.pg_attribute \
-                            WHERE attrelid = pg_catalog.to_regclass('outbox_replica') \
-                              AND attname IN ('state', 'state_reason') AND NOT attisdropped) < 2",
-                )
-                .fetch_one(&mut *conn)
-                .await?)
-        })
-        .await
+        let exists: bool = self
+            .in_session(async |conn| {
+                Ok(self
+                    .query_scalar("SELECT pg_catalog.to_regclass('outbox_replica') IS NOT NULL")
+                    .fetch_one(&mut *conn)
+                    .await?)
+            })
+            .await?;
+        Ok(exists && !self.replica_table_has_state().await?)
     }
 
     /// How many rows the table has, and how many lack an ordering number.
@@ -413,12 +409,14 @@ fn notify_step(
     );
     let lock_briefly = "SET LOCAL lock_timeout = '10s'".to_string();
     let drop = format!("DROP TRIGGER IF EXISTS outbox_relay_notify ON {table}");
+    // The name the relay's own table gives its doorbell, found on an adopted table too.
+    let drop_own_name = format!("DROP TRIGGER IF EXISTS outbox_notify ON {table}");
     let table_lock =
         format!("ACCESS EXCLUSIVE on {display} for a moment (at most 10 s waiting for it)");
     match (channel, existing) {
         (None, None) => None,
         (None, Some(_)) => Some(Step {
-            statements: vec![lock_briefly, drop],
+            statements: vec![lock_briefly, drop, drop_own_name],
             lock: table_lock,
             until_done: false,
             effect: "removes the doorbell trigger".into(),
@@ -434,11 +432,12 @@ fn notify_step(
                 lock_briefly,
                 function,
                 drop,
+                drop_own_name,
                 format!(
                     "CREATE TRIGGER outbox_relay_notify AFTER INSERT ON {table} \
-                     FOR EACH STATEMENT {} EXECUTE FUNCTION outbox_relay_notify('{}')",
+                     FOR EACH STATEMENT {} EXECUTE FUNCTION outbox_relay_notify({})",
                     doorbell_when(channel),
-                    channel.replace('\'', "''")
+                    quote_literal(channel)
                 ),
             ],
             lock: table_lock,

@@ -47,21 +47,20 @@ impl Store {
         ttl: Duration,
         state: Option<(&str, Option<&str>)>,
     ) -> Result<Vec<String>, StoreError> {
-        let me = match state {
-            Some(_) => {
-                "INSERT INTO outbox_replica (replica_id, heartbeat_at, expires_at, state, state_reason) \
-                 VALUES ($1, pg_catalog.now(), pg_catalog.now() + pg_catalog.make_interval(secs => $2), $3, $4) \
-                 ON CONFLICT (replica_id) DO UPDATE \
-                 SET heartbeat_at = pg_catalog.now(), expires_at = pg_catalog.now() + pg_catalog.make_interval(secs => $2), \
-                     state = $3, state_reason = $4"
-            }
-            None => {
-                "INSERT INTO outbox_replica (replica_id, heartbeat_at, expires_at) \
-                 VALUES ($1, pg_catalog.now(), pg_catalog.now() + pg_catalog.make_interval(secs => $2)) \
-                 ON CONFLICT (replica_id) DO UPDATE \
-                 SET heartbeat_at = pg_catalog.now(), expires_at = pg_catalog.now() + pg_catalog.make_interval(secs => $2)"
-            }
+        let (columns, values, updates) = match state {
+            Some(_) => (
+                ", state, state_reason",
+                ", $3, $4",
+                ", state = $3, state_reason = $4",
+            ),
+            None => ("", "", ""),
         };
+        let me = format!(
+            "INSERT INTO outbox_replica (replica_id, heartbeat_at, expires_at{columns}) \
+             VALUES ($1, pg_catalog.now(), pg_catalog.now() + pg_catalog.make_interval(secs => $2){values}) \
+             ON CONFLICT (replica_id) DO UPDATE \
+             SET heartbeat_at = pg_catalog.now(), expires_at = pg_catalog.now() + pg_catalog.make_interval(secs => $2){updates}"
+        );
         let statement = format!(
             "WITH gone AS ( \
                  DELETE FROM outbox_replica \

@@ -32,6 +32,7 @@ pub use proof::{LocatedRow, PROOF_PAGE_ROWS, RangeCensus, RowKey, SentRow, Value
 pub use read::ReadLimits;
 pub use retention::{Pruned, Sweep};
 pub use schema::MIGRATOR;
+pub use schema::TriggerChange;
 pub(crate) use schema::{DOORBELL_LOCK, doorbell_finding};
 pub use status::BacklogStats;
 pub(crate) use status::{EXACT_PENDING_UP_TO, ParkedFilter, ReplicaStatus};

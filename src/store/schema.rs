@@ -25,9 +25,28 @@ pub(crate) struct DoorbellTrigger {
 /// The WHEN clause of the doorbell trigger on `channel`: true only while a relay sleeps.
 pub(crate) fn doorbell_when(channel: &str) -> String {
     format!(
-        "WHEN (NOT pg_catalog.pg_try_advisory_xact_lock_shared({DOORBELL_LOCK}, pg_catalog.hashtext('{}')))",
-        channel.replace('\'', "''")
+        "WHEN (NOT pg_catalog.pg_try_advisory_xact_lock_shared({DOORBELL_LOCK}, pg_catalog.hashtext({})))",
+        quote_literal(channel)
     )
+}
+
+/// `text` as an SQL string literal, read alike whatever `standard_conforming_strings` says
+/// (an escape string: backslashes doubled, quotes doubled).
+pub(crate) fn quote_literal(text: &str) -> String {
+    format!("E'{}'", text.replace('\\', "\\\\").replace('\'', "''"))
+}
+
+/// What [`Store::set_notify_trigger`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TriggerChange {
+    /// The trigger was already as asked.
+    Unchanged,
+    /// Installed, removed or replaced.
+    Changed,
+    /// A trigger from before migration 11 (ringing only while the relay sleeps, but calling
+    /// its function at every insert) stays: the table stayed busy, and replacing it is not
+    /// worth queueing the writers behind its lock for long.
+    KeptOld,
 }
 
 /// What the doorbell trigger found on `table` (`None`: none) means for a relay listening on
@@ -141,15 +160,16 @@ impl Store {
         .await
     }
 
-    /// Installs or removes the statement-level doorbell trigger, which notifies `channel`;
-    /// returns whether anything changed. A trigger already as asked is left alone: replacing
-    /// it would lock the outbox. Waits at most 10 s for the table's lock rather than queue
-    /// every insert behind a long transaction.
+    /// Installs or removes the statement-level doorbell trigger, which notifies `channel`.
+    /// A trigger already as asked is left alone: replacing it would lock the outbox. Waits
+    /// at most 10 s for the table's lock rather than queue every insert behind a long
+    /// transaction; only 200 ms, five times over, to replace a trigger from before
+    /// migration 11, which works as it is (see [`TriggerChange::KeptOld`]).
     pub(crate) async fn set_notify_trigger(
         &self,
         enabled: bool,
         channel: &str,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<TriggerChange, StoreError> {
         let existing = self.doorbell_trigger().await?;
         let (replace_function, replace_trigger) = match &existing {
             Some(trigger) if enabled => (
@@ -160,8 +180,44 @@ impl Store {
             None => (enabled, enabled),
         };
         if !replace_function && !replace_trigger {
-            return Ok(false);
+            return Ok(TriggerChange::Unchanged);
         }
+        let only_upgrade = matches!(&existing, Some(trigger) if enabled
+            && trigger.only_while_asleep && trigger.channel == channel);
+        if !only_upgrade {
+            return self
+                .replace_notify_trigger(enabled, channel, replace_function, "10s")
+                .await
+                .map(|()| TriggerChange::Changed);
+        }
+        for attempt in 1..=5 {
+            match self
+                .replace_notify_trigger(enabled, channel, false, "200ms")
+                .await
+            {
+                Ok(()) => return Ok(TriggerChange::Changed),
+                // 55P03: lock_not_available, the lock_timeout ran out.
+                Err(StoreError::Statement { code, .. }) if code == "55P03" => {
+                    if attempt < 5 {
+                        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    }
+                }
+                Err(err) => return Err(err),
+            }
+        }
+        Ok(TriggerChange::KeptOld)
+    }
+
+    /// One try at [`Store::set_notify_trigger`]'s change, waiting at most `lock_timeout`
+    /// for the table's lock.
+    async fn replace_notify_trigger(
+        &self,
+        enabled: bool,
+        channel: &str,
+        replace_function: bool,
+        lock_timeout: &str,
+    ) -> Result<(), StoreError> {
+        let set_timeout = format!("SET LOCAL lock_timeout = '{lock_timeout}'");
         self.in_session(async |conn| {
             let mut tx = sqlx::Connection::begin(&mut *conn).await?;
             if replace_function && let Some(migration) = doorbell_migration() {
@@ -170,18 +226,14 @@ impl Store {
                     .execute(&mut *tx)
                     .await?;
             }
-            if replace_trigger {
-                self.query("SET LOCAL lock_timeout = '10s'")
-                    .execute(&mut *tx)
-                    .await?;
-                self.query("SELECT outbox_enable_notify($1, $2)")
-                    .bind(enabled)
-                    .bind(channel)
-                    .execute(&mut *tx)
-                    .await?;
-            }
+            sqlx::raw_sql(&set_timeout).execute(&mut *tx).await?;
+            self.query("SELECT outbox_enable_notify($1, $2)")
+                .bind(enabled)
+                .bind(channel)
+                .execute(&mut *tx)
+                .await?;
             tx.commit().await?;
-            Ok(true)
+            Ok(())
         })
         .await
     }
@@ -268,26 +320,37 @@ impl Store {
     /// to do about it. Optional: a relay upgraded before `migrate` ran, or whose role was
     /// made for an earlier version, relays all the same.
     pub(crate) async fn replica_state_unrecordable(&self) -> Result<Option<String>, StoreError> {
+        if !self.replica_table_has_state().await? {
+            return Ok(Some("outbox_replica has no state columns yet: `outbox-relay status` cannot show this replica's state until `outbox-relay migrate` runs; relaying goes on".into()));
+        }
         self.in_session(async |conn| {
-            let finding: Option<String> = self
+            let granted: bool = self
                 .query_scalar(
-                    "SELECT CASE \
-                       WHEN (SELECT pg_catalog.count(*) FROM pg_catalog.pg_attribute \
-                             WHERE attrelid = pg_catalog.to_regclass('outbox_replica') \
-                               AND attname IN ('state', 'state_reason') AND NOT attisdropped) < 2 \
-                         THEN 'columns' \
-                       WHEN NOT (pg_catalog.has_column_privilege('outbox_replica', 'state', 'INSERT') \
-                             AND pg_catalog.has_column_privilege('outbox_replica', 'state_reason', 'INSERT') \
-                             AND pg_catalog.has_column_privilege('outbox_replica', 'state', 'UPDATE') \
-                             AND pg_catalog.has_column_privilege('outbox_replica', 'state_reason', 'UPDATE')) \
-                         THEN 'grant' END",
+                    "SELECT pg_catalog.has_column_privilege('outbox_replica', 'state', 'INSERT') \
+                        AND pg_catalog.has_column_privilege('outbox_replica', 'state_reason', 'INSERT') \
+                        AND pg_catalog.has_column_privilege('outbox_replica', 'state', 'UPDATE') \
+                        AND pg_catalog.has_column_privilege('outbox_replica', 'state_reason', 'UPDATE')",
                 )
                 .fetch_one(&mut *conn)
                 .await?;
-            Ok(finding.map(|finding| match finding.as_str() {
-                "columns" => "outbox_replica has no state columns yet: `outbox-relay status` cannot show this replica's state until `outbox-relay migrate` runs; relaying goes on".to_string(),
-                _ => "the role may not record its state for `outbox-relay status`: GRANT INSERT (state, state_reason), UPDATE (state, state_reason) ON outbox_replica (deploy/sql/least-privilege.sql does); relaying goes on".to_string(),
-            }))
+            Ok((!granted).then(|| "the role may not record its state for `outbox-relay status`: GRANT INSERT (state, state_reason), UPDATE (state, state_reason) ON outbox_replica (deploy/sql/least-privilege.sql does); relaying goes on".to_string()))
+        })
+        .await
+    }
+
+    /// Whether `outbox_replica` has both state columns of migration 10 (false too when the
+    /// table does not exist).
+    pub(super) async fn replica_table_has_state(&self) -> Result<bool, StoreError> {
+        self.in_session(async |conn| {
+            let columns: i64 = self
+                .query_scalar(
+                    "SELECT pg_catalog.count(*) FROM pg_catalog.pg_attribute \
+                     WHERE attrelid = pg_catalog.to_regclass('outbox_replica') \
+                       AND attname IN ('state', 'state_reason') AND NOT attisdropped",
+                )
+                .fetch_one(&mut *conn)
+                .await?;
+            Ok(columns == 2)
         })
         .await
     }
@@ -522,7 +585,13 @@ mod tests {
             enable.sql
         );
         assert!(doorbell_when("it's").contains(&lock));
-        assert!(doorbell_when("it's").ends_with("hashtext('it''s')))"));
+        assert!(doorbell_when("it's").ends_with("hashtext(E'it''s')))"));
+    }
+
+    #[test]
+    fn literals_are_quoted_alike_whatever_standard_conforming_strings_says() {
+        assert_eq!(quote_literal("outbox_relay"), "E'outbox_relay'");
+        assert_eq!(quote_literal(r"x\')) --"), r"E'x\\'')) --'");
     }
 
     #[test]
