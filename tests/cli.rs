@@ -189,16 +189,23 @@ async fn migrate_creates_the_table_and_check_reports_both_sides() {
     // A password in the URL (trust authentication ignores it) must never be printed.
     let url = db.url.replace("postgres@", "postgres:hunter2@");
 
+    // `migrate` with these arguments, which must succeed; what it printed.
+    let migrate = |args: &[&str]| {
+        let output = relay_command(&url, &bootstrap)
+            .arg("migrate")
+            .args(args)
+            .output()
+            .unwrap();
+        let text = output_text(&output);
+        assert!(output.status.success(), "{text}");
+        text
+    };
+
     // The doorbell comes with a plain migrate: low latency is the default.
-    let output = relay_command(&url, &bootstrap)
-        .arg("migrate")
-        .output()
-        .unwrap();
-    assert!(output.status.success(), "{}", output_text(&output));
+    let text = migrate(&[]);
     assert!(
-        output_text(&output).contains("doorbell trigger installed (channel outbox_relay)"),
-        "{}",
-        output_text(&output)
+        text.contains("doorbell trigger installed (channel outbox_relay)"),
+        "{text}"
     );
     let triggers = || async {
         sqlx::query_scalar::<_, i64>(
@@ -210,12 +217,7 @@ async fn migrate_creates_the_table_and_check_reports_both_sides() {
     };
     assert_eq!(triggers().await, 1);
     // Run again, it says what it found rather than what it did the first time.
-    let output = relay_command(&url, &bootstrap)
-        .arg("migrate")
-        .output()
-        .unwrap();
-    let again = output_text(&output);
-    assert!(output.status.success(), "{again}");
+    let again = migrate(&[]);
     assert!(
         again.contains("no migration to apply")
             && again.contains("doorbell trigger already in place (channel outbox_relay)")
@@ -225,11 +227,7 @@ async fn migrate_creates_the_table_and_check_reports_both_sides() {
     );
     assert_eq!(triggers().await, 1);
     // It can be removed, and applying the migrations again changes nothing else.
-    let output = relay_command(&url, &bootstrap)
-        .args(["migrate", "--notify-trigger", "off"])
-        .output()
-        .unwrap();
-    assert!(output.status.success(), "{}", output_text(&output));
+    migrate(&["--notify-trigger", "off"]);
     assert_eq!(triggers().await, 0);
 
     // `check` shows the size limit of the template's topics, as the relay learns it.
@@ -268,11 +266,7 @@ async fn migrate_creates_the_table_and_check_reports_both_sides() {
 
     // With the doorbell back, `check` says which channel it notifies; a trigger left from
     // before migration 9 (notifying at every insert) is called out.
-    let output = relay_command(&url, &bootstrap)
-        .arg("migrate")
-        .output()
-        .unwrap();
-    assert!(output.status.success(), "{}", output_text(&output));
+    migrate(&[]);
     let check = || {
         let output = relay_command(&url, &bootstrap)
             .args(["check", "--timeout", "5s"])
@@ -306,11 +300,7 @@ async fn migrate_creates_the_table_and_check_reports_both_sides() {
         "{text}"
     );
     // migrate puts the doorbell's own function and trigger back.
-    let output = relay_command(&url, &bootstrap)
-        .arg("migrate")
-        .output()
-        .unwrap();
-    assert!(output.status.success(), "{}", output_text(&output));
+    migrate(&[]);
     let text = check();
     assert!(
         text.contains("doorbell trigger notifies channel outbox_relay while the relay sleeps"),
@@ -334,12 +324,7 @@ async fn migrate_creates_the_table_and_check_reports_both_sides() {
         .execute(&mut *reader)
         .await
         .unwrap();
-    let output = relay_command(&url, &bootstrap)
-        .arg("migrate")
-        .output()
-        .unwrap();
-    let text = output_text(&output);
-    assert!(output.status.success(), "{text}");
+    let text = migrate(&[]);
     assert!(text.contains("doorbell trigger kept as it was"), "{text}");
     reader.rollback().await.unwrap();
     let text = check();
@@ -347,16 +332,8 @@ async fn migrate_creates_the_table_and_check_reports_both_sides() {
         text.contains("warning: the doorbell trigger calls its function at every insert"),
         "{text}"
     );
-    let output = relay_command(&url, &bootstrap)
-        .arg("migrate")
-        .output()
-        .unwrap();
-    assert!(output.status.success(), "{}", output_text(&output));
-    assert!(
-        output_text(&output).contains("doorbell trigger installed"),
-        "{}",
-        output_text(&output)
-    );
+    let text = migrate(&[]);
+    assert!(text.contains("doorbell trigger installed"), "{text}");
     let text = check();
     assert!(
         text.contains("doorbell trigger notifies channel outbox_relay while the relay sleeps"),

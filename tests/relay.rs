@@ -467,6 +467,41 @@ async fn writers_ring_only_while_a_relay_sleeps() {
         "after the first insert"
     );
 
+    // A writer that did not ring holds the doorbell lock shared until it commits: a relay
+    // cannot fall asleep (take the lock) while that writer's row is not yet visible.
+    let mut writer = db.pool.begin().await.unwrap();
+    sqlx::query(
+        "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) \
+         VALUES ('ring', 'a', 'Open', '{}')",
+    )
+    .execute(&mut *writer)
+    .await
+    .unwrap();
+    let mut relay = db.pool.acquire().await.unwrap();
+    let try_to_sleep = "SELECT pg_try_advisory_lock(1868722808, hashtext('outbox_relay'))";
+    let asleep: bool = sqlx::query_scalar(try_to_sleep)
+        .fetch_one(&mut *relay)
+        .await
+        .unwrap();
+    assert!(
+        !asleep,
+        "the relay fell asleep before an unrung row committed"
+    );
+    writer.commit().await.unwrap();
+    let asleep: bool = sqlx::query_scalar(try_to_sleep)
+        .fetch_one(&mut *relay)
+        .await
+        .unwrap();
+    assert!(
+        asleep,
+        "the relay cannot fall asleep once the writer committed"
+    );
+    sqlx::query("SELECT pg_advisory_unlock(1868722808, hashtext('outbox_relay'))")
+        .execute(&mut *relay)
+        .await
+        .unwrap();
+    drop(relay);
+
     // A relay sleeps (holds the doorbell lock on its session): the insert notifies.
     let mut sleeper = db.pool.acquire().await.unwrap();
     sqlx::query("SELECT pg_advisory_lock(1868722808, hashtext('outbox_relay'))")
