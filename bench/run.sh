@@ -124,10 +124,7 @@ fi
     ${BENCH_PG_OPTIONS:-} \
     >"$WORK/postgres.log" 2>&1 &
 PG_PID=$!
-until "$PG_BIN/pg_isready" -q -h 127.0.0.1 -p "$PG_PORT"; do
-    kill -0 "$PG_PID" 2>/dev/null || { cat "$WORK/postgres.log"; exit 1; }
-    sleep 0.2
-done
+wait_for_postgres "$PG_PID" "$PG_PORT" "$WORK/postgres.log"
 
 log "running the benchmark"
 BENCH_COMMAND="bench/run.sh $*" target/release/outbox-relay-bench \

@@ -53,10 +53,7 @@ trap cleanup EXIT
     -c shared_buffers=1GB -c max_wal_size=32GB -c checkpoint_timeout=30min \
     >"$WORK/postgres.log" 2>&1 &
 PG_PID=$!
-until "$PG_BIN/pg_isready" -q -h 127.0.0.1 -p "$PG_PORT"; do
-    kill -0 "$PG_PID" 2>/dev/null || { cat "$WORK/postgres.log"; exit 1; }
-    sleep 0.2
-done
+wait_for_postgres "$PG_PID" "$PG_PORT" "$WORK/postgres.log"
 URL="postgres://postgres@127.0.0.1:$PG_PORT/postgres"
 OUTBOX_RELAY_DATABASE__URL=$URL "$RELAY" migrate --notify-trigger off >/dev/null
 

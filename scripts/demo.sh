@@ -32,7 +32,7 @@ log "starting PostgreSQL on 127.0.0.1:$PG_PORT"
 "${AS_PG[@]}" "$PG_BIN/postgres" -D "$WORK/pg" -p "$PG_PORT" -k "$WORK" \
     -c listen_addresses=127.0.0.1 >"$WORK/postgres.log" 2>&1 &
 PIDS+=($!)
-until "$PG_BIN/pg_isready" -q -h 127.0.0.1 -p "$PG_PORT"; do sleep 0.2; done
+wait_for_postgres "${PIDS[-1]}" "$PG_PORT" "$WORK/postgres.log"
 export DATABASE_URL="postgres://postgres@127.0.0.1:$PG_PORT/postgres"
 
 KAFKA_PORT=$(free_port)

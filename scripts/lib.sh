@@ -91,3 +91,13 @@ ensure_cargo_deb() {
 free_port() {
     python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
+
+# Waits until the PostgreSQL started as PID answers on 127.0.0.1:PORT; if it exits first,
+# prints its LOG and fails.
+wait_for_postgres() {
+    local pid=$1 port=$2 log_file=$3
+    until "$(postgres_bin)/pg_isready" -q -h 127.0.0.1 -p "$port"; do
+        kill -0 "$pid" 2>/dev/null || { cat "$log_file" >&2; return 1; }
+        sleep 0.2
+    done
+}
