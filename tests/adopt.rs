@@ -428,6 +428,37 @@ topic = \"dest\"
         doorbell.contains("WHEN ((NOT pg_try_advisory_xact_lock_shared(1868722808"),
         "{doorbell}"
     );
+    // A doorbell from before migration 11 (no WHEN clause) is replaced, but not while a
+    // transaction holds the table: migrate keeps it then rather than queue the writers.
+    let without_when = "DROP TRIGGER outbox_relay_notify ON my_outbox; \
+         CREATE TRIGGER outbox_relay_notify AFTER INSERT ON my_outbox FOR EACH STATEMENT \
+         EXECUTE FUNCTION outbox_relay_notify('outbox_relay')";
+    sqlx::raw_sql(without_when).execute(&db.pool).await.unwrap();
+    let mut reader = db.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE my_outbox IN ACCESS SHARE MODE")
+        .execute(&mut *reader)
+        .await
+        .unwrap();
+    let busy = migrate(&db, &config, &[]);
+    assert!(busy.status.success(), "{}", output_text(&busy));
+    assert!(
+        output_text(&busy).contains("doorbell trigger kept as it was"),
+        "{}",
+        output_text(&busy)
+    );
+    reader.rollback().await.unwrap();
+    let quiet = migrate(&db, &config, &[]);
+    assert!(quiet.status.success(), "{}", output_text(&quiet));
+    let doorbell: String = sqlx::query_scalar(
+        "SELECT pg_get_triggerdef(oid) FROM pg_trigger WHERE tgname = 'outbox_relay_notify'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert!(
+        doorbell.contains("WHEN ((NOT pg_try_advisory"),
+        "{doorbell}"
+    );
     // The doorbell rings on the adopted table too, while a relay sleeps (holds its lock).
     let mut listener = sqlx::postgres::PgListener::connect(&db.url).await.unwrap();
     listener.listen("outbox_relay").await.unwrap();

@@ -663,7 +663,7 @@ async fn adopt(
     if dry_run {
         return Ok(());
     }
-    store
+    let kept = store
         .adopt(&plan, |i, step| {
             println!("running step {}: {}", i + 1, step.effect)
         })
@@ -676,6 +676,7 @@ async fn adopt(
             .set_adopted_notify_trigger(None)
             .await
             .context("Failed to remove the notify trigger")?,
+        Toggle::On if kept => TriggerChange::KeptOld,
         Toggle::On if plan.doorbell_changes => TriggerChange::Changed,
         Toggle::On => TriggerChange::Unchanged,
     };

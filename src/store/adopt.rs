@@ -21,6 +21,9 @@ pub struct Step {
     /// Run again until it changes no row (the numbering: rows updated meanwhile by
     /// someone else are numbered in the next round).
     until_done: bool,
+    /// Skipped when the table stays locked through five short tries (see
+    /// [`TriggerChange::KeptOld`]): what it replaces works as it is.
+    kept_if_busy: bool,
 }
 
 /// Everything `migrate` would do to adopt a table.
@@ -82,6 +85,7 @@ impl Store {
             effect: "creates the lease and replica tables if missing".into(),
             concurrently: false,
             until_done: false,
+            kept_if_busy: false,
         }];
         if self.replica_table_lacks_state().await? {
             steps.push(Step {
@@ -97,6 +101,7 @@ impl Store {
                 effect: "adds the columns in which each replica records its state for `status` (migration 10)".into(),
                 concurrently: false,
                 until_done: false,
+                kept_if_busy: false,
             });
         }
 
@@ -159,6 +164,7 @@ impl Store {
                 ),
                 concurrently: false,
                 until_done: false,
+                kept_if_busy: false,
             });
         }
         if !catalog.numbered {
@@ -178,6 +184,7 @@ impl Store {
                 ),
                 concurrently: false,
                 until_done: true,
+                kept_if_busy: false,
             });
             let check = quote(&spec.numbered_check());
             let mut statements = Vec::new();
@@ -193,6 +200,7 @@ impl Store {
                     effect: "no rewrite, no scan: a CHECK that every row has its ordering number, not validated yet".into(),
                     concurrently: false,
                     until_done: false,
+                    kept_if_busy: false,
                 });
             }
             steps.push(Step {
@@ -201,6 +209,7 @@ impl Store {
                 effect: "scans the table: proves every row is numbered; the relay starts on the table only then".into(),
                 concurrently: false,
                 until_done: false,
+                kept_if_busy: false,
             });
         }
         let aggregate_id = quote(&spec.columns.aggregate_id);
@@ -261,6 +270,7 @@ impl Store {
                 effect: format!("scans the table to build {name}: {purpose}"),
                 concurrently: true,
                 until_done: false,
+                kept_if_busy: false,
             });
         }
         let mut doorbell_changes = false;
@@ -281,22 +291,28 @@ impl Store {
 
     /// Runs an adoption plan, step by step, on one connection without a statement
     /// timeout (a big table's index builds take as long as they take); `progress` hears of
-    /// each step before it runs.
+    /// each step before it runs. Returns whether a step was skipped because the table
+    /// stayed locked (only the replacement of a doorbell from before migration 11 may be).
     pub async fn adopt(
         &self,
         plan: &AdoptionPlan,
         mut progress: impl FnMut(usize, &Step),
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
         let mut conn = self.pool().acquire().await?;
         sqlx::query("SET statement_timeout = 0")
             .persistent(false)
             .execute(&mut *conn)
             .await?;
+        let mut kept = false;
         for (i, step) in plan.steps.iter().enumerate() {
             progress(i, step);
+            if step.kept_if_busy {
+                kept |= !run_step_unless_busy(&mut conn, step).await?;
+                continue;
+            }
             while run_step(&mut conn, step).await? > 0 && step.until_done {}
         }
-        Ok(())
+        Ok(kept)
     }
 
     /// Installs or removes the doorbell trigger on an adopted table.
@@ -365,6 +381,27 @@ impl Store {
 
 /// Runs one step's statements, in one transaction unless it builds indexes concurrently.
 /// Returns the rows they changed.
+/// Runs `step` (whose statements set a short lock_timeout), trying five times a second
+/// apart while the table stays locked; false when it never got the lock.
+async fn run_step_unless_busy(
+    conn: &mut sqlx::PgConnection,
+    step: &Step,
+) -> Result<bool, StoreError> {
+    for attempt in 1..=5 {
+        match run_step(conn, step).await {
+            Ok(_) => return Ok(true),
+            // 55P03: lock_not_available, the lock_timeout ran out.
+            Err(StoreError::Statement { code, .. }) if code == "55P03" => {
+                if attempt < 5 {
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                }
+            }
+            Err(err) => return Err(err),
+        }
+    }
+    Ok(false)
+}
+
 async fn run_step(conn: &mut sqlx::PgConnection, step: &Step) -> Result<u64, StoreError> {
     let mut changed = 0;
     if step.concurrently {
@@ -419,6 +456,7 @@ fn notify_step(
             statements: vec![lock_briefly, drop, drop_own_name],
             lock: table_lock,
             until_done: false,
+            kept_if_busy: false,
             effect: "removes the doorbell trigger".into(),
             concurrently: false,
         }),
@@ -427,25 +465,42 @@ fn notify_step(
         {
             None
         }
-        (Some(channel), _) => Some(Step {
-            statements: vec![
-                lock_briefly,
-                function,
-                drop,
-                drop_own_name,
-                format!(
-                    "CREATE TRIGGER outbox_relay_notify AFTER INSERT ON {table} \
+        (Some(channel), existing) => {
+            // A doorbell from before migration 11 on this channel works as it is: replace
+            // it only if the table's lock comes within 200 ms, rather than queue writers.
+            let only_upgrade = existing
+                .is_some_and(|trigger| trigger.channel == channel && trigger.only_while_asleep);
+            Some(Step {
+                statements: vec![
+                    if only_upgrade {
+                        "SET LOCAL lock_timeout = '200ms'".to_string()
+                    } else {
+                        lock_briefly
+                    },
+                    function,
+                    drop,
+                    drop_own_name,
+                    format!(
+                        "CREATE TRIGGER outbox_relay_notify AFTER INSERT ON {table} \
                      FOR EACH STATEMENT {} EXECUTE FUNCTION outbox_relay_notify({})",
-                    doorbell_when(channel),
-                    quote_literal(channel)
+                        doorbell_when(channel),
+                        quote_literal(channel)
+                    ),
+                ],
+                lock: if only_upgrade {
+                    format!(
+                        "ACCESS EXCLUSIVE on {display} for a moment (at most 200 ms waiting for it, five tries a second apart; the old doorbell stays if the table stays busy)"
+                    )
+                } else {
+                    table_lock
+                },
+                until_done: false,
+                kept_if_busy: only_upgrade,
+                effect: format!(
+                    "the doorbell: an inserting statement notifies {channel} while the relay sleeps (NOTIFY takes a database-wide lock at commit)"
                 ),
-            ],
-            lock: table_lock,
-            until_done: false,
-            effect: format!(
-                "the doorbell: an inserting statement notifies {channel} while the relay sleeps (NOTIFY takes a database-wide lock at commit)"
-            ),
-            concurrently: false,
-        }),
+                concurrently: false,
+            })
+        }
     }
 }
