@@ -90,7 +90,8 @@ pub(super) async fn check(settings: Settings, timeout: Duration) -> anyhow::Resu
                     failures.push(format!("database: checking the schema's privileges: {err}"))
                 }
             }
-            match store.doorbell_trigger().await {
+            let doorbell = store.doorbell_trigger().await;
+            match &doorbell {
                 Ok(Some(_)) if !settings.database.listen => println!(
                     "  doorbell trigger present, but database.listen = false: the relay polls every {:?}",
                     settings.relay.poll_interval
@@ -106,7 +107,7 @@ pub(super) async fn check(settings: Settings, timeout: Duration) -> anyhow::Resu
                 },
                 Err(err) => failures.push(format!("database: reading the doorbell trigger: {err}")),
             }
-            if matches!(store.doorbell_trigger().await, Ok(Some(_)))
+            if matches!(doorbell, Ok(Some(_)))
                 && let Ok(prepared @ 1..) = store.max_prepared_transactions().await
             {
                 println!(

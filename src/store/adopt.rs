@@ -3,7 +3,9 @@
 //! relay's own lease tables) and nothing its writers must supply. Each step says the lock
 //! it takes and whether it rewrites or scans the table, so `--dry-run` can show them all.
 
-use super::schema::{DOORBELL_LOCK, DoorbellTrigger, TriggerChange, doorbell_when, quote_literal};
+use super::schema::{
+    DOORBELL_LOCK, DoorbellTrigger, TriggerChange, doorbell_when, quote_literal, unless_busy,
+};
 use super::table::{ADOPTED_CREATED_AT, ADOPTED_ID, BOOKKEEPING, Catalog, quote};
 use super::{Store, StoreError, TableSpec};
 
@@ -307,7 +309,9 @@ impl Store {
         for (i, step) in plan.steps.iter().enumerate() {
             progress(i, step);
             if step.kept_if_busy {
-                kept |= !run_step_unless_busy(&mut conn, step).await?;
+                kept |= unless_busy(async || run_step(&mut conn, step).await)
+                    .await?
+                    .is_none();
                 continue;
             }
             while run_step(&mut conn, step).await? > 0 && step.until_done {}
@@ -381,27 +385,6 @@ impl Store {
 
 /// Runs one step's statements, in one transaction unless it builds indexes concurrently.
 /// Returns the rows they changed.
-/// Runs `step` (whose statements set a short lock_timeout), trying five times a second
-/// apart while the table stays locked; false when it never got the lock.
-async fn run_step_unless_busy(
-    conn: &mut sqlx::PgConnection,
-    step: &Step,
-) -> Result<bool, StoreError> {
-    for attempt in 1..=5 {
-        match run_step(conn, step).await {
-            Ok(_) => return Ok(true),
-            // 55P03: lock_not_available, the lock_timeout ran out.
-            Err(StoreError::Statement { code, .. }) if code == "55P03" => {
-                if attempt < 5 {
-                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-                }
-            }
-            Err(err) => return Err(err),
-        }
-    }
-    Ok(false)
-}
-
 async fn run_step(conn: &mut sqlx::PgConnection, step: &Step) -> Result<u64, StoreError> {
     let mut changed = 0;
     if step.concurrently {
@@ -468,8 +451,7 @@ fn notify_step(
         (Some(channel), existing) => {
             // A doorbell from before migration 11 on this channel works as it is: replace
             // it only if the table's lock comes within 200 ms, rather than queue writers.
-            let only_upgrade = existing
-                .is_some_and(|trigger| trigger.channel == channel && trigger.only_while_asleep);
+            let only_upgrade = existing.is_some_and(|trigger| trigger.only_lacks_when(channel));
             Some(Step {
                 statements: vec![
                     if only_upgrade {

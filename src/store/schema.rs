@@ -22,6 +22,39 @@ pub(crate) struct DoorbellTrigger {
     pub(crate) tries_lock_in_when: bool,
 }
 
+impl DoorbellTrigger {
+    /// A trigger from before migration 11 on `channel`: it works (rings only while a relay
+    /// sleeps) and only lacks the WHEN clause, so replacing it may wait for a quiet table.
+    pub(crate) fn only_lacks_when(&self, channel: &str) -> bool {
+        self.only_while_asleep && !self.tries_lock_in_when && self.channel == channel
+    }
+}
+
+/// How many times, a second apart, a change that only replaces a working trigger tries
+/// for the table's lock (its statements wait 200 ms each time) before it gives up.
+const BUSY_TRIES: u32 = 5;
+
+/// Runs `change` (whose statements set a short lock_timeout) up to [`BUSY_TRIES`] times
+/// while the table stays locked, pausing a second between tries so that the writers
+/// queued behind each 200 ms wait get through; `None` when it never got the lock.
+pub(super) async fn unless_busy<T>(
+    mut change: impl AsyncFnMut() -> Result<T, StoreError>,
+) -> Result<Option<T>, StoreError> {
+    for attempt in 1..=BUSY_TRIES {
+        match change().await {
+            Ok(done) => return Ok(Some(done)),
+            // 55P03: lock_not_available, the lock_timeout ran out.
+            Err(StoreError::Statement { code, .. }) if code == "55P03" => {
+                if attempt < BUSY_TRIES {
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                }
+            }
+            Err(err) => return Err(err),
+        }
+    }
+    Ok(None)
+}
+
 /// The WHEN clause of the doorbell trigger on `channel`: true only while a relay sleeps.
 pub(crate) fn doorbell_when(channel: &str) -> String {
     format!(
@@ -182,30 +215,22 @@ impl Store {
         if !replace_function && !replace_trigger {
             return Ok(TriggerChange::Unchanged);
         }
-        let only_upgrade = matches!(&existing, Some(trigger) if enabled
-            && trigger.only_while_asleep && trigger.channel == channel);
-        if !only_upgrade {
+        if !(enabled
+            && existing
+                .as_ref()
+                .is_some_and(|t| t.only_lacks_when(channel)))
+        {
             return self
                 .replace_notify_trigger(enabled, channel, replace_function, "10s")
                 .await
                 .map(|()| TriggerChange::Changed);
         }
-        for attempt in 1..=5 {
-            match self
-                .replace_notify_trigger(enabled, channel, false, "200ms")
+        let replaced = unless_busy(async || {
+            self.replace_notify_trigger(enabled, channel, false, "200ms")
                 .await
-            {
-                Ok(()) => return Ok(TriggerChange::Changed),
-                // 55P03: lock_not_available, the lock_timeout ran out.
-                Err(StoreError::Statement { code, .. }) if code == "55P03" => {
-                    if attempt < 5 {
-                        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-                    }
-                }
-                Err(err) => return Err(err),
-            }
-        }
-        Ok(TriggerChange::KeptOld)
+        })
+        .await?;
+        Ok(replaced.map_or(TriggerChange::KeptOld, |()| TriggerChange::Changed))
     }
 
     /// One try at [`Store::set_notify_trigger`]'s change, waiting at most `lock_timeout`
