@@ -418,12 +418,15 @@ topic = \"dest\"
     let adopted = migrate(&db, &config, &["--notify-trigger", "on"]);
     assert!(adopted.status.success(), "{}", output_text(&adopted));
     // The doorbell tries the sleeper's lock before it calls a function.
-    let doorbell: String = sqlx::query_scalar(
-        "SELECT pg_get_triggerdef(oid) FROM pg_trigger WHERE tgname = 'outbox_relay_notify'",
-    )
-    .fetch_one(&db.pool)
-    .await
-    .unwrap();
+    let doorbell_definition = async || -> String {
+        sqlx::query_scalar(
+            "SELECT pg_get_triggerdef(oid) FROM pg_trigger WHERE tgname = 'outbox_relay_notify'",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+    };
+    let doorbell = doorbell_definition().await;
     assert!(
         doorbell.contains("WHEN ((NOT pg_try_advisory_xact_lock_shared(1868722808"),
         "{doorbell}"
@@ -449,12 +452,7 @@ topic = \"dest\"
     reader.rollback().await.unwrap();
     let quiet = migrate(&db, &config, &[]);
     assert!(quiet.status.success(), "{}", output_text(&quiet));
-    let doorbell: String = sqlx::query_scalar(
-        "SELECT pg_get_triggerdef(oid) FROM pg_trigger WHERE tgname = 'outbox_relay_notify'",
-    )
-    .fetch_one(&db.pool)
-    .await
-    .unwrap();
+    let doorbell = doorbell_definition().await;
     assert!(
         doorbell.contains("WHEN ((NOT pg_try_advisory"),
         "{doorbell}"

@@ -429,6 +429,9 @@ async fn writers_ring_only_while_a_relay_sleeps() {
             .unwrap();
     };
 
+    // One row, inserted in a transaction the caller commits.
+    let insert_one = "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) \
+                      VALUES ('ring', 'a', 'Counted', '{}')";
     // How many times one INSERT statement calls the trigger's function, on a new session
     // (a session's counts stay pending across its transactions until flushed).
     let function_calls = async || {
@@ -440,13 +443,7 @@ async fn writers_ring_only_while_a_relay_sleeps() {
             .execute(&mut *tx)
             .await
             .unwrap();
-        sqlx::query(
-            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) \
-             VALUES ('ring', 'a', 'Counted', '{}')",
-        )
-        .execute(&mut *tx)
-        .await
-        .unwrap();
+        sqlx::query(insert_one).execute(&mut *tx).await.unwrap();
         let calls: i64 = sqlx::query_scalar(
             "SELECT COALESCE(pg_stat_get_xact_function_calls('outbox_notify()'::regprocedure), 0)",
         )
@@ -470,13 +467,7 @@ async fn writers_ring_only_while_a_relay_sleeps() {
     // A writer that did not ring holds the doorbell lock shared until it commits: a relay
     // cannot fall asleep (take the lock) while that writer's row is not yet visible.
     let mut writer = db.pool.begin().await.unwrap();
-    sqlx::query(
-        "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) \
-         VALUES ('ring', 'a', 'Open', '{}')",
-    )
-    .execute(&mut *writer)
-    .await
-    .unwrap();
+    sqlx::query(insert_one).execute(&mut *writer).await.unwrap();
     let mut relay = db.pool.acquire().await.unwrap();
     let try_to_sleep = "SELECT pg_try_advisory_lock(1868722808, hashtext('outbox_relay'))";
     let asleep: bool = sqlx::query_scalar(try_to_sleep)
