@@ -1308,6 +1308,44 @@ async fn status_watch_refreshes_until_interrupted() {
     assert_eq!(status.code(), Some(0));
 }
 
+/// Ctrl-C ends `status --watch` even while a refresh waits on a locked outbox: the
+/// operator is not left with a watch that ignores them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_watch_stops_at_ctrl_c_while_a_refresh_waits() {
+    let db = TestDb::new().await;
+    db.insert(&stream("watched", 1, 1)).await;
+    let mut lock = db.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE outbox IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    let mut child = relay_command(&db.url, "127.0.0.1:1")
+        .args(["status", "--watch", "200ms", "--json"])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for(
+        "status's refresh to wait on the lock",
+        CONDITION_TIMEOUT,
+        || async {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND application_name = 'outbox-relay'
+               AND wait_event_type = 'Lock'",
+            )
+            .fetch_one(&db.pool)
+            .await
+            .unwrap()
+                == 1
+        },
+    )
+    .await;
+    signal(child.id(), libc::SIGINT);
+    let status = wait_exit(&mut child, Duration::from_secs(10));
+    lock.rollback().await.unwrap();
+    assert_eq!(status.code(), Some(0));
+}
+
 /// A stall is logged when it begins and, once, when it is over: the operator reading the
 /// log at 3 a.m. sees that the relay recovered without being told to.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -113,7 +113,7 @@ pub(super) async fn republish(settings: Settings, args: Republish) -> anyhow::Re
         indicatif::ProgressStyle::with_template("re-sending {bar:40} {pos}/{len} rows ({eta})")
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
-    let outcome = run.send_range(&store, &range, aggregate, &progress).await;
+    let outcome = run.send_pages(&store, &range, aggregate, &progress).await;
     progress.finish_and_clear();
     store.pool().close().await;
     let resent = outcome.acknowledged;
@@ -305,6 +305,20 @@ impl Run {
             None,
         )
         .context("Failed to create the Kafka producer")?;
+        let (interrupt, force) = (CancellationToken::new(), CancellationToken::new());
+        // Registered before the first record is sent, so no Ctrl-C falls between two waits.
+        let mut ctrl_c = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+            .context("Failed to listen for Ctrl-C")?;
+        let (first, second) = (interrupt.clone(), force.clone());
+        tokio::spawn(async move {
+            while ctrl_c.recv().await.is_some() {
+                if first.is_cancelled() {
+                    second.cancel();
+                    return;
+                }
+                first.cancel();
+            }
+        });
         Ok(Self {
             producer,
             events,
@@ -316,31 +330,9 @@ impl Run {
             started: tokio::time::Instant::now(),
             sent: 0,
             page_bytes: settings.relay.batch_max_bytes,
-            interrupt: CancellationToken::new(),
-            force: CancellationToken::new(),
+            interrupt,
+            force,
         })
-    }
-
-    async fn send_range(
-        &mut self,
-        store: &Store,
-        range: &Range,
-        aggregate: Option<&str>,
-        progress: &indicatif::ProgressBar,
-    ) -> Outcome {
-        let (interrupt, force) = (self.interrupt.clone(), self.force.clone());
-        let listener = tokio::spawn(async move {
-            while tokio::signal::ctrl_c().await.is_ok() {
-                if interrupt.is_cancelled() {
-                    force.cancel();
-                    return;
-                }
-                interrupt.cancel();
-            }
-        });
-        let outcome = self.send_pages(store, range, aggregate, progress).await;
-        listener.abort();
-        outcome
     }
 
     async fn send_pages(

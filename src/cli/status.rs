@@ -31,8 +31,8 @@ pub(super) async fn status(
     json: bool,
     watch: Option<Duration>,
 ) -> anyhow::Result<()> {
-    let store = open_outbox(&settings).await?;
     let Some(every) = watch else {
+        let store = open_outbox(&settings).await?;
         let result = show(&store, json, false).await;
         store.pool().close().await;
         return result;
@@ -40,25 +40,50 @@ pub(super) async fn status(
     if every.is_zero() {
         return Err(BadArguments("--watch needs an interval above 0, e.g. 2s".into()).into());
     }
+    // Registered once, before the database is touched: a Ctrl-C that arrives while a
+    // refresh waits on the database ends the watch too, instead of being lost between waits.
+    let stopped = stop_requested()?;
+    tokio::pin!(stopped);
+    let store = tokio::select! {
+        () = &mut stopped => return Ok(()),
+        store = open_outbox(&settings) => store?,
+    };
     let terminal = std::io::IsTerminal::is_terminal(&std::io::stdout());
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
+            () = &mut stopped => break,
             _ = tick.tick() => {}
-            _ = tokio::signal::ctrl_c() => break,
         }
         if terminal && !json {
             // Home and clear: the table is redrawn in place.
             print!("\x1b[H\x1b[2J");
         }
-        if let Err(err) = show(&store, json, true).await {
+        let refreshed = tokio::select! {
+            () = &mut stopped => break,
+            refreshed = show(&store, json, true) => refreshed,
+        };
+        if let Err(err) = refreshed {
             // A database that goes away is shown, not fatal: the watch goes on.
             println!("{err:#}");
         }
     }
     store.pool().close().await;
     Ok(())
+}
+
+/// Resolves at the first SIGINT or SIGTERM; both handlers are in place when it returns.
+fn stop_requested() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut interrupt = signal(SignalKind::interrupt()).context("Failed to listen for SIGINT")?;
+    let mut terminate = signal(SignalKind::terminate()).context("Failed to listen for SIGTERM")?;
+    Ok(async move {
+        tokio::select! {
+            _ = interrupt.recv() => {}
+            _ = terminate.recv() => {}
+        }
+    })
 }
 
 /// Prints the status once; `compact` JSON is one line (for --watch).
