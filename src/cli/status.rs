@@ -61,7 +61,8 @@ pub(super) async fn status(
             print!("\x1b[H\x1b[2J");
         }
         let refreshed = tokio::select! {
-            () = &mut stopped => break,
+            // Not waiting for the pool to close: its connection may wait on a lock.
+            () = &mut stopped => return Ok(()),
             refreshed = show(&store, json, true) => refreshed,
         };
         if let Err(err) = refreshed {
