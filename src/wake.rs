@@ -6,6 +6,13 @@
 //! that did not ring is visible to the read the relay makes next. A lost ring (a dropped
 //! connection) costs at most one poll interval: on reconnect the doorbell rings once.
 //!
+//! The trigger of migration 12 reads a flag first (a sequence) and tries the lock only
+//! when it is not 0, so an awake relay costs the writers no lock. Only the lock's holder
+//! sets the flag: to 1 once it holds the lock, to 0 before it lets go. A writer that read 0
+//! before the flag turned 1 holds the outbox's `RowExclusiveLock` from before its read
+//! until its commit is visible, so the relay sleeps only once no such lock is held, and
+//! otherwise lets go and reads again (as when a writer holds the lock shared).
+//!
 //! With several replicas one sleeps on the lock; the others register as waiters (a second
 //! lock, shared), read once more, and are rung by the sleeper whenever it takes or leaves
 //! the lock, so rows committed without a ring are read by every replica.
@@ -113,18 +120,27 @@ enum Try {
     Relay,
 }
 
-/// The doorbell task and the relay's handle on it.
+/// The doorbell task and the relay's handle on it; `table` is the outbox as SQL names it.
 pub(crate) fn doorbell(
     pool: PgPool,
     channel: String,
+    table: String,
     wake: Arc<Notify>,
     cancel: CancellationToken,
 ) -> (Doorbell, impl Future<Output = ()> + Send + 'static) {
     let (commands, received) = mpsc::unbounded_channel();
     (
         Doorbell { commands },
-        listen(pool, channel, wake, received, cancel),
+        listen(pool, channel, table, wake, received, cancel),
     )
+}
+
+/// The flag the doorbell trigger reads (migration 12), and the table whose writers the
+/// relay waits out after raising it; OIDs, as `bigint`.
+#[derive(Debug, Clone, Copy)]
+struct Flag {
+    sequence: i64,
+    table: i64,
 }
 
 /// Listens on `channel` until `cancel`, ringing `wake` for every notification another
@@ -132,6 +148,7 @@ pub(crate) fn doorbell(
 async fn listen(
     pool: PgPool,
     channel: String,
+    table: String,
     wake: Arc<Notify>,
     mut commands: mpsc::UnboundedReceiver<Command>,
     cancel: CancellationToken,
@@ -140,9 +157,9 @@ async fn listen(
     while !cancel.is_cancelled() {
         let connected = tokio::select! {
             _ = cancel.cancelled() => return,
-            connected = timeout(ANSWER_TIMEOUT * 5, connect(&pool, &channel)) => connected,
+            connected = timeout(ANSWER_TIMEOUT * 5, connect(&pool, &channel, &table)) => connected,
         };
-        let (mut listener, pid) = match connected {
+        let (mut listener, pid, flag) = match connected {
             Ok(Ok(connected)) => connected,
             Ok(Err(err)) => {
                 let delay = backoff.next_delay();
@@ -165,6 +182,7 @@ async fn listen(
         let mut session = Session {
             listener: &mut listener,
             channel: &channel,
+            flag,
             held: Held::Nothing,
         };
         // Anything committed while we were not listening is found by this read.
@@ -240,6 +258,9 @@ async fn answer_off_until(
 struct Session<'a> {
     listener: &'a mut PgListener,
     channel: &'a str,
+    /// `None`: the trigger reads no flag (or this role may not set it); writers try the
+    /// lock at every insert.
+    flag: Option<Flag>,
     held: Held,
 }
 
@@ -291,13 +312,43 @@ impl Session<'_> {
         }
     }
 
-    /// This session took the sleeper lock: replicas waiting for one read once more.
+    /// This session took the sleeper lock: it raises the flag and, unless a writer that
+    /// may have read it lowered is still in flight (then it lets go: `Busy`), sleeps;
+    /// replicas waiting for one read once more.
     async fn armed(&mut self, waiters: bool) -> Result<Sleep, sqlx::Error> {
         self.held = Held::Sleeper;
+        if let Some(flag) = self.flag {
+            self.set_flag(flag, 1).await?;
+            let writers: bool = sqlx::query_scalar(
+                "SELECT EXISTS (SELECT FROM pg_catalog.pg_locks l \
+                   WHERE l.locktype = 'relation' AND l.relation = $1::bigint::oid \
+                     AND l.database = (SELECT d.oid FROM pg_catalog.pg_database d \
+                                       WHERE d.datname = pg_catalog.current_database()) \
+                     AND l.mode = 'RowExclusiveLock' \
+                     AND l.pid IS DISTINCT FROM pg_catalog.pg_backend_pid())",
+            )
+            .bind(flag.table)
+            .fetch_one(&mut *self.listener)
+            .await?;
+            if writers {
+                self.wake().await?;
+                return Ok(Sleep::Busy);
+            }
+        }
         if waiters {
             self.ring().await?;
         }
         Ok(Sleep::Armed)
+    }
+
+    /// Sets the flag the trigger reads; only while this session holds the sleeper lock.
+    async fn set_flag(&mut self, flag: Flag, value: i64) -> Result<(), sqlx::Error> {
+        sqlx::query("SELECT pg_catalog.setval($1::bigint::oid::regclass, $2)")
+            .bind(flag.sequence)
+            .bind(value)
+            .execute(&mut *self.listener)
+            .await?;
+        Ok(())
     }
 
     /// One try at the sleeper lock; CASE evaluates its branches in order.
@@ -332,6 +383,9 @@ impl Session<'_> {
                 self.call("pg_advisory_unlock_shared", WAITER_LOCK).await?;
             }
             Held::Sleeper => {
+                if let Some(flag) = self.flag {
+                    self.set_flag(flag, 0).await?;
+                }
                 let waiters: bool = sqlx::query_scalar(
                     "SELECT CASE WHEN pg_catalog.pg_advisory_unlock($1, pg_catalog.hashtext($3)) \
                                  THEN NOT pg_catalog.pg_try_advisory_xact_lock($2, pg_catalog.hashtext($3)) \
@@ -373,8 +427,13 @@ impl Session<'_> {
     }
 }
 
-/// A LISTEN session holding no advisory lock, and its backend's pid.
-async fn connect(pool: &PgPool, channel: &str) -> Result<(PgListener, u32), sqlx::Error> {
+/// A LISTEN session holding no advisory lock, its backend's pid, and the flag the
+/// doorbell trigger on `table` reads, if any and if this role may set it.
+async fn connect(
+    pool: &PgPool,
+    channel: &str,
+    table: &str,
+) -> Result<(PgListener, u32, Option<Flag>), sqlx::Error> {
     let mut listener = PgListener::connect_with(pool).await?;
     // A lost connection ends this session (and its locks); a new one is made by `listen`.
     listener.eager_reconnect(false);
@@ -384,5 +443,35 @@ async fn connect(pool: &PgPool, channel: &str) -> Result<(PgListener, u32), sqlx
     )
     .fetch_one(&mut listener)
     .await?;
-    Ok((listener, pid.unsigned_abs()))
+    // The flag is the sequence the trigger's WHEN clause depends on.
+    let found: Option<(i64, Option<i64>, bool, String)> = sqlx::query_as(
+        "SELECT x.tbl::bigint, x.flag::bigint, \
+                x.flag IS NOT NULL AND pg_catalog.has_sequence_privilege(x.flag, 'UPDATE'), \
+                COALESCE(x.flag::pg_catalog.regclass::text, '') \
+         FROM (SELECT c.oid AS tbl, \
+                      (SELECT d.refobjid FROM pg_catalog.pg_trigger t \
+                       JOIN pg_catalog.pg_depend d \
+                         ON d.classid = 'pg_catalog.pg_trigger'::pg_catalog.regclass \
+                        AND d.objid = t.oid \
+                        AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass \
+                       JOIN pg_catalog.pg_class s ON s.oid = d.refobjid AND s.relkind = 'S' \
+                       WHERE t.tgrelid = c.oid AND NOT t.tgisinternal \
+                         AND t.tgname IN ('outbox_notify', 'outbox_relay_notify') \
+                       LIMIT 1) AS flag \
+               FROM pg_catalog.pg_class c WHERE c.oid = pg_catalog.to_regclass($1)) AS x",
+    )
+    .bind(table)
+    .fetch_optional(&mut listener)
+    .await?;
+    let flag = match found {
+        Some((table, Some(sequence), true, _)) => Some(Flag { sequence, table }),
+        Some((_, Some(_), false, sequence)) => {
+            warn!(
+                "the doorbell trigger reads the flag {sequence}, which this role may not set: writers take a lock at every insert while the relay is awake, and a replica that may set it can keep this one from being rung; GRANT UPDATE ON SEQUENCE {sequence} TO the relay's role"
+            );
+            None
+        }
+        _ => None,
+    };
+    Ok((listener, pid.unsigned_abs(), flag))
 }

@@ -526,6 +526,45 @@ async fn writers_ring_only_while_a_relay_sleeps() {
         "after the third insert"
     );
     assert_eq!(function_calls().await, 0);
+
+    // The flag (migration 12): until a relay lowers it, a writer tries the lock; once a
+    // relay awake has set it to 0, a writer takes no lock at all, and one set to 1 by a
+    // relay holding the lock rings as before.
+    let advisory_locks_taken = async || {
+        let mut tx = db.pool.begin().await.unwrap();
+        sqlx::query(insert_one).execute(&mut *tx).await.unwrap();
+        let taken: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()",
+        )
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+        tx.commit().await.unwrap();
+        taken
+    };
+    let set_flag = async |value: i64| {
+        sqlx::query("SELECT setval('outbox_doorbell', $1)")
+            .bind(value)
+            .execute(&db.pool)
+            .await
+            .unwrap();
+    };
+    assert_eq!(advisory_locks_taken().await, 1, "the flag is unset");
+    set_flag(0).await;
+    assert_eq!(advisory_locks_taken().await, 0, "the flag is lowered");
+    set_flag(1).await;
+    assert_eq!(advisory_locks_taken().await, 1, "the flag is raised");
+    sqlx::query("SELECT pg_advisory_lock(1868722808, hashtext('outbox_relay'))")
+        .execute(&mut *sleeper)
+        .await
+        .unwrap();
+    db.insert(&[NewRow::new("ring", "a", 1)]).await;
+    marker("after the flagged insert").await;
+    assert_eq!(listener.recv().await.unwrap().payload(), "");
+    assert_eq!(
+        listener.recv().await.unwrap().payload(),
+        "after the flagged insert"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -572,6 +611,82 @@ async fn a_row_committing_while_the_relay_falls_asleep_is_published_without_a_ri
     );
     relay.stop().await;
     assert_eq!(consume(&bootstrap, &topic, 1).len(), 1);
+}
+
+/// The writer inserts while the flag says the relay is awake, so it takes no lock and does
+/// not ring; the relay must not fall asleep until that writer's row is visible.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_that_read_the_flag_lowered_keeps_the_relay_awake_until_it_commits() {
+    let db = TestDb::new().await;
+    let bootstrap = kafka_bootstrap();
+    let prefix = unique_prefix();
+    let topic = format!("{prefix}.flag");
+    create_topic(&bootstrap, &topic, 3).await;
+    sqlx::query("SELECT outbox_enable_notify(true)")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    // As a relay leaves it when it wakes.
+    sqlx::query("SELECT setval('outbox_doorbell', 0)")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let mut writer = db.pool.begin().await.unwrap();
+    sqlx::query(
+        "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) \
+         VALUES ('flag', 'a', 'E', '{}')",
+    )
+    .execute(&mut *writer)
+    .await
+    .unwrap();
+    let advisory: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()",
+    )
+    .fetch_one(&mut *writer)
+    .await
+    .unwrap();
+    assert_eq!(
+        advisory, 0,
+        "a writer that read the flag lowered took a lock"
+    );
+    // The poll interval is an hour: a relay asleep would not see the row in this test.
+    let relay = start_doorbell_only_relay(&db, &bootstrap, &prefix).await;
+    wait_for_metric(
+        relay.http_addr,
+        r#"outbox_relay_idle_waits_total{doorbell="busy""#,
+    )
+    .await;
+    writer.commit().await.unwrap();
+    wait_for(
+        "the row of a writer that read the flag lowered marked",
+        Duration::from_secs(20),
+        || async { db.sent().await == 1 },
+    )
+    .await;
+    let (_, metrics) = http_get(relay.http_addr, "/metrics").await;
+    assert_eq!(
+        metric_value(&metrics, "outbox_relay_doorbell_notifications_total"),
+        0.0,
+        "the writer read the flag lowered: it never rang"
+    );
+    // Idle now, the relay sleeps with the flag raised, and the next writer rings it.
+    wait_for_metric(
+        relay.http_addr,
+        r#"outbox_relay_idle_waits_total{doorbell="armed""#,
+    )
+    .await;
+    let flag: Option<i64> = sqlx::query_scalar("SELECT pg_sequence_last_value('outbox_doorbell')")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(flag, Some(1));
+    db.insert(&[NewRow::new("flag", "b", 1)]).await;
+    wait_for("the rung row marked", Duration::from_secs(20), || async {
+        db.sent().await == 2
+    })
+    .await;
+    relay.stop().await;
+    assert_eq!(consume(&bootstrap, &topic, 2).len(), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

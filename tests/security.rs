@@ -262,6 +262,21 @@ async fn the_relay_runs_under_the_least_privilege_role_and_names_a_missing_grant
         .output()
         .unwrap();
     assert!(psql.status.success(), "{}", output_text(&psql));
+    // The role may set the doorbell's flag (a sleeping relay raises it).
+    sqlx::query("SELECT outbox_enable_notify(true)")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let sets_flag: bool =
+        sqlx::query_scalar("SELECT has_sequence_privilege($1, 'outbox_doorbell', 'UPDATE')")
+            .bind(&role)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert!(
+        sets_flag,
+        "least-privilege.sql grants no UPDATE on outbox_doorbell"
+    );
     let mut role_url = url::Url::parse(&db.url).unwrap();
     role_url.set_username(&role).unwrap();
     let role_url = role_url.to_string();
@@ -331,6 +346,7 @@ async fn the_relay_runs_under_the_least_privilege_role_and_names_a_missing_grant
         "{text}"
     );
     assert!(!text.contains("lease renewal failed"), "{text}");
+    assert!(!text.contains("which this role may not set"), "{text}");
     sqlx::query(&format!(
         "GRANT INSERT (state, state_reason), UPDATE (state, state_reason) ON outbox_replica TO {role}"
     ))
