@@ -7,11 +7,15 @@
 //! connection) costs at most one poll interval: on reconnect the doorbell rings once.
 //!
 //! The trigger of migration 12 reads a flag first (a sequence) and tries the lock only
-//! when it is not 0, so an awake relay costs the writers no lock. Only the lock's holder
-//! sets the flag: to 1 once it holds the lock, to 0 before it lets go. A writer that read 0
-//! before the flag turned 1 holds the outbox's `RowExclusiveLock` from before its read
-//! until its commit is visible, so the relay sleeps only once no such lock is held, and
-//! otherwise lets go and reads again (as when a writer holds the lock shared).
+//! when it is not 0, so an awake relay costs the writers no advisory lock. Only the lock's
+//! holder sets the flag: to 1 once it holds the lock, to 0 before it lets go. A writer that
+//! read 0 before the flag turned 1 holds the outbox's `RowExclusiveLock` from before its
+//! read until its commit is visible, so the relay sleeps only once no such lock is held,
+//! and otherwise lets go and reads again (as when a writer holds the lock shared). The
+//! holder looks the flag up each time it takes the lock, so a trigger replaced while the
+//! relay runs is followed at once. When the lock is not this table's alone (another
+//! table's doorbell rings the same channel) or the trigger rings another channel, the
+//! flag is raised and left at 1: writers try the lock at every insert, as before the flag.
 //!
 //! With several replicas one sleeps on the lock; the others register as waiters (a second
 //! lock, shared), read once more, and are rung by the sleeper whenever it takes or leaves
@@ -135,12 +139,18 @@ pub(crate) fn doorbell(
     )
 }
 
-/// The flag the doorbell trigger reads (migration 12), and the table whose writers the
-/// relay waits out after raising it; OIDs, as `bigint`.
-#[derive(Debug, Clone, Copy)]
-struct Flag {
-    sequence: i64,
-    table: i64,
+/// The flag the doorbell trigger on the outbox reads (migration 12), as the sleeper lock's
+/// holder finds it.
+struct FlagNow {
+    /// The sequence's OID; `None`: the trigger reads no flag (or there is no trigger).
+    sequence: Option<i64>,
+    /// This role may set it (UPDATE).
+    settable: bool,
+    /// Its value where this role may read it and it was ever set.
+    value: Option<i64>,
+    /// The trigger notifies this relay's channel, and no other table's doorbell does: the
+    /// sleeper lock is this table's alone, so the flag may be lowered.
+    lock_is_this_tables: bool,
 }
 
 /// Listens on `channel` until `cancel`, ringing `wake` for every notification another
@@ -159,7 +169,7 @@ async fn listen(
             _ = cancel.cancelled() => return,
             connected = timeout(ANSWER_TIMEOUT * 5, connect(&pool, &channel, &table)) => connected,
         };
-        let (mut listener, pid, flag) = match connected {
+        let (mut listener, pid, table) = match connected {
             Ok(Ok(connected)) => connected,
             Ok(Err(err)) => {
                 let delay = backoff.next_delay();
@@ -182,7 +192,8 @@ async fn listen(
         let mut session = Session {
             listener: &mut listener,
             channel: &channel,
-            flag,
+            table,
+            lowers_flag: None,
             held: Held::Nothing,
         };
         // Anything committed while we were not listening is found by this read.
@@ -258,9 +269,10 @@ async fn answer_off_until(
 struct Session<'a> {
     listener: &'a mut PgListener,
     channel: &'a str,
-    /// `None`: the trigger reads no flag (or this role may not set it); writers try the
-    /// lock at every insert.
-    flag: Option<Flag>,
+    /// The outbox's OID, as `bigint`.
+    table: i64,
+    /// The flag this session raised and lowers before it lets go of the sleeper lock.
+    lowers_flag: Option<i64>,
     held: Held,
 }
 
@@ -315,25 +327,31 @@ impl Session<'_> {
     /// This session took the sleeper lock: it raises the flag and, unless a writer that
     /// may have read it lowered is still in flight (then it lets go: `Busy`), sleeps;
     /// replicas waiting for one read once more.
-    async fn armed(&mut self, waiters: bool) -> Result<Sleep, sqlx::Error> {
+    async fn armed(&mut self, mut waiters: bool) -> Result<Sleep, sqlx::Error> {
         self.held = Held::Sleeper;
-        if let Some(flag) = self.flag {
-            self.set_flag(flag, 1).await?;
-            let writers: bool = sqlx::query_scalar(
-                "SELECT EXISTS (SELECT FROM pg_catalog.pg_locks l \
-                   WHERE l.locktype = 'relation' AND l.relation = $1::bigint::oid \
-                     AND l.database = (SELECT d.oid FROM pg_catalog.pg_database d \
-                                       WHERE d.datname = pg_catalog.current_database()) \
-                     AND l.mode = 'RowExclusiveLock' \
-                     AND l.pid IS DISTINCT FROM pg_catalog.pg_backend_pid())",
-            )
-            .bind(flag.table)
-            .fetch_one(&mut *self.listener)
-            .await?;
-            if writers {
-                self.wake().await?;
-                return Ok(Sleep::Busy);
+        let flag = self.flag_now().await?;
+        match flag.sequence {
+            // Writers try the lock at every insert: holding it is enough.
+            None => {}
+            Some(sequence) if flag.settable => {
+                self.set_flag(sequence, 1).await?;
+                if flag.lock_is_this_tables {
+                    self.lowers_flag = Some(sequence);
+                }
+                if self.writers_in_flight().await? {
+                    self.wake().await?;
+                    return Ok(Sleep::Busy);
+                }
+                // A replica that registered after this session took the lock read before
+                // those writers committed: it is rung too.
+                waiters = waiters || self.waiters_registered().await?;
             }
+            // Writers read the flag at 0 and do not ring: this session cannot sleep on it.
+            Some(_) if flag.value == Some(0) => {
+                self.wake().await?;
+                return Ok(Sleep::Off);
+            }
+            Some(_) => {}
         }
         if waiters {
             self.ring().await?;
@@ -341,10 +359,97 @@ impl Session<'_> {
         Ok(Sleep::Armed)
     }
 
+    /// The flag the trigger reads now, looked up while this session holds the lock (any
+    /// relay that set it held the lock too).
+    async fn flag_now(&mut self) -> Result<FlagNow, sqlx::Error> {
+        // The flag is the sequence the trigger's WHEN clause depends on.
+        #[derive(sqlx::FromRow)]
+        struct Found {
+            args: Vec<u8>,
+            sequence: Option<i64>,
+            settable: bool,
+            value: Option<i64>,
+            alone: bool,
+        }
+        let found: Option<Found> = sqlx::query_as(
+            "SELECT m.tgargs AS args, f.oid::bigint AS sequence, \
+                    f.oid IS NOT NULL \
+                      AND pg_catalog.has_sequence_privilege(f.oid, 'UPDATE') AS settable, \
+                    CASE WHEN pg_catalog.has_sequence_privilege(f.oid, 'SELECT') \
+                         THEN pg_catalog.pg_sequence_last_value(f.oid::pg_catalog.regclass) \
+                    END AS value, \
+                    (SELECT pg_catalog.count(*) FROM pg_catalog.pg_trigger o \
+                     WHERE NOT o.tgisinternal AND o.tgargs = m.tgargs \
+                       AND o.tgname IN ('outbox_notify', 'outbox_relay_notify')) = 1 AS alone \
+             FROM pg_catalog.pg_trigger m \
+             LEFT JOIN LATERAL ( \
+               SELECT d.refobjid AS oid FROM pg_catalog.pg_depend d \
+               JOIN pg_catalog.pg_class s ON s.oid = d.refobjid AND s.relkind = 'S' \
+               WHERE d.classid = 'pg_catalog.pg_trigger'::pg_catalog.regclass \
+                 AND d.objid = m.oid \
+                 AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass \
+               LIMIT 1) AS f ON true \
+             WHERE m.tgrelid = $1::bigint::oid AND NOT m.tgisinternal \
+               AND m.tgname IN ('outbox_notify', 'outbox_relay_notify')",
+        )
+        .bind(self.table)
+        .fetch_optional(&mut *self.listener)
+        .await?;
+        let Some(Found {
+            args,
+            sequence,
+            settable,
+            value,
+            alone,
+        }) = found
+        else {
+            return Ok(FlagNow {
+                sequence: None,
+                settable: false,
+                value: None,
+                lock_is_this_tables: false,
+            });
+        };
+        let rings_this_channel = args.split(|b| *b == 0).next() == Some(self.channel.as_bytes());
+        Ok(FlagNow {
+            sequence,
+            settable,
+            value,
+            lock_is_this_tables: alone && rings_this_channel,
+        })
+    }
+
+    /// Another session holds the outbox's `RowExclusiveLock`: a writer that may have read
+    /// the flag at 0 (or a mark, a delete) has not finished.
+    async fn writers_in_flight(&mut self) -> Result<bool, sqlx::Error> {
+        sqlx::query_scalar(
+            "SELECT EXISTS (SELECT FROM pg_catalog.pg_locks l \
+               WHERE l.locktype = 'relation' AND l.relation = $1::bigint::oid \
+                 AND l.database = (SELECT d.oid FROM pg_catalog.pg_database d \
+                                   WHERE d.datname = pg_catalog.current_database()) \
+                 AND l.mode = 'RowExclusiveLock' \
+                 AND l.pid IS DISTINCT FROM pg_catalog.pg_backend_pid())",
+        )
+        .bind(self.table)
+        .fetch_one(&mut *self.listener)
+        .await
+    }
+
+    /// Some replica holds the waiter lock (shared): it waits to be rung.
+    async fn waiters_registered(&mut self) -> Result<bool, sqlx::Error> {
+        sqlx::query_scalar(
+            "SELECT NOT pg_catalog.pg_try_advisory_xact_lock($1, pg_catalog.hashtext($2))",
+        )
+        .bind(WAITER_LOCK)
+        .bind(self.channel)
+        .fetch_one(&mut *self.listener)
+        .await
+    }
+
     /// Sets the flag the trigger reads; only while this session holds the sleeper lock.
-    async fn set_flag(&mut self, flag: Flag, value: i64) -> Result<(), sqlx::Error> {
-        sqlx::query("SELECT pg_catalog.setval($1::bigint::oid::regclass, $2)")
-            .bind(flag.sequence)
+    async fn set_flag(&mut self, sequence: i64, value: i64) -> Result<(), sqlx::Error> {
+        sqlx::query("SELECT pg_catalog.setval($1::bigint::oid::pg_catalog.regclass, $2)")
+            .bind(sequence)
             .bind(value)
             .execute(&mut *self.listener)
             .await?;
@@ -383,8 +488,8 @@ impl Session<'_> {
                 self.call("pg_advisory_unlock_shared", WAITER_LOCK).await?;
             }
             Held::Sleeper => {
-                if let Some(flag) = self.flag {
-                    self.set_flag(flag, 0).await?;
+                if let Some(sequence) = self.lowers_flag.take() {
+                    self.set_flag(sequence, 0).await?;
                 }
                 let waiters: bool = sqlx::query_scalar(
                     "SELECT CASE WHEN pg_catalog.pg_advisory_unlock($1, pg_catalog.hashtext($3)) \
@@ -427,51 +532,24 @@ impl Session<'_> {
     }
 }
 
-/// A LISTEN session holding no advisory lock, its backend's pid, and the flag the
-/// doorbell trigger on `table` reads, if any and if this role may set it.
+/// A LISTEN session holding no advisory lock, its backend's pid, and the OID of `table`.
 async fn connect(
     pool: &PgPool,
     channel: &str,
     table: &str,
-) -> Result<(PgListener, u32, Option<Flag>), sqlx::Error> {
+) -> Result<(PgListener, u32, i64), sqlx::Error> {
     let mut listener = PgListener::connect_with(pool).await?;
     // A lost connection ends this session (and its locks); a new one is made by `listen`.
     listener.eager_reconnect(false);
     listener.listen(channel).await?;
-    let pid: i32 = sqlx::query_scalar(
-        "SELECT pg_catalog.pg_backend_pid() FROM (SELECT pg_catalog.pg_advisory_unlock_all()) AS none",
-    )
-    .fetch_one(&mut listener)
-    .await?;
-    // The flag is the sequence the trigger's WHEN clause depends on.
-    let found: Option<(i64, Option<i64>, bool, String)> = sqlx::query_as(
-        "SELECT x.tbl::bigint, x.flag::bigint, \
-                x.flag IS NOT NULL AND pg_catalog.has_sequence_privilege(x.flag, 'UPDATE'), \
-                COALESCE(x.flag::pg_catalog.regclass::text, '') \
-         FROM (SELECT c.oid AS tbl, \
-                      (SELECT d.refobjid FROM pg_catalog.pg_trigger t \
-                       JOIN pg_catalog.pg_depend d \
-                         ON d.classid = 'pg_catalog.pg_trigger'::pg_catalog.regclass \
-                        AND d.objid = t.oid \
-                        AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass \
-                       JOIN pg_catalog.pg_class s ON s.oid = d.refobjid AND s.relkind = 'S' \
-                       WHERE t.tgrelid = c.oid AND NOT t.tgisinternal \
-                         AND t.tgname IN ('outbox_notify', 'outbox_relay_notify') \
-                       LIMIT 1) AS flag \
-               FROM pg_catalog.pg_class c WHERE c.oid = pg_catalog.to_regclass($1)) AS x",
+    let (pid, table): (i32, Option<i64>) = sqlx::query_as(
+        "SELECT pg_catalog.pg_backend_pid(), pg_catalog.to_regclass($1)::oid::bigint \
+         FROM (SELECT pg_catalog.pg_advisory_unlock_all()) AS none",
     )
     .bind(table)
-    .fetch_optional(&mut listener)
+    .fetch_one(&mut listener)
     .await?;
-    let flag = match found {
-        Some((table, Some(sequence), true, _)) => Some(Flag { sequence, table }),
-        Some((_, Some(_), false, sequence)) => {
-            warn!(
-                "the doorbell trigger reads the flag {sequence}, which this role may not set: writers take a lock at every insert while the relay is awake, and a replica that may set it can keep this one from being rung; GRANT UPDATE ON SEQUENCE {sequence} TO the relay's role"
-            );
-            None
-        }
-        _ => None,
-    };
-    Ok((listener, pid.unsigned_abs(), flag))
+    let table = table
+        .ok_or_else(|| sqlx::Error::Protocol(format!("the outbox table {table:?} is gone")))?;
+    Ok((listener, pid.unsigned_abs(), table))
 }

@@ -372,6 +372,20 @@ async fn migrate_creates_the_table_and_check_reports_both_sides() {
     .await
     .unwrap();
     assert!(when.contains(reads_flag_then_tries_lock), "{when}");
+    // Writers read the flag as themselves: without PUBLIC's SELECT, check names the grant.
+    sqlx::query("REVOKE SELECT ON SEQUENCE outbox_doorbell FROM PUBLIC")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let text = check();
+    assert!(
+        text.contains("warning: PUBLIC may not read the doorbell's flag outbox_doorbell, so an insert into the outbox by a role without its own grant on it fails: GRANT SELECT ON SEQUENCE outbox_doorbell TO PUBLIC"),
+        "{text}"
+    );
+    sqlx::query("GRANT SELECT ON SEQUENCE outbox_doorbell TO PUBLIC")
+        .execute(&db.pool)
+        .await
+        .unwrap();
 
     // An unreachable broker fails the check, naming what to fix.
     let output = relay_command(&url, &format!("127.0.0.1:{}", free_port()))

@@ -689,6 +689,108 @@ async fn a_writer_that_read_the_flag_lowered_keeps_the_relay_awake_until_it_comm
     assert_eq!(consume(&bootstrap, &topic, 2).len(), 2);
 }
 
+/// The relay lowers the flag only while the sleeper lock is its table's alone: once another
+/// table's doorbell rings the same channel, writers to this table must try the lock (and
+/// ring a sleeping relay) whatever the other relay's flag says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_flag_is_lowered_only_while_no_other_table_rings_the_channel() {
+    let db = TestDb::new().await;
+    let bootstrap = kafka_bootstrap();
+    let prefix = unique_prefix();
+    sqlx::query("SELECT outbox_enable_notify(true)")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    // A transaction holding the outbox keeps the relay from sleeping: each time it tries,
+    // it raises the flag, finds the holder, and lets go.
+    let mut holder = db.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE outbox IN ROW EXCLUSIVE MODE")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let relay = start_doorbell_only_relay(&db, &bootstrap, &prefix).await;
+    let busy = r#"outbox_relay_idle_waits_total{doorbell="busy""#;
+    let busy_waits = async || metric_value(&http_get(relay.http_addr, "/metrics").await.1, busy);
+    let flag = async || -> Option<i64> {
+        sqlx::query_scalar("SELECT pg_sequence_last_value('outbox_doorbell')")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap()
+    };
+    wait_for_metric(relay.http_addr, busy).await;
+    assert_eq!(flag().await, Some(0), "lowered when the relay let go");
+
+    sqlx::raw_sql(
+        "CREATE TABLE other_outbox (id int); \
+         CREATE TRIGGER outbox_notify AFTER INSERT ON other_outbox FOR EACH STATEMENT \
+         EXECUTE FUNCTION outbox_notify('outbox_relay')",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let before = busy_waits().await;
+    wait_for("two more tries to sleep", CONDITION_TIMEOUT, || async {
+        busy_waits().await >= before + 2.0
+    })
+    .await;
+    assert_eq!(
+        flag().await,
+        Some(1),
+        "left raised: the lock is not this table's alone"
+    );
+    holder.rollback().await.unwrap();
+    wait_for_metric(
+        relay.http_addr,
+        r#"outbox_relay_idle_waits_total{doorbell="armed""#,
+    )
+    .await;
+    relay.stop().await;
+}
+
+/// A doorbell trigger installed while the relay runs is followed at the relay's next sleep,
+/// not at its next reconnect: the relay raises the flag it now reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_doorbell_installed_while_the_relay_runs_is_followed_at_its_next_sleep() {
+    let db = TestDb::new().await;
+    let bootstrap = kafka_bootstrap();
+    let prefix = unique_prefix();
+    let topic = format!("{prefix}.late");
+    create_topic(&bootstrap, &topic, 1).await;
+    sqlx::query("SELECT outbox_enable_notify(false)")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let relay = start_doorbell_only_relay(&db, &bootstrap, &prefix).await;
+    let armed = r#"outbox_relay_idle_waits_total{doorbell="armed""#;
+    wait_for_metric(relay.http_addr, armed).await;
+    let armed_before = metric_value(&http_get(relay.http_addr, "/metrics").await.1, armed);
+    sqlx::query("SELECT outbox_enable_notify(true)")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    // The flag is unset: the writer tries the lock, finds the relay asleep, and rings.
+    db.insert(&[NewRow::new("late", "a", 1)]).await;
+    wait_for("the rung row marked", Duration::from_secs(20), || async {
+        db.sent().await == 1
+    })
+    .await;
+    wait_for("the relay asleep again", CONDITION_TIMEOUT, || async {
+        metric_value(&http_get(relay.http_addr, "/metrics").await.1, armed) > armed_before
+    })
+    .await;
+    let flag: Option<i64> = sqlx::query_scalar("SELECT pg_sequence_last_value('outbox_doorbell')")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        flag,
+        Some(1),
+        "the relay sleeps with the new trigger's flag raised"
+    );
+    relay.stop().await;
+    assert_eq!(consume(&bootstrap, &topic, 1).len(), 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rows_rung_in_while_a_mark_waits_are_published_and_the_waiting_rows_are_not_resent() {
     let db = TestDb::new().await;

@@ -397,6 +397,28 @@ async fn the_relay_runs_under_the_least_privilege_role_and_names_a_missing_grant
         check_text.contains("UPDATE (sent_at) ON outbox"),
         "{check_text}"
     );
+    assert!(
+        !check_text.contains("may not set the doorbell's flag"),
+        "{check_text}"
+    );
+    // Without UPDATE on the doorbell's flag, check names the grant.
+    sqlx::query(&format!(
+        "REVOKE UPDATE ON SEQUENCE outbox_doorbell FROM {role}"
+    ))
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let check = relay_command(&role_url, &bootstrap)
+        .args(["check", "--timeout", "5s"])
+        .output()
+        .unwrap();
+    let check_text = output_text(&check);
+    assert!(
+        check_text.contains(
+            "warning: the relay's role may not set the doorbell's flag outbox_doorbell, so writers take a lock at every insert while the relay is awake: GRANT UPDATE ON SEQUENCE outbox_doorbell TO the relay's role"
+        ),
+        "{check_text}"
+    );
     let records = consume(&bootstrap, &topic, 120);
     assert_eq!(records.len(), 120, "nothing published without the grant");
     assert_eq!(assert_contract(&db.rows().await[..120], &records), 0);

@@ -469,6 +469,10 @@ fn notify_step(
                         lock_briefly
                     },
                     function,
+                    // The table's lock first: a writer holding it may be reading the flag,
+                    // which ALTER SEQUENCE would lock in turn.
+                    drop,
+                    drop_own_name,
                     format!("CREATE SEQUENCE IF NOT EXISTS {flag} MINVALUE 0 MAXVALUE 1 NO CYCLE"),
                     // Writers read it with their own privileges; it says only whether a
                     // relay sleeps.
@@ -476,12 +480,13 @@ fn notify_step(
                     // Unlogged where PostgreSQL has it (15 and later), as migration 12's.
                     format!(
                         "DO $relay$ BEGIN \
-                         IF pg_catalog.current_setting('server_version_num')::int >= 150000 THEN \
+                         IF pg_catalog.current_setting('server_version_num')::int >= 150000 \
+                            AND (SELECT c.relpersistence FROM pg_catalog.pg_class c \
+                                 WHERE c.oid = {}::pg_catalog.regclass) <> 'u' THEN \
                          EXECUTE {}; END IF; END $relay$",
+                        quote_literal(flag),
                         quote_literal(&format!("ALTER SEQUENCE {flag} SET UNLOGGED"))
                     ),
-                    drop,
-                    drop_own_name,
                     format!(
                         "CREATE TRIGGER outbox_relay_notify AFTER INSERT ON {table} \
                      FOR EACH STATEMENT {} EXECUTE FUNCTION outbox_relay_notify({})",

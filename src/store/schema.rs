@@ -23,6 +23,12 @@ pub(crate) struct DoorbellTrigger {
     /// The OID of the sequence its WHEN clause reads first (migration 12): while a relay
     /// that set it to 0 is awake, writers take no lock. `None`: every insert tries the lock.
     pub(crate) flag: Option<u32>,
+    /// The flag as SQL names it, and whether the connected role may set it (UPDATE).
+    pub(crate) flag_name: String,
+    pub(crate) flag_settable: bool,
+    /// Every role may read the flag: the WHEN clause runs as each writer, and an insert by
+    /// a role that may not read it fails.
+    pub(crate) flag_public: bool,
 }
 
 impl DoorbellTrigger {
@@ -121,6 +127,14 @@ pub(crate) fn doorbell_finding(
         Some(trigger) if trigger.flag.is_none() => Err(
             "the doorbell trigger takes a shared lock at every insert, which costs the writers about 8 % of their commit rate while the relay is awake: run `outbox-relay migrate` to install the one that reads the relay's flag first".into(),
         ),
+        Some(trigger) if !trigger.flag_public => Err(format!(
+            "PUBLIC may not read the doorbell's flag {0}, so an insert into the outbox by a role without its own grant on it fails: GRANT SELECT ON SEQUENCE {0} TO PUBLIC",
+            trigger.flag_name
+        )),
+        Some(trigger) if !trigger.flag_settable => Err(format!(
+            "the relay's role may not set the doorbell's flag {0}, so writers take a lock at every insert while the relay is awake: GRANT UPDATE ON SEQUENCE {0} TO the relay's role",
+            trigger.flag_name
+        )),
         Some(trigger) => Ok(format!(
             "doorbell trigger notifies channel {} while the relay sleeps",
             trigger.channel
@@ -291,50 +305,74 @@ impl Store {
     ) -> Result<Option<DoorbellTrigger>, StoreError> {
         self.in_session(async |conn| {
             // The flag is the sequence the WHEN clause depends on.
-            let found: Option<(Vec<u8>, String, String, Option<i64>)> = self
+            /// Arguments, function source, definition (with a WHEN clause), flag OID, flag
+            /// name, whether this role may set the flag, whether every role may read it.
+            type Found = (Vec<u8>, String, String, Option<i64>, String, bool, bool);
+            let found: Option<Found> = self
                 .query(
-                    "SELECT t.tgargs, p.prosrc, \
+                    "SELECT x.tgargs, x.prosrc, x.def, x.flag::bigint, \
+                            COALESCE(x.flag::pg_catalog.regclass::text, ''), \
+                            x.flag IS NOT NULL \
+                              AND pg_catalog.has_sequence_privilege(x.flag, 'UPDATE'), \
+                            x.flag IS NOT NULL \
+                              AND pg_catalog.has_sequence_privilege('public', x.flag, 'SELECT') \
+                     FROM (SELECT t.tgargs, p.prosrc, \
                             CASE WHEN t.tgqual IS NULL THEN '' \
-                                 ELSE pg_catalog.pg_get_triggerdef(t.oid) END, \
-                            (SELECT d.refobjid::bigint FROM pg_catalog.pg_depend d \
+                                 ELSE pg_catalog.pg_get_triggerdef(t.oid) END AS def, \
+                            (SELECT d.refobjid FROM pg_catalog.pg_depend d \
                              JOIN pg_catalog.pg_class s ON s.oid = d.refobjid AND s.relkind = 'S' \
                              WHERE d.classid = 'pg_catalog.pg_trigger'::pg_catalog.regclass \
                                AND d.objid = t.oid \
                                AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass \
-                             LIMIT 1) \
+                             LIMIT 1) AS flag \
                      FROM pg_catalog.pg_trigger t \
                      JOIN pg_catalog.pg_proc p ON p.oid = t.tgfoid \
                      WHERE t.tgrelid = pg_catalog.to_regclass($1) AND NOT t.tgisinternal \
-                       AND t.tgname IN ('outbox_notify', 'outbox_relay_notify')",
+                       AND t.tgname IN ('outbox_notify', 'outbox_relay_notify')) AS x",
                 )
                 .bind(table)
                 .fetch_optional(&mut *conn)
                 .await?
-                .map(|row| (row.get(0), row.get(1), row.get(2), row.get(3)));
-            Ok(found.map(|(args, source, with_when, flag)| {
-                let tries_lock_in_when = with_when
-                    .contains(&format!("pg_try_advisory_xact_lock_shared({DOORBELL_LOCK}"));
-                let reads_flag = tries_lock_in_when
-                    && with_when.contains("pg_sequence_last_value(")
-                    && with_when.contains("IS DISTINCT FROM 0");
-                DoorbellTrigger {
-                    // Arguments are stored NUL-terminated; none means the function's default.
-                    channel: args
-                        .split(|b| *b == 0)
-                        .next()
-                        .filter(|first| !first.is_empty())
-                        .map_or_else(
-                            || "outbox_relay".to_string(),
-                            |first| String::from_utf8_lossy(first).into_owned(),
-                        ),
-                    only_while_asleep: tries_lock_in_when
-                        || source.contains("pg_try_advisory_xact_lock_shared"),
-                    tries_lock_in_when,
-                    flag: flag
-                        .filter(|_| reads_flag)
-                        .and_then(|oid| u32::try_from(oid).ok()),
-                }
-            }))
+                .map(|row| {
+                    (
+                        row.get(0),
+                        row.get(1),
+                        row.get(2),
+                        row.get(3),
+                        row.get(4),
+                        row.get(5),
+                        row.get(6),
+                    )
+                });
+            Ok(found.map(
+                |(args, source, with_when, flag, flag_name, flag_settable, flag_public)| {
+                    let tries_lock_in_when = with_when
+                        .contains(&format!("pg_try_advisory_xact_lock_shared({DOORBELL_LOCK}"));
+                    let reads_flag = tries_lock_in_when
+                        && with_when.contains("pg_sequence_last_value(")
+                        && with_when.contains("IS DISTINCT FROM 0");
+                    DoorbellTrigger {
+                        // Arguments are stored NUL-terminated; none means the function's default.
+                        channel: args
+                            .split(|b| *b == 0)
+                            .next()
+                            .filter(|first| !first.is_empty())
+                            .map_or_else(
+                                || "outbox_relay".to_string(),
+                                |first| String::from_utf8_lossy(first).into_owned(),
+                            ),
+                        only_while_asleep: tries_lock_in_when
+                            || source.contains("pg_try_advisory_xact_lock_shared"),
+                        tries_lock_in_when,
+                        flag: flag
+                            .filter(|_| reads_flag)
+                            .and_then(|oid| u32::try_from(oid).ok()),
+                        flag_name,
+                        flag_settable,
+                        flag_public,
+                    }
+                },
+            ))
         })
         .await
     }
