@@ -5,10 +5,8 @@
 # lock, which is the writers' path while a relay is awake), in rounds of windows that
 # alternate between
 #   none     no trigger;
-#   flag     the doorbell `outbox-relay migrate` installs (migration 12), with its flag at 0
-#            as an awake relay leaves it: the WHEN clause reads the flag and takes no lock;
-#   when     the doorbell of migration 11: the sleeper's lock tried in the WHEN clause
-#            (shared, in the lock manager's shared table), so no function is called;
+#   when     the doorbell `outbox-relay migrate` installs (migration 11): the sleeper's lock
+#            tried in the trigger's WHEN clause, so no function is called;
 #   no-when  the doorbell before migration 11: the same function, called at every insert,
 #            which tries the lock itself.
 # Prints each window's commits/s and, per variant, the median and its change against none.
@@ -70,15 +68,7 @@ psql_() { "$PG_BIN/psql" -q -X -v ON_ERROR_STOP=1 "$URL" "$@"; }
 install() {
     case $1 in
         none) OUTBOX_RELAY_DATABASE__URL=$URL "$RELAY" migrate --notify-trigger off >/dev/null ;;
-        flag)
-            OUTBOX_RELAY_DATABASE__URL=$URL "$RELAY" migrate --notify-trigger on >/dev/null
-            psql_ -c "SELECT setval('outbox_doorbell', 0)" >/dev/null
-            ;;
-        when)
-            psql_ -c "SET client_min_messages = warning" \
-                -c "DROP TRIGGER IF EXISTS outbox_notify ON outbox" \
-                -c "CREATE TRIGGER outbox_notify AFTER INSERT ON outbox FOR EACH STATEMENT WHEN (NOT pg_catalog.pg_try_advisory_xact_lock_shared(1868722808, pg_catalog.hashtext('outbox_relay'))) EXECUTE FUNCTION outbox_notify('outbox_relay')"
-            ;;
+        when) OUTBOX_RELAY_DATABASE__URL=$URL "$RELAY" migrate --notify-trigger on >/dev/null ;;
         no-when)
             psql_ -c "SET client_min_messages = warning" \
                 -c "DROP TRIGGER IF EXISTS outbox_notify ON outbox" \
@@ -92,12 +82,11 @@ install() {
 RESULTS="$WORK/results"
 log "PostgreSQL $("$PG_BIN/postgres" --version | awk '{print $3}') (synchronous_commit=$SYNCHRONOUS_COMMIT), $CLIENTS connections, $ROUNDS rounds of ${SECONDS_PER} s windows"
 for round in $(seq 1 "$ROUNDS"); do
-    # Each round takes the four variants in another order, so drift falls on all alike.
-    case $((round % 4)) in
-        1) order="none flag when no-when" ;;
-        2) order="flag when no-when none" ;;
-        3) order="when no-when none flag" ;;
-        0) order="no-when none flag when" ;;
+    # Each round takes the three variants in another order, so drift falls on all alike.
+    case $((round % 3)) in
+        1) order="none when no-when" ;;
+        2) order="when no-when none" ;;
+        0) order="no-when none when" ;;
     esac
     for variant in $order; do
         install "$variant"
@@ -117,7 +106,7 @@ for line in open(sys.argv[1]):
     rates.setdefault(variant, []).append(float(tps))
 base = statistics.median(rates["none"])
 print("\n| trigger | windows | median commits/s | against no trigger |\n|---|---:|---:|---:|")
-for variant in ("none", "flag", "when", "no-when"):
+for variant in ("none", "when", "no-when"):
     med = statistics.median(rates[variant])
     print(f"| {variant} | {len(rates[variant])} | {med:.0f} | {(med / base - 1) * 100:+.1f} % |")
 PY

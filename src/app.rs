@@ -172,12 +172,10 @@ impl App {
                 if settings.database.listen {
                     announce_doorbell(&store, &settings).await;
                 }
-                let table = store.table_name()?;
                 let listener = settings.database.listen.then(|| {
                     let (doorbell, listen) = wake::doorbell(
                         listener_pool.clone(),
                         settings.database.listen_channel.clone(),
-                        table,
                         wake.clone(),
                         tasks_cancel.clone(),
                     );

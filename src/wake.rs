@@ -6,17 +6,6 @@
 //! that did not ring is visible to the read the relay makes next. A lost ring (a dropped
 //! connection) costs at most one poll interval: on reconnect the doorbell rings once.
 //!
-//! The trigger of migration 12 reads a flag first (a sequence) and tries the lock only
-//! when it is not 0, so an awake relay costs the writers no advisory lock. Only the lock's
-//! holder sets the flag: to 1 once it holds the lock, to 0 before it lets go. A writer that
-//! read 0 before the flag turned 1 holds the outbox's `RowExclusiveLock` from before its
-//! read until its commit is visible, so the relay sleeps only once no such lock is held,
-//! and otherwise lets go and reads again (as when a writer holds the lock shared). The
-//! holder looks the flag up each time it takes the lock, so a trigger replaced while the
-//! relay runs is followed at once. When the lock is not this table's alone (another
-//! table's doorbell rings the same channel) or the trigger rings another channel, the
-//! flag is raised and left at 1: writers try the lock at every insert, as before the flag.
-//!
 //! With several replicas one sleeps on the lock; the others register as waiters (a second
 //! lock, shared), read once more, and are rung by the sleeper whenever it takes or leaves
 //! the lock, so rows committed without a ring are read by every replica.
@@ -124,33 +113,18 @@ enum Try {
     Relay,
 }
 
-/// The doorbell task and the relay's handle on it; `table` is the outbox as SQL names it.
+/// The doorbell task and the relay's handle on it.
 pub(crate) fn doorbell(
     pool: PgPool,
     channel: String,
-    table: String,
     wake: Arc<Notify>,
     cancel: CancellationToken,
 ) -> (Doorbell, impl Future<Output = ()> + Send + 'static) {
     let (commands, received) = mpsc::unbounded_channel();
     (
         Doorbell { commands },
-        listen(pool, channel, table, wake, received, cancel),
+        listen(pool, channel, wake, received, cancel),
     )
-}
-
-/// The flag the doorbell trigger on the outbox reads (migration 12), as the sleeper lock's
-/// holder finds it.
-struct FlagNow {
-    /// The sequence's OID; `None`: the trigger reads no flag (or there is no trigger).
-    sequence: Option<i64>,
-    /// This role may set it (UPDATE).
-    settable: bool,
-    /// Its value where this role may read it and it was ever set.
-    value: Option<i64>,
-    /// The trigger notifies this relay's channel, and no other table's doorbell does: the
-    /// sleeper lock is this table's alone, so the flag may be lowered.
-    lock_is_this_tables: bool,
 }
 
 /// Listens on `channel` until `cancel`, ringing `wake` for every notification another
@@ -158,7 +132,6 @@ struct FlagNow {
 async fn listen(
     pool: PgPool,
     channel: String,
-    table: String,
     wake: Arc<Notify>,
     mut commands: mpsc::UnboundedReceiver<Command>,
     cancel: CancellationToken,
@@ -167,9 +140,9 @@ async fn listen(
     while !cancel.is_cancelled() {
         let connected = tokio::select! {
             _ = cancel.cancelled() => return,
-            connected = timeout(ANSWER_TIMEOUT * 5, connect(&pool, &channel, &table)) => connected,
+            connected = timeout(ANSWER_TIMEOUT * 5, connect(&pool, &channel)) => connected,
         };
-        let (mut listener, pid, table) = match connected {
+        let (mut listener, pid) = match connected {
             Ok(Ok(connected)) => connected,
             Ok(Err(err)) => {
                 let delay = backoff.next_delay();
@@ -192,8 +165,6 @@ async fn listen(
         let mut session = Session {
             listener: &mut listener,
             channel: &channel,
-            table,
-            lowers_flag: None,
             held: Held::Nothing,
         };
         // Anything committed while we were not listening is found by this read.
@@ -269,10 +240,6 @@ async fn answer_off_until(
 struct Session<'a> {
     listener: &'a mut PgListener,
     channel: &'a str,
-    /// The outbox's OID, as `bigint`.
-    table: i64,
-    /// The flag this session raised and lowers before it lets go of the sleeper lock.
-    lowers_flag: Option<i64>,
     held: Held,
 }
 
@@ -324,136 +291,13 @@ impl Session<'_> {
         }
     }
 
-    /// This session took the sleeper lock: it raises the flag and, unless a writer that
-    /// may have read it lowered is still in flight (then it lets go: `Busy`), sleeps;
-    /// replicas waiting for one read once more.
-    async fn armed(&mut self, mut waiters: bool) -> Result<Sleep, sqlx::Error> {
+    /// This session took the sleeper lock: replicas waiting for one read once more.
+    async fn armed(&mut self, waiters: bool) -> Result<Sleep, sqlx::Error> {
         self.held = Held::Sleeper;
-        let flag = self.flag_now().await?;
-        match flag.sequence {
-            // Writers try the lock at every insert: holding it is enough.
-            None => {}
-            Some(sequence) if flag.settable => {
-                self.set_flag(sequence, 1).await?;
-                if flag.lock_is_this_tables {
-                    self.lowers_flag = Some(sequence);
-                }
-                if self.writers_in_flight().await? {
-                    self.wake().await?;
-                    return Ok(Sleep::Busy);
-                }
-                // A replica that registered after this session took the lock read before
-                // those writers committed: it is rung too.
-                waiters = waiters || self.waiters_registered().await?;
-            }
-            // Writers read the flag at 0 and do not ring: this session cannot sleep on it.
-            Some(_) if flag.value == Some(0) => {
-                self.wake().await?;
-                return Ok(Sleep::Off);
-            }
-            Some(_) => {}
-        }
         if waiters {
             self.ring().await?;
         }
         Ok(Sleep::Armed)
-    }
-
-    /// The flag the trigger reads now, looked up while this session holds the lock (any
-    /// relay that set it held the lock too).
-    async fn flag_now(&mut self) -> Result<FlagNow, sqlx::Error> {
-        // The flag is the sequence the trigger's WHEN clause depends on.
-        #[derive(sqlx::FromRow)]
-        struct Found {
-            args: Vec<u8>,
-            sequence: Option<i64>,
-            settable: bool,
-            value: Option<i64>,
-            alone: bool,
-        }
-        let found: Option<Found> = sqlx::query_as(
-            "SELECT m.tgargs AS args, f.oid::bigint AS sequence, \
-                    f.oid IS NOT NULL \
-                      AND pg_catalog.has_sequence_privilege(f.oid, 'UPDATE') AS settable, \
-                    CASE WHEN pg_catalog.has_sequence_privilege(f.oid, 'SELECT') \
-                         THEN pg_catalog.pg_sequence_last_value(f.oid::pg_catalog.regclass) \
-                    END AS value, \
-                    (SELECT pg_catalog.count(*) FROM pg_catalog.pg_trigger o \
-                     WHERE NOT o.tgisinternal AND o.tgargs = m.tgargs \
-                       AND o.tgname IN ('outbox_notify', 'outbox_relay_notify')) = 1 AS alone \
-             FROM pg_catalog.pg_trigger m \
-             LEFT JOIN LATERAL ( \
-               SELECT d.refobjid AS oid FROM pg_catalog.pg_depend d \
-               JOIN pg_catalog.pg_class s ON s.oid = d.refobjid AND s.relkind = 'S' \
-               WHERE d.classid = 'pg_catalog.pg_trigger'::pg_catalog.regclass \
-                 AND d.objid = m.oid \
-                 AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass \
-               LIMIT 1) AS f ON true \
-             WHERE m.tgrelid = $1::bigint::oid AND NOT m.tgisinternal \
-               AND m.tgname IN ('outbox_notify', 'outbox_relay_notify')",
-        )
-        .bind(self.table)
-        .fetch_optional(&mut *self.listener)
-        .await?;
-        let Some(Found {
-            args,
-            sequence,
-            settable,
-            value,
-            alone,
-        }) = found
-        else {
-            return Ok(FlagNow {
-                sequence: None,
-                settable: false,
-                value: None,
-                lock_is_this_tables: false,
-            });
-        };
-        let rings_this_channel = args.split(|b| *b == 0).next() == Some(self.channel.as_bytes());
-        Ok(FlagNow {
-            sequence,
-            settable,
-            value,
-            lock_is_this_tables: alone && rings_this_channel,
-        })
-    }
-
-    /// Another session holds the outbox's `RowExclusiveLock`: a writer that may have read
-    /// the flag at 0 (or a mark, a delete) has not finished.
-    async fn writers_in_flight(&mut self) -> Result<bool, sqlx::Error> {
-        sqlx::query_scalar(
-            "SELECT EXISTS (SELECT FROM pg_catalog.pg_locks l \
-               WHERE l.locktype = 'relation' AND l.relation = $1::bigint::oid \
-                 AND l.database = (SELECT d.oid FROM pg_catalog.pg_database d \
-                                   WHERE d.datname = pg_catalog.current_database()) \
-                 AND l.mode = 'RowExclusiveLock' \
-                 AND l.pid IS DISTINCT FROM pg_catalog.pg_backend_pid())",
-        )
-        .bind(self.table)
-        .fetch_one(&mut *self.listener)
-        .await
-    }
-
-    /// Some replica holds the waiter lock (shared): it waits to be rung.
-    async fn waiters_registered(&mut self) -> Result<bool, sqlx::Error> {
-        sqlx::query_scalar(
-            "SELECT NOT pg_catalog.pg_try_advisory_xact_lock($1, pg_catalog.hashtext($2))",
-        )
-        .bind(WAITER_LOCK)
-        .bind(self.channel)
-        .fetch_one(&mut *self.listener)
-        .await
-    }
-
-    /// Sets the flag the trigger reads; only while this session holds the sleeper lock.
-    async fn set_flag(&mut self, sequence: i64, value: i64) -> Result<(), sqlx::Error> {
-        sqlx::query("SELECT pg_catalog.setval($1::bigint::oid::pg_catalog.regclass, $2)")
-            .bind(sequence)
-            .bind(value)
-            .execute(&mut *self.listener)
-            .await?;
-        Ok(())
     }
 
     /// One try at the sleeper lock; CASE evaluates its branches in order.
@@ -488,9 +332,6 @@ impl Session<'_> {
                 self.call("pg_advisory_unlock_shared", WAITER_LOCK).await?;
             }
             Held::Sleeper => {
-                if let Some(sequence) = self.lowers_flag.take() {
-                    self.set_flag(sequence, 0).await?;
-                }
                 let waiters: bool = sqlx::query_scalar(
                     "SELECT CASE WHEN pg_catalog.pg_advisory_unlock($1, pg_catalog.hashtext($3)) \
                                  THEN NOT pg_catalog.pg_try_advisory_xact_lock($2, pg_catalog.hashtext($3)) \
@@ -532,24 +373,16 @@ impl Session<'_> {
     }
 }
 
-/// A LISTEN session holding no advisory lock, its backend's pid, and the OID of `table`.
-async fn connect(
-    pool: &PgPool,
-    channel: &str,
-    table: &str,
-) -> Result<(PgListener, u32, i64), sqlx::Error> {
+/// A LISTEN session holding no advisory lock, and its backend's pid.
+async fn connect(pool: &PgPool, channel: &str) -> Result<(PgListener, u32), sqlx::Error> {
     let mut listener = PgListener::connect_with(pool).await?;
     // A lost connection ends this session (and its locks); a new one is made by `listen`.
     listener.eager_reconnect(false);
     listener.listen(channel).await?;
-    let (pid, table): (i32, Option<i64>) = sqlx::query_as(
-        "SELECT pg_catalog.pg_backend_pid(), pg_catalog.to_regclass($1)::oid::bigint \
-         FROM (SELECT pg_catalog.pg_advisory_unlock_all()) AS none",
+    let pid: i32 = sqlx::query_scalar(
+        "SELECT pg_catalog.pg_backend_pid() FROM (SELECT pg_catalog.pg_advisory_unlock_all()) AS none",
     )
-    .bind(table)
     .fetch_one(&mut listener)
     .await?;
-    let table = table
-        .ok_or_else(|| sqlx::Error::Protocol(format!("the outbox table {table:?} is gone")))?;
-    Ok((listener, pid.unsigned_abs(), table))
+    Ok((listener, pid.unsigned_abs()))
 }

@@ -262,21 +262,6 @@ async fn the_relay_runs_under_the_least_privilege_role_and_names_a_missing_grant
         .output()
         .unwrap();
     assert!(psql.status.success(), "{}", output_text(&psql));
-    // The role may set the doorbell's flag (a sleeping relay raises it).
-    sqlx::query("SELECT outbox_enable_notify(true)")
-        .execute(&db.pool)
-        .await
-        .unwrap();
-    let sets_flag: bool =
-        sqlx::query_scalar("SELECT has_sequence_privilege($1, 'outbox_doorbell', 'UPDATE')")
-            .bind(&role)
-            .fetch_one(&db.pool)
-            .await
-            .unwrap();
-    assert!(
-        sets_flag,
-        "least-privilege.sql grants no UPDATE on outbox_doorbell"
-    );
     let mut role_url = url::Url::parse(&db.url).unwrap();
     role_url.set_username(&role).unwrap();
     let role_url = role_url.to_string();
@@ -346,7 +331,6 @@ async fn the_relay_runs_under_the_least_privilege_role_and_names_a_missing_grant
         "{text}"
     );
     assert!(!text.contains("lease renewal failed"), "{text}");
-    assert!(!text.contains("which this role may not set"), "{text}");
     sqlx::query(&format!(
         "GRANT INSERT (state, state_reason), UPDATE (state, state_reason) ON outbox_replica TO {role}"
     ))
@@ -395,28 +379,6 @@ async fn the_relay_runs_under_the_least_privilege_role_and_names_a_missing_grant
     assert_eq!(check.status.code(), Some(1), "{check_text}");
     assert!(
         check_text.contains("UPDATE (sent_at) ON outbox"),
-        "{check_text}"
-    );
-    assert!(
-        !check_text.contains("may not set the doorbell's flag"),
-        "{check_text}"
-    );
-    // Without UPDATE on the doorbell's flag, check names the grant.
-    sqlx::query(&format!(
-        "REVOKE UPDATE ON SEQUENCE outbox_doorbell FROM {role}"
-    ))
-    .execute(&db.pool)
-    .await
-    .unwrap();
-    let check = relay_command(&role_url, &bootstrap)
-        .args(["check", "--timeout", "5s"])
-        .output()
-        .unwrap();
-    let check_text = output_text(&check);
-    assert!(
-        check_text.contains(
-            "warning: the relay's role may not set the doorbell's flag outbox_doorbell, so writers take a lock at every insert while the relay is awake: GRANT UPDATE ON SEQUENCE outbox_doorbell TO the relay's role"
-        ),
         "{check_text}"
     );
     let records = consume(&bootstrap, &topic, 120);

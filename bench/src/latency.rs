@@ -961,9 +961,8 @@ pub struct PairedWakeupCost {
     /// The same in the other window of each pair: without the trigger (the relay polls),
     /// or with the baseline `against` names.
     pub without_trigger: Vec<f64>,
-    /// What the doorbell is compared with: `none` (no trigger), `trigger-without-when`
-    /// (the doorbell before migration 11, its function called at every insert) or
-    /// `trigger-without-flag` (migration 11's, the lock tried at every insert).
+    /// What the doorbell is compared with: `none` (no trigger) or `trigger-without-when`
+    /// (the doorbell before migration 11, its function called at every insert).
     #[serde(default = "no_trigger")]
     pub against: PairedBaseline,
     /// Notifications the relay received over the whole session.
@@ -980,9 +979,6 @@ pub enum PairedBaseline {
     /// The doorbell before migration 11: the same function, no WHEN clause, so every
     /// inserting statement calls it.
     TriggerWithoutWhen,
-    /// The doorbell of migration 11: the sleeper's lock tried in the WHEN clause, with no
-    /// flag read first, so every inserting statement takes it shared.
-    TriggerWithoutFlag,
 }
 
 fn no_trigger() -> PairedBaseline {
@@ -994,7 +990,6 @@ impl PairedBaseline {
         match self {
             Self::None => "without",
             Self::TriggerWithoutWhen => "with the trigger before migration 11 (no WHEN clause)",
-            Self::TriggerWithoutFlag => "with the trigger of migration 11 (no flag)",
         }
     }
 
@@ -1007,19 +1002,6 @@ impl PairedBaseline {
                     "BEGIN; SET LOCAL lock_timeout = '10s'; \
                      DROP TRIGGER IF EXISTS outbox_notify ON outbox; \
                      CREATE TRIGGER outbox_notify AFTER INSERT ON outbox FOR EACH STATEMENT \
-                     EXECUTE FUNCTION outbox_notify('outbox_relay'); COMMIT",
-                )
-                .execute(&db.pool)
-                .await?;
-                Ok(())
-            }
-            Self::TriggerWithoutFlag => {
-                sqlx::raw_sql(
-                    "BEGIN; SET LOCAL lock_timeout = '10s'; \
-                     DROP TRIGGER IF EXISTS outbox_notify ON outbox; \
-                     CREATE TRIGGER outbox_notify AFTER INSERT ON outbox FOR EACH STATEMENT \
-                     WHEN (NOT pg_catalog.pg_try_advisory_xact_lock_shared(1868722808, \
-                           pg_catalog.hashtext('outbox_relay'))) \
                      EXECUTE FUNCTION outbox_notify('outbox_relay'); COMMIT",
                 )
                 .execute(&db.pool)

@@ -174,8 +174,7 @@ struct Cli {
     #[arg(long, default_value_t = 5.0)]
     paired_seconds: f64,
     /// Paired wake-up cost: what the doorbell is compared with in the other window of each
-    /// pair (`none` judges the target; `trigger-without-when` and `trigger-without-flag`
-    /// measure migration 11's and 12's gains).
+    /// pair (`none` judges the target; `trigger-without-when` measures migration 11's gain).
     #[arg(long, value_enum, default_value = "none")]
     paired_against: latency::PairedBaseline,
     /// Backlogs Debezium drains (default 200k, 20k with --quick).
@@ -949,8 +948,6 @@ async fn main() -> Result<()> {
                         latency::PairedBaseline::None => "removed",
                         latency::PairedBaseline::TriggerWithoutWhen =>
                             "replaced by the one before migration 11",
-                        latency::PairedBaseline::TriggerWithoutFlag =>
-                            "replaced by the one of migration 11",
                     },
                     cli.paired_seconds
                 ),

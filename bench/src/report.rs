@@ -789,8 +789,6 @@ impl Report {
                         crate::latency::PairedBaseline::None => "no trigger",
                         crate::latency::PairedBaseline::TriggerWithoutWhen =>
                             "trigger without WHEN",
-                        crate::latency::PairedBaseline::TriggerWithoutFlag =>
-                            "trigger without flag",
                     },
                     changes.len(),
                     p.window_seconds,

@@ -43,7 +43,7 @@
 -- below); the script warns if it cannot.
 --
 -- Idempotent: re-running revokes what the roles hold on the outbox tables (and on
--- outbox_id_seq, outbox_doorbell and _sqlx_migrations) and grants exactly the list below again; re-run it
+-- outbox_id_seq and _sqlx_migrations) and grants exactly the list below again; re-run it
 -- after upgrading outbox-relay. Everything happens in one transaction, and it ends by
 -- printing what the roles hold. It also sets the relay role's search_path in this
 -- database to the schema (the relay names its tables unqualified).
@@ -192,7 +192,6 @@ REVOKE ALL ON TABLE :"schema".outbox, :"schema".outbox_shard_lease, :"schema".ou
 SELECT format('REVOKE ALL ON %s FROM %I', c.oid::regclass, :'relay_role')
 FROM pg_class c
 WHERE c.oid IN (to_regclass(format('%I.outbox_id_seq', :'schema')),
-                to_regclass(format('%I.outbox_doorbell', :'schema')),
                 to_regclass('_sqlx_migrations'))
 \gexec
 
@@ -293,14 +292,6 @@ GRANT UPDATE (sent_at, kafka_partition, kafka_offset) ON TABLE :"schema".outbox 
 --                   WHERE sent_at IS NOT NULL AND sent_at < now() - $1 ORDER BY sent_at LIMIT $2))
 GRANT DELETE ON TABLE :"schema".outbox TO :"relay_role";
 \endif
-
--- outbox_doorbell (migration 12), UPDATE only: the relay sets the flag the doorbell
--- trigger reads, 1 while it sleeps and 0 once awake (setval). Every role may read it
--- (migration 12 grants SELECT to PUBLIC): the trigger's WHEN clause runs as each writer.
-SELECT format('GRANT UPDATE ON SEQUENCE %s TO %I', c.oid::regclass, :'relay_role')
-FROM pg_class c
-WHERE c.oid = to_regclass(format('%I.outbox_doorbell', :'schema'))
-\gexec
 
 -- outbox_shard_lease, SELECT (whole table; it holds no business data):
 --   verify_schema:  SELECT shard, owner, epoch, expires_at FROM outbox_shard_lease LIMIT 0

@@ -278,13 +278,7 @@ impl Store {
         let mut doorbell_changes = false;
         if notify_channel.is_some() {
             let existing = self.doorbell_trigger_on(&t).await?;
-            let doorbell = notify_step(
-                &t,
-                &display,
-                &spec.doorbell_flag(),
-                notify_channel,
-                existing.as_ref(),
-            );
+            let doorbell = notify_step(&t, &display, notify_channel, existing.as_ref());
             doorbell_changes = doorbell.is_some();
             steps.extend(doorbell);
         }
@@ -337,13 +331,7 @@ impl Store {
         };
         let table = spec.quoted_name();
         let existing = self.doorbell_trigger_on(&table).await?;
-        let Some(step) = notify_step(
-            &table,
-            &spec.display(),
-            &spec.doorbell_flag(),
-            channel,
-            existing.as_ref(),
-        ) else {
+        let Some(step) = notify_step(&table, &spec.display(), channel, existing.as_ref()) else {
             return Ok(TriggerChange::Unchanged);
         };
         run_step(&mut *self.pool().acquire().await?, &step).await?;
@@ -422,14 +410,13 @@ async fn run_step(conn: &mut sqlx::PgConnection, step: &Step) -> Result<u64, Sto
 }
 
 /// The doorbell on an adopted table: a statement-level trigger notifying `channel` while
-/// the relay sleeps (as migration 12's `outbox_notify`: the relay's flag read and the lock
-/// tried in its WHEN clause, the lock again in its function), or none. `None` when
-/// `existing` is already what is asked for. Dropping or creating a trigger waits at most
-/// 10 s for the table's lock rather than queue every insert behind a long transaction.
+/// the relay sleeps (as migration 11's `outbox_notify`: the lock tried in its WHEN clause,
+/// and again in its function), or none. `None` when `existing` is already what is asked
+/// for. Dropping or creating a trigger waits at most 10 s for the table's lock rather than
+/// queue every insert behind a long transaction.
 fn notify_step(
     table: &str,
     display: &str,
-    flag: &str,
     channel: Option<&str>,
     existing: Option<&DoorbellTrigger>,
 ) -> Option<Step> {
@@ -456,11 +443,15 @@ fn notify_step(
             effect: "removes the doorbell trigger".into(),
             concurrently: false,
         }),
-        (Some(channel), Some(trigger)) if trigger.is_current(channel) => None,
+        (Some(channel), Some(trigger))
+            if trigger.channel == channel && trigger.tries_lock_in_when =>
+        {
+            None
+        }
         (Some(channel), existing) => {
-            // A doorbell from before migration 12 on this channel works as it is: replace
+            // A doorbell from before migration 11 on this channel works as it is: replace
             // it only if the table's lock comes within 200 ms, rather than queue writers.
-            let only_upgrade = existing.is_some_and(|trigger| trigger.only_lacks_flag(channel));
+            let only_upgrade = existing.is_some_and(|trigger| trigger.only_lacks_when(channel));
             Some(Step {
                 statements: vec![
                     if only_upgrade {
@@ -469,28 +460,12 @@ fn notify_step(
                         lock_briefly
                     },
                     function,
-                    // The table's lock first: a writer holding it may be reading the flag,
-                    // which ALTER SEQUENCE would lock in turn.
                     drop,
                     drop_own_name,
-                    format!("CREATE SEQUENCE IF NOT EXISTS {flag} MINVALUE 0 MAXVALUE 1 NO CYCLE"),
-                    // Writers read it with their own privileges; it says only whether a
-                    // relay sleeps.
-                    format!("GRANT SELECT ON SEQUENCE {flag} TO PUBLIC"),
-                    // Unlogged where PostgreSQL has it (15 and later), as migration 12's.
-                    format!(
-                        "DO $relay$ BEGIN \
-                         IF pg_catalog.current_setting('server_version_num')::int >= 150000 \
-                            AND (SELECT c.relpersistence FROM pg_catalog.pg_class c \
-                                 WHERE c.oid = {}::pg_catalog.regclass) <> 'u' THEN \
-                         EXECUTE {}; END IF; END $relay$",
-                        quote_literal(flag),
-                        quote_literal(&format!("ALTER SEQUENCE {flag} SET UNLOGGED"))
-                    ),
                     format!(
                         "CREATE TRIGGER outbox_relay_notify AFTER INSERT ON {table} \
                      FOR EACH STATEMENT {} EXECUTE FUNCTION outbox_relay_notify({})",
-                        doorbell_when(channel, flag),
+                        doorbell_when(channel),
                         quote_literal(channel)
                     ),
                 ],

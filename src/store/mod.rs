@@ -144,11 +144,6 @@ impl Store {
         })
     }
 
-    /// The outbox table as SQL names it (`outbox`, `"app"."events"`), once it is known.
-    pub(crate) fn table_name(&self) -> Result<String, StoreError> {
-        Ok(self.sql()?.table.name.clone())
-    }
-
     /// The outbox table as people read it (`outbox`, `app.events`).
     pub fn table_display(&self) -> String {
         match (&self.spec, self.statements.get()) {

@@ -20,28 +20,13 @@ pub(crate) struct DoorbellTrigger {
     /// Its WHEN clause tries the sleeper's lock, so no function runs while the relay is
     /// awake (migration 11); before it, every insert called the function.
     pub(crate) tries_lock_in_when: bool,
-    /// The OID of the sequence its WHEN clause reads first (migration 12): while a relay
-    /// that set it to 0 is awake, writers take no lock. `None`: every insert tries the lock.
-    pub(crate) flag: Option<u32>,
-    /// The flag as SQL names it, and whether the connected role may set it (UPDATE).
-    pub(crate) flag_name: String,
-    pub(crate) flag_settable: bool,
-    /// Every role may read the flag: the WHEN clause runs as each writer, and an insert by
-    /// a role that may not read it fails.
-    pub(crate) flag_public: bool,
 }
 
 impl DoorbellTrigger {
-    /// A trigger from before migration 12 on `channel`: it works (rings only while a relay
-    /// sleeps) and only lacks the flag (or the WHEN clause as well), so replacing it may
-    /// wait for a quiet table.
-    pub(crate) fn only_lacks_flag(&self, channel: &str) -> bool {
-        self.only_while_asleep && self.flag.is_none() && self.channel == channel
-    }
-
-    /// The trigger `migrate` installs on `channel`, which it leaves alone.
-    pub(crate) fn is_current(&self, channel: &str) -> bool {
-        self.channel == channel && self.tries_lock_in_when && self.flag.is_some()
+    /// A trigger from before migration 11 on `channel`: it works (rings only while a relay
+    /// sleeps) and only lacks the WHEN clause, so replacing it may wait for a quiet table.
+    pub(crate) fn only_lacks_when(&self, channel: &str) -> bool {
+        self.only_while_asleep && !self.tries_lock_in_when && self.channel == channel
     }
 }
 
@@ -71,13 +56,9 @@ pub(super) async fn unless_busy<T>(
 }
 
 /// The WHEN clause of the doorbell trigger on `channel`: true only while a relay sleeps.
-/// It reads `flag` (a sequence, as SQL names it) first, and tries the sleeper's lock only
-/// when the flag is not 0 (see migration 12).
-pub(crate) fn doorbell_when(channel: &str, flag: &str) -> String {
+pub(crate) fn doorbell_when(channel: &str) -> String {
     format!(
-        "WHEN (pg_catalog.pg_sequence_last_value({}::regclass) IS DISTINCT FROM 0 \
-         AND NOT pg_catalog.pg_try_advisory_xact_lock_shared({DOORBELL_LOCK}, pg_catalog.hashtext({})))",
-        quote_literal(flag),
+        "WHEN (NOT pg_catalog.pg_try_advisory_xact_lock_shared({DOORBELL_LOCK}, pg_catalog.hashtext({})))",
         quote_literal(channel)
     )
 }
@@ -95,9 +76,9 @@ pub enum TriggerChange {
     Unchanged,
     /// Installed, removed or replaced.
     Changed,
-    /// A trigger from before migration 12 (ringing only while the relay sleeps, but taking
-    /// a lock at every insert) stays: the table stayed busy, and replacing it is not worth
-    /// queueing the writers behind its lock for long.
+    /// A trigger from before migration 11 (ringing only while the relay sleeps, but calling
+    /// its function at every insert) stays: the table stayed busy, and replacing it is not
+    /// worth queueing the writers behind its lock for long.
     KeptOld,
 }
 
@@ -122,19 +103,8 @@ pub(crate) fn doorbell_finding(
             "the doorbell trigger notifies at every insert, which serialises the writers' commits: run `outbox-relay migrate` to install the one that notifies only while the relay sleeps".into(),
         ),
         Some(trigger) if !trigger.tries_lock_in_when => Err(
-            "the doorbell trigger calls its function at every insert, which costs the writers about 10 % of their commit rate while the relay is awake: run `outbox-relay migrate` to install the one that reads the relay's flag first".into(),
+            "the doorbell trigger calls its function at every insert, which costs the writers about 3 % of their commit rate while the relay is awake: run `outbox-relay migrate` to install the one that tries the relay's lock first".into(),
         ),
-        Some(trigger) if trigger.flag.is_none() => Err(
-            "the doorbell trigger takes a shared lock at every insert, which costs the writers about 8 % of their commit rate while the relay is awake: run `outbox-relay migrate` to install the one that reads the relay's flag first".into(),
-        ),
-        Some(trigger) if !trigger.flag_public => Err(format!(
-            "PUBLIC may not read the doorbell's flag {0}, so an insert into the outbox by a role without its own grant on it fails: GRANT SELECT ON SEQUENCE {0} TO PUBLIC",
-            trigger.flag_name
-        )),
-        Some(trigger) if !trigger.flag_settable => Err(format!(
-            "the relay's role may not set the doorbell's flag {0}, so writers take a lock at every insert while the relay is awake: GRANT UPDATE ON SEQUENCE {0} TO the relay's role",
-            trigger.flag_name
-        )),
         Some(trigger) => Ok(format!(
             "doorbell trigger notifies channel {} while the relay sleeps",
             trigger.channel
@@ -227,7 +197,7 @@ impl Store {
     /// A trigger already as asked is left alone: replacing it would lock the outbox. Waits
     /// at most 10 s for the table's lock rather than queue every insert behind a long
     /// transaction; only 200 ms, five times over, to replace a trigger from before
-    /// migration 12, which works as it is (see [`TriggerChange::KeptOld`]).
+    /// migration 11, which works as it is (see [`TriggerChange::KeptOld`]).
     pub(crate) async fn set_notify_trigger(
         &self,
         enabled: bool,
@@ -235,7 +205,10 @@ impl Store {
     ) -> Result<TriggerChange, StoreError> {
         let existing = self.doorbell_trigger().await?;
         let (replace_function, replace_trigger) = match &existing {
-            Some(trigger) if enabled => (!trigger.only_while_asleep, !trigger.is_current(channel)),
+            Some(trigger) if enabled => (
+                !trigger.only_while_asleep,
+                trigger.channel != channel || !trigger.tries_lock_in_when,
+            ),
             Some(_) => (false, true),
             None => (enabled, enabled),
         };
@@ -245,7 +218,7 @@ impl Store {
         if !(enabled
             && existing
                 .as_ref()
-                .is_some_and(|t| t.only_lacks_flag(channel)))
+                .is_some_and(|t| t.only_lacks_when(channel)))
         {
             return self
                 .replace_notify_trigger(enabled, channel, replace_function, "10s")
@@ -304,75 +277,38 @@ impl Store {
         table: &str,
     ) -> Result<Option<DoorbellTrigger>, StoreError> {
         self.in_session(async |conn| {
-            // The flag is the sequence the WHEN clause depends on.
-            /// Arguments, function source, definition (with a WHEN clause), flag OID, flag
-            /// name, whether this role may set the flag, whether every role may read it.
-            type Found = (Vec<u8>, String, String, Option<i64>, String, bool, bool);
-            let found: Option<Found> = self
+            let found: Option<(Vec<u8>, String, String)> = self
                 .query(
-                    "SELECT x.tgargs, x.prosrc, x.def, x.flag::bigint, \
-                            COALESCE(x.flag::pg_catalog.regclass::text, ''), \
-                            x.flag IS NOT NULL \
-                              AND pg_catalog.has_sequence_privilege(x.flag, 'UPDATE'), \
-                            x.flag IS NOT NULL \
-                              AND pg_catalog.has_sequence_privilege('public', x.flag, 'SELECT') \
-                     FROM (SELECT t.tgargs, p.prosrc, \
+                    "SELECT t.tgargs, p.prosrc, \
                             CASE WHEN t.tgqual IS NULL THEN '' \
-                                 ELSE pg_catalog.pg_get_triggerdef(t.oid) END AS def, \
-                            (SELECT d.refobjid FROM pg_catalog.pg_depend d \
-                             JOIN pg_catalog.pg_class s ON s.oid = d.refobjid AND s.relkind = 'S' \
-                             WHERE d.classid = 'pg_catalog.pg_trigger'::pg_catalog.regclass \
-                               AND d.objid = t.oid \
-                               AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass \
-                             LIMIT 1) AS flag \
+                                 ELSE pg_catalog.pg_get_triggerdef(t.oid) END \
                      FROM pg_catalog.pg_trigger t \
                      JOIN pg_catalog.pg_proc p ON p.oid = t.tgfoid \
                      WHERE t.tgrelid = pg_catalog.to_regclass($1) AND NOT t.tgisinternal \
-                       AND t.tgname IN ('outbox_notify', 'outbox_relay_notify')) AS x",
+                       AND t.tgname IN ('outbox_notify', 'outbox_relay_notify')",
                 )
                 .bind(table)
                 .fetch_optional(&mut *conn)
                 .await?
-                .map(|row| {
-                    (
-                        row.get(0),
-                        row.get(1),
-                        row.get(2),
-                        row.get(3),
-                        row.get(4),
-                        row.get(5),
-                        row.get(6),
-                    )
-                });
-            Ok(found.map(
-                |(args, source, with_when, flag, flag_name, flag_settable, flag_public)| {
-                    let tries_lock_in_when = with_when
-                        .contains(&format!("pg_try_advisory_xact_lock_shared({DOORBELL_LOCK}"));
-                    let reads_flag = tries_lock_in_when
-                        && with_when.contains("pg_sequence_last_value(")
-                        && with_when.contains("IS DISTINCT FROM 0");
-                    DoorbellTrigger {
-                        // Arguments are stored NUL-terminated; none means the function's default.
-                        channel: args
-                            .split(|b| *b == 0)
-                            .next()
-                            .filter(|first| !first.is_empty())
-                            .map_or_else(
-                                || "outbox_relay".to_string(),
-                                |first| String::from_utf8_lossy(first).into_owned(),
-                            ),
-                        only_while_asleep: tries_lock_in_when
-                            || source.contains("pg_try_advisory_xact_lock_shared"),
-                        tries_lock_in_when,
-                        flag: flag
-                            .filter(|_| reads_flag)
-                            .and_then(|oid| u32::try_from(oid).ok()),
-                        flag_name,
-                        flag_settable,
-                        flag_public,
-                    }
-                },
-            ))
+                .map(|row| (row.get(0), row.get(1), row.get(2)));
+            Ok(found.map(|(args, source, with_when)| {
+                let tries_lock_in_when = with_when
+                    .contains(&format!("pg_try_advisory_xact_lock_shared({DOORBELL_LOCK}"));
+                DoorbellTrigger {
+                    // Arguments are stored NUL-terminated; none means the function's default.
+                    channel: args
+                        .split(|b| *b == 0)
+                        .next()
+                        .filter(|first| !first.is_empty())
+                        .map_or_else(
+                            || "outbox_relay".to_string(),
+                            |first| String::from_utf8_lossy(first).into_owned(),
+                        ),
+                    only_while_asleep: tries_lock_in_when
+                        || source.contains("pg_try_advisory_xact_lock_shared"),
+                    tries_lock_in_when,
+                }
+            }))
         })
         .await
     }
@@ -660,28 +596,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_doorbell_trigger_reads_the_flag_then_tries_the_lock_in_its_when_clause() {
+    fn the_doorbell_trigger_tries_the_lock_in_its_when_clause() {
         let enable = MIGRATOR
             .iter()
             .rfind(|m| m.sql.contains("FUNCTION outbox_enable_notify("))
             .expect("a migration defines outbox_enable_notify()");
         let lock = format!("pg_try_advisory_xact_lock_shared({DOORBELL_LOCK}, ");
         assert!(
-            enable.sql.contains(
-                "'WHEN (pg_catalog.pg_sequence_last_value(%L::regclass) IS DISTINCT FROM 0 '"
-            ) && enable.sql.contains(&format!("'AND NOT pg_catalog.{lock}")),
+            enable
+                .sql
+                .contains(&format!("'WHEN (NOT pg_catalog.{lock}")),
             "{}",
             enable.sql
         );
-        let when = doorbell_when("it's", "\"s\".\"t's\"");
-        assert!(
-            when.starts_with(
-                "WHEN (pg_catalog.pg_sequence_last_value(E'\"s\".\"t''s\"'::regclass) IS DISTINCT FROM 0 AND NOT "
-            ),
-            "{when}"
-        );
-        assert!(when.contains(&lock));
-        assert!(when.ends_with("hashtext(E'it''s')))"));
+        assert!(doorbell_when("it's").contains(&lock));
+        assert!(doorbell_when("it's").ends_with("hashtext(E'it''s')))"));
     }
 
     #[test]

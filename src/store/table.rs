@@ -130,16 +130,6 @@ impl TableSpec {
     pub(crate) fn quoted_name(&self) -> String {
         format!("{}.{}", quote(&self.schema), quote(&self.table))
     }
-
-    /// The sequence a sleeping relay sets and the doorbell trigger reads (as migration 12's
-    /// `outbox_doorbell` for the relay's own table), beside the table.
-    pub(crate) fn doorbell_flag(&self) -> String {
-        format!(
-            "{}.{}",
-            quote(&self.schema),
-            quote(&self.object_name("doorbell"))
-        )
-    }
 }
 
 /// The relay's bookkeeping columns every outbox table needs, with their types.
