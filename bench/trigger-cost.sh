@@ -17,6 +17,19 @@
 # With synchronous_commit=off the commits no longer wait for the disk, so the windows vary
 # far less on a host whose fsync times wander, and the trigger's CPU is a larger share of
 # each commit: its relative cost there bounds the cost under durable commits from above.
+#
+#   MEASURE=primitives bench/trigger-cost.sh
+# measures instead what each check a doorbell could make costs on its own, read-only
+# statements from 16 connections that keep the cores busy, in rounds that alternate
+#   select    SELECT 1, what every statement costs anyway;
+#   lock      migration 11's WHEN clause: the sleeper's lock tried shared (and released at
+#             commit);
+#   sequence  a flag read from a sequence (pg_sequence_last_value), the check a relay-set
+#             flag would need (tried in 467df6d, reverted);
+#   insert    the writer's single-row INSERT transaction, no trigger, commits not waited on;
+#   doorbell  the same with the doorbell `migrate` installs (no relay: the lock is tried);
+# and prints per variant the median statements/s and the machine's CPU µs per statement
+# (cores / rate), so that a check's extra µs over `select` can be set against an insert's.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
@@ -24,6 +37,8 @@ source scripts/lib.sh
 ROUNDS=${ROUNDS:-8}
 SECONDS_PER=${SECONDS_PER:-8}
 CLIENTS=${CLIENTS:-16}
+MEASURE=${MEASURE:-trigger}
+if [ "$MEASURE" = primitives ]; then SYNCHRONOUS_COMMIT=off; fi
 SYNCHRONOUS_COMMIT=${SYNCHRONOUS_COMMIT:-on}
 
 ensure_postgres
@@ -80,6 +95,50 @@ install() {
 }
 
 RESULTS="$WORK/results"
+if [ "$MEASURE" = primitives ]; then
+    psql_ -c "CREATE SEQUENCE doorbell_probe MINVALUE 0" -c "SELECT setval('doorbell_probe', 0)" >/dev/null
+    echo 'SELECT 1;' >"$WORK/select.sql"
+    echo "SELECT NOT pg_catalog.pg_try_advisory_xact_lock_shared(1868722808, pg_catalog.hashtext('outbox_relay'));" >"$WORK/lock.sql"
+    echo "SELECT pg_catalog.pg_sequence_last_value('doorbell_probe'::regclass) IS DISTINCT FROM 0;" >"$WORK/sequence.sql"
+    cp "$WORK/insert.sql" "$WORK/insert-primitive.sql"
+    log "PostgreSQL $("$PG_BIN/postgres" --version | awk '{print $3}') (synchronous_commit=off), $CLIENTS connections, $ROUNDS rounds of ${SECONDS_PER} s windows, $(nproc) cores"
+    for round in $(seq 1 "$ROUNDS"); do
+        case $((round % 5)) in
+            1) order="select lock sequence insert doorbell" ;;
+            2) order="lock sequence doorbell insert select" ;;
+            3) order="sequence insert select doorbell lock" ;;
+            4) order="doorbell select lock sequence insert" ;;
+            0) order="insert doorbell lock select sequence" ;;
+        esac
+        for variant in $order; do
+            script="$WORK/$variant.sql"
+            case $variant in
+                insert) install none; script="$WORK/insert-primitive.sql" ;;
+                doorbell) install when; script="$WORK/insert-primitive.sql" ;;
+            esac
+            tps=$("$PG_BIN/pgbench" -n -M prepared -h 127.0.0.1 -p "$PG_PORT" -U postgres \
+                -c "$CLIENTS" -j 2 -T "$SECONDS_PER" -f "$script" postgres 2>/dev/null |
+                awk '/^tps/ {print $3; exit}')
+            printf 'round %d  %-8s %s statements/s\n' "$round" "$variant" "$tps"
+            echo "$variant $tps" >>"$RESULTS"
+        done
+    done
+    python3 - "$RESULTS" "$(nproc)" <<'PY'
+import statistics, sys
+rates, cores = {}, int(sys.argv[2])
+for line in open(sys.argv[1]):
+    variant, tps = line.split()
+    rates.setdefault(variant, []).append(float(tps))
+us = {v: cores * 1e6 / statistics.median(r) for v, r in rates.items()}
+print("\n| statement | windows | median per s | CPU µs each | over SELECT 1 (insert: over one without trigger) | share of an insert |\n|---|---:|---:|---:|---:|---:|")
+for v in ("select", "lock", "sequence", "insert", "doorbell"):
+    base = us["insert"] if v == "doorbell" else us["select"]
+    extra = us[v] - base
+    share = f"{extra / us['insert'] * 100:+.1f} %" if v in ("lock", "sequence", "doorbell") else "–"
+    print(f"| {v} | {len(rates[v])} | {statistics.median(rates[v]):.0f} | {us[v]:.1f} | {extra:+.1f} | {share} |")
+PY
+    exit 0
+fi
 log "PostgreSQL $("$PG_BIN/postgres" --version | awk '{print $3}') (synchronous_commit=$SYNCHRONOUS_COMMIT), $CLIENTS connections, $ROUNDS rounds of ${SECONDS_PER} s windows"
 for round in $(seq 1 "$ROUNDS"); do
     # Each round takes the three variants in another order, so drift falls on all alike.
