@@ -95,6 +95,24 @@ install() {
 }
 
 RESULTS="$WORK/results"
+# Per second, what $CLIENTS connections running pgbench script $1 for $SECONDS_PER s get
+# through (further arguments go to pgbench).
+rate() {
+    local script=$1
+    shift
+    "$PG_BIN/pgbench" -n -h 127.0.0.1 -p "$PG_PORT" -U postgres -c "$CLIENTS" -j 2 \
+        -T "$SECONDS_PER" "$@" -f "$script" postgres 2>/dev/null | awk '/^tps/ {print $3; exit}'
+}
+# The variants after $1, rotated by round $1, so drift falls on all of them alike.
+rotated() {
+    local round=$1
+    shift
+    local i k
+    for ((i = 0; i < $#; i++)); do
+        k=$(((round - 1 + i) % $# + 1))
+        printf '%s ' "${!k}"
+    done
+}
 if [ "$MEASURE" = primitives ]; then
     psql_ -c "CREATE SEQUENCE doorbell_probe MINVALUE 0" -c "SELECT setval('doorbell_probe', 0)" >/dev/null
     echo 'SELECT 1;' >"$WORK/select.sql"
@@ -103,22 +121,13 @@ if [ "$MEASURE" = primitives ]; then
     cp "$WORK/insert.sql" "$WORK/insert-primitive.sql"
     log "PostgreSQL $("$PG_BIN/postgres" --version | awk '{print $3}') (synchronous_commit=off), $CLIENTS connections, $ROUNDS rounds of ${SECONDS_PER} s windows, $(nproc) cores"
     for round in $(seq 1 "$ROUNDS"); do
-        case $((round % 5)) in
-            1) order="select lock sequence insert doorbell" ;;
-            2) order="lock sequence doorbell insert select" ;;
-            3) order="sequence insert select doorbell lock" ;;
-            4) order="doorbell select lock sequence insert" ;;
-            0) order="insert doorbell lock select sequence" ;;
-        esac
-        for variant in $order; do
+        for variant in $(rotated "$round" select lock sequence insert doorbell); do
             script="$WORK/$variant.sql"
             case $variant in
                 insert) install none; script="$WORK/insert-primitive.sql" ;;
                 doorbell) install when; script="$WORK/insert-primitive.sql" ;;
             esac
-            tps=$("$PG_BIN/pgbench" -n -M prepared -h 127.0.0.1 -p "$PG_PORT" -U postgres \
-                -c "$CLIENTS" -j 2 -T "$SECONDS_PER" -f "$script" postgres 2>/dev/null |
-                awk '/^tps/ {print $3; exit}')
+            tps=$(rate "$script" -M prepared)
             printf 'round %d  %-8s %s statements/s\n' "$round" "$variant" "$tps"
             echo "$variant $tps" >>"$RESULTS"
         done
@@ -141,17 +150,9 @@ PY
 fi
 log "PostgreSQL $("$PG_BIN/postgres" --version | awk '{print $3}') (synchronous_commit=$SYNCHRONOUS_COMMIT), $CLIENTS connections, $ROUNDS rounds of ${SECONDS_PER} s windows"
 for round in $(seq 1 "$ROUNDS"); do
-    # Each round takes the three variants in another order, so drift falls on all alike.
-    case $((round % 3)) in
-        1) order="none when no-when" ;;
-        2) order="when no-when none" ;;
-        0) order="no-when none when" ;;
-    esac
-    for variant in $order; do
+    for variant in $(rotated "$round" none when no-when); do
         install "$variant"
-        tps=$("$PG_BIN/pgbench" -n -h 127.0.0.1 -p "$PG_PORT" -U postgres -c "$CLIENTS" -j 2 \
-            -T "$SECONDS_PER" -f "$WORK/insert.sql" postgres 2>/dev/null |
-            awk '/^tps/ {print $3; exit}')
+        tps=$(rate "$WORK/insert.sql")
         printf 'round %d  %-8s %s commits/s\n' "$round" "$variant" "$tps"
         echo "$variant $tps" >>"$RESULTS"
     done
