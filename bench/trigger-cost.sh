@@ -113,19 +113,18 @@ rotated() {
         printf '%s ' "${!k}"
     done
 }
+log "PostgreSQL $("$PG_BIN/postgres" --version | awk '{print $3}') (synchronous_commit=$SYNCHRONOUS_COMMIT), $CLIENTS connections, $ROUNDS rounds of ${SECONDS_PER} s windows, $(nproc) cores"
 if [ "$MEASURE" = primitives ]; then
     psql_ -c "CREATE SEQUENCE doorbell_probe MINVALUE 0" -c "SELECT setval('doorbell_probe', 0)" >/dev/null
     echo 'SELECT 1;' >"$WORK/select.sql"
     echo "SELECT NOT pg_catalog.pg_try_advisory_xact_lock_shared(1868722808, pg_catalog.hashtext('outbox_relay'));" >"$WORK/lock.sql"
     echo "SELECT pg_catalog.pg_sequence_last_value('doorbell_probe'::regclass) IS DISTINCT FROM 0;" >"$WORK/sequence.sql"
-    cp "$WORK/insert.sql" "$WORK/insert-primitive.sql"
-    log "PostgreSQL $("$PG_BIN/postgres" --version | awk '{print $3}') (synchronous_commit=off), $CLIENTS connections, $ROUNDS rounds of ${SECONDS_PER} s windows, $(nproc) cores"
     for round in $(seq 1 "$ROUNDS"); do
         for variant in $(rotated "$round" select lock sequence insert doorbell); do
             script="$WORK/$variant.sql"
             case $variant in
-                insert) install none; script="$WORK/insert-primitive.sql" ;;
-                doorbell) install when; script="$WORK/insert-primitive.sql" ;;
+                insert) install none ;;
+                doorbell) install when; script="$WORK/insert.sql" ;;
             esac
             tps=$(rate "$script" -M prepared)
             printf 'round %d  %-8s %s statements/s\n' "$round" "$variant" "$tps"
@@ -148,7 +147,6 @@ for v in ("select", "lock", "sequence", "insert", "doorbell"):
 PY
     exit 0
 fi
-log "PostgreSQL $("$PG_BIN/postgres" --version | awk '{print $3}') (synchronous_commit=$SYNCHRONOUS_COMMIT), $CLIENTS connections, $ROUNDS rounds of ${SECONDS_PER} s windows"
 for round in $(seq 1 "$ROUNDS"); do
     for variant in $(rotated "$round" none when no-when); do
         install "$variant"
