@@ -437,11 +437,7 @@ topic = \"dest\"
          CREATE TRIGGER outbox_relay_notify AFTER INSERT ON my_outbox FOR EACH STATEMENT \
          EXECUTE FUNCTION outbox_relay_notify('outbox_relay')";
     sqlx::raw_sql(without_when).execute(&db.pool).await.unwrap();
-    let mut reader = db.pool.begin().await.unwrap();
-    sqlx::query("LOCK TABLE my_outbox IN ACCESS SHARE MODE")
-        .execute(&mut *reader)
-        .await
-        .unwrap();
+    let reader = db.lock_table("my_outbox", "ACCESS SHARE").await;
     let busy = migrate(&db, &config, &[]);
     assert!(busy.status.success(), "{}", output_text(&busy));
     assert!(

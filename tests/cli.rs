@@ -319,11 +319,7 @@ async fn migrate_creates_the_table_and_check_reports_both_sides() {
     );
     // While a transaction holds the outbox, migrate keeps that trigger (it works) rather
     // than queue every writer behind the lock replacing it, and says so.
-    let mut reader = db.pool.begin().await.unwrap();
-    sqlx::query("LOCK TABLE outbox IN ACCESS SHARE MODE")
-        .execute(&mut *reader)
-        .await
-        .unwrap();
+    let reader = db.lock_table("outbox", "ACCESS SHARE").await;
     let text = migrate(&[]);
     assert!(text.contains("doorbell trigger kept as it was"), "{text}");
     reader.rollback().await.unwrap();
@@ -1314,11 +1310,7 @@ async fn status_watch_refreshes_until_interrupted() {
 async fn status_watch_stops_at_ctrl_c_while_a_refresh_waits() {
     let db = TestDb::new().await;
     db.insert(&stream("watched", 1, 1)).await;
-    let mut lock = db.pool.begin().await.unwrap();
-    sqlx::query("LOCK TABLE outbox IN ACCESS EXCLUSIVE MODE")
-        .execute(&mut *lock)
-        .await
-        .unwrap();
+    let lock = db.lock_table("outbox", "ACCESS EXCLUSIVE").await;
     let mut child = relay_command(&db.url, "127.0.0.1:1")
         .args(["status", "--watch", "200ms", "--json"])
         .stdout(Stdio::null())

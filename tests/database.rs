@@ -223,11 +223,7 @@ async fn statement_timeouts_are_retried() {
     db.insert(&stream("slow", 20, 500)).await;
     // Hold a lock that lets reads through but blocks the relay's marks past its statement
     // timeout.
-    let mut blocker = db.pool.begin().await.unwrap();
-    sqlx::query("LOCK TABLE outbox IN EXCLUSIVE MODE")
-        .execute(&mut *blocker)
-        .await
-        .unwrap();
+    let blocker = db.lock_table("outbox", "EXCLUSIVE").await;
     let relay = RunningRelay::start(settings(
         &db,
         &bootstrap,

@@ -110,11 +110,7 @@ async fn systemd_hears_ready_watchdog_and_stopping_and_a_wedged_loop_loses_its_w
     .await;
 
     // Wedge the loop: its next read waits on a lock for longer than the watchdog interval.
-    let mut wedge = db.pool.begin().await.unwrap();
-    sqlx::query("LOCK TABLE outbox IN ACCESS EXCLUSIVE MODE")
-        .execute(&mut *wedge)
-        .await
-        .unwrap();
+    let wedge = db.lock_table("outbox", "ACCESS EXCLUSIVE").await;
     let wedged_at = Instant::now();
     let deadline = wedged_at + CONDITION_TIMEOUT;
     loop {
@@ -223,11 +219,7 @@ async fn healthz_fails_while_the_relay_loop_is_wedged_and_recovers() {
     assert_eq!(http_get(relay.http_addr, "/healthz").await.0, 200);
 
     // The relay's next read waits on this lock: one step that does not move.
-    let mut wedge = db.pool.begin().await.unwrap();
-    sqlx::query("LOCK TABLE outbox IN ACCESS EXCLUSIVE MODE")
-        .execute(&mut *wedge)
-        .await
-        .unwrap();
+    let wedge = db.lock_table("outbox", "ACCESS EXCLUSIVE").await;
     wait_for("/healthz fails", CONDITION_TIMEOUT, || async {
         let (status, body) = http_get(relay.http_addr, "/healthz").await;
         status == 503 && body.contains("relay.liveness_timeout")

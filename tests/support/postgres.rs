@@ -348,6 +348,21 @@ impl TestDb {
             .unwrap()
     }
 
+    /// A transaction holding `table` locked in `mode` (`ACCESS SHARE`, `EXCLUSIVE`, ...)
+    /// until it is committed, rolled back or dropped.
+    pub async fn lock_table(
+        &self,
+        table: &str,
+        mode: &str,
+    ) -> sqlx::Transaction<'static, sqlx::Postgres> {
+        let mut holder = self.pool.begin().await.unwrap();
+        sqlx::query(&format!("LOCK TABLE {table} IN {mode} MODE"))
+            .execute(&mut *holder)
+            .await
+            .unwrap();
+        holder
+    }
+
     /// The `park_error` of the one parked row.
     pub async fn park_error(&self) -> String {
         sqlx::query_scalar("SELECT park_error FROM outbox WHERE parked_at IS NOT NULL")
