@@ -52,7 +52,7 @@ export OUTBOX_RELAY_KAFKA__BOOTSTRAP_SERVERS="$BOOTSTRAP"
 export OUTBOX_RELAY_HTTP__LISTEN="127.0.0.1:$(free_port)"
 export OUTBOX_RELAY_LOG__FORMAT=text
 
-log "outbox-relay migrate (with the doorbell trigger, the default)"
+log "outbox-relay migrate (no trigger, the default: the idle relay polls every 10 ms)"
 "$RELAY" migrate
 log "outbox-relay check"
 "$RELAY" check

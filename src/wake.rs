@@ -9,6 +9,9 @@
 //! With several replicas one sleeps on the lock; the others register as waiters (a second
 //! lock, shared), read once more, and are rung by the sleeper whenever it takes or leaves
 //! the lock, so rows committed without a ring are read by every replica.
+//!
+//! The trigger is opt-in (`migrate --notify-trigger on`): while the catalog shows none on
+//! the relay's channel, the relay takes none of these locks and polls.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,12 +19,12 @@ use std::time::Duration;
 use sqlx::PgPool;
 use sqlx::postgres::PgListener;
 use tokio::sync::{Notify, mpsc, oneshot};
-use tokio::time::{sleep, timeout};
+use tokio::time::{Instant, sleep, timeout};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::model::Backoff;
-use crate::store::DOORBELL_LOCK;
+use crate::store::{DOORBELL_LOCK, Store};
 use crate::telemetry::{DoorbellRang, emit};
 
 /// The lock a sleeping replica holds; the notify trigger (migration 9, adopted tables) tries
@@ -33,6 +36,10 @@ const WAITER_LOCK: i32 = DOORBELL_LOCK + 1;
 /// How long the relay waits for the doorbell session to answer before polling without
 /// it, and how long a statement on that session may take before it is dropped.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long an idle relay trusts what it last read of the trigger: one installed or removed
+/// while it runs is seen within this (polling covers the meantime).
+const TRIGGER_RECHECK: Duration = Duration::from_secs(10);
 
 /// What the relay may do after asking to sleep.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,9 +71,19 @@ enum Command {
 #[derive(Clone)]
 pub(crate) struct Doorbell {
     commands: mpsc::UnboundedSender<Command>,
+    channel: Arc<str>,
 }
 
 impl Doorbell {
+    /// Whether writers ring on this doorbell's channel, read from the catalog.
+    pub(crate) fn trigger_watch(&self) -> TriggerWatch {
+        TriggerWatch {
+            channel: self.channel.clone(),
+            installed: false,
+            checked: None,
+        }
+    }
+
     /// Asks to sleep; `Off` when the doorbell session is down or does not answer in time.
     pub(crate) async fn ask_to_sleep(&self) -> Sleep {
         let (reply, answer) = oneshot::channel();
@@ -90,6 +107,49 @@ impl Doorbell {
     /// The relay is reading: writers stop ringing for it. Does not wait.
     pub(crate) fn wake(&self) {
         let _ = self.commands.send(Command::Wake);
+    }
+}
+
+/// Whether a doorbell trigger notifies the relay's channel, as the catalog said at most
+/// [`TRIGGER_RECHECK`] ago. Without one no writer rings, so taking the doorbell's locks
+/// before each sleep would cost two statements per poll for nothing.
+pub(crate) struct TriggerWatch {
+    channel: Arc<str>,
+    installed: bool,
+    checked: Option<Instant>,
+}
+
+impl TriggerWatch {
+    /// Whether the relay should ask the doorbell to sleep rather than just poll. A catalog
+    /// that cannot be read leaves the last answer standing until the next check.
+    pub(crate) async fn installed(&mut self, store: &Store) -> bool {
+        if self
+            .checked
+            .is_some_and(|checked| checked.elapsed() < TRIGGER_RECHECK)
+        {
+            return self.installed;
+        }
+        self.checked = Some(Instant::now());
+        match timeout(ANSWER_TIMEOUT, store.doorbell_trigger()).await {
+            Err(_) => {
+                debug!("the doorbell trigger could not be read in time; going by the last reading")
+            }
+            Ok(Ok(trigger)) => {
+                let installed = trigger.is_some_and(|t| *t.channel == *self.channel);
+                if installed != self.installed {
+                    if installed {
+                        info!(channel = %self.channel, "doorbell trigger found: an idle relay sleeps until a writer rings");
+                    } else {
+                        info!(channel = %self.channel, "no doorbell trigger on this channel: the idle relay polls");
+                    }
+                }
+                self.installed = installed;
+            }
+            Ok(Err(err)) => {
+                debug!(error = %err, "could not read the doorbell trigger; going by the last reading")
+            }
+        }
+        self.installed
     }
 }
 
@@ -122,7 +182,10 @@ pub(crate) fn doorbell(
 ) -> (Doorbell, impl Future<Output = ()> + Send + 'static) {
     let (commands, received) = mpsc::unbounded_channel();
     (
-        Doorbell { commands },
+        Doorbell {
+            commands,
+            channel: channel.as_str().into(),
+        },
         listen(pool, channel, wake, received, cancel),
     )
 }

@@ -187,14 +187,14 @@ async fn a_debezium_shaped_outbox_is_adopted_and_relayed_old_rows_and_new_in_ord
         &before[..],
         "the writer's columns are unchanged"
     );
-    // Adopting twice is harmless: nothing to add takes no lock on the replica table, and the
-    // doorbell is found in place.
+    // Adopting twice is harmless: nothing to add takes no lock on the replica table, and
+    // no doorbell trigger is added unasked.
     let again = migrate(&db, &config, &[]);
     assert!(again.status.success(), "{}", output_text(&again));
     let again = output_text(&again);
     assert!(!again.contains("ALTER TABLE outbox_replica"), "{again}");
     assert!(
-        again.contains("doorbell trigger already in place"),
+        again.contains("no doorbell trigger: an idle relay polls"),
         "{again}"
     );
     // A replica table from an adoption by an earlier version gets the state columns.
@@ -438,7 +438,7 @@ topic = \"dest\"
          EXECUTE FUNCTION outbox_relay_notify('outbox_relay')";
     sqlx::raw_sql(without_when).execute(&db.pool).await.unwrap();
     let reader = db.lock_table("my_outbox", "ACCESS SHARE").await;
-    let busy = migrate(&db, &config, &[]);
+    let busy = migrate(&db, &config, &["--notify-trigger", "on"]);
     assert!(busy.status.success(), "{}", output_text(&busy));
     assert!(
         output_text(&busy).contains("doorbell trigger kept as it was"),
@@ -446,7 +446,7 @@ topic = \"dest\"
         output_text(&busy)
     );
     reader.rollback().await.unwrap();
-    let quiet = migrate(&db, &config, &[]);
+    let quiet = migrate(&db, &config, &["--notify-trigger", "on"]);
     assert!(quiet.status.success(), "{}", output_text(&quiet));
     let doorbell = doorbell_definition().await;
     assert!(

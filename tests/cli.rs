@@ -201,10 +201,10 @@ async fn migrate_creates_the_table_and_check_reports_both_sides() {
         text
     };
 
-    // The doorbell comes with a plain migrate: low latency is the default.
+    // A plain migrate installs no trigger: the writers pay nothing, the idle relay polls.
     let text = migrate(&[]);
     assert!(
-        text.contains("doorbell trigger installed (channel outbox_relay)"),
+        text.contains("no doorbell trigger: an idle relay polls for new rows every 10ms"),
         "{text}"
     );
     let triggers = || async {
@@ -215,9 +215,15 @@ async fn migrate_creates_the_table_and_check_reports_both_sides() {
         .await
         .unwrap()
     };
+    assert_eq!(triggers().await, 0);
+    let text = migrate(&["--notify-trigger", "on"]);
+    assert!(
+        text.contains("doorbell trigger installed (channel outbox_relay)"),
+        "{text}"
+    );
     assert_eq!(triggers().await, 1);
     // Run again, it says what it found rather than what it did the first time.
-    let again = migrate(&[]);
+    let again = migrate(&["--notify-trigger", "on"]);
     assert!(
         again.contains("no migration to apply")
             && again.contains("doorbell trigger already in place (channel outbox_relay)")
@@ -226,8 +232,16 @@ async fn migrate_creates_the_table_and_check_reports_both_sides() {
         "{again}"
     );
     assert_eq!(triggers().await, 1);
-    // It can be removed, and applying the migrations again changes nothing else.
-    migrate(&["--notify-trigger", "off"]);
+    // Its dry run says so first, and changes nothing.
+    let dry = migrate(&["--dry-run"]);
+    assert!(
+        dry.contains("the doorbell trigger on outbox would be removed"),
+        "{dry}"
+    );
+    assert_eq!(triggers().await, 1);
+    // A plain migrate removes it again, and applying the migrations changes nothing else.
+    let text = migrate(&[]);
+    assert!(text.contains("doorbell trigger removed"), "{text}");
     assert_eq!(triggers().await, 0);
 
     // `check` shows the size limit of the template's topics, as the relay learns it.
@@ -255,8 +269,21 @@ async fn migrate_creates_the_table_and_check_reports_both_sides() {
     );
     assert!(text.contains("outbox table present"), "{text}");
     assert!(
-        text.contains("warning: no doorbell trigger on outbox"),
+        text.contains(
+            "no doorbell trigger on outbox (the default): an idle relay polls every 10ms"
+        ) && !text.contains("warning: no doorbell trigger"),
         "{text}"
+    );
+    // Polling seldom without a trigger leaves rows after a quiet spell waiting: called out.
+    let output = relay_command(&url, &bootstrap)
+        .env("OUTBOX_RELAY_RELAY__POLL_INTERVAL", "1s")
+        .args(["check", "--timeout", "5s"])
+        .output()
+        .unwrap();
+    let slow = output_text(&output);
+    assert!(
+        slow.contains("warning: no doorbell trigger on outbox and relay.poll_interval = 1s"),
+        "{slow}"
     );
     assert!(text.contains("brokers"), "{text}");
     assert!(
@@ -266,7 +293,7 @@ async fn migrate_creates_the_table_and_check_reports_both_sides() {
 
     // With the doorbell back, `check` says which channel it notifies; a trigger left from
     // before migration 9 (notifying at every insert) is called out.
-    migrate(&[]);
+    migrate(&["--notify-trigger", "on"]);
     let check = || {
         let output = relay_command(&url, &bootstrap)
             .args(["check", "--timeout", "5s"])
@@ -300,7 +327,7 @@ async fn migrate_creates_the_table_and_check_reports_both_sides() {
         "{text}"
     );
     // migrate puts the doorbell's own function and trigger back.
-    migrate(&[]);
+    migrate(&["--notify-trigger", "on"]);
     let text = check();
     assert!(
         text.contains("doorbell trigger notifies channel outbox_relay while the relay sleeps"),
@@ -320,7 +347,7 @@ async fn migrate_creates_the_table_and_check_reports_both_sides() {
     // While a transaction holds the outbox, migrate keeps that trigger (it works) rather
     // than queue every writer behind the lock replacing it, and says so.
     let reader = db.lock_table("outbox", "ACCESS SHARE").await;
-    let text = migrate(&[]);
+    let text = migrate(&["--notify-trigger", "on"]);
     assert!(text.contains("doorbell trigger kept as it was"), "{text}");
     reader.rollback().await.unwrap();
     let text = check();
@@ -328,7 +355,7 @@ async fn migrate_creates_the_table_and_check_reports_both_sides() {
         text.contains("warning: the doorbell trigger calls its function at every insert"),
         "{text}"
     );
-    let text = migrate(&[]);
+    let text = migrate(&["--notify-trigger", "on"]);
     assert!(text.contains("doorbell trigger installed"), "{text}");
     let text = check();
     assert!(

@@ -411,6 +411,81 @@ async fn the_doorbell_wakes_an_idle_relay() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_doorbell_trigger_an_idle_relay_polls_and_takes_no_doorbell_lock() {
+    let db = TestDb::new().await;
+    let bootstrap = kafka_bootstrap();
+    let prefix = unique_prefix();
+    let topic = format!("{prefix}.poll");
+    create_topic(&bootstrap, &topic, 3).await;
+    // The default install: no trigger, the default poll interval (the harness sets 100ms
+    // for every test), LISTEN on.
+    let relay = RunningRelay::start(template_settings(
+        &db,
+        &bootstrap,
+        &prefix,
+        "poll_interval = \"10ms\"\n",
+    ))
+    .await;
+    // Any advisory lock of the doorbell's (the sleeper's or a waiter's) anyone holds.
+    let doorbell_locks = async || -> i64 {
+        sqlx::query_scalar(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted \
+             AND classid IN (1868722808, 1868722809) \
+             AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+    };
+    let waits =
+        async |series: &str| metric_value(&http_get(relay.http_addr, "/metrics").await.1, series);
+    wait_for("the idle relay polling", CONDITION_TIMEOUT, || async {
+        waits(r#"outbox_relay_idle_waits_total{doorbell="off""#).await >= 20.0
+    })
+    .await;
+    // No writer can ring, so sleeping on the doorbell's lock would cost two statements a
+    // poll for nothing.
+    assert_eq!(
+        waits(r#"outbox_relay_idle_waits_total{doorbell="armed""#).await,
+        0.0
+    );
+    assert_eq!(doorbell_locks().await, 0);
+    db.insert(&[NewRow::new("poll", "a", 1)]).await;
+    assert_eq!(consume(&bootstrap, &topic, 1).len(), 1);
+
+    // A trigger installed while the relay runs is found, and the relay sleeps on it; once
+    // removed, the relay lets go of the lock.
+    sqlx::query("SELECT outbox_enable_notify(true)")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    wait_for(
+        "the relay asleep on the doorbell",
+        CONDITION_TIMEOUT,
+        || async { sleeping_relays(&db, "outbox_relay").await.len() == 1 },
+    )
+    .await;
+    let polled = waits(r#"outbox_relay_idle_waits_total{doorbell="off""#).await;
+    sqlx::query("SELECT outbox_enable_notify(false)")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    // It polls again once it has read the catalog (it re-arms until then).
+    wait_for("the relay polling again", CONDITION_TIMEOUT, || async {
+        waits(r#"outbox_relay_idle_waits_total{doorbell="off""#).await >= polled + 20.0
+    })
+    .await;
+    assert_eq!(doorbell_locks().await, 0);
+    db.insert(&[NewRow::new("poll", "a", 2)]).await;
+    wait_for("both rows marked", CONDITION_TIMEOUT, || async {
+        db.sent().await == 2
+    })
+    .await;
+    relay.stop().await;
+    assert_eq!(consume(&bootstrap, &topic, 2).len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writers_ring_only_while_a_relay_sleeps() {
     let db = TestDb::new().await;
     sqlx::query("SELECT outbox_enable_notify(true)")

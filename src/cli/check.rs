@@ -111,7 +111,7 @@ pub(super) async fn check(settings: Settings, timeout: Duration) -> anyhow::Resu
                 && let Ok(prepared @ 1..) = store.max_prepared_transactions().await
             {
                 println!(
-                    "  warning: max_prepared_transactions = {prepared}: PostgreSQL refuses PREPARE TRANSACTION after a NOTIFY, so a writer using two-phase commit fails while the relay sleeps; if yours do, run `outbox-relay migrate --notify-trigger off`"
+                    "  warning: max_prepared_transactions = {prepared}: PostgreSQL refuses PREPARE TRANSACTION after a NOTIFY, so a writer using two-phase commit fails while the relay sleeps; if yours do, run `outbox-relay migrate` without `--notify-trigger on` (it removes the trigger; the relay then polls)"
                 );
             }
             match store.backlog_stats().await {

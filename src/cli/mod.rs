@@ -66,11 +66,12 @@ pub(crate) enum Command {
     /// the table outbox.table names: add only what the relay needs, nothing its writers
     /// must supply.
     Migrate {
-        /// Install (`on`, the default) or remove (`off`) the doorbell: a statement-level
-        /// trigger that wakes a sleeping relay at once. A writer notifies only while the
-        /// relay sleeps (NOTIFY takes a database-wide lock at commit); without it the
-        /// relay finds new rows at its next poll (relay.poll_interval).
-        #[arg(long, value_name = "on|off", default_value = "on")]
+        /// Install (`on`) or remove (`off`, the default) the doorbell: a statement-level
+        /// trigger that wakes a sleeping relay at once, so it can poll seldom. It costs
+        /// every insert a trigger and an advisory lock, and a NOTIFY (a database-wide lock
+        /// at commit) while the relay sleeps; without it the idle relay polls the pending
+        /// index every relay.poll_interval (10 ms by default).
+        #[arg(long, value_name = "on|off", default_value = "off")]
         notify_trigger: Toggle,
         /// Print every statement it would run, with the lock each takes and whether it
         /// rewrites or scans the table, and the rows that would be published; change
@@ -550,6 +551,20 @@ async fn migrate(settings: Settings, notify_trigger: Toggle, dry_run: bool) -> a
                 "-- migration {version} ({description}); its comments say what it locks\n{sql}"
             );
         }
+        let trigger = store
+            .doorbell_trigger()
+            .await
+            .context("Failed to read the doorbell trigger")?;
+        let table = store.table_display();
+        match (trigger.is_some(), notify_trigger) {
+            (true, Toggle::Off) => println!(
+                "-- the doorbell trigger on {table} would be removed (ACCESS EXCLUSIVE on {table} for a moment); `--notify-trigger on` keeps it"
+            ),
+            (false, Toggle::On) => println!(
+                "-- the doorbell trigger would be installed on {table} (ACCESS EXCLUSIVE on {table} for a moment)"
+            ),
+            _ => {}
+        }
         println!("--dry-run: nothing changed");
     } else {
         let pending = store
@@ -592,21 +607,22 @@ fn print_doorbell(settings: &Settings, installed: bool, change: TriggerChange) {
         (true, TriggerChange::Changed) => "doorbell trigger installed",
         (true, TriggerChange::Unchanged) => "doorbell trigger already in place",
         (true, TriggerChange::KeptOld) => {
-            "doorbell trigger kept as it was: the outbox stayed locked by other transactions for the five 200 ms tries to replace it with the one that tries the relay's lock in its WHEN clause (it works as it is, calling its function at every insert); run `outbox-relay migrate` again at a quieter moment"
+            "doorbell trigger kept as it was: the outbox stayed locked by other transactions for the five 200 ms tries to replace it with the one that tries the relay's lock in its WHEN clause (it works as it is, calling its function at every insert); run `outbox-relay migrate --notify-trigger on` again at a quieter moment"
         }
         (false, TriggerChange::Unchanged) => "no doorbell trigger",
         (false, _) => "doorbell trigger removed",
     };
     match (installed, settings.database.listen) {
-        (true, true) => {
-            println!("{done} (channel {channel}): inserts wake a sleeping relay at once")
-        }
+        (true, true) => println!(
+            "{done} (channel {channel}): inserts wake a sleeping relay at once, so relay.poll_interval (now {:?}) is only the safety net and may be raised (e.g. 500ms) to read an idle outbox seldom",
+            settings.relay.poll_interval
+        ),
         (true, false) => println!(
             "{done} (channel {channel}); database.listen = false here, so this relay polls every {:?}",
             settings.relay.poll_interval
         ),
         (false, _) => println!(
-            "{done}: the relay finds new rows at its next poll (every {:?})",
+            "{done}: an idle relay polls for new rows every {:?} (`--notify-trigger on` installs a trigger that wakes it instead)",
             settings.relay.poll_interval
         ),
     }

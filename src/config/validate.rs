@@ -152,7 +152,7 @@ impl Settings {
         if self.relay.poll_interval.is_zero() {
             return Err(ConfigError::new(
                 "relay.poll_interval",
-                "must be greater than zero, e.g. \"500ms\"",
+                "must be greater than zero, e.g. \"10ms\"",
             ));
         }
         TopicTemplate::parse(&self.relay.topic_template)

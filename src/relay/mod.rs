@@ -31,7 +31,7 @@ use crate::telemetry::{
     BatchFinished, DatabaseError, Health, Metrics, ProducerClientError, PublishErrors, RelayWaited,
     RowParked, RowsFenced, TopicLabels, emit,
 };
-use crate::wake::{Doorbell, Sleep};
+use crate::wake::{Doorbell, Sleep, TriggerWatch};
 pub use waiting::MAX_WAITING_TOPICS;
 use waiting::{Hold, WaitingTopics};
 
@@ -55,8 +55,9 @@ const BUSY_DOORBELL_FIRST: Duration = Duration::from_millis(1);
 /// keeps the relay from sleeping, and the rows other writers commit meanwhile do not ring.
 const BUSY_DOORBELL_CAP: Duration = Duration::from_millis(50);
 
-/// After the last rows, how long to wait before each of the next reads, before the relay
-/// sleeps on the doorbell: 22 ms of quiet in all.
+/// After the last rows, how long to wait before each of the next reads (at most the poll
+/// interval), before the relay polls at its interval or sleeps on the doorbell: 22 ms of
+/// quiet in all.
 const QUIET_STEPS: [Duration; 7] = [
     Duration::from_millis(1),
     Duration::from_millis(1),
@@ -136,6 +137,8 @@ pub(crate) struct Relay {
     wake: Arc<Notify>,
     /// Tells writers whether to ring; `None` polls only.
     doorbell: Option<Doorbell>,
+    /// Whether a trigger rings the doorbell: without one the relay polls only.
+    doorbell_trigger: Option<TriggerWatch>,
     /// This replica may hold one of the doorbell's locks (it sleeps, or waits for another
     /// replica that sleeps): writers ring for it until it tells the doorbell it is awake.
     holds_doorbell_lock: bool,
@@ -263,6 +266,7 @@ impl Relay {
             topic_labels: TopicLabels::default(),
             wake,
             doorbell: None,
+            doorbell_trigger: None,
             holds_doorbell_lock: false,
             quiet_steps: 0,
             busy_doorbell: Backoff::between(
@@ -290,6 +294,7 @@ impl Relay {
 
     /// Lets writers ring this relay awake through `doorbell` instead of waiting for its poll.
     pub(crate) fn set_doorbell(&mut self, doorbell: Doorbell) {
+        self.doorbell_trigger = Some(doorbell.trigger_watch());
         self.doorbell = Some(doorbell);
     }
 
@@ -602,7 +607,10 @@ impl Relay {
             // first, and sleep on the doorbell only once the outbox has been quiet a while.
             Some(step) => {
                 self.quiet_steps += 1;
-                (None, Instant::now() + *step)
+                (
+                    None,
+                    Instant::now() + (*step).min(self.settings.poll_interval),
+                )
             }
             None => match self.ask_doorbell().await {
                 Some((sleep, until)) => (Some(sleep), until),
@@ -648,13 +656,17 @@ impl Relay {
     /// when it was just armed (or registered), and the relay must read once more first.
     /// Armed before waiting for a mark still running: rows committed meanwhile ring. A
     /// replica without shards reads nothing, so writers need not ring for it; the lease
-    /// keeper wakes it when it gets some.
+    /// keeper wakes it when it gets some. Without a doorbell trigger it polls.
     async fn ask_doorbell(&mut self) -> Option<(Sleep, Instant)> {
         let poll_due = Instant::now() + self.settings.poll_interval;
-        let sleep = match &self.doorbell {
-            Some(doorbell) if !self.ownership.snapshot().is_empty() => {
-                doorbell.ask_to_sleep().await
+        let writers_ring = match self.doorbell_trigger.as_mut() {
+            Some(trigger) if !self.ownership.snapshot().is_empty() => {
+                trigger.installed(&self.store).await
             }
+            _ => false,
+        };
+        let sleep = match &self.doorbell {
+            Some(doorbell) if writers_ring => doorbell.ask_to_sleep().await,
             _ => Sleep::Off,
         };
         let until = match sleep {

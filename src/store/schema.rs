@@ -82,9 +82,13 @@ pub enum TriggerChange {
     KeptOld,
 }
 
+/// The longest poll interval `check` lets pass without a doorbell trigger: a row after a
+/// quiet spell waits up to one interval.
+const SLOW_POLL: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// What the doorbell trigger found on `table` (`None`: none) means for a relay listening on
-/// `listen_channel`: `Ok` when writers wake it while it sleeps, else what to fix. `check`
-/// prints it and `run` logs it at start.
+/// `listen_channel`: `Ok` when writers wake it while it sleeps or when, without a trigger,
+/// it polls often; else what to fix. `check` prints it and `run` logs it at start.
 pub(crate) fn doorbell_finding(
     trigger: Option<&DoorbellTrigger>,
     listen_channel: &str,
@@ -92,19 +96,26 @@ pub(crate) fn doorbell_finding(
     table: &str,
 ) -> Result<String, String> {
     match trigger {
+        None if poll_interval <= SLOW_POLL => Ok(format!(
+            "no doorbell trigger on {table} (the default): an idle relay polls every {poll_interval:?}"
+        )),
         None => Err(format!(
-            "no doorbell trigger on {table}: the relay finds new rows at its next poll (every {poll_interval:?}); `outbox-relay migrate` installs it"
+            "no doorbell trigger on {table} and relay.poll_interval = {poll_interval:?}: a row that comes after a quiet spell waits up to that long; lower relay.poll_interval (10ms by default) or run `outbox-relay migrate --notify-trigger on`"
         )),
         Some(trigger) if trigger.channel != listen_channel => Err(format!(
-            "the doorbell trigger notifies channel {} but the relay listens on database.listen_channel = {listen_channel}: run `outbox-relay migrate` with this configuration",
+            "the doorbell trigger notifies channel {} but the relay listens on database.listen_channel = {listen_channel}: run `outbox-relay migrate --notify-trigger on` with this configuration",
             trigger.channel
         )),
         Some(trigger) if !trigger.only_while_asleep => Err(
-            "the doorbell trigger notifies at every insert, which serialises the writers' commits: run `outbox-relay migrate` to install the one that notifies only while the relay sleeps".into(),
+            "the doorbell trigger notifies at every insert, which serialises the writers' commits: run `outbox-relay migrate --notify-trigger on` to install the one that notifies only while the relay sleeps, or `off` to poll instead".into(),
         ),
         Some(trigger) if !trigger.tries_lock_in_when => Err(
-            "the doorbell trigger calls its function at every insert, which costs the writers about 3 % of their commit rate while the relay is awake: run `outbox-relay migrate` to install the one that tries the relay's lock first".into(),
+            "the doorbell trigger calls its function at every insert, which costs the writers about 3 % of their commit rate while the relay is awake: run `outbox-relay migrate --notify-trigger on` to install the one that tries the relay's lock first, or `off` to poll instead".into(),
         ),
+        Some(trigger) if poll_interval <= SLOW_POLL => Ok(format!(
+            "doorbell trigger notifies channel {} while the relay sleeps; with it relay.poll_interval ({poll_interval:?}) is only the safety net, and raising it (e.g. 500ms) lets an idle relay read seldom",
+            trigger.channel
+        )),
         Some(trigger) => Ok(format!(
             "doorbell trigger notifies channel {} while the relay sleeps",
             trigger.channel

@@ -184,7 +184,7 @@ fn describe_all() {
     describe_counter!(DOORBELLS, "LISTEN doorbell notifications received.");
     describe_counter!(
         IDLE_WAITS,
-        "Waits of the idle relay for rows, by doorbell: armed (writers ring), busy (a writer was committing; the relay looks again within 50 ms), waiting (another replica sleeps and rings for this one), off (polling only)."
+        "Waits of the idle relay for rows, by doorbell: armed (writers ring), busy (a writer was committing; the relay looks again within 50 ms or the poll interval), waiting (another replica sleeps and rings for this one), off (polling only: no doorbell trigger, no LISTEN, or its session down)."
     );
     describe_counter!(
         AUDIT_CHECKED,
