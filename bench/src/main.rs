@@ -5,6 +5,7 @@
 mod ceiling;
 mod debezium;
 mod drain;
+mod idle;
 mod infra;
 mod latency;
 mod plot;
@@ -49,6 +50,8 @@ enum Step {
     /// The doorbell trigger's cost measured in pairs of windows on one running relay
     /// (trigger in place, then removed, ABBA), the writers never stopping.
     WakeupPaired,
+    /// What an idle relay costs the database, for each way of waking it.
+    Idle,
 }
 
 #[derive(Debug, Parser)]
@@ -177,6 +180,9 @@ struct Cli {
     /// pair (`none` judges the target; `trigger-without-when` measures migration 11's gain).
     #[arg(long, value_enum, default_value = "none")]
     paired_against: latency::PairedBaseline,
+    /// Idle cost: seconds each way of waking the relay is measured (3 with --quick).
+    #[arg(long)]
+    idle_seconds: Option<f64>,
     /// Backlogs Debezium drains (default 200k, 20k with --quick).
     #[arg(long, value_delimiter = ',')]
     debezium_rows: Vec<u64>,
@@ -224,6 +230,7 @@ impl Plan {
                 Step::Debezium,
                 Step::Notify,
                 Step::WakeupPaired,
+                Step::Idle,
             ]
         } else {
             cli.steps.clone()
@@ -496,6 +503,7 @@ async fn main() -> Result<()> {
         notify: Vec::new(),
         wakeup_costs: Vec::new(),
         wakeup_paired: Vec::new(),
+        idle: Vec::new(),
         retention: Vec::new(),
         targets: Vec::new(),
         notes: vec![
@@ -733,11 +741,11 @@ async fn main() -> Result<()> {
         use latency::Wakeup;
         // The default install and plain polling at every load; the other ways of waking
         // the relay at 1k rows/s and 50 %.
-        let runs = [Wakeup::Doorbell, Wakeup::Polling]
+        let runs = [Wakeup::Default, Wakeup::Polling]
             .into_iter()
             .flat_map(|w| loads.iter().map(move |&l| (w, l)))
             .chain(
-                [Wakeup::RingAlways, Wakeup::FastPolling]
+                [Wakeup::Doorbell, Wakeup::RingAlways]
                     .into_iter()
                     .flat_map(|w| loads[..2].iter().map(move |&l| (w, l))),
             );
@@ -888,9 +896,9 @@ async fn main() -> Result<()> {
                 (None, false),
                 (Some(Wakeup::Doorbell), false),
                 (Some(Wakeup::Polling), true),
+                (Some(Wakeup::Default), true),
                 (Some(Wakeup::Doorbell), true),
                 (Some(Wakeup::RingAlways), true),
-                (Some(Wakeup::FastPolling), true),
             ] {
                 let what = format!(
                     "{}, {}",
@@ -967,6 +975,38 @@ async fn main() -> Result<()> {
             report.wakeup_paired.push(cost);
             finish(&mut report)?;
         }
+    }
+
+    if plan.runs(Step::Idle) {
+        use latency::Wakeup;
+        let window =
+            Duration::from_secs_f64(
+                cli.idle_seconds
+                    .unwrap_or(if cli.quick { 3.0 } else { 20.0 }),
+            );
+        for wakeup in [Wakeup::Default, Wakeup::Polling, Wakeup::Doorbell] {
+            progress(
+                started,
+                format!(
+                    "idle relay, {}, {:.0} s",
+                    wakeup.label(),
+                    window.as_secs_f64()
+                ),
+            );
+            let cost = idle::idle_cost(&db, &launcher, brokers, &work, wakeup, window).await?;
+            progress(
+                started,
+                format!(
+                    "  {:.0} statements/s; relay {:.1} ms CPU/s, its PostgreSQL sessions {:.1} ms CPU/s",
+                    cost.statements_per_second,
+                    cost.relay_cpu_ms_per_second,
+                    cost.postgres_cpu_ms_per_second
+                ),
+            );
+            report.idle.push(cost);
+            finish(&mut report)?;
+        }
+        launcher.migrate(&db.url, Some(false))?;
     }
 
     db.reset().await?;
