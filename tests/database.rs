@@ -325,6 +325,37 @@ async fn a_read_ahead_skips_exactly_the_rows_in_flight() {
     assert_eq!(read_ids, vec![ids[6], ids[7], ids[8], ids[10], ids[11]]);
 }
 
+/// What an idle relay asks before it reads: whether any row of its shards is pending.
+/// Sent and parked rows are not, nor are rows of other shards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn any_pending_sees_exactly_the_pending_rows_of_the_shards_asked() {
+    let db = TestDb::new().await;
+    let store = Store::new(db.pool.clone());
+    assert!(!store.any_pending(None).await.unwrap(), "an empty outbox");
+    let id = db.insert(&[NewRow::new("probe", "a", 1)]).await[0];
+    let shard: i16 = sqlx::query_scalar("SELECT shard FROM outbox WHERE id = $1")
+        .bind(id)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    let other = (shard + 1) % 256;
+    assert!(store.any_pending(None).await.unwrap());
+    assert!(store.any_pending(Some(&[shard])).await.unwrap());
+    assert!(!store.any_pending(Some(&[other])).await.unwrap());
+    sqlx::query("UPDATE outbox SET parked_at = now(), park_error = 'test' WHERE id = $1")
+        .bind(id)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    assert!(!store.any_pending(None).await.unwrap(), "a parked row");
+    sqlx::query("UPDATE outbox SET parked_at = NULL, sent_at = now() WHERE id = $1")
+        .bind(id)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    assert!(!store.any_pending(None).await.unwrap(), "a sent row");
+}
+
 /// The table's fillfactor leaves room on each page for every row on it to be marked in
 /// place: the new version of a marked row stays on its page, so only the changed bytes
 /// go to WAL and the mark never competes with inserts for the table's last page. Checked

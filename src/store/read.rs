@@ -138,6 +138,21 @@ impl SkipList {
 }
 
 impl Store {
+    /// Whether any row of `shards` (all: `None`) is pending. It leaves out nothing the
+    /// read leaves out (rows in flight, held aggregates, rows behind a parked one), so
+    /// `false` means the read would find nothing.
+    pub async fn any_pending(&self, shards: Option<&[i16]>) -> Result<bool, StoreError> {
+        let sql = &self.sql()?.any_pending;
+        self.in_session(async |conn| {
+            Ok(self
+                .query_scalar(sql)
+                .bind(shards)
+                .fetch_one(&mut *conn)
+                .await?)
+        })
+        .await
+    }
+
     /// The next pending rows in id order, leaving out `skip` (rows already sent whose mark
     /// has not committed yet). A row whose aggregate has an earlier parked row waits behind
     /// it unless the policy is `skip`. That check costs one probe of the parked index per

@@ -11,6 +11,10 @@ pub(crate) struct Statements {
     pub(crate) table: OutboxTable,
     pub(crate) read_pending: String,
     pub(crate) read_pending_raw: String,
+    /// Whether any row of the shards is pending, by the pending index alone: what an idle
+    /// relay asks before the read, which cost the server about 1.2 ms of CPU per empty
+    /// poll against 0.35 ms for this (bench step `idle`, 2 cores).
+    pub(crate) any_pending: String,
     /// The mark: one UPDATE of the outbox by id, with no join. Each row finds its
     /// partition and offset by binary search (`width_bucket`) in the ids, which are sorted
     /// and distinct.
@@ -60,6 +64,12 @@ impl Statements {
         Self {
             read_pending: read_pending(t, false),
             read_pending_raw: read_pending(t, true),
+            any_pending: format!(
+                "SELECT EXISTS (SELECT 1 FROM {n} o \
+                 WHERE o.sent_at IS NULL AND o.parked_at IS NULL \
+                   AND ($1::smallint[] IS NULL OR {shard} = ANY($1)))",
+                shard = t.shard_of("o"),
+            ),
             mark_sent: format!(
                 "{fence}UPDATE {n} o \
                  SET sent_at = pg_catalog.now(), \
