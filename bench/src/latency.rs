@@ -30,7 +30,7 @@ const INSERT_MANY: &str = "INSERT INTO outbox (aggregate_type, aggregate_id, eve
 
 /// What wakes the relay when rows come in: the alternatives the latency and the commit
 /// cost are measured for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum Wakeup {
     /// The default install: no trigger, the relay's own settings (it polls an idle outbox

@@ -154,6 +154,16 @@ struct Cli {
     /// transactions at every rate: a large value such as 1000000.
     #[arg(long, default_value_t = 400.0)]
     latency_max_tps: f64,
+    /// Latency: only these ways of waking the relay, each at every load of
+    /// --latency-loads, in turns --latency-rounds times (default: the default install and
+    /// polling every 500 ms at every load, the doorbell and ringing always at 1k and 50 %).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    latency_wakeups: Vec<latency::Wakeup>,
+    /// Latency: only these loads (`1k`, `50%`, `80%`), with --latency-wakeups.
+    #[arg(long, value_delimiter = ',', default_value = "1k,50%,80%")]
+    latency_loads: Vec<String>,
+    #[arg(long, default_value_t = 1)]
+    latency_rounds: u32,
     /// Retention: rows per second flowing in, seconds of flow (default 60, 20 with
     /// --quick), and relay.retain_sent in seconds.
     #[arg(long, default_value_t = 2000.0)]
@@ -741,14 +751,27 @@ async fn main() -> Result<()> {
         use latency::Wakeup;
         // The default install and plain polling at every load; the other ways of waking
         // the relay at 1k rows/s and 50 %.
-        let runs = [Wakeup::Default, Wakeup::Polling]
-            .into_iter()
-            .flat_map(|w| loads.iter().map(move |&l| (w, l)))
-            .chain(
-                [Wakeup::Doorbell, Wakeup::RingAlways]
-                    .into_iter()
-                    .flat_map(|w| loads[..2].iter().map(move |&l| (w, l))),
-            );
+        let runs: Vec<_> = if cli.latency_wakeups.is_empty() {
+            [Wakeup::Default, Wakeup::Polling]
+                .into_iter()
+                .flat_map(|w| loads.iter().map(move |&l| (w, l)))
+                .chain(
+                    [Wakeup::Doorbell, Wakeup::RingAlways]
+                        .into_iter()
+                        .flat_map(|w| loads[..2].iter().map(move |&l| (w, l))),
+                )
+                .collect()
+        } else {
+            // In turns: each round runs every chosen way at a load before the next load.
+            let chosen: Vec<_> = loads
+                .iter()
+                .filter(|(load, _)| cli.latency_loads.iter().any(|l| l == load))
+                .collect();
+            (0..cli.latency_rounds.max(1))
+                .flat_map(|_| chosen.iter())
+                .flat_map(|&&l| cli.latency_wakeups.iter().map(move |&w| (w, l)))
+                .collect()
+        };
         for (wakeup, (load, rate)) in runs {
             // 1k rows/s is measured as single-row commits from a few writers, as an
             // application doing that much commits them.
