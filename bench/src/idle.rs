@@ -8,7 +8,7 @@ use anyhow::{Result, bail};
 use serde::{Deserialize, Serialize};
 
 use crate::infra::{Db, RelayLauncher, RelayProcess, cpu_time};
-use crate::latency::{Wakeup, broker_and_relay};
+use crate::latency::Wakeup;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct IdleCost {
@@ -38,16 +38,9 @@ pub async fn idle_cost(
     window: Duration,
 ) -> Result<IdleCost> {
     db.reset().await?;
-    wakeup.install(launcher, db).await?;
-    let (broker, relay) = broker_and_relay(
-        db,
-        launcher,
-        broker_source,
-        work,
-        "bench-idle",
-        &wakeup.relay_env(),
-    )
-    .await?;
+    let (broker, relay) = wakeup
+        .start_relay(db, launcher, broker_source, work, "bench-idle")
+        .await?;
     let measured = measure(db, &relay, window).await;
     let _ = relay.stop().await;
     broker.stop().await;

@@ -80,6 +80,28 @@ impl Wakeup {
         Ok(())
     }
 
+    /// Installs this alternative's trigger, then starts a fresh broker and a relay (mark
+    /// mode) with its settings, ready.
+    pub(crate) async fn start_relay(
+        self,
+        db: &Db,
+        launcher: &RelayLauncher,
+        broker_source: (Option<&Path>, Option<&str>),
+        work: &Path,
+        replica_id: &str,
+    ) -> Result<(Broker, RelayProcess)> {
+        self.install(launcher, db).await?;
+        broker_and_relay(
+            db,
+            launcher,
+            broker_source,
+            work,
+            replica_id,
+            &self.relay_env(),
+        )
+        .await
+    }
+
     /// The relay's settings for this alternative, as environment variables.
     pub fn relay_env(self) -> Vec<(&'static str, String)> {
         let slow_poll = ("OUTBOX_RELAY_RELAY__POLL_INTERVAL", "500ms".into());
@@ -819,7 +841,7 @@ fn yes() -> bool {
 }
 
 /// A fresh broker with the bench's topic, and a relay (mark mode) on it, ready.
-pub(crate) async fn broker_and_relay(
+async fn broker_and_relay(
     db: &Db,
     launcher: &RelayLauncher,
     broker_source: (Option<&Path>, Option<&str>),
@@ -869,16 +891,9 @@ pub async fn wakeup_cost(
             });
         }
     };
-    wakeup.install(launcher, db).await?;
-    let (broker, relay) = broker_and_relay(
-        db,
-        launcher,
-        broker_source,
-        work,
-        "bench-wakeup",
-        &wakeup.relay_env(),
-    )
-    .await?;
+    let (broker, relay) = wakeup
+        .start_relay(db, launcher, broker_source, work, "bench-wakeup")
+        .await?;
     let rate = commit_rate(db, connections, duration).await;
     let metrics = relay.metrics().await.unwrap_or_default();
     let _ = relay.stop().await;
@@ -1108,16 +1123,9 @@ pub async fn paired_wakeup_cost(
     mut progress: impl FnMut(String),
 ) -> Result<PairedWakeupCost> {
     db.reset().await?;
-    launcher.migrate(&db.url, Some(true))?;
-    let (broker, relay) = broker_and_relay(
-        db,
-        launcher,
-        broker_source,
-        work,
-        "bench-wakeup-paired",
-        &Wakeup::Doorbell.relay_env(),
-    )
-    .await?;
+    let (broker, relay) = Wakeup::Doorbell
+        .start_relay(db, launcher, broker_source, work, "bench-wakeup-paired")
+        .await?;
     let writers = Writers::start(db, connections).await?;
     // Past the writers' start and the relay's first batches.
     tokio::time::sleep(Duration::from_secs(2)).await;
