@@ -65,10 +65,8 @@ impl Statements {
             read_pending: read_pending(t, false),
             read_pending_raw: read_pending(t, true),
             any_pending: format!(
-                "SELECT EXISTS (SELECT 1 FROM {n} o \
-                 WHERE o.sent_at IS NULL AND o.parked_at IS NULL \
-                   AND ($1::smallint[] IS NULL OR {shard} = ANY($1)))",
-                shard = t.shard_of("o"),
+                "SELECT EXISTS (SELECT 1 FROM {n} o WHERE {})",
+                pending_in_shards(t, "$1")
             ),
             mark_sent: format!(
                 "{fence}UPDATE {n} o \
@@ -493,6 +491,16 @@ fn row_columns(t: &OutboxTable, raw: bool, limit: &str) -> String {
     select
 }
 
+/// Rows of `o` that are pending (neither sent nor parked) and in the shards `shards` names
+/// (a `smallint[]` parameter; NULL: all): what the read reads and an idle relay asks about.
+fn pending_in_shards(t: &OutboxTable, shards: &str) -> String {
+    format!(
+        "o.sent_at IS NULL AND o.parked_at IS NULL \
+         AND ({shards}::smallint[] IS NULL OR {shard} = ANY({shards}))",
+        shard = t.shard_of("o"),
+    )
+}
+
 /// The pending rows of one side of the skipped run, without the skipped ids on that side;
 /// the two sides are merged in id order. Written out twice because a range is what lets
 /// the index step over the run. Columns by position, as `decode_pending` reads them.
@@ -503,8 +511,7 @@ fn read_pending_side(t: &OutboxTable, raw: bool, side: &str) -> String {
     let mut select = format!("({}", row_columns(t, raw, "$8"));
     select += &format!(
         " FROM {n} o \
-         WHERE o.sent_at IS NULL AND o.parked_at IS NULL AND {side} \
-           AND ($3::smallint[] IS NULL OR {shard} = ANY($3)) \
+         WHERE {pending} AND {side} \
            AND ($9::bigint[] IS NULL \
                 OR pg_catalog.hashtextextended({agg_id}, 0) <> ALL($9)) \
            AND ($2 \
@@ -516,7 +523,7 @@ fn read_pending_side(t: &OutboxTable, raw: bool, side: &str) -> String {
                    AND p.{agg} = {agg_id} AND p.{id} < o.{id})) \
          ORDER BY o.{id} \
          LIMIT $1)",
-        shard = t.shard_of("o"),
+        pending = pending_in_shards(t, "$3"),
         holding_h = parked_holding("h"),
         holding_p = parked_holding("p"),
         agg = t.aggregate_id,
