@@ -16,7 +16,7 @@ use tracing::{debug, info, warn};
 use crate::config::{RelaySettings, Settings};
 use crate::lease::{LeaseKeeper, LeaseTiming, Ownership};
 use crate::model::{Backoff, Mode, PARK_REASONS};
-use crate::relay::Relay;
+use crate::relay::{Relay, RelayError};
 use crate::store::{Store, StoreError};
 use crate::telemetry::{
     self, BacklogCounted, DatabaseError, DatabaseUnavailable, Health, Metrics, emit,
@@ -245,7 +245,13 @@ impl App {
                     topic_template = %settings.relay.topic_template,
                     "relaying the outbox to Kafka"
                 );
-                let relayed = relay.run(cancel.clone()).await;
+                // On a worker, like the reads and marks it spawns: polled on the thread
+                // that blocks on the runtime, every wake-up of the loop was a hand-off
+                // between threads (half an idle relay's CPU, `bench/run.sh --steps idle`).
+                let relayed = match metrics.spawn(relay.run(cancel.clone())).await {
+                    Ok(relayed) => relayed,
+                    Err(stopped) => Err(RelayError::Task(stopped)),
+                };
                 if cancel.is_cancelled() {
                     let _ = announce_stop.await;
                 } else {

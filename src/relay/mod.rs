@@ -79,7 +79,7 @@ pub(crate) enum RelayError {
     Producer(#[source] rdkafka::error::KafkaError),
     #[error("relay.topic_template: {0}")]
     Template(#[from] crate::model::TemplateError),
-    #[error("a background read or mark stopped unexpectedly: {0}")]
+    #[error("the relay loop, or a read or mark it started, stopped unexpectedly: {0}")]
     Task(#[source] tokio::task::JoinError),
 }
 
