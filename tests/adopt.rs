@@ -546,4 +546,31 @@ topic = \"dest\"
         "{}",
         output_text(&parked)
     );
+
+    // A plain migrate removes the doorbell; its dry run says so first and changes nothing.
+    let doorbells = async || -> i64 {
+        sqlx::query_scalar(
+            "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'my_outbox'::regclass \
+             AND tgname = 'outbox_relay_notify'",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+    };
+    let dry_run = migrate(&db, &config, &["--dry-run"]);
+    assert!(dry_run.status.success(), "{}", output_text(&dry_run));
+    assert!(
+        output_text(&dry_run).contains("removes the doorbell trigger"),
+        "{}",
+        output_text(&dry_run)
+    );
+    assert_eq!(doorbells().await, 1, "a dry run changes nothing");
+    let plain = migrate(&db, &config, &[]);
+    assert!(plain.status.success(), "{}", output_text(&plain));
+    assert!(
+        output_text(&plain).contains("doorbell trigger removed"),
+        "{}",
+        output_text(&plain)
+    );
+    assert_eq!(doorbells().await, 0, "a plain migrate removes the doorbell");
 }

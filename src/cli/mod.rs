@@ -688,13 +688,9 @@ async fn adopt(
             "Failed to adopt the table (steps already run stay; run migrate again to finish)",
         )?;
     let doorbell_change = match notify_trigger {
-        Toggle::Off => store
-            .set_adopted_notify_trigger(None)
-            .await
-            .context("Failed to remove the notify trigger")?,
         Toggle::On if kept => TriggerChange::KeptOld,
-        Toggle::On if plan.doorbell_changes => TriggerChange::Changed,
-        Toggle::On => TriggerChange::Unchanged,
+        _ if plan.doorbell_changes => TriggerChange::Changed,
+        _ => TriggerChange::Unchanged,
     };
     print_doorbell(
         settings,

@@ -3,9 +3,7 @@
 //! relay's own lease tables) and nothing its writers must supply. Each step says the lock
 //! it takes and whether it rewrites or scans the table, so `--dry-run` can show them all.
 
-use super::schema::{
-    DOORBELL_LOCK, DoorbellTrigger, TriggerChange, doorbell_when, quote_literal, unless_busy,
-};
+use super::schema::{DOORBELL_LOCK, DoorbellTrigger, doorbell_when, quote_literal, unless_busy};
 use super::table::{ADOPTED_CREATED_AT, ADOPTED_ID, BOOKKEEPING, Catalog, quote};
 use super::{Store, StoreError, TableSpec};
 
@@ -37,7 +35,8 @@ pub struct AdoptionPlan {
     /// Rows that get an ordering number (all of them, the first time).
     pub rows_to_number: i64,
     pub steps: Vec<Step>,
-    /// Whether a step installs or changes the doorbell trigger (else it is as asked).
+    /// Whether a step installs, changes or removes the doorbell trigger (else it is as
+    /// asked).
     pub doorbell_changes: bool,
 }
 
@@ -275,13 +274,11 @@ impl Store {
                 kept_if_busy: false,
             });
         }
-        let mut doorbell_changes = false;
-        if notify_channel.is_some() {
-            let existing = self.doorbell_trigger_on(&t).await?;
-            let doorbell = notify_step(&t, &display, notify_channel, existing.as_ref());
-            doorbell_changes = doorbell.is_some();
-            steps.extend(doorbell);
-        }
+        // Installed, replaced or removed (without a channel): a dry run shows it too.
+        let existing = self.doorbell_trigger_on(&t).await?;
+        let doorbell = notify_step(&t, &display, notify_channel, existing.as_ref());
+        let doorbell_changes = doorbell.is_some();
+        steps.extend(doorbell);
         Ok(AdoptionPlan {
             table: display,
             existing_rows,
@@ -317,25 +314,6 @@ impl Store {
             while run_step(&mut conn, step).await? > 0 && step.until_done {}
         }
         Ok(kept)
-    }
-
-    /// Installs or removes the doorbell trigger on an adopted table.
-    pub async fn set_adopted_notify_trigger(
-        &self,
-        channel: Option<&str>,
-    ) -> Result<TriggerChange, StoreError> {
-        let Some(spec) = self.spec.clone() else {
-            return self
-                .set_notify_trigger(channel.is_some(), channel.unwrap_or_default())
-                .await;
-        };
-        let table = spec.quoted_name();
-        let existing = self.doorbell_trigger_on(&table).await?;
-        let Some(step) = notify_step(&table, &spec.display(), channel, existing.as_ref()) else {
-            return Ok(TriggerChange::Unchanged);
-        };
-        run_step(&mut *self.pool().acquire().await?, &step).await?;
-        Ok(TriggerChange::Changed)
     }
 
     /// Whether `outbox_replica` exists without the state columns of migration 10 (an
