@@ -369,6 +369,14 @@ impl Relay {
             }
         }
         info!("relay stopped");
+        // Dropping the producer stops its thread, purges and briefly flushes: off the
+        // runtime's workers (on a one-CPU pod the only one), after the channel it reports
+        // into is closed.
+        let Relay {
+            events, producer, ..
+        } = self;
+        drop(events);
+        let _ = tokio::task::spawn_blocking(move || drop(producer)).await;
         Ok(())
     }
 

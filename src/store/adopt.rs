@@ -22,7 +22,7 @@ pub struct Step {
     /// someone else are numbered in the next round).
     until_done: bool,
     /// Skipped when the table stays locked through five short tries (see
-    /// [`TriggerChange::KeptOld`]): what it replaces works as it is.
+    /// [`super::schema::TriggerChange::KeptOld`]): what it replaces works as it is.
     kept_if_busy: bool,
 }
 
