@@ -301,6 +301,19 @@ impl Relay {
     /// Runs until `cancel`, then drains the batch in flight and returns. Database errors
     /// are retried with backoff; readiness is false meanwhile.
     pub(crate) async fn run(mut self, cancel: CancellationToken) -> Result<(), RelayError> {
+        let relayed = self.relay_until(cancel).await;
+        // However the loop ended: dropping the producer stops its thread, purges and
+        // briefly flushes, so it happens off the runtime's workers (on a one-CPU pod the
+        // only one), after the channel it reports into is closed.
+        let Relay {
+            events, producer, ..
+        } = self;
+        drop(events);
+        let _ = tokio::task::spawn_blocking(move || drop(producer)).await;
+        relayed
+    }
+
+    async fn relay_until(&mut self, cancel: CancellationToken) -> Result<(), RelayError> {
         let mut backoff = Backoff::new(Duration::from_secs(30));
         let mut blocked_backoff = Backoff::new(Duration::from_secs(60));
         while !cancel.is_cancelled() {
@@ -369,14 +382,6 @@ impl Relay {
             }
         }
         info!("relay stopped");
-        // Dropping the producer stops its thread, purges and briefly flushes: off the
-        // runtime's workers (on a one-CPU pod the only one), after the channel it reports
-        // into is closed.
-        let Relay {
-            events, producer, ..
-        } = self;
-        drop(events);
-        let _ = tokio::task::spawn_blocking(move || drop(producer)).await;
         Ok(())
     }
 
