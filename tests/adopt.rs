@@ -66,6 +66,17 @@ fn migrate(db: &TestDb, config: &std::path::Path, args: &[&str]) -> Output {
     outbox_relay(db, config, &[&["migrate"], args].concat())
 }
 
+/// `migrate` with `args`, which must succeed and say `said`.
+fn migrate_saying(db: &TestDb, config: &std::path::Path, args: &[&str], said: &str) {
+    let output = migrate(db, config, args);
+    assert!(output.status.success(), "{}", output_text(&output));
+    assert!(
+        output_text(&output).contains(said),
+        "{args:?} should say {said:?}: {}",
+        output_text(&output)
+    );
+}
+
 async fn columns(db: &TestDb) -> Vec<String> {
     sqlx::query_scalar(
         "SELECT column_name::text FROM information_schema.columns \
@@ -438,12 +449,11 @@ topic = \"dest\"
          EXECUTE FUNCTION outbox_relay_notify('outbox_relay')";
     sqlx::raw_sql(without_when).execute(&db.pool).await.unwrap();
     let reader = db.lock_table("my_outbox", "ACCESS SHARE").await;
-    let busy = migrate(&db, &config, &["--notify-trigger", "on"]);
-    assert!(busy.status.success(), "{}", output_text(&busy));
-    assert!(
-        output_text(&busy).contains("doorbell trigger kept as it was"),
-        "{}",
-        output_text(&busy)
+    migrate_saying(
+        &db,
+        &config,
+        &["--notify-trigger", "on"],
+        "doorbell trigger kept as it was",
     );
     reader.rollback().await.unwrap();
     let quiet = migrate(&db, &config, &["--notify-trigger", "on"]);
@@ -557,20 +567,8 @@ topic = \"dest\"
         .await
         .unwrap()
     };
-    let dry_run = migrate(&db, &config, &["--dry-run"]);
-    assert!(dry_run.status.success(), "{}", output_text(&dry_run));
-    assert!(
-        output_text(&dry_run).contains("removes the doorbell trigger"),
-        "{}",
-        output_text(&dry_run)
-    );
+    migrate_saying(&db, &config, &["--dry-run"], "removes the doorbell trigger");
     assert_eq!(doorbells().await, 1, "a dry run changes nothing");
-    let plain = migrate(&db, &config, &[]);
-    assert!(plain.status.success(), "{}", output_text(&plain));
-    assert!(
-        output_text(&plain).contains("doorbell trigger removed"),
-        "{}",
-        output_text(&plain)
-    );
+    migrate_saying(&db, &config, &[], "doorbell trigger removed");
     assert_eq!(doorbells().await, 0, "a plain migrate removes the doorbell");
 }
